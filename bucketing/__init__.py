@@ -1,0 +1,1 @@
+"""Length bucketing: boundaries, batch sizes, the epoch schedule and batch assembly (numpy only)."""

@@ -1,0 +1,1 @@
+"""Experiment configs, the paper sweep and benchmark drivers."""

@@ -1,0 +1,1 @@
+"""Online handwriting data: IAM-OnDB and a synthetic generator."""

@@ -1,0 +1,1 @@
+"""Flax recurrent models, CTC loss/decoding and error rates."""

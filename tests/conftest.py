@@ -1,0 +1,28 @@
+"""Shared test set-up.
+
+Eight simulated CPU devices let the data-parallel path be tested on one machine; the flag must be
+set before JAX is first imported, which is why it lives here.
+"""
+
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def iam_ondb_dir() -> pathlib.Path:
+  """The real IAM-OnDB download; skips when `IAM_ONDB_DIR` is unset, fails when it is unusable."""
+  value = os.environ.get("IAM_ONDB_DIR")
+  if not value:
+    pytest.skip("IAM_ONDB_DIR is not set")
+  path = pathlib.Path(value)
+  required = ["lineStrokes-all.tar.gz", "ascii-all.tar.gz", "trainset.txt", "testset_v.txt",
+              "testset_t.txt", "testset_f.txt"]
+  missing = [name for name in required if not (path / name).exists()]
+  if missing:
+    pytest.fail(f"IAM_ONDB_DIR={path} is set but lacks {', '.join(missing)}")
+  return path
