@@ -1,0 +1,163 @@
+"""`python -m bucketing plan`: plan the buckets of a file of sequence lengths and report them."""
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+from bucketing import boundaries, cost
+from bucketing.plan import OVERFLOW_POLICIES, BucketPlan, make_plan
+
+
+def read_lengths(path: pathlib.Path) -> np.ndarray:
+  """One integer per line (blank lines ignored), or a 1-D `.npy` array."""
+  if not path.is_file():
+    raise ValueError(f"{path}: no such file")
+  if path.suffix == ".npy":
+    values = np.load(path, allow_pickle=False)
+    if values.ndim != 1:
+      raise ValueError(f"{path}: expected a 1-D array of lengths, got shape {values.shape}")
+  else:
+    values = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+      if not line.strip():
+        continue
+      try:
+        values.append(int(line))
+      except ValueError:
+        raise ValueError(f"{path}:{number}: {line.strip()!r} is not an integer length") from None
+    values = np.array(values, np.int64)
+  if values.size == 0:
+    raise ValueError(f"{path}: holds no lengths")
+  try:
+    return boundaries.validate_lengths(values)
+  except ValueError as error:
+    raise ValueError(f"{path}: {error}") from None
+
+
+def format_report(summary: dict) -> str:
+  """The plan as a fixed-width table, one row per bucket, then the totals."""
+  header = ("bucket", "bound", "examples", "batch", "steps", "real steps", "padded", "filler rows")
+  rows = [
+    (
+      str(b),
+      str(bucket["upper_bound"]),
+      str(bucket["examples"]),
+      str(bucket["batch_size"]),
+      str(bucket["steps_per_epoch"]),
+      f"{bucket['real_timesteps']:,}",
+      f"{bucket['padded_timesteps']:,}",
+      str(bucket["filler_rows"]),
+    )
+    for b, bucket in enumerate(summary["buckets"])
+  ]
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+  justify = lambda row: "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+  lines = [justify(row) for row in [header, *rows]]
+  lines.insert(1, "  ".join("-" * width for width in widths))
+  lines += [
+    "",
+    f"strategy {summary['strategy']}: {summary['num_buckets']} bucket(s), "
+    f"{summary['num_examples']:,} sequences, {sum(summary['steps_per_epoch']):,} steps per epoch "
+    f"on {summary['num_devices']} device(s)",
+    f"real timesteps {summary['real_timesteps']:,}; padded {summary['padded_timesteps']:,} "
+    f"({summary['padded_timesteps_with_filler']:,} with filler rows)",
+    f"efficiency {summary['efficiency']:.1%} ({summary['efficiency_with_filler']:.1%} with filler)",
+    f"speed-up against one bucket: ideal (padded timesteps) {summary['ideal_speedup']:.2f}x, "
+    f"predicted by the cost model {summary['predicted_speedup']:.2f}x",
+  ]
+  if summary["dropped"]:
+    lines.append(f"dropped {len(summary['dropped'])} sequence(s) over the largest bound")
+  if summary["truncated"]:
+    lines.append(f"truncated {len(summary['truncated'])} sequence(s) to the largest bound")
+  return "\n".join(lines)
+
+
+def plot_plan(plan: BucketPlan, path: pathlib.Path) -> None:
+  """The length histogram with the bucket bounds drawn over it."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  figure, axis = plt.subplots(figsize=(8, 3.5))
+  axis.hist(plan.lengths, bins=min(100, len(np.unique(plan.lengths))), color="0.6")
+  for bound in plan.upper_bounds:
+    axis.axvline(bound, color="tab:red", linewidth=1)
+  summary = plan.summary()
+  axis.set_title(
+    f"{plan.strategy}, {plan.num_buckets} bucket(s): efficiency {summary['efficiency']:.1%}"
+  )
+  axis.set_xlabel("sequence length")
+  axis.set_ylabel("sequences")
+  figure.tight_layout()
+  figure.savefig(path, dpi=120)
+  plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m bucketing", description=__doc__)
+  commands = parser.add_subparsers(dest="command", required=True)
+  plan = commands.add_parser("plan", help="plan buckets for a file of lengths")
+  plan.add_argument(
+    "--lengths", type=pathlib.Path, required=True, help="one length per line, or .npy"
+  )
+  plan.add_argument("--strategy", choices=boundaries.STRATEGIES, default="optimal")
+  plan.add_argument("--num-buckets", type=int, default=8, help="K (the largest K for auto)")
+  plan.add_argument("--bounds", help="comma-separated upper bounds, for --strategy fixed")
+  sizing = plan.add_mutually_exclusive_group()
+  sizing.add_argument("--batch-size", type=int, help="sequences per global batch (default 32)")
+  sizing.add_argument("--max-tokens", type=int, help="padded-token budget per global batch")
+  plan.add_argument("--devices", type=int, default=1, help="batch sizes are multiples of this")
+  plan.add_argument("--round-to", type=int, default=1, help="bounds are multiples of this")
+  plan.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error")
+  plan.add_argument("--alpha", type=float, default=cost.CostModel.alpha, help="seconds per step")
+  plan.add_argument("--beta", type=float, default=cost.CostModel.beta, help="seconds per token")
+  plan.add_argument("--kappa", type=float, default=cost.CostModel.kappa, help="seconds per compile")
+  plan.add_argument("--epochs", type=float, default=20, help="planned epochs, for auto")
+  plan.add_argument("--json", action="store_true", help="print one JSON object")
+  plan.add_argument("--plot", type=pathlib.Path, help="write the length histogram with bounds")
+  args = parser.parse_args(argv)
+
+  try:
+    if args.num_buckets < 1:
+      raise ValueError(f"--num-buckets must be >= 1, got {args.num_buckets}")
+    if (args.bounds is not None) != (args.strategy == "fixed"):
+      raise ValueError("--bounds goes with --strategy fixed, and only with it")
+    bounds = None
+    if args.bounds is not None:
+      try:
+        bounds = [int(value) for value in args.bounds.split(",")]
+      except ValueError:
+        raise ValueError(
+          f"--bounds {args.bounds!r} is not a comma-separated list of integers"
+        ) from None
+    lengths = read_lengths(args.lengths)
+    cost_model = cost.CostModel(args.alpha, args.beta, args.kappa)
+    result = make_plan(
+      lengths,
+      strategy=args.strategy,
+      num_buckets=args.num_buckets,
+      upper_bounds=bounds,
+      batch_size=None if args.max_tokens else (args.batch_size or 32),
+      max_tokens=args.max_tokens,
+      num_devices=args.devices,
+      round_to=args.round_to,
+      overflow=args.overflow,
+      cost_model=cost_model,
+      num_epochs=args.epochs,
+    )
+    summary = result.summary(cost_model)
+    if args.plot is not None:
+      plot_plan(result, args.plot)
+  except ValueError as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  print(json.dumps(summary) if args.json else format_report(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

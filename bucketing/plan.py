@@ -1,0 +1,273 @@
+"""A bucket plan: bounds, batch sizes and each sequence's bucket, with the report users read."""
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from bucketing import boundaries, cost
+
+OVERFLOW_POLICIES = ("error", "drop", "truncate")
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+  """Where every sequence of a corpus goes, and the static batch shape of each bucket.
+
+  Attributes:
+    strategy: the boundary strategy that made `upper_bounds`.
+    upper_bounds: [num_buckets] inclusive length bound of each bucket, ascending.
+    batch_sizes: [num_buckets] global batch size of each bucket (a multiple of `num_devices`).
+    bucket_of_example: [num_examples] bucket index of each sequence; -1 for a dropped one.
+    lengths: [num_examples] the sequences' own lengths, before any truncation.
+    label_upper_bounds: [num_buckets] static label width of each bucket, when label lengths were
+      given (the longest label in the bucket), else None.
+    num_devices: the global device count batch sizes are divisible by.
+    batch_size, max_tokens: the batch-size rule (one of them is set), see `cost.batch_sizes`.
+    example_ids: names of the sequences for messages and reports (default: their indices).
+    auto: what `auto` weighed, when that strategy made the plan.
+  """
+
+  strategy: str
+  upper_bounds: np.ndarray
+  batch_sizes: np.ndarray
+  bucket_of_example: np.ndarray
+  lengths: np.ndarray
+  label_upper_bounds: np.ndarray | None
+  num_devices: int
+  batch_size: int | None
+  max_tokens: int | None
+  example_ids: Sequence[str] | None = None
+  auto: cost.AutoChoice | None = None
+
+  @property
+  def num_buckets(self) -> int:
+    return len(self.upper_bounds)
+
+  @property
+  def bucket_sizes(self) -> np.ndarray:
+    kept = self.bucket_of_example[self.bucket_of_example >= 0]
+    return np.bincount(kept, minlength=self.num_buckets)
+
+  @property
+  def steps_per_epoch(self) -> np.ndarray:
+    return -(-self.bucket_sizes // self.batch_sizes)
+
+  @property
+  def num_steps(self) -> int:
+    """Global steps in one epoch."""
+    return int(self.steps_per_epoch.sum())
+
+  @property
+  def filler_rows(self) -> np.ndarray:
+    return self.steps_per_epoch * self.batch_sizes - self.bucket_sizes
+
+  @property
+  def effective_lengths(self) -> np.ndarray:
+    """Lengths as the model sees them: truncated to the last bound, 0 for dropped sequences."""
+    clipped = np.minimum(self.lengths, self.upper_bounds[-1])
+    return np.where(self.bucket_of_example >= 0, clipped, 0)
+
+  @property
+  def dropped(self) -> np.ndarray:
+    return np.flatnonzero(self.bucket_of_example < 0)
+
+  @property
+  def truncated(self) -> np.ndarray:
+    return np.flatnonzero((self.bucket_of_example >= 0) & (self.lengths > self.upper_bounds[-1]))
+
+  def members(self, bucket: int) -> np.ndarray:
+    """Indices of the sequences in `bucket`, ascending."""
+    return np.flatnonzero(self.bucket_of_example == bucket)
+
+  def example_name(self, index: int) -> str:
+    return str(self.example_ids[index]) if self.example_ids is not None else f"#{index}"
+
+  def summary(self, cost_model: cost.CostModel = cost.CostModel()) -> dict:
+    """The plan report as plain Python values (what `python -m bucketing plan --json` prints)."""
+    kept = self.bucket_of_example >= 0
+    effective = self.effective_lengths
+    real_per_bucket = np.bincount(
+      self.bucket_of_example[kept], weights=effective[kept], minlength=self.num_buckets
+    ).astype(np.int64)
+    padded_per_bucket = self.bucket_sizes * self.upper_bounds
+    filler_per_bucket = self.filler_rows * self.upper_bounds
+    real, padded = int(real_per_bucket.sum()), int(padded_per_bucket.sum())
+    with_filler = padded + int(filler_per_bucket.sum())
+
+    # The baseline: the same sequences, one bucket at the longest, same batch-size rule.
+    baseline_bound = np.array([effective.max()], np.int64)
+    baseline_size = np.array([kept.sum()], np.int64)
+    baseline_batch = cost.batch_sizes(
+      baseline_bound,
+      baseline_size,
+      batch_size=self.batch_size,
+      max_tokens=self.max_tokens,
+      num_devices=self.num_devices,
+    )
+    baseline_steps = -(-baseline_size // baseline_batch)
+    baseline_padded = int((baseline_steps * baseline_batch * baseline_bound).sum())
+    epoch_seconds = (
+      cost.run_seconds(cost_model, self.upper_bounds, self.bucket_sizes, self.batch_sizes)
+      - cost_model.kappa * self.num_buckets
+    )
+    baseline_seconds = (
+      cost.run_seconds(cost_model, baseline_bound, baseline_size, baseline_batch) - cost_model.kappa
+    )
+
+    buckets = [
+      {
+        "upper_bound": int(self.upper_bounds[b]),
+        "label_upper_bound": (
+          None if self.label_upper_bounds is None else int(self.label_upper_bounds[b])
+        ),
+        "examples": int(self.bucket_sizes[b]),
+        "batch_size": int(self.batch_sizes[b]),
+        "steps_per_epoch": int(self.steps_per_epoch[b]),
+        "real_timesteps": int(real_per_bucket[b]),
+        "padded_timesteps": int(padded_per_bucket[b]),
+        "filler_rows": int(self.filler_rows[b]),
+      }
+      for b in range(self.num_buckets)
+    ]
+    return {
+      "strategy": self.strategy,
+      "num_buckets": self.num_buckets,
+      "num_devices": self.num_devices,
+      "num_examples": int(kept.sum()),
+      "upper_bounds": self.upper_bounds.tolist(),
+      "label_upper_bounds": (
+        None if self.label_upper_bounds is None else self.label_upper_bounds.tolist()
+      ),
+      "bucket_sizes": self.bucket_sizes.tolist(),
+      "batch_sizes": self.batch_sizes.tolist(),
+      "steps_per_epoch": self.steps_per_epoch.tolist(),
+      "filler_rows": self.filler_rows.tolist(),
+      "real_timesteps": real,
+      "padded_timesteps": padded,
+      "padded_timesteps_with_filler": with_filler,
+      "efficiency": real / padded,
+      "efficiency_with_filler": real / with_filler,
+      "ideal_speedup": baseline_padded / with_filler,
+      "predicted_speedup": baseline_seconds / epoch_seconds,
+      "cost_model": dataclasses.asdict(cost_model),
+      "dropped": [self.example_name(i) for i in self.dropped],
+      "truncated": [self.example_name(i) for i in self.truncated],
+      "auto_seconds_per_count": (
+        None if self.auto is None else self.auto.seconds_per_count.tolist()
+      ),
+      "buckets": buckets,
+    }
+
+
+def make_plan(
+  lengths: Sequence[int] | np.ndarray,
+  *,
+  strategy: str = "optimal",
+  num_buckets: int = 1,
+  upper_bounds: Sequence[int] | None = None,
+  batch_size: int | None = None,
+  max_tokens: int | None = None,
+  num_devices: int = 1,
+  round_to: int = 1,
+  overflow: str = "error",
+  label_lengths: Sequence[int] | np.ndarray | None = None,
+  example_ids: Sequence[str] | None = None,
+  cost_model: cost.CostModel = cost.CostModel(),
+  num_epochs: float = 1.0,
+) -> BucketPlan:
+  """Plans the buckets of a corpus.
+
+  Args:
+    lengths: [num_examples] positive sequence lengths.
+    strategy: one of `boundaries.STRATEGIES`.
+    num_buckets: K for `uniform`, `quantile` and `optimal`; the largest K `auto` considers.
+    upper_bounds: the user's bounds, for `fixed` only.
+    batch_size: sequences per global batch, or
+    max_tokens: a padded-token budget per global batch (`B_b = max_tokens // L_b`).
+    num_devices: global device count; batch sizes are multiples of it.
+    round_to: bounds are multiples of this (e.g. 8). Strategies see lengths rounded up to it, so
+      `optimal` stays exact among such bounds.
+    overflow: what to do with a sequence longer than the last bound: `error`, `drop` or
+      `truncate` (to the last bound). Dropped and truncated sequences are listed in the report.
+    label_lengths: [num_examples] label lengths; gives each bucket a static label width.
+    example_ids: names for messages and reports.
+    cost_model: per-step, per-token and per-compile seconds, for `auto`.
+    num_epochs: epochs the run is planned for, for `auto` (compiles are paid once).
+  """
+  lengths = boundaries.validate_lengths(lengths)
+  if example_ids is not None and len(example_ids) != len(lengths):
+    raise ValueError(f"{len(example_ids)} example ids for {len(lengths)} lengths")
+  if overflow not in OVERFLOW_POLICIES:
+    raise ValueError(f"unknown overflow policy {overflow!r}; expected one of {OVERFLOW_POLICIES}")
+  if strategy not in boundaries.STRATEGIES:
+    raise ValueError(f"unknown strategy {strategy!r}; expected one of {boundaries.STRATEGIES}")
+  if (upper_bounds is not None) != (strategy == "fixed"):
+    raise ValueError("upper_bounds are given with strategy 'fixed', and only with it")
+  if num_devices < 1:
+    raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+
+  rounded = boundaries.round_up(lengths, round_to)
+  auto = None
+  if strategy == "none":
+    bounds = boundaries.none_bounds(rounded)
+  elif strategy == "uniform":
+    bounds = boundaries.uniform_bounds(rounded, num_buckets)
+  elif strategy == "quantile":
+    bounds = boundaries.quantile_bounds(rounded, num_buckets)
+  elif strategy == "optimal":
+    bounds = boundaries.optimal_bounds(rounded, num_buckets)
+  elif strategy == "auto":
+    auto = cost.choose_num_buckets(
+      rounded,
+      num_buckets,
+      cost_model=cost_model,
+      num_epochs=num_epochs,
+      batch_size=batch_size,
+      max_tokens=max_tokens,
+      num_devices=num_devices,
+    )
+    bounds = auto.upper_bounds
+  else:
+    bounds = np.unique(boundaries.round_up(boundaries.fixed_bounds(upper_bounds), round_to))
+
+  bucket_of_example = np.searchsorted(bounds, lengths, side="left")
+  too_long = np.flatnonzero(bucket_of_example == len(bounds))
+  if too_long.size:
+    if overflow == "error":
+      names = [example_ids[i] if example_ids is not None else f"#{i}" for i in too_long[:5]]
+      shown = ", ".join(f"{n} (length {lengths[i]})" for n, i in zip(names, too_long, strict=False))
+      more = f" and {too_long.size - 5} more" if too_long.size > 5 else ""
+      raise ValueError(
+        f"{too_long.size} sequence(s) longer than the largest bucket bound {bounds[-1]}: "
+        f"{shown}{more}; use overflow='drop' or 'truncate' to allow it"
+      )
+    bucket_of_example[too_long] = -1 if overflow == "drop" else len(bounds) - 1
+  kept = bucket_of_example >= 0
+  if not kept.any():
+    raise ValueError("every sequence was dropped: all are longer than the largest bound")
+
+  sizes = np.bincount(bucket_of_example[kept], minlength=len(bounds))
+  batch = cost.batch_sizes(
+    bounds, sizes, batch_size=batch_size, max_tokens=max_tokens, num_devices=num_devices
+  )
+  label_bounds = None
+  if label_lengths is not None:
+    label_lengths = np.asarray(label_lengths, np.int64)
+    if label_lengths.shape != lengths.shape:
+      raise ValueError(f"{label_lengths.size} label lengths for {lengths.size} lengths")
+    label_bounds = np.ones(len(bounds), np.int64)
+    np.maximum.at(label_bounds, bucket_of_example[kept], label_lengths[kept])
+  return BucketPlan(
+    strategy=strategy,
+    upper_bounds=bounds,
+    batch_sizes=batch,
+    bucket_of_example=bucket_of_example,
+    lengths=lengths,
+    label_upper_bounds=label_bounds,
+    num_devices=num_devices,
+    batch_size=batch_size,
+    max_tokens=max_tokens,
+    example_ids=example_ids,
+    auto=auto,
+  )

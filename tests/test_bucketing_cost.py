@@ -1,0 +1,114 @@
+"""Batch sizes per bucket, and `auto`'s choice of K against an exhaustive search."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bucketing import boundaries, cost
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+  bounds=st.lists(st.integers(1, 3000), min_size=1, max_size=8, unique=True).map(sorted),
+  sizes=st.lists(st.integers(0, 500), min_size=8, max_size=8),
+  devices=st.sampled_from([1, 2, 3, 8]),
+  budget=st.integers(1, 100_000),
+)
+def test_token_budget_sizes_are_device_multiples_within_budget(bounds, sizes, devices, budget):
+  bounds = np.array(bounds)
+  sizes = np.array(sizes[: len(bounds)])
+  batch = cost.batch_sizes(bounds, sizes, max_tokens=budget, num_devices=devices)
+  assert np.all(batch % devices == 0)
+  assert np.all(batch >= devices)
+  over_budget = batch * bounds > budget
+  assert np.all(batch[over_budget] == devices), "only the device floor may exceed the budget"
+  assert np.all(batch <= np.maximum(-(-sizes // devices) * devices, devices))
+
+
+def test_fixed_batch_size_is_rounded_down_to_devices_and_capped_by_the_bucket():
+  batch = cost.batch_sizes(
+    np.array([10, 20, 30]), np.array([100, 5, 100]), batch_size=30, num_devices=8
+  )
+  np.testing.assert_array_equal(batch, [24, 8, 24])
+  batch = cost.batch_sizes(np.array([10]), np.array([100]), batch_size=3, num_devices=8)
+  np.testing.assert_array_equal(batch, [8])
+
+
+def test_token_budget_divides_by_the_bound():
+  batch = cost.batch_sizes(np.array([100, 400, 1000]), np.array([99, 99, 99]), max_tokens=8000)
+  np.testing.assert_array_equal(batch, [80, 20, 8])
+
+
+@pytest.mark.parametrize(
+  "kwargs",
+  [
+    {},
+    {"batch_size": 8, "max_tokens": 100},
+    {"batch_size": 0},
+    {"max_tokens": 0},
+    {"batch_size": 8, "num_devices": 0},
+  ],
+)
+def test_bad_batch_size_rules_are_rejected(kwargs):
+  with pytest.raises(ValueError):
+    cost.batch_sizes(np.array([10]), np.array([5]), **kwargs)
+
+
+def exhaustive_seconds(lengths, max_buckets, cost_model, epochs, **sizing):
+  """The modelled run time of the optimal plan for each K, computed from scratch."""
+  seconds = []
+  for num in range(1, max_buckets + 1):
+    bounds = boundaries.optimal_bounds(lengths, num)
+    bucket = np.searchsorted(bounds, lengths)
+    sizes = np.bincount(bucket, minlength=len(bounds))
+    batch = cost.batch_sizes(bounds, sizes, **sizing)
+    steps = -(-sizes // batch)
+    per_epoch = sum(
+      int(s) * (cost_model.alpha + cost_model.beta * int(b) * int(L))
+      for s, b, L in zip(steps, batch, bounds, strict=True)
+    )
+    seconds.append(epochs * per_epoch + cost_model.kappa * len(bounds))
+  return np.array(seconds)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+  lengths=st.lists(st.integers(1, 1500), min_size=1, max_size=400).map(np.array),
+  max_buckets=st.integers(1, 12),
+  alpha=st.floats(0, 0.1),
+  beta=st.floats(0, 1e-5),
+  kappa=st.floats(0, 30),
+  epochs=st.sampled_from([1, 10, 100]),
+  sizing=st.sampled_from([{"batch_size": 16}, {"max_tokens": 20_000, "num_devices": 4}]),
+)
+def test_auto_matches_exhaustive_search_over_k(
+  lengths, max_buckets, alpha, beta, kappa, epochs, sizing
+):
+  model = cost.CostModel(alpha, beta, kappa)
+  choice = cost.choose_num_buckets(
+    lengths, max_buckets, cost_model=model, num_epochs=epochs, **sizing
+  )
+  expected = exhaustive_seconds(lengths, max_buckets, model, epochs, **sizing)
+  np.testing.assert_allclose(choice.seconds_per_count, expected, rtol=1e-9, atol=1e-12)
+  assert np.isclose(expected[choice.num_buckets - 1], expected.min(), rtol=1e-9, atol=1e-12)
+  assert len(choice.upper_bounds) == choice.num_buckets
+
+
+def test_auto_trades_compiles_against_padding():
+  lengths = np.random.default_rng(0).integers(30, 1500, 5000)
+  cheap_compiles = cost.choose_num_buckets(
+    lengths, 16, cost_model=cost.CostModel(alpha=0, beta=1e-6, kappa=0), batch_size=32
+  )
+  dear_compiles = cost.choose_num_buckets(
+    lengths, 16, cost_model=cost.CostModel(alpha=0, beta=1e-6, kappa=1e6), batch_size=32
+  )
+  assert cheap_compiles.num_buckets == 16
+  assert dear_compiles.num_buckets == 1
+
+
+@pytest.mark.parametrize("field", ["alpha", "beta", "kappa"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_cost_model_rejects_bad_figures(field, value):
+  with pytest.raises(ValueError, match=field):
+    cost.CostModel(**{field: value})

@@ -1,0 +1,118 @@
+"""Plans: strategies wired together, overflow policies, label widths and the report's arithmetic."""
+
+import numpy as np
+import pytest
+
+from bucketing import boundaries
+from bucketing import plan as plan_lib
+
+LENGTHS = np.random.default_rng(0).integers(31, 1541, 1000)
+
+
+@pytest.mark.parametrize("strategy", ["none", "uniform", "quantile", "optimal", "auto"])
+def test_report_arithmetic_is_consistent(strategy):
+  plan = plan_lib.make_plan(LENGTHS, strategy=strategy, num_buckets=6, batch_size=24, num_devices=8)
+  summary = plan.summary()
+  bounds = np.array(summary["upper_bounds"])
+  assert bounds[-1] == LENGTHS.max()
+  assert sum(summary["bucket_sizes"]) == LENGTHS.size == summary["num_examples"]
+  assert summary["real_timesteps"] == LENGTHS.sum()
+  assert summary["padded_timesteps"] == boundaries.padded_timesteps(LENGTHS, bounds)
+  steps = np.array(summary["steps_per_epoch"])
+  batch = np.array(summary["batch_sizes"])
+  assert summary["padded_timesteps_with_filler"] == int(np.sum(steps * batch * bounds))
+  assert np.all(batch % 8 == 0)
+  assert np.all(steps * batch - np.array(summary["bucket_sizes"]) == summary["filler_rows"])
+  assert summary["efficiency"] == pytest.approx(LENGTHS.sum() / summary["padded_timesteps"])
+  per_bucket = summary["buckets"]
+  assert sum(b["real_timesteps"] for b in per_bucket) == summary["real_timesteps"]
+  if strategy == "none":
+    assert summary["ideal_speedup"] == pytest.approx(1.0)
+    assert summary["predicted_speedup"] == pytest.approx(1.0)
+
+
+def test_optimal_plan_beats_none_on_a_long_tailed_corpus():
+  summary = plan_lib.make_plan(LENGTHS, strategy="optimal", num_buckets=8, batch_size=32).summary()
+  assert summary["efficiency"] > 0.85
+  assert summary["ideal_speedup"] > 1.5
+
+
+def test_overflow_error_names_the_example_and_its_length():
+  with pytest.raises(ValueError, match=r"line-b \(length 50\).*overflow"):
+    plan_lib.make_plan(
+      [10, 50, 20],
+      strategy="fixed",
+      upper_bounds=[16, 32],
+      batch_size=2,
+      example_ids=["line-a", "line-b", "line-c"],
+    )
+
+
+def test_overflow_drop_and_truncate_are_counted():
+  ids = ["a", "b", "c", "d"]
+  dropped = plan_lib.make_plan(
+    [10, 50, 20, 70],
+    strategy="fixed",
+    upper_bounds=[16, 32],
+    batch_size=2,
+    overflow="drop",
+    example_ids=ids,
+  )
+  assert dropped.summary()["dropped"] == ["b", "d"]
+  assert dropped.summary()["num_examples"] == 2
+  assert list(dropped.bucket_of_example) == [0, -1, 1, -1]
+
+  truncated = plan_lib.make_plan(
+    [10, 50, 20, 70],
+    strategy="fixed",
+    upper_bounds=[16, 32],
+    batch_size=2,
+    overflow="truncate",
+    example_ids=ids,
+  )
+  summary = truncated.summary()
+  assert summary["truncated"] == ["b", "d"]
+  assert summary["real_timesteps"] == 10 + 32 + 20 + 32
+  assert list(truncated.effective_lengths) == [10, 32, 20, 32]
+
+
+def test_label_widths_are_the_longest_label_per_bucket():
+  plan = plan_lib.make_plan(
+    [5, 6, 30, 31],
+    strategy="fixed",
+    upper_bounds=[10, 40],
+    batch_size=2,
+    label_lengths=[2, 4, 9, 3],
+  )
+  np.testing.assert_array_equal(plan.label_upper_bounds, [4, 9])
+
+
+def test_round_to_gives_multiples():
+  plan = plan_lib.make_plan(LENGTHS, strategy="optimal", num_buckets=8, batch_size=32, round_to=8)
+  assert np.all(plan.upper_bounds % 8 == 0)
+  assert plan.upper_bounds[-1] >= LENGTHS.max()
+
+
+def test_token_budget_plan():
+  plan = plan_lib.make_plan(
+    LENGTHS, strategy="optimal", num_buckets=4, max_tokens=20_000, num_devices=2
+  )
+  assert np.all(plan.batch_sizes * plan.upper_bounds <= 20_000)
+  assert plan.batch_sizes[0] > plan.batch_sizes[-1]
+
+
+@pytest.mark.parametrize(
+  ("kwargs", "message"),
+  [
+    ({"strategy": "magic"}, "unknown strategy"),
+    ({"strategy": "optimal", "num_buckets": 0}, "number of buckets"),
+    ({"strategy": "fixed"}, "upper_bounds"),
+    ({"strategy": "optimal", "upper_bounds": [5]}, "upper_bounds"),
+    ({"strategy": "optimal", "overflow": "ignore"}, "overflow"),
+    ({"strategy": "optimal", "num_devices": 0}, "num_devices"),
+    ({"strategy": "optimal", "example_ids": ["x"]}, "example ids"),
+  ],
+)
+def test_bad_plans_are_rejected(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    plan_lib.make_plan([3, 4, 5], batch_size=2, **kwargs)
