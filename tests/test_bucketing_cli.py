@@ -1,0 +1,115 @@
+"""`python -m bucketing plan`: the table, the JSON, the plot, and one-line errors."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bucketing import __main__ as cli
+from bucketing import boundaries
+
+LENGTHS = np.random.default_rng(0).integers(31, 1541, 500)
+
+
+@pytest.fixture
+def lengths_file(tmp_path):
+  path = tmp_path / "lengths.txt"
+  path.write_text("\n".join(map(str, LENGTHS)) + "\n")
+  return path
+
+
+def run_json(capsys, *args):
+  assert cli.main(["plan", *map(str, args), "--json"]) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+def test_json_holds_the_promised_fields(lengths_file, capsys):
+  summary = run_json(capsys, "--lengths", lengths_file, "--num-buckets", 4, "--devices", 8)
+  for key in (
+    "upper_bounds",
+    "bucket_sizes",
+    "batch_sizes",
+    "steps_per_epoch",
+    "real_timesteps",
+    "padded_timesteps",
+    "padded_timesteps_with_filler",
+    "efficiency",
+  ):
+    assert key in summary
+  assert summary["upper_bounds"] == boundaries.optimal_bounds(LENGTHS, 4).tolist()
+  assert summary["real_timesteps"] == LENGTHS.sum()
+  assert all(size % 8 == 0 for size in summary["batch_sizes"])
+
+
+def test_npy_input_gives_the_same_plan(lengths_file, tmp_path, capsys):
+  np.save(tmp_path / "lengths.npy", LENGTHS)
+  from_text = run_json(capsys, "--lengths", lengths_file, "--strategy", "quantile")
+  from_npy = run_json(capsys, "--lengths", tmp_path / "lengths.npy", "--strategy", "quantile")
+  assert from_text == from_npy
+
+
+def test_token_budget_and_fixed_bounds(lengths_file, capsys):
+  summary = run_json(capsys, "--lengths", lengths_file, "--max-tokens", 16000)
+  assert all(
+    b * L <= 16000 for b, L in zip(summary["batch_sizes"], summary["upper_bounds"], strict=True)
+  )
+  summary = run_json(
+    capsys,
+    "--lengths",
+    lengths_file,
+    "--strategy",
+    "fixed",
+    "--bounds",
+    "200,800",
+    "--overflow",
+    "truncate",
+  )
+  assert summary["upper_bounds"] == [200, 800]
+  assert len(summary["truncated"]) == int(np.sum(LENGTHS > 800))
+
+
+def test_table_and_plot(lengths_file, tmp_path, capsys):
+  plot = tmp_path / "plan.png"
+  assert cli.main(["plan", "--lengths", str(lengths_file), "--plot", str(plot)]) == 0
+  table = capsys.readouterr().out
+  assert "bound" in table and "efficiency" in table
+  assert len(table.splitlines()) == 2 + 8 + 5
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+  ("content", "extra", "message"),
+  [
+    (None, [], "no such file"),
+    ("12\nabc\n", [], ":2: 'abc' is not an integer"),
+    ("12\n0\n", [], "positive"),
+    ("", [], "holds no lengths"),
+    ("12\n", ["--num-buckets", "0"], "--num-buckets must be >= 1"),
+    ("12\n", ["--strategy", "fixed"], "--bounds"),
+    ("12\n40\n", ["--strategy", "fixed", "--bounds", "20"], "longer than the largest"),
+  ],
+)
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, extra, message):
+  path = tmp_path / "lengths.txt"
+  if content is not None:
+    path.write_text(content)
+  assert cli.main(["plan", "--lengths", str(path), *extra]) == 2
+  err = capsys.readouterr().err
+  assert message in err
+  assert len(err.strip().splitlines()) == 1
+
+
+def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
+  path = tmp_path / "lengths.txt"
+  path.write_text("5\n-3\n")
+  result = subprocess.run(
+    [sys.executable, "-m", "bucketing", "plan", "--lengths", str(path)],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert result.stderr.startswith("error:")
