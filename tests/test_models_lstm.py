@@ -1,0 +1,230 @@
+"""The LSTM layer and stack: numerics against Flax's cell, padding invariance, training plumbing."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from models.ctc import ctc_loss
+from models.lstm import LstmCtcModel, LstmLayer, lengths_from_paddings, reverse_within_length
+
+FEATURES = 5
+HIDDEN = 6
+NUM_CLASSES = 7
+
+
+def paddings_for(lengths, time):
+  """`[batch]` lengths -> `[batch, time]` float paddings, 1.0 = padded."""
+  return (np.arange(time)[None, :] >= np.asarray(lengths)[:, None]).astype(np.float32)
+
+
+def padded_batch(sequences, time, seed=0):
+  """Right-pads `[length_b, features]` arrays to `time` frames with large random garbage, so any
+  leak from padding into valid outputs shows."""
+  garbage = np.random.default_rng(seed).normal(0.0, 100.0, (len(sequences), time, FEATURES))
+  inputs = garbage.astype(np.float32)
+  for row, sequence in enumerate(sequences):
+    inputs[row, : len(sequence)] = sequence
+  return jnp.asarray(inputs), jnp.asarray(paddings_for([len(s) for s in sequences], time))
+
+
+def random_sequences(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.normal(size=(length, FEATURES)).astype(np.float32) for length in lengths]
+
+
+def flax_cell_to_ours(cell_params_per_direction):
+  """Concatenates `nn.OptimizedLSTMCell` parameters (one dict per direction) into `LstmLayer`'s."""
+  gates = "ifgo"
+  input_kernel = [
+    np.concatenate([p[f"i{g}"]["kernel"] for g in gates], -1) for p in cell_params_per_direction
+  ]
+  recurrent = [
+    np.concatenate([p[f"h{g}"]["kernel"] for g in gates], -1) for p in cell_params_per_direction
+  ]
+  bias = [
+    np.concatenate([p[f"h{g}"]["bias"] for g in gates], -1) for p in cell_params_per_direction
+  ]
+  return {
+    "params": {
+      "input_kernel": jnp.stack(input_kernel),
+      "recurrent_kernel": jnp.stack(recurrent),
+      "bias": jnp.stack(bias),
+    }
+  }
+
+
+def test_reverse_within_length_keeps_padding_in_place():
+  sequences = jnp.array([[1, 2, 3, 0], [4, 5, 6, 7], [8, 0, 0, 0]])
+  reversed_ = reverse_within_length(sequences, jnp.array([3, 4, 1]))
+  np.testing.assert_array_equal(reversed_, [[3, 2, 1, 0], [7, 6, 5, 4], [8, 0, 0, 0]])
+  np.testing.assert_array_equal(reverse_within_length(reversed_, jnp.array([3, 4, 1])), sequences)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_layer_output_shape_and_zeroed_padding(bidirectional):
+  inputs, paddings = padded_batch(random_sequences([8, 3, 1]), time=8)
+  layer = LstmLayer(HIDDEN, bidirectional=bidirectional)
+  variables = layer.init(jax.random.key(0), inputs, paddings)
+  outputs = layer.apply(variables, inputs, paddings)
+  assert outputs.shape == (3, 8, HIDDEN * (2 if bidirectional else 1))
+  assert outputs.dtype == jnp.float32
+  np.testing.assert_array_equal(outputs[paddings > 0], 0.0)
+  assert np.all(np.abs(outputs[paddings == 0]) > 0)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_layer_matches_flax_optimized_lstm_cell(bidirectional):
+  """Same weights, same valid outputs as Flax's stock cell run by `nn.RNN` with `seq_lengths`
+  (whose `nn.Bidirectional` also reverses within length)."""
+  lengths = [9, 5, 2]
+  inputs, paddings = padded_batch(random_sequences(lengths), time=9)
+  if bidirectional:
+    reference = nn.Bidirectional(
+      nn.RNN(nn.OptimizedLSTMCell(HIDDEN)), nn.RNN(nn.OptimizedLSTMCell(HIDDEN))
+    )
+  else:
+    reference = nn.RNN(nn.OptimizedLSTMCell(HIDDEN))
+  seq_lengths = jnp.array(lengths)
+  reference_variables = reference.init(jax.random.key(1), inputs, seq_lengths=seq_lengths)
+  expected = reference.apply(reference_variables, inputs, seq_lengths=seq_lengths)
+  params = reference_variables["params"]
+  cells = (
+    [params["forward_rnn"]["cell"], params["backward_rnn"]["cell"]]
+    if bidirectional
+    else [params["cell"]]
+  )
+
+  outputs = LstmLayer(HIDDEN, bidirectional=bidirectional).apply(
+    flax_cell_to_ours(cells), inputs, paddings
+  )
+  valid = paddings == 0
+  np.testing.assert_allclose(outputs[valid], expected[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_direction_equals_forward_pass_over_reversed_sequence():
+  """Each row's backward half is the forward recurrence run over that row alone, reversed."""
+  lengths = [7, 4, 1]
+  sequences = random_sequences(lengths, seed=3)
+  inputs, paddings = padded_batch(sequences, time=10)
+  layer = LstmLayer(HIDDEN, bidirectional=True)
+  variables = layer.init(jax.random.key(2), inputs, paddings)
+  backward_half = layer.apply(variables, inputs, paddings)[..., HIDDEN:]
+
+  backward_only = jax.tree.map(lambda param: param[1:], variables)
+  for row, sequence in enumerate(sequences):
+    alone = jnp.asarray(sequence[::-1])[None]
+    expected = LstmLayer(HIDDEN).apply(backward_only, alone, jnp.zeros(alone.shape[:2]))[0, ::-1]
+    np.testing.assert_allclose(backward_half[row, : lengths[row]], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unroll_does_not_change_outputs():
+  inputs, paddings = padded_batch(random_sequences([11, 6]), time=11)
+  variables = LstmLayer(HIDDEN, bidirectional=True).init(jax.random.key(0), inputs, paddings)
+  rolled = LstmLayer(HIDDEN, bidirectional=True, unroll=1).apply(variables, inputs, paddings)
+  unrolled = LstmLayer(HIDDEN, bidirectional=True, unroll=4).apply(variables, inputs, paddings)
+  np.testing.assert_allclose(rolled, unrolled, rtol=1e-6, atol=1e-6)
+
+
+def small_model(bidirectional=True, dropout_rate=0.0):
+  return LstmCtcModel(
+    num_classes=NUM_CLASSES,
+    num_layers=2,
+    hidden_size=HIDDEN,
+    bidirectional=bidirectional,
+    dropout_rate=dropout_rate,
+    input_projection_size=4,
+  )
+
+
+def labels_batch(label_lists, label_time):
+  labels = np.zeros((len(label_lists), label_time), np.int32)
+  for row, label in enumerate(label_lists):
+    labels[row, : len(label)] = label
+  return jnp.asarray(labels), jnp.asarray(
+    paddings_for([len(label) for label in label_lists], label_time)
+  )
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_model_padding_invariance_of_logits_loss_and_gradients(bidirectional):
+  """The same examples in two buckets (padded to 9 and to 16 frames, labels to 3 and 5) give the
+  same valid logits, the same loss and the same gradients."""
+  frame_lengths = [9, 6, 2]
+  sequences = random_sequences(frame_lengths, seed=5)
+  label_lists = [[1, 2, 2], [3, 4], [5]]
+  weights = jnp.ones(3)
+  model = small_model(bidirectional)
+  short_inputs, short_paddings = padded_batch(sequences, time=9, seed=1)
+  long_inputs, long_paddings = padded_batch(sequences, time=16, seed=2)
+  variables = model.init(jax.random.key(0), short_inputs, short_paddings)
+
+  def loss_fn(params, inputs, paddings, label_time):
+    labels, label_paddings = labels_batch(label_lists, label_time)
+    logits = model.apply({"params": params}, inputs, paddings)
+    return ctc_loss(logits, paddings, labels, label_paddings, weights)[0], logits
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=3)
+  (short_loss, short_logits), short_grads = grad_fn(
+    variables["params"], short_inputs, short_paddings, 3
+  )
+  (long_loss, long_logits), long_grads = grad_fn(variables["params"], long_inputs, long_paddings, 5)
+
+  for row, length in enumerate(frame_lengths):
+    np.testing.assert_allclose(
+      short_logits[row, :length], long_logits[row, :length], rtol=1e-5, atol=1e-5
+    )
+  np.testing.assert_allclose(short_loss, long_loss, rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), short_grads, long_grads
+  )
+
+
+def test_one_gradient_step_changes_every_parameter():
+  model = small_model(dropout_rate=0.1)
+  inputs, paddings = padded_batch(random_sequences([8, 5]), time=8)
+  labels, label_paddings = labels_batch([[1, 2, 3], [4]], 3)
+  variables = model.init(jax.random.key(0), inputs, paddings)
+
+  def loss_fn(params):
+    logits = model.apply(
+      {"params": params}, inputs, paddings, train=True, rngs={"dropout": jax.random.key(1)}
+    )
+    return ctc_loss(logits, paddings, labels, label_paddings, jnp.ones(2))[0]
+
+  optimizer = optax.adam(1e-2)
+  params = variables["params"]
+  updates, _ = optimizer.update(jax.jit(jax.grad(loss_fn))(params), optimizer.init(params), params)
+  new_params = optax.apply_updates(params, updates)
+  changed = jax.tree.map(lambda old, new: bool(np.all(old != new)), params, new_params)
+  assert all(jax.tree.leaves(changed)), changed
+
+
+def test_dropout_is_active_only_in_training():
+  model = small_model(dropout_rate=0.5)
+  inputs, paddings = padded_batch(random_sequences([6, 6]), time=6)
+  variables = model.init(jax.random.key(0), inputs, paddings)
+  evaluation = model.apply(variables, inputs, paddings)
+  np.testing.assert_array_equal(evaluation, model.apply(variables, inputs, paddings, train=False))
+  training = model.apply(
+    variables, inputs, paddings, train=True, rngs={"dropout": jax.random.key(1)}
+  )
+  assert not np.allclose(training, evaluation)
+
+
+def test_bfloat16_computation_stays_close_to_float32():
+  inputs, paddings = padded_batch(random_sequences([12, 7]), time=12)
+  variables = small_model().init(jax.random.key(0), inputs, paddings)
+  expected = small_model().apply(variables, inputs, paddings)
+  low_precision = small_model().clone(dtype=jnp.bfloat16).apply(variables, inputs, paddings)
+  assert low_precision.dtype == jnp.float32
+  valid = paddings == 0
+  np.testing.assert_allclose(low_precision[valid], expected[valid], atol=5e-2)
+
+
+def test_lengths_from_paddings():
+  np.testing.assert_array_equal(
+    lengths_from_paddings(jnp.asarray(paddings_for([3, 0, 5], 5))), [3, 0, 5]
+  )
