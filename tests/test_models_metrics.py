@@ -1,0 +1,78 @@
+"""Edit distance against a textbook implementation, and corpus-level error rates."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from models.metrics import (
+  ErrorCounts,
+  cer,
+  char_error_counts,
+  edit_distance,
+  wer,
+  word_error_counts,
+)
+
+
+def textbook_edit_distance(reference, hypothesis):
+  """The full O(n*m) table, cell by cell."""
+  table = [[0] * (len(hypothesis) + 1) for _ in range(len(reference) + 1)]
+  for i in range(len(reference) + 1):
+    for j in range(len(hypothesis) + 1):
+      if i == 0 or j == 0:
+        table[i][j] = i + j
+      else:
+        table[i][j] = min(
+          table[i - 1][j] + 1,
+          table[i][j - 1] + 1,
+          table[i - 1][j - 1] + (reference[i - 1] != hypothesis[j - 1]),
+        )
+  return table[-1][-1]
+
+
+@given(st.text(alphabet="abc ", max_size=12), st.text(alphabet="abc ", max_size=12))
+def test_edit_distance_matches_textbook_on_random_strings(reference, hypothesis):
+  assert edit_distance(reference, hypothesis) == textbook_edit_distance(reference, hypothesis)
+
+
+@given(
+  st.lists(st.sampled_from(["the", "a", "cat", "sat"]), max_size=8),
+  st.lists(st.sampled_from(["the", "a", "cat", "mat"]), max_size=8),
+)
+def test_edit_distance_matches_textbook_on_word_lists(reference, hypothesis):
+  assert edit_distance(reference, hypothesis) == textbook_edit_distance(reference, hypothesis)
+
+
+@pytest.mark.parametrize(
+  ("reference", "hypothesis", "distance"),
+  [("kitten", "sitting", 3), ("", "abc", 3), ("abc", "", 3), ("", "", 0), ("flaw", "lawn", 2)],
+)
+def test_edit_distance_known_values(reference, hypothesis, distance):
+  assert edit_distance(reference, hypothesis) == distance
+
+
+def test_word_counts_split_on_whitespace():
+  assert word_error_counts("the cat  sat", "the hat sat down") == ErrorCounts(2, 3)
+  assert char_error_counts("the cat", "the hat") == ErrorCounts(1, 7)
+
+
+def test_rates_are_corpus_level_not_a_mean_of_line_rates():
+  """One wrong character in a 2-character line and none in an 8-character line: 1/10 = 0.1,
+  where averaging the line rates would say 0.25."""
+  references = ["ab", "abcdefgh"]
+  hypotheses = ["ax", "abcdefgh"]
+  assert cer(references, hypotheses) == pytest.approx(0.1)
+  assert wer(["a b", "c d e f"], ["a x", "c d e f"]) == pytest.approx(1 / 6)
+
+
+def test_error_counts_add_up_and_handle_empty_references():
+  total = sum([ErrorCounts(1, 4), ErrorCounts(2, 6)], ErrorCounts())
+  assert total == ErrorCounts(3, 10)
+  assert total.rate == pytest.approx(0.3)
+  assert ErrorCounts(0, 0).rate == 0.0
+  assert ErrorCounts(2, 0).rate == float("inf")
+
+
+def test_mismatched_corpus_sizes_are_an_error():
+  with pytest.raises(ValueError):
+    cer(["a", "b"], ["a"])
