@@ -1,0 +1,218 @@
+"""Loading examples (real or synthetic) and turning them into model inputs.
+
+An example is a plain dict, the same for IAM-OnDB and the synthetic set:
+  id: str ("a01-000u-01"), form_id: str, writer_id: str ("" when unknown), text: str,
+  points: float32 [num_points, 3] (x, y, seconds since the line's first point; y downwards),
+  stroke_end: bool [num_points] (True on the last point of each pen-down stroke).
+
+Three ways to the same examples: the TFDS `iam_ondb` dataset (built on first use from a manual
+dir), an exported `.npz` file that needs only numpy (for machines without TFDS or network: `python
+-m handwriting build` writes `<data_dir>/iam_ondb.npz` next to the TFDS files, and `load_examples`
+prefers it), and the synthetic generator, which is cheap enough to run in memory every time.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+
+import numpy as np
+
+from handwriting import synthetic
+from handwriting.alphabet import Alphabet
+from handwriting.features import FeatureConfig, ink_to_features
+
+DATASETS = ("iam_ondb", "synthetic")
+SPLITS = ("train", "validation", "validation2", "test")
+_TEXT_FIELDS = ("id", "form_id", "writer_id", "text")
+
+
+def default_data_dir() -> pathlib.Path:
+  """`$HANDWRITING_DATA_DIR`, else TFDS's default `~/tensorflow_datasets`."""
+  return pathlib.Path(os.environ.get("HANDWRITING_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+
+
+def export_path(dataset: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
+  """Where the numpy-only export of `dataset` lives: `<data_dir>/<dataset>.npz`."""
+  return pathlib.Path(data_dir or default_data_dir()) / f"{dataset}.npz"
+
+
+def write_export(path: str | os.PathLike, examples: dict[str, list[dict]], metadata: dict):
+  """Save split name -> examples (and JSON-able `metadata`) as one compressed `.npz` file.
+
+  Per split the points of all lines are concatenated ([total_points, 3]) with `offsets`
+  [num_lines + 1] marking where each line starts, so the file holds no Python objects and loads
+  with `allow_pickle=False`.
+  """
+  arrays = {"metadata": np.array(json.dumps(metadata))}
+  for split, split_examples in examples.items():
+    lengths = [len(example["points"]) for example in split_examples]
+    arrays[f"{split}/offsets"] = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    arrays[f"{split}/points"] = np.concatenate(
+      [example["points"] for example in split_examples] or [np.zeros((0, 3), np.float32)]
+    ).astype(np.float32)
+    arrays[f"{split}/stroke_end"] = np.concatenate(
+      [example["stroke_end"] for example in split_examples] or [np.zeros(0, np.bool_)]
+    ).astype(np.bool_)
+    for field in _TEXT_FIELDS:
+      arrays[f"{split}/{field}"] = np.array([example[field] for example in split_examples], str)
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  temporary = path.with_suffix(".tmp.npz")
+  np.savez_compressed(temporary, **arrays)
+  temporary.replace(path)
+
+
+def read_export(path: str | os.PathLike, split: str, limit: int | None = None) -> list[dict]:
+  """The first `limit` (default all) examples of `split` from a `write_export` file."""
+  with np.load(path, allow_pickle=False) as export:
+    if f"{split}/offsets" not in export:
+      splits = sorted({key.split("/")[0] for key in export.files if "/" in key})
+      raise ValueError(f"{path}: no split {split!r}; it has {splits}")
+    offsets = export[f"{split}/offsets"]
+    count = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
+    points = export[f"{split}/points"]
+    stroke_end = export[f"{split}/stroke_end"]
+    texts = {field: export[f"{split}/{field}"] for field in _TEXT_FIELDS}
+  return [
+    {
+      **{field: str(values[i]) for field, values in texts.items()},
+      "points": points[offsets[i] : offsets[i + 1]],
+      "stroke_end": stroke_end[offsets[i] : offsets[i + 1]],
+    }
+    for i in range(count)
+  ]
+
+
+def read_export_metadata(path: str | os.PathLike) -> dict:
+  """The metadata dict stored by `write_export` (e.g. `skipped`, generator settings)."""
+  with np.load(path, allow_pickle=False) as export:
+    return json.loads(str(export["metadata"]))
+
+
+def iam_ondb_builder(data_dir: str | os.PathLike | None = None):
+  """The TFDS builder of `iam_ondb` at `data_dir` (imports TFDS, so only when needed)."""
+  from handwriting.builder import IamOndb  # Imported here so that .npz users need no TFDS.
+
+  return IamOndb(data_dir=os.fspath(data_dir or default_data_dir()))
+
+
+def build_iam_ondb(
+  manual_dir: str | os.PathLike, data_dir: str | os.PathLike | None = None, export: bool = True
+):
+  """Build the TFDS dataset from the download in `manual_dir` and (by default) its .npz export."""
+  import tensorflow_datasets as tfds
+
+  builder = iam_ondb_builder(data_dir)
+  builder.download_and_prepare(
+    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+  )
+  if export:
+    examples = {split: _read_tfds(builder, split) for split in SPLITS}
+    write_export(export_path("iam_ondb", data_dir), examples, dict(builder.info.metadata))
+  return builder
+
+
+def _read_tfds(builder, split: str, limit: int | None = None) -> list[dict]:
+  source = builder.as_data_source(split=split)
+  count = len(source) if limit is None else min(limit, len(source))
+  examples = []
+  for i in range(count):
+    record = source[i]
+    examples.append(
+      {
+        **{field: record[field].decode("utf-8") for field in _TEXT_FIELDS},
+        "points": record["points"],
+        "stroke_end": record["stroke_end"],
+      }
+    )
+  return examples
+
+
+def load_examples(
+  dataset: str,
+  split: str,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  manual_dir: str | os.PathLike | None = None,
+  limit: int | None = None,
+  seed: int = 0,
+  num_train: int = 5000,
+  num_eval: int = 500,
+) -> list[dict]:
+  """The first `limit` (default all) examples of `split` of `dataset`, in a fixed order.
+
+  dataset: "iam_ondb" reads `<data_dir>/iam_ondb.npz` if present (numpy only), else the TFDS
+    dataset in `data_dir`, building it from `manual_dir` first if needed; "synthetic" generates
+    `num_train` lines for "train" and `num_eval` for the other splits from `seed` (only `limit`
+    lines when given, so a few dozen take a fraction of a second); a path ending in `.npz` reads
+    that export.
+  split: "train", "validation", "validation2" or "test".
+  """
+  if split not in SPLITS:
+    raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+  if dataset.endswith(".npz"):
+    return read_export(dataset, split, limit)
+  if dataset == "synthetic":
+    size = num_train if split == "train" else num_eval
+    return synthetic.generate_examples(split, size if limit is None else min(limit, size), seed)
+  if dataset != "iam_ondb":
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS} or a .npz path")
+  export = export_path(dataset, data_dir)
+  if export.is_file():
+    return read_export(export, split, limit)
+  builder = iam_ondb_builder(data_dir)
+  if not builder.is_prepared():
+    if manual_dir is None:
+      raise FileNotFoundError(
+        f"IAM-OnDB is not built in {builder.data_dir} and no {export} exists; pass manual_dir "
+        "(the folder with the IAM-OnDB download) or run `python -m handwriting build --dataset "
+        "iam_ondb --manual_dir DIR`"
+      )
+    builder = build_iam_ondb(manual_dir, data_dir)
+  return _read_tfds(builder, split, limit)
+
+
+@dataclasses.dataclass
+class SequenceSet:
+  """Examples as model inputs: variable-length features and labels, with their lengths.
+
+  features[i]: float32 [lengths[i], num_features]; labels[i]: int32 [label_lengths[i]], class ids
+  of the alphabet (1..N, 0 is the CTC blank). lengths is what bucketing sorts by.
+  """
+
+  ids: list[str]
+  texts: list[str]
+  features: list[np.ndarray]
+  labels: list[np.ndarray]
+  lengths: np.ndarray  # int32 [num_examples]
+  label_lengths: np.ndarray  # int32 [num_examples]
+
+  def __len__(self) -> int:
+    return len(self.ids)
+
+
+def featurize(
+  examples: list[dict], feature_config: FeatureConfig, alphabet: Alphabet
+) -> SequenceSet:
+  """Examples -> a SequenceSet; an unknown character raises ValueError naming the example."""
+  features = [ink_to_features(e["points"], e["stroke_end"], feature_config) for e in examples]
+  labels = [alphabet.encode(example["text"], example["id"]) for example in examples]
+  return SequenceSet(
+    ids=[example["id"] for example in examples],
+    texts=[example["text"] for example in examples],
+    features=features,
+    labels=labels,
+    lengths=np.array([len(f) for f in features], dtype=np.int32),
+    label_lengths=np.array([len(label) for label in labels], dtype=np.int32),
+  )
+
+
+def skipped_examples(dataset: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
+  """The lines a build left out, as {"id", "split", "reason"} (none for the synthetic set)."""
+  if dataset == "synthetic":
+    return []
+  path = pathlib.Path(dataset) if dataset.endswith(".npz") else export_path(dataset, data_dir)
+  if path.is_file():
+    return read_export_metadata(path).get("skipped", [])
+  return list(iam_ondb_builder(data_dir).info.metadata.get("skipped", []))

@@ -1,0 +1,100 @@
+"""Pen trajectories -> per-step model inputs (numpy, on the host).
+
+The rows of `ink_to_features` are the time steps the LSTM sees, so their count is the sequence
+length that bucketing works with; resampling changes it, normalisation does not.
+"""
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class FeatureConfig:
+  """How ink becomes features: [dx, dy, pen_up] (+ [dt] with `time_deltas`) per point.
+
+  normalize: translate the line to its first point and divide by the writing's height (the
+    5th..95th percentile range of y, robust to a stray stroke), so that writers of different size
+    and distance from the sensor look alike. Offsets are translation invariant either way.
+  resample_spacing: when set, each stroke is resampled to points this far apart along the pen path
+    (in height units when `normalize`, else sensor units), keeping each stroke's ends. It removes
+    the writer's speed from the sequence and shortens it. None keeps the digitiser's points.
+  time_deltas: add the time since the previous point in seconds (the pen's speed, and the pause
+    before a stroke). With resampling these are interpolated times.
+  """
+
+  normalize: bool = True
+  resample_spacing: float | None = None
+  time_deltas: bool = False
+
+  def __post_init__(self):
+    if self.resample_spacing is not None and not self.resample_spacing > 0:
+      raise ValueError(f"resample_spacing must be positive or None, got {self.resample_spacing}")
+
+  @property
+  def num_features(self) -> int:
+    """Width F of the feature rows: dx, dy, pen_up and optionally dt."""
+    return 4 if self.time_deltas else 3
+
+
+def writing_height(y: np.ndarray) -> float:
+  """The writing's vertical extent [y: num_points], robust to outliers; 1.0 for a flat line."""
+  low, high = np.percentile(y, [5.0, 95.0])
+  return float(high - low) if high > low else 1.0
+
+
+def resample_strokes(
+  points: np.ndarray, stroke_end: np.ndarray, spacing: float
+) -> tuple[np.ndarray, np.ndarray]:
+  """Points [N, 3] -> points [M, 3] equidistant (`spacing`) along each stroke's path.
+
+  Each stroke keeps its first and last point, so pen-ups stay where they were; a stroke shorter
+  than `spacing` becomes its two ends (one point if it has no length). Time is interpolated; the
+  dtype of `points` is kept.
+  """
+  ends = np.flatnonzero(stroke_end) + 1
+  if ends.size == 0 or ends[-1] != len(points):
+    ends = np.append(ends, len(points))
+  starts = np.concatenate([[0], ends[:-1]])
+  new_points, new_ends = [], []
+  for start, end in zip(starts, ends, strict=True):
+    stroke = points[start:end].astype(np.float64)
+    steps = np.hypot(*np.diff(stroke[:, :2], axis=0).T)
+    arc = np.concatenate([[0.0], np.cumsum(steps)])
+    if arc[-1] == 0.0:
+      samples = stroke[:1]
+    else:
+      count = max(int(np.ceil(arc[-1] / spacing)), 1) + 1
+      targets = np.linspace(0.0, arc[-1], count)
+      samples = np.stack([np.interp(targets, arc, stroke[:, k]) for k in range(3)], axis=1)
+    new_points.append(samples)
+    is_end = np.zeros(len(samples), dtype=np.bool_)
+    is_end[-1] = True
+    new_ends.append(is_end)
+  return np.concatenate(new_points).astype(points.dtype), np.concatenate(new_ends)
+
+
+def ink_to_features(
+  points: np.ndarray, stroke_end: np.ndarray, config: FeatureConfig
+) -> np.ndarray:
+  """Points [N, 3] (x, y, time) and stroke_end [N] -> features float32 [T, config.num_features].
+
+  Row t is (dx, dy, pen_up[, dt]): the pen's offset from point t-1 (zero for the first point),
+  whether the pen lifts after point t, and the time since point t-1. T == N without resampling.
+  """
+  points = np.asarray(points, dtype=np.float64)
+  stroke_end = np.asarray(stroke_end, dtype=np.bool_)
+  if points.ndim != 2 or points.shape[1] != 3 or len(points) != len(stroke_end) or not len(points):
+    raise ValueError(
+      f"expected points [N>0, 3] and stroke_end [N], got {points.shape} and {stroke_end.shape}"
+    )
+  if config.normalize:
+    scale = writing_height(points[:, 1])
+    points = np.concatenate([(points[:, :2] - points[0, :2]) / scale, points[:, 2:]], axis=1)
+  if config.resample_spacing is not None:
+    points, stroke_end = resample_strokes(points, stroke_end, config.resample_spacing)
+  deltas = np.diff(points, axis=0, prepend=points[:1])
+  columns = [deltas[:, 0], deltas[:, 1], stroke_end.astype(np.float64)]
+  if config.time_deltas:
+    columns.append(deltas[:, 2])
+  return np.stack(columns, axis=1).astype(np.float32)
