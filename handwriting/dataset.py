@@ -173,6 +173,35 @@ def load_examples(
   return _read_tfds(builder, split, limit)
 
 
+def check_example(example: dict, alphabet: Alphabet) -> None:
+  """Raise ValueError (naming the example) unless `example` has the shared format and sane ink.
+
+  The checks a trainer relies on: field types and shapes, finite points, time from 0, a stroke
+  end on the last point, and a non-empty text inside the alphabet. Time may step backwards: the
+  digitiser clock does so in 47 real lines (by up to 6,408 s), see `FeatureConfig.time_deltas`.
+  """
+  name = example.get("id", "<no id>")
+  missing = {"id", "form_id", "writer_id", "text", "points", "stroke_end"} - set(example)
+  if missing:
+    raise ValueError(f"example {name}: missing fields {sorted(missing)}")
+  if not all(isinstance(example[field], str) for field in _TEXT_FIELDS):
+    raise ValueError(f"example {name}: id, form_id, writer_id and text must be str")
+  points, stroke_end = example["points"], example["stroke_end"]
+  if points.dtype != np.float32 or points.ndim != 2 or points.shape[1] != 3 or not len(points):
+    raise ValueError(
+      f"example {name}: points must be float32 [N>0, 3], got {points.dtype} {points.shape}"
+    )
+  if stroke_end.dtype != np.bool_ or stroke_end.shape != (len(points),) or not stroke_end[-1]:
+    raise ValueError(f"example {name}: stroke_end must be bool [N] ending in True")
+  if not np.isfinite(points).all():
+    raise ValueError(f"example {name}: points are not all finite")
+  if points[0, 2] != 0:
+    raise ValueError(f"example {name}: time must start at 0")
+  if not example["text"]:
+    raise ValueError(f"example {name}: empty text")
+  alphabet.encode(example["text"], name)
+
+
 @dataclasses.dataclass
 class SequenceSet:
   """Examples as model inputs: variable-length features and labels, with their lengths.

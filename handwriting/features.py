@@ -20,12 +20,15 @@ class FeatureConfig:
     (in height units when `normalize`, else sensor units), keeping each stroke's ends. It removes
     the writer's speed from the sequence and shortens it. None keeps the digitiser's points.
   time_deltas: add the time since the previous point in seconds (the pen's speed, and the pause
-    before a stroke). With resampling these are interpolated times.
+    before a stroke), clipped to [0, max_time_delta]: the digitiser clock jumps (backwards, too)
+    in some IAM-OnDB lines, and a longer pause says nothing more. With resampling these are
+    interpolated times.
   """
 
   normalize: bool = True
   resample_spacing: float | None = None
   time_deltas: bool = False
+  max_time_delta: float = 1.0
 
   def __post_init__(self):
     if self.resample_spacing is not None and not self.resample_spacing > 0:
@@ -96,5 +99,5 @@ def ink_to_features(
   deltas = np.diff(points, axis=0, prepend=points[:1])
   columns = [deltas[:, 0], deltas[:, 1], stroke_end.astype(np.float64)]
   if config.time_deltas:
-    columns.append(deltas[:, 2])
+    columns.append(np.clip(deltas[:, 2], 0.0, config.max_time_delta))
   return np.stack(columns, axis=1).astype(np.float32)

@@ -1,0 +1,96 @@
+"""Tests for handwriting.features: what the LSTM sees, and the lengths bucketing sees."""
+
+import numpy as np
+import pytest
+
+from handwriting import synthetic
+from handwriting.features import FeatureConfig, ink_to_features, resample_strokes
+
+
+@pytest.fixture(scope="module")
+def line():
+  example = synthetic.generate_examples("validation", 1, seed=3)[0]
+  return example["points"], example["stroke_end"]
+
+
+@pytest.mark.parametrize(
+  "config",
+  [FeatureConfig(), FeatureConfig(time_deltas=True), FeatureConfig(resample_spacing=0.05)],
+  ids=["default", "time_deltas", "resampled"],
+)
+def test_shape_and_dtype(line, config):
+  features = ink_to_features(*line, config)
+  assert features.dtype == np.float32
+  assert features.ndim == 2 and features.shape[1] == config.num_features
+  assert np.isfinite(features).all()
+  if config.resample_spacing is None:
+    assert len(features) == len(line[0])
+  # The pen-up bit counts strokes, which resampling keeps.
+  assert features[:, 2].sum() == line[1].sum()
+
+
+@pytest.mark.parametrize(
+  "config", [FeatureConfig(time_deltas=True), FeatureConfig(normalize=False)]
+)
+def test_translation_invariance(line, config):
+  points, stroke_end = line
+  shifted = points + np.array([1234.0, -567.0, 0.0], dtype=np.float32)
+  np.testing.assert_allclose(
+    ink_to_features(shifted, stroke_end, config),
+    ink_to_features(points, stroke_end, config),
+    atol=1e-3,
+  )
+
+
+def test_normalisation_removes_scale(line):
+  points, stroke_end = line
+  scaled = points * np.array([3.0, 3.0, 1.0], dtype=np.float32)
+  config = FeatureConfig()
+  np.testing.assert_allclose(
+    ink_to_features(scaled, stroke_end, config),
+    ink_to_features(points, stroke_end, config),
+    atol=1e-4,
+  )
+
+
+def _distance_to_polyline(points, polyline):
+  """Distance [num_points] from each point to the nearest segment of polyline [M, 2]."""
+  starts, ends = polyline[:-1], polyline[1:]
+  segment = ends - starts
+  lengths = np.maximum((segment**2).sum(1), 1e-12)
+  t = np.clip(((points[:, None] - starts[None]) * segment[None]).sum(-1) / lengths, 0, 1)
+  nearest = starts[None] + t[..., None] * segment[None]
+  return np.sqrt(((points[:, None] - nearest) ** 2).sum(-1)).min(1)
+
+
+def test_resampling_keeps_the_path_and_spacing(line):
+  points, stroke_end = line
+  spacing = 40.0
+  resampled, resampled_end = resample_strokes(points.astype(np.float64), stroke_end, spacing)
+  assert resampled_end.sum() == stroke_end.sum()
+  old_strokes = np.split(points[:, :2], np.flatnonzero(stroke_end)[:-1] + 1)
+  new_strokes = np.split(resampled[:, :2], np.flatnonzero(resampled_end)[:-1] + 1)
+  for old, new in zip(old_strokes, new_strokes, strict=True):
+    np.testing.assert_allclose(new[[0, -1]], old[[0, -1]], atol=1e-3)
+    if len(old) > 1 and len(new) > 1:
+      # Resampled points lie on the pen's path; the path stays within a spacing of them.
+      assert _distance_to_polyline(new, old).max() < 1e-3
+      assert _distance_to_polyline(old, new).max() <= spacing
+      steps = np.hypot(*np.diff(new, axis=0).T)
+      assert steps.max() <= spacing + 1e-6
+  assert len(resampled) < len(points)
+
+
+def test_time_deltas_are_clipped():
+  points = np.array([[0, 0, 0], [1, 0, 5.0], [2, 0, 4.0]], dtype=np.float32)
+  features = ink_to_features(
+    points, np.array([False, False, True]), FeatureConfig(time_deltas=True)
+  )
+  np.testing.assert_allclose(features[:, 3], [0.0, 1.0, 0.0])
+
+
+def test_bad_shapes_are_rejected():
+  with pytest.raises(ValueError, match="expected points"):
+    ink_to_features(np.zeros((0, 3), np.float32), np.zeros(0, bool), FeatureConfig())
+  with pytest.raises(ValueError, match="resample_spacing"):
+    FeatureConfig(resample_spacing=0.0)
