@@ -1,0 +1,90 @@
+"""The settings every experiment shares; an experiment file overrides what differs."""
+
+import ml_collections
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Defaults of the trainer; see `train.py` for what each field does."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "synthetic"  # or "iam_ondb"
+  config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"  # early stopping watches this split's loss
+  config.data.test_split = ml_collections.FieldReference(None, field_type=str)
+  # Per-split example caps (0 = all): tiny variants and quick sweeps take a prefix.
+  config.data.train_limit = 0
+  config.data.eval_limit = 0
+  # Size of the generated set when dataset == "synthetic".
+  config.data.synthetic = ml_collections.ConfigDict({"num_train": 5000, "num_eval": 500, "seed": 0})
+  config.data.features = ml_collections.ConfigDict(
+    {
+      "normalize": True,
+      "resample_spacing": ml_collections.FieldReference(None, field_type=float),
+      "time_deltas": False,
+    }
+  )
+
+  config.bucketing = ml_collections.ConfigDict()
+  config.bucketing.strategy = "optimal"  # none | uniform | quantile | fixed | optimal | auto
+  config.bucketing.num_buckets = 8  # K; the largest K for auto
+  config.bucketing.upper_bounds = ml_collections.FieldReference(None, field_type=tuple)  # fixed
+  config.bucketing.batch_size = 32  # global sequences per step; 0 when max_tokens is used
+  config.bucketing.max_tokens = 0  # global padded-token budget per step (0 = fixed batch size)
+  config.bucketing.round_to = 8
+  config.bucketing.overflow = "error"  # error | drop | truncate
+  # Cost model for auto: seconds per step, per padded token, per compiled bucket.
+  config.bucketing.alpha = 5e-3
+  config.bucketing.beta = 5e-7
+  config.bucketing.kappa = 10.0
+
+  config.model = ml_collections.ConfigDict()
+  config.model.num_layers = 3
+  config.model.hidden_size = 128
+  config.model.bidirectional = True
+  config.model.dropout_rate = 0.2
+  config.model.input_projection_size = ml_collections.FieldReference(None, field_type=int)
+  config.model.unroll = 4
+  config.model.dtype = "float32"
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 200
+  config.optimizer.schedule = "cosine"  # cosine | constant (after warm-up)
+  config.optimizer.grad_clip_norm = 5.0
+
+  config.num_epochs = 50
+  config.patience = 5  # epochs without a better validation loss before stopping
+  config.max_steps = 0  # stop after this many global steps (0 = no cap)
+  config.checkpoint_every_steps = 200
+  config.eval_batch_size = 64
+  config.progress_bar = True
+  config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
+
+  # Multi-host: jax.distributed.initialize() arguments; leave empty on one host.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.initialize = False
+  config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
+  config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
+  config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+  return config
+
+
+def tiny(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Shrinks any experiment to a couple of CPU-seconds of steps, for the tests."""
+  config.data.train_limit = 48
+  config.data.eval_limit = 16
+  config.bucketing.num_buckets = 2
+  config.bucketing.batch_size = 8
+  config.eval_batch_size = 8
+  config.model.num_layers = 1
+  config.model.hidden_size = 16
+  config.model.unroll = 1
+  config.optimizer.warmup_steps = 2
+  config.num_epochs = 2
+  config.checkpoint_every_steps = 4
+  config.progress_bar = False
+  return config
