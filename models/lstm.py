@@ -67,6 +67,8 @@ class LstmLayer(nn.Module):
     unroll: scan steps unrolled per loop iteration (`jax.lax.scan(unroll=...)`).
     dtype: computation dtype of the matmuls and of the returned activations.
     param_dtype: storage dtype of the parameters.
+    kernel_init, recurrent_kernel_init, bias_init: per-direction initialisers, defaulting to
+      `nn.OptimizedLSTMCell`'s (lecun normal, orthogonal, zeros).
   """
 
   hidden_size: int
