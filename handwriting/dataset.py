@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-from handwriting import synthetic
+from handwriting import iam_ondb, synthetic
 from handwriting.alphabet import Alphabet
 from handwriting.features import FeatureConfig, ink_to_features
 
@@ -103,6 +103,7 @@ def build_iam_ondb(
   """Build the TFDS dataset from the download in `manual_dir` and (by default) its .npz export."""
   import tensorflow_datasets as tfds
 
+  iam_ondb.check_manual_dir(manual_dir)  # Our message names what is missing; TFDS's does not.
   builder = iam_ondb_builder(data_dir)
   builder.download_and_prepare(
     download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
