@@ -17,11 +17,6 @@ def test_a_few_dozen_synthetic_lines_load_fast():
   examples = load_examples("synthetic", "train", limit=40)
   assert time.perf_counter() - start < 3.0
   assert len(examples) == 40
-  assert (
-    load_examples("synthetic", "validation", num_eval=7)
-    == load_examples("synthetic", "validation", num_eval=7)
-    or True
-  )  # dicts of arrays do not compare with ==; ids are checked below
   assert [e["id"] for e in load_examples("synthetic", "test", num_eval=7)] == [
     f"syn-test-0000-{i:02d}" for i in range(1, 8)
   ]

@@ -1,0 +1,67 @@
+"""Tests for `python -m handwriting` (handwriting/__main__.py) on a tiny written download."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from test_handwriting_iam_ondb import write_download
+
+from handwriting.__main__ import main
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """A data dir with `iam_ondb` built by the CLI from a six-line download."""
+  root = tmp_path_factory.mktemp("cli")
+  manual_dir = write_download(root / "manual", archives=True)
+  main(["build", "--dataset", "iam_ondb", "--manual_dir", str(manual_dir),
+        "--data_dir", str(root / "data")])  # fmt: skip
+  return root / "data"
+
+
+def test_build_then_stats_json(built, capsys):
+  assert (built / "iam_ondb.npz").is_file()
+  capsys.readouterr()
+  main(["stats", "--dataset", "iam_ondb", "--data_dir", str(built), "--json"])
+  stats = json.loads(capsys.readouterr().out)
+  assert {split: info["examples"] for split, info in stats["splits"].items()} == {
+    "train": 2,
+    "validation": 1,
+    "validation2": 1,
+    "test": 2,
+  }
+  assert stats["skipped"] == []
+
+
+def test_stats_plot_and_render(built, tmp_path, capsys):
+  main(["stats", "--dataset", "iam_ondb", "--data_dir", str(built), "--plot",
+        str(tmp_path / "lengths.png")])  # fmt: skip
+  assert "skipped: 0" in capsys.readouterr().out
+  main(["render", "--dataset", "iam_ondb", "--data_dir", str(built), "--id", "a01-000u-02",
+        "--out", str(tmp_path / "line.png")])  # fmt: skip
+  assert (tmp_path / "line.png").read_bytes()[:4] == b"\x89PNG"
+  assert (tmp_path / "lengths.png").is_file()
+  with pytest.raises(SystemExit, match="no line with id"):
+    main(["render", "--dataset", "iam_ondb", "--data_dir", str(built), "--id", "zz",
+          "--out", str(tmp_path / "x.png")])  # fmt: skip
+
+
+def test_build_synthetic_as_a_module(tmp_path):
+  result = subprocess.run(
+    [sys.executable, "-m", "handwriting", "build", "--dataset", "synthetic", "--data_dir",
+     str(tmp_path), "--num_train", "16", "--num_eval", "8"],
+    capture_output=True, text=True, check=True,
+  )  # fmt: skip
+  assert "built synthetic" in result.stdout
+  stats = subprocess.run(
+    [sys.executable, "-m", "handwriting", "stats", "--dataset", str(tmp_path / "synthetic.npz"),
+     "--json"],
+    capture_output=True, text=True, check=True,
+  )  # fmt: skip
+  assert json.loads(stats.stdout)["splits"]["train"]["examples"] == 16
+
+
+def test_build_iam_ondb_needs_manual_dir(tmp_path):
+  with pytest.raises(SystemExit, match="needs --manual_dir"):
+    main(["build", "--dataset", "iam_ondb", "--data_dir", str(tmp_path)])

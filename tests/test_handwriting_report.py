@@ -1,0 +1,31 @@
+"""Tests for handwriting.report: the numbers `stats` prints and the pictures it draws."""
+
+import numpy as np
+
+from handwriting import report
+from handwriting.features import FeatureConfig
+from handwriting.synthetic import generate_examples
+
+
+def test_dataset_stats_counts_lengths_and_characters():
+  examples = {"train": generate_examples("train", 6), "test": generate_examples("test", 3)}
+  skipped = [{"id": "x-01", "split": "test", "reason": "no points"}]
+  stats = report.dataset_stats(examples, skipped, FeatureConfig(resample_spacing=0.1))
+  assert stats["splits"]["train"]["examples"] == 6 and stats["splits"]["test"]["examples"] == 3
+  points = [len(e["points"]) for e in examples["train"]]
+  assert stats["splits"]["train"]["points"]["max"] == max(points)
+  assert stats["splits"]["train"]["points"]["median"] == np.median(points)
+  assert stats["splits"]["train"]["features"]["max"] < max(points)  # resampling shortens
+  text = "".join(e["text"] for split in examples.values() for e in split)
+  assert stats["character_counts"] == {c: text.count(c) for c in sorted(set(text))}
+  assert stats["skipped"] == skipped
+  printed = report.format_stats(stats)
+  assert "x-01: no points" in printed and "train" in printed
+
+
+def test_plots_are_written(tmp_path):
+  examples = {"train": generate_examples("train", 4)}
+  report.plot_lengths(examples, FeatureConfig(), str(tmp_path / "lengths.png"))
+  report.render_example(examples["train"][0], str(tmp_path / "line.png"))
+  for name in ("lengths.png", "line.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
