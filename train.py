@@ -213,14 +213,15 @@ def batch_spec(plan: bucketing.BucketPlan, bucket: int, num_features: int, shard
 
 def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   opt = config.optimizer
+  first = opt.learning_rate / max(opt.warmup_steps, 1)  # > 0: the first step already learns
   if opt.schedule == "cosine":
     schedule = optax.warmup_cosine_decay_schedule(
-      0.0, opt.learning_rate, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1)
+      first, opt.learning_rate, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1)
     )
   else:
     schedule = optax.join_schedules(
       [
-        optax.linear_schedule(0.0, opt.learning_rate, opt.warmup_steps),
+        optax.linear_schedule(first, opt.learning_rate, opt.warmup_steps),
         optax.constant_schedule(opt.learning_rate),
       ],
       [opt.warmup_steps],
@@ -269,7 +270,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
     "loss": loss,
     "loss_sum": jnp.sum(per_example * batch["weights"]),
     "weight": jnp.sum(batch["weights"]),
-    "grad_norm": optax.global_norm(grads),
+    "grad_norm": optax.tree.norm(grads),
   }
   return state.apply_gradients(grads=grads), metrics_out
 

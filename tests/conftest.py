@@ -6,11 +6,17 @@ set before JAX is first imported, which is why it lives here.
 
 import os
 import pathlib
+import tempfile
 
 import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same tiny step functions; a shared persistent cache compiles each once.
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "bucketed-rnn-test-jax-cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -20,8 +26,14 @@ def iam_ondb_dir() -> pathlib.Path:
   if not value:
     pytest.skip("IAM_ONDB_DIR is not set")
   path = pathlib.Path(value)
-  required = ["lineStrokes-all.tar.gz", "ascii-all.tar.gz", "trainset.txt", "testset_v.txt",
-              "testset_t.txt", "testset_f.txt"]
+  required = [
+    "lineStrokes-all.tar.gz",
+    "ascii-all.tar.gz",
+    "trainset.txt",
+    "testset_v.txt",
+    "testset_t.txt",
+    "testset_f.txt",
+  ]
   missing = [name for name in required if not (path / name).exists()]
   if missing:
     pytest.fail(f"IAM_ONDB_DIR={path} is set but lacks {', '.join(missing)}")

@@ -1,0 +1,264 @@
+"""The trainer: one compile per bucket, data-parallel equivalence, resume, errors, end to end."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import bucketing
+import train
+from experiments import iam, synthetic
+
+REQUIRED_ROW_KEYS = {
+  "epoch",
+  "train_loss",
+  "val_loss",
+  "val_cer",
+  "epoch_time_s",
+  "real_timesteps",
+  "padded_timesteps",
+}
+REQUIRED_SUMMARY_KEYS = {
+  "num_buckets",
+  "upper_bounds",
+  "num_devices",
+  "train_compiles",
+  "eval_compiles",
+  "compile_time_s",
+  "train_time_s",
+  "epochs",
+  "best_epoch",
+  "best_val_loss",
+  "best_val_cer",
+}
+
+
+def tiny_config(**overrides):
+  config = synthetic.get_config("tiny")
+  for dotted, value in overrides.items():
+    node = config
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
+def latest_params(config, workdir):
+  manager, _ = train.checkpoint_managers(workdir)
+  abstract = jax.eval_shape(lambda: train.create_train_state(config, 3, 1))
+  restored = manager.restore(
+    manager.latest_step(),
+    args=train.ocp.args.Composite(
+      state=train.ocp.args.StandardRestore(abstract), progress=train.ocp.args.JsonRestore()
+    ),
+  )
+  return jax.device_get(restored["state"].params)
+
+
+def read_rows(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """A tiny synthetic run from start to end, shared by the tests that inspect a finished run."""
+  workdir = tmp_path_factory.mktemp("uninterrupted")
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  return workdir, summary
+
+
+def test_tiny_run_writes_everything_a_user_reads(uninterrupted):
+  workdir, summary = uninterrupted
+  assert set(summary) >= REQUIRED_SUMMARY_KEYS
+  assert summary == json.loads((workdir / "summary.json").read_text())
+  rows = read_rows(workdir)
+  assert [row["epoch"] for row in rows] == [0, 1]
+  for row in rows:
+    assert set(row) >= REQUIRED_ROW_KEYS
+    assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
+    assert row["padded_timesteps"] >= row["real_timesteps"] > 0
+  assert summary["best_val_loss"] == min(row["val_loss"] for row in rows)
+  assert rows[1]["train_loss"] < rows[0]["train_loss"]
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  assert (workdir / "checkpoints" / "train").is_dir()
+  assert (workdir / "checkpoints" / "best").is_dir()
+  plan = json.loads((workdir / "plan.json").read_text())
+  assert plan["upper_bounds"] == summary["upper_bounds"]
+
+
+def test_one_compiled_train_step_per_bucket(uninterrupted):
+  _, summary = uninterrupted
+  assert summary["num_buckets"] == len(summary["upper_bounds"]) == 2
+  assert summary["train_compiles"] == summary["num_buckets"]
+  assert 1 <= summary["eval_compiles"] <= summary["num_buckets"] + 1
+  assert summary["num_devices"] == jax.device_count() == 8
+
+
+def test_resume_after_a_kill_ends_with_the_uninterrupted_parameters(uninterrupted, tmp_path):
+  reference_dir, reference_summary = uninterrupted
+  # Stop after 6 global steps (mid-epoch; checkpoints at steps 4 and 6), then lose the last
+  # checkpoint, as if the process died between checkpoints: the restart replays steps 5 and 6.
+  train.train_and_evaluate(tiny_config(max_steps=6), tmp_path)
+  assert (tmp_path / "checkpoints" / "train" / "6").is_dir()
+  shutil.rmtree(tmp_path / "checkpoints" / "train" / "6")
+  resumed_summary = train.train_and_evaluate(tiny_config(), tmp_path)
+
+  expected = latest_params(tiny_config(), reference_dir)
+  got = latest_params(tiny_config(), tmp_path)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)
+  for ref_row, row in zip(read_rows(reference_dir), read_rows(tmp_path), strict=True):
+    for key in ("epoch", "train_loss", "val_loss", "val_cer", "steps"):
+      assert row[key] == pytest.approx(ref_row[key], rel=1e-6)
+  assert resumed_summary["best_val_loss"] == pytest.approx(reference_summary["best_val_loss"])
+
+
+def one_step(devices, config, train_set, plan, indices):
+  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
+  state = jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
+  batch = train.make_batch(train_set, plan, 0, indices, NamedSharding(mesh, P("data")))
+  step = jax.jit(train.train_step, out_shardings=NamedSharding(mesh, P()))
+  new_state, metrics = step(state, batch)
+  return jax.device_get(new_state.params), float(metrics["loss"])
+
+
+def test_one_device_and_eight_devices_take_the_same_step():
+  config = tiny_config()
+  train_set = train.load_split(config, "train", 16)
+  plan = bucketing.make_plan(
+    train_set.lengths,
+    strategy="none",
+    batch_size=16,
+    num_devices=8,
+    label_lengths=train_set.label_lengths,
+  )
+  indices = plan.members(0)
+  params_1, loss_1 = one_step(jax.devices()[:1], config, train_set, plan, indices)
+  params_8, loss_8 = one_step(jax.devices(), config, train_set, plan, indices)
+  assert loss_1 == pytest.approx(loss_8, rel=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8
+  )
+
+
+def test_one_step_changes_every_parameter():
+  config = tiny_config()
+  train_set = train.load_split(config, "train", 8)
+  plan = bucketing.make_plan(
+    train_set.lengths,
+    strategy="none",
+    batch_size=8,
+    num_devices=8,
+    label_lengths=train_set.label_lengths,
+  )
+  before = jax.device_get(train.create_train_state(config, 3, 10).params)
+  after, _ = one_step(jax.devices(), config, train_set, plan, plan.members(0))
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
+  assert all(jax.tree.leaves(changed)), changed
+
+
+def test_bucketed_and_unbucketed_evaluation_agree():
+  config = tiny_config()
+  data = train.load_split(config, "validation", 24)
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  state = jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
+  results = []
+  for bounds in (
+    [int(data.lengths.max())],
+    list(np.quantile(data.lengths, [0.3, 0.6]).astype(int)),
+  ):
+    plan = train.make_eval_plans(np.array(bounds), {"v": data}, 8, 1, 8)["v"]
+    compiled = train.compile_steps(state, plan, {"v": plan}, mesh, 3)
+    results.append(train.evaluate(state.params, data, plan, compiled.eval, mesh))
+  unbucketed, bucketed = results
+  assert bucketed["examples"] == unbucketed["examples"] == len(data)
+  assert bucketed["loss"] == pytest.approx(unbucketed["loss"], rel=1e-5)
+  assert bucketed["cer"] == pytest.approx(unbucketed["cer"])
+
+
+def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
+  config = tiny_config()
+  train_set = train.load_split(config, "train", 16)
+  plan = bucketing.make_plan(
+    train_set.lengths,
+    strategy="optimal",
+    num_buckets=2,
+    batch_size=8,
+    num_devices=8,
+    label_lengths=train_set.label_lengths,
+  )
+  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+  state = jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
+  compiled = train.compile_steps(state, plan, {}, mesh, 3)
+  rows = np.full(int(plan.batch_sizes[1]), bucketing.FILLER)
+  rows[: min(rows.size, plan.members(1).size)] = plan.members(1)[: rows.size]
+  wrong = train.make_batch(train_set, plan, 1, rows, NamedSharding(mesh, P("data")))
+  assert plan.upper_bounds[1] != plan.upper_bounds[0]
+  with pytest.raises(TypeError):
+    compiled.train[0](state, wrong)
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    ({"bucketing.batch_size": 12}, "not a multiple of the 8 devices"),
+    ({"bucketing.strategy": "magic"}, "strategy='magic'"),
+    ({"bucketing.num_buckets": 0}, "num_buckets must be >= 1"),
+    ({"bucketing.overflow": "ignore"}, "overflow"),
+    ({"eval_batch_size": 4}, "eval_batch_size"),
+  ],
+)
+def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, message):
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(tiny_config(**overrides), tmp_path)
+  assert not (tmp_path / "plan.json").exists()
+
+
+def test_missing_iam_ondb_says_how_to_get_it(tmp_path):
+  config = iam.get_config("tiny")
+  config.data.manual_dir = None
+  config.data.data_dir = str(tmp_path / "empty")
+  with pytest.raises(FileNotFoundError, match="manual_dir"):
+    train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
+  load_split = train.load_split
+
+  def poisoned(config, split, limit):
+    data = load_split(config, split, limit)
+    if split == "train":
+      data.features[3] = np.full_like(data.features[3], np.nan)
+    return data
+
+  monkeypatch.setattr(train, "load_split", poisoned)
+  with pytest.raises(FloatingPointError, match=r"at epoch 0, step \d+ \(bucket \d, length bound"):
+    train.train_and_evaluate(tiny_config(), tmp_path)
+
+
+def test_evaluate_checkpoint_and_transcribe(uninterrupted):
+  workdir, summary = uninterrupted
+  config = tiny_config()
+  scores = train.evaluate_checkpoint(config, workdir, "validation")
+  assert scores["loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
+  example = train.dataset_lib.load_examples("synthetic", "validation", limit=1)[0]
+  params = train.load_params(config, workdir)
+  text = train.transcribe(params, config, example["points"], example["stroke_end"])
+
+  # The same line inside a batch padded far past its length decodes to the same text.
+  data = train.load_split(config, "validation", 1)
+  batch = bucketing.assemble_batch(
+    data.features,
+    data.labels,
+    np.array([0, -1]),
+    int(data.lengths[0]) + 37,
+    int(data.label_lengths[0]),
+  )
+  model_apply = train.create_train_state(config, 3, 1).apply_fn
+  outputs = jax.jit(train.eval_step, static_argnums=0)(model_apply, params, batch)
+  ids = np.asarray(outputs["decoded"][0, : int(outputs["decoded_lengths"][0])])
+  assert text == train.ALPHABET.decode(ids)
