@@ -18,10 +18,10 @@ def _summary(lengths: np.ndarray) -> dict:
   percentiles = np.percentile(lengths, [5, 50, 95])
   return {
     "min": int(lengths.min()),
-    "p5": float(percentiles[0]),
-    "median": float(percentiles[1]),
+    "p5": round(float(percentiles[0]), 1),
+    "median": round(float(percentiles[1]), 1),
     "mean": round(float(lengths.mean()), 1),
-    "p95": float(percentiles[2]),
+    "p95": round(float(percentiles[2]), 1),
     "max": int(lengths.max()),
   }
 
