@@ -729,16 +729,29 @@ def _summary(config, plan, compiled, progress, evals, eval_plans, best_manager, 
 # Using a trained model.
 
 
-def load_params(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Any:
-  """The best parameters a run in `workdir` saved (by validation loss)."""
+def abstract_on(tree: Any, sharding: jax.sharding.Sharding) -> Any:
+  """Shapes and dtypes of `tree` placed on `sharding`: a restore target for any topology."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
+def load_params(
+  config: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path,
+  sharding: jax.sharding.Sharding | None = None,
+) -> Any:
+  """The best parameters a run in `workdir` saved (by validation loss), on `sharding`.
+
+  The default is this process's first device, whatever topology the run was trained on.
+  """
   _, best_manager = checkpoint_managers(pathlib.Path(workdir))
   step = best_manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"no best checkpoint under {pathlib.Path(workdir) / 'checkpoints'}")
-  abstract = jax.eval_shape(
+  params = jax.eval_shape(
     lambda: create_train_state(config, feature_config(config).num_features, 1).params
   )
-  return best_manager.restore(step, args=ocp.args.StandardRestore(abstract))
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return best_manager.restore(step, args=ocp.args.StandardRestore(abstract_on(params, sharding)))
 
 
 def evaluate_checkpoint(
@@ -760,7 +773,7 @@ def evaluate_checkpoint(
     config.bucketing.round_to,
     jax.device_count(),
   )[split]
-  params = jax.device_put(load_params(config, workdir), NamedSharding(mesh, P()))
+  params = load_params(config, workdir, NamedSharding(mesh, P()))
   state_like = create_train_state(config, feature_config(config).num_features, 1)
   compiled = compile_steps(
     state_like.replace(params=params),

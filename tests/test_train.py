@@ -50,7 +50,10 @@ def tiny_config(**overrides):
 
 def latest_params(config, workdir):
   manager, _ = train.checkpoint_managers(workdir)
-  abstract = jax.eval_shape(lambda: train.create_train_state(config, 3, 1))
+  abstract = train.abstract_on(
+    jax.eval_shape(lambda: train.create_train_state(config, 3, 1)),
+    jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+  )
   restored = manager.restore(
     manager.latest_step(),
     args=train.ocp.args.Composite(

@@ -1,0 +1,73 @@
+"""Two processes on localhost (CPU, gloo collectives) train exactly like one process."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import train
+from tests.test_train import latest_params, read_rows, tiny_config
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+WORKER = """
+import os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+sys.path.insert(0, {root!r})
+import train
+from tests.test_train import tiny_config
+
+config = tiny_config(num_epochs=1)
+config.distributed.initialize = True
+config.distributed.coordinator_address = "localhost:{port}"
+config.distributed.num_processes = 2
+config.distributed.process_id = int(sys.argv[1])
+train.train_and_evaluate(config, {workdir!r})
+"""
+
+
+def free_port() -> int:
+  with socket.socket() as probe:
+    probe.bind(("localhost", 0))
+    return probe.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+  code = WORKER.format(root=str(ROOT), port=free_port(), workdir=str(two_dir))
+  environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  workers = [
+    subprocess.Popen(
+      [sys.executable, "-c", code, str(index)],
+      env=environment,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+    )
+    for index in range(2)
+  ]
+  outputs = [worker.communicate(timeout=600)[0] for worker in workers]
+  for worker, output in zip(workers, outputs, strict=True):
+    assert worker.returncode == 0, output[-3000:]
+
+  summary = train.train_and_evaluate(tiny_config(num_epochs=1), one_dir)
+  two_summary = json.loads((two_dir / "summary.json").read_text())
+  assert two_summary["num_processes"] == 2 and summary["num_processes"] == 1
+  assert two_summary["num_devices"] == summary["num_devices"] == jax.device_count() == 8
+  assert two_summary["upper_bounds"] == summary["upper_bounds"]
+  for row_two, row_one in zip(read_rows(two_dir), read_rows(one_dir), strict=True):
+    for key in ("train_loss", "val_loss", "val_cer"):
+      assert row_two[key] == pytest.approx(row_one[key], rel=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+    latest_params(tiny_config(), two_dir),
+    latest_params(tiny_config(), one_dir),
+  )
