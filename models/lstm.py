@@ -9,6 +9,11 @@ Why a hand-written layer rather than `nn.RNN(nn.OptimizedLSTMCell)`:
 - both directions of a bidirectional layer run in the same scan, halving the sequential steps;
 - no per-step masking: the backward direction reverses each sequence within its own length, so in
   both directions the padded frames come after every valid frame and cannot reach a valid output.
+
+This layout is the one accelerators (and cuDNN) favour. On a small CPU it is not a win for a
+single layer over narrow features: materialising the `[time, batch, 4 * hidden]` projection and
+its gradient costs more memory traffic than the stock cell's per-step matmul, and the gap grows
+with `time` (see `experiments/results/benchmark_lstm_cpu.md`); stacked layers break even.
 """
 
 from collections.abc import Callable
