@@ -4,6 +4,7 @@ Eight simulated CPU devices let the data-parallel path be tested on one machine;
 set before JAX is first imported, which is why it lives here.
 """
 
+import fcntl
 import os
 import pathlib
 import tempfile
@@ -38,3 +39,23 @@ def iam_ondb_dir() -> pathlib.Path:
   if missing:
     pytest.fail(f"IAM_ONDB_DIR={path} is set but lacks {', '.join(missing)}")
   return path
+
+
+@pytest.fixture(scope="session")
+def built_data_dir(iam_ondb_dir, tmp_path_factory, worker_id):
+  """A data dir holding the built TFDS `iam_ondb` and its .npz export.
+
+  Built once per test session (~1 min on 2 cores) and shared by the pytest-xdist workers through a
+  lock file in the session's base temp dir.
+  """
+  from handwriting import dataset
+
+  shared = tmp_path_factory.getbasetemp()
+  if worker_id != "master":
+    shared = shared.parent
+  data_dir = shared / "iam_ondb_data"
+  with open(shared / "iam_ondb_data.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (data_dir / "iam_ondb.npz").is_file():
+      dataset.build_iam_ondb(iam_ondb_dir, data_dir)
+  return data_dir

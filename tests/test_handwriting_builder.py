@@ -1,10 +1,8 @@
 """Tests for handwriting.builder: the TFDS `iam_ondb` dataset built from the real download.
 
-The build (~1 min on 2 cores) happens once per test session, shared by pytest-xdist workers
-through a lock file in the session's base temp dir.
+The build (~1 min on 2 cores) happens once per test session (`built_data_dir` in conftest.py).
 """
 
-import fcntl
 import os
 import subprocess
 import sys
@@ -12,7 +10,6 @@ import tarfile
 import xml.etree.ElementTree as ET
 
 import numpy as np
-import pytest
 
 from handwriting import dataset, iam_ondb
 from handwriting.alphabet import Alphabet
@@ -21,20 +18,6 @@ LITERATURE_SIZES = {"train": 5364, "validation": 1438, "validation2": 1518, "tes
 # Lines of the t1 splits the build leaves out, with why (see handwriting/iam_ondb.py): none, since
 # a08-551z is repaired at its `%` line-break mark and z01-000z is in no split.
 DOCUMENTED_SKIPS: dict[str, str] = {}
-
-
-@pytest.fixture(scope="session")
-def built_data_dir(iam_ondb_dir, tmp_path_factory, worker_id):
-  """A data dir holding the built TFDS `iam_ondb` and its .npz export."""
-  shared = tmp_path_factory.getbasetemp()
-  if worker_id != "master":
-    shared = shared.parent
-  data_dir = shared / "iam_ondb_data"
-  with open(shared / "iam_ondb_data.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    if not (data_dir / "iam_ondb.npz").is_file():
-      dataset.build_iam_ondb(iam_ondb_dir, data_dir)
-  return data_dir
 
 
 def test_split_sizes_are_the_literature_minus_documented_skips(built_data_dir):

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from test_handwriting_iam_ondb import write_download
 
 from handwriting.__main__ import main
+from tests.test_handwriting_iam_ondb import write_download
 
 
 @pytest.fixture(scope="module")

@@ -265,3 +265,15 @@ def test_evaluate_checkpoint_and_transcribe(uninterrupted):
   outputs = jax.jit(train.eval_step, static_argnums=0)(model_apply, params, batch)
   ids = np.asarray(outputs["decoded"][0, : int(outputs["decoded_lengths"][0])])
   assert text == train.ALPHABET.decode(ids)
+
+
+def test_iam_tiny_trains_on_the_real_data(built_data_dir, tmp_path):
+  config = iam.get_config("tiny")
+  config.data.data_dir = str(built_data_dir)
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["train_compiles"] == summary["num_buckets"]
+  assert np.isfinite(summary["best_val_loss"])
+  assert summary["test_cer"] >= 0.0 and np.isfinite(summary["test_loss"])
+  rows = read_rows(tmp_path)
+  assert len(rows) == config.num_epochs
+  assert rows[-1]["train_loss"] < rows[0]["train_loss"]
