@@ -804,6 +804,7 @@ def transcribe(
 
 if __name__ == "__main__":
   from absl import app, flags
+  from absl import logging as absl_logging
   from ml_collections import config_flags
 
   _CONFIG = config_flags.DEFINE_config_file(
@@ -816,8 +817,8 @@ if __name__ == "__main__":
   def main(argv):
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's INFO lines out of the way
     logging.getLogger("train").setLevel(logging.INFO)
-    logging.basicConfig(format="%(message)s")
     if _MODE.value == "train":
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
