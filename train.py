@@ -533,7 +533,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   plan_summary = plan.summary()
   if is_chief:
     (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
-    log.info("bucket plan: %s", plan_summary)
+    log.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
 
   num_features = feature_config(config).num_features
   total_steps = plan.num_steps * config.num_epochs

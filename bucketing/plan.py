@@ -160,6 +160,44 @@ class BucketPlan:
     }
 
 
+def format_report(summary: dict) -> str:
+  """The plan as a fixed-width table, one row per bucket, then the totals."""
+  header = ("bucket", "bound", "examples", "batch", "steps", "real steps", "padded", "filler rows")
+  rows = [
+    (
+      str(b),
+      str(bucket["upper_bound"]),
+      str(bucket["examples"]),
+      str(bucket["batch_size"]),
+      str(bucket["steps_per_epoch"]),
+      f"{bucket['real_timesteps']:,}",
+      f"{bucket['padded_timesteps']:,}",
+      str(bucket["filler_rows"]),
+    )
+    for b, bucket in enumerate(summary["buckets"])
+  ]
+  widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+  justify = lambda row: "  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True))
+  lines = [justify(row) for row in [header, *rows]]
+  lines.insert(1, "  ".join("-" * width for width in widths))
+  lines += [
+    "",
+    f"strategy {summary['strategy']}: {summary['num_buckets']} bucket(s), "
+    f"{summary['num_examples']:,} sequences, {sum(summary['steps_per_epoch']):,} steps per epoch "
+    f"on {summary['num_devices']} device(s)",
+    f"real timesteps {summary['real_timesteps']:,}; padded {summary['padded_timesteps']:,} "
+    f"({summary['padded_timesteps_with_filler']:,} with filler rows)",
+    f"efficiency {summary['efficiency']:.1%} ({summary['efficiency_with_filler']:.1%} with filler)",
+    f"speed-up against one bucket: ideal (padded timesteps) {summary['ideal_speedup']:.2f}x, "
+    f"predicted by the cost model {summary['predicted_speedup']:.2f}x",
+  ]
+  if summary["dropped"]:
+    lines.append(f"dropped {len(summary['dropped'])} sequence(s) over the largest bound")
+  if summary["truncated"]:
+    lines.append(f"truncated {len(summary['truncated'])} sequence(s) to the largest bound")
+  return "\n".join(lines)
+
+
 def make_plan(
   lengths: Sequence[int] | np.ndarray,
   *,
