@@ -544,6 +544,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
   CompileCounter.install()
   compiled = compile_steps(state, plan, eval_plans, mesh, num_features)
+  if is_chief:
+    log.info(
+      "compiled %d train and %d eval steps (one per bucket) in %.1f s",
+      len(compiled.train),
+      len(compiled.eval),
+      compiled.seconds,
+    )
   # Checkpointing compiles small helpers of its own; steps and batches must compile nothing.
   compiles_expected = CompileCounter.count()
   rows = NamedSharding(mesh, P("data"))
@@ -674,7 +681,9 @@ def _account(progress: Progress, pending, plan: bucketing.BucketPlan, bar) -> No
   progress.epoch_train_weight += float(values["weight"])
   if bar is not None:
     bar.update(step_info.step + 1 - bar.n)
-    bar.set_postfix(loss=f"{values['loss']:.3f}")
+    seconds = bar.format_dict["elapsed"]
+    sequences = progress.epoch_train_weight
+    bar.set_postfix(loss=f"{values['loss']:.3f}", seq_per_s=f"{sequences / max(seconds, 1e-9):.1f}")
 
 
 def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
