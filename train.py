@@ -561,6 +561,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   stop = False
 
   for epoch in range(progress.epoch, config.num_epochs):
+    if progress.best_epoch >= 0 and epoch - 1 - progress.best_epoch >= config.patience:
+      break  # early-stopped (also when a finished run is started again)
     schedule = bucketing.iterate(
       plan,
       config.seed,
@@ -656,7 +658,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     )
     save_checkpoint(latest_manager, state, progress, plan)
     compiles_expected = CompileCounter.count()
-    if stop or epoch - progress.best_epoch >= config.patience:
+    if stop:
       break
 
   latest_manager.wait_until_finished()

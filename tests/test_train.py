@@ -94,6 +94,26 @@ def test_tiny_run_writes_everything_a_user_reads(uninterrupted):
   assert plan["upper_bounds"] == summary["upper_bounds"]
 
 
+def test_starting_a_finished_run_again_trains_no_further(uninterrupted):
+  workdir, summary = uninterrupted
+  rows = read_rows(workdir)
+  params = latest_params(tiny_config(), workdir)
+  again = train.train_and_evaluate(tiny_config(), workdir)
+  assert read_rows(workdir) == rows
+  assert again["best_val_loss"] == summary["best_val_loss"]
+  jax.tree.map(np.testing.assert_array_equal, latest_params(tiny_config(), workdir), params)
+
+
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
+  summary = train.train_and_evaluate(
+    tiny_config(num_epochs=6, patience=1, **{"optimizer.learning_rate": 0.0}), tmp_path
+  )
+  rows = read_rows(tmp_path)
+  # With a zero learning rate the validation loss never improves after epoch 0.
+  assert summary["best_epoch"] == 0
+  assert [row["epoch"] for row in rows] == [0, 1]
+
+
 def test_one_compiled_train_step_per_bucket(uninterrupted):
   _, summary = uninterrupted
   assert summary["num_buckets"] == len(summary["upper_bounds"]) == 2
