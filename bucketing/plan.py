@@ -24,6 +24,7 @@ class BucketPlan:
       given (the longest label in the bucket), else None.
     num_devices: the global device count batch sizes are divisible by.
     batch_size, max_tokens: the batch-size rule (one of them is set), see `cost.batch_sizes`.
+    round_to: bounds are multiples of this; the `none` baseline of the report is rounded alike.
     example_ids: names of the sequences for messages and reports (default: their indices).
     auto: what `auto` weighed, when that strategy made the plan.
   """
@@ -37,6 +38,7 @@ class BucketPlan:
   num_devices: int
   batch_size: int | None
   max_tokens: int | None
+  round_to: int = 1
   example_ids: Sequence[str] | None = None
   auto: cost.AutoChoice | None = None
 
@@ -96,7 +98,7 @@ class BucketPlan:
     with_filler = padded + int(filler_per_bucket.sum())
 
     # The baseline: the same sequences, one bucket at the longest, same batch-size rule.
-    baseline_bound = np.array([effective.max()], np.int64)
+    baseline_bound = boundaries.round_up(np.array([effective.max()]), self.round_to)
     baseline_size = np.array([kept.sum()], np.int64)
     baseline_batch = cost.batch_sizes(
       baseline_bound,
@@ -306,6 +308,7 @@ def make_plan(
     num_devices=num_devices,
     batch_size=batch_size,
     max_tokens=max_tokens,
+    round_to=round_to,
     example_ids=example_ids,
     auto=auto,
   )

@@ -87,10 +87,13 @@ def test_label_widths_are_the_longest_label_per_bucket():
   np.testing.assert_array_equal(plan.label_upper_bounds, [4, 9])
 
 
-def test_round_to_gives_multiples():
+def test_round_to_gives_multiples_and_a_baseline_rounded_alike():
   plan = plan_lib.make_plan(LENGTHS, strategy="optimal", num_buckets=8, batch_size=32, round_to=8)
   assert np.all(plan.upper_bounds % 8 == 0)
   assert plan.upper_bounds[-1] >= LENGTHS.max()
+  baseline = plan_lib.make_plan(LENGTHS, strategy="none", batch_size=32, round_to=8).summary()
+  assert baseline["ideal_speedup"] == pytest.approx(1.0)
+  assert baseline["predicted_speedup"] == pytest.approx(1.0)
 
 
 def test_token_budget_plan():
