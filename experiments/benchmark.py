@@ -1,0 +1,500 @@
+"""Training throughput of our bucketed trainer against what users would use instead, side by side.
+
+    python -m experiments.benchmark --quick --data-dir ~/tensorflow_datasets   # minutes on a CPU
+    python -m experiments.benchmark --data-dir ~/tensorflow_datasets           # all of IAM-OnDB
+
+One process, one data set (the IAM-OnDB training set when `--data-dir` holds it or `IAM_ONDB_DIR`
+is set, else the synthetic set; `--quick` takes its first 256 lines and the small model of
+`experiments.paper --quick`), one model size, the same sequences for every contender. Each
+contender trains for an epoch over them `--repeats` times (the schedule reshuffled each time) and
+the table gives the median:
+
+- ours: `train.compile_steps` executables (the trainer's AOT step per bucket, Adam and CTC
+  included) under `none`, `uniform`, `quantile`, `optimal` at each K, fixed batch size against a
+  token budget of the same mean tokens per step; batches assembled before the clock starts, so the
+  device time is what is timed, and the host's assembly time per step is reported beside it;
+- the cost model: one step compiled and timed on a (batch, length) grid, `alpha + beta * B * L`
+  fitted by least squares, kappa = the median compile seconds of one step; fed to `auto`, whose
+  plan is then measured like the others and compared to the fastest measured K over
+  `--planned-epochs` epochs (compile included);
+- PyTorch `nn.LSTM` (same layers, width, direction; Linear head, CTC loss, Adam, gradient clipping)
+  on random batches padded to their longest line, and the same with `pack_padded_sequence`;
+  skipped when torch is not installed (`pip install -e .[bench]`); on a GPU also through cuDNN;
+- on a GPU, `jax.experimental.rnn` (cuDNN) in the same bucketed loop.
+
+Writes `experiments/results/benchmark_<machine>.md` (`cpu`, `gpu`) with the machine, date,
+command and load.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import bucketing
+import train
+from experiments import paper
+from experiments.benchmark_lstm import machine_description
+from handwriting import dataset as dataset_lib
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+COLUMNS = (
+  "contender",
+  "strategy",
+  "K",
+  "batch",
+  "steps",
+  "sequences/s",
+  "real timesteps",
+  "padded timesteps",
+  "padded/real",
+  "compile (s)",
+  "host ms/step",
+  "device ms/step",
+)
+
+
+@dataclasses.dataclass
+class Measurement:
+  """One contender's epoch over the benchmark's sequences (times are medians over repeats)."""
+
+  contender: str
+  strategy: str
+  num_buckets: str
+  batch: str
+  steps: int
+  epoch_seconds: float
+  host_seconds_per_step: float
+  real_timesteps: int
+  padded_timesteps: int
+  compile_seconds: float | None
+  num_sequences: int
+
+  def row(self) -> dict[str, str]:
+    return {
+      "contender": self.contender,
+      "strategy": self.strategy,
+      "K": self.num_buckets,
+      "batch": self.batch,
+      "steps": str(self.steps),
+      "sequences/s": f"{self.num_sequences / self.epoch_seconds:.1f}",
+      "real timesteps": f"{self.real_timesteps:,}",
+      "padded timesteps": f"{self.padded_timesteps:,}",
+      "padded/real": f"{self.padded_timesteps / self.real_timesteps:.3f}",
+      "compile (s)": "-" if self.compile_seconds is None else f"{self.compile_seconds:.1f}",
+      "host ms/step": f"{1000 * self.host_seconds_per_step:.2f}",
+      "device ms/step": f"{1000 * self.epoch_seconds / self.steps:.2f}",
+    }
+
+
+def markdown(rows: list[dict[str, str]], columns) -> list[str]:
+  lines = ["| " + " | ".join(columns) + " |", "|" + " ---: |" * len(columns)]
+  return lines + ["| " + " | ".join(row[column] for column in columns) + " |" for row in rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Our trainer's step functions.
+
+
+class Bench:
+  """The data, mesh and a fresh-state factory every contender of ours shares."""
+
+  def __init__(self, config, data: dataset_lib.SequenceSet, repeats: int):
+    self.config, self.data, self.repeats = config, data, repeats
+    self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    self.rows = NamedSharding(self.mesh, P("data"))
+    self.num_features = train.feature_config(config).num_features
+    self.initial = jax.device_put(
+      train.create_train_state(config, self.num_features, 10**6), NamedSharding(self.mesh, P())
+    )
+
+  def fresh_state(self):
+    """A copy of the initial state (the compiled steps donate theirs)."""
+    return jax.tree.map(jnp.copy, self.initial)
+
+  def plan(self, strategy: str, num_buckets: int, max_tokens: int = 0, cost=None):
+    config = self.config.copy_and_resolve_references()
+    config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
+    if max_tokens:
+      config.bucketing.batch_size, config.bucketing.max_tokens = 0, max_tokens
+    if cost is not None:
+      config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = cost
+    return train.make_train_plan(config, self.data, jax.device_count())
+
+  def measure(self, contender: str, plan: bucketing.BucketPlan, other=None) -> Measurement:
+    """Median epoch of `plan`'s schedule through our compiled steps, or `other`'s (steps, state)."""
+    if other is None:
+      jax.clear_caches()  # strategies share shapes (the longest bucket): compile each afresh
+      compiled = train.compile_steps(self.fresh_state(), plan, {}, self.mesh, self.num_features)
+      steps, compile_seconds, state = compiled.train, compiled.seconds, self.fresh_state()
+    else:
+      (steps, state), compile_seconds = other, None
+    epoch_seconds, host_seconds = [], []
+    for repeat in range(self.repeats + 1):  # repeat 0 warms up (first-call costs)
+      schedule = bucketing.epoch_batches(plan, self.config.seed, repeat)
+      start = time.perf_counter()
+      batches = [
+        (bucket, train.make_batch(self.data, plan, bucket, indices, self.rows))
+        for bucket, indices in schedule
+      ]
+      jax.block_until_ready(batches)
+      host_seconds.append((time.perf_counter() - start) / len(batches))
+      start = time.perf_counter()
+      for bucket, batch in batches:
+        state, _ = steps[bucket](state, batch)
+      jax.block_until_ready(state)
+      epoch_seconds.append(time.perf_counter() - start)
+    summary = plan.summary()
+    batch = f"{plan.max_tokens:,} tokens" if plan.max_tokens else f"{plan.batch_size} sequences"
+    return Measurement(
+      contender=contender,
+      strategy=plan.strategy,
+      num_buckets=str(plan.num_buckets),
+      batch=batch,
+      steps=plan.num_steps,
+      epoch_seconds=statistics.median(epoch_seconds[1:]),
+      host_seconds_per_step=statistics.median(host_seconds[1:]),
+      real_timesteps=summary["real_timesteps"],
+      padded_timesteps=summary["padded_timesteps_with_filler"],
+      compile_seconds=compile_seconds,
+      num_sequences=summary["num_examples"],
+    )
+
+
+def fit_cost_model(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict]]:
+  """alpha, beta, kappa of this machine, from one step compiled and timed per (batch, length)."""
+  rng = np.random.default_rng(0)
+  points = []
+  for batch_size in batch_sizes:
+    for length in lengths:
+      label_length = max(1, length // 10)
+      grid = dataset_lib.SequenceSet(
+        ids=[str(i) for i in range(batch_size)],
+        texts=[""] * batch_size,
+        features=[
+          rng.normal(size=(length, bench.num_features)).astype(np.float32)
+          for _ in range(batch_size)
+        ],
+        labels=[rng.integers(1, 80, label_length).astype(np.int32) for _ in range(batch_size)],
+        lengths=np.full(batch_size, length, np.int32),
+        label_lengths=np.full(batch_size, label_length, np.int32),
+      )
+      plan = bucketing.make_plan(
+        grid.lengths,
+        strategy="fixed",
+        upper_bounds=[length],
+        batch_size=batch_size,
+        num_devices=jax.device_count(),
+        label_lengths=grid.label_lengths,
+      )
+      compiled = train.compile_steps(bench.fresh_state(), plan, {}, bench.mesh, bench.num_features)
+      state = bench.fresh_state()
+      batch = train.make_batch(grid, plan, 0, np.arange(batch_size), bench.rows)
+      times = []
+      for _ in range(bench.repeats + 1):
+        start = time.perf_counter()
+        state, _ = compiled.train[0](state, batch)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+      points.append((batch_size, length, statistics.median(times[1:]), compiled.seconds))
+  tokens = np.array([b * length for b, length, _, _ in points], np.float64)
+  seconds = np.array([s for _, _, s, _ in points])
+  design = np.stack([np.ones_like(tokens), tokens], axis=1)
+  (alpha, beta), *_ = np.linalg.lstsq(design, seconds, rcond=None)
+  alpha, beta = max(float(alpha), 0.0), max(float(beta), 0.0)
+  kappa = statistics.median(c for *_, c in points)
+  rows = [
+    {
+      "batch": str(b),
+      "length": str(length),
+      "tokens": f"{b * length:,}",
+      "measured ms/step": f"{1000 * s:.2f}",
+      "fitted ms/step": f"{1000 * (alpha + beta * b * length):.2f}",
+      "compile (s)": f"{c:.2f}",
+    }
+    for b, length, s, c in points
+  ]
+  return (alpha, beta, kappa), rows
+
+
+# ---------------------------------------------------------------------------------------------
+# What users would use instead.
+
+
+def torch_measurements(config, data, repeats: int) -> list[Measurement] | str:
+  """PyTorch nn.LSTM on random batches, padded per batch and packed; a reason when skipped."""
+  try:
+    import torch
+  except ImportError:
+    return "torch is not installed (`pip install -e .[bench]`)"
+  from torch import nn
+  from torch.nn.utils import rnn as rnn_utils
+
+  devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+  model_config, batch_size = config.model, config.bucketing.batch_size
+  results = []
+  for device in devices:
+    for packed in (False, True):
+      torch.manual_seed(config.seed)
+      lstm = nn.LSTM(
+        data.features[0].shape[1],
+        model_config.hidden_size,
+        num_layers=model_config.num_layers,
+        bidirectional=model_config.bidirectional,
+        batch_first=True,
+      ).to(device)
+      directions = 2 if model_config.bidirectional else 1
+      head = nn.Linear(directions * model_config.hidden_size, train.ALPHABET.size).to(device)
+      parameters = [*lstm.parameters(), *head.parameters()]
+      optimizer = torch.optim.Adam(parameters, lr=config.optimizer.learning_rate)
+
+      def step(
+        inputs, lengths, labels, label_lengths, lstm=lstm, head=head, packed=packed, opt=optimizer
+      ):
+        if packed:
+          sequence = rnn_utils.pack_padded_sequence(
+            inputs, lengths, batch_first=True, enforce_sorted=False
+          )
+          outputs, _ = lstm(sequence)
+          outputs, _ = rnn_utils.pad_packed_sequence(outputs, batch_first=True)
+        else:
+          outputs, _ = lstm(inputs)
+        log_probs = head(outputs).log_softmax(-1).transpose(0, 1)
+        loss = nn.functional.ctc_loss(log_probs, labels, lengths, label_lengths, zero_infinity=True)
+        opt.zero_grad()
+        loss.backward()
+        nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], config.optimizer.grad_clip_norm)
+        opt.step()
+
+      epoch_seconds, host_seconds, padded = [], [], 0
+      for repeat in range(repeats + 1):
+        order = np.random.default_rng([config.seed, repeat]).permutation(len(data))
+        start = time.perf_counter()
+        batches = []
+        for first in range(0, len(order), batch_size):
+          rows = order[first : first + batch_size]
+          inputs = rnn_utils.pad_sequence(
+            [torch.from_numpy(data.features[i]) for i in rows], batch_first=True
+          )
+          labels = torch.from_numpy(np.concatenate([data.labels[i] for i in rows]))
+          lengths = torch.from_numpy(data.lengths[rows].astype(np.int64))
+          label_lengths = torch.from_numpy(data.label_lengths[rows].astype(np.int64))
+          batches.append((inputs.to(device), lengths, labels.to(device), label_lengths))
+        host_seconds.append((time.perf_counter() - start) / len(batches))
+        padded = sum(inputs.shape[0] * inputs.shape[1] for inputs, *_ in batches)
+        start = time.perf_counter()
+        for batch in batches:
+          step(*batch)
+        if device == "cuda":
+          torch.cuda.synchronize()
+        epoch_seconds.append(time.perf_counter() - start)
+      real = int(data.lengths.sum())
+      name = "PyTorch nn.LSTM" + (" (cuDNN)" if device == "cuda" else "")
+      results.append(
+        Measurement(
+          contender=name,
+          strategy="random batches, " + ("packed" if packed else "padded per batch"),
+          num_buckets="-",
+          batch=f"{batch_size} sequences",
+          steps=len(batches),
+          epoch_seconds=statistics.median(epoch_seconds[1:]),
+          host_seconds_per_step=statistics.median(host_seconds[1:]),
+          real_timesteps=real,
+          padded_timesteps=real if packed else padded,
+          compile_seconds=None,
+          num_sequences=len(data),
+        )
+      )
+  return results
+
+
+def cudnn_jax_steps(bench: Bench, num_buckets: int):
+  """`jax.experimental.rnn` (cuDNN) steps per bucket and their state, for `Bench.measure` (GPU).
+
+  Reuses `benchmark_lstm.CudnnStack`, whose head has 80 classes; labels are folded into 1..79 for
+  the CTC loss, a difference of two output units against our model.
+  """
+  import optax
+
+  from experiments.benchmark_lstm import CudnnStack
+  from models import ctc
+
+  model_config = bench.config.model
+  model = CudnnStack(model_config.hidden_size, model_config.num_layers, model_config.bidirectional)
+  inputs = jnp.zeros((1, 8, bench.num_features), jnp.float32)
+  params = model.init(jax.random.key(bench.config.seed), inputs, jnp.zeros((1, 8)))["params"]
+  optimizer = optax.adam(bench.config.optimizer.learning_rate)
+
+  @jax.jit
+  def step(state, batch):
+    params, opt_state = state
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, batch["inputs"], batch["input_paddings"])
+      labels = (batch["labels"] - 1) % 79 + 1
+      loss, _ = ctc.ctc_loss(
+        logits, batch["input_paddings"], labels, batch["label_paddings"], batch["weights"]
+      )
+      return loss
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  return {bucket: step for bucket in range(num_buckets)}, (params, optimizer.init(params))
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  preset = parser.add_mutually_exclusive_group()
+  preset.add_argument("--quick", action="store_true", help="minutes on a CPU")
+  preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")
+  parser.add_argument("--dataset", choices=("auto", "iam_ondb", "synthetic"), default="auto")
+  parser.add_argument("--data-dir", default=None)
+  parser.add_argument("--buckets", default=None, help="comma-separated K list")
+  parser.add_argument("--repeats", type=int, default=0, help="default 3 (quick, tiny) or 5")
+  parser.add_argument("--planned-epochs", type=int, default=50, help="run length `auto` plans")
+  parser.add_argument("--out", type=pathlib.Path, default=None)
+  args = parser.parse_args(argv)
+  preset_name = "quick" if args.quick else "tiny" if args.tiny else "full"
+  config = paper.make_config(preset_name, args.dataset, args.data_dir)
+  default_buckets = {"full": "2,4,8,16", "quick": "2,4", "tiny": "2"}[preset_name]
+  bucket_counts = [int(k) for k in (args.buckets or default_buckets).split(",")]
+  repeats = args.repeats or (5 if preset_name == "full" else 3)
+  limit = {"full": 0, "quick": 256, "tiny": 32}[preset_name]
+  if preset_name == "full":
+    config.data.features.resample_spacing = 0.1  # the paper's sequences on a GPU, not too long
+  backend = jax.default_backend()
+  out = args.out or RESULTS / f"benchmark_{backend}.md"
+
+  load_before = os.getloadavg()[0]
+  started = time.perf_counter()
+  data = train.load_split(config, config.data.train_split, limit)
+  bench = Bench(config, data, repeats)
+  measurements = []
+
+  def record(measurement: Measurement) -> Measurement:
+    measurements.append(measurement)
+    print(" | ".join(measurement.row().values()), flush=True)
+    return measurement
+
+  baseline = record(bench.measure("ours", bench.plan("none", 1)))
+  optimal_by_k = {1: baseline}
+  mean_tokens = config.bucketing.batch_size * int(np.mean(data.lengths))
+  for strategy in ("uniform", "quantile", "optimal"):
+    for k in bucket_counts:
+      measurement = record(bench.measure("ours", bench.plan(strategy, k)))
+      if strategy == "optimal":
+        optimal_by_k[k] = measurement
+  for k in (1, *bucket_counts):
+    strategy = "none" if k == 1 else "optimal"
+    record(bench.measure("ours", bench.plan(strategy, k, max_tokens=mean_tokens)))
+
+  grid_batches = {"full": (8, 16, 32, 64), "quick": (8, 32), "tiny": (8, 16)}[preset_name]
+  longest = int(bucketing.boundaries.round_up(data.lengths.max(), 8))
+  fractions = (4, 2, 1) if preset_name != "tiny" else (2, 1)
+  grid_lengths = sorted({max(8, longest // f // 8 * 8) for f in fractions})
+  cost, grid_rows = fit_cost_model(bench, grid_batches, grid_lengths)
+  auto_plan = bench.plan("auto", max(bucket_counts), cost=cost)
+  auto = record(bench.measure("ours, measured cost model", auto_plan))
+
+  skipped = []
+  torch_results = torch_measurements(config, data, repeats)
+  if isinstance(torch_results, str):
+    skipped.append(f"PyTorch nn.LSTM rows: skipped, {torch_results}.")
+  else:
+    for measurement in torch_results:
+      record(measurement)
+  if backend == "gpu":
+    cudnn = cudnn_jax_steps(bench, auto_plan.num_buckets)
+    record(bench.measure("jax.experimental.rnn (cuDNN)", auto_plan, cudnn))
+  else:
+    skipped.append("cuDNN rows (PyTorch on CUDA, `jax.experimental.rnn`): no GPU here.")
+
+  # Auto against the measured K: whole planned runs, compile included.
+  epochs = args.planned_epochs
+  predicted = auto_plan.auto.seconds_per_count
+  measured_total = {
+    k: epochs * m.epoch_seconds + m.compile_seconds for k, m in optimal_by_k.items()
+  }
+  auto_rows = [
+    {
+      "K": str(k),
+      "measured epoch (s)": f"{m.epoch_seconds:.3f}",
+      "measured compile (s)": f"{m.compile_seconds:.1f}",
+      f"measured {epochs} epochs + compile (s)": f"{measured_total[k]:.1f}",
+      "cost model's prediction (s)": f"{predicted[k - 1]:.1f}" if k <= len(predicted) else "-",
+    }
+    for k, m in sorted(optimal_by_k.items())
+  ]
+  measured_total = {
+    k: epochs * m.epoch_seconds + m.compile_seconds for k, m in optimal_by_k.items()
+  }
+  fastest = min(measured_total, key=measured_total.get)
+  auto_total = epochs * auto.epoch_seconds + auto.compile_seconds
+  load_after = os.getloadavg()[0]
+
+  alpha, beta, kappa = cost
+  command = " ".join(["python -m experiments.benchmark", *argv])
+  model = config.model
+  report = [
+    "# Benchmark: bucketed training against what users would use instead",
+    "",
+    f"Machine: {machine_description()}.",
+    f"Date: {datetime.date.today().isoformat()}; jax {jax.__version__}. Command: `{command}`.",
+    f"1-minute load average {load_before:.2f} before and {load_after:.2f} after the run on "
+    f"{os.cpu_count()} cores (a load above the core count means other processes shared the "
+    f"CPU); the run took {(time.perf_counter() - started) / 60:.1f} min.",
+    f"Data: `{config.data.dataset}` training set, the first {len(data)} lines, resample spacing "
+    f"{config.data.features.resample_spacing}; every contender trains on exactly these sequences. "
+    f"Model: {model.num_layers} x {model.hidden_size} "
+    f"{'B' if model.bidirectional else ''}LSTM + linear CTC head, Adam, gradient clipping. "
+    f"Times are medians of {repeats} epochs after one warm-up epoch. Token budget: "
+    f"{mean_tokens:,} padded tokens per step (batch size x mean length).",
+    "",
+    "Host ms/step is the input pipeline (batch assembly and transfer) per step; the trainer "
+    "prefetches it on a thread, so it stays hidden while it is below device ms/step.",
+    "",
+    *markdown([m.row() for m in measurements], COLUMNS),
+    "",
+    *[f"- {line}" for line in skipped],
+    "",
+    "## The cost model on this machine",
+    "",
+    f"One train step compiled and timed per (batch, length); least-squares fit of "
+    f"`alpha + beta * B * L`: alpha = {alpha:.4g} s per step, beta = {beta:.4g} s per padded "
+    f"token; kappa = {kappa:.3g} s, the median compile time of one step.",
+    "",
+    *markdown(grid_rows, list(grid_rows[0])),
+    "",
+    f"Fed to `auto` (K <= {max(bucket_counts)}, {epochs} planned epochs), it chose "
+    f"K = {auto_plan.num_buckets}; measured, that plan costs {auto_total:.1f} s for {epochs} "
+    f"epochs plus its compile. The fastest measured K (`optimal`, fixed batch; K = 1 is `none`) "
+    f"is K = {fastest} at {measured_total[fastest]:.1f} s.",
+    "",
+    *markdown(auto_rows, list(auto_rows[0])),
+    "",
+  ]
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text("\n".join(report))
+  print(f"wrote {out}")
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,415 @@
+"""The paper's table: wall time, epochs and validation loss for no bucketing against K buckets.
+
+    python -m experiments.paper --data-dir ~/tensorflow_datasets          # full: IAM-OnDB, a GPU
+    python -m experiments.paper --quick --out experiments/results/paper_quick_cpu   # minutes, CPU
+    python -m experiments.paper --tiny --workdir /tmp/paper-tiny          # seconds; for the tests
+
+Every run is `train.train_and_evaluate` with the same seed, model and optimiser; only the bucket
+plan differs: `none` (the baseline, one bucket), `quantile` and `optimal` at each K of `--buckets`
+(K = 1 of either is the baseline itself, so it is not run twice), and `auto` with the largest K.
+Full runs stop early on the validation loss (`config.patience`); `--quick` and `--tiny` train a
+fixed number of epochs, so that all runs see the same number of updates.
+
+Device counts (`--devices`, default: 1, 2, 4, ... up to the devices there are) each run in a
+process of their own, because the device count is fixed when JAX starts: on a CPU the process gets
+`--xla_force_host_platform_device_count=N` (simulated devices share the same cores, so this checks
+the data-parallel path and its overhead, not a speed-up), on GPUs the first N of
+`CUDA_VISIBLE_DEVICES`. This process never starts JAX itself, so it holds no GPU memory.
+
+Writes, next to `--out` (default `<workdir>/paper_table`): `.md` and `.csv` (one row per run),
+`_val_loss.png` (validation loss against wall time, the paper's key figure) and `_speedup.png`
+(median epoch time and speed-up against K, with the ideal speed-up). Definitions:
+- wall time to best: compile time plus the training time of the epochs up to the best one
+  (evaluation excluded: how often to evaluate is a choice, not a cost of bucketing);
+- measured speed-up: the `none` run's median epoch time over this run's, at the same device count;
+- ideal speed-up: the `none` run's padded timesteps (filler rows included) over this run's;
+- padding efficiency: real over padded timesteps of the run's plan, filler rows included.
+A run whose `summary.json` exists is reused, so an interrupted sweep continues where it stopped;
+use a new workdir after changing any setting.
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import pathlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import ml_collections
+import numpy as np
+
+from experiments import common, iam, synthetic
+
+DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
+QUICK_BUCKETS = (1, 2, 4)
+STRATEGIES = ("none", "quantile", "optimal", "auto")
+COLUMNS = (
+  "devices",
+  "strategy",
+  "buckets",
+  "upper bounds",
+  "median epoch (s)",
+  "epochs to best",
+  "epochs run",
+  "wall to best (s)",
+  "best val loss",
+  "best val CER",
+  "compile (s)",
+  "padding efficiency",
+  "speed-up",
+  "ideal speed-up",
+)
+
+
+def make_config(
+  preset: str = "full",
+  dataset: str = "auto",
+  data_dir: str | None = None,
+  epochs: int = 0,
+  cost: str | None = None,
+) -> ml_collections.ConfigDict:
+  """The experiment config of a preset (`full`, `quick`, `tiny`) with command-line overrides.
+
+  `dataset="auto"` takes IAM-OnDB when `data_dir` holds its export or `IAM_ONDB_DIR` is set, else
+  the synthetic set. `cost` is "alpha,beta,kappa" for `auto`, in seconds.
+  """
+  if dataset == "auto":
+    export = data_dir and pathlib.Path(data_dir, "iam_ondb.npz").is_file()
+    dataset = "iam_ondb" if export or os.environ.get("IAM_ONDB_DIR") else "synthetic"
+  config = iam.get_config() if dataset == "iam_ondb" else synthetic.get_config()
+  config.data.data_dir = data_dir
+  config.progress_bar = False
+  if preset == "tiny":
+    config = common.tiny(config)
+    config.patience = config.num_epochs
+  elif preset == "quick":
+    # A few minutes on a 2-core CPU: a subset, shorter lines, a small model, fixed epochs.
+    config.data.train_limit = 480
+    config.data.eval_limit = 120
+    config.data.test_split = None
+    config.data.features.resample_spacing = 0.2
+    config.model.num_layers = 1
+    config.model.hidden_size = 32
+    config.model.unroll = 1
+    config.bucketing.batch_size = 16
+    config.eval_batch_size = 40
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.warmup_steps = 20
+    config.num_epochs = 3
+    config.patience = config.num_epochs
+  if epochs:
+    config.num_epochs = epochs
+  if cost:
+    alpha, beta, kappa = (float(value) for value in cost.split(","))
+    config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = alpha, beta, kappa
+  return config
+
+
+def args_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
+  return make_config(args.preset, args.dataset, args.data_dir, args.epochs, args.cost)
+
+
+def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, int]]:
+  """(strategy, K) of every run: the baseline first, K = 1 only once, `auto` up to max K."""
+  runs = [("none", 1)]
+  for strategy in strategies:
+    if strategy in ("quantile", "optimal"):
+      runs += [(strategy, k) for k in buckets if k > 1]
+    elif strategy == "auto":
+      runs.append(("auto", max(buckets)))
+  return runs
+
+
+def run_name(devices: int, strategy: str, num_buckets: int) -> str:
+  return f"devices{devices}/{strategy}_k{num_buckets}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one process per device count.
+
+
+def run_worker(args: argparse.Namespace, devices: int) -> None:
+  """Trains every planned run on `devices` devices (this process was started with them)."""
+  import jax
+  from absl import logging as absl_logging
+
+  import train
+  from experiments.benchmark_lstm import machine_description
+
+  absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax's INFO lines
+  if jax.device_count() != devices:
+    raise RuntimeError(f"the worker for {devices} devices sees {jax.device_count()}")
+  workdir = pathlib.Path(args.workdir)
+  (workdir / f"devices{devices}").mkdir(parents=True, exist_ok=True)
+  (workdir / f"devices{devices}" / "machine.json").write_text(
+    json.dumps({"machine": machine_description(), "jax": jax.__version__})
+  )
+  for strategy, num_buckets in planned_runs(args.buckets, args.strategies):
+    run_dir = workdir / run_name(devices, strategy, num_buckets)
+    if (run_dir / "summary.json").is_file():
+      continue
+    config = args_config(args)
+    config.bucketing.strategy = strategy
+    config.bucketing.num_buckets = num_buckets
+    summary = train.train_and_evaluate(config, run_dir)
+    print(
+      f"{run_name(devices, strategy, num_buckets)}: {summary['num_buckets']} bucket(s), "
+      f"{summary['epochs']} epochs, best val loss {summary['best_val_loss']:.3f}, "
+      f"train {summary['train_time_s']:.1f} s, compile {summary['compile_time_s']:.1f} s",
+      flush=True,
+    )
+
+
+def worker_env(devices: int) -> dict[str, str]:
+  """The environment of a worker process that sees exactly `devices` devices."""
+  env = dict(os.environ)
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  visible = env.get("CUDA_VISIBLE_DEVICES")
+  gpu_ids = visible.split(",") if visible else [str(i) for i in range(devices)]
+  env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_ids[:devices])
+  return env
+
+
+def available_devices() -> int:
+  """The device count a fresh JAX process sees here (asked in a child, to keep this one free)."""
+  probe = "import jax; print(jax.device_count())"
+  output = subprocess.run(
+    [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+  ).stdout
+  return int(output.split()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Collecting the runs into the table and plots.
+
+
+def read_run(run_dir: pathlib.Path) -> dict:
+  summary = json.loads((run_dir / "summary.json").read_text())
+  plan = json.loads((run_dir / "plan.json").read_text())
+  history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return {"summary": summary, "plan": plan, "history": history}
+
+
+def run_row(run: dict, baseline: dict, devices: int, strategy: str) -> dict:
+  """One table row, from a run's files and its baseline's (`none` at the same device count)."""
+  summary, history = run["summary"], run["history"]
+  median_epoch = statistics.median(row["epoch_time_s"] for row in history)
+  baseline_epoch = statistics.median(row["epoch_time_s"] for row in baseline["history"])
+  best = summary["best_epoch"]
+  wall_to_best = summary["compile_time_s"] + sum(row["epoch_time_s"] for row in history[: best + 1])
+  ideal = (
+    baseline["plan"]["padded_timesteps_with_filler"] / run["plan"]["padded_timesteps_with_filler"]
+  )
+  return {
+    "devices": str(devices),
+    "strategy": strategy,
+    "buckets": str(summary["num_buckets"]),
+    "upper bounds": " ".join(str(bound) for bound in summary["upper_bounds"]),
+    "median epoch (s)": f"{median_epoch:.2f}",
+    "epochs to best": str(best + 1),
+    "epochs run": str(summary["epochs"]),
+    "wall to best (s)": f"{wall_to_best:.1f}",
+    "best val loss": f"{summary['best_val_loss']:.3f}",
+    "best val CER": f"{summary['best_val_cer']:.4f}",
+    "compile (s)": f"{summary['compile_time_s']:.1f}",
+    "padding efficiency": f"{summary['efficiency']:.4f}",
+    "speed-up": f"{baseline_epoch / median_epoch:.3f}",
+    "ideal speed-up": f"{ideal:.3f}",
+  }
+
+
+def collect(args: argparse.Namespace, device_counts: list[int]) -> tuple[list[dict], dict]:
+  """Table rows and each run's files, keyed by (devices, strategy, requested K)."""
+  workdir = pathlib.Path(args.workdir)
+  rows, runs = [], {}
+  for devices in device_counts:
+    for strategy, num_buckets in planned_runs(args.buckets, args.strategies):
+      runs[devices, strategy, num_buckets] = read_run(
+        workdir / run_name(devices, strategy, num_buckets)
+      )
+    baseline = runs[devices, "none", 1]
+    for strategy, num_buckets in planned_runs(args.buckets, args.strategies):
+      rows.append(run_row(runs[devices, strategy, num_buckets], baseline, devices, strategy))
+  return rows, runs
+
+
+def markdown_table(rows: list[dict]) -> list[str]:
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + " ---: |" * len(COLUMNS)]
+  lines += ["| " + " | ".join(row[column] for column in COLUMNS) + " |" for row in rows]
+  return lines
+
+
+def plot(runs: dict, rows: list[dict], prefix: pathlib.Path) -> None:
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  figure, axes = plt.subplots(figsize=(8, 5))
+  for (devices, strategy, _), run in runs.items():
+    compile_s = run["summary"]["compile_time_s"]
+    wall = compile_s + np.cumsum([row["epoch_time_s"] for row in run["history"]])
+    label = f"{strategy} K={run['summary']['num_buckets']}, {devices} device(s)"
+    style = "k-" if strategy == "none" else "-"
+    axes.plot(wall, [row["val_loss"] for row in run["history"]], style, marker="o", label=label)
+  axes.set_xlabel("wall time: compile + training (s)")
+  axes.set_ylabel("validation loss (CTC)")
+  axes.set_title("Validation loss against wall time")
+  axes.legend(fontsize="small")
+  figure.tight_layout()
+  figure.savefig(f"{prefix}_val_loss.png", dpi=120)
+  plt.close(figure)
+
+  figure, (time_axes, speed_axes) = plt.subplots(1, 2, figsize=(11, 4.5))
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["strategy"], row["devices"]), []).append(row)
+  baselines = {
+    devices: group[0] for (strategy, devices), group in groups.items() if strategy == "none"
+  }
+  for (strategy, devices), group in groups.items():
+    if strategy in ("quantile", "optimal"):
+      group = [baselines[devices], *group]  # K = 1 is the baseline
+    buckets = [int(row["buckets"]) for row in group]
+    label = f"{strategy}, {devices} device(s)"
+    marker = "*" if strategy == "auto" else "o"
+    epoch_times = [float(row["median epoch (s)"]) for row in group]
+    time_axes.plot(buckets, epoch_times, marker=marker, label=label)
+    line = speed_axes.plot(
+      buckets, [float(row["speed-up"]) for row in group], marker=marker, label=label
+    )[0]
+    speed_axes.plot(
+      buckets,
+      [float(row["ideal speed-up"]) for row in group],
+      "--",
+      color=line.get_color(),
+      label=f"ideal (padded timesteps), {label}",
+    )
+  time_axes.set_xlabel("buckets K")
+  time_axes.set_ylabel("median epoch time (s)")
+  speed_axes.set_xlabel("buckets K")
+  speed_axes.set_ylabel("speed-up against no bucketing")
+  time_axes.legend(fontsize="small")
+  speed_axes.legend(fontsize="x-small")
+  figure.tight_layout()
+  figure.savefig(f"{prefix}_speedup.png", dpi=120)
+  plt.close(figure)
+
+
+def write_report(
+  args: argparse.Namespace,
+  argv: list[str],
+  device_counts: list[int],
+  loads: tuple[float, float],
+  seconds: float,
+) -> pathlib.Path:
+  """Writes the `.md`, `.csv` and PNGs next to `args.out`; returns the Markdown path."""
+  rows, runs = collect(args, device_counts)
+  prefix = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "paper_table"
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{prefix}.csv", "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  plot(runs, rows, prefix)
+
+  config = args_config(args)
+  machine = json.loads(
+    (pathlib.Path(args.workdir) / f"devices{device_counts[0]}" / "machine.json").read_text()
+  )
+  baseline = runs[device_counts[0], "none", 1]
+  model = config.model
+  command = " ".join(["python -m experiments.paper", *argv])
+  report = [
+    "# The paper table: no bucketing against K buckets",
+    "",
+    f"Machine: {machine['machine']}; jax {machine['jax']}.",
+    f"Date: {datetime.date.today().isoformat()}. Command: `{command}`.",
+    f"1-minute load average {loads[0]:.2f} before and {loads[1]:.2f} after the sweep, on "
+    f"{os.cpu_count()} cores (a load above the core count means other processes shared the CPU); "
+    f"the sweep took {seconds / 60:.1f} min.",
+    f"Data: `{config.data.dataset}`, {baseline['plan']['num_examples']} training sequences "
+    f"(limit {config.data.train_limit or 'none'}), validation on `{config.data.eval_split}` "
+    f"(limit {config.data.eval_limit or 'none'}), resample spacing "
+    f"{config.data.features.resample_spacing}. Model: {model.num_layers} x {model.hidden_size} "
+    f"{'B' if model.bidirectional else ''}LSTM-CTC, batch {config.bucketing.batch_size} "
+    f"sequences, lr {config.optimizer.learning_rate}, seed {config.seed}; "
+    f"{config.num_epochs} epochs at most, patience {config.patience}. `auto` cost model: "
+    f"alpha {config.bucketing.alpha:g} s, beta {config.bucketing.beta:g} s, "
+    f"kappa {config.bucketing.kappa:g} s.",
+    "",
+    "Speed-up: the `none` run's median epoch time over the run's (same device count). Ideal "
+    "speed-up: its padded timesteps (filler rows included) over the run's. Wall to best: "
+    "compile time plus training time up to the best validation loss (evaluation excluded). "
+    "Upper bounds: the buckets' length bounds (feature frames).",
+    "",
+    *markdown_table(rows),
+    "",
+    f"![validation loss against wall time]({prefix.name}_val_loss.png)",
+    f"![epoch time and speed-up against K]({prefix.name}_speedup.png)",
+    "",
+  ]
+  path = pathlib.Path(f"{prefix}.md")
+  path.write_text("\n".join(report))
+  return path
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  preset = parser.add_mutually_exclusive_group()
+  preset.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
+  preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")
+  parser.add_argument("--workdir", default="/tmp/paper")
+  parser.add_argument("--out", default=None, help="path prefix of the table and plots")
+  parser.add_argument("--dataset", choices=("auto", "iam_ondb", "synthetic"), default="auto")
+  parser.add_argument("--data-dir", default=None, help="holds iam_ondb.npz or the TFDS build")
+  parser.add_argument("--buckets", default=None, help="comma-separated K list")
+  parser.add_argument("--strategies", default=",".join(STRATEGIES))
+  parser.add_argument("--devices", default=None, help="comma-separated device counts")
+  parser.add_argument("--epochs", type=int, default=0, help="override config.num_epochs")
+  parser.add_argument("--cost", default=None, help="alpha,beta,kappa for auto (seconds)")
+  parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  args.preset = "quick" if args.quick else "tiny" if args.tiny else "full"
+  default_buckets = DEFAULT_BUCKETS if args.preset == "full" else QUICK_BUCKETS
+  args.buckets = [int(k) for k in args.buckets.split(",")] if args.buckets else default_buckets
+  args.strategies = args.strategies.split(",")
+  unknown = set(args.strategies) - set(STRATEGIES)
+  if unknown:
+    parser.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+  return args
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path | None:
+  argv = sys.argv[1:] if argv is None else argv
+  args = parse_args(argv)
+  if args.worker_devices:
+    run_worker(args, args.worker_devices)
+    return None
+  if args.devices:
+    device_counts = [int(n) for n in args.devices.split(",")]
+  else:
+    available = available_devices()
+    device_counts = [2**i for i in range(available.bit_length()) if 2**i <= available]
+  load_before = os.getloadavg()[0]
+  start = time.perf_counter()
+  for devices in device_counts:
+    subprocess.run(
+      [sys.executable, "-m", "experiments.paper", *argv, "--worker-devices", str(devices)],
+      check=True,
+      env=worker_env(devices),
+    )
+  loads = (load_before, os.getloadavg()[0])
+  path = write_report(args, argv, device_counts, loads, time.perf_counter() - start)
+  print(f"wrote {path}")
+  return path
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,59 @@
+"""The benchmark driver: every contender has a row, the timestep counts match the plans."""
+
+import sys
+
+import bucketing
+import train
+from experiments import benchmark, paper
+
+
+def table_rows(text: str, first_column: str) -> list[list[str]]:
+  lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+  cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+  start = cells.index(next(row for row in cells if row[0] == first_column))
+  rows = []
+  for row in cells[start + 1 :]:
+    if len(row) != len(cells[start]):
+      break
+    rows.append(row)
+  return rows
+
+
+def test_benchmark_writes_every_contender_and_the_cost_model(tmp_path):
+  out = benchmark.main(
+    ["--tiny", "--dataset", "synthetic", "--repeats", "1", "--out", str(tmp_path / "b.md")]
+  )
+  text = out.read_text()
+  assert "Machine:" in text and "load average" in text and "python -m experiments.benchmark" in text
+  rows = table_rows(text, "contender")
+  assert all(len(row) == len(benchmark.COLUMNS) and all(row) for row in rows)
+  ours = [(row[1], row[2], row[3].endswith("tokens")) for row in rows if row[0] == "ours"]
+  assert ours == [
+    ("none", "1", False),
+    ("uniform", "2", False),
+    ("quantile", "2", False),
+    ("optimal", "2", False),
+    ("none", "1", True),
+    ("optimal", "2", True),
+  ]
+  assert any(row[0] == "ours, measured cost model" and row[1] == "auto" for row in rows)
+  torch_rows = [row for row in rows if row[0].startswith("PyTorch")]
+  assert len(torch_rows) == 2 or "PyTorch nn.LSTM rows: skipped" in text
+
+  # The none row's timesteps are those of the trainer's plan for the same sequences.
+  config = paper.make_config("tiny", "synthetic")
+  data = train.load_split(config, "train", 32)
+  plan = bucketing.make_plan(data.lengths, strategy="none", batch_size=8, num_devices=8, round_to=8)
+  summary = plan.summary()
+  assert rows[0][6] == f"{summary['real_timesteps']:,}"
+  assert rows[0][7] == f"{summary['padded_timesteps_with_filler']:,}"
+
+  assert "alpha =" in text and "kappa =" in text and "it chose K =" in text
+  assert len(table_rows(text, "batch")) == 4  # the tiny (batch, length) grid
+
+
+def test_torch_rows_are_skipped_without_torch(monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)
+  config = paper.make_config("tiny", "synthetic")
+  data = train.load_split(config, "train", 8)
+  assert "not installed" in benchmark.torch_measurements(config, data, 1)
