@@ -10,12 +10,18 @@ Why a hand-written layer rather than `nn.RNN(nn.OptimizedLSTMCell)`:
 - no per-step masking: the backward direction reverses each sequence within its own length, so in
   both directions the padded frames come after every valid frame and cannot reach a valid output.
 
-This layout is the one accelerators (and cuDNN) favour. On a small CPU it is not a win for a
-single layer over narrow features: materialising the `[time, batch, 4 * hidden]` projection and
-its gradient costs more memory traffic than the stock cell's per-step matmul, and the gap grows
-with `time` (see `experiments/results/benchmark_lstm_cpu.md`); stacked layers break even.
+The same choices are what make it fast on a small CPU (`experiments/results/benchmark_lstm_cpu.md`).
+A first version lost to the stock cell (0.43x at 1,200 steps): reversing the `[batch, time,
+4 * hidden]` projection with a gather (whose autodiff gradient is a scatter-add), a batched
+projection einsum whose output XLA transposed twice, and autodiff of the scan, which stores about
+twice the needed residuals and adds a `[hidden, batch] @ [batch, 4 * hidden]` weight-gradient
+matmul to every backward step. Now: the narrow inputs are reversed instead, and the reversal is
+its own gradient (a gather); each direction's projection is a plain time-major matmul; the
+recurrence has a hand-written gradient (see `lstm_recurrence`). A static flip of the time axis
+with a masked carry was measured slower than reversing within length, so it is not used.
 """
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -30,11 +36,13 @@ def lengths_from_paddings(paddings: jax.Array) -> jax.Array:
   return jnp.sum(1.0 - paddings, axis=-1).astype(jnp.int32)
 
 
+@jax.custom_vjp
 def reverse_within_length(sequences: jax.Array, lengths: jax.Array) -> jax.Array:
   """Reverses the first `lengths[b]` frames of each row and leaves its padding in place.
 
-  `sequences [batch, time, ...]`, `lengths [batch]`. The map is its own inverse, so the same call
-  puts the backward direction's outputs back in input order.
+  `sequences [batch, time, ...]`, `lengths [batch]`. The map is a permutation that is its own
+  inverse, so the same call puts the backward direction's outputs back in input order and is its
+  own gradient: a gather, not the scatter-add XLA would derive (slow on CPU).
   """
   time = sequences.shape[1]
   steps = jnp.arange(time)[None, :]
@@ -42,6 +50,142 @@ def reverse_within_length(sequences: jax.Array, lengths: jax.Array) -> jax.Array
   source = jnp.where(steps < lengths, lengths - 1 - steps, steps)
   source = source.reshape(source.shape + (1,) * (sequences.ndim - 2))
   return jnp.take_along_axis(sequences, source, axis=1)
+
+
+def _reverse_within_length_forward(sequences, lengths):
+  return reverse_within_length(sequences, lengths), lengths
+
+
+def _reverse_within_length_backward(lengths, cotangent):
+  return reverse_within_length(cotangent, lengths), None
+
+
+reverse_within_length.defvjp(_reverse_within_length_forward, _reverse_within_length_backward)
+
+
+def _lstm_step(
+  cell: jax.Array, hidden: jax.Array, projected_step: jax.Array, recurrent_kernel: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One step of every direction: `cell, hidden [directions, batch, hidden]` (float32),
+  `projected_step [directions, batch, 4 * hidden]` -> new cell, new hidden and the activated gates
+  `[directions, batch, 4 * hidden]` (sigmoid, sigmoid, tanh, sigmoid)."""
+  pre_activations = projected_step + jnp.einsum(
+    "dbh,dhg->dbg",
+    hidden.astype(recurrent_kernel.dtype),
+    recurrent_kernel,
+    preferred_element_type=jnp.float32,
+  )
+  input_gate, forget_gate, cell_input, output_gate = jnp.split(pre_activations, 4, axis=-1)
+  input_gate, forget_gate, output_gate = (
+    jax.nn.sigmoid(input_gate),
+    jax.nn.sigmoid(forget_gate),
+    jax.nn.sigmoid(output_gate),
+  )
+  cell_input = jnp.tanh(cell_input)
+  cell = forget_gate * cell + input_gate * cell_input
+  hidden = output_gate * jnp.tanh(cell)
+  gates = jnp.concatenate([input_gate, forget_gate, cell_input, output_gate], axis=-1)
+  return cell, hidden, gates
+
+
+def _initial_state(projected: tuple[jax.Array, ...]) -> jax.Array:
+  _, batch, gates = projected[0].shape
+  return jnp.zeros((len(projected), batch, gates // 4), jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def lstm_recurrence(
+  projected: tuple[jax.Array, ...], recurrent_kernel: jax.Array, unroll: int
+) -> tuple[jax.Array, ...]:
+  """The LSTM recurrence of every direction from zero state, in one scan.
+
+  `projected`: per direction, the input projections plus bias `[time, batch, 4 * hidden]`
+  (float32); `recurrent_kernel [directions, hidden, 4 * hidden]` -> per direction, the hidden
+  states `[time, batch, hidden]` in the kernel's dtype. Directions travel as separate time-major
+  arrays so that neither the input projection nor its gradient needs a transpose.
+
+  The gradient is written by hand, as cuDNN does: the reverse scan does one `[batch, 4 * hidden] @
+  [4 * hidden, hidden]` matmul per step and keeps only the activated gates and the previous state;
+  the recurrent kernel's gradient is one matmul over all steps afterwards. Autodiff of the scan
+  adds a small weight-gradient matmul to every step and stores about twice the residuals.
+  """
+
+  def step(carry, projected_step):
+    cell, hidden, _ = _lstm_step(*carry, jnp.stack(projected_step), recurrent_kernel)
+    return (cell, hidden), tuple(hidden.astype(recurrent_kernel.dtype))
+
+  zeros = _initial_state(projected)
+  return jax.lax.scan(step, (zeros, zeros), projected, unroll=unroll)[1]
+
+
+def _lstm_recurrence_forward(projected, recurrent_kernel, unroll):
+  def step(carry, projected_step):
+    previous_cell, previous_hidden = carry
+    cell, hidden, gates = _lstm_step(*carry, jnp.stack(projected_step), recurrent_kernel)
+    outputs = tuple(hidden.astype(recurrent_kernel.dtype))
+    previous_hidden = tuple(previous_hidden.astype(recurrent_kernel.dtype))
+    return (cell, hidden), (outputs, previous_hidden, gates, previous_cell)
+
+  zeros = _initial_state(projected)
+  _, (hidden_states, previous_hiddens, gates, previous_cells) = jax.lax.scan(
+    step, (zeros, zeros), projected, unroll=unroll
+  )
+  return hidden_states, (recurrent_kernel, previous_hiddens, gates, previous_cells)
+
+
+def _lstm_recurrence_backward(unroll, residuals, hidden_cotangents):
+  recurrent_kernel, previous_hiddens, gates, previous_cells = residuals
+
+  def step(carry, inputs):
+    hidden_cotangent, cell_cotangent = carry
+    output_cotangent, step_gates, previous_cell = inputs
+    input_gate, forget_gate, cell_input, output_gate = jnp.split(step_gates, 4, axis=-1)
+    tanh_cell = jnp.tanh(forget_gate * previous_cell + input_gate * cell_input)
+    hidden_cotangent = hidden_cotangent + jnp.stack(output_cotangent).astype(jnp.float32)
+    cell_cotangent = cell_cotangent + hidden_cotangent * output_gate * (1 - tanh_cell**2)
+    pre_activation_cotangents = jnp.concatenate(
+      [
+        cell_cotangent * cell_input * input_gate * (1 - input_gate),
+        cell_cotangent * previous_cell * forget_gate * (1 - forget_gate),
+        cell_cotangent * input_gate * (1 - cell_input**2),
+        hidden_cotangent * tanh_cell * output_gate * (1 - output_gate),
+      ],
+      axis=-1,
+    )
+    previous_hidden_cotangent = jnp.einsum(
+      "dbg,dhg->dbh",
+      pre_activation_cotangents.astype(recurrent_kernel.dtype),
+      recurrent_kernel,
+      preferred_element_type=jnp.float32,
+    )
+    carry = (previous_hidden_cotangent, cell_cotangent * forget_gate)
+    return carry, tuple(pre_activation_cotangents)
+
+  zeros = jnp.zeros_like(previous_cells[0])
+  _, projected_cotangents = jax.lax.scan(
+    step,
+    (zeros, zeros),
+    (hidden_cotangents, gates, previous_cells),
+    reverse=True,
+    unroll=unroll,
+  )
+  kernel_cotangent = jnp.stack(
+    [
+      jnp.einsum(
+        "tbh,tbg->hg",
+        previous_hidden,
+        projected_cotangent.astype(recurrent_kernel.dtype),
+        preferred_element_type=jnp.float32,
+      )
+      for previous_hidden, projected_cotangent in zip(
+        previous_hiddens, projected_cotangents, strict=True
+      )
+    ]
+  )
+  return projected_cotangents, kernel_cotangent.astype(recurrent_kernel.dtype)
+
+
+lstm_recurrence.defvjp(_lstm_recurrence_forward, _lstm_recurrence_backward)
 
 
 def _per_direction(init: Initializer) -> Initializer:
@@ -105,54 +249,32 @@ class LstmLayer(nn.Module):
     )
     bias = self.param("bias", self.bias_init, (directions, gates), self.param_dtype)
 
-    # One matmul for every timestep and direction: [time, directions, batch, gates].
-    projected = (
-      jnp.einsum(
-        "btf,dfg->tdbg",
-        inputs.astype(self.dtype),
-        input_kernel.astype(self.dtype),
-        preferred_element_type=jnp.float32,
-      )
-      + bias.astype(jnp.float32)[None, :, None, :]
-    )
-
+    # The backward direction reads each sequence reversed within its length; reversing the narrow
+    # inputs is cheaper than reversing their 4 * hidden wide projection.
     lengths = lengths_from_paddings(input_paddings)
+    inputs = inputs.astype(self.dtype)
+    directional_inputs = [inputs]
     if self.bidirectional:
-      backward = reverse_within_length(jnp.swapaxes(projected[:, 1], 0, 1), lengths)
-      projected = projected.at[:, 1].set(jnp.swapaxes(backward, 0, 1))
-
-    hidden_states = self._recurrence(projected, recurrent_kernel.astype(self.dtype))
-
-    # [time, directions, batch, hidden] -> [batch, time, directions, hidden]
-    hidden_states = jnp.transpose(hidden_states, (2, 0, 1, 3))
-    if self.bidirectional:
-      backward = reverse_within_length(hidden_states[:, :, 1], lengths)
-      hidden_states = jnp.stack([hidden_states[:, :, 0], backward], axis=2)
-    batch, time = inputs.shape[:2]
-    outputs = hidden_states.reshape(batch, time, directions * self.hidden_size)
-    return jnp.where(input_paddings[..., None] > 0, jnp.zeros_like(outputs), outputs)
-
-  def _recurrence(self, projected: jax.Array, recurrent_kernel: jax.Array) -> jax.Array:
-    """Runs the LSTM recurrence: `projected [time, directions, batch, 4 * hidden]` (float32) ->
-    hidden states `[time, directions, batch, hidden]` in `dtype`."""
-    _, directions, batch, _ = projected.shape
-    zeros = jnp.zeros((directions, batch, self.hidden_size), jnp.float32)
-
-    def step(carry, projected_step):
-      cell, hidden = carry
-      pre_activations = projected_step + jnp.einsum(
-        "dbh,dhg->dbg",
-        hidden.astype(self.dtype),
-        recurrent_kernel,
+      directional_inputs.append(reverse_within_length(inputs, lengths))
+    # One matmul for every timestep of a direction: [time, batch, gates].
+    projected = tuple(
+      jnp.einsum(
+        "tbf,fg->tbg",
+        jnp.swapaxes(direction_inputs, 0, 1),
+        input_kernel[direction].astype(self.dtype),
         preferred_element_type=jnp.float32,
       )
-      input_gate, forget_gate, cell_input, output_gate = jnp.split(pre_activations, 4, axis=-1)
-      cell = jax.nn.sigmoid(forget_gate) * cell + jax.nn.sigmoid(input_gate) * jnp.tanh(cell_input)
-      hidden = jax.nn.sigmoid(output_gate) * jnp.tanh(cell)
-      return (cell, hidden), hidden.astype(self.dtype)
-
-    _, hidden_states = jax.lax.scan(step, (zeros, zeros), projected, unroll=self.unroll)
-    return hidden_states
+      + bias[direction].astype(jnp.float32)
+      for direction, direction_inputs in enumerate(directional_inputs)
+    )
+    hidden_states = [
+      jnp.swapaxes(states, 0, 1)
+      for states in lstm_recurrence(projected, recurrent_kernel.astype(self.dtype), self.unroll)
+    ]
+    if self.bidirectional:
+      hidden_states[1] = reverse_within_length(hidden_states[1], lengths)
+    outputs = jnp.concatenate(hidden_states, axis=-1)
+    return jnp.where(input_paddings[..., None] > 0, jnp.zeros_like(outputs), outputs)
 
 
 class LstmCtcModel(nn.Module):
