@@ -4,7 +4,7 @@ Layout: inputs are batch-major, `inputs [batch, time, features]` with `input_pad
 (1.0 = padded). Every sequence is right-padded: its valid frames are `0 .. length - 1`.
 
 Why a hand-written layer rather than `nn.RNN(nn.OptimizedLSTMCell)`:
-- the input projection of all timesteps (and both directions) is one large matmul outside the
+- the input projection of all timesteps is one large matmul per direction outside the
   recurrence, so the sequential scan body only does `h @ W_h` and the fused gate nonlinearities;
 - both directions of a bidirectional layer run in the same scan, halving the sequential steps;
 - no per-step masking: the backward direction reverses each sequence within its own length, so in
