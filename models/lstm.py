@@ -10,7 +10,8 @@ Why a hand-written layer rather than `nn.RNN(nn.OptimizedLSTMCell)`:
 - no per-step masking: the backward direction reverses each sequence within its own length, so in
   both directions the padded frames come after every valid frame and cannot reach a valid output.
 
-The same choices are what make it fast on a small CPU (`experiments/results/benchmark_lstm_cpu.md`).
+On a 2-core CPU it is level with the stock cell (0.94-1.22x in
+`experiments/results/benchmark_lstm_cpu.md`).
 A first version lost to the stock cell (0.43x at 1,200 steps): reversing the `[batch, time,
 4 * hidden]` projection with a gather (whose autodiff gradient is a scatter-add), a batched
 projection einsum whose output XLA transposed twice, and autodiff of the scan, which stores about
@@ -18,7 +19,7 @@ twice the needed residuals and adds a `[hidden, batch] @ [batch, 4 * hidden]` we
 matmul to every backward step. Now: the narrow inputs are reversed instead, and the reversal is
 its own gradient (a gather); each direction's projection is a plain time-major matmul; the
 recurrence has a hand-written gradient (see `lstm_recurrence`). A static flip of the time axis
-with a masked carry was measured slower than reversing within length, so it is not used.
+with a masked carry was slower than reversing within length in one loaded run, so it is not used.
 """
 
 import functools
