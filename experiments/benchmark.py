@@ -34,6 +34,7 @@ import pathlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,19 +67,27 @@ COLUMNS = (
 
 @dataclasses.dataclass
 class Measurement:
-  """One contender's epoch over the benchmark's sequences (times are medians over repeats)."""
+  """One contender over the benchmark's sequences; `run_epoch(repeat)` times one more epoch.
+
+  `run_epoch` returns (host seconds per step, epoch seconds); the reported times are medians.
+  """
 
   contender: str
   strategy: str
   num_buckets: str
   batch: str
   steps: int
-  epoch_seconds: float
-  host_seconds_per_step: float
   real_timesteps: int
   padded_timesteps: int
   compile_seconds: float | None
   num_sequences: int
+  run_epoch: Callable[[int], tuple[float, float]]
+  host_seconds: list[float] = dataclasses.field(default_factory=list)
+  epochs_seconds: list[float] = dataclasses.field(default_factory=list)
+
+  @property
+  def epoch_seconds(self) -> float:
+    return statistics.median(self.epochs_seconds)
 
   def row(self) -> dict[str, str]:
     return {
@@ -92,9 +101,20 @@ class Measurement:
       "padded timesteps": f"{self.padded_timesteps:,}",
       "padded/real": f"{self.padded_timesteps / self.real_timesteps:.3f}",
       "compile (s)": "-" if self.compile_seconds is None else f"{self.compile_seconds:.1f}",
-      "host ms/step": f"{1000 * self.host_seconds_per_step:.2f}",
+      "host ms/step": f"{1000 * statistics.median(self.host_seconds):.2f}",
       "device ms/step": f"{1000 * self.epoch_seconds / self.steps:.2f}",
     }
+
+
+def take_turns(measurements: list[Measurement], repeats: int) -> None:
+  """Times `repeats` epochs of every contender after a warm-up epoch, the contenders taking turns
+  within each repeat, so load from other processes on a shared machine falls on all alike."""
+  for repeat in range(repeats + 1):
+    for measurement in measurements:
+      host, epoch = measurement.run_epoch(repeat)
+      if repeat:
+        measurement.host_seconds.append(host)
+        measurement.epochs_seconds.append(epoch)
 
 
 def markdown(rows: list[dict[str, str]], columns) -> list[str]:
@@ -122,25 +142,28 @@ class Bench:
     """A copy of the initial state (the compiled steps donate theirs)."""
     return jax.tree.map(jnp.copy, self.initial)
 
-  def plan(self, strategy: str, num_buckets: int, max_tokens: int = 0, cost=None):
+  def plan(self, strategy: str, num_buckets: int, max_tokens: int = 0, cost=None, epochs=0):
+    """The trainer's plan of the benchmark's sequences; `cost` and `epochs` are for `auto`."""
     config = self.config.copy_and_resolve_references()
     config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
     if max_tokens:
       config.bucketing.batch_size, config.bucketing.max_tokens = 0, max_tokens
     if cost is not None:
       config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = cost
+      config.num_epochs = epochs
     return train.make_train_plan(config, self.data, jax.device_count())
 
-  def measure(self, contender: str, plan: bucketing.BucketPlan, other=None) -> Measurement:
-    """Median epoch of `plan`'s schedule through our compiled steps, or `other`'s (steps, state)."""
+  def contender(self, name: str, plan: bucketing.BucketPlan, other=None) -> Measurement:
+    """`plan`'s schedule through our compiled steps, or through `other`'s (steps, state)."""
     if other is None:
       jax.clear_caches()  # strategies share shapes (the longest bucket): compile each afresh
       compiled = train.compile_steps(self.fresh_state(), plan, {}, self.mesh, self.num_features)
       steps, compile_seconds, state = compiled.train, compiled.seconds, self.fresh_state()
     else:
       (steps, state), compile_seconds = other, None
-    epoch_seconds, host_seconds = [], []
-    for repeat in range(self.repeats + 1):  # repeat 0 warms up (first-call costs)
+    carried = [state]
+
+    def run_epoch(repeat: int) -> tuple[float, float]:
       schedule = bucketing.epoch_batches(plan, self.config.seed, repeat)
       start = time.perf_counter()
       batches = [
@@ -148,26 +171,26 @@ class Bench:
         for bucket, indices in schedule
       ]
       jax.block_until_ready(batches)
-      host_seconds.append((time.perf_counter() - start) / len(batches))
+      host = (time.perf_counter() - start) / len(batches)
       start = time.perf_counter()
+      state = carried.pop()
       for bucket, batch in batches:
         state, _ = steps[bucket](state, batch)
-      jax.block_until_ready(state)
-      epoch_seconds.append(time.perf_counter() - start)
+      carried.append(jax.block_until_ready(state))
+      return host, time.perf_counter() - start
+
     summary = plan.summary()
-    batch = f"{plan.max_tokens:,} tokens" if plan.max_tokens else f"{plan.batch_size} sequences"
     return Measurement(
-      contender=contender,
+      contender=name,
       strategy=plan.strategy,
       num_buckets=str(plan.num_buckets),
-      batch=batch,
+      batch=f"{plan.max_tokens:,} tokens" if plan.max_tokens else f"{plan.batch_size} sequences",
       steps=plan.num_steps,
-      epoch_seconds=statistics.median(epoch_seconds[1:]),
-      host_seconds_per_step=statistics.median(host_seconds[1:]),
       real_timesteps=summary["real_timesteps"],
       padded_timesteps=summary["padded_timesteps_with_filler"],
       compile_seconds=compile_seconds,
       num_sequences=summary["num_examples"],
+      run_epoch=run_epoch,
     )
 
 
@@ -231,7 +254,7 @@ def fit_cost_model(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict
 # What users would use instead.
 
 
-def torch_measurements(config, data, repeats: int) -> list[Measurement] | str:
+def torch_contenders(config, data, repeats: int) -> list[Measurement] | str:
   """PyTorch nn.LSTM on random batches, padded per batch and packed; a reason when skipped."""
   try:
     import torch
@@ -242,6 +265,21 @@ def torch_measurements(config, data, repeats: int) -> list[Measurement] | str:
 
   devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
   model_config, batch_size = config.model, config.bucketing.batch_size
+
+  def random_batches(repeat: int) -> list[np.ndarray]:
+    order = np.random.default_rng([config.seed, repeat]).permutation(len(data))
+    return [order[first : first + batch_size] for first in range(0, len(order), batch_size)]
+
+  real = int(data.lengths.sum())
+  # Padded timesteps of the timed epochs (repeat 0 warms up), on average.
+  padded = round(
+    np.mean(
+      [
+        sum(len(rows) * data.lengths[rows].max() for rows in random_batches(repeat))
+        for repeat in range(1, repeats + 1)
+      ]
+    )
+  )
   results = []
   for device in devices:
     for packed in (False, True):
@@ -276,13 +314,10 @@ def torch_measurements(config, data, repeats: int) -> list[Measurement] | str:
         nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], config.optimizer.grad_clip_norm)
         opt.step()
 
-      epoch_seconds, host_seconds, padded = [], [], 0
-      for repeat in range(repeats + 1):
-        order = np.random.default_rng([config.seed, repeat]).permutation(len(data))
+      def run_epoch(repeat: int, step=step, device=device) -> tuple[float, float]:
         start = time.perf_counter()
         batches = []
-        for first in range(0, len(order), batch_size):
-          rows = order[first : first + batch_size]
+        for rows in random_batches(repeat):
           inputs = rnn_utils.pad_sequence(
             [torch.from_numpy(data.features[i]) for i in rows], batch_first=True
           )
@@ -290,29 +325,26 @@ def torch_measurements(config, data, repeats: int) -> list[Measurement] | str:
           lengths = torch.from_numpy(data.lengths[rows].astype(np.int64))
           label_lengths = torch.from_numpy(data.label_lengths[rows].astype(np.int64))
           batches.append((inputs.to(device), lengths, labels.to(device), label_lengths))
-        host_seconds.append((time.perf_counter() - start) / len(batches))
-        padded = sum(inputs.shape[0] * inputs.shape[1] for inputs, *_ in batches)
+        host = (time.perf_counter() - start) / len(batches)
         start = time.perf_counter()
         for batch in batches:
           step(*batch)
         if device == "cuda":
           torch.cuda.synchronize()
-        epoch_seconds.append(time.perf_counter() - start)
-      real = int(data.lengths.sum())
-      name = "PyTorch nn.LSTM" + (" (cuDNN)" if device == "cuda" else "")
+        return host, time.perf_counter() - start
+
       results.append(
         Measurement(
-          contender=name,
+          contender="PyTorch nn.LSTM" + (" (cuDNN)" if device == "cuda" else ""),
           strategy="random batches, " + ("packed" if packed else "padded per batch"),
           num_buckets="-",
           batch=f"{batch_size} sequences",
-          steps=len(batches),
-          epoch_seconds=statistics.median(epoch_seconds[1:]),
-          host_seconds_per_step=statistics.median(host_seconds[1:]),
+          steps=-(-len(data) // batch_size),
           real_timesteps=real,
           padded_timesteps=real if packed else padded,
           compile_seconds=None,
           num_sequences=len(data),
+          run_epoch=run_epoch,
         )
       )
   return results
@@ -386,48 +418,45 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   started = time.perf_counter()
   data = train.load_split(config, config.data.train_split, limit)
   bench = Bench(config, data, repeats)
-  measurements = []
-
-  def record(measurement: Measurement) -> Measurement:
-    measurements.append(measurement)
-    print(" | ".join(measurement.row().values()), flush=True)
-    return measurement
-
-  baseline = record(bench.measure("ours", bench.plan("none", 1)))
-  optimal_by_k = {1: baseline}
-  mean_tokens = config.bucketing.batch_size * int(np.mean(data.lengths))
-  for strategy in ("uniform", "quantile", "optimal"):
-    for k in bucket_counts:
-      measurement = record(bench.measure("ours", bench.plan(strategy, k)))
-      if strategy == "optimal":
-        optimal_by_k[k] = measurement
-  for k in (1, *bucket_counts):
-    strategy = "none" if k == 1 else "optimal"
-    record(bench.measure("ours", bench.plan(strategy, k, max_tokens=mean_tokens)))
+  epochs = args.planned_epochs
 
   grid_batches = {"full": (8, 16, 32, 64), "quick": (8, 32), "tiny": (8, 16)}[preset_name]
   longest = int(bucketing.boundaries.round_up(data.lengths.max(), 8))
   fractions = (4, 2, 1) if preset_name != "tiny" else (2, 1)
   grid_lengths = sorted({max(8, longest // f // 8 * 8) for f in fractions})
   cost, grid_rows = fit_cost_model(bench, grid_batches, grid_lengths)
-  auto_plan = bench.plan("auto", max(bucket_counts), cost=cost)
-  auto = record(bench.measure("ours, measured cost model", auto_plan))
+
+  measurements = [bench.contender("ours", bench.plan("none", 1))]
+  optimal_by_k = {1: measurements[0]}
+  mean_tokens = config.bucketing.batch_size * int(np.mean(data.lengths))
+  for strategy in ("uniform", "quantile", "optimal"):
+    for k in bucket_counts:
+      measurements.append(bench.contender("ours", bench.plan(strategy, k)))
+      if strategy == "optimal":
+        optimal_by_k[k] = measurements[-1]
+  for k in (1, *bucket_counts):
+    strategy = "none" if k == 1 else "optimal"
+    measurements.append(bench.contender("ours", bench.plan(strategy, k, max_tokens=mean_tokens)))
+  auto_plan = bench.plan("auto", max(bucket_counts), cost=cost, epochs=epochs)
+  auto = bench.contender("ours, measured cost model", auto_plan)
+  measurements.append(auto)
 
   skipped = []
-  torch_results = torch_measurements(config, data, repeats)
+  torch_results = torch_contenders(config, data, repeats)
   if isinstance(torch_results, str):
     skipped.append(f"PyTorch nn.LSTM rows: skipped, {torch_results}.")
   else:
-    for measurement in torch_results:
-      record(measurement)
+    measurements += torch_results
   if backend == "gpu":
     cudnn = cudnn_jax_steps(bench, auto_plan.num_buckets)
-    record(bench.measure("jax.experimental.rnn (cuDNN)", auto_plan, cudnn))
+    measurements.append(bench.contender("jax.experimental.rnn (cuDNN)", auto_plan, cudnn))
   else:
     skipped.append("cuDNN rows (PyTorch on CUDA, `jax.experimental.rnn`): no GPU here.")
+  take_turns(measurements, repeats)
+  for measurement in measurements:
+    print(" | ".join(measurement.row().values()), flush=True)
 
   # Auto against the measured K: whole planned runs, compile included.
-  epochs = args.planned_epochs
   predicted = auto_plan.auto.seconds_per_count
   measured_total = {
     k: epochs * m.epoch_seconds + m.compile_seconds for k, m in optimal_by_k.items()
@@ -464,7 +493,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     f"{config.data.features.resample_spacing}; every contender trains on exactly these sequences. "
     f"Model: {model.num_layers} x {model.hidden_size} "
     f"{'B' if model.bidirectional else ''}LSTM + linear CTC head, Adam, gradient clipping. "
-    f"Times are medians of {repeats} epochs after one warm-up epoch. Token budget: "
+    f"Times are medians of {repeats} epochs after one warm-up epoch, the contenders taking turns "
+    "within each repeat, so load from other processes falls on all of them alike. Token budget: "
     f"{mean_tokens:,} padded tokens per step (batch size x mean length).",
     "",
     "Host ms/step is the input pipeline (batch assembly and transfer) per step; the trainer "

@@ -64,4 +64,4 @@ def test_torch_rows_are_skipped_without_torch(monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)
   config = paper.make_config("tiny", "synthetic")
   data = train.load_split(config, "train", 8)
-  assert "not installed" in benchmark.torch_measurements(config, data, 1)
+  assert "not installed" in benchmark.torch_contenders(config, data, 1)
