@@ -1,5 +1,7 @@
 """Plans: strategies wired together, overflow policies, label widths and the report's arithmetic."""
 
+import functools
+
 import numpy as np
 import pytest
 
@@ -49,27 +51,20 @@ def test_overflow_error_names_the_example_and_its_length():
 
 
 def test_overflow_drop_and_truncate_are_counted():
-  ids = ["a", "b", "c", "d"]
-  dropped = plan_lib.make_plan(
+  plan_with = functools.partial(
+    plan_lib.make_plan,
     [10, 50, 20, 70],
     strategy="fixed",
     upper_bounds=[16, 32],
     batch_size=2,
-    overflow="drop",
-    example_ids=ids,
+    example_ids=["a", "b", "c", "d"],
   )
+  dropped = plan_with(overflow="drop")
   assert dropped.summary()["dropped"] == ["b", "d"]
   assert dropped.summary()["num_examples"] == 2
   assert list(dropped.bucket_of_example) == [0, -1, 1, -1]
 
-  truncated = plan_lib.make_plan(
-    [10, 50, 20, 70],
-    strategy="fixed",
-    upper_bounds=[16, 32],
-    batch_size=2,
-    overflow="truncate",
-    example_ids=ids,
-  )
+  truncated = plan_with(overflow="truncate")
   summary = truncated.summary()
   assert summary["truncated"] == ["b", "d"]
   assert summary["real_timesteps"] == 10 + 32 + 20 + 32

@@ -140,9 +140,24 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_parameters(uninterrupte
   assert resumed_summary["best_val_loss"] == pytest.approx(reference_summary["best_val_loss"])
 
 
-def one_step(devices, config, train_set, plan, indices):
+def mesh_and_state(config, devices):
+  """A 1-D data mesh over `devices` and a fresh train state replicated on it."""
   mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
-  state = jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
+  return mesh, jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
+
+
+def one_bucket_plan(train_set, batch_size):
+  return bucketing.make_plan(
+    train_set.lengths,
+    strategy="none",
+    batch_size=batch_size,
+    num_devices=8,
+    label_lengths=train_set.label_lengths,
+  )
+
+
+def one_step(devices, config, train_set, plan, indices):
+  mesh, state = mesh_and_state(config, devices)
   batch = train.make_batch(train_set, plan, 0, indices, NamedSharding(mesh, P("data")))
   step = jax.jit(train.train_step, out_shardings=NamedSharding(mesh, P()))
   new_state, metrics = step(state, batch)
@@ -152,13 +167,7 @@ def one_step(devices, config, train_set, plan, indices):
 def test_one_device_and_eight_devices_take_the_same_step():
   config = tiny_config()
   train_set = train.load_split(config, "train", 16)
-  plan = bucketing.make_plan(
-    train_set.lengths,
-    strategy="none",
-    batch_size=16,
-    num_devices=8,
-    label_lengths=train_set.label_lengths,
-  )
+  plan = one_bucket_plan(train_set, 16)
   indices = plan.members(0)
   params_1, loss_1 = one_step(jax.devices()[:1], config, train_set, plan, indices)
   params_8, loss_8 = one_step(jax.devices(), config, train_set, plan, indices)
@@ -171,13 +180,7 @@ def test_one_device_and_eight_devices_take_the_same_step():
 def test_one_step_changes_every_parameter():
   config = tiny_config()
   train_set = train.load_split(config, "train", 8)
-  plan = bucketing.make_plan(
-    train_set.lengths,
-    strategy="none",
-    batch_size=8,
-    num_devices=8,
-    label_lengths=train_set.label_lengths,
-  )
+  plan = one_bucket_plan(train_set, 8)
   before = jax.device_get(train.create_train_state(config, 3, 10).params)
   after, _ = one_step(jax.devices(), config, train_set, plan, plan.members(0))
   changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), before, after)
@@ -187,8 +190,7 @@ def test_one_step_changes_every_parameter():
 def test_bucketed_and_unbucketed_evaluation_agree():
   config = tiny_config()
   data = train.load_split(config, "validation", 24)
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-  state = jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
+  mesh, state = mesh_and_state(config, jax.devices())
   results = []
   for bounds in (
     [int(data.lengths.max())],
@@ -214,8 +216,7 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     num_devices=8,
     label_lengths=train_set.label_lengths,
   )
-  mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-  state = jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
+  mesh, state = mesh_and_state(config, jax.devices())
   compiled = train.compile_steps(state, plan, {}, mesh, 3)
   rows = np.full(int(plan.batch_sizes[1]), bucketing.FILLER)
   rows[: min(rows.size, plan.members(1).size)] = plan.members(1)[: rows.size]
