@@ -829,7 +829,12 @@ if __name__ == "__main__":
     if len(argv) > 1:
       raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's INFO lines out of the way
-    logging.getLogger("train").setLevel(logging.INFO)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("train")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     if _MODE.value == "train":
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
