@@ -45,7 +45,7 @@ from jax.sharding import PartitionSpec as P
 import bucketing
 import train
 from experiments import paper
-from experiments.benchmark_lstm import machine_description
+from experiments.reporting import machine_description, markdown_table
 from handwriting import dataset as dataset_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -115,11 +115,6 @@ def take_turns(measurements: list[Measurement], repeats: int) -> None:
       if repeat:
         measurement.host_seconds.append(host)
         measurement.epochs_seconds.append(epoch)
-
-
-def markdown(rows: list[dict[str, str]], columns) -> list[str]:
-  lines = ["| " + " | ".join(columns) + " |", "|" + " ---: |" * len(columns)]
-  return lines + ["| " + " | ".join(row[column] for column in columns) + " |" for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,7 +495,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "Host ms/step is the input pipeline (batch assembly and transfer) per step; the trainer "
     "prefetches it on a thread, so it stays hidden while it is below device ms/step.",
     "",
-    *markdown([m.row() for m in measurements], COLUMNS),
+    *markdown_table([m.row() for m in measurements], COLUMNS),
     "",
     *[f"- {line}" for line in skipped],
     "",
@@ -510,14 +505,14 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     f"`alpha + beta * B * L`: alpha = {alpha:.4g} s per step, beta = {beta:.4g} s per padded "
     f"token; kappa = {kappa:.3g} s, the median compile time of one step.",
     "",
-    *markdown(grid_rows, list(grid_rows[0])),
+    *markdown_table(grid_rows, list(grid_rows[0])),
     "",
     f"Fed to `auto` (K <= {max(bucket_counts)}, {epochs} planned epochs), it chose "
     f"K = {auto_plan.num_buckets}; measured, that plan costs {auto_total:.1f} s for {epochs} "
     f"epochs plus its compile. The fastest measured K (`optimal`, fixed batch; K = 1 is `none`) "
     f"is K = {fastest} at {measured_total[fastest]:.1f} s.",
     "",
-    *markdown(auto_rows, list(auto_rows[0])),
+    *markdown_table(auto_rows, list(auto_rows[0])),
     "",
   ]
   out.parent.mkdir(parents=True, exist_ok=True)

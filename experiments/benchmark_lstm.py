@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import pathlib
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import reporting
 from models.lstm import LstmCtcModel
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -171,14 +171,6 @@ def contenders(unroll: int) -> dict[str, Callable[[int, int, bool], nn.Module]]:
   return columns
 
 
-def machine_description() -> str:
-  devices = ", ".join(str(device.device_kind) for device in jax.devices())
-  return (
-    f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores "
-    f"({platform.processor() or 'unknown processor'}); JAX devices: {devices}"
-  )
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument(
@@ -218,7 +210,7 @@ def main() -> None:
     "# LSTM training-step speed: ours vs Flax's stock cell"
     + (" vs cuDNN" if backend == "gpu" else ""),
     "",
-    f"Machine: {machine_description()}.",
+    f"Machine: {reporting.machine_description()}.",
     f"Date: {datetime.date.today().isoformat()}; jax {jax.__version__}, flax {flax.__version__}.",
     f"Command: `{command.strip()}`.",
     f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the run on "

@@ -10,15 +10,14 @@ solution, for scale.
 
 import argparse
 import datetime
-import os
 import pathlib
-import platform
 import statistics
 import time
 
 import numpy as np
 
 from bucketing import boundaries
+from experiments import reporting
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -45,10 +44,6 @@ def median_seconds(lengths: np.ndarray, num_buckets: int, repeats: int) -> float
     boundaries.optimal_bounds(lengths, num_buckets)
     times.append(time.perf_counter() - start)
   return statistics.median(times)
-
-
-def machine_name() -> str:
-  return f"{platform.machine()} CPU, {os.cpu_count()} cores ({platform.processor() or 'unknown'})"
 
 
 def main() -> None:
@@ -86,7 +81,8 @@ def main() -> None:
     [
       "# Run time of the exact optimal bucket bounds",
       "",
-      f"Machine: {machine_name()}; numpy {np.__version__}; {datetime.date.today().isoformat()}.",
+      f"Machine: {reporting.machine_description()}; numpy {np.__version__};",
+      f"{datetime.date.today().isoformat()}.",
       f"Command: `python -m experiments.benchmark_optimal_bounds --repeats {args.repeats}`.",
       "Lengths are uniform random integers in [1, distinct]. Median of the repeats after a",
       "warm-up; the plain DP is timed once and checked to reach the same optimum.",

@@ -29,6 +29,9 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
 
   # The baseline's speed-ups are 1; efficiency and the ideal speed-up are the plans'.
   assert rows[0]["speed-up"] == rows[0]["ideal speed-up"] == "1.000"
+  # The baseline reaches its own best loss at its best epoch.
+  assert rows[0]["wall to baseline loss (s)"] == rows[0]["wall to best (s)"]
+  assert rows[0]["epochs to baseline loss"] == rows[0]["epochs to best"]
   baseline_plan = json.loads((tmp_path / "devices2/none_k1/plan.json").read_text())
   for row, (strategy, k) in zip(rows, paper.planned_runs([2], ["optimal", "auto"]), strict=True):
     run_dir = tmp_path / paper.run_name(2, strategy, k)
