@@ -1,6 +1,7 @@
 """A bucket plan: bounds, batch sizes and each sequence's bucket, with the report users read."""
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +14,9 @@ OVERFLOW_POLICIES = ("error", "drop", "truncate")
 @dataclasses.dataclass(frozen=True)
 class BucketPlan:
   """Where every sequence of a corpus goes, and the static batch shape of each bucket.
+
+  Per-example reductions (bucket sizes, dropped and truncated sequences) are computed once: the
+  trainer's input pipeline consults them for every batch.
 
   Attributes:
     strategy: the boundary strategy that made `upper_bounds`.
@@ -46,7 +50,7 @@ class BucketPlan:
   def num_buckets(self) -> int:
     return len(self.upper_bounds)
 
-  @property
+  @functools.cached_property
   def bucket_sizes(self) -> np.ndarray:
     kept = self.bucket_of_example[self.bucket_of_example >= 0]
     return np.bincount(kept, minlength=self.num_buckets)
@@ -70,11 +74,11 @@ class BucketPlan:
     clipped = np.minimum(self.lengths, self.upper_bounds[-1])
     return np.where(self.bucket_of_example >= 0, clipped, 0)
 
-  @property
+  @functools.cached_property
   def dropped(self) -> np.ndarray:
     return np.flatnonzero(self.bucket_of_example < 0)
 
-  @property
+  @functools.cached_property
   def truncated(self) -> np.ndarray:
     return np.flatnonzero((self.bucket_of_example >= 0) & (self.lengths > self.upper_bounds[-1]))
 
