@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 import bucketing
 import train
 from experiments import benchmark, paper
@@ -21,6 +23,7 @@ def table_rows(text: str, first_column: str) -> list[list[str]]:
   return rows
 
 
+@pytest.mark.slow
 def test_benchmark_writes_every_contender_and_the_cost_model(tmp_path):
   # As users run it: its own process, one device (the tests' 8 simulated ones make it slower).
   out = tmp_path / "benchmark.md"
