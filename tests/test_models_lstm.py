@@ -1,5 +1,7 @@
 """The LSTM layer and stack: numerics against Flax's cell, padding invariance, training plumbing."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -265,6 +267,26 @@ def test_bfloat16_computation_stays_close_to_float32():
   assert low_precision.dtype == jnp.float32
   valid = paddings == 0
   np.testing.assert_allclose(low_precision[valid], expected[valid], atol=5e-2)
+
+
+def test_bfloat16_gradients_stay_close_to_float32():
+  inputs, paddings = padded_batch(random_sequences([12, 7]), time=12)
+  variables = small_model().init(jax.random.key(0), inputs, paddings)
+
+  def gradients(model):
+    def loss(params):
+      logits = model.apply({"params": params}, inputs, paddings)
+      return jnp.sum(jnp.where(paddings[..., None] == 0, logits, 0.0) ** 2)
+
+    return jax.grad(loss)(variables["params"])
+
+  expected = gradients(small_model())
+  low_precision = gradients(small_model().clone(dtype=jnp.bfloat16))
+  for path, want in jax.tree_util.tree_leaves_with_path(expected):
+    got = functools.reduce(lambda tree, key: tree[key.key], path, low_precision)
+    assert got.dtype == want.dtype, path
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, atol=5e-2 * scale, err_msg=str(path))
 
 
 def test_lengths_from_paddings():
