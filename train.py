@@ -229,11 +229,22 @@ def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
   return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), optax.adam(schedule))
 
 
+def build_model(config: ml_collections.ConfigDict):
+  """The configured LSTM-CTC model over the alphabet plus the CTC blank."""
+  return make_model(num_classes=ALPHABET.size, **config.model.to_dict())
+
+
+def make_data_mesh(devices=None) -> jax.sharding.Mesh:
+  """A 1-D mesh named "data" over `devices` (default: all), with auto-sharded axes."""
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
+
+
 def create_train_state(
   config: ml_collections.ConfigDict, num_features: int, total_steps: int
 ) -> TrainState:
   """Fresh parameters and optimiser state from `config.seed`."""
-  model = make_model(num_classes=ALPHABET.size, **config.model.to_dict())
+  model = build_model(config)
   # Raw uint32 keys: they checkpoint as plain arrays.
   params_key, dropout_key = jax.random.split(jax.random.PRNGKey(config.seed))
   inputs = jnp.zeros((1, 8, num_features), jnp.float32)
@@ -315,23 +326,40 @@ def compile_steps(
   train_jit = jax.jit(
     train_step, in_shardings=(replicated, rows), out_shardings=replicated, donate_argnums=0
   )
-  eval_jit = jax.jit(
-    functools.partial(eval_step, state.apply_fn),
-    in_shardings=(replicated, rows),
-    out_shardings=replicated,
-  )
   start = time.perf_counter()
   train = {
     b: train_jit.lower(state, batch_spec(train_plan, b, num_features, rows)).compile()
     for b in range(train_plan.num_buckets)
   }
-  evals = {}
-  for eval_plan in eval_plans.values():
-    for b in np.flatnonzero(eval_plan.bucket_sizes > 0).tolist():
-      if b not in evals:
-        spec = batch_spec(eval_plan, b, num_features, rows)
-        evals[b] = eval_jit.lower(state.params, spec).compile()
+  evals = compile_eval_steps(state.apply_fn, state.params, eval_plans, mesh, num_features)
   return CompiledSteps(train, evals, time.perf_counter() - start)
+
+
+def compile_eval_steps(
+  apply_fn,
+  params: Any,
+  eval_plans: dict[str, bucketing.BucketPlan],
+  mesh: jax.sharding.Mesh,
+  num_features: int,
+) -> dict[int, Any]:
+  """One eval executable per bucket that any of the (shape-sharing) eval plans uses."""
+  if not eval_plans:
+    return {}
+  replicated = NamedSharding(mesh, P())
+  rows = NamedSharding(mesh, P("data"))
+  eval_jit = jax.jit(
+    functools.partial(eval_step, apply_fn),
+    in_shardings=(replicated, rows),
+    out_shardings=replicated,
+  )
+  used = set()
+  for eval_plan in eval_plans.values():
+    used.update(np.flatnonzero(eval_plan.bucket_sizes > 0).tolist())
+  shapes = next(iter(eval_plans.values()))
+  return {
+    b: eval_jit.lower(params, batch_spec(shapes, b, num_features, rows)).compile()
+    for b in sorted(used)
+  }
 
 
 class CompileCounter:
@@ -511,7 +539,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   Returns the summary also written to `workdir/summary.json`.
   """
   setup_runtime(config)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+  mesh = make_data_mesh()
   validate_config(config, jax.device_count())
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -770,7 +798,7 @@ def evaluate_checkpoint(
 ) -> dict[str, float]:
   """Loss, CER and WER of the best checkpoint in `workdir` on any split of the configured data."""
   setup_runtime(config)
-  mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+  mesh = make_data_mesh()
   validate_config(config, jax.device_count())
   plan_path = pathlib.Path(workdir) / "plan.json"
   if not plan_path.exists():
@@ -785,15 +813,11 @@ def evaluate_checkpoint(
     jax.device_count(),
   )[split]
   params = load_params(config, workdir, NamedSharding(mesh, P()))
-  state_like = create_train_state(config, feature_config(config).num_features, 1)
-  compiled = compile_steps(
-    state_like.replace(params=params),
-    plan,
-    {split: plan},
-    mesh,
-    feature_config(config).num_features,
+  num_features = feature_config(config).num_features
+  compiled = compile_eval_steps(
+    build_model(config).apply, params, {split: plan}, mesh, num_features
   )
-  return evaluate(params, data, plan, compiled.eval, mesh)
+  return evaluate(params, data, plan, compiled, mesh)
 
 
 def transcribe(
@@ -805,7 +829,7 @@ def transcribe(
   inputs = np.zeros((1, length, features.shape[1]), np.float32)
   inputs[0, : len(features)] = features
   paddings = (np.arange(length) >= len(features)).astype(np.float32)[None]
-  model = make_model(num_classes=ALPHABET.size, **config.model.to_dict())
+  model = build_model(config)
   logits = jax.jit(functools.partial(model.apply, train=False))(
     {"params": params}, inputs, paddings
   )

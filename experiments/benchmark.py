@@ -39,7 +39,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bucketing
@@ -126,7 +126,7 @@ class Bench:
 
   def __init__(self, config, data: dataset_lib.SequenceSet, repeats: int):
     self.config, self.data, self.repeats = config, data, repeats
-    self.mesh = jax.make_mesh((jax.device_count(),), ("data",), axis_types=(AxisType.Auto,))
+    self.mesh = train.make_data_mesh()
     self.rows = NamedSharding(self.mesh, P("data"))
     self.num_features = train.feature_config(config).num_features
     self.initial = jax.device_put(

@@ -6,7 +6,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bucketing
@@ -142,7 +142,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_parameters(uninterrupte
 
 def mesh_and_state(config, devices):
   """A 1-D data mesh over `devices` and a fresh train state replicated on it."""
-  mesh = jax.make_mesh((len(devices),), ("data",), devices=devices, axis_types=(AxisType.Auto,))
+  mesh = train.make_data_mesh(devices)
   return mesh, jax.device_put(train.create_train_state(config, 3, 10), NamedSharding(mesh, P()))
 
 
@@ -197,8 +197,8 @@ def test_bucketed_and_unbucketed_evaluation_agree():
     list(np.quantile(data.lengths, [0.3, 0.6]).astype(int)),
   ):
     plan = train.make_eval_plans(np.array(bounds), {"v": data}, 8, 1, 8)["v"]
-    compiled = train.compile_steps(state, plan, {"v": plan}, mesh, 3)
-    results.append(train.evaluate(state.params, data, plan, compiled.eval, mesh))
+    compiled = train.compile_eval_steps(state.apply_fn, state.params, {"v": plan}, mesh, 3)
+    results.append(train.evaluate(state.params, data, plan, compiled, mesh))
   unbucketed, bucketed = results
   assert bucketed["examples"] == unbucketed["examples"] == len(data)
   assert bucketed["loss"] == pytest.approx(unbucketed["loss"], rel=1e-5)
