@@ -78,12 +78,12 @@ def main(argv: list[str] | None = None) -> int:
   elif args.command == "stats":
     examples = _load_all(args)
     config = FeatureConfig(resample_spacing=args.resample_spacing or None)
-    stats = report.dataset_stats(
-      examples, dataset.skipped_examples(args.dataset, args.data_dir), config
-    )
+    lengths = {split: report.split_lengths(lines, config) for split, lines in examples.items()}
+    skipped = dataset.skipped_examples(args.dataset, args.data_dir)
+    stats = report.dataset_stats(examples, lengths, skipped, config)
     print(json.dumps(stats) if args.json else report.format_stats(stats))
     if args.plot:
-      report.plot_lengths(examples, config, args.plot)
+      report.plot_lengths(lengths, config, args.plot)
   elif args.command == "render":
     matches = [e for split in _load_all(args).values() for e in split if e["id"] == args.id]
     if not matches:

@@ -39,9 +39,15 @@ def split_lengths(examples: list[dict], feature_config: FeatureConfig) -> dict[s
 
 
 def dataset_stats(
-  examples_by_split: dict[str, list[dict]], skipped: list[dict], feature_config: FeatureConfig
+  examples_by_split: dict[str, list[dict]],
+  lengths_by_split: dict[str, dict[str, np.ndarray]],
+  skipped: list[dict],
+  feature_config: FeatureConfig,
 ) -> dict:
   """The `stats` report: per split counts and lengths, skipped lines, character counts.
+
+  `lengths_by_split` is `split_lengths` of each split under `feature_config`, computed once by the
+  caller (featurising every line is the slow part, and the plot needs the same lengths).
 
   Returns {"splits": {split: {"examples", "points", "features", "characters"}}, "skipped":
   [{"id", "reason", ...}], "feature_config": {...}, "character_counts": {character: count}}.
@@ -49,7 +55,7 @@ def dataset_stats(
   splits = {}
   character_counts = collections.Counter()
   for split, examples in examples_by_split.items():
-    lengths = split_lengths(examples, feature_config)
+    lengths = lengths_by_split[split]
     splits[split] = {"examples": len(examples)} | {k: _summary(v) for k, v in lengths.items()}
     for example in examples:
       character_counts.update(example["text"])
@@ -87,12 +93,12 @@ def format_stats(stats: dict) -> str:
 
 
 def plot_lengths(
-  examples_by_split: dict[str, list[dict]], feature_config: FeatureConfig, path: str
+  lengths_by_split: dict[str, dict[str, np.ndarray]], feature_config: FeatureConfig, path: str
 ) -> None:
-  """Save histograms of point and feature lengths per split: what bucketing has to cover."""
+  """Save histograms of point and feature lengths per split (`split_lengths` of each split under
+  `feature_config`): what bucketing has to cover."""
   figure, axes = plt.subplots(1, 2, figsize=(11, 3.5), sharey=True)
-  for split, examples in examples_by_split.items():
-    lengths = split_lengths(examples, feature_config)
+  for split, lengths in lengths_by_split.items():
     for axis, kind in zip(axes, ("points", "features"), strict=True):
       axis.hist(lengths[kind], bins=60, histtype="step", density=True, label=split)
   axes[0].set(title="points per line", xlabel="length", ylabel="density")

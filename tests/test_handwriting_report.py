@@ -10,7 +10,9 @@ from handwriting.synthetic import generate_examples
 def test_dataset_stats_counts_lengths_and_characters():
   examples = {"train": generate_examples("train", 6), "test": generate_examples("test", 3)}
   skipped = [{"id": "x-01", "split": "test", "reason": "no points"}]
-  stats = report.dataset_stats(examples, skipped, FeatureConfig(resample_spacing=0.1))
+  config = FeatureConfig(resample_spacing=0.1)
+  lengths = {split: report.split_lengths(lines, config) for split, lines in examples.items()}
+  stats = report.dataset_stats(examples, lengths, skipped, config)
   assert stats["splits"]["train"]["examples"] == 6 and stats["splits"]["test"]["examples"] == 3
   points = [len(e["points"]) for e in examples["train"]]
   assert stats["splits"]["train"]["points"]["max"] == max(points)
@@ -25,7 +27,8 @@ def test_dataset_stats_counts_lengths_and_characters():
 
 def test_plots_are_written(tmp_path):
   examples = {"train": generate_examples("train", 4)}
-  report.plot_lengths(examples, FeatureConfig(), str(tmp_path / "lengths.png"))
+  lengths = {"train": report.split_lengths(examples["train"], FeatureConfig())}
+  report.plot_lengths(lengths, FeatureConfig(), str(tmp_path / "lengths.png"))
   report.render_example(examples["train"][0], str(tmp_path / "line.png"))
   for name in ("lengths.png", "line.png"):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
