@@ -16,16 +16,21 @@ Importable: `train_and_evaluate(config, workdir)`, `create_train_state`, `train_
 `evaluate_checkpoint` and `transcribe`.
 """
 
+import collections
+import collections.abc
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
+import os
 import pathlib
+import threading
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -34,6 +39,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax.training import train_state as train_state_lib
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -46,6 +52,9 @@ from models.factory import make_model
 
 Batch = dict[str, jax.Array]
 BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+CACHE_REQUEST_EVENT = "/jax/compilation_cache/compile_requests_use_cache"
+LOG = logging.getLogger("train")
 ALPHABET = alphabet_lib.Alphabet()
 
 
@@ -87,6 +96,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
   if config.num_epochs < 1:
     raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
+  if config.compile_mode not in COMPILE_MODES:
+    raise ValueError(f"config.compile_mode={config.compile_mode!r} is not one of {COMPILE_MODES}")
   if config.optimizer.schedule not in ("cosine", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: cosine|constant")
 
@@ -195,15 +206,15 @@ def make_batch(
 
 def batch_spec(plan: bucketing.BucketPlan, bucket: int, num_features: int, sharding) -> Batch:
   """Shapes and dtypes of a bucket's global batch, for ahead-of-time compilation."""
-  rows, length = int(plan.batch_sizes[bucket]), int(plan.upper_bounds[bucket])
+  batch_size, length = int(plan.batch_sizes[bucket]), int(plan.upper_bounds[bucket])
   width = int(plan.label_upper_bounds[bucket])
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
   return {
-    "inputs": spec((rows, length, num_features), jnp.float32),
-    "input_paddings": spec((rows, length), jnp.float32),
-    "labels": spec((rows, width), jnp.int32),
-    "label_paddings": spec((rows, width), jnp.float32),
-    "weights": spec((rows,), jnp.float32),
+    "inputs": spec((batch_size, length, num_features), jnp.float32),
+    "input_paddings": spec((batch_size, length), jnp.float32),
+    "labels": spec((batch_size, width), jnp.int32),
+    "label_paddings": spec((batch_size, width), jnp.float32),
+    "weights": spec((batch_size,), jnp.float32),
   }
 
 
@@ -301,13 +312,134 @@ def eval_step(apply_fn, params: Any, batch: Batch) -> dict[str, jax.Array]:
   }
 
 
+# ---------------------------------------------------------------------------------------------
+# Compiling the steps: one executable per bucket, on a thread pool, in the order training needs.
+
+COMPILE_MODES = ("overlap", "parallel", "sequential")
+COMPILE_THREAD_PREFIX = "compile-step"
+
+
+class CompileEvents:
+  """Counts XLA compilations and persistent-cache hits and misses, apart for the step-compiling
+  pool's threads: the pool's counts are the run's compile accounting, and any compilation on
+  another thread while training is a recompile (an error)."""
+
+  _lock = threading.Lock()
+  _counts: ClassVar[collections.Counter] = collections.Counter()
+  _registered = False
+
+  @classmethod
+  def install(cls) -> None:
+    if not cls._registered:
+      jax.monitoring.register_event_listener(cls._record)
+      jax.monitoring.register_event_duration_secs_listener(cls._record)
+      cls._registered = True
+
+  @classmethod
+  def _record(cls, event: str, *args, **kwargs) -> None:
+    del args, kwargs
+    in_pool = threading.current_thread().name.startswith(COMPILE_THREAD_PREFIX)
+    with cls._lock:
+      cls._counts[event, in_pool] += 1
+
+  @classmethod
+  def count(cls, event: str, in_pool: bool) -> int:
+    with cls._lock:
+      return cls._counts[event, in_pool]
+
+  @classmethod
+  def outside_pool(cls) -> int:
+    """Compilations on other threads than the pool's, from the backend or the persistent cache."""
+    return cls.count(BACKEND_COMPILE_EVENT, False) + cls.count(CACHE_HIT_EVENT, False)
+
+  @classmethod
+  def cache_counts(cls) -> tuple[int, int]:
+    """(hits, misses) of the persistent compilation cache on the pool's threads."""
+    hits = cls.count(CACHE_HIT_EVENT, True)
+    return hits, cls.count(CACHE_REQUEST_EVENT, True) - hits
+
+
 @dataclasses.dataclass
 class CompiledSteps:
-  """The executables of every bucket; calling one with another shape is an error, not a compile."""
+  """Every bucket's train and eval executable, each compiled once on a thread pool.
 
-  train: dict[int, Any]
-  eval: dict[int, Any]
-  seconds: float
+  `train_steps[bucket]` and `eval_steps[bucket]` wait for that bucket's own compile only, so
+  training starts as soon as the first scheduled bucket is ready. Calling an executable with
+  another bucket's shape is an error, not a compile.
+  """
+
+  train_steps: "Executables"
+  eval_steps: "Executables"
+  pool: concurrent.futures.ThreadPoolExecutor
+  workers: int
+  started: float
+  cache_counts_before: tuple[int, int]
+  first_train_step_at: float | None = None
+
+  def train_step(self, bucket: int):
+    """The bucket's executable; the first call marks when training started."""
+    executable = self.train_steps[bucket]
+    if self.first_train_step_at is None:
+      self.first_train_step_at = time.perf_counter()
+    return executable
+
+  def wait(self) -> None:
+    """Returns when every step is compiled; re-raises a compile's error."""
+    for future in self._futures():
+      future.result()
+
+  def close(self) -> None:
+    """Stops the pool, dropping the compiles not yet started (after an error in training)."""
+    self.pool.shutdown(wait=True, cancel_futures=True)
+
+  def accounting(self) -> dict[str, float | int | None]:
+    """Compile times and cache counts; call after `wait`."""
+    spans = [future.result()[1:] for future in self._futures()]
+    hits, misses = np.subtract(CompileEvents.cache_counts(), self.cache_counts_before).tolist()
+    first = self.first_train_step_at
+    return {
+      "train_compiles": len(self.train_steps.futures),
+      "eval_compiles": len(self.eval_steps.futures),
+      "time_to_first_step_s": None if first is None else first - self.started,
+      "compile_wall_s": max(end for _, end in spans) - min(start for start, _ in spans),
+      "compile_seconds_sum": sum(end - start for start, end in spans),
+      "compilation_cache_hits": hits,
+      "compilation_cache_misses": misses,
+    }
+
+  def _futures(self) -> list[concurrent.futures.Future]:
+    return [*self.train_steps.futures.values(), *self.eval_steps.futures.values()]
+
+
+@dataclasses.dataclass
+class Executables(collections.abc.Mapping):
+  """bucket -> executable, waiting for the bucket's compile when it is looked up."""
+
+  futures: dict[int, concurrent.futures.Future]
+
+  def __getitem__(self, bucket: int):
+    return self.futures[bucket].result()[0]
+
+  def __iter__(self):
+    return iter(self.futures)
+
+  def __len__(self) -> int:
+    return len(self.futures)
+
+
+def _lower_and_compile(jitted, *abstract_args) -> tuple[Any, float, float]:
+  """An executable with the perf_counter times its lowering started and its compile ended."""
+  start = time.perf_counter()
+  executable = jitted.lower(*abstract_args).compile()
+  return executable, start, time.perf_counter()
+
+
+def abstract_of(tree: Any) -> Any:
+  """Shapes, dtypes and shardings of `tree`: lowering needs no buffers (training donates them)."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type),
+    tree,
+  )
 
 
 def compile_steps(
@@ -316,23 +448,37 @@ def compile_steps(
   eval_plans: dict[str, bucketing.BucketPlan],
   mesh: jax.sharding.Mesh,
   num_features: int,
+  *,
+  train_order: list[int] | None = None,
+  mode: str = "parallel",
 ) -> CompiledSteps:
-  """Compiles one train step per training bucket and one eval step per bucket any eval split uses.
+  """Starts compiling one train step per training bucket, then one eval step per bucket any eval
+  split uses (the eval plans share their shapes, `make_eval_plans`).
 
-  The eval plans share their shapes (`make_eval_plans`).
+  Train steps compile in `train_order` (default: bucket order), then the rest. `mode`:
+  "overlap" returns at once and compiles in the background on one thread per CPU core;
+  "parallel" compiles the same way but returns when all are done; "sequential" compiles one at a
+  time and returns when all are done.
   """
   replicated = NamedSharding(mesh, P())
-  rows = NamedSharding(mesh, P("data"))
+  batch_sharding = NamedSharding(mesh, P("data"))
   train_jit = jax.jit(
-    train_step, in_shardings=(replicated, rows), out_shardings=replicated, donate_argnums=0
+    train_step,
+    in_shardings=(replicated, batch_sharding),
+    out_shardings=replicated,
+    donate_argnums=0,
   )
-  start = time.perf_counter()
-  train = {
-    b: train_jit.lower(state, batch_spec(train_plan, b, num_features, rows)).compile()
-    for b in range(train_plan.num_buckets)
+  abstract_state = abstract_of(state)
+  jobs = {
+    ("train", bucket): (
+      train_jit,
+      abstract_state,
+      batch_spec(train_plan, bucket, num_features, batch_sharding),
+    )
+    for bucket in dict.fromkeys([*(train_order or []), *range(train_plan.num_buckets)])
   }
-  evals = compile_eval_steps(state.apply_fn, state.params, eval_plans, mesh, num_features)
-  return CompiledSteps(train, evals, time.perf_counter() - start)
+  jobs |= _eval_jobs(state.apply_fn, state.params, eval_plans, mesh, num_features)
+  return _start_compiling(jobs, mode)
 
 
 def compile_eval_steps(
@@ -341,48 +487,64 @@ def compile_eval_steps(
   eval_plans: dict[str, bucketing.BucketPlan],
   mesh: jax.sharding.Mesh,
   num_features: int,
-) -> dict[int, Any]:
+) -> Executables:
   """One eval executable per bucket that any of the (shape-sharing) eval plans uses."""
+  jobs = _eval_jobs(apply_fn, params, eval_plans, mesh, num_features)
+  return _start_compiling(jobs, "parallel").eval_steps
+
+
+def _eval_jobs(apply_fn, params, eval_plans, mesh, num_features) -> dict[tuple[str, int], tuple]:
   if not eval_plans:
     return {}
-  replicated = NamedSharding(mesh, P())
-  rows = NamedSharding(mesh, P("data"))
+  batch_sharding = NamedSharding(mesh, P("data"))
   eval_jit = jax.jit(
     functools.partial(eval_step, apply_fn),
-    in_shardings=(replicated, rows),
-    out_shardings=replicated,
+    in_shardings=(NamedSharding(mesh, P()), batch_sharding),
+    out_shardings=NamedSharding(mesh, P()),
   )
   used = set()
   for eval_plan in eval_plans.values():
     used.update(np.flatnonzero(eval_plan.bucket_sizes > 0).tolist())
   shapes = next(iter(eval_plans.values()))
+  abstract_params = abstract_of(params)
   return {
-    b: eval_jit.lower(params, batch_spec(shapes, b, num_features, rows)).compile()
-    for b in sorted(used)
+    ("eval", bucket): (
+      eval_jit,
+      abstract_params,
+      batch_spec(shapes, bucket, num_features, batch_sharding),
+    )
+    for bucket in sorted(used)
   }
 
 
-class CompileCounter:
-  """Counts XLA backend compilations, to prove that training compiles nothing after the AOT step."""
+def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledSteps:
+  """Submits `jobs` ((kind, bucket) -> (jitted, *abstract args)) in order to a thread pool."""
+  if mode not in COMPILE_MODES:
+    raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
+  CompileEvents.install()
+  workers = 1 if mode == "sequential" else max(1, min(len(jobs), os.cpu_count() or 1))
+  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=COMPILE_THREAD_PREFIX)
+  cache_counts_before = CompileEvents.cache_counts()
+  started = time.perf_counter()
+  futures = {key: pool.submit(_lower_and_compile, *job) for key, job in jobs.items()}
+  compiled = CompiledSteps(
+    train_steps=Executables({b: f for (kind, b), f in futures.items() if kind == "train"}),
+    eval_steps=Executables({b: f for (kind, b), f in futures.items() if kind == "eval"}),
+    pool=pool,
+    workers=workers,
+    started=started,
+    cache_counts_before=cache_counts_before,
+  )
+  if mode != "overlap":
+    compiled.wait()
+    compiled.close()
+  return compiled
 
-  _count = 0
-  _registered = False
 
-  @classmethod
-  def install(cls) -> None:
-    if not cls._registered:
-      jax.monitoring.register_event_duration_secs_listener(cls._listen)
-      cls._registered = True
-
-  @classmethod
-  def _listen(cls, event: str, duration: float, **kwargs) -> None:
-    del duration, kwargs
-    if event == BACKEND_COMPILE_EVENT:
-      cls._count += 1
-
-  @classmethod
-  def count(cls) -> int:
-    return cls._count
+def first_needed_buckets(plan: bucketing.BucketPlan, seed: int, epoch: int, step: int) -> list[int]:
+  """The buckets in the order the epoch's schedule first uses them from `step` on."""
+  schedule = bucketing.epoch_batches(plan, seed, epoch)[step:]
+  return list(dict.fromkeys(int(bucket) for bucket, _ in schedule))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,24 +555,24 @@ def evaluate(
   params: Any,
   split: dataset_lib.SequenceSet,
   plan: bucketing.BucketPlan,
-  compiled_eval: dict[int, Any],
+  eval_steps: collections.abc.Mapping[int, Any],
   mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
   """Mean CTC loss, CER and WER of a split (every process returns the same numbers)."""
-  rows = NamedSharding(mesh, P("data"))
+  batch_sharding = NamedSharding(mesh, P("data"))
   loss_sum = weight = 0.0
   references, hypotheses = [], []
   for bucket, indices in bucketing.epoch_batches(plan, seed=0, epoch=0):
     local = bucketing.process_slice(indices, jax.process_index(), jax.process_count())
     outputs = jax.device_get(
-      compiled_eval[bucket](params, make_batch(split, plan, bucket, local, rows))
+      eval_steps[bucket](params, make_batch(split, plan, bucket, local, batch_sharding))
     )
     loss_sum += float(outputs["loss_sum"])
     weight += float(outputs["weight"])
-    for row, index in enumerate(indices):
+    for position, index in enumerate(indices):
       if index == bucketing.FILLER:
         continue
-      ids = outputs["decoded"][row, : outputs["decoded_lengths"][row]]
+      ids = outputs["decoded"][position, : outputs["decoded_lengths"][position]]
       references.append(split.texts[index])
       hypotheses.append(ALPHABET.decode(ids))
   return {
@@ -425,21 +587,6 @@ def evaluate(
 # Checkpoints, logs and the loop.
 
 
-def checkpoint_managers(
-  workdir: pathlib.Path,
-) -> tuple[ocp.CheckpointManager, ocp.CheckpointManager]:
-  """`checkpoints/train`: the latest state and data position; `checkpoints/best`: best params."""
-  latest = ocp.CheckpointManager(
-    (workdir / "checkpoints" / "train").absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True),
-  )
-  best = ocp.CheckpointManager(
-    (workdir / "checkpoints" / "best").absolute(),
-    options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True),
-  )
-  return latest, best
-
-
 @dataclasses.dataclass
 class Progress:
   """Everything besides the parameters that a resumed run needs to continue exactly."""
@@ -452,6 +599,65 @@ class Progress:
   epoch_train_loss_sum: float = 0.0
   epoch_train_weight: float = 0.0
   epoch_seconds: float = 0.0
+
+
+class Checkpoints:
+  """A run's Orbax checkpoints: `checkpoints/train` holds the latest state with its position in
+  the schedule and the plan's bounds, `checkpoints/best` the parameters of the best epoch."""
+
+  def __init__(self, workdir: str | pathlib.Path):
+    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.latest = ocp.CheckpointManager(
+      directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    )
+    self.best = ocp.CheckpointManager(
+      directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+    )
+
+  def save_latest(self, state: TrainState, progress: Progress, plan: bucketing.BucketPlan) -> None:
+    meta = dataclasses.asdict(progress) | {"upper_bounds": plan.upper_bounds.tolist()}
+    self.latest.save(
+      int(jax.device_get(state.step)),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(meta)),
+    )
+
+  def restore_latest(
+    self, target: TrainState, plan: bucketing.BucketPlan | None = None
+  ) -> tuple[TrainState, Progress]:
+    """The latest state (shaped and placed like `target`) and progress; `target` and a fresh
+    `Progress` when there is none. With `plan`, a checkpoint of other bucket bounds is an error."""
+    step = self.latest.latest_step()
+    if step is None:
+      return target, Progress()
+    restored = self.latest.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_of(target)), progress=ocp.args.JsonRestore()
+      ),
+    )
+    meta = dict(restored["progress"])
+    bounds = meta.pop("upper_bounds")
+    if plan is not None and bounds != plan.upper_bounds.tolist():
+      raise ValueError(
+        f"the checkpoint in {self.latest.directory} was trained with bucket bounds {bounds}, but "
+        f"this run plans {plan.upper_bounds.tolist()}; use the same config or a new workdir"
+      )
+    return restored["state"], Progress(**meta)
+
+  def save_best(self, epoch: int, params: Any) -> None:
+    if epoch not in self.best.all_steps():  # a resumed run may have saved it already
+      self.best.save(epoch, args=ocp.args.StandardSave(params))
+
+  def restore_best(self, target: Any) -> Any | None:
+    """The best parameters, shaped and placed like `target` (arrays or abstract); None if none."""
+    step = self.best.latest_step()
+    if step is None:
+      return None
+    return self.best.restore(step, args=ocp.args.StandardRestore(abstract_of(target)))
+
+  def wait(self) -> None:
+    self.latest.wait_until_finished()
+    self.best.wait_until_finished()
 
 
 class Logger:
@@ -483,46 +689,33 @@ class Logger:
       self.writer.close()
 
 
-def save_checkpoint(manager, state: TrainState, progress: Progress, plan) -> None:
-  meta = dataclasses.asdict(progress) | {"upper_bounds": plan.upper_bounds.tolist()}
-  manager.save(
-    int(jax.device_get(state.step)),
-    args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(meta)),
-  )
-
-
-def restore_checkpoint(manager, state: TrainState, plan) -> tuple[TrainState, Progress]:
-  step = manager.latest_step()
-  if step is None:
-    return state, Progress()
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  restored = manager.restore(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract), progress=ocp.args.JsonRestore()
-    ),
-  )
-  meta = dict(restored["progress"])
-  bounds = meta.pop("upper_bounds")
-  if bounds != plan.upper_bounds.tolist():
-    raise ValueError(
-      f"the checkpoint in {manager.directory} was trained with bucket bounds {bounds}, but this "
-      f"run plans {plan.upper_bounds.tolist()}; use the same config or a new workdir"
-    )
-  return restored["state"], Progress(**meta)
+def default_compilation_cache_dir() -> str:
+  """$JAX_COMPILATION_CACHE_DIR, else a per-user folder ($XDG_CACHE_HOME or ~/.cache)."""
+  cache_home = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+  return os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(cache_home / "bucketed-rnn" / "jax")
 
 
 def setup_runtime(config: ml_collections.ConfigDict) -> None:
-  """Multi-host initialisation and the persistent compilation cache, when configured."""
+  """Multi-host initialisation, and the persistent compilation cache: on by default so that a run
+  started again loads its steps instead of compiling them; `compilation_cache_dir=""` turns it
+  off."""
   if config.distributed.initialize:
     jax.distributed.initialize(
       coordinator_address=config.distributed.coordinator_address,
       num_processes=config.distributed.num_processes,
       process_id=config.distributed.process_id,
     )
-  if config.compilation_cache_dir:
-    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  path = config.compilation_cache_dir
+  path = default_compilation_cache_dir() if path is None else path
+  if (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache) != (
+    path or jax.config.jax_compilation_cache_dir,
+    bool(path),
+  ):
+    jax.config.update("jax_enable_compilation_cache", bool(path))
+    if path:
+      compilation_cache.set_cache_dir(path)
+    compilation_cache.reset_cache()  # the cache reads its settings once; make it read them again
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def progress_bar(total: int, initial: int, description: str, enabled: bool):
@@ -533,169 +726,254 @@ def progress_bar(total: int, initial: int, description: str, enabled: bool):
   return tqdm(total=total, initial=initial, desc=description, unit="step", leave=False)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains until early stopping or `num_epochs`, resuming from `workdir` when it holds a run.
+@dataclasses.dataclass
+class Run:
+  """What every part of the loop reads: the config, the data and their plans, the mesh, the
+  compiled steps, and where checkpoints and metrics go."""
 
-  Returns the summary also written to `workdir/summary.json`.
+  config: ml_collections.ConfigDict
+  mesh: jax.sharding.Mesh
+  train_set: dataset_lib.SequenceSet
+  eval_sets: dict[str, dataset_lib.SequenceSet]
+  plan: bucketing.BucketPlan
+  eval_plans: dict[str, bucketing.BucketPlan]
+  steps: CompiledSteps
+  checkpoints: Checkpoints
+  logger: Logger
+  compiles_expected: int = 0
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P("data"))
+
+  def allow_compiles_so_far(self) -> None:
+    """Checkpointing compiles small helpers of its own; steps and batches must compile nothing."""
+    self.compiles_expected = CompileEvents.outside_pool()
+
+  def check_no_recompile(self, scheduled: bucketing.ScheduledBatch) -> None:
+    if CompileEvents.outside_pool() != self.compiles_expected:
+      raise RuntimeError(
+        f"a compilation happened at epoch {scheduled.epoch}, step {scheduled.step} (bucket "
+        f"{scheduled.bucket}): every step must reuse its bucket's ahead-of-time executable"
+      )
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Trains until early stopping, `num_epochs` or `max_steps`, resuming from `workdir` when it
+  holds a run. Training starts once the first scheduled bucket is compiled; the other buckets
+  compile in the background. Returns the summary also written to `workdir/summary.json`.
   """
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  is_chief = jax.process_index() == 0
-  log = logging.getLogger("train")
-
-  train = load_split(config, config.data.train_split, config.data.train_limit)
-  evals = {
-    config.data.eval_split: load_split(config, config.data.eval_split, config.data.eval_limit)
-  }
-  if config.data.test_split:
-    evals[config.data.test_split] = load_split(
-      config, config.data.test_split, config.data.eval_limit
-    )
-  plan = make_train_plan(config, train, jax.device_count())
-  eval_plans = make_eval_plans(
-    plan.upper_bounds, evals, config.eval_batch_size, config.bucketing.round_to, jax.device_count()
+  train_set, eval_sets = load_data(config)
+  plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir)
+  checkpoints = Checkpoints(workdir)
+  state, progress = checkpoints.restore_latest(initial_state(config, plan, mesh), plan)
+  order = first_needed_buckets(plan, config.seed, progress.epoch, progress.step_in_epoch)
+  steps = compile_steps(
+    state, plan, eval_plans, mesh, num_features(config), train_order=order, mode=config.compile_mode
   )
-  plan_summary = plan.summary()
-  if is_chief:
-    (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
-    log.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
-
-  num_features = feature_config(config).num_features
-  total_steps = plan.num_steps * config.num_epochs
-  state = create_train_state(config, num_features, total_steps)
-  state = jax.device_put(state, NamedSharding(mesh, P()))
-  latest_manager, best_manager = checkpoint_managers(workdir)
-  state, progress = restore_checkpoint(latest_manager, state, plan)
-
-  CompileCounter.install()
-  compiled = compile_steps(state, plan, eval_plans, mesh, num_features)
-  if is_chief:
-    log.info(
-      "compiled %d train and %d eval steps (one per bucket) in %.1f s",
-      len(compiled.train),
-      len(compiled.eval),
-      compiled.seconds,
+  if jax.process_index() == 0:
+    LOG.info(
+      "compiling %d train and %d eval steps on %d thread(s), %s; persistent cache: %s",
+      len(steps.train_steps),
+      len(steps.eval_steps),
+      steps.workers,
+      config.compile_mode,
+      jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else "off",
     )
-  # Checkpointing compiles small helpers of its own; steps and batches must compile nothing.
-  compiles_expected = CompileCounter.count()
-  rows = NamedSharding(mesh, P("data"))
   logger = Logger(workdir, progress.history)
-  real_timesteps = int(plan_summary["real_timesteps"])
-  padded_timesteps = int(plan_summary["padded_timesteps_with_filler"])
-  steps_done = int(jax.device_get(state.step))
-  stop = False
-
-  for epoch in range(progress.epoch, config.num_epochs):
-    if progress.best_epoch >= 0 and epoch - 1 - progress.best_epoch >= config.patience:
-      break  # early-stopped (also when a finished run is started again)
-    schedule = bucketing.iterate(
-      plan,
-      config.seed,
-      start_epoch=epoch,
-      start_step=progress.step_in_epoch,
-      num_epochs=epoch + 1,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-    )
-    epoch_start = time.perf_counter()
-    with progress_bar(
-      plan.num_steps, progress.step_in_epoch, f"epoch {epoch}", config.progress_bar and is_chief
-    ) as bar:
-      pending = None
-      for scheduled in _prefetch(
-        (s, make_batch(train, plan, s.bucket, s.indices, rows)) for s in schedule
-      ):
-        step_info, batch = scheduled
-        state, step_metrics = compiled.train[step_info.bucket](state, batch)
-        if CompileCounter.count() != compiles_expected:
-          raise RuntimeError(
-            f"a compilation happened at epoch {epoch}, step {step_info.step} (bucket "
-            f"{step_info.bucket}): every step must reuse its bucket's ahead-of-time executable"
-          )
-        if pending is not None:
-          _account(progress, pending, plan, bar)
-        pending = (step_info, step_metrics)
-        steps_done += 1
-        progress.step_in_epoch = step_info.step + 1
-        if config.max_steps and steps_done >= config.max_steps:
-          stop = True
-          break
-        at_epoch_end = progress.step_in_epoch == plan.num_steps
-        if progress.step_in_epoch % config.checkpoint_every_steps == 0 and not at_epoch_end:
-          _account(progress, pending, plan, bar)
-          pending = None
-          progress.epoch_seconds += time.perf_counter() - epoch_start
-          epoch_start = time.perf_counter()
-          save_checkpoint(latest_manager, state, progress, plan)
-          compiles_expected = CompileCounter.count()
-      if pending is not None:
-        _account(progress, pending, plan, bar)
-    jax.block_until_ready(state)
-    progress.epoch_seconds += time.perf_counter() - epoch_start
-    if stop and progress.step_in_epoch < plan.num_steps:
-      save_checkpoint(latest_manager, state, progress, plan)
-      break
-
-    eval_start = time.perf_counter()
-    val = evaluate(
-      state.params,
-      evals[config.data.eval_split],
-      eval_plans[config.data.eval_split],
-      compiled.eval,
-      mesh,
-    )
-    row = {
-      "epoch": epoch,
-      "train_loss": progress.epoch_train_loss_sum / progress.epoch_train_weight,
-      "val_loss": val["loss"],
-      "val_cer": val["cer"],
-      "val_wer": val["wer"],
-      "epoch_time_s": progress.epoch_seconds,
-      "eval_time_s": time.perf_counter() - eval_start,
-      "real_timesteps": real_timesteps,
-      "padded_timesteps": padded_timesteps,
-      "sequences_per_s": plan_summary["num_examples"] / progress.epoch_seconds,
-      "steps": steps_done,
-    }
-    improved = val["loss"] < progress.best_val_loss
-    if improved:
-      progress.best_val_loss, progress.best_epoch = val["loss"], epoch
-      if epoch not in best_manager.all_steps():  # a resumed run may have saved it already
-        best_manager.save(epoch, args=ocp.args.StandardSave(state.params))
-    progress.history.append(row | {"best_epoch": progress.best_epoch})
-    logger.write(progress.history[-1])
-    if is_chief:
-      log.info(
-        "epoch %d: train loss %.3f, val loss %.3f, val CER %.3f, %.1f s",
-        epoch,
-        row["train_loss"],
-        row["val_loss"],
-        row["val_cer"],
-        row["epoch_time_s"],
-      )
-    progress = dataclasses.replace(
-      progress,
-      epoch=epoch + 1,
-      step_in_epoch=0,
-      epoch_train_loss_sum=0.0,
-      epoch_train_weight=0.0,
-      epoch_seconds=0.0,
-    )
-    save_checkpoint(latest_manager, state, progress, plan)
-    compiles_expected = CompileCounter.count()
-    if stop:
-      break
-
-  latest_manager.wait_until_finished()
-  best_manager.wait_until_finished()
-  logger.close()
-  summary = _summary(config, plan, compiled, progress, evals, eval_plans, best_manager, state, mesh)
-  if is_chief:
+  run = Run(config, mesh, train_set, eval_sets, plan, eval_plans, steps, checkpoints, logger)
+  try:
+    run.allow_compiles_so_far()
+    while not finished(config, progress, int(jax.device_get(state.step))):
+      state = train_one_epoch(run, state, progress)
+      if progress.step_in_epoch == plan.num_steps:
+        progress = end_epoch(run, state, progress)
+      else:  # stopped by max_steps within the epoch
+        checkpoints.save_latest(state, progress, plan)
+    steps.wait()
+  finally:
+    steps.close()
+    checkpoints.wait()
+    run.logger.close()
+  summary = _summary(run, progress) | evaluate_test_split(run, state.params)
+  if jax.process_index() == 0:
+    log_compile_accounting(summary)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
   return summary
+
+
+def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.SequenceSet]]:
+  """The training set, and the evaluation sets by split name (validation, then test if set)."""
+  train_set = load_split(config, config.data.train_split, config.data.train_limit)
+  eval_splits = [config.data.eval_split] + (
+    [config.data.test_split] if config.data.test_split else []
+  )
+  eval_sets = {split: load_split(config, split, config.data.eval_limit) for split in eval_splits}
+  return train_set, eval_sets
+
+
+def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path):
+  """The training plan and the eval plans; process 0 writes `plan.json` and prints the plan."""
+  plan = make_train_plan(config, train_set, jax.device_count())
+  eval_plans = make_eval_plans(
+    plan.upper_bounds,
+    eval_sets,
+    config.eval_batch_size,
+    config.bucketing.round_to,
+    jax.device_count(),
+  )
+  if jax.process_index() == 0:
+    plan_summary = plan.summary()
+    (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
+    LOG.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
+  return plan, eval_plans
+
+
+def num_features(config) -> int:
+  return feature_config(config).num_features
+
+
+def initial_state(config, plan: bucketing.BucketPlan, mesh) -> TrainState:
+  state = create_train_state(config, num_features(config), plan.num_steps * config.num_epochs)
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def finished(config, progress: Progress, global_step: int) -> bool:
+  """The run is over: all epochs done, early-stopped on patience, or `max_steps` taken."""
+  stalled = progress.best_epoch >= 0 and progress.epoch - 1 - progress.best_epoch >= config.patience
+  out_of_steps = bool(config.max_steps) and global_step >= config.max_steps
+  return progress.epoch >= config.num_epochs or stalled or out_of_steps
+
+
+def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainState:
+  """Trains from `progress`'s position to the end of its epoch or to `max_steps`, checkpointing
+  every `checkpoint_every_steps`; `progress` follows each step."""
+  config, plan = run.config, run.plan
+  schedule = bucketing.iterate(
+    plan,
+    config.seed,
+    start_epoch=progress.epoch,
+    start_step=progress.step_in_epoch,
+    num_epochs=progress.epoch + 1,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
+  batches = _prefetch(
+    (s, make_batch(run.train_set, plan, s.bucket, s.indices, run.batch_sharding)) for s in schedule
+  )
+  global_step = int(jax.device_get(state.step))
+  show_bar = config.progress_bar and jax.process_index() == 0
+  epoch_start = time.perf_counter()
+  with progress_bar(
+    plan.num_steps, progress.step_in_epoch, f"epoch {progress.epoch}", show_bar
+  ) as bar:
+    pending = None  # the previous step's metrics, read one step late
+    for scheduled, batch in batches:
+      state, step_metrics = run.steps.train_step(scheduled.bucket)(state, batch)
+      run.check_no_recompile(scheduled)
+      if pending is not None:
+        _account(progress, pending, plan, bar)
+      pending = (scheduled, step_metrics)
+      progress.step_in_epoch, global_step = scheduled.step + 1, global_step + 1
+      if config.max_steps and global_step >= config.max_steps:
+        break
+      if (
+        progress.step_in_epoch % config.checkpoint_every_steps == 0
+        and progress.step_in_epoch < plan.num_steps
+      ):
+        _account(progress, pending, plan, bar)
+        pending = None
+        progress.epoch_seconds += time.perf_counter() - epoch_start
+        run.checkpoints.save_latest(state, progress, plan)
+        run.allow_compiles_so_far()
+        epoch_start = time.perf_counter()
+    if pending is not None:
+      _account(progress, pending, plan, bar)
+  jax.block_until_ready(state)
+  progress.epoch_seconds += time.perf_counter() - epoch_start
+  return state
+
+
+def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
+  """Evaluates on the validation split, keeps the best parameters, writes the metrics row, and
+  checkpoints the start of the next epoch."""
+  config, epoch = run.config, progress.epoch
+  eval_start = time.perf_counter()
+  split = config.data.eval_split
+  val = evaluate(
+    state.params, run.eval_sets[split], run.eval_plans[split], run.steps.eval_steps, run.mesh
+  )
+  plan_summary = run.plan.summary()
+  row = {
+    "epoch": epoch,
+    "train_loss": progress.epoch_train_loss_sum / progress.epoch_train_weight,
+    "val_loss": val["loss"],
+    "val_cer": val["cer"],
+    "val_wer": val["wer"],
+    "epoch_time_s": progress.epoch_seconds,
+    "eval_time_s": time.perf_counter() - eval_start,
+    "real_timesteps": int(plan_summary["real_timesteps"]),
+    "padded_timesteps": int(plan_summary["padded_timesteps_with_filler"]),
+    "sequences_per_s": plan_summary["num_examples"] / progress.epoch_seconds,
+    "steps": int(jax.device_get(state.step)),
+  }
+  if val["loss"] < progress.best_val_loss:
+    progress.best_val_loss, progress.best_epoch = val["loss"], epoch
+    run.checkpoints.save_best(epoch, state.params)
+  progress.history.append(row | {"best_epoch": progress.best_epoch})
+  run.logger.write(progress.history[-1])
+  if jax.process_index() == 0:
+    LOG.info(
+      "epoch %d: train loss %.3f, val loss %.3f, val CER %.3f, %.1f s",
+      epoch,
+      row["train_loss"],
+      row["val_loss"],
+      row["val_cer"],
+      row["epoch_time_s"],
+    )
+  progress = dataclasses.replace(
+    progress,
+    epoch=epoch + 1,
+    step_in_epoch=0,
+    epoch_train_loss_sum=0.0,
+    epoch_train_weight=0.0,
+    epoch_seconds=0.0,
+  )
+  run.checkpoints.save_latest(state, progress, run.plan)
+  run.allow_compiles_so_far()
+  return progress
+
+
+def evaluate_test_split(run: Run, params: Any) -> dict[str, float]:
+  """Loss, CER and WER of the best parameters on the test split, when one is configured."""
+  split = run.config.data.test_split
+  best_params = run.checkpoints.restore_best(params) if split else None
+  if best_params is None:
+    return {}
+  test = evaluate(
+    best_params, run.eval_sets[split], run.eval_plans[split], run.steps.eval_steps, run.mesh
+  )
+  return {"test_loss": test["loss"], "test_cer": test["cer"], "test_wer": test["wer"]}
+
+
+def log_compile_accounting(summary: dict) -> None:
+  first = summary["time_to_first_step_s"]
+  LOG.info(
+    "compiled %d train and %d eval steps (one per bucket): first train step after %s, "
+    "%.1f s wall, %.1f s summed over steps; persistent cache %d hits, %d misses",
+    summary["train_compiles"],
+    summary["eval_compiles"],
+    "-" if first is None else f"{first:.1f} s",
+    summary["compile_wall_s"],
+    summary["compile_seconds_sum"],
+    summary["compilation_cache_hits"],
+    summary["compilation_cache_misses"],
+  )
 
 
 def _account(progress: Progress, pending, plan: bucketing.BucketPlan, bar) -> None:
@@ -718,8 +996,6 @@ def _account(progress: Progress, pending, plan: bucketing.BucketPlan, bar) -> No
 
 def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
   """Assembles the next batches on a host thread while the device runs the current step."""
-  import concurrent.futures
-
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
     queue = []
     sentinel = object()
@@ -734,34 +1010,24 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
       yield item
 
 
-def _summary(config, plan, compiled, progress, evals, eval_plans, best_manager, state, mesh):
+def _summary(run: Run, progress: Progress) -> dict:
   best = progress.history[progress.best_epoch] if progress.best_epoch >= 0 else {}
-  summary = {
-    "num_buckets": plan.num_buckets,
-    "upper_bounds": plan.upper_bounds.tolist(),
-    "batch_sizes": plan.batch_sizes.tolist(),
-    "strategy": plan.strategy,
+  return {
+    "num_buckets": run.plan.num_buckets,
+    "upper_bounds": run.plan.upper_bounds.tolist(),
+    "batch_sizes": run.plan.batch_sizes.tolist(),
+    "strategy": run.plan.strategy,
     "num_devices": jax.device_count(),
     "num_processes": jax.process_count(),
-    "train_compiles": len(compiled.train),
-    "eval_compiles": len(compiled.eval),
-    "compile_time_s": compiled.seconds,
+    "compile_mode": run.config.compile_mode,
+    **run.steps.accounting(),
     "train_time_s": sum(row["epoch_time_s"] for row in progress.history),
     "epochs": len(progress.history),
     "best_epoch": progress.best_epoch,
     "best_val_loss": best.get("val_loss"),
     "best_val_cer": best.get("val_cer"),
-    "efficiency": plan.summary()["efficiency_with_filler"],
+    "efficiency": run.plan.summary()["efficiency_with_filler"],
   }
-  test_split = config.data.test_split
-  if test_split and best_manager.latest_step() is not None:
-    params = best_manager.restore(
-      best_manager.latest_step(),
-      args=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state.params)),
-    )
-    test = evaluate(params, evals[test_split], eval_plans[test_split], compiled.eval, mesh)
-    summary |= {"test_loss": test["loss"], "test_cer": test["cer"], "test_wer": test["wer"]}
-  return summary
 
 
 # ---------------------------------------------------------------------------------------------
@@ -782,15 +1048,12 @@ def load_params(
 
   The default is this process's first device, whatever topology the run was trained on.
   """
-  _, best_manager = checkpoint_managers(pathlib.Path(workdir))
-  step = best_manager.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"no best checkpoint under {pathlib.Path(workdir) / 'checkpoints'}")
-  params = jax.eval_shape(
-    lambda: create_train_state(config, feature_config(config).num_features, 1).params
-  )
+  params = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1).params)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return best_manager.restore(step, args=ocp.args.StandardRestore(abstract_on(params, sharding)))
+  best = Checkpoints(workdir).restore_best(abstract_on(params, sharding))
+  if best is None:
+    raise FileNotFoundError(f"no best checkpoint under {pathlib.Path(workdir) / 'checkpoints'}")
+  return best
 
 
 def evaluate_checkpoint(
@@ -813,11 +1076,10 @@ def evaluate_checkpoint(
     jax.device_count(),
   )[split]
   params = load_params(config, workdir, NamedSharding(mesh, P()))
-  num_features = feature_config(config).num_features
-  compiled = compile_eval_steps(
-    build_model(config).apply, params, {split: plan}, mesh, num_features
+  eval_steps = compile_eval_steps(
+    build_model(config).apply, params, {split: plan}, mesh, num_features(config)
   )
-  return evaluate(params, data, plan, compiled, mesh)
+  return evaluate(params, data, plan, eval_steps, mesh)
 
 
 def transcribe(

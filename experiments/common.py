@@ -4,7 +4,7 @@ import ml_collections
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults of the trainer; see `train.py` for what each field does."""
+  """Defaults of the trainer; each field's comment says what it does."""
   config = ml_collections.ConfigDict()
   config.seed = 0
 
@@ -36,7 +36,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.bucketing.max_tokens = 0  # global padded-token budget per step (0 = fixed batch size)
   config.bucketing.round_to = 8
   config.bucketing.overflow = "error"  # error | drop | truncate
-  # Cost model for auto: seconds per step, per padded token, per compiled bucket.
+  # Cost model for auto: seconds per step, per padded token, and kappa, the wall seconds one more
+  # bucket adds to compiling in parallel (`python -m experiments.benchmark` measures all three).
   config.bucketing.alpha = 5e-3
   config.bucketing.beta = 5e-7
   config.bucketing.kappa = 10.0
@@ -62,6 +63,11 @@ def base_config() -> ml_collections.ConfigDict:
   config.checkpoint_every_steps = 200
   config.eval_batch_size = 64
   config.progress_bar = True
+  # overlap: train once the first scheduled bucket is compiled, the rest compile in the background;
+  # parallel: compile every step on a thread pool first; sequential: one at a time first.
+  config.compile_mode = "overlap"
+  # Persistent compilation cache; None: $JAX_COMPILATION_CACHE_DIR or ~/.cache/bucketed-rnn/jax,
+  # "": off.
   config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
 
   # Multi-host: jax.distributed.initialize() arguments; leave empty on one host.

@@ -28,7 +28,11 @@ REQUIRED_SUMMARY_KEYS = {
   "num_devices",
   "train_compiles",
   "eval_compiles",
-  "compile_time_s",
+  "time_to_first_step_s",
+  "compile_wall_s",
+  "compile_seconds_sum",
+  "compilation_cache_hits",
+  "compilation_cache_misses",
   "train_time_s",
   "epochs",
   "best_epoch",
@@ -49,18 +53,12 @@ def tiny_config(**overrides):
 
 
 def latest_params(config, workdir):
-  manager, _ = train.checkpoint_managers(workdir)
-  abstract = train.abstract_on(
+  target = train.abstract_on(
     jax.eval_shape(lambda: train.create_train_state(config, 3, 1)),
     jax.sharding.SingleDeviceSharding(jax.devices()[0]),
   )
-  restored = manager.restore(
-    manager.latest_step(),
-    args=train.ocp.args.Composite(
-      state=train.ocp.args.StandardRestore(abstract), progress=train.ocp.args.JsonRestore()
-    ),
-  )
-  return jax.device_get(restored["state"].params)
+  state, _ = train.Checkpoints(workdir).restore_latest(target)
+  return jax.device_get(state.params)
 
 
 def read_rows(workdir):
@@ -223,7 +221,7 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
   wrong = train.make_batch(train_set, plan, 1, rows, NamedSharding(mesh, P("data")))
   assert plan.upper_bounds[1] != plan.upper_bounds[0]
   with pytest.raises(TypeError):
-    compiled.train[0](state, wrong)
+    compiled.train_steps[0](state, wrong)
 
 
 @pytest.mark.parametrize(
