@@ -10,12 +10,14 @@ contender trains for an epoch over them `--repeats` times (the schedule reshuffl
 the table gives the median:
 
 - ours: `train.compile_steps` executables (the trainer's AOT step per bucket, Adam and CTC
-  included) under `none`, `uniform`, `quantile`, `optimal` at each K, fixed batch size against a
-  token budget of the same mean tokens per step; batches assembled before the clock starts, so the
-  device time is what is timed, and the host's assembly time per step is reported beside it;
+  included, compiled in parallel) under `none`, `uniform`, `quantile`, `optimal` at each K, fixed
+  batch size against a token budget of the same mean tokens per step; batches assembled before
+  the clock starts, so the device time is what is timed, and the host's assembly time per step is
+  reported beside it;
 - the cost model: one step compiled and timed on a (batch, length) grid, `alpha + beta * B * L`
-  fitted by least squares, kappa = the median compile seconds of one step; fed to `auto`, whose
-  plan is then measured like the others and compared to the fastest measured K over
+  fitted by least squares; kappa = the wall seconds one more bucket adds to compiling a plan's
+  steps in parallel (the slope of the `optimal` plans' compile wall time over K); fed to `auto`,
+  whose plan is then measured like the others and compared to the fastest measured K over
   `--planned-epochs` epochs (compile included);
 - PyTorch `nn.LSTM` (same layers, width, direction; Linear head, CTC loss, Adam, gradient clipping)
   on random batches padded to their longest line, and the same with `pack_padded_sequence`;
@@ -127,7 +129,7 @@ class Bench:
   def __init__(self, config, data: dataset_lib.SequenceSet, repeats: int):
     self.config, self.data, self.repeats = config, data, repeats
     self.mesh = train.make_data_mesh()
-    self.rows = NamedSharding(self.mesh, P("data"))
+    self.batch_sharding = NamedSharding(self.mesh, P("data"))
     self.num_features = train.feature_config(config).num_features
     self.initial = jax.device_put(
       train.create_train_state(config, self.num_features, 10**6), NamedSharding(self.mesh, P())
@@ -153,7 +155,8 @@ class Bench:
     if other is None:
       jax.clear_caches()  # strategies share shapes (the longest bucket): compile each afresh
       compiled = train.compile_steps(self.fresh_state(), plan, {}, self.mesh, self.num_features)
-      steps, compile_seconds, state = compiled.train, compiled.seconds, self.fresh_state()
+      steps, state = compiled.train_steps, self.fresh_state()
+      compile_seconds = compiled.accounting()["compile_wall_s"]
     else:
       (steps, state), compile_seconds = other, None
     carried = [state]
@@ -162,7 +165,7 @@ class Bench:
       schedule = bucketing.epoch_batches(plan, self.config.seed, repeat)
       start = time.perf_counter()
       batches = [
-        (bucket, train.make_batch(self.data, plan, bucket, indices, self.rows))
+        (bucket, train.make_batch(self.data, plan, bucket, indices, self.batch_sharding))
         for bucket, indices in schedule
       ]
       jax.block_until_ready(batches)
@@ -189,8 +192,8 @@ class Bench:
     )
 
 
-def fit_cost_model(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict]]:
-  """alpha, beta, kappa of this machine, from one step compiled and timed per (batch, length)."""
+def fit_step_cost(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict]]:
+  """alpha and beta of this machine, from one step compiled and timed per (batch, length)."""
   rng = np.random.default_rng(0)
   points = []
   for batch_size in batch_sizes:
@@ -217,20 +220,20 @@ def fit_cost_model(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict
       )
       compiled = train.compile_steps(bench.fresh_state(), plan, {}, bench.mesh, bench.num_features)
       state = bench.fresh_state()
-      batch = train.make_batch(grid, plan, 0, np.arange(batch_size), bench.rows)
+      batch = train.make_batch(grid, plan, 0, np.arange(batch_size), bench.batch_sharding)
       times = []
       for _ in range(bench.repeats + 1):
         start = time.perf_counter()
-        state, _ = compiled.train[0](state, batch)
+        state, _ = compiled.train_steps[0](state, batch)
         jax.block_until_ready(state)
         times.append(time.perf_counter() - start)
-      points.append((batch_size, length, statistics.median(times[1:]), compiled.seconds))
+      compile_seconds = compiled.accounting()["compile_seconds_sum"]
+      points.append((batch_size, length, statistics.median(times[1:]), compile_seconds))
   tokens = np.array([b * length for b, length, _, _ in points], np.float64)
   seconds = np.array([s for _, _, s, _ in points])
   design = np.stack([np.ones_like(tokens), tokens], axis=1)
   (alpha, beta), *_ = np.linalg.lstsq(design, seconds, rcond=None)
   alpha, beta = max(float(alpha), 0.0), max(float(beta), 0.0)
-  kappa = statistics.median(c for *_, c in points)
   rows = [
     {
       "batch": str(b),
@@ -242,7 +245,15 @@ def fit_cost_model(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict
     }
     for b, length, s, c in points
   ]
-  return (alpha, beta, kappa), rows
+  return (alpha, beta), rows
+
+
+def compile_cost_per_bucket(measured_by_k: dict[int, Measurement]) -> float:
+  """kappa: the least-squares slope of the plans' parallel compile wall time over K."""
+  counts = np.array(sorted(measured_by_k), np.float64)
+  walls = np.array([measured_by_k[k].compile_seconds for k in sorted(measured_by_k)])
+  (_, kappa), *_ = np.linalg.lstsq(np.stack([np.ones_like(counts), counts], 1), walls, rcond=None)
+  return max(float(kappa), 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +357,7 @@ def torch_contenders(config, data, repeats: int) -> list[Measurement] | str:
 
 
 def cudnn_jax_steps(bench: Bench, num_buckets: int):
-  """`jax.experimental.rnn` (cuDNN) steps per bucket and their state, for `Bench.measure` (GPU).
+  """`jax.experimental.rnn` (cuDNN) steps per bucket and their state, for `Bench.contender` (GPU).
 
   Reuses `benchmark_lstm.CudnnStack`, whose head has 80 classes; labels are folded into 1..79 for
   the CTC loss, a difference of two output units against our model.
@@ -419,7 +430,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   longest = int(bucketing.boundaries.round_up(data.lengths.max(), 8))
   fractions = (4, 2, 1) if preset_name != "tiny" else (2, 1)
   grid_lengths = sorted({max(8, longest // f // 8 * 8) for f in fractions})
-  cost, grid_rows = fit_cost_model(bench, grid_batches, grid_lengths)
+  (alpha, beta), grid_rows = fit_step_cost(bench, grid_batches, grid_lengths)
 
   measurements = [bench.contender("ours", bench.plan("none", 1))]
   optimal_by_k = {1: measurements[0]}
@@ -432,7 +443,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   for k in (1, *bucket_counts):
     strategy = "none" if k == 1 else "optimal"
     measurements.append(bench.contender("ours", bench.plan(strategy, k, max_tokens=mean_tokens)))
-  auto_plan = bench.plan("auto", max(bucket_counts), cost=cost, epochs=epochs)
+  kappa = compile_cost_per_bucket(optimal_by_k)
+  auto_plan = bench.plan("auto", max(bucket_counts), cost=(alpha, beta, kappa), epochs=epochs)
   auto = bench.contender("ours, measured cost model", auto_plan)
   measurements.append(auto)
 
@@ -466,14 +478,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     }
     for k, m in sorted(optimal_by_k.items())
   ]
-  measured_total = {
-    k: epochs * m.epoch_seconds + m.compile_seconds for k, m in optimal_by_k.items()
-  }
   fastest = min(measured_total, key=measured_total.get)
   auto_total = epochs * auto.epoch_seconds + auto.compile_seconds
   load_after = os.getloadavg()[0]
 
-  alpha, beta, kappa = cost
   command = " ".join(["python -m experiments.benchmark", *argv])
   model = config.model
   report = [
@@ -503,7 +511,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "",
     f"One train step compiled and timed per (batch, length); least-squares fit of "
     f"`alpha + beta * B * L`: alpha = {alpha:.4g} s per step, beta = {beta:.4g} s per padded "
-    f"token; kappa = {kappa:.3g} s, the median compile time of one step.",
+    f"token. kappa = {kappa:.3g} s, the wall time one more bucket adds to compiling a plan's "
+    "train steps in parallel: the least-squares slope of the measured compile (s) of the "
+    "`optimal` plans (K = 1 is `none`) over K.",
     "",
     *markdown_table(grid_rows, list(grid_rows[0])),
     "",
