@@ -1,7 +1,9 @@
-"""The trainer: one compile per bucket, data-parallel equivalence, resume, errors, end to end."""
+"""The trainer: one compile per bucket (parallel, overlapped, cached), data-parallel equivalence,
+resume, errors, end to end."""
 
 import json
 import shutil
+import threading
 
 import jax
 import numpy as np
@@ -296,3 +298,88 @@ def test_iam_tiny_trains_on_the_real_data(built_data_dir, tmp_path):
   rows = read_rows(tmp_path)
   assert len(rows) == config.num_epochs
   assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+
+
+def final_params_and_rows(workdir):
+  return latest_params(tiny_config(), workdir), read_rows(workdir)
+
+
+def assert_same_training(reference_dir, workdir):
+  """Bit-identical parameters and losses: only the order of compiling may differ."""
+  (expected, expected_rows), (got, got_rows) = map(final_params_and_rows, (reference_dir, workdir))
+  jax.tree.map(np.testing.assert_array_equal, expected, got)
+  for expected_row, row in zip(expected_rows, got_rows, strict=True):
+    assert (row["train_loss"], row["val_loss"]) == (
+      expected_row["train_loss"],
+      expected_row["val_loss"],
+    )
+
+
+@pytest.mark.slow
+def test_sequential_overlapped_and_cached_compiles_train_identically_one_compile_per_step(
+  uninterrupted, tmp_path
+):
+  reference_dir, reference = uninterrupted
+  assert reference["compile_mode"] == "overlap"
+  cache_dir = str(tmp_path / "cache")
+  jax.clear_caches()  # compile afresh, not from the in-memory cache of the reference run
+  sequential = train.train_and_evaluate(
+    tiny_config(compile_mode="sequential", compilation_cache_dir=cache_dir), tmp_path / "first"
+  )
+  executables = sequential["train_compiles"] + sequential["eval_compiles"]
+  assert sequential["train_compiles"] == sequential["num_buckets"]
+  assert (sequential["compilation_cache_hits"], sequential["compilation_cache_misses"]) == (
+    0,
+    executables,
+  )
+  assert sequential["compile_wall_s"] >= sequential["compile_seconds_sum"] - 1e-6  # one at a time
+  assert_same_training(reference_dir, tmp_path / "first")
+
+  jax.clear_caches()  # as a new process would start
+  cached = train.train_and_evaluate(
+    tiny_config(compilation_cache_dir=cache_dir), tmp_path / "again"
+  )
+  assert (cached["compilation_cache_hits"], cached["compilation_cache_misses"]) == (executables, 0)
+  assert_same_training(reference_dir, tmp_path / "again")
+
+
+def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatch):
+  # Eval compiles are held until the first step's metrics are read: a trainer that waited for
+  # every compile before training would never release them.
+  first_step_done = threading.Event()
+  account, eval_jobs = train._account, train._eval_jobs
+
+  class HeldUntilTraining:
+    def __init__(self, jitted):
+      self.jitted = jitted
+
+    def lower(self, *abstract_args):
+      if not first_step_done.wait(timeout=120):
+        raise TimeoutError("training did not start while eval steps were still compiling")
+      return self.jitted.lower(*abstract_args)
+
+  def accounting_step(*args):
+    first_step_done.set()
+    return account(*args)
+
+  def held_eval_jobs(*args):
+    return {
+      key: (HeldUntilTraining(jitted), *rest) for key, (jitted, *rest) in eval_jobs(*args).items()
+    }
+
+  monkeypatch.setattr(train, "_account", accounting_step)
+  monkeypatch.setattr(train, "_eval_jobs", held_eval_jobs)
+  summary = train.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
+  assert summary["epochs"] == 1 and summary["eval_compiles"] >= 1
+
+
+def test_buckets_compile_in_the_order_the_schedule_first_needs_them():
+  config = tiny_config(**{"bucketing.num_buckets": 4})
+  train_set = train.load_split(config, "train", 48)
+  plan = train.make_train_plan(config, train_set, 8)
+  schedule = [bucket for bucket, _ in bucketing.epoch_batches(plan, seed=3, epoch=1)]
+  order = train.first_needed_buckets(plan, seed=3, epoch=1, step=2)
+  assert sorted(order) == sorted(set(schedule[2:]))
+  assert [schedule[2:].index(bucket) for bucket in order] == sorted(
+    schedule[2:].index(bucket) for bucket in order
+  )
