@@ -434,14 +434,6 @@ def _lower_and_compile(jitted, *abstract_args) -> tuple[Any, float, float]:
   return executable, start, time.perf_counter()
 
 
-def abstract_of(tree: Any) -> Any:
-  """Shapes, dtypes and shardings of `tree`: lowering needs no buffers (training donates them)."""
-  return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding, weak_type=x.weak_type),
-    tree,
-  )
-
-
 def compile_steps(
   state: TrainState,
   train_plan: bucketing.BucketPlan,
@@ -468,7 +460,7 @@ def compile_steps(
     out_shardings=replicated,
     donate_argnums=0,
   )
-  abstract_state = abstract_of(state)
+  abstract_state = abstract_on(state)
   jobs = {
     ("train", bucket): (
       train_jit,
@@ -506,7 +498,7 @@ def _eval_jobs(apply_fn, params, eval_plans, mesh, num_features) -> dict[tuple[s
   for eval_plan in eval_plans.values():
     used.update(np.flatnonzero(eval_plan.bucket_sizes > 0).tolist())
   shapes = next(iter(eval_plans.values()))
-  abstract_params = abstract_of(params)
+  abstract_params = abstract_on(params)
   return {
     ("eval", bucket): (
       eval_jit,
@@ -632,7 +624,7 @@ class Checkpoints:
     restored = self.latest.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_of(target)), progress=ocp.args.JsonRestore()
+        state=ocp.args.StandardRestore(abstract_on(target)), progress=ocp.args.JsonRestore()
       ),
     )
     meta = dict(restored["progress"])
@@ -653,7 +645,7 @@ class Checkpoints:
     step = self.best.latest_step()
     if step is None:
       return None
-    return self.best.restore(step, args=ocp.args.StandardRestore(abstract_of(target)))
+    return self.best.restore(step, args=ocp.args.StandardRestore(abstract_on(target)))
 
   def wait(self) -> None:
     self.latest.wait_until_finished()
@@ -707,10 +699,8 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
     )
   path = config.compilation_cache_dir
   path = default_compilation_cache_dir() if path is None else path
-  if (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache) != (
-    path or jax.config.jax_compilation_cache_dir,
-    bool(path),
-  ):
+  in_use = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else ""
+  if path != (in_use or ""):
     jax.config.update("jax_enable_compilation_cache", bool(path))
     if path:
       compilation_cache.set_cache_dir(path)
@@ -1034,9 +1024,15 @@ def _summary(run: Run, progress: Progress) -> dict:
 # Using a trained model.
 
 
-def abstract_on(tree: Any, sharding: jax.sharding.Sharding) -> Any:
-  """Shapes and dtypes of `tree` placed on `sharding`: a restore target for any topology."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+def abstract_on(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
+  """Shapes and dtypes of `tree` placed on `sharding` (default: where each leaf is): a restore
+  target for any topology, and what lowering needs (no buffers, which training donates)."""
+  return jax.tree.map(
+    lambda x: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sharding or x.sharding, weak_type=x.weak_type
+    ),
+    tree,
+  )
 
 
 def load_params(
