@@ -6,11 +6,12 @@
 
 The training set's feature lengths are cut into length buckets (`bucketing.make_plan`); every bucket
 has one static batch shape, so the train step and the eval step are compiled ahead of time once per
-bucket and nothing compiles while training (a recompile is an error). Batches are sharded over a 1-D
-mesh of all devices with parameters replicated: `jit` with `NamedSharding` gives the semantics of
-pmap + pmean (one global mean loss over the real examples of the global batch, gradients all-reduced
-by XLA), and the same code runs on 1 CPU, simulated CPU devices, GPUs, or several hosts, each
-process feeding its own slice of the global schedule.
+bucket and nothing compiles while training (a recompile is an error). The buckets compile
+concurrently on a thread pool, and training starts as soon as the first scheduled bucket is ready.
+Batches are sharded over a 1-D mesh of all devices with parameters replicated: `jit` with
+`NamedSharding` gives the semantics of pmap + pmean (one global mean loss over the real examples of
+the global batch, gradients all-reduced by XLA), and the same code runs on 1 CPU, simulated CPU
+devices, GPUs, or several hosts, each process feeding its own slice of the global schedule.
 
 Importable: `train_and_evaluate(config, workdir)`, `create_train_state`, `train_step`, `eval_step`,
 `evaluate_checkpoint` and `transcribe`.
@@ -448,7 +449,8 @@ def compile_steps(
   split uses (the eval plans share their shapes, `make_eval_plans`).
 
   Train steps compile in `train_order` (default: bucket order), then the rest. `mode`:
-  "overlap" returns at once and compiles in the background on one thread per CPU core;
+  "overlap" returns at once and compiles in the background on one thread per CPU core: the first
+  step alone (only it delays training, and compiles beside it would slow it down), then the rest;
   "parallel" compiles the same way but returns when all are done; "sequential" compiles one at a
   time and returns when all are done.
   """
@@ -509,6 +511,11 @@ def _eval_jobs(apply_fn, params, eval_plans, mesh, num_features) -> dict[tuple[s
   }
 
 
+def _after(first: concurrent.futures.Future, job: tuple) -> tuple[Any, float, float]:
+  concurrent.futures.wait([first])
+  return _lower_and_compile(*job)
+
+
 def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledSteps:
   """Submits `jobs` ((kind, bucket) -> (jitted, *abstract args)) in order to a thread pool."""
   if mode not in COMPILE_MODES:
@@ -518,7 +525,12 @@ def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledS
   pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=COMPILE_THREAD_PREFIX)
   cache_counts_before = CompileEvents.cache_counts()
   started = time.perf_counter()
-  futures = {key: pool.submit(_lower_and_compile, *job) for key, job in jobs.items()}
+  futures = {}
+  for key, job in jobs.items():
+    if mode == "overlap" and futures:  # the first step compiles alone: training waits for it
+      futures[key] = pool.submit(_after, next(iter(futures.values())), job)
+    else:
+      futures[key] = pool.submit(_lower_and_compile, *job)
   compiled = CompiledSteps(
     train_steps=Executables({b: f for (kind, b), f in futures.items() if kind == "train"}),
     eval_steps=Executables({b: f for (kind, b), f in futures.items() if kind == "eval"}),
@@ -699,8 +711,8 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
     )
   path = config.compilation_cache_dir
   path = default_compilation_cache_dir() if path is None else path
-  in_use = jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else ""
-  if path != (in_use or ""):
+  wanted = (bool(path), path or jax.config.jax_compilation_cache_dir)
+  if wanted != (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir):
     jax.config.update("jax_enable_compilation_cache", bool(path))
     if path:
       compilation_cache.set_cache_dir(path)
