@@ -1,0 +1,150 @@
+"""Start-up time of a training run: compiling the buckets one after another, in parallel, and
+overlapped with training, and from the persistent compilation cache.
+
+    python -m experiments.benchmark_compile [--config experiments/synthetic.py:tiny]
+        [--num-buckets 4] [--repeats 3] [--out FILE]
+
+Each repeat trains the config with `compile_mode` sequential, parallel and overlap (persistent
+cache off, in-memory caches cleared before each run, as a new process would start), then overlap
+twice with a fresh persistent cache: once to fill it, once to read it. The table gives the median
+and the range over the repeats of what `summary.json` reports; the runs take turns within each
+repeat, so load from other processes falls on all of them alike. Writes
+`experiments/results/benchmark_compile_<machine>.md` (`cpu`, `gpu`) with the machine, date,
+command and load.
+"""
+
+import argparse
+import datetime
+import importlib
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+
+import train
+from experiments.reporting import machine_description, markdown_table
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+RUNS = ("sequential", "parallel", "overlap", "overlap, cold cache", "overlap, warm cache")
+MEASURES = {
+  "time to first step (s)": "time_to_first_step_s",
+  "compile wall (s)": "compile_wall_s",
+  "compile summed (s)": "compile_seconds_sum",
+  "train time (s)": "train_time_s",
+}
+
+
+def load_config(spec: str, num_buckets: int):
+  """`experiments/<name>.py[:variant]` as train.py's --config reads it, with K buckets."""
+  path, _, variant = spec.partition(":")
+  module = importlib.import_module("experiments." + pathlib.Path(path).stem)
+  config = module.get_config(variant or None)
+  config.bucketing.num_buckets = num_buckets
+  return config
+
+
+def one_run(config, mode: str, cache_dir: str, workdir: pathlib.Path) -> dict:
+  """A fresh run's summary: in-memory caches cleared, as in a new process."""
+  config = config.copy_and_resolve_references()
+  config.compile_mode, config.compilation_cache_dir = mode, cache_dir
+  jax.clear_caches()
+  return train.train_and_evaluate(config, workdir)
+
+
+def spread(values: list[float]) -> str:
+  return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="experiments/synthetic.py:tiny")
+  parser.add_argument("--num-buckets", type=int, default=4)
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--out", type=pathlib.Path, default=None)
+  args = parser.parse_args(argv)
+  config = load_config(args.config, args.num_buckets)
+  out = args.out or RESULTS / f"benchmark_compile_{jax.default_backend()}.md"
+
+  load_before, started = os.getloadavg()[0], time.perf_counter()
+  summaries = {run: [] for run in RUNS}
+  with tempfile.TemporaryDirectory() as scratch:
+    scratch = pathlib.Path(scratch)
+    for repeat in range(args.repeats):
+      for mode in ("sequential", "parallel", "overlap"):
+        summaries[mode].append(one_run(config, mode, "", scratch / f"{mode}-{repeat}"))
+      cache_dir = str(scratch / f"cache-{repeat}")
+      for run in ("overlap, cold cache", "overlap, warm cache"):
+        summaries[run].append(one_run(config, "overlap", cache_dir, scratch / f"{run}-{repeat}"))
+      for run in RUNS:
+        print(repeat, run, {k: summaries[run][-1][k] for k in MEASURES.values()}, flush=True)
+  load_after = os.getloadavg()[0]
+
+  rows = []
+  for run in RUNS:
+    runs = summaries[run]
+    row = {"compile mode": run} | {
+      column: spread([summary[key] for summary in runs]) for column, key in MEASURES.items()
+    }
+    row["parallelism (summed / wall)"] = spread(
+      [s["compile_seconds_sum"] / s["compile_wall_s"] for s in runs]
+    )
+    hits = {(s["compilation_cache_hits"], s["compilation_cache_misses"]) for s in runs}
+    row["cache hits / misses"] = ", ".join(f"{h} / {m}" for h, m in sorted(hits))
+    rows.append(row)
+  sequential_walls = [summary["compile_wall_s"] for summary in summaries["sequential"]]
+  first_step_ratios = [
+    summary["time_to_first_step_s"] / wall
+    for summary, wall in zip(summaries["overlap"], sequential_walls, strict=True)
+  ]
+  parallel_ratios = [
+    summary["compile_wall_s"] / wall
+    for summary, wall in zip(summaries["parallel"], sequential_walls, strict=True)
+  ]
+  first = summaries["sequential"][0]
+  command = " ".join(["python -m experiments.benchmark_compile", *argv])
+  report = [
+    "# Start-up: compiling the buckets sequentially, in parallel, overlapped, from the cache",
+    "",
+    f"Machine: {machine_description()}.",
+    f"Date: {datetime.date.today().isoformat()}; jax {jax.__version__}. Command: `{command}`.",
+    f"1-minute load average {load_before:.2f} before and {load_after:.2f} after the run on "
+    f"{os.cpu_count()} cores (a load above the core count means other processes shared the "
+    f"CPU); the run took {(time.perf_counter() - started) / 60:.1f} min.",
+    f"Config: `{args.config}` with K = {first['num_buckets']} buckets (bounds "
+    f"{first['upper_bounds']}): {first['train_compiles']} train and {first['eval_compiles']} "
+    f"eval steps to compile, {first['epochs']} epochs on {first['num_devices']} device(s).",
+    "",
+    f"Cells: median (min-max) of {args.repeats} repeats; the runs take turns within each repeat. "
+    "Time to first step: from the start of compiling to the first train step's dispatch. "
+    "Compile wall: from the first compile's start to the last one's end. Compile summed: the "
+    "per-step compile times added up. Train time: the epochs' wall time, including any wait for "
+    "a bucket still compiling. Sequential, parallel and overlap run with the persistent cache "
+    "off; the cache runs use a fresh cache folder per repeat, filled by the cold run.",
+    "",
+    *markdown_table(
+      rows, ["compile mode", *MEASURES, "parallelism (summed / wall)", "cache hits / misses"]
+    ),
+    "",
+    f"Overlapped, the first train step starts after {spread(first_step_ratios)} of the "
+    "sequential compile time (time to first step with overlap over the compile wall time of the "
+    "sequential run of the same repeat). Compiling everything in parallel takes "
+    f"{spread(parallel_ratios)} of the sequential compile wall time. Parallelism is how many "
+    "compiles were in flight on average, not a speed-up: on a shared machine each of them then "
+    "runs slower.",
+    "",
+  ]
+  text = "\n".join(report)
+  print(text)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(text)
+  print(f"wrote {out}")
+  return out
+
+
+if __name__ == "__main__":
+  main()
