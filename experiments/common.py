@@ -47,7 +47,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bidirectional = True
   config.model.dropout_rate = 0.2
   config.model.input_projection_size = ml_collections.FieldReference(None, field_type=int)
-  config.model.unroll = 1  # unroll=4 was 1.1-1.4x slower on CPU (benchmark_lstm_cpu.md)
+  # auto: the fused Pallas recurrence on a GPU, the scan elsewhere | scan | pallas
+  config.model.lstm_impl = "auto"
+  # Scan steps per loop iteration; 0 = the backend's measured best (8 on a GPU, 1 on the CPU).
+  config.model.unroll = 0
+  # Launch parameters of the Pallas recurrence (models.lstm_kernel.KernelConfig).
+  config.model.kernel = ml_collections.ConfigDict(
+    {"batch_tile": 16, "num_warps": 4, "weights_resident": True, "num_stages": 1}
+  )
   config.model.dtype = "float32"
 
   config.optimizer = ml_collections.ConfigDict()

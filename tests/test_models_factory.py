@@ -30,7 +30,8 @@ def test_builds_the_configured_model_with_the_right_logit_shape():
     {"hidden_size": 0},
     {"dropout_rate": 1.0},
     {"input_projection_size": 0},
-    {"unroll": 0},
+    {"unroll": -1},
+    {"lstm_impl": "cudnn"},
   ],
 )
 def test_out_of_range_values_are_refused(override):
@@ -41,3 +42,27 @@ def test_out_of_range_values_are_refused(override):
 def test_unknown_keys_are_refused():
   with pytest.raises(TypeError):
     make_model(**CONFIG, hiden_size=4)
+
+
+@pytest.mark.parametrize(
+  "lstm_impl, hidden_size, backend, expected",
+  [
+    ("auto", 128, "gpu", "pallas"),
+    ("auto", 200, "gpu", "pallas"),  # padded to 256, still on chip
+    ("auto", 512, "gpu", "scan"),
+    ("auto", 128, "cpu", "scan"),
+    ("scan", 128, "gpu", "scan"),
+    ("pallas", 128, "cpu", "pallas"),
+  ],
+)
+def test_lstm_impl_auto_takes_the_kernel_on_a_gpu_only(lstm_impl, hidden_size, backend, expected):
+  model = make_model(**{**CONFIG, "hidden_size": hidden_size}, lstm_impl=lstm_impl, backend=backend)
+  assert model.lstm_implementation == expected
+  # Off the GPU the kernel can only run in the Pallas interpreter.
+  assert model.kernel_config.interpret == (backend != "gpu")
+
+
+@pytest.mark.parametrize("backend, expected", [("gpu", 8), ("cpu", 1)])
+def test_unroll_zero_takes_the_backends_measured_default(backend, expected):
+  assert make_model(**CONFIG, unroll=0, backend=backend).unroll == expected
+  assert make_model(**CONFIG, unroll=3, backend=backend).unroll == 3

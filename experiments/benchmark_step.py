@@ -1,0 +1,458 @@
+"""The train step's anatomy: where one step's time goes, per LSTM implementation, beside cuDNN.
+
+    python -m experiments.benchmark_step --quick                      # one GPU, a few minutes
+    python -m experiments.benchmark_step --quick --tune --epoch --data-dir DIR \\
+        --xla-flags "command buffers=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,WHILE"
+
+The `experiments/iam.py` model (3 x BLSTM 128, CTC, Adam, gradient clipping) at fixed shapes,
+batch B x T frames (lengths uniform in [T/2, T], labels T/20 characters, IAM-OnDB's ratio of
+characters to pen points). For every LSTM implementation, the median wall time of:
+
+- `step`: the trainer's whole jitted `train.train_step` (forward, CTC, backward, Adam);
+- `forward`: the model alone (the LSTM stack and its projections, logits out);
+- `backward`: the model's forward + backward minus its forward;
+- `ctc`: the CTC loss and its gradient w.r.t. the logits;
+- `optimizer`: clipping and the Adam update;
+- PyTorch `nn.LSTM` + cuDNN's whole step at the same shape (when torch sees a GPU).
+
+The parts are jitted apart, so they need not add up to the step (XLA fuses across them).
+`--tune` first times the Pallas kernel's launch variants on one layer's recurrence (checking each
+against the scan on the device) and runs the rest with the fastest; `--xla-flags NAME=FLAGS`
+reruns the step in a child process under those `XLA_FLAGS`; `--epoch` times one epoch of the
+IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps) against PyTorch
+cuDNN on random batches padded per batch (needs `--data-dir` with `iam_ondb.npz`).
+Writes `experiments/results/benchmark_step_<backend>.md` with the device named.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import train
+from experiments import benchmark, iam
+from experiments.reporting import machine_description, markdown_table
+from models import ctc
+from models.lstm import lstm_recurrence
+from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+NUM_FEATURES = 3
+# LSTM implementations: name -> config.model overrides.
+IMPLEMENTATIONS = {
+  "scan, unroll 1": {"lstm_impl": "scan", "unroll": 1},
+  "scan, unroll 8": {"lstm_impl": "scan", "unroll": 8},
+  "pallas": {"lstm_impl": "pallas"},
+  "pallas, bfloat16": {"lstm_impl": "pallas", "dtype": "bfloat16"},
+}
+PRESETS = {
+  # (batch, time) -> the implementations timed there.
+  "full": {
+    (batch, time): ("scan, unroll 1", "scan, unroll 8", "pallas")
+    for batch in (32, 128)
+    for time in (152, 608, 1544)
+  },
+  "quick": {
+    (32, 608): tuple(IMPLEMENTATIONS),
+    (32, 152): ("scan, unroll 8", "pallas"),
+    (32, 1544): ("scan, unroll 8", "pallas"),
+    (128, 608): ("scan, unroll 8", "pallas"),
+  },
+  # Seconds on a CPU (the kernel runs in the Pallas interpreter): the tests' preset.
+  "tiny": {(8, 24): ("scan, unroll 1", "pallas")},
+}
+# Launch variants, swept in two stages: tile x warps x weight residency, then the best of those
+# at deeper software pipelining.
+TUNE_GRID = [
+  KernelConfig(batch_tile=tile, num_warps=warps, weights_resident=resident)
+  for tile, warps, resident in itertools.product((16, 32), (4, 8), (True, False))
+]
+TUNE_STAGES = (2, 3)
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+  """Median wall time of `run()` (which must block until its result is ready), after a warm-up."""
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return 1000 * statistics.median(times)
+
+
+def model_config(preset: str, overrides: dict):
+  config = iam.get_config("tiny" if preset == "tiny" else None)
+  config.model.update(overrides)
+  return config
+
+
+def random_batch(batch: int, time_steps: int, seed: int = 0) -> dict[str, jax.Array]:
+  """A bucket-shaped batch: lengths uniform in [T/2, T], T/20 labels, every row real."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(time_steps // 2, time_steps + 1, batch)
+  label_time = max(2, time_steps // 20)
+  label_lengths = rng.integers(1, label_time + 1, batch)
+  return {
+    "inputs": jnp.asarray(rng.normal(size=(batch, time_steps, NUM_FEATURES)), jnp.float32),
+    "input_paddings": jnp.asarray(np.arange(time_steps) >= lengths[:, None], jnp.float32),
+    "labels": jnp.asarray(rng.integers(1, train.ALPHABET.size, (batch, label_time)), jnp.int32),
+    "label_paddings": jnp.asarray(np.arange(label_time) >= label_lengths[:, None], jnp.float32),
+    "weights": jnp.ones(batch, jnp.float32),
+  }
+
+
+def anatomy(config, batch: dict[str, jax.Array], repeats: int) -> dict[str, float]:
+  """Milliseconds of the step and of its parts (see the module docstring) for one config."""
+  state = train.create_train_state(config, NUM_FEATURES, 10**6)
+  apply = state.apply_fn
+  inputs, paddings = batch["inputs"], batch["input_paddings"]
+  logits = jax.jit(lambda params: apply({"params": params}, inputs, paddings))(state.params)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=logits.shape), jnp.float32)
+
+  forward = jax.jit(lambda params: apply({"params": params}, inputs, paddings))
+  forward_backward = jax.jit(
+    jax.value_and_grad(
+      lambda params: jnp.sum(apply({"params": params}, inputs, paddings) * cotangent)
+    )
+  )
+  ctc_grad = jax.jit(
+    jax.value_and_grad(
+      lambda logits: ctc.ctc_loss(
+        logits, paddings, batch["labels"], batch["label_paddings"], batch["weights"]
+      )[0]
+    )
+  )
+  _, grads = forward_backward(state.params)
+  update = jax.jit(lambda state, grads: state.apply_gradients(grads=grads))
+  step = jax.jit(train.train_step, donate_argnums=0)
+  carried = [jax.tree.map(jnp.copy, state)]  # the step donates its state
+
+  def run_step():
+    new_state, metrics = step(carried.pop(), batch)
+    carried.append(new_state)
+    return jax.block_until_ready(metrics)
+
+  timings = {
+    "step": median_ms(run_step, repeats),
+    "forward": median_ms(lambda: jax.block_until_ready(forward(state.params)), repeats),
+    "forward + backward": median_ms(
+      lambda: jax.block_until_ready(forward_backward(state.params)), repeats
+    ),
+    "ctc": median_ms(lambda: jax.block_until_ready(ctc_grad(logits)), repeats),
+    "optimizer": median_ms(lambda: jax.block_until_ready(update(state, grads)), repeats),
+  }
+  timings["backward"] = timings["forward + backward"] - timings["forward"]
+  return timings
+
+
+def torch_step_ms(config, batch: int, time_steps: int, repeats: int) -> float | None:
+  """PyTorch cuDNN's whole train step at the shape, or None without torch on a GPU."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  step = benchmark.torch_train_step(config, NUM_FEATURES, "cuda", packed=False)
+  numpy_batch = jax.device_get(random_batch(batch, time_steps))
+  lengths = (1 - numpy_batch["input_paddings"]).sum(1).astype(np.int64)
+  label_lengths = (1 - numpy_batch["label_paddings"]).sum(1).astype(np.int64)
+  labels = np.concatenate(
+    [row[:length] for row, length in zip(numpy_batch["labels"], label_lengths, strict=True)]
+  )
+  arguments = (
+    torch.from_numpy(numpy_batch["inputs"]).cuda(),
+    torch.from_numpy(lengths),
+    torch.from_numpy(labels).cuda(),
+    torch.from_numpy(label_lengths),
+  )
+
+  def run():
+    step(*arguments)
+    torch.cuda.synchronize()
+
+  return median_ms(run, repeats)
+
+
+def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, list[dict[str, str]]]:
+  """Times each launch variant on one BLSTM layer's recurrence (forward + backward, B = 32,
+  T = 608, hidden 128, float32), checked against the scan on this device; returns the fastest
+  that matches (None if none compiled) and the table's rows. A bfloat16 row, for comparison only,
+  runs the fastest variant on bfloat16 weights."""
+  time_steps, batch, hidden = (24, 16, 16) if interpret else (608, 32, 128)
+  rng = np.random.default_rng(0)
+  projected = tuple(
+    jnp.asarray(rng.normal(size=(time_steps, batch, 4 * hidden)), jnp.float32) for _ in range(2)
+  )
+  kernel = jnp.asarray(rng.normal(size=(2, hidden, 4 * hidden)) / np.sqrt(hidden), jnp.float32)
+
+  def timed(recurrence, dtype=jnp.float32):
+    loss = lambda p, k: sum(jnp.sum(jnp.sin(h.astype(jnp.float32))) for h in recurrence(p, k))
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    weights = kernel.astype(dtype)
+    result = grad(projected, weights)
+    return result, median_ms(lambda: jax.block_until_ready(grad(projected, weights)), repeats)
+
+  reference, scan_ms = timed(lambda p, k: lstm_recurrence(p, k, 8))
+  rows = [{"variant": "scan, unroll 8", "ms": f"{scan_ms:.2f}", "max relative error": "-"}]
+  timings = {}
+
+  def measure(variant, dtype=jnp.float32):
+    name = describe(variant) + ("" if dtype == jnp.float32 else ", bfloat16 weights")
+    try:
+      result, ms = timed(lambda p, k: lstm_recurrence_kernel(p, k, variant), dtype)
+    except Exception as error:  # a variant Triton cannot compile is reported, not fatal
+      message = str(error).strip().splitlines()[0][:120] if str(error).strip() else repr(error)
+      rows.append({"variant": name, "ms": "failed", "max relative error": message})
+      print(name, "failed:", error, flush=True)
+      return
+    error = max(
+      float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+      for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(reference), strict=True)
+    )
+    rows.append({"variant": name, "ms": f"{ms:.2f}", "max relative error": f"{error:.1e}"})
+    print(" | ".join(rows[-1].values()), flush=True)
+    if dtype == jnp.float32 and error < 1e-2:
+      timings[variant] = ms
+
+  for variant in TUNE_GRID:
+    measure(dataclasses.replace(variant, interpret=interpret))
+  if not timings:
+    return None, rows
+  best = min(timings, key=timings.get)
+  for stages in TUNE_STAGES:
+    measure(dataclasses.replace(best, num_stages=stages))
+  best = min(timings, key=timings.get)
+  measure(best, jnp.bfloat16)
+  return best, rows
+
+
+def describe(variant: KernelConfig) -> str:
+  resident = "resident" if variant.weights_resident else "re-read"
+  return (
+    f"tile {variant.batch_tile}, {variant.num_warps} warps, weights {resident}, "
+    f"{variant.num_stages} stage(s)"
+  )
+
+
+def flag_variants(arguments: list[str], repeats: int) -> list[dict[str, str]]:
+  """The step of `scan, unroll 8` and `pallas` at B = 32, T = 608, in a child process per
+  `NAME=XLA_FLAGS` (flags are read once, when the backend starts)."""
+  rows = []
+  for argument in arguments:
+    name, flags = argument.split("=", 1)
+    child = [sys.executable, "-m", "experiments.benchmark_step", "--step-only"]
+    child += ["--repeats", str(repeats)]
+    environment = os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}"}
+    done = subprocess.run(child, capture_output=True, text=True, env=environment, check=False)
+    if done.returncode:
+      message = done.stderr.strip().splitlines()[-1:] or ["no output"]
+      rows.append({"XLA_FLAGS": f"{name}: `{flags}`", "result": f"failed: {message[0]}"})
+      continue
+    timings = json.loads(done.stdout)
+    cells = ", ".join(f"{impl} {ms:.2f} ms" for impl, ms in timings.items())
+    rows.append({"XLA_FLAGS": f"{name}: `{flags}`", "result": cells})
+  return rows
+
+
+def step_only(repeats: int) -> dict[str, float]:
+  """The `--step-only` child: the whole step at B = 32, T = 608 per implementation."""
+  batch = random_batch(32, 608)
+  timings = {}
+  for name in ("scan, unroll 8", "pallas"):
+    config = model_config("quick", IMPLEMENTATIONS[name])
+    state = train.create_train_state(config, NUM_FEATURES, 10**6)
+    step = jax.jit(train.train_step, donate_argnums=0)
+    carried = [state]
+
+    def run_step(step=step, carried=carried):
+      new_state, metrics = step(carried.pop(), batch)
+      carried.append(new_state)
+      return jax.block_until_ready(metrics)
+
+    timings[name] = median_ms(run_step, repeats)
+  return timings
+
+
+def epoch_rows(
+  preset: str, data_dir: str, kernel: dict, lstm_impl: str, repeats: int
+) -> tuple[int, list[dict[str, str]]]:
+  """One IAM-OnDB training epoch: our trainer (`optimal` K = 8, `none`) against PyTorch cuDNN
+  (the tiny preset: its model on the first 64 lines). Returns the line count and the rows."""
+  config = model_config(preset, {"lstm_impl": lstm_impl})
+  config.data.data_dir = data_dir
+  config.model.kernel.update(kernel)
+  data = train.load_split(config, "train", 64 if preset == "tiny" else 0)
+  bench = benchmark.Bench(config, data, repeats)
+  measurements = [
+    bench.contender("ours", bench.plan("optimal", 8)),
+    bench.contender("ours", bench.plan("none", 1)),
+  ]
+  torch_results = benchmark.torch_contenders(config, data, repeats)
+  if not isinstance(torch_results, str):
+    measurements += [m for m in torch_results if "cuDNN" in m.contender and "padded" in m.strategy]
+  benchmark.take_turns(measurements, repeats)
+  rows = []
+  for measurement in measurements:
+    row = measurement.row()
+    rows.append(
+      {
+        "contender": f"{row['contender']}, {row['strategy']}",
+        "K": row["K"],
+        "epoch (s)": f"{measurement.epoch_seconds:.2f}",
+        "epochs (s)": ", ".join(f"{s:.2f}" for s in measurement.epochs_seconds),
+        "compile (s)": row["compile (s)"],
+        "padded/real": row["padded/real"],
+      }
+    )
+    print(" | ".join(rows[-1].values()), flush=True)
+  return len(data), rows
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path | None:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  preset = parser.add_mutually_exclusive_group()
+  preset.add_argument("--quick", action="store_true", help="four shapes: minutes on one GPU")
+  preset.add_argument("--tiny", action="store_true", help="seconds on a CPU; the tests' preset")
+  parser.add_argument("--tune", action="store_true", help="time the kernel's launch variants")
+  parser.add_argument("--epoch", action="store_true", help="one IAM-OnDB epoch against PyTorch")
+  parser.add_argument("--data-dir", default=None, help="folder of iam_ondb.npz, for --epoch")
+  parser.add_argument("--xla-flags", action="append", default=[], metavar="NAME=FLAGS")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--out", type=pathlib.Path, default=None)
+  args = parser.parse_args(argv)
+  if args.step_only:
+    print(json.dumps(step_only(args.repeats)))
+    return None
+  if args.epoch and not args.data_dir:
+    parser.error("--epoch needs --data-dir (the folder of iam_ondb.npz)")
+  preset_name = "quick" if args.quick else "tiny" if args.tiny else "full"
+  backend = jax.default_backend()
+  out = args.out or RESULTS / f"benchmark_step_{backend}.md"
+  started = time.perf_counter()
+  sections = []
+  command = " ".join(["python -m experiments.benchmark_step", *argv])
+  versions = f"jax {jax.__version__}"
+  try:
+    import torch
+
+    versions += f", torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()})"
+  except ImportError:
+    pass
+
+  def write_report() -> None:
+    """Writes what is measured so far: a run cut short still leaves its finished sections."""
+    report = [
+      "# The train step's anatomy, per LSTM implementation",
+      "",
+      f"Machine: {machine_description()}.",
+      f"Date: {datetime.date.today().isoformat()}; {versions}. Command: `{command}`.",
+      f"The run took {(time.perf_counter() - started) / 60:.1f} min, compiles included. Model: "
+      "`experiments/iam.py` (3 x BLSTM 128, CTC, Adam, clipping); medians of "
+      f"{args.repeats} runs after a warm-up.",
+      "",
+      *sections,
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(report))
+    print(f"wrote {out}", flush=True)
+
+  kernel = {}
+  names_skipped = set()
+  if args.tune:
+    best, rows = tune_kernel(args.repeats, interpret=backend != "gpu")
+    if best is None:
+      names_skipped = {name for name in IMPLEMENTATIONS if name.startswith("pallas")}
+      chosen = "no variant compiled and matched the scan, so the kernel's rows are left out"
+    else:
+      kernel = {
+        field: getattr(best, field)
+        for field in ("batch_tile", "num_warps", "weights_resident", "num_stages")
+      }
+      chosen = f"the rest of this run uses the fastest: {describe(best)}"
+    sections += [
+      "## The kernel's launch variants",
+      "",
+      "One BLSTM layer's recurrence, forward + backward (B = 32, T = 608, hidden 128, float32; "
+      "tiny sizes off the GPU), median ms; error: the largest deviation from the scan's outputs "
+      f"and gradients, relative to their largest magnitude; {chosen}.",
+      "",
+      *markdown_table(rows, list(rows[0])),
+      "",
+    ]
+    write_report()
+
+  columns = ["B", "T", "implementation", "step", "forward", "backward", "ctc", "optimizer"]
+  columns.append("PyTorch cuDNN step")
+  anatomy_rows = []
+  for (batch_size, time_steps), names in PRESETS[preset_name].items():
+    batch = random_batch(batch_size, time_steps)
+    torch_ms = torch_step_ms(model_config(preset_name, {}), batch_size, time_steps, args.repeats)
+    for name in names:
+      if name in names_skipped:
+        continue
+      config = model_config(preset_name, IMPLEMENTATIONS[name])
+      config.model.kernel.update(kernel)
+      row = {"B": str(batch_size), "T": str(time_steps), "implementation": name}
+      try:
+        timings = anatomy(config, batch, args.repeats)
+        row |= {part: f"{timings[part]:.2f}" for part in columns[3:8]}
+      except Exception as error:  # one failing contender must not lose the others' rows
+        print(name, "failed:", error, flush=True)
+        row |= {part: "failed" for part in columns[3:8]}
+      row["PyTorch cuDNN step"] = "-" if torch_ms is None else f"{torch_ms:.2f}"
+      anatomy_rows.append(row)
+      print(" | ".join(row.values()), flush=True)
+  sections += [
+    "## Anatomy of one train step (ms, medians)",
+    "",
+    *markdown_table(anatomy_rows, columns),
+    "",
+  ]
+  write_report()
+
+  if args.xla_flags:
+    flag_rows = flag_variants(args.xla_flags, args.repeats)
+    sections += [
+      "## XLA flags (B = 32, T = 608, the whole step, each in its own process)",
+      "",
+      *markdown_table(flag_rows, ["XLA_FLAGS", "result"]),
+      "",
+    ]
+    write_report()
+  if args.epoch:
+    lstm_impl = "scan" if names_skipped else "auto"
+    lines, rows = epoch_rows(
+      preset_name, args.data_dir, kernel, lstm_impl, max(2, args.repeats // 5)
+    )
+    sections += [
+      f"## One IAM-OnDB training epoch ({lines:,} lines, raw points, batch 32)",
+      "",
+      "Median of the timed epochs after one warm-up epoch, contenders taking turns; ours through "
+      "`train.compile_steps` (the trainer's executables) with the default LSTM implementation.",
+      "",
+      *markdown_table(rows, list(rows[0])),
+      "",
+    ]
+
+  write_report()
+  return out
+
+
+if __name__ == "__main__":
+  main()
