@@ -71,24 +71,29 @@ def _alpha_kernel(
   if synchronise:
     plgpu.debug_barrier()
 
-  def step(frame, alpha):
+  def frame_inputs(frame):
+    return emissions_ref[:, frame, :], frame_paddings_ref[:, frame]
+
+  def step(frame, carry):
+    alpha, emission, padding = carry
+    # Issued a frame ahead, so that their latency is off the chain of dependent steps.
+    next_inputs = frame_inputs(jnp.minimum(frame + 1, time - 1))
     previous = plgpu.load(
       alpha_ref.at[:, frame, pl.ds(_SLACK - 1, states)], mask=state >= 1, other=_NEG
     )
     second_previous = plgpu.load(
       alpha_ref.at[:, frame, pl.ds(_SLACK - 2, states)], mask=state >= 2, other=_NEG
     )
-    advanced = emissions_ref[:, frame, :] + _logsumexp3(
+    advanced = emission + _logsumexp3(
       alpha, previous + from_previous, second_previous + from_second_previous
     )
-    padded = frame_paddings_ref[:, frame] > 0
-    alpha = jnp.where(padded[:, None], alpha, advanced)
+    alpha = jnp.where(padding[:, None] > 0, alpha, advanced)
     alpha_ref[:, frame + 1, pl.ds(_SLACK, states)] = alpha
     if synchronise:
       plgpu.debug_barrier()
-    return alpha
+    return alpha, *next_inputs
 
-  alpha = lax.fori_loop(0, time, step, alpha)
+  alpha, _, _ = lax.fori_loop(0, time, step, (alpha, *frame_inputs(0)))
   ending = alpha + final_ref[...]
   largest = jnp.max(ending, axis=1)
   loglik_ref[...] = largest + jnp.log(jnp.sum(jnp.exp(ending - largest[:, None]), axis=1))
@@ -122,15 +127,23 @@ def _beta_kernel(
   loglik = loglik_ref[...][:, None]
   cotangent = cotangent_ref[...][:, None]
 
-  def step(step_index, beta):
+  def frame_inputs(frame):
+    return (
+      emissions_ref[:, frame, :],
+      frame_paddings_ref[:, frame],
+      alpha_ref[:, frame + 1, pl.ds(_SLACK, states)],
+    )
+
+  def step(step_index, carry):
+    beta, emission, padding, alpha = carry
     frame = time - 1 - step_index
-    buffer = lax.rem(step_index, 2)
-    emission = emissions_ref[:, frame, :]
-    padded = (frame_paddings_ref[:, frame] > 0)[:, None]
-    alpha = alpha_ref[:, frame + 1, pl.ds(_SLACK, states)]
+    # Issued a frame ahead, so that their latency is off the chain of dependent steps.
+    next_inputs = frame_inputs(jnp.maximum(frame - 1, 0))
+    padded = padding[:, None] > 0
     posterior = jnp.exp(alpha + beta - loglik)
     emissions_grad_ref[:, frame, :] = jnp.where(padded, 0.0, cotangent * posterior)
     entering = beta + emission
+    buffer = lax.rem(step_index, 2)
     scratch_ref[:, buffer, pl.ds(0, states)] = entering
     if synchronise:
       plgpu.debug_barrier()
@@ -141,9 +154,9 @@ def _beta_kernel(
       scratch_ref.at[:, buffer, pl.ds(2, states)], mask=state < states - 2, other=_NEG
     )
     receded = _logsumexp3(entering, following + to_next, second_following + to_second_next)
-    return jnp.where(padded, beta, receded)
+    return jnp.where(padded, beta, receded), *next_inputs
 
-  lax.fori_loop(0, time, step, final_ref[...])
+  lax.fori_loop(0, time, step, (final_ref[...], *frame_inputs(time - 1)))
 
 
 def _tile_specs(tile: int, *trailing_shapes: tuple[int, ...]) -> list[pl.BlockSpec]:

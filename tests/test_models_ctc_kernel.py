@@ -51,6 +51,23 @@ def test_matches_optax_values_and_gradients(batch_tile):
   np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
 
 
+def test_matches_optax_with_a_mild_log_epsilon():
+  """With log_epsilon = -2 optax's penalised moves and epsilon-started states carry real weight,
+  so this checks that the kernel's graph is optax's, move for move."""
+  args = awkward_batch(np.random.default_rng(6))
+
+  def optax_loss(*args):
+    return optax.ctc_loss(*args, log_epsilon=-2.0)
+
+  def loss(*args):
+    return ctc_loss_kernel(*args, log_epsilon=-2.0, interpret=True)
+
+  expected, expected_grad = values_and_logit_grads(optax_loss, *args)
+  per_example, grad = values_and_logit_grads(loss, *args)
+  np.testing.assert_allclose(per_example, expected, rtol=1e-5)
+  np.testing.assert_allclose(grad, expected_grad, rtol=1e-4, atol=1e-6)
+
+
 def test_matches_brute_force_over_alignments():
   frame_lengths = [4, 5, 3, 4, 2]
   label_lists = [[1, 1], [1, 2], [2], [2, 1, 2], []]
