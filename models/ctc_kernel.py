@@ -32,8 +32,10 @@ from jax.experimental.pallas import triton as plgpu
 
 # "No transition" in log space: finite, so that `x - max` never meets inf - inf; exp() of it is 0.
 _NEG = -1e30
-# Extra columns beside each stored row, so that the shifted loads stay inside the array.
-_SLACK = 2
+# Extra columns beside each stored row, so that the shifted loads stay inside the array. Two are
+# needed; four keep rows 16-byte aligned, so that Triton stores them in the layout it computes
+# them in (with two it converted the layout through shared memory, two more barriers, every step).
+_SLACK = 4
 _MIN_STATES = 16
 
 
