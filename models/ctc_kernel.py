@@ -36,7 +36,6 @@ _NEG = -1e30
 # needed; four keep rows 16-byte aligned, so that Triton stores them in the layout it computes
 # them in (with two it converted the layout through shared memory, two more barriers, every step).
 _SLACK = 4
-_MIN_STATES = 16
 
 
 def _logsumexp3(first: jax.Array, second: jax.Array, third: jax.Array) -> jax.Array:
@@ -260,7 +259,7 @@ def _loglik_bwd(batch_tile, num_warps, interpret, residuals, cotangent):
     num_warps=num_warps,
     interpret=interpret,
   )
-  return emissions_grad, None, jax.tree.map(jnp.zeros_like, tables)
+  return emissions_grad, None, None
 
 
 _loglik.defvjp(_loglik_fwd, _loglik_bwd)
@@ -347,7 +346,7 @@ def ctc_loss_kernel(
     logit_paddings = jnp.pad(logit_paddings, ((0, filler), (0, 0)), constant_values=1.0)
     labels = jnp.pad(labels, ((0, filler), (0, 0)))
     label_paddings = jnp.pad(label_paddings, ((0, filler), (0, 0)), constant_values=1.0)
-  states = max(_MIN_STATES, pl.next_power_of_2(2 * label_time + 1))
+  states = pl.next_power_of_2(2 * label_time + 1)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
   num_classes = logits.shape[-1]
   state_one_hot = jax.nn.one_hot(_state_classes(labels, states, blank_id), num_classes)

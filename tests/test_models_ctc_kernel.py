@@ -141,16 +141,19 @@ def test_lowers_to_triton(batch_tile, num_warps):
       logits, *rest, batch_tile=batch_tile, num_warps=num_warps, interpret=False
     ).sum()
 
-  lowered = (
-    jax.jit(jax.value_and_grad(total_loss))
-    .trace(
-      jnp.zeros((batch, time, num_classes)),
-      jnp.zeros((batch, time)),
-      jnp.zeros((batch, label_time), jnp.int32),
-      jnp.zeros((batch, label_time)),
-    )
-    .lower(lowering_platforms=("cuda",))
+  traced = jax.jit(jax.value_and_grad(total_loss)).trace(
+    jnp.zeros((batch, time, num_classes)),
+    jnp.zeros((batch, time)),
+    jnp.zeros((batch, label_time), jnp.int32),
+    jnp.zeros((batch, label_time)),
   )
+  try:
+    lowered = traced.lower(lowering_platforms=("cuda",))
+  except RuntimeError as error:
+    # jaxlib > 0.10.2 runs Triton's compiler while lowering, which needs the CUDA plugin.
+    if "Triton compilation handler" in str(error):
+      pytest.skip("this jaxlib compiles Triton kernels while lowering: needs a GPU")
+    raise
   assert lowered.as_text().count("xla.gpu.triton") == 2
 
 
