@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import struct
 from flax.training import train_state as train_state_lib
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -50,9 +51,11 @@ ALPHABET = alphabet_lib.Alphabet()
 
 
 class TrainState(train_state_lib.TrainState):
-  """Parameters, optimiser state and step, plus the key dropout is folded from each step."""
+  """Parameters, optimiser state and step, plus the key dropout is folded from each step and the
+  configured CTC loss (`models.ctc.make_ctc_loss`; static, like `apply_fn`)."""
 
   dropout_key: jax.Array
+  ctc_loss_fn: Any = struct.field(pytree_node=False, default=ctc.ctc_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +237,11 @@ def build_model(config: ml_collections.ConfigDict):
   return make_model(num_classes=ALPHABET.size, **config.model.to_dict())
 
 
+def build_ctc_loss(config: ml_collections.ConfigDict):
+  """The configured CTC loss (`optax.ctc_loss` or the Pallas kernel)."""
+  return ctc.make_ctc_loss(**config.ctc.to_dict())
+
+
 def make_data_mesh(devices=None) -> jax.sharding.Mesh:
   """A 1-D mesh named "data" over `devices` (default: all), with auto-sharded axes."""
   devices = jax.devices() if devices is None else devices
@@ -256,6 +264,7 @@ def create_train_state(
     params=params,
     tx=make_optimizer(config, total_steps),
     dropout_key=dropout_key,
+    ctc_loss_fn=build_ctc_loss(config),
   )
 
 
@@ -271,7 +280,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
       train=True,
       rngs={"dropout": dropout_key},
     )
-    loss, per_example = ctc.ctc_loss(
+    loss, per_example = state.ctc_loss_fn(
       logits, batch["input_paddings"], batch["labels"], batch["label_paddings"], batch["weights"]
     )
     return loss, per_example
@@ -286,10 +295,10 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
   return state.apply_gradients(grads=grads), metrics_out
 
 
-def eval_step(apply_fn, params: Any, batch: Batch) -> dict[str, jax.Array]:
+def eval_step(apply_fn, ctc_loss_fn, params: Any, batch: Batch) -> dict[str, jax.Array]:
   """Summed CTC loss and greedy transcriptions of a batch (no dropout)."""
   logits = apply_fn({"params": params}, batch["inputs"], batch["input_paddings"], train=False)
-  _, per_example = ctc.ctc_loss(
+  _, per_example = ctc_loss_fn(
     logits, batch["input_paddings"], batch["labels"], batch["label_paddings"], batch["weights"]
   )
   decoded, decoded_lengths = ctc.greedy_decode(logits, batch["input_paddings"])
@@ -331,12 +340,15 @@ def compile_steps(
     b: train_jit.lower(state, batch_spec(train_plan, b, num_features, rows)).compile()
     for b in range(train_plan.num_buckets)
   }
-  evals = compile_eval_steps(state.apply_fn, state.params, eval_plans, mesh, num_features)
+  evals = compile_eval_steps(
+    state.apply_fn, state.ctc_loss_fn, state.params, eval_plans, mesh, num_features
+  )
   return CompiledSteps(train, evals, time.perf_counter() - start)
 
 
 def compile_eval_steps(
   apply_fn,
+  ctc_loss_fn,
   params: Any,
   eval_plans: dict[str, bucketing.BucketPlan],
   mesh: jax.sharding.Mesh,
@@ -348,7 +360,7 @@ def compile_eval_steps(
   replicated = NamedSharding(mesh, P())
   rows = NamedSharding(mesh, P("data"))
   eval_jit = jax.jit(
-    functools.partial(eval_step, apply_fn),
+    functools.partial(eval_step, apply_fn, ctc_loss_fn),
     in_shardings=(replicated, rows),
     out_shardings=replicated,
   )
@@ -815,7 +827,7 @@ def evaluate_checkpoint(
   params = load_params(config, workdir, NamedSharding(mesh, P()))
   num_features = feature_config(config).num_features
   compiled = compile_eval_steps(
-    build_model(config).apply, params, {split: plan}, mesh, num_features
+    build_model(config).apply, build_ctc_loss(config), params, {split: plan}, mesh, num_features
   )
   return evaluate(params, data, plan, compiled, mesh)
 

@@ -57,6 +57,10 @@ def base_config() -> ml_collections.ConfigDict:
   )
   config.model.dtype = "float32"
 
+  # The CTC loss: auto (the fused Pallas kernel on a GPU, optax elsewhere) | optax | pallas, and
+  # the kernel's launch parameters (models.ctc_kernel.ctc_loss_kernel).
+  config.ctc = ml_collections.ConfigDict({"impl": "auto", "batch_tile": 1, "num_warps": 2})
+
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.learning_rate = 1e-3
   config.optimizer.warmup_steps = 200
