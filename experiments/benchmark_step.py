@@ -1,7 +1,7 @@
 """The train step's anatomy: where one step's time goes, per LSTM implementation, beside cuDNN.
 
-    python -m experiments.benchmark_step --quick                      # one GPU, a few minutes
-    python -m experiments.benchmark_step --quick --tune --epoch --data-dir DIR \\
+    python -m experiments.benchmark_step --preset quick               # one GPU, a few minutes
+    python -m experiments.benchmark_step --preset quick --tune --epoch --data-dir DIR \\
         --xla-flags "loops in graphs=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 
 The `experiments/iam.py` model (3 x BLSTM 128, CTC, Adam, gradient clipping) at fixed shapes,
@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import datetime
 import functools
-import itertools
 import json
 import os
 import pathlib
@@ -60,6 +59,7 @@ KERNELS = {"model.lstm_impl": "pallas", "ctc.impl": "pallas"}
 IMPLEMENTATIONS = {
   "scan unroll 1, optax CTC": SCAN | {"model.unroll": 1},
   "scan unroll 8, optax CTC": SCAN | {"model.unroll": 8},
+  "scan unroll 8, pallas CTC": {"model.lstm_impl": "scan", "model.unroll": 8, "ctc.impl": "pallas"},
   "pallas LSTM, optax CTC": {"model.lstm_impl": "pallas", "ctc.impl": "optax"},
   "pallas LSTM, pallas CTC": KERNELS,
   "pallas LSTM, pallas CTC, bfloat16": KERNELS | {"model.dtype": "bfloat16"},
@@ -71,22 +71,35 @@ PRESETS = {
   },
   "quick": {
     (32, 608): tuple(IMPLEMENTATIONS),
-    (32, 152): ("scan unroll 8, optax CTC", "pallas LSTM, pallas CTC"),
-    (32, 1544): ("scan unroll 8, optax CTC", "pallas LSTM, pallas CTC"),
-    (128, 608): ("scan unroll 8, optax CTC", "pallas LSTM, pallas CTC"),
+    (32, 152): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+    (32, 1544): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+    (128, 608): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+  },
+  # The defaults beside the step they replace, at every quick shape (one GPU, about a minute).
+  "defaults": {
+    (32, 608): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+    (32, 152): ("scan unroll 8, pallas CTC",),
+    (32, 1544): ("scan unroll 8, pallas CTC",),
+    (128, 608): ("scan unroll 8, pallas CTC",),
   },
   # Seconds on a CPU (the kernels run in the Pallas interpreter): the tests' preset.
   "tiny": {(8, 24): ("scan unroll 1, optax CTC", "pallas LSTM, pallas CTC")},
 }
-# Launch variants, swept in two stages: tile x warps x weight residency, then the best of those
-# at deeper software pipelining.
+# The LSTM kernel's launch variants and weight dtypes. A first H200 sweep
+# (results/benchmark_step_gpu.md) found float32 weights kept on chip over the shared-memory limit
+# (272 KiB asked, 227 available), deeper pipelining too, 4 warps 7x slower than 8, and batch tile
+# 32 slower than 16; these are what is left to learn. Only float32 rows can become the default
+# (the model's dtype); bfloat16 rows say what a bfloat16 model would get.
 TUNE_GRID = [
-  KernelConfig(batch_tile=tile, num_warps=warps, weights_resident=resident)
-  for resident, tile, warps in itertools.product((False, True), (16, 32), (4, 8))
+  (KernelConfig(num_warps=8, weights_resident=False), jnp.float32),
+  (KernelConfig(num_warps=16, weights_resident=False), jnp.float32),
+  (KernelConfig(num_warps=8, weights_resident=True), jnp.bfloat16),
+  (KernelConfig(num_warps=16, weights_resident=True), jnp.bfloat16),
+  (KernelConfig(num_warps=16, weights_resident=False), jnp.bfloat16),
 ]
+# (batch_tile, num_warps): the first H200 sweep over tiles 1-8 and 1-4 warps found these fastest.
+CTC_TUNE_GRID = [(1, 2), (1, 4), (2, 4)]
 TUNE_SECONDS = 120  # each kernel's sweep stops starting variants after this long
-TUNE_STAGES = (2, 3)
-CTC_TUNE_GRID = list(itertools.product((1, 2, 4, 8), (1, 2, 4)))  # (batch_tile, num_warps)
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -203,9 +216,8 @@ def torch_step_ms(config, batch: int, time_steps: int, repeats: int) -> float | 
 
 def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, list[dict[str, str]]]:
   """Times each launch variant on one BLSTM layer's recurrence (forward + backward, B = 32,
-  T = 608, hidden 128, float32), checked against the scan on this device; returns the fastest
-  that matches (None if none compiled) and the table's rows. A bfloat16 row, for comparison only,
-  runs the fastest variant on bfloat16 weights."""
+  T = 608, hidden 128), checked against the float32 scan on this device; returns the fastest
+  float32 variant that matches (None if none compiled) and the table's rows."""
   time_steps, batch, hidden = (24, 16, 16) if interpret else (608, 32, 128)
   rng = np.random.default_rng(0)
   projected = tuple(
@@ -222,6 +234,14 @@ def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, lis
 
   reference, scan_ms = timed(lambda p, k: lstm_recurrence(p, k, 8))
   rows = [{"variant": "scan, unroll 8", "ms": f"{scan_ms:.2f}", "max relative error": "-"}]
+  _, scan_ms = timed(lambda p, k: lstm_recurrence(p, k, 8), jnp.bfloat16)
+  rows.append(
+    {
+      "variant": "scan, unroll 8, bfloat16 weights",
+      "ms": f"{scan_ms:.2f}",
+      "max relative error": "-",
+    }
+  )
   timings = {}
 
   def measure(variant, dtype=jnp.float32):
@@ -242,19 +262,14 @@ def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, lis
       timings[variant] = ms
 
   deadline = time.perf_counter() + TUNE_SECONDS
-  for variant in TUNE_GRID:
+  for variant, dtype in TUNE_GRID:
     if time.perf_counter() > deadline:
       rows.append({"variant": describe(variant), "ms": "not run", "max relative error": "time"})
       continue
-    measure(dataclasses.replace(variant, interpret=interpret))
+    measure(dataclasses.replace(variant, interpret=interpret), dtype)
   if not timings:
     return None, rows
-  best = min(timings, key=timings.get)
-  for stages in TUNE_STAGES:
-    measure(dataclasses.replace(best, num_stages=stages))
-  best = min(timings, key=timings.get)
-  measure(best, jnp.bfloat16)
-  return best, rows
+  return min(timings, key=timings.get), rows
 
 
 def tune_ctc(repeats: int, interpret: bool) -> tuple[dict | None, list[dict[str, str]]]:
@@ -306,7 +321,9 @@ def tune_ctc(repeats: int, interpret: bool) -> tuple[dict | None, list[dict[str,
       verdict += "; NOT repeatable between two runs"
     rows.append({"variant": name, "ms": f"{ms:.2f}", "deviation from optax": verdict})
     print(" | ".join(rows[-1].values()), flush=True)
-    if repeatable and loss_error < 1e-4 and grad_error < 1e-3:
+    # optax itself, in float32, is 2.5e-3 from a float64 optax at this shape (measured on the
+    # CPU, where the interpreted kernel was 3.6e-3 from it): the per-line losses are ~2e3 nats.
+    if repeatable and loss_error < 1e-5 and grad_error < 1e-2:
       timings[(batch_tile, num_warps)] = ms
   if not timings:
     return None, rows
@@ -367,16 +384,16 @@ def step_only(settings: dict, repeats: int) -> dict[str, float]:
 
 
 def epoch_rows(
-  preset: str, data_dir: str, settings: dict, repeats: int
+  preset: str, data_dir: str, settings: dict, strategies: list[str], repeats: int
 ) -> tuple[int, list[dict[str, str]]]:
   """One IAM-OnDB training epoch: our trainer (`optimal` K = 8, `none`) against PyTorch cuDNN
   (the tiny preset: its model on the first 64 lines). Returns the line count and the rows."""
   config = make_config(preset, settings, {"data.data_dir": data_dir})
   data = train.load_split(config, "train", 64 if preset == "tiny" else 0)
   bench = benchmark.Bench(config, data, repeats)
+  num_buckets = {"optimal": 8, "none": 1}
   measurements = [
-    bench.contender("ours", bench.plan("optimal", 8)),
-    bench.contender("ours", bench.plan("none", 1)),
+    bench.contender("ours", bench.plan(strategy, num_buckets[strategy])) for strategy in strategies
   ]
   torch_results = benchmark.torch_contenders(config, data, repeats)
   if not isinstance(torch_results, str):
@@ -402,11 +419,18 @@ def epoch_rows(
 def main(argv: list[str] | None = None) -> pathlib.Path | None:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  preset = parser.add_mutually_exclusive_group()
-  preset.add_argument("--quick", action="store_true", help="four shapes: minutes on one GPU")
-  preset.add_argument("--tiny", action="store_true", help="seconds on a CPU; the tests' preset")
+  parser.add_argument(
+    "--preset",
+    choices=sorted(PRESETS),
+    default="full",
+    help="shapes and implementations: quick and defaults take minutes on one GPU, tiny seconds "
+    "on a CPU (the tests')",
+  )
   parser.add_argument("--tune", action="store_true", help="time the kernel's launch variants")
   parser.add_argument("--epoch", action="store_true", help="one IAM-OnDB epoch against PyTorch")
+  parser.add_argument(
+    "--epoch-strategies", default="optimal,none", help="ours: optimal (K = 8) and/or none"
+  )
   parser.add_argument("--data-dir", default=None, help="folder of iam_ondb.npz, for --epoch")
   parser.add_argument("--xla-flags", action="append", default=[], metavar="NAME=FLAGS")
   parser.add_argument("--repeats", type=int, default=10)
@@ -419,7 +443,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     return None
   if args.epoch and not args.data_dir:
     parser.error("--epoch needs --data-dir (the folder of iam_ondb.npz)")
-  preset_name = "quick" if args.quick else "tiny" if args.tiny else "full"
+  preset_name = args.preset
   backend = jax.default_backend()
   out = args.out or RESULTS / f"benchmark_step_{backend}.md"
   started = time.perf_counter()
@@ -526,7 +550,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     epoch_settings = settings | {field: fallbacks[field] for field in failed}
     try:
       lines, rows = epoch_rows(
-        preset_name, args.data_dir, epoch_settings, max(2, args.repeats // 5)
+        preset_name,
+        args.data_dir,
+        epoch_settings,
+        args.epoch_strategies.split(","),
+        max(2, args.repeats // 5),
       )
     except Exception as error:  # keep the sections measured so far, and the flags' section
       print("epoch failed:", error, flush=True)

@@ -12,7 +12,12 @@ from models.lstm import LstmCtcModel
 from models.lstm_kernel import KernelConfig, padded_hidden_size
 
 LSTM_IMPLEMENTATIONS = ("auto", "scan", "pallas")
-# The largest (padded) hidden size `auto` gives the kernel: its four gate blocks must stay on chip.
+# Backends on which `auto` takes the fused kernel: none yet. On an H200 the kernel's recurrence
+# (forward + backward of one BLSTM layer, B = 32, T = 608, float32) took 16.2 ms against the
+# scan's 7.5 at unroll 8 (experiments/results/benchmark_step_gpu.md): with a batch tile per
+# program only 4 of 132 multiprocessors work, and float32 weights do not fit on chip.
+KERNEL_BACKENDS = ()
+# The largest (padded) hidden size `auto` would give the kernel.
 MAX_KERNEL_HIDDEN_SIZE = 256
 # Scan unroll per backend when `unroll=0`: measured fastest for the scan (unroll 8 was 1.58x
 # faster than 1 for a train step on an H200; 1 is fastest on the CPU, benchmark_lstm_cpu.md).
@@ -25,8 +30,8 @@ def resolve_lstm_implementation(lstm_impl: str, hidden_size: int, backend: str) 
     raise ValueError(f"lstm_impl must be one of {LSTM_IMPLEMENTATIONS}, got {lstm_impl!r}")
   if lstm_impl != "auto":
     return lstm_impl
-  on_chip = padded_hidden_size(hidden_size) <= MAX_KERNEL_HIDDEN_SIZE
-  return "pallas" if backend == "gpu" and on_chip else "scan"
+  supported = padded_hidden_size(hidden_size) <= MAX_KERNEL_HIDDEN_SIZE
+  return "pallas" if backend in KERNEL_BACKENDS and supported else "scan"
 
 
 def make_model(

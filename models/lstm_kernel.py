@@ -46,8 +46,8 @@ class KernelConfig:
   """
 
   batch_tile: int = 16
-  num_warps: int = 4
-  weights_resident: bool = True
+  num_warps: int = 8
+  weights_resident: bool = False
   num_stages: int = 1
   interpret: bool = False
 
