@@ -9,6 +9,7 @@ enough. Anything else (a bug) keeps its traceback. Standard library only, so the
       sys.exit(cli_errors.run(main))
 """
 
+import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -44,3 +45,13 @@ def run(main: Callable[[], int | None]) -> int:
     print(f"error: {one_line(error)}", file=sys.stderr)
     return USAGE_EXIT_CODE
   return code if isinstance(code, int) else 0
+
+
+def int_list(text: str) -> list[int]:
+  """An argparse type for comma-separated integers ("2,4,8"): a typo is named with its flag."""
+  try:
+    return [int(value) for value in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"{text!r} is not a comma-separated list of integers"
+    ) from None
