@@ -29,12 +29,12 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 def _flag_of(argv: list[str], field: str) -> str:
-  """The `--config.a.b=v` argument of argv whose path ends in `field` (else a generic name)."""
+  """The `--config.a.b=v` argument of argv whose path holds `field` (else a generic name)."""
   for argument in argv:
     path = argument.lstrip("-").split("=", 1)[0]
     if field in path.split(".")[1:]:
       return argument
-  return f"--config...{field}"
+  return f"--config.*.{field}"
 
 
 def flag_error_message(error: BaseException, argv: list[str]) -> str:
