@@ -43,6 +43,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bucketing
+import cli_errors
 import train
 from experiments import paper
 from experiments.reporting import machine_description, markdown_table
@@ -404,15 +405,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")
   parser.add_argument("--dataset", choices=("auto", "iam_ondb", "synthetic"), default="auto")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--buckets", default=None, help="comma-separated K list")
+  parser.add_argument("--buckets", type=cli_errors.int_list, help="comma-separated K list")
   parser.add_argument("--repeats", type=int, default=0, help="default 3 (quick, tiny) or 5")
   parser.add_argument("--planned-epochs", type=int, default=50, help="run length `auto` plans")
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
   preset_name = "quick" if args.quick else "tiny" if args.tiny else "full"
   config = paper.make_config(preset_name, args.dataset, args.data_dir)
-  default_buckets = {"full": "2,4,8,16", "quick": "2,4", "tiny": "2"}[preset_name]
-  bucket_counts = [int(k) for k in (args.buckets or default_buckets).split(",")]
+  default_buckets = {"full": [2, 4, 8, 16], "quick": [2, 4], "tiny": [2]}[preset_name]
+  bucket_counts = args.buckets or default_buckets
   repeats = args.repeats or (5 if preset_name == "full" else 3)
   limit = {"full": 0, "quick": 256, "tiny": 32}[preset_name]
   if preset_name == "full":
@@ -533,4 +534,4 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli_errors.run(main))
