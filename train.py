@@ -39,6 +39,7 @@ import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from flax import struct
 from flax.training import train_state as train_state_lib
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import AxisType, NamedSharding
@@ -60,9 +61,11 @@ ALPHABET = alphabet_lib.Alphabet()
 
 
 class TrainState(train_state_lib.TrainState):
-  """Parameters, optimiser state and step, plus the key dropout is folded from each step."""
+  """Parameters, optimiser state and step, plus the key dropout is folded from each step and the
+  configured CTC loss (`models.ctc.make_ctc_loss`; static, like `apply_fn`)."""
 
   dropout_key: jax.Array
+  ctc_loss_fn: Any = struct.field(pytree_node=False, default=ctc.ctc_loss)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +249,11 @@ def build_model(config: ml_collections.ConfigDict):
   return make_model(num_classes=ALPHABET.size, **config.model.to_dict())
 
 
+def build_ctc_loss(config: ml_collections.ConfigDict):
+  """The configured CTC loss (`optax.ctc_loss` or the Pallas kernel)."""
+  return ctc.make_ctc_loss(**config.ctc.to_dict())
+
+
 def make_data_mesh(devices=None) -> jax.sharding.Mesh:
   """A 1-D mesh named "data" over `devices` (default: all), with auto-sharded axes."""
   devices = jax.devices() if devices is None else devices
@@ -268,6 +276,7 @@ def create_train_state(
     params=params,
     tx=make_optimizer(config, total_steps),
     dropout_key=dropout_key,
+    ctc_loss_fn=build_ctc_loss(config),
   )
 
 
@@ -283,7 +292,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
       train=True,
       rngs={"dropout": dropout_key},
     )
-    loss, per_example = ctc.ctc_loss(
+    loss, per_example = state.ctc_loss_fn(
       logits, batch["input_paddings"], batch["labels"], batch["label_paddings"], batch["weights"]
     )
     return loss, per_example
@@ -298,10 +307,10 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
   return state.apply_gradients(grads=grads), metrics_out
 
 
-def eval_step(apply_fn, params: Any, batch: Batch) -> dict[str, jax.Array]:
+def eval_step(apply_fn, ctc_loss_fn, params: Any, batch: Batch) -> dict[str, jax.Array]:
   """Summed CTC loss and greedy transcriptions of a batch (no dropout)."""
   logits = apply_fn({"params": params}, batch["inputs"], batch["input_paddings"], train=False)
-  _, per_example = ctc.ctc_loss(
+  _, per_example = ctc_loss_fn(
     logits, batch["input_paddings"], batch["labels"], batch["label_paddings"], batch["weights"]
   )
   decoded, decoded_lengths = ctc.greedy_decode(logits, batch["input_paddings"])
@@ -471,28 +480,33 @@ def compile_steps(
     )
     for bucket in dict.fromkeys([*(train_order or []), *range(train_plan.num_buckets)])
   }
-  jobs |= _eval_jobs(state.apply_fn, state.params, eval_plans, mesh, num_features)
+  jobs |= _eval_jobs(
+    state.apply_fn, state.ctc_loss_fn, state.params, eval_plans, mesh, num_features
+  )
   return _start_compiling(jobs, mode)
 
 
 def compile_eval_steps(
   apply_fn,
+  ctc_loss_fn,
   params: Any,
   eval_plans: dict[str, bucketing.BucketPlan],
   mesh: jax.sharding.Mesh,
   num_features: int,
 ) -> Executables:
   """One eval executable per bucket that any of the (shape-sharing) eval plans uses."""
-  jobs = _eval_jobs(apply_fn, params, eval_plans, mesh, num_features)
+  jobs = _eval_jobs(apply_fn, ctc_loss_fn, params, eval_plans, mesh, num_features)
   return _start_compiling(jobs, "parallel").eval_steps
 
 
-def _eval_jobs(apply_fn, params, eval_plans, mesh, num_features) -> dict[tuple[str, int], tuple]:
+def _eval_jobs(
+  apply_fn, ctc_loss_fn, params, eval_plans, mesh, num_features
+) -> dict[tuple[str, int], tuple]:
   if not eval_plans:
     return {}
   batch_sharding = NamedSharding(mesh, P("data"))
   eval_jit = jax.jit(
-    functools.partial(eval_step, apply_fn),
+    functools.partial(eval_step, apply_fn, ctc_loss_fn),
     in_shardings=(NamedSharding(mesh, P()), batch_sharding),
     out_shardings=NamedSharding(mesh, P()),
   )
@@ -1085,7 +1099,12 @@ def evaluate_checkpoint(
   )[split]
   params = load_params(config, workdir, NamedSharding(mesh, P()))
   eval_steps = compile_eval_steps(
-    build_model(config).apply, params, {split: plan}, mesh, num_features(config)
+    build_model(config).apply,
+    build_ctc_loss(config),
+    params,
+    {split: plan},
+    mesh,
+    num_features(config),
   )
   return evaluate(params, data, plan, eval_steps, mesh)
 

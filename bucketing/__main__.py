@@ -1,4 +1,8 @@
-"""`python -m bucketing plan`: plan the buckets of a file of sequence lengths and report them."""
+"""`python -m bucketing plan`: plan the buckets of a file of sequence lengths and report them.
+
+Bad input ends with one line naming the file (and line) and exit code 2; `BUCKETED_RNN_DEBUG=1`
+shows the traceback.
+"""
 
 import argparse
 import json
@@ -7,12 +11,17 @@ import sys
 
 import numpy as np
 
+import cli_errors
 from bucketing import boundaries, cost
 from bucketing.plan import OVERFLOW_POLICIES, BucketPlan, format_report, make_plan
 
 
 def read_lengths(path: pathlib.Path) -> np.ndarray:
-  """One integer per line (blank lines ignored), or a 1-D `.npy` array."""
+  """One integer per line (blank lines ignored), or a 1-D `.npy` array.
+
+  A bad value in a text file is named by its 1-based line number (`file:line`, as editors count),
+  one in a `.npy` array by its index.
+  """
   if not path.is_file():
     raise ValueError(f"{path}: no such file")
   if path.suffix == ".npy":
@@ -25,9 +34,12 @@ def read_lengths(path: pathlib.Path) -> np.ndarray:
       if not line.strip():
         continue
       try:
-        values.append(int(line))
+        value = int(line)
       except ValueError:
         raise ValueError(f"{path}:{number}: {line.strip()!r} is not an integer length") from None
+      if value < 1:
+        raise ValueError(f"{path}:{number}: {value} is not a positive length")
+      values.append(value)
     values = np.array(values, np.int64)
   if values.size == 0:
     raise ValueError(f"{path}: holds no lengths")
@@ -83,43 +95,39 @@ def main(argv: list[str] | None = None) -> int:
   plan.add_argument("--plot", type=pathlib.Path, help="write the length histogram with bounds")
   args = parser.parse_args(argv)
 
-  try:
-    if args.num_buckets < 1:
-      raise ValueError(f"--num-buckets must be >= 1, got {args.num_buckets}")
-    if (args.bounds is not None) != (args.strategy == "fixed"):
-      raise ValueError("--bounds goes with --strategy fixed, and only with it")
-    bounds = None
-    if args.bounds is not None:
-      try:
-        bounds = [int(value) for value in args.bounds.split(",")]
-      except ValueError:
-        raise ValueError(
-          f"--bounds {args.bounds!r} is not a comma-separated list of integers"
-        ) from None
-    lengths = read_lengths(args.lengths)
-    cost_model = cost.CostModel(args.alpha, args.beta, args.kappa)
-    result = make_plan(
-      lengths,
-      strategy=args.strategy,
-      num_buckets=args.num_buckets,
-      upper_bounds=bounds,
-      batch_size=None if args.max_tokens else (args.batch_size or 32),
-      max_tokens=args.max_tokens,
-      num_devices=args.devices,
-      round_to=args.round_to,
-      overflow=args.overflow,
-      cost_model=cost_model,
-      num_epochs=args.epochs,
-    )
-    summary = result.summary(cost_model)
-    if args.plot is not None:
-      plot_plan(result, args.plot)
-  except ValueError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
+  if args.num_buckets < 1:
+    raise ValueError(f"--num-buckets must be >= 1, got {args.num_buckets}")
+  if (args.bounds is not None) != (args.strategy == "fixed"):
+    raise ValueError("--bounds goes with --strategy fixed, and only with it")
+  bounds = None
+  if args.bounds is not None:
+    try:
+      bounds = [int(value) for value in args.bounds.split(",")]
+    except ValueError:
+      raise ValueError(
+        f"--bounds {args.bounds!r} is not a comma-separated list of integers"
+      ) from None
+  lengths = read_lengths(args.lengths)
+  cost_model = cost.CostModel(args.alpha, args.beta, args.kappa)
+  result = make_plan(
+    lengths,
+    strategy=args.strategy,
+    num_buckets=args.num_buckets,
+    upper_bounds=bounds,
+    batch_size=None if args.max_tokens else (args.batch_size or 32),
+    max_tokens=args.max_tokens,
+    num_devices=args.devices,
+    round_to=args.round_to,
+    overflow=args.overflow,
+    cost_model=cost_model,
+    num_epochs=args.epochs,
+  )
+  summary = result.summary(cost_model)
+  if args.plot is not None:
+    plot_plan(result, args.plot)
   print(json.dumps(summary) if args.json else format_report(summary))
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli_errors.run(main))

@@ -45,6 +45,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bucketing
+import cli_errors
 import train
 from experiments import paper
 from experiments.reporting import machine_description, markdown_table
@@ -260,17 +261,57 @@ def compile_cost_per_bucket(measured_by_k: dict[int, Measurement]) -> float:
 # What users would use instead.
 
 
+def torch_train_step(config, num_features: int, device: str, packed: bool) -> Callable:
+  """PyTorch `nn.LSTM` with the config's layers, width and directions, a Linear head, CTC loss,
+  Adam and gradient clipping: `step(inputs [B, T, F], lengths, labels (concatenated),
+  label_lengths)` on `device` (`pack_padded_sequence` when `packed`)."""
+  import torch
+  from torch import nn
+  from torch.nn.utils import rnn as rnn_utils
+
+  model_config = config.model
+  torch.manual_seed(config.seed)
+  lstm = nn.LSTM(
+    num_features,
+    model_config.hidden_size,
+    num_layers=model_config.num_layers,
+    bidirectional=model_config.bidirectional,
+    batch_first=True,
+  ).to(device)
+  directions = 2 if model_config.bidirectional else 1
+  head = nn.Linear(directions * model_config.hidden_size, train.ALPHABET.size).to(device)
+  parameters = [*lstm.parameters(), *head.parameters()]
+  optimizer = torch.optim.Adam(parameters, lr=config.optimizer.learning_rate)
+
+  def step(inputs, lengths, labels, label_lengths):
+    if packed:
+      sequence = rnn_utils.pack_padded_sequence(
+        inputs, lengths, batch_first=True, enforce_sorted=False
+      )
+      outputs, _ = lstm(sequence)
+      outputs, _ = rnn_utils.pad_packed_sequence(outputs, batch_first=True)
+    else:
+      outputs, _ = lstm(inputs)
+    log_probs = head(outputs).log_softmax(-1).transpose(0, 1)
+    loss = nn.functional.ctc_loss(log_probs, labels, lengths, label_lengths, zero_infinity=True)
+    optimizer.zero_grad()
+    loss.backward()
+    nn.utils.clip_grad_norm_(parameters, config.optimizer.grad_clip_norm)
+    optimizer.step()
+
+  return step
+
+
 def torch_contenders(config, data, repeats: int) -> list[Measurement] | str:
   """PyTorch nn.LSTM on random batches, padded per batch and packed; a reason when skipped."""
   try:
     import torch
   except ImportError:
     return "torch is not installed (`pip install -e .[bench]`)"
-  from torch import nn
   from torch.nn.utils import rnn as rnn_utils
 
   devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-  model_config, batch_size = config.model, config.bucketing.batch_size
+  batch_size = config.bucketing.batch_size
 
   def random_batches(repeat: int) -> list[np.ndarray]:
     order = np.random.default_rng([config.seed, repeat]).permutation(len(data))
@@ -289,36 +330,7 @@ def torch_contenders(config, data, repeats: int) -> list[Measurement] | str:
   results = []
   for device in devices:
     for packed in (False, True):
-      torch.manual_seed(config.seed)
-      lstm = nn.LSTM(
-        data.features[0].shape[1],
-        model_config.hidden_size,
-        num_layers=model_config.num_layers,
-        bidirectional=model_config.bidirectional,
-        batch_first=True,
-      ).to(device)
-      directions = 2 if model_config.bidirectional else 1
-      head = nn.Linear(directions * model_config.hidden_size, train.ALPHABET.size).to(device)
-      parameters = [*lstm.parameters(), *head.parameters()]
-      optimizer = torch.optim.Adam(parameters, lr=config.optimizer.learning_rate)
-
-      def step(
-        inputs, lengths, labels, label_lengths, lstm=lstm, head=head, packed=packed, opt=optimizer
-      ):
-        if packed:
-          sequence = rnn_utils.pack_padded_sequence(
-            inputs, lengths, batch_first=True, enforce_sorted=False
-          )
-          outputs, _ = lstm(sequence)
-          outputs, _ = rnn_utils.pad_packed_sequence(outputs, batch_first=True)
-        else:
-          outputs, _ = lstm(inputs)
-        log_probs = head(outputs).log_softmax(-1).transpose(0, 1)
-        loss = nn.functional.ctc_loss(log_probs, labels, lengths, label_lengths, zero_infinity=True)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(opt.param_groups[0]["params"], config.optimizer.grad_clip_norm)
-        opt.step()
+      step = torch_train_step(config, data.features[0].shape[1], device, packed)
 
       def run_epoch(repeat: int, step=step, device=device) -> tuple[float, float]:
         start = time.perf_counter()
@@ -404,15 +416,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")
   parser.add_argument("--dataset", choices=("auto", "iam_ondb", "synthetic"), default="auto")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--buckets", default=None, help="comma-separated K list")
+  parser.add_argument("--buckets", type=cli_errors.int_list, help="comma-separated K list")
   parser.add_argument("--repeats", type=int, default=0, help="default 3 (quick, tiny) or 5")
   parser.add_argument("--planned-epochs", type=int, default=50, help="run length `auto` plans")
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
   preset_name = "quick" if args.quick else "tiny" if args.tiny else "full"
   config = paper.make_config(preset_name, args.dataset, args.data_dir)
-  default_buckets = {"full": "2,4,8,16", "quick": "2,4", "tiny": "2"}[preset_name]
-  bucket_counts = [int(k) for k in (args.buckets or default_buckets).split(",")]
+  default_buckets = {"full": [2, 4, 8, 16], "quick": [2, 4], "tiny": [2]}[preset_name]
+  bucket_counts = args.buckets or default_buckets
   repeats = args.repeats or (5 if preset_name == "full" else 3)
   limit = {"full": 0, "quick": 256, "tiny": 32}[preset_name]
   if preset_name == "full":
@@ -532,4 +544,4 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli_errors.run(main))

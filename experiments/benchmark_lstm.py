@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import cli_errors
 from experiments import reporting
 from models.lstm import LstmCtcModel
 
@@ -229,4 +230,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli_errors.run(main))

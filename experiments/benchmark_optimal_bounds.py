@@ -12,10 +12,12 @@ import argparse
 import datetime
 import pathlib
 import statistics
+import sys
 import time
 
 import numpy as np
 
+import cli_errors
 from bucketing import boundaries
 from experiments import reporting
 
@@ -97,4 +99,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli_errors.run(main))

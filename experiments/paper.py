@@ -48,6 +48,7 @@ import time
 import ml_collections
 import numpy as np
 
+import cli_errors
 from experiments import common, iam, reporting, synthetic
 
 DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
@@ -383,20 +384,27 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--out", default=None, help="path prefix of the table and plots")
   parser.add_argument("--dataset", choices=("auto", "iam_ondb", "synthetic"), default="auto")
   parser.add_argument("--data-dir", default=None, help="holds iam_ondb.npz or the TFDS build")
-  parser.add_argument("--buckets", default=None, help="comma-separated K list")
+  parser.add_argument("--buckets", type=cli_errors.int_list, help="comma-separated K list")
   parser.add_argument("--strategies", default=",".join(STRATEGIES))
-  parser.add_argument("--devices", default=None, help="comma-separated device counts")
+  parser.add_argument("--devices", type=cli_errors.int_list, help="comma-separated device counts")
   parser.add_argument("--epochs", type=int, default=0, help="override config.num_epochs")
   parser.add_argument("--cost", default=None, help="alpha,beta,kappa for auto (seconds)")
   parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.preset = "quick" if args.quick else "tiny" if args.tiny else "full"
   default_buckets = PRESET_BUCKETS[args.preset]
-  args.buckets = [int(k) for k in args.buckets.split(",")] if args.buckets else default_buckets
+  args.buckets = args.buckets or default_buckets
   args.strategies = args.strategies.split(",")
   unknown = set(args.strategies) - set(STRATEGIES)
   if unknown:
     parser.error(f"unknown strategies {sorted(unknown)}; choose from {STRATEGIES}")
+  if args.cost is not None:
+    try:
+      cost = [float(value) for value in args.cost.split(",")]
+    except ValueError:
+      cost = []
+    if len(cost) != 3:
+      parser.error(f"--cost {args.cost!r} is not three numbers alpha,beta,kappa")
   return args
 
 
@@ -407,18 +415,22 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     run_worker(args, args.worker_devices)
     return None
   if args.devices:
-    device_counts = [int(n) for n in args.devices.split(",")]
+    device_counts = args.devices
   else:
     available = available_devices()
     device_counts = [2**i for i in range(available.bit_length()) if 2**i <= available]
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
   for devices in device_counts:
-    subprocess.run(
+    worker = subprocess.run(
       [sys.executable, "-m", "experiments.paper", *argv, "--worker-devices", str(devices)],
-      check=True,
+      check=False,
       env=worker_env(devices),
     )
+    if worker.returncode:  # The worker has printed its error (one line, or a bug's traceback).
+      raise cli_errors.UsageError(
+        f"the worker for {devices} device(s) failed with exit code {worker.returncode}"
+      )
   loads = (load_before, os.getloadavg()[0])
   path = write_report(args, argv, device_counts, loads, time.perf_counter() - start)
   print(f"wrote {path}")
@@ -426,4 +438,4 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli_errors.run(main))

@@ -4,6 +4,9 @@ python -m handwriting build --dataset iam_ondb --manual_dir DIR [--data_dir DIR]
 python -m handwriting build --dataset synthetic [--data_dir DIR]
 python -m handwriting stats --dataset iam_ondb [--data_dir DIR] [--json] [--plot PNG]
 python -m handwriting render --dataset iam_ondb --id a01-000u-01 --out line.png
+
+Bad data, a broken download or a missing file ends with one line and exit code 2
+(`BUCKETED_RNN_DEBUG=1` shows the traceback). `stats --json` prints only JSON on stdout.
 """
 
 import argparse
@@ -11,6 +14,7 @@ import json
 import sys
 import time
 
+import cli_errors
 from handwriting import dataset, report
 from handwriting.features import FeatureConfig
 
@@ -59,12 +63,13 @@ def _load_all(args) -> dict[str, list[dict]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
+  parser = _parser()
+  args = parser.parse_args(argv)
   if args.command == "build":
     start = time.perf_counter()
     if args.dataset == "iam_ondb":
       if args.manual_dir is None:
-        raise SystemExit("build --dataset iam_ondb needs --manual_dir (the IAM-OnDB download)")
+        parser.error("build --dataset iam_ondb needs --manual_dir (the IAM-OnDB download)")
       dataset.build_iam_ondb(args.manual_dir, args.data_dir)
     elif args.dataset == "synthetic":
       settings = {"seed": args.seed, "num_train": args.num_train, "num_eval": args.num_eval}
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         dataset.export_path("synthetic", args.data_dir), _load_all(args), {"generator": settings}
       )
     else:
-      raise SystemExit(f"build: unknown dataset {args.dataset!r} (iam_ondb or synthetic)")
+      parser.error(f"build: unknown --dataset {args.dataset!r} (iam_ondb or synthetic)")
     path = dataset.export_path(args.dataset, args.data_dir)
     print(f"built {args.dataset} in {time.perf_counter() - start:.1f} s; export: {path}")
   elif args.command == "stats":
@@ -87,11 +92,11 @@ def main(argv: list[str] | None = None) -> int:
   elif args.command == "render":
     matches = [e for split in _load_all(args).values() for e in split if e["id"] == args.id]
     if not matches:
-      raise SystemExit(f"render: no line with id {args.id!r} in {args.dataset}")
+      raise ValueError(f"render: no line with --id {args.id!r} in {args.dataset}")
     report.render_example(matches[0], args.out)
     print(f"wrote {args.out}")
   return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli_errors.run(main))

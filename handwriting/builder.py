@@ -6,6 +6,8 @@ reading imports TensorFlow. Records keep the order of generation (`disable_shuff
 by line id, so `limit` in `handwriting.dataset.load_examples` takes whole forms in a fixed order.
 """
 
+import datetime
+import os
 from typing import ClassVar
 
 import numpy as np
@@ -62,7 +64,8 @@ class IamOndb(tfds.core.GeneratorBasedBuilder):
         "Online handwriting: pen trajectories of English text lines written on a whiteboard. "
         "points are (x, y, seconds since the line's first point), y downwards, in sensor units; "
         "stroke_end marks the last point of each pen-down stroke. metadata['skipped'] lists "
-        "the lines of the splits that were left out, with the reason."
+        "the lines of the splits that were left out, with the reason; metadata['manual_dir'] and "
+        "metadata['built_at'] say where and when it was built."
       ),
       features=tfds.features.FeaturesDict(
         {
@@ -83,6 +86,9 @@ class IamOndb(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager: tfds.download.DownloadManager):
     parsed = iam_ondb.read_iam_ondb(dl_manager.manual_dir)
     self.info.metadata["skipped"] = parsed.skipped
+    # Where and when this build came from, so a run reading it can say so (`dataset.data_source`).
+    self.info.metadata["manual_dir"] = os.path.abspath(os.fspath(dl_manager.manual_dir))
+    self.info.metadata["built_at"] = datetime.datetime.now().isoformat(timespec="seconds")
     return {split: self._generate_examples(examples) for split, examples in parsed.examples.items()}
 
   def _generate_examples(self, examples: list[dict]):

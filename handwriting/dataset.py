@@ -11,10 +11,12 @@ dir), an exported `.npz` file that needs only numpy (for machines without TFDS o
 prefers it), and the synthetic generator, which is cheap enough to run in memory every time.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import pathlib
+import sys
 
 import numpy as np
 
@@ -105,9 +107,11 @@ def build_iam_ondb(
 
   iam_ondb.check_manual_dir(manual_dir)  # Our message names what is missing; TFDS's does not.
   builder = iam_ondb_builder(data_dir)
-  builder.download_and_prepare(
-    download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
-  )
+  # TFDS prints "Downloading and preparing dataset ..." on stdout; stdout is for results (`--json`).
+  with contextlib.redirect_stdout(sys.stderr):
+    builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(manual_dir))
+    )
   if export:
     examples = {split: _read_tfds(builder, split) for split in SPLITS}
     write_export(export_path("iam_ondb", data_dir), examples, dict(builder.info.metadata))
@@ -130,6 +134,84 @@ def _read_tfds(builder, split: str, limit: int | None = None) -> list[dict]:
   return examples
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+  """Where `load_examples` reads a dataset from, so a run can say so before it trains on it.
+
+  kind: "export" (a `.npz` file), "tfds" (a built TFDS folder), "build" (built now from a manual
+    dir, then read from TFDS) or "generator" (the synthetic set, in memory).
+  path: the `.npz` file, the TFDS folder, or the manual dir of a build; None for the generator.
+  detail: what is known of its origin ("built from /data/iam-ondb at ...", generator settings).
+  default_location: found in `~/tensorflow_datasets` with no data dir configured anywhere: data a
+    user may have forgotten (an old export), which a trainer can refuse or warn about.
+  """
+
+  kind: str
+  path: pathlib.Path | None
+  detail: str
+  default_location: bool
+
+  def __str__(self) -> str:
+    where = {
+      "export": f"the numpy export {self.path}",
+      "tfds": f"the TFDS dataset in {self.path}",
+      "build": f"a fresh build of IAM-OnDB from the manual dir {self.path}",
+      "generator": "the synthetic generator, in memory",
+    }[self.kind]
+    default = " (the default data dir: nothing configured)" if self.default_location else ""
+    return f"{where}{default}" + (f"; {self.detail}" if self.detail else "")
+
+
+def _origin(metadata: dict) -> str:
+  """The build's own record of where it came from (exports older than the record lack it)."""
+  if "generator" in metadata:
+    return f"generated with {metadata['generator']}"
+  if "manual_dir" in metadata:
+    return f"built from {metadata['manual_dir']} at {metadata.get('built_at', 'an unknown time')}"
+  return "its origin is not recorded"
+
+
+def data_source(
+  dataset: str,
+  *,
+  data_dir: str | os.PathLike | None = None,
+  manual_dir: str | os.PathLike | None = None,
+  seed: int = 0,
+  num_train: int = 5000,
+  num_eval: int = 500,
+) -> DataSource:
+  """Where `load_examples(dataset, ..., same arguments)` would read from; nothing is built.
+
+  Raises FileNotFoundError, naming every way to point at the download, when IAM-OnDB is neither
+  exported nor built in `data_dir` and no manual dir is given.
+  """
+  if dataset.endswith(".npz"):
+    path = pathlib.Path(dataset)
+    if not path.is_file():
+      raise FileNotFoundError(f"{path}: no such export file")
+    return DataSource("export", path, _origin(read_export_metadata(path)), False)
+  if dataset == "synthetic":
+    settings = {"seed": seed, "num_train": num_train, "num_eval": num_eval}
+    return DataSource("generator", None, f"generated with {settings}", False)
+  if dataset != "iam_ondb":
+    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS} or a .npz path")
+  default_location = data_dir is None and "HANDWRITING_DATA_DIR" not in os.environ
+  export = export_path(dataset, data_dir)
+  if export.is_file():
+    return DataSource("export", export, _origin(read_export_metadata(export)), default_location)
+  builder = iam_ondb_builder(data_dir)
+  if builder.is_prepared():
+    path = pathlib.Path(builder.data_dir)
+    return DataSource("tfds", path, _origin(dict(builder.info.metadata)), default_location)
+  if manual_dir is None:
+    raise FileNotFoundError(
+      f"IAM-OnDB is not built in {builder.data_dir} and there is no export {export}; point "
+      "IAM_ONDB_DIR or --config.data.manual_dir (train.py), --manual_dir (python -m handwriting) "
+      "or manual_dir= (Python) at the folder with the IAM-OnDB download (README: Getting IAM-OnDB)"
+    )
+  return DataSource("build", pathlib.Path(manual_dir), f"into {builder.data_dir}", False)
+
+
 def load_examples(
   dataset: str,
   split: str,
@@ -147,60 +229,111 @@ def load_examples(
     dataset in `data_dir`, building it from `manual_dir` first if needed; "synthetic" generates
     `num_train` lines for "train" and `num_eval` for the other splits from `seed` (only `limit`
     lines when given, so a few dozen take a fraction of a second); a path ending in `.npz` reads
-    that export.
+    that export. `data_source` with the same arguments says which of these it is.
   split: "train", "validation", "validation2" or "test".
   """
   if split not in SPLITS:
     raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-  if dataset.endswith(".npz"):
-    return read_export(dataset, split, limit)
-  if dataset == "synthetic":
+  source = data_source(
+    dataset,
+    data_dir=data_dir,
+    manual_dir=manual_dir,
+    seed=seed,
+    num_train=num_train,
+    num_eval=num_eval,
+  )
+  if source.kind == "export":
+    return read_export(source.path, split, limit)
+  if source.kind == "generator":
     size = num_train if split == "train" else num_eval
     return synthetic.generate_examples(split, size if limit is None else min(limit, size), seed)
-  if dataset != "iam_ondb":
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS} or a .npz path")
-  export = export_path(dataset, data_dir)
-  if export.is_file():
-    return read_export(export, split, limit)
-  builder = iam_ondb_builder(data_dir)
-  if not builder.is_prepared():
-    if manual_dir is None:
-      raise FileNotFoundError(
-        f"IAM-OnDB is not built in {builder.data_dir} and no {export} exists; pass manual_dir "
-        "(the folder with the IAM-OnDB download) or run `python -m handwriting build --dataset "
-        "iam_ondb --manual_dir DIR`"
-      )
-    builder = build_iam_ondb(manual_dir, data_dir)
-  return _read_tfds(builder, split, limit)
+  if source.kind == "build":
+    return _read_tfds(build_iam_ondb(manual_dir, data_dir), split, limit)
+  return _read_tfds(iam_ondb_builder(data_dir), split, limit)
+
+
+BAD_EXAMPLE_POLICIES = ("error", "skip")
+
+
+def example_problem(example: dict, alphabet: Alphabet) -> str | None:
+  """What makes `example` unfit for training (None when it is fine), in words a user can act on.
+
+  The checks a trainer relies on: field types and shapes, some ink, finite points, time from 0, a
+  stroke end on the last point, and a non-empty text inside the alphabet. Time may step backwards:
+  the digitiser clock does so in 47 real lines (by up to 6,408 s), see `FeatureConfig.time_deltas`.
+  """
+  missing = {"id", "form_id", "writer_id", "text", "points", "stroke_end"} - set(example)
+  if missing:
+    return f"missing fields {sorted(missing)}"
+  if not all(isinstance(example[field], str) for field in _TEXT_FIELDS):
+    return "id, form_id, writer_id and text must be str"
+  points, stroke_end = example["points"], example["stroke_end"]
+  if points.dtype != np.float32 or points.ndim != 2 or points.shape[1] != 3:
+    return f"points must be float32 [N, 3], got {points.dtype} {points.shape}"
+  if not len(points):
+    return "no points (empty ink)"
+  if stroke_end.dtype != np.bool_ or stroke_end.shape != (len(points),) or not stroke_end[-1]:
+    return "stroke_end must be bool [N] ending in True"
+  finite = np.isfinite(points).all(axis=1)
+  if not finite.all():
+    first = int(np.flatnonzero(~finite)[0])
+    return (
+      f"{int((~finite).sum())} of {len(points)} points are not finite (NaN or inf), the first "
+      f"at point {first}: {points[first].tolist()}"
+    )
+  if points[0, 2] != 0:
+    return f"time must start at 0, got {points[0, 2]}"
+  if not example["text"]:
+    return "empty text"
+  try:
+    alphabet.encode(example["text"])
+  except ValueError as error:
+    return str(error)
+  return None
 
 
 def check_example(example: dict, alphabet: Alphabet) -> None:
-  """Raise ValueError (naming the example) unless `example` has the shared format and sane ink.
+  """Raise ValueError naming the example unless `example_problem` finds nothing wrong."""
+  problem = example_problem(example, alphabet)
+  if problem:
+    raise ValueError(f"example {example.get('id', '<no id>')}: {problem}")
 
-  The checks a trainer relies on: field types and shapes, finite points, time from 0, a stroke
-  end on the last point, and a non-empty text inside the alphabet. Time may step backwards: the
-  digitiser clock does so in 47 real lines (by up to 6,408 s), see `FeatureConfig.time_deltas`.
+
+class BadExampleError(ValueError):
+  """A split holds an example that cannot be trained or scored on; the message names it."""
+
+
+def validate_examples(
+  examples: list[dict], split: str, alphabet: Alphabet, policy: str = "error", source: str = ""
+) -> tuple[list[dict], list[dict]]:
+  """Check every example of `split` once, before anything trains on it.
+
+  A bad line (NaN or inf points, no ink, empty text, a character outside the alphabet, ...) would
+  otherwise surface later as a NaN loss with no line id, or lose a run silently (a NaN validation
+  loss never improves). policy "error" raises BadExampleError naming `source` (where the data came
+  from, see `data_source`), the split, the line id and what is wrong, and how many lines are bad;
+  "skip" drops bad lines and reports them.
+
+  Returns (the good examples in their order, skipped [{"id", "split", "reason"}]), the format of
+  the build's `skipped_examples`.
   """
-  name = example.get("id", "<no id>")
-  missing = {"id", "form_id", "writer_id", "text", "points", "stroke_end"} - set(example)
-  if missing:
-    raise ValueError(f"example {name}: missing fields {sorted(missing)}")
-  if not all(isinstance(example[field], str) for field in _TEXT_FIELDS):
-    raise ValueError(f"example {name}: id, form_id, writer_id and text must be str")
-  points, stroke_end = example["points"], example["stroke_end"]
-  if points.dtype != np.float32 or points.ndim != 2 or points.shape[1] != 3 or not len(points):
+  if policy not in BAD_EXAMPLE_POLICIES:
     raise ValueError(
-      f"example {name}: points must be float32 [N>0, 3], got {points.dtype} {points.shape}"
+      f"unknown bad-example policy {policy!r}; expected one of {BAD_EXAMPLE_POLICIES}"
     )
-  if stroke_end.dtype != np.bool_ or stroke_end.shape != (len(points),) or not stroke_end[-1]:
-    raise ValueError(f"example {name}: stroke_end must be bool [N] ending in True")
-  if not np.isfinite(points).all():
-    raise ValueError(f"example {name}: points are not all finite")
-  if points[0, 2] != 0:
-    raise ValueError(f"example {name}: time must start at 0")
-  if not example["text"]:
-    raise ValueError(f"example {name}: empty text")
-  alphabet.encode(example["text"], name)
+  kept, skipped = [], []
+  for example in examples:
+    problem = example_problem(example, alphabet)
+    if problem is None:
+      kept.append(example)
+    else:
+      skipped.append({"id": example.get("id", "<no id>"), "split": split, "reason": problem})
+  if skipped and policy == "error":
+    first = skipped[0]
+    more = f" ({len(skipped)} bad lines in all)" if len(skipped) > 1 else ""
+    origin = f"; data: {source}" if source else ""
+    raise BadExampleError(f"split {split!r}, line {first['id']}: {first['reason']}{more}{origin}")
+  return kept, skipped
 
 
 @dataclasses.dataclass

@@ -5,12 +5,18 @@ right-padded (`label_paddings`, 1.0 = padded); `weights [batch]` are 1.0 for rea
 for filler rows that only keep a bucket's shape static.
 """
 
+import functools
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from models.ctc_kernel import ctc_loss_kernel
+
 BLANK_ID = 0
+CTC_IMPLEMENTATIONS = ("auto", "optax", "pallas")
 
 
 def ctc_loss(
@@ -19,6 +25,8 @@ def ctc_loss(
   labels: jax.Array,
   label_paddings: jax.Array,
   weights: jax.Array,
+  implementation: str = "optax",
+  **kernel_options,
 ) -> tuple[jax.Array, jax.Array]:
   """Mean CTC loss over real examples, and the per-example losses.
 
@@ -28,6 +36,9 @@ def ctc_loss(
     labels: `[batch, label_time]` int32 targets (no blanks).
     label_paddings: `[batch, label_time]`, 1.0 = padded label.
     weights: `[batch]`, 0.0 for filler rows.
+    implementation: "optax" (`optax.ctc_loss`, a scan over time) or "pallas"
+      (`models.ctc_kernel.ctc_loss_kernel`, the same function with its time recursion in one
+      kernel launch per pass; `kernel_options` are its launch parameters).
 
   Returns:
     `(loss, per_example)`: `per_example [batch]` is each sequence's negative log-likelihood
@@ -37,13 +48,43 @@ def ctc_loss(
     gradient, however many a bucket holds. A target that cannot be aligned (too long for its
     frames) costs about `-log_epsilon` = 1e5 instead of infinity, as in `optax.ctc_loss`.
   """
-  per_example = optax.ctc_loss(
-    logits.astype(jnp.float32), logit_paddings, labels, label_paddings, blank_id=BLANK_ID
+  per_example_loss = ctc_loss_kernel if implementation == "pallas" else optax.ctc_loss
+  per_example = per_example_loss(
+    logits.astype(jnp.float32),
+    logit_paddings,
+    labels,
+    label_paddings,
+    blank_id=BLANK_ID,
+    **kernel_options,
   )
   per_example = jnp.where(weights > 0, per_example, 0.0)
   total_weight = jnp.sum(weights)
   loss = jnp.sum(weights * per_example) / jnp.maximum(total_weight, jnp.finfo(jnp.float32).tiny)
   return loss, per_example
+
+
+def make_ctc_loss(
+  *, impl: str = "auto", batch_tile: int = 1, num_warps: int = 2, backend: str | None = None
+) -> Callable[..., tuple[jax.Array, jax.Array]]:
+  """`ctc_loss` with its implementation chosen: "auto" takes the Pallas kernel on a GPU and
+  `optax.ctc_loss` elsewhere; the kernel runs in the Pallas interpreter off the GPU (tests).
+
+  The returned function's `implementation` keyword says what was chosen.
+  """
+  if impl not in CTC_IMPLEMENTATIONS:
+    raise ValueError(f"ctc impl must be one of {CTC_IMPLEMENTATIONS}, got {impl!r}")
+  backend = backend or jax.default_backend()
+  if impl == "auto":
+    impl = "pallas" if backend == "gpu" else "optax"
+  if impl == "optax":
+    return functools.partial(ctc_loss, implementation="optax")
+  return functools.partial(
+    ctc_loss,
+    implementation="pallas",
+    batch_tile=batch_tile,
+    num_warps=num_warps,
+    interpret=backend != "gpu",
+  )
 
 
 def greedy_decode(logits: jax.Array, paddings: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -5,9 +5,33 @@ a value out of range a ValueError, before anything is traced or compiled.
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from models.lstm import LstmCtcModel
+from models.lstm_kernel import KernelConfig, padded_hidden_size
+
+LSTM_IMPLEMENTATIONS = ("auto", "scan", "pallas")
+# Backends on which `auto` takes the fused kernel: none yet. On an H200 the kernel's recurrence
+# (forward + backward of one BLSTM layer, B = 32, T = 608, float32) took 16.2 ms against the
+# scan's 7.5 at unroll 8 (experiments/results/benchmark_step_gpu.md): with a batch tile per
+# program only 4 of 132 multiprocessors work, and float32 weights do not fit on chip.
+KERNEL_BACKENDS = ()
+# The largest (padded) hidden size `auto` would give the kernel.
+MAX_KERNEL_HIDDEN_SIZE = 256
+# Scan unroll per backend when `unroll=0`: measured fastest for the scan (unroll 8 was 1.58x
+# faster than 1 for a train step on an H200; 1 is fastest on the CPU, benchmark_lstm_cpu.md).
+DEFAULT_UNROLL = {"gpu": 8}
+
+
+def resolve_lstm_implementation(lstm_impl: str, hidden_size: int, backend: str) -> str:
+  """ "scan" or "pallas": `auto` takes the fused kernel on a GPU for the sizes it holds on chip."""
+  if lstm_impl not in LSTM_IMPLEMENTATIONS:
+    raise ValueError(f"lstm_impl must be one of {LSTM_IMPLEMENTATIONS}, got {lstm_impl!r}")
+  if lstm_impl != "auto":
+    return lstm_impl
+  supported = padded_hidden_size(hidden_size) <= MAX_KERNEL_HIDDEN_SIZE
+  return "pallas" if backend in KERNEL_BACKENDS and supported else "scan"
 
 
 def make_model(
@@ -18,12 +42,19 @@ def make_model(
   bidirectional: bool = True,
   dropout_rate: float = 0.0,
   input_projection_size: int | None = None,
-  unroll: int = 1,
+  lstm_impl: str = "auto",
+  unroll: int = 0,
+  kernel: dict | None = None,
   dtype: str | jnp.dtype = "float32",
+  backend: str | None = None,
 ) -> nn.Module:
   """Returns an `LstmCtcModel`; see its docstring for the meaning of each argument.
 
   `dtype` may be a name ("float32", "bfloat16") so that configs stay plain Python values.
+  `lstm_impl` "auto" and `unroll` 0 are resolved for `backend` (default: JAX's default backend):
+  the model's `lstm_implementation` and `unroll` say what was chosen. `kernel` holds
+  `KernelConfig` launch parameters; the kernel runs in the Pallas interpreter on backends other
+  than the GPU (slow: for tests).
   """
   if num_classes < 2:
     raise ValueError(f"num_classes must count the blank plus at least one label, got {num_classes}")
@@ -35,8 +66,10 @@ def make_model(
     raise ValueError(f"dropout_rate must be in [0, 1), got {dropout_rate}")
   if input_projection_size is not None and input_projection_size < 1:
     raise ValueError(f"input_projection_size must be None or >= 1, got {input_projection_size}")
-  if unroll < 1:
-    raise ValueError(f"unroll must be >= 1, got {unroll}")
+  if unroll < 0:
+    raise ValueError(f"unroll must be >= 1, or 0 for the backend's default, got {unroll}")
+  backend = backend or jax.default_backend()
+  implementation = resolve_lstm_implementation(lstm_impl, hidden_size, backend)
   return LstmCtcModel(
     num_classes=num_classes,
     num_layers=num_layers,
@@ -44,6 +77,8 @@ def make_model(
     bidirectional=bidirectional,
     dropout_rate=dropout_rate,
     input_projection_size=input_projection_size,
-    unroll=unroll,
+    lstm_implementation=implementation,
+    unroll=unroll or DEFAULT_UNROLL.get(backend, 1),
+    kernel_config=KernelConfig(**(kernel or {}), interpret=backend != "gpu"),
     dtype=jnp.dtype(dtype),
   )

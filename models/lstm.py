@@ -29,6 +29,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
+
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
@@ -214,7 +216,11 @@ class LstmLayer(nn.Module):
   Attributes:
     hidden_size: units per direction.
     bidirectional: add a direction that reads each sequence backwards within its own length.
-    unroll: scan steps unrolled per loop iteration (`jax.lax.scan(unroll=...)`).
+    implementation: how the recurrence runs: "scan" (`lstm_recurrence`, `jax.lax.scan`) or
+      "pallas" (`models.lstm_kernel`, one fused kernel launch per pass; GPU, or the Pallas
+      interpreter elsewhere). Both compute the same function and gradient.
+    unroll: scan steps unrolled per loop iteration (`jax.lax.scan(unroll=...)`); "scan" only.
+    kernel_config: launch parameters of the "pallas" kernels.
     dtype: computation dtype of the matmuls and of the returned activations.
     param_dtype: storage dtype of the parameters.
     kernel_init, recurrent_kernel_init, bias_init: per-direction initialisers, defaulting to
@@ -223,7 +229,9 @@ class LstmLayer(nn.Module):
 
   hidden_size: int
   bidirectional: bool = False
+  implementation: str = "scan"
   unroll: int = 1
+  kernel_config: KernelConfig = KernelConfig()
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   kernel_init: Initializer = nn.initializers.lecun_normal()
@@ -268,10 +276,12 @@ class LstmLayer(nn.Module):
       + bias[direction].astype(jnp.float32)
       for direction, direction_inputs in enumerate(directional_inputs)
     )
-    hidden_states = [
-      jnp.swapaxes(states, 0, 1)
-      for states in lstm_recurrence(projected, recurrent_kernel.astype(self.dtype), self.unroll)
-    ]
+    recurrent_kernel = recurrent_kernel.astype(self.dtype)
+    if self.implementation == "pallas":
+      time_major_states = lstm_recurrence_kernel(projected, recurrent_kernel, self.kernel_config)
+    else:
+      time_major_states = lstm_recurrence(projected, recurrent_kernel, self.unroll)
+    hidden_states = [jnp.swapaxes(states, 0, 1) for states in time_major_states]
     if self.bidirectional:
       hidden_states[1] = reverse_within_length(hidden_states[1], lengths)
     outputs = jnp.concatenate(hidden_states, axis=-1)
@@ -293,7 +303,9 @@ class LstmCtcModel(nn.Module):
     bidirectional: BLSTM layers (the paper's model) instead of forward-only LSTMs.
     dropout_rate: dropout on every LSTM layer's output when `train=True`.
     input_projection_size: width of an optional Dense layer applied to the features first.
+    lstm_implementation: "scan" or "pallas" (see `LstmLayer`).
     unroll: scan unroll of every LSTM layer.
+    kernel_config: launch parameters of the "pallas" recurrence.
     dtype: computation dtype; logits are always returned as float32.
   """
 
@@ -303,7 +315,9 @@ class LstmCtcModel(nn.Module):
   bidirectional: bool = True
   dropout_rate: float = 0.0
   input_projection_size: int | None = None
+  lstm_implementation: str = "scan"
   unroll: int = 1
+  kernel_config: KernelConfig = KernelConfig()
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -321,7 +335,9 @@ class LstmCtcModel(nn.Module):
       activations = LstmLayer(
         self.hidden_size,
         bidirectional=self.bidirectional,
+        implementation=self.lstm_implementation,
         unroll=self.unroll,
+        kernel_config=self.kernel_config,
         dtype=self.dtype,
         name=f"lstm_{layer}",
       )(activations, input_paddings)

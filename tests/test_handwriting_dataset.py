@@ -1,5 +1,7 @@
 """Tests for handwriting.dataset: the loading API the trainer imports, and the .npz export."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -70,7 +72,8 @@ def test_export_round_trip(tmp_path):
 
 
 def test_iam_ondb_without_build_or_manual_dir_says_what_to_do(tmp_path):
-  with pytest.raises(FileNotFoundError, match="pass manual_dir"):
+  # A new user training with train.py must learn the flag and the variable, not the Python API.
+  with pytest.raises(FileNotFoundError, match=r"IAM_ONDB_DIR or --config\.data\.manual_dir"):
     load_examples("iam_ondb", "train", data_dir=tmp_path)
   with pytest.raises(IamOnDbError, match="manual dir is missing or empty"):
     load_examples("iam_ondb", "train", data_dir=tmp_path, manual_dir=tmp_path / "nowhere")
@@ -101,3 +104,101 @@ def test_check_example_rejects_broken_examples(change, message):
   dataset.check_example(example, Alphabet())
   with pytest.raises(ValueError, match=message):
     dataset.check_example(example | change, Alphabet())
+
+
+def write_bad_export(path, spoil):
+  """A synthetic export whose line 2 of train and line 1 of validation are spoilt by `spoil`."""
+  train = load_examples("synthetic", "train", limit=4)
+  validation = load_examples("synthetic", "validation", limit=3)
+  train[2] = train[2] | spoil(train[2])
+  validation[1] = validation[1] | spoil(validation[1])
+  dataset.write_export(path, {"train": train, "validation": validation}, {})
+  return train[2]["id"], validation[1]["id"]
+
+
+def nan_points(example):
+  points = example["points"].copy()
+  points[5, 1] = np.nan
+  return {"points": points}
+
+
+def inf_points(example):
+  points = example["points"].copy()
+  points[-1, 0] = np.inf
+  return {"points": points}
+
+
+def no_points(example):
+  return {"points": np.zeros((0, 3), np.float32), "stroke_end": np.zeros(0, np.bool_)}
+
+
+def no_text(example):
+  return {"text": ""}
+
+
+@pytest.mark.parametrize(
+  ("spoil", "reason"),
+  [
+    (nan_points, r"1 of \d+ points are not finite \(NaN or inf\), the first at point 5"),
+    (inf_points, r"1 of \d+ points are not finite"),
+    (no_points, r"no points \(empty ink\)"),
+    (no_text, "empty text"),
+  ],
+)
+def test_a_bad_line_in_an_export_is_named_or_skipped_and_reported(tmp_path, spoil, reason):
+  path = tmp_path / "bad.npz"
+  train_id, validation_id = write_bad_export(path, spoil)
+  source = str(dataset.data_source(str(path)))
+  for split, bad_id, size in (("train", train_id, 4), ("validation", validation_id, 3)):
+    examples = load_examples(str(path), split)
+    with pytest.raises(dataset.BadExampleError) as error:
+      dataset.validate_examples(examples, split, Alphabet(), source=source)
+    message = str(error.value)
+    assert message.startswith(f"split '{split}', line {bad_id}: ")
+    assert message.endswith(f"; data: the numpy export {path}; its origin is not recorded")
+    assert re.search(reason, message) and "\n" not in message
+
+    kept, skipped = dataset.validate_examples(examples, split, Alphabet(), policy="skip")
+    assert [e["id"] for e in kept] == [e["id"] for e in examples if e["id"] != bad_id]
+    assert len(kept) == size - 1
+    assert len(skipped) == 1 and skipped[0]["id"] == bad_id and skipped[0]["split"] == split
+    assert re.search(reason, skipped[0]["reason"])
+
+
+def test_validation_counts_every_bad_line_and_keeps_good_splits_whole():
+  examples = load_examples("synthetic", "validation", limit=5)
+  spoilt = [examples[0], examples[1] | {"text": ""}, examples[2], examples[3] | {"text": "€"}]
+  with pytest.raises(dataset.BadExampleError, match=r"empty text \(2 bad lines in all\)"):
+    dataset.validate_examples(spoilt, "validation", Alphabet())
+  kept, skipped = dataset.validate_examples(spoilt, "validation", Alphabet(), policy="skip")
+  assert [e["id"] for e in kept] == [examples[0]["id"], examples[2]["id"]]
+  assert [item["id"] for item in skipped] == [examples[1]["id"], examples[3]["id"]]
+  assert skipped[1]["reason"].startswith("character '€'")
+  kept, skipped = dataset.validate_examples(examples, "validation", Alphabet())
+  assert len(kept) == len(examples) and skipped == []
+  with pytest.raises(ValueError, match="unknown bad-example policy 'drop'"):
+    dataset.validate_examples(examples, "validation", Alphabet(), policy="drop")
+
+
+def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
+  monkeypatch.delenv("HANDWRITING_DATA_DIR", raising=False)
+  source = dataset.data_source("synthetic", seed=3, num_train=10, num_eval=5)
+  assert source.kind == "generator" and "'seed': 3" in str(source)
+
+  export = dataset.export_path("iam_ondb", tmp_path)
+  dataset.write_export(export, {"train": load_examples("synthetic", "train", limit=2)}, {})
+  source = dataset.data_source("iam_ondb", data_dir=tmp_path)
+  assert (source.kind, source.path, source.default_location) == ("export", export, False)
+  assert str(source) == f"the numpy export {export}; its origin is not recorded"
+
+  # Nothing configured: an export found in ~/tensorflow_datasets may be a forgotten one.
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  default_export = dataset.export_path("iam_ondb")
+  dataset.write_export(default_export, {"train": []}, {"manual_dir": "/old", "built_at": "2020"})
+  source = dataset.data_source("iam_ondb", manual_dir="/somewhere/else")
+  assert source.kind == "export" and source.default_location
+  assert "nothing configured" in str(source) and "built from /old at 2020" in str(source)
+
+  empty = tmp_path / "empty"
+  source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir=tmp_path / "download")
+  assert (source.kind, source.path) == ("build", tmp_path / "download")

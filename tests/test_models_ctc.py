@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.ctc import BLANK_ID, ctc_loss, decoded_to_lists, greedy_decode
+from models.ctc import BLANK_ID, ctc_loss, decoded_to_lists, greedy_decode, make_ctc_loss
 
 NUM_CLASSES = 3
 
@@ -135,3 +135,31 @@ def test_greedy_decode_collapses_repeats_drops_blanks_and_ignores_padding(jit):
     ],
   )
   assert decoded_to_lists(ids, lengths) == [[1, 1, 2], [], [3], [2, 1, 2, 1, 2, 1, 2]]
+
+
+@pytest.mark.parametrize(
+  "impl, backend, expected",
+  [("auto", "gpu", "pallas"), ("auto", "cpu", "optax"), ("pallas", "cpu", "pallas")],
+)
+def test_make_ctc_loss_takes_the_kernel_on_a_gpu_only(impl, backend, expected):
+  loss_fn = make_ctc_loss(impl=impl, backend=backend)
+  assert loss_fn.keywords["implementation"] == expected
+  if expected == "pallas":  # off the GPU only the Pallas interpreter can run it
+    assert loss_fn.keywords["interpret"] == (backend != "gpu")
+
+
+def test_kernel_loss_equals_optax_loss_with_filler_rows():
+  logits = np.random.default_rng(4).normal(size=(3, 6, NUM_CLASSES)).astype(np.float32)
+  paddings = paddings_for([6, 4, 5], 6)
+  labels, label_paddings = labels_batch([[1, 2], [2, 2], [1]], 2)
+  weights = jnp.asarray([1.0, 1.0, 0.0])
+  results = [
+    jax.value_and_grad(lambda x, fn=fn: fn(x, paddings, labels, label_paddings, weights)[0])(
+      jnp.asarray(logits)
+    )
+    for fn in (make_ctc_loss(impl="optax"), make_ctc_loss(impl="pallas"))
+  ]
+  (optax_loss, optax_grad), (kernel_loss, kernel_grad) = results
+  np.testing.assert_allclose(kernel_loss, optax_loss, rtol=1e-5)
+  np.testing.assert_allclose(kernel_grad, optax_grad, rtol=1e-4, atol=1e-6)
+  assert not np.any(np.asarray(kernel_grad)[2])  # the filler row gets no gradient

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from models import factory
 from models.factory import make_model
 from models.lstm import LstmCtcModel
 
@@ -30,7 +31,8 @@ def test_builds_the_configured_model_with_the_right_logit_shape():
     {"hidden_size": 0},
     {"dropout_rate": 1.0},
     {"input_projection_size": 0},
-    {"unroll": 0},
+    {"unroll": -1},
+    {"lstm_impl": "cudnn"},
   ],
 )
 def test_out_of_range_values_are_refused(override):
@@ -41,3 +43,34 @@ def test_out_of_range_values_are_refused(override):
 def test_unknown_keys_are_refused():
   with pytest.raises(TypeError):
     make_model(**CONFIG, hiden_size=4)
+
+
+@pytest.mark.parametrize(
+  "lstm_impl, backend, expected",
+  [
+    ("auto", "gpu", "scan"),  # the kernel measured slower on an H200
+    ("auto", "cpu", "scan"),
+    ("scan", "gpu", "scan"),
+    ("pallas", "gpu", "pallas"),
+    ("pallas", "cpu", "pallas"),
+  ],
+)
+def test_lstm_impl_takes_the_kernel_only_where_it_measured_faster(lstm_impl, backend, expected):
+  model = make_model(**CONFIG, lstm_impl=lstm_impl, backend=backend)
+  assert model.lstm_implementation == expected
+  # Off the GPU the kernel can only run in the Pallas interpreter.
+  assert model.kernel_config.interpret == (backend != "gpu")
+
+
+def test_lstm_impl_auto_follows_the_measured_backends(monkeypatch):
+  monkeypatch.setattr(factory, "KERNEL_BACKENDS", ("gpu",))
+  assert make_model(**CONFIG, backend="gpu").lstm_implementation == "pallas"
+  assert make_model(**CONFIG, backend="cpu").lstm_implementation == "scan"
+  wide = {**CONFIG, "hidden_size": 512}  # padded past MAX_KERNEL_HIDDEN_SIZE
+  assert make_model(**wide, backend="gpu").lstm_implementation == "scan"
+
+
+@pytest.mark.parametrize("backend, expected", [("gpu", 8), ("cpu", 1)])
+def test_unroll_zero_takes_the_backends_measured_default(backend, expected):
+  assert make_model(**CONFIG, unroll=0, backend=backend).unroll == expected
+  assert make_model(**CONFIG, unroll=3, backend=backend).unroll == 3

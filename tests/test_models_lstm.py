@@ -11,6 +11,7 @@ import pytest
 
 from models.ctc import ctc_loss
 from models.lstm import LstmCtcModel, LstmLayer, lengths_from_paddings, reverse_within_length
+from models.lstm_kernel import KernelConfig
 
 FEATURES = 5
 HIDDEN = 6
@@ -173,7 +174,7 @@ def test_unroll_does_not_change_outputs():
   np.testing.assert_allclose(rolled, unrolled, rtol=1e-6, atol=1e-6)
 
 
-def small_model(bidirectional=True, dropout_rate=0.0):
+def small_model(bidirectional=True, dropout_rate=0.0, implementation="scan"):
   return LstmCtcModel(
     num_classes=NUM_CLASSES,
     num_layers=2,
@@ -181,6 +182,8 @@ def small_model(bidirectional=True, dropout_rate=0.0):
     bidirectional=bidirectional,
     dropout_rate=dropout_rate,
     input_projection_size=4,
+    lstm_implementation=implementation,
+    kernel_config=KernelConfig(interpret=True),
   )
 
 
@@ -193,15 +196,17 @@ def labels_batch(label_lists, label_time):
   )
 
 
-@pytest.mark.parametrize("bidirectional", [False, True])
-def test_model_padding_invariance_of_logits_loss_and_gradients(bidirectional):
+@pytest.mark.parametrize(
+  "bidirectional, implementation", [(False, "scan"), (True, "scan"), (True, "pallas")]
+)
+def test_model_padding_invariance_of_logits_loss_and_gradients(bidirectional, implementation):
   """The same examples in two buckets (padded to 9 and to 16 frames, labels to 3 and 5) give the
   same valid logits, the same loss and the same gradients."""
   frame_lengths = [9, 6, 2]
   sequences = random_sequences(frame_lengths, seed=5)
   label_lists = [[1, 2, 2], [3, 4], [5]]
   weights = jnp.ones(3)
-  model = small_model(bidirectional)
+  model = small_model(bidirectional, implementation=implementation)
   short_inputs, short_paddings = padded_batch(sequences, time=9, seed=1)
   long_inputs, long_paddings = padded_batch(sequences, time=16, seed=2)
   variables = model.init(jax.random.key(0), short_inputs, short_paddings)

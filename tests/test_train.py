@@ -177,6 +177,37 @@ def test_one_device_and_eight_devices_take_the_same_step():
   )
 
 
+def test_pallas_kernels_give_the_trainers_loss_and_gradients():
+  """The fused LSTM and CTC kernels (in the Pallas interpreter here) give the loss and gradients
+  of the scan and optax, through the trainer's state, on a bucket with filler rows."""
+  train_set = train.load_split(tiny_config(), "train", 12)
+  plan = one_bucket_plan(train_set, 16)
+  indices = np.concatenate([plan.members(0), np.full(4, bucketing.FILLER)])
+  results = []
+  for overrides in (
+    {"model.lstm_impl": "scan", "ctc.impl": "optax"},
+    {"model.lstm_impl": "pallas", "ctc.impl": "pallas"},
+  ):
+    mesh, state = mesh_and_state(tiny_config(**overrides), jax.devices()[:1])
+    batch = train.make_batch(train_set, plan, 0, indices, NamedSharding(mesh, P("data")))
+
+    def loss_fn(params, state=state, batch=batch):
+      logits = state.apply_fn({"params": params}, batch["inputs"], batch["input_paddings"])
+      return state.ctc_loss_fn(
+        logits, batch["input_paddings"], batch["labels"], batch["label_paddings"], batch["weights"]
+      )[0]
+
+    results.append(jax.device_get(jax.jit(jax.value_and_grad(loss_fn))(state.params)))
+  (reference_loss, reference_grads), (kernel_loss, kernel_grads) = results
+  assert kernel_loss == pytest.approx(reference_loss, rel=1e-5)
+  # An untrained line costs ~1e3 nats, so float32 CTC posteriors carry ~1e-4 relative error in
+  # either implementation: compare each gradient relative to its largest element.
+  deviation = jax.tree.map(
+    lambda a, b: np.max(np.abs(a - b)) / np.max(np.abs(b)), kernel_grads, reference_grads
+  )
+  assert max(jax.tree.leaves(deviation)) < 1e-3, deviation
+
+
 def test_one_step_changes_every_parameter():
   config = tiny_config()
   train_set = train.load_split(config, "train", 8)
@@ -197,7 +228,9 @@ def test_bucketed_and_unbucketed_evaluation_agree():
     list(np.quantile(data.lengths, [0.3, 0.6]).astype(int)),
   ):
     plan = train.make_eval_plans(np.array(bounds), {"v": data}, 8, 1, 8)["v"]
-    compiled = train.compile_eval_steps(state.apply_fn, state.params, {"v": plan}, mesh, 3)
+    compiled = train.compile_eval_steps(
+      state.apply_fn, state.ctc_loss_fn, state.params, {"v": plan}, mesh, 3
+    )
     results.append(train.evaluate(state.params, data, plan, compiled, mesh))
   unbucketed, bucketed = results
   assert bucketed["examples"] == unbucketed["examples"] == len(data)
@@ -282,8 +315,10 @@ def test_evaluate_checkpoint_and_transcribe(uninterrupted):
     int(data.lengths[0]) + 37,
     int(data.label_lengths[0]),
   )
-  model_apply = train.create_train_state(config, 3, 1).apply_fn
-  outputs = jax.jit(train.eval_step, static_argnums=0)(model_apply, params, batch)
+  state = train.create_train_state(config, 3, 1)
+  outputs = jax.jit(train.eval_step, static_argnums=(0, 1))(
+    state.apply_fn, state.ctc_loss_fn, params, batch
+  )
   ids = np.asarray(outputs["decoded"][0, : int(outputs["decoded_lengths"][0])])
   assert text == train.ALPHABET.decode(ids)
 

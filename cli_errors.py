@@ -1,0 +1,57 @@
+"""How every command line of the project ends on an expected error: one line, exit code 2.
+
+Bad data, bad flags and missing files are the user's to fix, so they get `error: <what, where>`
+on stderr and no traceback; `BUCKETED_RNN_DEBUG=1` shows the traceback when the line is not
+enough. Anything else (a bug) keeps its traceback. Standard library only, so the numpy-only
+`bucketing` can use it too.
+
+    if __name__ == "__main__":
+      sys.exit(cli_errors.run(main))
+"""
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+DEBUG_ENV = "BUCKETED_RNN_DEBUG"
+USAGE_EXIT_CODE = 2
+
+
+class UsageError(Exception):
+  """An expected error whose message is already the one line to print."""
+
+
+# What bad input raises: ValueError (bad values, bad data, IamOnDbError, BadExampleError) and
+# OSError (missing or unreadable files, a full disk).
+EXPECTED_ERRORS = (UsageError, ValueError, OSError)
+
+
+def one_line(message: object) -> str:
+  """`message` (an error, or text) on one line: its non-blank lines joined by "; "."""
+  return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
+
+
+def run(main: Callable[[], int | None]) -> int:
+  """Call `main()` and return its exit code; an expected error prints one line and returns 2.
+
+  `main` returning something other than an int (e.g. the path of a written report) means 0.
+  """
+  try:
+    code = main()
+  except EXPECTED_ERRORS as error:
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+      raise
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    return USAGE_EXIT_CODE
+  return code if isinstance(code, int) else 0
+
+
+def int_list(text: str) -> list[int]:
+  """An argparse type for comma-separated integers ("2,4,8"): a typo is named with its flag."""
+  try:
+    return [int(value) for value in text.split(",")]
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+      f"{text!r} is not a comma-separated list of integers"
+    ) from None

@@ -1,0 +1,586 @@
+"""The train step's anatomy: where one step's time goes, per LSTM implementation, beside cuDNN.
+
+    python -m experiments.benchmark_step --preset quick               # one GPU, a few minutes
+    python -m experiments.benchmark_step --preset quick --tune --epoch --data-dir DIR \\
+        --xla-flags "loops in graphs=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
+
+The `experiments/iam.py` model (3 x BLSTM 128, CTC, Adam, gradient clipping) at fixed shapes,
+batch B x T frames (lengths uniform in [T/2, T], labels T/20 characters, IAM-OnDB's ratio of
+characters to pen points). For every LSTM implementation, the median wall time of:
+
+- `step`: the trainer's whole jitted `train.train_step` (forward, CTC, backward, Adam);
+- `forward`: the model alone (the LSTM stack and its projections, logits out);
+- `backward`: the model's forward + backward minus its forward;
+- `ctc`: the configured CTC loss and its gradient w.r.t. the logits;
+- `optimizer`: clipping and the Adam update;
+- PyTorch `nn.LSTM` + cuDNN's whole step at the same shape (when torch sees a GPU).
+
+Implementations: the LSTM as a `lax.scan` (unroll 1 and 8) or the fused Pallas kernel
+(`models.lstm_kernel`), the CTC loss as `optax.ctc_loss` or its Pallas kernel
+(`models.ctc_kernel`). The parts are jitted apart, so they need not add up to the step (XLA fuses
+across them). `--tune` first times both kernels' launch variants (checking each against the scan
+or optax on the device) and runs the rest with the fastest; `--xla-flags NAME=FLAGS`
+reruns the step in a child process under those `XLA_FLAGS`; `--epoch` times one epoch of the
+IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps) against PyTorch
+cuDNN on random batches padded per batch (needs `--data-dir` with `iam_ondb.npz`).
+Writes `experiments/results/benchmark_step_<backend>.md` with the device named.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import train
+from experiments import benchmark, iam
+from experiments.reporting import machine_description, markdown_table
+from models.ctc_kernel import ctc_loss_kernel
+from models.lstm import lstm_recurrence
+from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+NUM_FEATURES = 3
+# Implementations of the step: name -> dotted config overrides.
+SCAN = {"model.lstm_impl": "scan", "ctc.impl": "optax"}
+KERNELS = {"model.lstm_impl": "pallas", "ctc.impl": "pallas"}
+IMPLEMENTATIONS = {
+  "scan unroll 1, optax CTC": SCAN | {"model.unroll": 1},
+  "scan unroll 8, optax CTC": SCAN | {"model.unroll": 8},
+  "scan unroll 8, pallas CTC": {"model.lstm_impl": "scan", "model.unroll": 8, "ctc.impl": "pallas"},
+  "pallas LSTM, optax CTC": {"model.lstm_impl": "pallas", "ctc.impl": "optax"},
+  "pallas LSTM, pallas CTC": KERNELS,
+  "pallas LSTM, pallas CTC, bfloat16": KERNELS | {"model.dtype": "bfloat16"},
+}
+PRESETS = {
+  # (batch, time) -> the implementations timed there.
+  "full": {
+    (batch, time): tuple(IMPLEMENTATIONS)[:4] for batch in (32, 128) for time in (152, 608, 1544)
+  },
+  "quick": {
+    (32, 608): tuple(IMPLEMENTATIONS),
+    (32, 152): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+    (32, 1544): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+    (128, 608): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+  },
+  # The defaults beside the step they replace, at every quick shape (one GPU, about a minute).
+  "defaults": {
+    (32, 608): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+    (32, 152): ("scan unroll 8, pallas CTC",),
+    (32, 1544): ("scan unroll 8, pallas CTC",),
+    (128, 608): ("scan unroll 8, pallas CTC",),
+  },
+  # Seconds on a CPU (the kernels run in the Pallas interpreter): the tests' preset.
+  "tiny": {(8, 24): ("scan unroll 1, optax CTC", "pallas LSTM, pallas CTC")},
+}
+# The LSTM kernel's launch variants and weight dtypes. A first H200 sweep
+# (results/benchmark_step_gpu.md) found float32 weights kept on chip over the shared-memory limit
+# (272 KiB asked, 227 available), deeper pipelining too, 4 warps 7x slower than 8, and batch tile
+# 32 slower than 16; these are what is left to learn. Only float32 rows can become the default
+# (the model's dtype); bfloat16 rows say what a bfloat16 model would get.
+TUNE_GRID = [
+  (KernelConfig(num_warps=8, weights_resident=False), jnp.float32),
+  (KernelConfig(num_warps=16, weights_resident=False), jnp.float32),
+  (KernelConfig(num_warps=8, weights_resident=True), jnp.bfloat16),
+  (KernelConfig(num_warps=16, weights_resident=True), jnp.bfloat16),
+  (KernelConfig(num_warps=16, weights_resident=False), jnp.bfloat16),
+]
+# (batch_tile, num_warps): the first H200 sweep over tiles 1-8 and 1-4 warps found these fastest.
+CTC_TUNE_GRID = [(1, 2), (1, 4), (2, 4)]
+TUNE_SECONDS = 120  # each kernel's sweep stops starting variants after this long
+
+
+def median_ms(run: Callable[[], object], repeats: int) -> float:
+  """Median wall time of `run()` (which must block until its result is ready), after a warm-up."""
+  run()
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return 1000 * statistics.median(times)
+
+
+def make_config(preset: str, *overrides: dict):
+  """`experiments/iam.py` (its tiny variant for the tiny preset) with dotted overrides."""
+  config = iam.get_config("tiny" if preset == "tiny" else None)
+  for override in overrides:
+    for dotted, value in override.items():
+      *parents, leaf = dotted.split(".")
+      node = config
+      for parent in parents:
+        node = node[parent]
+      node[leaf] = value
+  return config
+
+
+def random_batch(batch: int, time_steps: int, seed: int = 0) -> dict[str, jax.Array]:
+  """A bucket-shaped batch: lengths uniform in [T/2, T], T/20 labels, every row real."""
+  rng = np.random.default_rng(seed)
+  lengths = rng.integers(time_steps // 2, time_steps + 1, batch)
+  label_time = max(2, time_steps // 20)
+  label_lengths = rng.integers(1, label_time + 1, batch)
+  return {
+    "inputs": jnp.asarray(rng.normal(size=(batch, time_steps, NUM_FEATURES)), jnp.float32),
+    "input_paddings": jnp.asarray(np.arange(time_steps) >= lengths[:, None], jnp.float32),
+    "labels": jnp.asarray(rng.integers(1, train.ALPHABET.size, (batch, label_time)), jnp.int32),
+    "label_paddings": jnp.asarray(np.arange(label_time) >= label_lengths[:, None], jnp.float32),
+    "weights": jnp.ones(batch, jnp.float32),
+  }
+
+
+def anatomy(config, batch: dict[str, jax.Array], repeats: int) -> dict[str, float]:
+  """Milliseconds of the step and of its parts (see the module docstring) for one config."""
+  state = train.create_train_state(config, NUM_FEATURES, 10**6)
+  apply = state.apply_fn
+  inputs, paddings = batch["inputs"], batch["input_paddings"]
+  logits = jax.jit(lambda params: apply({"params": params}, inputs, paddings))(state.params)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=logits.shape), jnp.float32)
+
+  forward = jax.jit(lambda params: apply({"params": params}, inputs, paddings))
+  forward_backward = jax.jit(
+    jax.value_and_grad(
+      lambda params: jnp.sum(apply({"params": params}, inputs, paddings) * cotangent)
+    )
+  )
+  ctc_grad = jax.jit(
+    jax.value_and_grad(
+      lambda logits: state.ctc_loss_fn(
+        logits, paddings, batch["labels"], batch["label_paddings"], batch["weights"]
+      )[0]
+    )
+  )
+  _, grads = forward_backward(state.params)
+  update = jax.jit(lambda state, grads: state.apply_gradients(grads=grads))
+  step = jax.jit(train.train_step, donate_argnums=0)
+  carried = [jax.tree.map(jnp.copy, state)]  # the step donates its state
+
+  def run_step():
+    new_state, metrics = step(carried.pop(), batch)
+    carried.append(new_state)
+    return jax.block_until_ready(metrics)
+
+  timings = {
+    "step": median_ms(run_step, repeats),
+    "forward": median_ms(lambda: jax.block_until_ready(forward(state.params)), repeats),
+    "forward + backward": median_ms(
+      lambda: jax.block_until_ready(forward_backward(state.params)), repeats
+    ),
+    "ctc": median_ms(lambda: jax.block_until_ready(ctc_grad(logits)), repeats),
+    "optimizer": median_ms(lambda: jax.block_until_ready(update(state, grads)), repeats),
+  }
+  timings["backward"] = timings["forward + backward"] - timings["forward"]
+  return timings
+
+
+def torch_step_ms(config, batch: int, time_steps: int, repeats: int) -> float | None:
+  """PyTorch cuDNN's whole train step at the shape, or None without torch on a GPU."""
+  try:
+    import torch
+  except ImportError:
+    return None
+  if not torch.cuda.is_available():
+    return None
+  step = benchmark.torch_train_step(config, NUM_FEATURES, "cuda", packed=False)
+  numpy_batch = jax.device_get(random_batch(batch, time_steps))
+  lengths = (1 - numpy_batch["input_paddings"]).sum(1).astype(np.int64)
+  label_lengths = (1 - numpy_batch["label_paddings"]).sum(1).astype(np.int64)
+  labels = np.concatenate(
+    [row[:length] for row, length in zip(numpy_batch["labels"], label_lengths, strict=True)]
+  )
+  arguments = (
+    torch.from_numpy(numpy_batch["inputs"]).cuda(),
+    torch.from_numpy(lengths),
+    torch.from_numpy(labels).cuda(),
+    torch.from_numpy(label_lengths),
+  )
+
+  def run():
+    step(*arguments)
+    torch.cuda.synchronize()
+
+  return median_ms(run, repeats)
+
+
+def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, list[dict[str, str]]]:
+  """Times each launch variant on one BLSTM layer's recurrence (forward + backward, B = 32,
+  T = 608, hidden 128), checked against the float32 scan on this device; returns the fastest
+  float32 variant that matches (None if none compiled) and the table's rows."""
+  time_steps, batch, hidden = (24, 16, 16) if interpret else (608, 32, 128)
+  rng = np.random.default_rng(0)
+  projected = tuple(
+    jnp.asarray(rng.normal(size=(time_steps, batch, 4 * hidden)), jnp.float32) for _ in range(2)
+  )
+  kernel = jnp.asarray(rng.normal(size=(2, hidden, 4 * hidden)) / np.sqrt(hidden), jnp.float32)
+
+  def timed(recurrence, dtype=jnp.float32):
+    loss = lambda p, k: sum(jnp.sum(jnp.sin(h.astype(jnp.float32))) for h in recurrence(p, k))
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    weights = kernel.astype(dtype)
+    result = grad(projected, weights)
+    return result, median_ms(lambda: jax.block_until_ready(grad(projected, weights)), repeats)
+
+  reference, scan_ms = timed(lambda p, k: lstm_recurrence(p, k, 8))
+  rows = [{"variant": "scan, unroll 8", "ms": f"{scan_ms:.2f}", "max relative error": "-"}]
+  _, scan_ms = timed(lambda p, k: lstm_recurrence(p, k, 8), jnp.bfloat16)
+  rows.append(
+    {
+      "variant": "scan, unroll 8, bfloat16 weights",
+      "ms": f"{scan_ms:.2f}",
+      "max relative error": "-",
+    }
+  )
+  timings = {}
+
+  def measure(variant, dtype=jnp.float32):
+    name = describe(variant) + ("" if dtype == jnp.float32 else ", bfloat16 weights")
+    try:
+      result, ms = timed(lambda p, k: lstm_recurrence_kernel(p, k, variant), dtype)
+    except Exception as error:  # a variant Triton cannot compile is reported, not fatal
+      rows.append({"variant": name, "ms": "failed", "max relative error": first_line(error)})
+      print(name, "failed:", error, flush=True)
+      return
+    error = max(
+      float(jnp.max(jnp.abs(a.astype(jnp.float32) - b)) / (jnp.max(jnp.abs(b)) + 1e-30))
+      for a, b in zip(jax.tree.leaves(result), jax.tree.leaves(reference), strict=True)
+    )
+    rows.append({"variant": name, "ms": f"{ms:.2f}", "max relative error": f"{error:.1e}"})
+    print(" | ".join(rows[-1].values()), flush=True)
+    if dtype == jnp.float32 and error < 1e-2:
+      timings[variant] = ms
+
+  deadline = time.perf_counter() + TUNE_SECONDS
+  for variant, dtype in TUNE_GRID:
+    if time.perf_counter() > deadline:
+      rows.append({"variant": describe(variant), "ms": "not run", "max relative error": "time"})
+      continue
+    measure(dataclasses.replace(variant, interpret=interpret), dtype)
+  if not timings:
+    return None, rows
+  return min(timings, key=timings.get), rows
+
+
+def tune_ctc(repeats: int, interpret: bool) -> tuple[dict | None, list[dict[str, str]]]:
+  """Times the CTC kernel's launch variants (loss and gradient w.r.t. the logits, B = 32,
+  T = 608, 30 labels, 82 classes), each run twice and checked against `optax.ctc_loss` at full
+  float32 matmul precision (a result that changes between runs would be a race); returns the
+  fastest matching `(batch_tile, num_warps)` as config overrides (None if none) and the rows."""
+  batch = random_batch(8, 24) if interpret else random_batch(32, 608)
+  logits = jnp.asarray(
+    np.random.default_rng(2).normal(size=(*batch["inputs"].shape[:2], train.ALPHABET.size)),
+    jnp.float32,
+  )
+
+  def loss_and_grad(loss_fn):
+    arguments = (batch["input_paddings"], batch["labels"], batch["label_paddings"])
+    return jax.jit(jax.value_and_grad(lambda x: jnp.sum(loss_fn(x, *arguments))))
+
+  with jax.default_matmul_precision("highest"):
+    optax_grad = loss_and_grad(optax.ctc_loss)
+    reference = optax_grad(logits)
+    optax_ms = median_ms(lambda: jax.block_until_ready(optax_grad(logits)), repeats)
+  rows = [{"variant": "optax.ctc_loss", "ms": f"{optax_ms:.2f}", "deviation from optax": "-"}]
+  timings = {}
+  deadline = time.perf_counter() + TUNE_SECONDS
+  for batch_tile, num_warps in CTC_TUNE_GRID:
+    name = f"tile {batch_tile}, {num_warps} warps"
+    if time.perf_counter() > deadline:
+      rows.append({"variant": name, "ms": "not run", "deviation from optax": "time"})
+      continue
+    kernel_loss = functools.partial(
+      ctc_loss_kernel, batch_tile=batch_tile, num_warps=num_warps, interpret=interpret
+    )
+    try:
+      grad = loss_and_grad(kernel_loss)
+      first, second = grad(logits), grad(logits)
+      ms = median_ms(lambda grad=grad: jax.block_until_ready(grad(logits)), repeats)
+    except Exception as error:  # a variant Triton cannot compile is reported, not fatal
+      rows.append({"variant": name, "ms": "failed", "deviation from optax": first_line(error)})
+      print(name, "failed:", error, flush=True)
+      continue
+    repeatable = all(
+      bool(jnp.array_equal(a, b))
+      for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second), strict=True)
+    )
+    loss_error = abs(float(first[0] - reference[0])) / abs(float(reference[0]))
+    grad_error = float(jnp.max(jnp.abs(first[1] - reference[1])))
+    verdict = f"loss {loss_error:.1e} relative, gradient {grad_error:.1e} absolute"
+    if not repeatable:
+      verdict += "; NOT repeatable between two runs"
+    rows.append({"variant": name, "ms": f"{ms:.2f}", "deviation from optax": verdict})
+    print(" | ".join(rows[-1].values()), flush=True)
+    # optax itself, in float32, is 2.5e-3 from a float64 optax at this shape (measured on the
+    # CPU, where the interpreted kernel was 3.6e-3 from it): the per-line losses are ~2e3 nats.
+    if repeatable and loss_error < 1e-5 and grad_error < 1e-2:
+      timings[(batch_tile, num_warps)] = ms
+  if not timings:
+    return None, rows
+  batch_tile, num_warps = min(timings, key=timings.get)
+  return {"ctc.batch_tile": batch_tile, "ctc.num_warps": num_warps}, rows
+
+
+def first_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0][:120] if text else repr(error)
+
+
+def describe(variant: KernelConfig) -> str:
+  resident = "resident" if variant.weights_resident else "re-read"
+  return (
+    f"tile {variant.batch_tile}, {variant.num_warps} warps, weights {resident}, "
+    f"{variant.num_stages} stage(s)"
+  )
+
+
+def flag_variants(arguments: list[str], settings: dict, repeats: int) -> list[dict[str, str]]:
+  """The step of `scan, unroll 8` and `pallas` at B = 32, T = 608, in a child process per
+  `NAME=XLA_FLAGS` (flags are read once, when the backend starts)."""
+  rows = []
+  for argument in arguments:
+    name, flags = argument.split("=", 1)
+    child = [sys.executable, "-m", "experiments.benchmark_step", "--step-only"]
+    child += ["--repeats", str(repeats), "--settings", json.dumps(settings)]
+    environment = os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}"}
+    done = subprocess.run(child, capture_output=True, text=True, env=environment, check=False)
+    if done.returncode:
+      message = done.stderr.strip().splitlines()[-1:] or ["no output"]
+      rows.append({"XLA_FLAGS": f"{name}: `{flags}`", "result": f"failed: {message[0]}"})
+      continue
+    timings = json.loads(done.stdout)
+    cells = ", ".join(f"{impl} {ms:.2f} ms" for impl, ms in timings.items())
+    rows.append({"XLA_FLAGS": f"{name}: `{flags}`", "result": cells})
+  return rows
+
+
+def step_only(settings: dict, repeats: int) -> dict[str, float]:
+  """The `--step-only` child: the whole step at B = 32, T = 608 per implementation."""
+  batch = random_batch(32, 608)
+  timings = {}
+  for name in ("scan unroll 8, optax CTC", "pallas LSTM, pallas CTC"):
+    config = make_config("quick", IMPLEMENTATIONS[name], settings)
+    state = train.create_train_state(config, NUM_FEATURES, 10**6)
+    step = jax.jit(train.train_step, donate_argnums=0)
+    carried = [state]
+
+    def run_step(step=step, carried=carried):
+      new_state, metrics = step(carried.pop(), batch)
+      carried.append(new_state)
+      return jax.block_until_ready(metrics)
+
+    timings[name] = median_ms(run_step, repeats)
+  return timings
+
+
+def epoch_rows(
+  preset: str, data_dir: str, settings: dict, strategies: list[str], repeats: int
+) -> tuple[int, list[dict[str, str]]]:
+  """One IAM-OnDB training epoch: our trainer (`optimal` K = 8, `none`) against PyTorch cuDNN
+  (the tiny preset: its model on the first 64 lines). Returns the line count and the rows."""
+  config = make_config(preset, settings, {"data.data_dir": data_dir})
+  data = train.load_split(config, "train", 64 if preset == "tiny" else 0)
+  bench = benchmark.Bench(config, data, repeats)
+  num_buckets = {"optimal": 8, "none": 1}
+  measurements = [
+    bench.contender("ours", bench.plan(strategy, num_buckets[strategy])) for strategy in strategies
+  ]
+  torch_results = benchmark.torch_contenders(config, data, repeats)
+  if not isinstance(torch_results, str):
+    measurements += [m for m in torch_results if "cuDNN" in m.contender and "padded" in m.strategy]
+  benchmark.take_turns(measurements, repeats)
+  rows = []
+  for measurement in measurements:
+    row = measurement.row()
+    rows.append(
+      {
+        "contender": f"{row['contender']}, {row['strategy']}",
+        "K": row["K"],
+        "epoch (s)": f"{measurement.epoch_seconds:.2f}",
+        "epochs (s)": ", ".join(f"{s:.2f}" for s in measurement.epochs_seconds),
+        "compile (s)": row["compile (s)"],
+        "padded/real": row["padded/real"],
+      }
+    )
+    print(" | ".join(rows[-1].values()), flush=True)
+  return len(data), rows
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path | None:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument(
+    "--preset",
+    choices=sorted(PRESETS),
+    default="full",
+    help="shapes and implementations: quick and defaults take minutes on one GPU, tiny seconds "
+    "on a CPU (the tests')",
+  )
+  parser.add_argument("--tune", action="store_true", help="time the kernel's launch variants")
+  parser.add_argument("--epoch", action="store_true", help="one IAM-OnDB epoch against PyTorch")
+  parser.add_argument(
+    "--epoch-strategies", default="optimal,none", help="ours: optimal (K = 8) and/or none"
+  )
+  parser.add_argument("--data-dir", default=None, help="folder of iam_ondb.npz, for --epoch")
+  parser.add_argument("--xla-flags", action="append", default=[], metavar="NAME=FLAGS")
+  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
+  parser.add_argument("--settings", type=json.loads, default={}, help=argparse.SUPPRESS)
+  parser.add_argument("--out", type=pathlib.Path, default=None)
+  args = parser.parse_args(argv)
+  if args.step_only:
+    print(json.dumps(step_only(args.settings, args.repeats)))
+    return None
+  if args.epoch and not args.data_dir:
+    parser.error("--epoch needs --data-dir (the folder of iam_ondb.npz)")
+  preset_name = args.preset
+  backend = jax.default_backend()
+  out = args.out or RESULTS / f"benchmark_step_{backend}.md"
+  started = time.perf_counter()
+  sections = []
+  command = " ".join(["python -m experiments.benchmark_step", *argv])
+  versions = f"jax {jax.__version__}"
+  try:
+    import torch
+
+    versions += f", torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()})"
+  except ImportError:
+    pass
+
+  def write_report() -> None:
+    """Writes what is measured so far: a run cut short still leaves its finished sections."""
+    report = [
+      "# The train step's anatomy, per LSTM implementation",
+      "",
+      f"Machine: {machine_description()}.",
+      f"Date: {datetime.date.today().isoformat()}; {versions}. Command: `{command}`.",
+      f"The run took {(time.perf_counter() - started) / 60:.1f} min, compiles included. Model: "
+      "`experiments/iam.py` (3 x BLSTM 128, CTC, Adam, clipping); medians of "
+      f"{args.repeats} runs after a warm-up.",
+      "",
+      *sections,
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(report))
+    print(f"wrote {out}", flush=True)
+
+  settings = {}  # dotted config overrides every measurement uses: the tuned launch parameters
+  failed = {}  # kernel -> why it is left out of the rest of the run
+  if args.tune:
+    best, rows = tune_kernel(args.repeats, interpret=backend != "gpu")
+    if best is None:
+      failed["model.lstm_impl"] = "no LSTM kernel variant compiled and matched the scan"
+      chosen = failed["model.lstm_impl"]
+    else:
+      settings |= {
+        f"model.kernel.{field}": getattr(best, field)
+        for field in ("batch_tile", "num_warps", "weights_resident", "num_stages")
+      }
+      chosen = f"the rest of this run uses the fastest: {describe(best)}"
+    sections += [
+      "## The LSTM kernel's launch variants",
+      "",
+      "One BLSTM layer's recurrence, forward + backward (B = 32, T = 608, hidden 128, float32; "
+      "tiny sizes off the GPU), median ms; error: the largest deviation from the scan's outputs "
+      f"and gradients, relative to their largest magnitude; {chosen}.",
+      "",
+      *markdown_table(rows, list(rows[0])),
+      "",
+    ]
+    write_report()
+    ctc_settings, rows = tune_ctc(args.repeats, interpret=backend != "gpu")
+    if ctc_settings is None:
+      failed["ctc.impl"] = "no CTC kernel variant compiled, matched optax and repeated itself"
+      chosen = failed["ctc.impl"]
+    else:
+      settings |= ctc_settings
+      chosen = f"the rest of this run uses the fastest: {ctc_settings}"
+    sections += [
+      "## The CTC kernel's launch variants",
+      "",
+      "Loss and gradient w.r.t. the logits (B = 32, T = 608, up to 30 labels, 82 classes; tiny "
+      "sizes off the GPU), median ms; each variant ran twice and must give identical results; "
+      f"optax at full float32 matmul precision is the reference; {chosen}.",
+      "",
+      *markdown_table(rows, list(rows[0])),
+      "",
+    ]
+    write_report()
+
+  columns = ["B", "T", "implementation", "step", "forward", "backward", "ctc", "optimizer"]
+  columns.append("PyTorch cuDNN step")
+  anatomy_rows = []
+  for (batch_size, time_steps), names in PRESETS[preset_name].items():
+    batch = random_batch(batch_size, time_steps)
+    torch_ms = torch_step_ms(make_config(preset_name), batch_size, time_steps, args.repeats)
+    for name in names:
+      overrides = IMPLEMENTATIONS[name]
+      if any(overrides.get(field) == "pallas" for field in failed):
+        continue
+      row = {"B": str(batch_size), "T": str(time_steps), "implementation": name}
+      try:
+        timings = anatomy(make_config(preset_name, overrides, settings), batch, args.repeats)
+        row |= {part: f"{timings[part]:.2f}" for part in columns[3:8]}
+      except Exception as error:  # one failing contender must not lose the others' rows
+        print(name, "failed:", error, flush=True)
+        row |= {part: "failed" for part in columns[3:8]}
+      row["PyTorch cuDNN step"] = "-" if torch_ms is None else f"{torch_ms:.2f}"
+      anatomy_rows.append(row)
+      print(" | ".join(row.values()), flush=True)
+  sections += [
+    "## Anatomy of one train step (ms, medians)",
+    "",
+    *markdown_table(anatomy_rows, columns),
+    "",
+  ]
+  write_report()
+
+  if args.epoch:
+    fallbacks = {"model.lstm_impl": "scan", "ctc.impl": "optax"}
+    epoch_settings = settings | {field: fallbacks[field] for field in failed}
+    try:
+      lines, rows = epoch_rows(
+        preset_name,
+        args.data_dir,
+        epoch_settings,
+        args.epoch_strategies.split(","),
+        max(2, args.repeats // 5),
+      )
+    except Exception as error:  # keep the sections measured so far, and the flags' section
+      print("epoch failed:", error, flush=True)
+      lines, rows = 0, [{"contender": "failed", "error": first_line(error)}]
+    sections += [
+      f"## One IAM-OnDB training epoch ({lines:,} lines, raw points, batch 32)",
+      "",
+      "Median of the timed epochs after one warm-up epoch, contenders taking turns; ours through "
+      "`train.compile_steps` (the trainer's executables) with the default implementations "
+      f"(`auto`){' except ' + str(failed) if failed else ''}.",
+      "",
+      *markdown_table(rows, list(rows[0])),
+      "",
+    ]
+    write_report()
+  if args.xla_flags:
+    flag_rows = flag_variants(args.xla_flags, settings, args.repeats)
+    sections += [
+      "## XLA flags (B = 32, T = 608, the whole step, each in its own process)",
+      "",
+      *markdown_table(flag_rows, ["XLA_FLAGS", "result"]),
+      "",
+    ]
+  write_report()
+  return out
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,92 @@
+"""Config flags whose mistakes read as one line.
+
+`ml_collections.config_flags` reports a misspelt `--config.bucketing.num_bukets=8` as a chained
+traceback whose "Did you mean" hint comes out escaped, and an unknown variant or a missing config
+file as a traceback inside the message. `parse_flags` turns all of these into a
+`cli_errors.UsageError` naming the flag; `cli_errors.run` prints it as one line, exit code 2.
+
+    app.run(main, flags_parser=experiments.cli.parse_flags)   # train.py, under cli_errors.run
+    config = experiments.cli.load_config(["prog", "--config=experiments/iam.py:tiny"])
+"""
+
+import re
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from cli_errors import UsageError, one_line
+
+_HINT = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+  """`error` and the exceptions it was raised from or while handling, outermost first."""
+  chain = [error]
+  while (inner := chain[-1].__cause__ or chain[-1].__context__) is not None and inner not in chain:
+    chain.append(inner)
+  return chain
+
+
+def _flag_of(argv: list[str], field: str) -> str:
+  """The `--config.a.b=v` argument of argv whose path holds `field` (else a generic name)."""
+  for argument in argv:
+    path = argument.lstrip("-").split("=", 1)[0]
+    if field in path.split(".")[1:]:
+      return argument
+  return f"--config.*.{field}"
+
+
+def flag_error_message(error: BaseException, argv: list[str]) -> str:
+  """One line for an error raised while parsing `argv` or reading a config flag's value."""
+  chain = _chain(error)
+  for inner in chain:
+    text = inner.args[0] if isinstance(inner, KeyError) and inner.args else str(inner)
+    hint = _HINT.search(str(text))
+    if hint:  # A misspelt field: ConfigDict's KeyError, re-raised as AttributeError.
+      suggestion, field = hint.groups()
+      return f"{_flag_of(argv, field)}: no config field {field!r}; did you mean {suggestion!r}?"
+  for inner in chain:
+    if isinstance(inner, KeyError) and inner.args:  # A field with no near miss.
+      field = str(inner.args[0]).splitlines()[0].strip("'\"")
+      return f"{_flag_of(argv, field)}: no config field {field!r}"
+  head = str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+  if "Error whilst parsing config file" in head:  # The config file's get_config raised.
+    flag = head.split(": Error whilst parsing config file")[0].removeprefix("flag ")
+    return f"{flag}: {one_line(chain[-1])}"
+  if "Failed loading config file" in str(error):  # Missing or unreadable config file.
+    return f"--config: {str(error).strip().splitlines()[-1].strip()}"
+  return one_line(error).removeprefix("flag ")
+
+
+def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """Parse `argv` (argv[0] is the program) into `flag_values`; returns the other arguments.
+
+  Every flag's value is read once here, so a config file that fails to load fails now, as one
+  UsageError, not later inside the program. A flag_parser for `absl.app.run`.
+  """
+  try:
+    remaining = flag_values(argv)
+    for name in flag_values:
+      # A config file that failed to load is kept as an object raising its error on any
+      # attribute access; this access makes it raise here.
+      hasattr(getattr(flag_values, name), "keys")
+  except Exception as error:  # ml_collections raises AttributeError, OSError, flags.Error, ...
+    raise UsageError(flag_error_message(error, argv)) from error
+  return remaining
+
+
+def load_config(argv: list[str], name: str = "config") -> ml_collections.ConfigDict:
+  """The locked ConfigDict of `--{name}=file.py[:variant]` and its `--{name}.a.b=v` overrides.
+
+  Raises UsageError (one line, naming the flag) for a misspelt field, a value of the wrong type,
+  an unknown variant, a missing file, or no `--{name}` at all.
+  """
+  flag_values = flags.FlagValues()
+  config = config_flags.DEFINE_config_file(
+    name, None, "experiment config file", flag_values=flag_values, lock_config=True, sys_argv=argv
+  )
+  parse_flags(argv, flag_values)
+  if config.value is None:
+    raise UsageError(f"--{name} is required, e.g. --{name}=experiments/synthetic.py")
+  return config.value

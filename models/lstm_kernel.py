@@ -1,0 +1,261 @@
+"""The LSTM recurrence as two fused Pallas kernels (GPU, Triton lowering): one launch per pass.
+
+`lstm_recurrence_kernel(projected, recurrent_kernel, config)` computes what
+`models.lstm.lstm_recurrence` computes, and has the same gradient structure, but each pass over
+time is one kernel launch instead of a `lax.scan` whose every step is several small launches plus
+the loop's own overhead (on an H200 that overhead, not arithmetic, is what a step costs: the
+persistent-RNN idea of Diamos et al., ICML 2016, and FlashRNN, Beck et al. 2024).
+
+- Forward: the grid is (direction, batch tile). A program loads its direction's four `[hidden,
+  hidden]` gate blocks of the recurrent kernel once, then loops over all frames holding `h` and
+  `c` on chip; per frame it reads the precomputed input projection, does four `[tile, hidden] @
+  [hidden, hidden]` dots and the gate nonlinearities, and writes the hidden state, the activated
+  gates and the previous cell (the residuals of the backward pass).
+- Backward: the same grid, frames in reverse; per frame the gate-preactivation cotangents and one
+  `dz @ W^T` per gate. The recurrent kernel's gradient is one matmul over all frames afterwards, as
+  in `lstm_recurrence`'s hand-written gradient.
+
+Shapes Triton cannot tile are padded in the wrapper: the batch to a multiple of the tile, the
+hidden size to a power of two (at least 16). Padded hidden units have zero weights, projections
+and cotangents, so they stay exactly zero and change nothing. On the CPU the kernels run with
+`interpret=True` (the tests compare them with the scan there).
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+NUM_GATES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Launch parameters of the recurrence kernels (static: each value compiles its own kernel).
+
+  Attributes:
+    batch_tile: sequences per program (a power of two, >= 16: Triton's smallest dot).
+    num_warps: warps per program.
+    weights_resident: load the recurrent kernel once before the time loop (True) or re-read it
+      from memory (L1/L2) at every frame.
+    num_stages: Triton's software-pipelining depth of the loop's loads.
+    interpret: run the kernels with Pallas's interpreter (CPU tests).
+  """
+
+  batch_tile: int = 16
+  num_warps: int = 8
+  weights_resident: bool = False
+  num_stages: int = 1
+  interpret: bool = False
+
+
+def _next_power_of_two(value: int) -> int:
+  return 1 << max(value - 1, 0).bit_length()
+
+
+def padded_hidden_size(hidden_size: int) -> int:
+  """The hidden size the kernels run at: a power of two, at least 16."""
+  return max(16, _next_power_of_two(hidden_size))
+
+
+def _pad_gate_axis(array: jax.Array, hidden: int, padded: int) -> jax.Array:
+  """`[..., 4 * hidden]` -> `[..., 4 * padded]`, each gate's block zero-padded on its own."""
+  if hidden == padded:
+    return array
+  blocks = array.reshape(*array.shape[:-1], NUM_GATES, hidden)
+  widths = [(0, 0)] * (blocks.ndim - 1) + [(0, padded - hidden)]
+  return jnp.pad(blocks, widths).reshape(*array.shape[:-1], NUM_GATES * padded)
+
+
+def _unpad_gate_axis(array: jax.Array, hidden: int, padded: int) -> jax.Array:
+  if hidden == padded:
+    return array
+  blocks = array.reshape(*array.shape[:-1], NUM_GATES, padded)[..., :hidden]
+  return blocks.reshape(*array.shape[:-1], NUM_GATES * hidden)
+
+
+def _gate_weights(kernel_ref, hidden: int) -> list:
+  """The four `[hidden, hidden]` gate blocks of one direction's recurrent kernel."""
+  return [kernel_ref[:, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)]
+
+
+def _forward_kernel(
+  projected_ref, kernel_ref, hidden_ref, gates_ref, previous_cell_ref, *, weights_resident
+):
+  """One (direction, batch tile): `projected_ref [time, tile, 4 * hidden]` -> hidden states
+  `[time, tile, hidden]`, activated gates `[time, tile, 4 * hidden]`, previous cells."""
+  time, tile, hidden = hidden_ref.shape
+  resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
+
+  def step(t, carry):
+    cell, hidden_state = carry
+    weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
+    recurrent_input = hidden_state.astype(kernel_ref.dtype)
+    pre_activations = [
+      projected_ref[t, :, gate * hidden : (gate + 1) * hidden]
+      + plgpu.dot(recurrent_input, weights[gate])
+      for gate in range(NUM_GATES)
+    ]
+    input_gate = jax.nn.sigmoid(pre_activations[0])
+    forget_gate = jax.nn.sigmoid(pre_activations[1])
+    cell_input = jnp.tanh(pre_activations[2])
+    output_gate = jax.nn.sigmoid(pre_activations[3])
+    previous_cell_ref[t] = cell
+    cell = forget_gate * cell + input_gate * cell_input
+    hidden_state = output_gate * jnp.tanh(cell)
+    hidden_ref[t] = hidden_state.astype(hidden_ref.dtype)
+    for gate, value in enumerate((input_gate, forget_gate, cell_input, output_gate)):
+      gates_ref[t, :, gate * hidden : (gate + 1) * hidden] = value
+    return cell, hidden_state
+
+  zeros = jnp.zeros((tile, hidden), jnp.float32)
+  jax.lax.fori_loop(0, time, step, (zeros, zeros))
+
+
+def _backward_kernel(
+  kernel_ref,
+  gates_ref,
+  previous_cell_ref,
+  hidden_cotangent_ref,
+  projected_cotangent_ref,
+  *,
+  weights_resident,
+):
+  """One (direction, batch tile), frames in reverse: -> `[time, tile, 4 * hidden]` cotangents of
+  the gate pre-activations (the input projections)."""
+  time, tile, hidden = previous_cell_ref.shape
+  resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
+
+  def step(reverse_t, carry):
+    t = time - 1 - reverse_t
+    hidden_cotangent, cell_cotangent = carry
+    weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
+    input_gate, forget_gate, cell_input, output_gate = (
+      gates_ref[t, :, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)
+    )
+    previous_cell = previous_cell_ref[t]
+    tanh_cell = jnp.tanh(forget_gate * previous_cell + input_gate * cell_input)
+    hidden_cotangent = hidden_cotangent + hidden_cotangent_ref[t].astype(jnp.float32)
+    cell_cotangent = cell_cotangent + hidden_cotangent * output_gate * (1 - tanh_cell * tanh_cell)
+    pre_activation_cotangents = (
+      cell_cotangent * cell_input * input_gate * (1 - input_gate),
+      cell_cotangent * previous_cell * forget_gate * (1 - forget_gate),
+      cell_cotangent * input_gate * (1 - cell_input * cell_input),
+      hidden_cotangent * tanh_cell * output_gate * (1 - output_gate),
+    )
+    previous_hidden_cotangent = jnp.zeros((tile, hidden), jnp.float32)
+    for gate, value in enumerate(pre_activation_cotangents):
+      projected_cotangent_ref[t, :, gate * hidden : (gate + 1) * hidden] = value
+      previous_hidden_cotangent += plgpu.dot(
+        value.astype(kernel_ref.dtype), weights[gate], trans_b=True
+      )
+    return previous_hidden_cotangent, cell_cotangent * forget_gate
+
+  zeros = jnp.zeros((tile, hidden), jnp.float32)
+  jax.lax.fori_loop(0, time, step, (zeros, zeros))
+
+
+def _call(kernel, inputs, outputs, config: KernelConfig, name: str):
+  """Runs `kernel` over the (direction, batch tile) grid. Every operand is `[directions, time,
+  batch, width]` except the recurrent kernel `[directions, hidden, 4 * hidden]`."""
+  directions, _, batch, _ = outputs[0].shape
+  tile = config.batch_tile
+
+  def spec(shape):
+    if len(shape) == 3:  # the recurrent kernel: the whole matrix of the program's direction
+      return pl.BlockSpec((None, *shape[1:]), lambda direction, _: (direction, 0, 0))
+    return pl.BlockSpec(
+      (None, shape[1], tile, shape[3]), lambda direction, tile_index: (direction, 0, tile_index, 0)
+    )
+
+  return pl.pallas_call(
+    kernel,
+    grid=(directions, batch // tile),
+    in_specs=[spec(x.shape) for x in inputs],
+    out_specs=[spec(x.shape) for x in outputs],
+    out_shape=outputs,
+    compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+    interpret=config.interpret,
+    name=name,
+  )(*inputs)
+
+
+def _forward(projected, recurrent_kernel, config: KernelConfig):
+  """Stacked, padded operands -> hidden states, activated gates, previous cells (all padded)."""
+  directions, time, batch, gates = projected.shape
+  hidden = gates // NUM_GATES
+  outputs = (
+    jax.ShapeDtypeStruct((directions, time, batch, hidden), recurrent_kernel.dtype),
+    jax.ShapeDtypeStruct((directions, time, batch, gates), jnp.float32),
+    jax.ShapeDtypeStruct((directions, time, batch, hidden), jnp.float32),
+  )
+  kernel = functools.partial(_forward_kernel, weights_resident=config.weights_resident)
+  return _call(kernel, (projected, recurrent_kernel), outputs, config, "lstm_forward")
+
+
+def _backward(recurrent_kernel, gates, previous_cells, hidden_cotangents, config: KernelConfig):
+  outputs = (jax.ShapeDtypeStruct(gates.shape, jnp.float32),)
+  kernel = functools.partial(_backward_kernel, weights_resident=config.weights_resident)
+  inputs = (recurrent_kernel, gates, previous_cells, hidden_cotangents)
+  return _call(kernel, inputs, outputs, config, "lstm_backward")[0]
+
+
+def _pad_operands(projected, recurrent_kernel, config: KernelConfig):
+  """Tuple of `[time, batch, 4 * hidden]` -> `[directions, time, padded batch, 4 * padded]`."""
+  hidden = recurrent_kernel.shape[1]
+  padded = padded_hidden_size(hidden)
+  batch = projected[0].shape[1]
+  extra_rows = -batch % config.batch_tile
+  stacked = _pad_gate_axis(jnp.stack(projected), hidden, padded)
+  stacked = jnp.pad(stacked, ((0, 0), (0, 0), (0, extra_rows), (0, 0)))
+  kernel = _pad_gate_axis(recurrent_kernel, hidden, padded)
+  kernel = jnp.pad(kernel, ((0, 0), (0, padded - hidden), (0, 0)))
+  return stacked, kernel
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def lstm_recurrence_kernel(
+  projected: tuple[jax.Array, ...], recurrent_kernel: jax.Array, config: KernelConfig
+) -> tuple[jax.Array, ...]:
+  """`models.lstm.lstm_recurrence` with its scan replaced by one kernel launch per pass.
+
+  `projected`: per direction `[time, batch, 4 * hidden]` float32 (input projections plus bias);
+  `recurrent_kernel [directions, hidden, 4 * hidden]` -> per direction `[time, batch, hidden]`
+  in the kernel's dtype.
+  """
+  return _lstm_recurrence_kernel_forward(projected, recurrent_kernel, config)[0]
+
+
+def _lstm_recurrence_kernel_forward(projected, recurrent_kernel, config):
+  batch, hidden = projected[0].shape[1], recurrent_kernel.shape[1]
+  stacked, padded_kernel = _pad_operands(projected, recurrent_kernel, config)
+  hidden_states, gates, previous_cells = _forward(stacked, padded_kernel, config)
+  outputs = tuple(hidden_states[:, :, :batch, :hidden])
+  return outputs, (padded_kernel, hidden_states, gates, previous_cells)
+
+
+def _lstm_recurrence_kernel_backward(config, residuals, hidden_cotangents):
+  padded_kernel, hidden_states, gates, previous_cells = residuals
+  _, _, padded_batch, padded = hidden_states.shape
+  _, batch, hidden = hidden_cotangents[0].shape
+  cotangents = jnp.pad(
+    jnp.stack(hidden_cotangents).astype(hidden_states.dtype),
+    ((0, 0), (0, 0), (0, padded_batch - batch), (0, padded - hidden)),
+  )
+  projected_cotangents = _backward(padded_kernel, gates, previous_cells, cotangents, config)
+  # dW = sum_t h_{t-1}^T dz_t: the state before frame 0 is zero, so frame 0 adds nothing.
+  kernel_cotangent = jnp.einsum(
+    "dtbh,dtbg->dhg",
+    hidden_states[:, :-1],
+    projected_cotangents[:, 1:].astype(hidden_states.dtype),
+    preferred_element_type=jnp.float32,
+  )
+  kernel_cotangent = _unpad_gate_axis(kernel_cotangent[:, :hidden], hidden, padded)
+  projected_cotangents = _unpad_gate_axis(projected_cotangents[:, :, :batch], hidden, padded)
+  return tuple(projected_cotangents), kernel_cotangent.astype(padded_kernel.dtype)
+
+
+lstm_recurrence_kernel.defvjp(_lstm_recurrence_kernel_forward, _lstm_recurrence_kernel_backward)

@@ -1,0 +1,74 @@
+"""The step-anatomy driver: the sections and rows it promises, kernels checked on the way."""
+
+import pathlib
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from experiments import benchmark_step, paper
+from models.lstm_kernel import KernelConfig
+from tests.test_experiments_benchmark import table_rows
+
+
+def is_number(cell: str) -> bool:
+  try:
+    float(cell)
+  except ValueError:
+    return False
+  return True
+
+
+@pytest.mark.slow
+def test_tiny_run_writes_tuning_and_anatomy_tables(tmp_path):
+  # As users run it: its own process, one device.
+  out = tmp_path / "step.md"
+  argv = ["--preset", "tiny", "--tune", "--repeats", "1", "--out", str(out)]
+  subprocess.run(
+    [sys.executable, "-m", "experiments.benchmark_step", *argv],
+    check=True,
+    env=paper.worker_env(1),
+    cwd=pathlib.Path(__file__).parents[1],
+  )
+  text = out.read_text()
+  assert "Machine:" in text and "python -m experiments.benchmark_step --preset tiny" in text
+
+  lstm_rows = table_rows(text[: text.index("## The CTC kernel")], "variant")
+  assert [row[0] for row in lstm_rows[:2]] == ["scan, unroll 8", "scan, unroll 8, bfloat16 weights"]
+  assert len(lstm_rows) == 2 + len(benchmark_step.TUNE_GRID)
+  for name, ms, error in lstm_rows[2:]:
+    assert is_number(ms), name
+    # The interpreter computes exactly what the scan does in float32; bfloat16 weights round.
+    assert float(error) < (1e-5 if "bfloat16" not in name else 1e-2), name
+  assert "the rest of this run uses the fastest: tile 16" in text
+
+  ctc_rows = table_rows(text[text.index("## The CTC kernel") : text.index("## Anatomy")], "variant")
+  assert ctc_rows[0][0] == "optax.ctc_loss"
+  assert len(ctc_rows) == 1 + len(benchmark_step.CTC_TUNE_GRID)
+  assert all(is_number(row[1]) and "NOT repeatable" not in row[2] for row in ctc_rows)
+
+  anatomy = table_rows(text, "B")
+  assert [row[2] for row in anatomy] == list(benchmark_step.PRESETS["tiny"][(8, 24)])
+  assert all(is_number(cell) for row in anatomy for cell in row[3:8])
+
+
+def test_a_variant_that_fails_is_reported_and_the_others_still_chosen(monkeypatch):
+  broken = KernelConfig(batch_tile=16, num_warps=3)
+  monkeypatch.setattr(
+    benchmark_step,
+    "TUNE_GRID",
+    [(broken, jnp.float32), (KernelConfig(num_warps=8, weights_resident=False), jnp.float32)],
+  )
+  real_kernel = benchmark_step.lstm_recurrence_kernel
+
+  def kernel(projected, recurrent_kernel, config):
+    if config.num_warps == 3:
+      raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded")
+    return real_kernel(projected, recurrent_kernel, config)
+
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence_kernel", kernel)
+  best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
+  assert best.num_warps == 8 and best.interpret
+  failed = [row for row in rows if row["ms"] == "failed"]
+  assert len(failed) == 1 and "Shared memory" in failed[0]["max relative error"]

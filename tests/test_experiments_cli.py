@@ -1,0 +1,90 @@
+"""Command-line mistakes with configs and experiment drivers end in one line, exit code 2."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import cli_errors
+import train
+from experiments import cli
+
+
+@pytest.mark.parametrize(
+  ("overrides", "message"),
+  [
+    (
+      ["--config=experiments/synthetic.py", "--config.bucketing.num_bukets=8"],
+      "--config.bucketing.num_bukets=8: no config field 'num_bukets'; did you mean 'num_buckets'?",
+    ),
+    (
+      ["--config=experiments/synthetic.py:nosuchvariant"],
+      "--config=experiments/synthetic.py:nosuchvariant: unknown variant 'nosuchvariant' of "
+      "experiments/synthetic.py; known: tiny",
+    ),
+    (
+      ["--config=experiments/nosuchfile.py"],
+      "--config: [Errno 2] No such file or directory: 'experiments/nosuchfile.py'",
+    ),
+    (
+      ["--config=experiments/synthetic.py", "--config.model.hidden_size=big"],
+      "--config.model.hidden_size=big: invalid literal for int() with base 10: 'big'",
+    ),
+    ([], "--config is required, e.g. --config=experiments/synthetic.py"),
+  ],
+)
+def test_config_flag_mistakes_are_one_line_naming_the_flag(overrides, message):
+  with pytest.raises(cli_errors.UsageError) as error:
+    cli.load_config(["train.py", *overrides])
+  assert str(error.value) == message
+
+
+def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  argv = ["train.py", "--config=experiments/synthetic.py:tiny"]
+  config = cli.load_config([*argv, "--config.bucketing.strategy=bogus"])
+  assert config.model.hidden_size == 16  # the variant and the override both applied
+  assert cli_errors.run(lambda: train.validate_config(config, 1)) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: config.bucketing.strategy='bogus' is not one of")
+  assert len(err.splitlines()) == 1
+  with pytest.raises(AttributeError):  # the config is locked: no new fields by accident
+    config.bucketing.num_bukets = 8
+
+
+def test_parse_flags_fills_absl_flags_and_keeps_the_rest():
+  from absl import flags
+  from ml_collections import config_flags
+
+  flag_values = flags.FlagValues()
+  argv = ["train.py", "--config=experiments/iam.py:tiny", "--workdir=/tmp/w", "extra"]
+  config = config_flags.DEFINE_config_file("config", flag_values=flag_values, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "", flag_values=flag_values)
+  assert cli.parse_flags(argv, flag_values) == ["train.py", "extra"]
+  assert flag_values.workdir == "/tmp/w" and config.value.data.dataset == "iam_ondb"
+  with pytest.raises(cli_errors.UsageError, match=r"^Unknown command line flag 'mode'$"):
+    cli.parse_flags(["train.py", "--mode=x"], flag_values)
+
+
+@pytest.mark.parametrize(
+  ("module", "args", "last_line"),
+  [
+    ("experiments.paper", ["--buckets", "2,x"], "argument --buckets: '2,x' is not a comma"),
+    ("experiments.paper", ["--cost", "1,2"], "--cost '1,2' is not three numbers"),
+    ("experiments.benchmark", ["--tiny", "--dataset", "iam_ondb"], "IAM_ONDB_DIR or --config"),
+  ],
+)
+def test_experiment_drivers_end_bad_input_in_one_line(tmp_path, module, args, last_line):
+  env = {k: v for k, v in os.environ.items() if k not in ("IAM_ONDB_DIR", cli_errors.DEBUG_ENV)}
+  env["HANDWRITING_DATA_DIR"] = str(tmp_path)  # no IAM-OnDB there
+  result = subprocess.run(
+    [sys.executable, "-m", module, *args, "--data-dir", str(tmp_path)],
+    capture_output=True,
+    text=True,
+    check=False,
+    env=env,
+  )
+  assert result.returncode == 2
+  assert "Traceback" not in result.stderr
+  assert last_line in result.stderr.strip().splitlines()[-1]
