@@ -30,8 +30,6 @@ command and load. `--quick` took 2.0 min on a 2-core CPU (`experiments/results/b
 
 import argparse
 import dataclasses
-import datetime
-import os
 import pathlib
 import statistics
 import sys
@@ -48,7 +46,7 @@ import bucketing
 import cli_errors
 import train
 from experiments import paper
-from experiments.reporting import machine_description, markdown_table
+from experiments.reporting import RunRecord, markdown_table
 from handwriting import dataset as dataset_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -432,8 +430,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   backend = jax.default_backend()
   out = args.out or RESULTS / f"benchmark_{backend}.md"
 
-  load_before = os.getloadavg()[0]
-  started = time.perf_counter()
+  record = RunRecord("experiments.benchmark", argv, f"jax {jax.__version__}")
   data = train.load_split(config, config.data.train_split, limit)
   bench = Bench(config, data, repeats)
   epochs = args.planned_epochs
@@ -492,18 +489,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   ]
   fastest = min(measured_total, key=measured_total.get)
   auto_total = epochs * auto.epoch_seconds + auto.compile_seconds
-  load_after = os.getloadavg()[0]
-
-  command = " ".join(["python -m experiments.benchmark", *argv])
   model = config.model
   report = [
     "# Benchmark: bucketed training against what users would use instead",
     "",
-    f"Machine: {machine_description()}.",
-    f"Date: {datetime.date.today().isoformat()}; jax {jax.__version__}. Command: `{command}`.",
-    f"1-minute load average {load_before:.2f} before and {load_after:.2f} after the run on "
-    f"{os.cpu_count()} cores (a load above the core count means other processes shared the "
-    f"CPU); the run took {(time.perf_counter() - started) / 60:.1f} min.",
+    *record.header(),
     f"Data: `{config.data.dataset}` training set, the first {len(data)} lines, resample spacing "
     f"{config.data.features.resample_spacing}; every contender trains on exactly these sequences. "
     f"Model: {model.num_layers} x {model.hidden_size} "

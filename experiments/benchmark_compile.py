@@ -14,19 +14,16 @@ command and load.
 """
 
 import argparse
-import datetime
 import importlib
-import os
 import pathlib
 import statistics
 import sys
 import tempfile
-import time
 
 import jax
 
 import train
-from experiments.reporting import machine_description, markdown_table
+from experiments.reporting import RunRecord, markdown_table
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 RUNS = ("sequential", "parallel", "overlap", "overlap, cold cache", "overlap, warm cache")
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   config = load_config(args.config, args.num_buckets)
   out = args.out or RESULTS / f"benchmark_compile_{jax.default_backend()}.md"
 
-  load_before, started = os.getloadavg()[0], time.perf_counter()
+  record = RunRecord("experiments.benchmark_compile", argv, f"jax {jax.__version__}")
   summaries = {run: [] for run in RUNS}
   with tempfile.TemporaryDirectory() as scratch:
     scratch = pathlib.Path(scratch)
@@ -82,7 +79,6 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
         summaries[run].append(one_run(config, "overlap", cache_dir, scratch / f"{run}-{repeat}"))
       for run in RUNS:
         print(repeat, run, {k: summaries[run][-1][k] for k in MEASURES.values()}, flush=True)
-  load_after = os.getloadavg()[0]
 
   rows = []
   for run in RUNS:
@@ -106,15 +102,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     for summary, wall in zip(summaries["parallel"], sequential_walls, strict=True)
   ]
   first = summaries["sequential"][0]
-  command = " ".join(["python -m experiments.benchmark_compile", *argv])
   report = [
     "# Start-up: compiling the buckets sequentially, in parallel, overlapped, from the cache",
     "",
-    f"Machine: {machine_description()}.",
-    f"Date: {datetime.date.today().isoformat()}; jax {jax.__version__}. Command: `{command}`.",
-    f"1-minute load average {load_before:.2f} before and {load_after:.2f} after the run on "
-    f"{os.cpu_count()} cores (a load above the core count means other processes shared the "
-    f"CPU); the run took {(time.perf_counter() - started) / 60:.1f} min.",
+    *record.header(),
     f"Config: `{args.config}` with K = {first['num_buckets']} buckets (bounds "
     f"{first['upper_bounds']}): {first['train_compiles']} train and {first['eval_compiles']} "
     f"eval steps to compile, {first['epochs']} epochs on {first['num_devices']} device(s).",

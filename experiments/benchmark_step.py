@@ -28,7 +28,6 @@ Writes `experiments/results/benchmark_step_<backend>.md` with the device named.
 
 import argparse
 import dataclasses
-import datetime
 import functools
 import json
 import os
@@ -46,7 +45,7 @@ import optax
 
 import train
 from experiments import benchmark, iam
-from experiments.reporting import machine_description, markdown_table
+from experiments.reporting import RunRecord, markdown_table
 from models.ctc_kernel import ctc_loss_kernel
 from models.lstm import lstm_recurrence
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
@@ -116,13 +115,9 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
 def make_config(preset: str, *overrides: dict):
   """`experiments/iam.py` (its tiny variant for the tiny preset) with dotted overrides."""
   config = iam.get_config("tiny" if preset == "tiny" else None)
+  config.lock()  # a misspelt override fails instead of adding a field
   for override in overrides:
-    for dotted, value in override.items():
-      *parents, leaf = dotted.split(".")
-      node = config
-      for parent in parents:
-        node = node[parent]
-      node[leaf] = value
+    config.update_from_flattened_dict(override)
   return config
 
 
@@ -446,9 +441,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   preset_name = args.preset
   backend = jax.default_backend()
   out = args.out or RESULTS / f"benchmark_step_{backend}.md"
-  started = time.perf_counter()
   sections = []
-  command = " ".join(["python -m experiments.benchmark_step", *argv])
   versions = f"jax {jax.__version__}"
   try:
     import torch
@@ -456,17 +449,16 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     versions += f", torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()})"
   except ImportError:
     pass
+  record = RunRecord("experiments.benchmark_step", argv, versions)
 
   def write_report() -> None:
     """Writes what is measured so far: a run cut short still leaves its finished sections."""
     report = [
       "# The train step's anatomy, per LSTM implementation",
       "",
-      f"Machine: {machine_description()}.",
-      f"Date: {datetime.date.today().isoformat()}; {versions}. Command: `{command}`.",
-      f"The run took {(time.perf_counter() - started) / 60:.1f} min, compiles included. Model: "
-      "`experiments/iam.py` (3 x BLSTM 128, CTC, Adam, clipping); medians of "
-      f"{args.repeats} runs after a warm-up.",
+      *record.header(),
+      "Model: `experiments/iam.py` (3 x BLSTM 128, CTC, Adam, clipping); medians of "
+      f"{args.repeats} runs after a warm-up, compiles outside the timings.",
       "",
       *sections,
     ]

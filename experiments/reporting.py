@@ -1,7 +1,9 @@
 """What every results file shares: the machine it ran on and Markdown tables."""
 
+import datetime
 import os
 import platform
+import time
 
 
 def machine_description() -> str:
@@ -19,3 +21,24 @@ def markdown_table(rows: list[dict[str, str]], columns) -> list[str]:
   """Lines of a right-aligned Markdown table of `rows` (dicts of formatted cells) by `columns`."""
   lines = ["| " + " | ".join(columns) + " |", "|" + " ---: |" * len(columns)]
   return lines + ["| " + " | ".join(row[column] for column in columns) + " |" for row in rows]
+
+
+class RunRecord:
+  """When a benchmark run started and how loaded the machine was: every results file opens with
+  the lines of `header`, so a reader knows the machine, date, versions, command and load."""
+
+  def __init__(self, module: str, argv: list[str], versions: str):
+    self.command = " ".join([f"python -m {module}", *argv])
+    self.versions = versions
+    self.load_before = os.getloadavg()[0]
+    self.started = time.perf_counter()
+
+  def header(self) -> list[str]:
+    load_after = os.getloadavg()[0]
+    return [
+      f"Machine: {machine_description()}.",
+      f"Date: {datetime.date.today().isoformat()}; {self.versions}. Command: `{self.command}`.",
+      f"1-minute load average {self.load_before:.2f} before and {load_after:.2f} after the run on "
+      f"{os.cpu_count()} cores (a load above the core count means other processes shared the "
+      f"CPU); the run took {(time.perf_counter() - self.started) / 60:.1f} min.",
+    ]

@@ -223,15 +223,7 @@ def _beta_call(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _loglik(emissions, frame_paddings, tables, batch_tile, num_warps, interpret):
   """`log p(labels)` per row, `[batch]`, from `emissions [batch, time, states]`."""
-  loglik, _ = _alpha_call(
-    emissions,
-    frame_paddings,
-    tables,
-    batch_tile=batch_tile,
-    num_warps=num_warps,
-    interpret=interpret,
-  )
-  return loglik
+  return _loglik_fwd(emissions, frame_paddings, tables, batch_tile, num_warps, interpret)[0]
 
 
 def _loglik_fwd(emissions, frame_paddings, tables, batch_tile, num_warps, interpret):

@@ -45,12 +45,8 @@ REQUIRED_SUMMARY_KEYS = {
 
 def tiny_config(**overrides):
   config = synthetic.get_config("tiny")
-  for dotted, value in overrides.items():
-    node = config
-    *parents, leaf = dotted.split(".")
-    for parent in parents:
-      node = node[parent]
-    node[leaf] = value
+  config.lock()  # a misspelt override fails instead of adding a field
+  config.update_from_flattened_dict(overrides)
   return config
 
 
