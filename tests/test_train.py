@@ -288,8 +288,9 @@ def test_missing_iam_ondb_says_how_to_get_it(tmp_path):
   config = iam.get_config("tiny")
   config.data.manual_dir = None
   config.data.data_dir = str(tmp_path / "empty")
-  with pytest.raises(FileNotFoundError, match="manual_dir"):
+  with pytest.raises(FileNotFoundError, match=r"IAM_ONDB_DIR or --config\.data\.manual_dir"):
     train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
@@ -594,3 +595,78 @@ def test_sigterm_checkpoints_mid_epoch_and_the_run_resumes_to_the_same_result(
   )
   train.train_and_evaluate(tiny_config(), tmp_path / "run")
   assert_resumed_like(uninterrupted[0], tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad lines and surprising data, through an .npz export.
+
+PROBLEMS = {
+  "nan": "not finite",
+  "inf": "not finite",
+  "empty ink": "no points",
+  "empty text": "empty",
+}
+
+
+def spoil(example, problem):
+  """`example` with `problem`, which the trainer must catch when it loads the data."""
+  if problem == "empty text":
+    return example | {"text": ""}
+  if problem == "empty ink":
+    return example | {"points": np.zeros((0, 3), np.float32), "stroke_end": np.zeros(0, bool)}
+  points = example["points"].copy()
+  points[1, 0] = np.nan if problem == "nan" else np.inf
+  return example | {"points": points}
+
+
+def export_with_bad_lines(path, bad):
+  """A tiny synthetic .npz export whose `bad` {split: [problem, ...]} spoil lines 0, 1, ..."""
+  sizes = {"train": 48, "validation": 16}
+  examples = {
+    split: train.dataset_lib.load_examples("synthetic", split, limit=size)
+    for split, size in sizes.items()
+  }
+  for split, problems in bad.items():
+    for line, problem in enumerate(problems):
+      examples[split][line] = spoil(examples[split][line], problem)
+  train.dataset_lib.write_export(path, examples, {})
+  return examples
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_a_bad_line_is_named_before_anything_trains(tmp_path, split, problem):
+  examples = export_with_bad_lines(tmp_path / "data.npz", {split: [problem]})
+  line = examples[split][0]["id"]
+  with pytest.raises(
+    train.dataset_lib.BadExampleError,
+    match=rf"{split}.*{line}: .*{PROBLEMS[problem]}.*data: the numpy export",
+  ):
+    train.train_and_evaluate(
+      tiny_config(**{"data.dataset": str(tmp_path / "data.npz")}), tmp_path / "run"
+    )
+  assert not (tmp_path / "run").exists()
+
+
+def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path):
+  bad = {"train": list(PROBLEMS), "validation": list(PROBLEMS)}
+  examples = export_with_bad_lines(tmp_path / "data.npz", bad)
+  config = tiny_config(**{"data.dataset": str(tmp_path / "data.npz"), "data.bad_examples": "skip"})
+  summary = train.train_and_evaluate(config, tmp_path / "run")
+  assert summary["num_skipped_examples"] == 8
+  assert {(line["split"], line["id"]) for line in summary["skipped_examples"]} == {
+    (split, examples[split][line]["id"]) for split in bad for line in range(4)
+  }
+  assert all(np.isfinite(row["val_loss"]) for row in read_rows(tmp_path / "run"))
+  assert summary["best_epoch"] >= 0
+
+
+def test_an_old_export_in_the_default_data_dir_is_not_used_unasked(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.delenv("HANDWRITING_DATA_DIR", raising=False)
+  export_with_bad_lines(tmp_path / "tensorflow_datasets" / "iam_ondb.npz", {})
+  config = iam.get_config("tiny")
+  config.data.manual_dir = None
+  with pytest.raises(ValueError, match=r"--config\.data\.data_dir=.*tensorflow_datasets"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
