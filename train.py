@@ -696,7 +696,9 @@ class Checkpoints:
         raise
       except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
         damaged[step] = cli_errors.one_line(error)[:300]
-        LOG.warning("checkpoint step %d in %s is damaged: %s", step, self.latest.directory, error)
+        LOG.warning(
+          "checkpoint step %d in %s is damaged: %s", step, self.latest.directory, damaged[step]
+        )
         continue
       if damaged:
         self._set_aside(damaged, step)
