@@ -23,11 +23,13 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -41,11 +43,13 @@ import optax
 import orbax.checkpoint as ocp
 from flax import struct
 from flax.training import train_state as train_state_lib
+from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bucketing
+import cli_errors
 from handwriting import alphabet as alphabet_lib
 from handwriting import dataset as dataset_lib
 from handwriting import features as features_lib
@@ -102,6 +106,17 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
   if config.compile_mode not in COMPILE_MODES:
     raise ValueError(f"config.compile_mode={config.compile_mode!r} is not one of {COMPILE_MODES}")
+  if config.data.bad_examples not in dataset_lib.BAD_EXAMPLE_POLICIES:
+    raise ValueError(
+      f"config.data.bad_examples={config.data.bad_examples!r} is not one of "
+      f"{dataset_lib.BAD_EXAMPLE_POLICIES}"
+    )
+  if config.checkpoint_every_steps < 1:
+    raise ValueError(
+      f"config.checkpoint_every_steps must be >= 1, got {config.checkpoint_every_steps}"
+    )
+  if config.max_minutes < 0:
+    raise ValueError(f"config.max_minutes must be >= 0 (0: no cap), got {config.max_minutes}")
   if config.optimizer.schedule not in ("cosine", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: cosine|constant")
 
@@ -113,7 +128,16 @@ def feature_config(config: ml_collections.ConfigDict) -> features_lib.FeatureCon
 def load_split(
   config: ml_collections.ConfigDict, split: str, limit: int
 ) -> dataset_lib.SequenceSet:
-  """One split as features and label ids (the model's view of the data)."""
+  """One split as features and label ids (the model's view of the data), every line checked: a
+  bad one is an error naming it, or left out under `config.data.bad_examples="skip"`."""
+  return _load_checked(config, split, limit)[0]
+
+
+def _load_checked(
+  config: ml_collections.ConfigDict, split: str, limit: int, source: str = ""
+) -> tuple[dataset_lib.SequenceSet, list[dict]]:
+  """`load_split`, and the lines it skipped ({"id", "split", "reason"}); `source` is named in the
+  error on a bad line."""
   synthetic_sizes = config.data.synthetic.to_dict() if config.data.dataset == "synthetic" else {}
   examples = dataset_lib.load_examples(
     config.data.dataset,
@@ -123,7 +147,10 @@ def load_split(
     limit=limit or None,
     **synthetic_sizes,
   )
-  return dataset_lib.featurize(examples, feature_config(config), ALPHABET)
+  kept, skipped = dataset_lib.validate_examples(
+    examples, split, ALPHABET, config.data.bad_examples, source
+  )
+  return dataset_lib.featurize(kept, feature_config(config), ALPHABET), skipped
 
 
 def make_train_plan(
@@ -621,19 +648,31 @@ class Progress:
 
 class Checkpoints:
   """A run's Orbax checkpoints: `checkpoints/train` holds the latest state with its position in
-  the schedule and the plan's bounds, `checkpoints/best` the parameters of the best epoch."""
+  the schedule and the plan's bounds, `checkpoints/best` the parameters of the best epoch.
 
-  def __init__(self, workdir: str | pathlib.Path):
-    directory = pathlib.Path(workdir).absolute() / "checkpoints"
+  A latest-state checkpoint also records the state's shapes, a SHA-256 of its values and the
+  config fields that shape the model (`config`, when given), so a restore can tell a damaged
+  checkpoint (truncated, zeroed or missing files: fall back to an older step) from a run started
+  with another model (name the config field).
+  """
+
+  def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None):
+    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
+    self.shape_config = None if config is None else _shape_config(config)
     self.latest = ocp.CheckpointManager(
-      directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+      self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     )
     self.best = ocp.CheckpointManager(
-      directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+      self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
     )
 
   def save_latest(self, state: TrainState, progress: Progress, plan: bucketing.BucketPlan) -> None:
-    meta = dataclasses.asdict(progress) | {"upper_bounds": plan.upper_bounds.tolist()}
+    meta = dataclasses.asdict(progress) | {
+      "upper_bounds": plan.upper_bounds.tolist(),
+      "shapes": _shapes(state),
+      "sha256": _fingerprint(state),
+      "shape_config": self.shape_config,
+    }
     self.latest.save(
       int(jax.device_get(state.step)),
       args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(meta)),
@@ -642,25 +681,94 @@ class Checkpoints:
   def restore_latest(
     self, target: TrainState, plan: bucketing.BucketPlan | None = None
   ) -> tuple[TrainState, Progress]:
-    """The latest state (shaped and placed like `target`) and progress; `target` and a fresh
-    `Progress` when there is none. With `plan`, a checkpoint of other bucket bounds is an error."""
-    step = self.latest.latest_step()
-    if step is None:
-      return target, Progress()
-    restored = self.latest.restore(
-      step,
-      args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_on(target)), progress=ocp.args.JsonRestore()
-      ),
+    """The newest intact state (shaped and placed like `target`) and its progress; `target` and a
+    fresh `Progress` when there is none.
+
+    A damaged step is named in a warning and set aside under `checkpoints/damaged/` once an older
+    intact one is found; when none is intact, a ValueError names them all. Other bucket bounds
+    (with `plan`) or other model shapes are a ValueError naming what differs.
+    """
+    damaged = {}
+    for step in sorted(self.latest.all_steps(), reverse=True):
+      try:
+        state, meta = self._read_latest(step, target, plan)
+      except CheckpointMismatchError:
+        raise
+      except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
+        damaged[step] = cli_errors.one_line(error)[:300]
+        LOG.warning(
+          "checkpoint step %d in %s is damaged: %s", step, self.latest.directory, damaged[step]
+        )
+        continue
+      if damaged:
+        self._set_aside(damaged, step)
+      return state, Progress(**meta)
+    if damaged:
+      raise ValueError(
+        f"no intact checkpoint in {self.latest.directory}: "
+        + "; ".join(f"step {step}: {reason}" for step, reason in damaged.items())
+        + f"; move {self.directory} away to start afresh"
+      )
+    return target, Progress()
+
+  def _read_latest(self, step: int, target: TrainState, plan: bucketing.BucketPlan | None):
+    """The state and progress fields of `step`, verified; raises on anything wrong."""
+    meta = dict(
+      self.latest.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))[
+        "progress"
+      ]
     )
-    meta = dict(restored["progress"])
     bounds = meta.pop("upper_bounds")
     if plan is not None and bounds != plan.upper_bounds.tolist():
-      raise ValueError(
+      raise CheckpointMismatchError(
         f"the checkpoint in {self.latest.directory} was trained with bucket bounds {bounds}, but "
         f"this run plans {plan.upper_bounds.tolist()}; use the same config or a new workdir"
       )
-    return restored["state"], Progress(**meta)
+    shapes, digest, shape_config = (
+      meta.pop(key, None) for key in ("shapes", "sha256", "shape_config")
+    )
+    if shapes is not None and shapes != _shapes(target):
+      raise CheckpointMismatchError(self._shape_mismatch(shapes, _shapes(target), shape_config))
+    restored = self.latest.restore(
+      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_on(target)))
+    )["state"]
+    if digest is not None and digest != _fingerprint(restored):
+      raise ValueError("its values do not match the SHA-256 written when it was saved")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
+      values = np.asarray(leaf.addressable_shards[0].data)
+      if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+        raise ValueError(f"{jax.tree_util.keystr(path)} holds NaN or inf")
+    return restored, meta
+
+  def _shape_mismatch(self, saved: dict, wanted: dict, saved_config: dict | None) -> str:
+    differing = [
+      f"config.{field}={saved_config[field]!r} there, {value!r} here"
+      for field, value in (self.shape_config or {}).items()
+      if saved_config is not None and saved_config.get(field, value) != value
+    ]
+    leaf = next((path for path in wanted if saved.get(path) != wanted[path]), None)
+    what = "; ".join(differing) or f"{leaf}: {saved.get(leaf)} there, {wanted.get(leaf)} here"
+    return (
+      f"the checkpoint in {self.latest.directory} holds a model of other shapes ({what}); "
+      "use the same config or a new workdir"
+    )
+
+  def _set_aside(self, damaged: dict[int, str], intact: int) -> None:
+    """Moves damaged steps out of Orbax's sight (so the step can be saved again), keeping them."""
+    if jax.process_index() == 0:
+      aside = self.directory / "damaged"
+      aside.mkdir(exist_ok=True)
+      for step in damaged:
+        (self.latest.directory / str(step)).rename(aside / f"train-{step}-{time.time_ns()}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("damaged checkpoints set aside")
+    self.latest.reload()
+    LOG.warning(
+      "resuming from step %d instead; damaged step(s) %s moved to %s",
+      intact,
+      ", ".join(map(str, damaged)),
+      self.directory / "damaged",
+    )
 
   def save_best(self, epoch: int, params: Any) -> None:
     if epoch not in self.best.all_steps():  # a resumed run may have saved it already
@@ -673,9 +781,52 @@ class Checkpoints:
       return None
     return self.best.restore(step, args=ocp.args.StandardRestore(abstract_on(target)))
 
-  def wait(self) -> None:
-    self.latest.wait_until_finished()
-    self.best.wait_until_finished()
+  def close(self) -> None:
+    """Waits for the saves in flight, then stops Orbax's background threads."""
+    for manager in (self.latest, self.best):
+      manager.wait_until_finished()
+      manager.close()
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint that reads fine but belongs to another config: no older step would fit."""
+
+
+def _shape_config(config: ml_collections.ConfigDict) -> dict:
+  """The config fields that decide the state's shapes, as {"model.hidden_size": 128, ...}."""
+  fields = {"model": config.model.to_dict(), "data.features": config.data.features.to_dict()}
+  return {
+    f"{prefix}.{name}": value
+    for prefix, values in fields.items()
+    for name, value in values.items()
+    if not isinstance(value, dict)
+  }
+
+
+def _shapes(tree: Any) -> dict[str, list[int]]:
+  return {
+    jax.tree_util.keystr(path): list(leaf.shape)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+  }
+
+
+def _fingerprint(tree: Any) -> str:
+  """SHA-256 of every leaf's values (this process's first shard: the state is replicated)."""
+  digest = hashlib.sha256()
+  for leaf in jax.tree.leaves(tree):
+    digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
+  return digest.hexdigest()
+
+
+def _json_safe(value: Any) -> Any:
+  """`value` with NaN and inf floats as None, so it is strict JSON (`allow_nan=False`)."""
+  if isinstance(value, dict):
+    return {key: _json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(item) for item in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
 
 
 class Logger:
@@ -686,17 +837,22 @@ class Logger:
     self.path = workdir / "metrics.jsonl"
     self.writer = None
     if self.enabled:
-      # Rewritten from the checkpoint, so a resumed run never repeats or loses an epoch's row.
-      self.path.write_text("".join(json.dumps(row) + "\n" for row in history))
+      # Both rewritten from the checkpoint's history, so a resumed run never repeats or loses an
+      # epoch's row, and TensorBoard reads one event stream (two would plot replayed epochs twice).
+      self.path.write_text("")
+      for events in (workdir / "tensorboard").glob("events.out.tfevents.*"):
+        events.unlink()
       from tensorboardX import SummaryWriter
 
       self.writer = SummaryWriter(str(workdir / "tensorboard"))
+      for row in history:
+        self.write(row)
 
   def write(self, row: dict) -> None:
     if not self.enabled:
       return
     with self.path.open("a") as file:
-      file.write(json.dumps(row) + "\n")
+      file.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
     for key, value in row.items():
       if isinstance(value, (int, float)) and key != "epoch":
         self.writer.add_scalar(key, value, row["epoch"])
@@ -742,6 +898,52 @@ def progress_bar(total: int, initial: int, description: str, enabled: bool):
   return tqdm(total=total, initial=initial, desc=description, unit="step", leave=False)
 
 
+class StopRequest:
+  """Asks training to stop at the next step boundary and checkpoint: on SIGINT (Ctrl-C) or
+  SIGTERM (what schedulers send before a kill), or once `max_minutes` of wall time have passed
+  since it was made (0: no cap). The same signal again acts as it would have without this
+  (Ctrl-C twice quits at once)."""
+
+  SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+  def __init__(self, max_minutes: float = 0.0):
+    self.reason: str | None = None
+    self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
+    self._previous_handlers = {}
+
+  @contextlib.contextmanager
+  def on_signals(self):
+    """Handles the signals inside the block (Python allows it in the main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+      yield
+      return
+    self._previous_handlers = {
+      signum: signal.signal(signum, self._handle) for signum in self.SIGNALS
+    }
+    try:
+      yield
+    finally:
+      for signum, handler in self._previous_handlers.items():
+        signal.signal(signum, handler)
+
+  def _handle(self, signum: int, frame) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    self.reason = self.reason or name
+    signal.signal(signum, self._previous_handlers[signum])
+    LOG.warning("%s: stopping at the next step boundary with a checkpoint (again: quit now)", name)
+
+  def requested(self, check_time_cap: bool = True) -> bool:
+    """Whether to stop now. Processes must stop at the same step, so with several they agree
+    (a collective per call: every process calls this at the same points)."""
+    if self.reason is None and check_time_cap and time.monotonic() >= self.deadline:
+      self.reason = "max_minutes"
+    if jax.process_count() > 1:
+      anyone = multihost_utils.process_allgather(np.int32(self.reason is not None)).max()
+      self.reason = self.reason or ("a stop on another process" if anyone else None)
+    return self.reason is not None
+
+
 @dataclasses.dataclass
 class Run:
   """What every part of the loop reads: the config, the data and their plans, the mesh, the
@@ -756,6 +958,7 @@ class Run:
   steps: CompiledSteps
   checkpoints: Checkpoints
   logger: Logger
+  stop: "StopRequest"
   compiles_expected: int = 0
 
   @property
@@ -775,19 +978,70 @@ class Run:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Trains until early stopping, `num_epochs` or `max_steps`, resuming from `workdir` when it
-  holds a run. Training starts once the first scheduled bucket is compiled; the other buckets
-  compile in the background. Returns the summary also written to `workdir/summary.json`.
+  """Trains until early stopping, `num_epochs`, `max_steps`, `max_minutes`, SIGINT or SIGTERM,
+  resuming from `workdir` when it holds a run. Training starts once the first scheduled bucket is
+  compiled; the other buckets compile in the background. Returns the summary also written to
+  `workdir/summary.json` (`stopped_by` says whether a signal or the time cap cut it short).
   """
+  stop = StopRequest(config.max_minutes)
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
+  train_set, eval_sets, skipped = load_data(config)  # before the workdir: bad data leaves none
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  train_set, eval_sets = load_data(config)
-  plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir)
-  checkpoints = Checkpoints(workdir)
-  state, progress = checkpoints.restore_latest(initial_state(config, plan, mesh), plan)
+  plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir, skipped)
+  with contextlib.closing(Checkpoints(workdir, config)) as checkpoints, stop.on_signals():
+    state, progress = restore(checkpoints, initial_state(config, plan, mesh), plan)
+    steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
+    with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
+      run = Run(
+        config, mesh, train_set, eval_sets, plan, eval_plans, steps, checkpoints, logger, stop
+      )
+      run.allow_compiles_so_far()
+      while not finished(run, progress, int(jax.device_get(state.step))):
+        state = train_one_epoch(run, state, progress)
+        if progress.step_in_epoch == plan.num_steps:
+          progress = end_epoch(run, state, progress)
+        else:  # stopped within the epoch: max_steps, a signal or the time cap
+          checkpoints.save_latest(state, progress, plan)
+      steps.wait()
+    test_scores = {} if stop.reason else evaluate_test_split(run, state.params)
+  summary = _summary(run, progress, skipped) | test_scores
+  if jax.process_index() == 0:
+    log_compile_accounting(summary)
+    if stop.reason:
+      LOG.warning(
+        "stopped by %s at global step %d (epoch %d, step %d of the schedule), checkpointed in %s; "
+        "run the same command to resume",
+        stop.reason,
+        int(jax.device_get(state.step)),
+        progress.epoch,
+        progress.step_in_epoch,
+        checkpoints.directory,
+      )
+    (workdir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
+  return summary
+
+
+def restore(
+  checkpoints: Checkpoints, fresh: TrainState, plan: bucketing.BucketPlan
+) -> tuple[TrainState, Progress]:
+  """The newest intact checkpoint's state and progress (else `fresh`), saying where it resumes."""
+  state, progress = checkpoints.restore_latest(fresh, plan)
+  global_step = int(jax.device_get(state.step))
+  if global_step and jax.process_index() == 0:
+    LOG.info(
+      "resumed from checkpoint at global step %d: epoch %d, step %d of the schedule",
+      global_step,
+      progress.epoch,
+      progress.step_in_epoch,
+    )
+  return state, progress
+
+
+def start_compiling(config, state, plan, eval_plans, mesh, progress: Progress) -> CompiledSteps:
+  """Compiles the steps (`compile_steps`), the buckets the schedule needs first first."""
   order = first_needed_buckets(plan, config.seed, progress.epoch, progress.step_in_epoch)
   steps = compile_steps(
     state, plan, eval_plans, mesh, num_features(config), train_order=order, mode=config.compile_mode
@@ -801,40 +1055,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       config.compile_mode,
       jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else "off",
     )
-  logger = Logger(workdir, progress.history)
-  run = Run(config, mesh, train_set, eval_sets, plan, eval_plans, steps, checkpoints, logger)
-  try:
-    run.allow_compiles_so_far()
-    while not finished(config, progress, int(jax.device_get(state.step))):
-      state = train_one_epoch(run, state, progress)
-      if progress.step_in_epoch == plan.num_steps:
-        progress = end_epoch(run, state, progress)
-      else:  # stopped by max_steps within the epoch
-        checkpoints.save_latest(state, progress, plan)
-    steps.wait()
-  finally:
-    steps.close()
-    checkpoints.wait()
-    run.logger.close()
-  summary = _summary(run, progress) | evaluate_test_split(run, state.params)
-  if jax.process_index() == 0:
-    log_compile_accounting(summary)
-    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
-  return summary
+  return steps
 
 
-def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.SequenceSet]]:
-  """The training set, and the evaluation sets by split name (validation, then test if set)."""
-  train_set = load_split(config, config.data.train_split, config.data.train_limit)
-  eval_splits = [config.data.eval_split] + (
-    [config.data.test_split] if config.data.test_split else []
+def data_source(config: ml_collections.ConfigDict) -> dataset_lib.DataSource:
+  """Where the configured data comes from. An export found only in the default data dir with
+  nothing configured is refused: it may be an old file the user forgot (issue 10)."""
+  data = config.data
+  synthetic_sizes = data.synthetic.to_dict() if data.dataset == "synthetic" else {}
+  source = dataset_lib.data_source(
+    data.dataset, data_dir=data.data_dir, manual_dir=data.manual_dir, **synthetic_sizes
   )
-  eval_sets = {split: load_split(config, split, config.data.eval_limit) for split in eval_splits}
-  return train_set, eval_sets
+  if source.default_location and data.manual_dir is None:
+    raise ValueError(
+      f"no data dir is configured, and the only data found is {source}; to train on it, pass "
+      f"--config.data.data_dir={dataset_lib.default_data_dir()}, or point IAM_ONDB_DIR or "
+      "--config.data.manual_dir at the IAM-OnDB download"
+    )
+  return source
 
 
-def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path):
-  """The training plan and the eval plans; process 0 writes `plan.json` and prints the plan."""
+def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.SequenceSet], list]:
+  """The training set, the evaluation sets by split name (validation, then test if set) and the
+  lines skipped as bad (`config.data.bad_examples`), after saying where the data comes from."""
+  source = data_source(config)
+  if jax.process_index() == 0:
+    LOG.info("data: %s", source)
+  train_set, skipped = _load_checked(
+    config, config.data.train_split, config.data.train_limit, str(source)
+  )
+  eval_sets = {}
+  for split in [config.data.eval_split] + (
+    [config.data.test_split] if config.data.test_split else []
+  ):
+    eval_sets[split], skipped_in_split = _load_checked(
+      config, split, config.data.eval_limit, str(source)
+    )
+    skipped += skipped_in_split
+  return train_set, eval_sets, skipped
+
+
+def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path, skipped: list):
+  """The training plan and the eval plans; process 0 writes `plan.json` and prints the plan and
+  the lines skipped as bad."""
   plan = make_train_plan(config, train_set, jax.device_count())
   eval_plans = make_eval_plans(
     plan.upper_bounds,
@@ -847,6 +1110,17 @@ def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path):
     plan_summary = plan.summary()
     (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
     LOG.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
+    if skipped:
+      per_split = collections.Counter(line["split"] for line in skipped)
+      first = skipped[0]
+      LOG.info(
+        "skipped %d bad line(s) (config.data.bad_examples='skip'): %s; the first: %s in %s, %s",
+        len(skipped),
+        ", ".join(f"{split} {count}" for split, count in per_split.items()),
+        first["id"],
+        first["split"],
+        first["reason"],
+      )
   return plan, eval_plans
 
 
@@ -859,16 +1133,23 @@ def initial_state(config, plan: bucketing.BucketPlan, mesh) -> TrainState:
   return jax.device_put(state, NamedSharding(mesh, P()))
 
 
-def finished(config, progress: Progress, global_step: int) -> bool:
-  """The run is over: all epochs done, early-stopped on patience, or `max_steps` taken."""
+def finished(run: Run, progress: Progress, global_step: int) -> bool:
+  """The run is over: all epochs done, early-stopped on patience, or cut short (`cut_short`)."""
+  config = run.config
   stalled = progress.best_epoch >= 0 and progress.epoch - 1 - progress.best_epoch >= config.patience
-  out_of_steps = bool(config.max_steps) and global_step >= config.max_steps
-  return progress.epoch >= config.num_epochs or stalled or out_of_steps
+  # The time cap is checked after steps only, so that every start takes at least one.
+  return progress.epoch >= config.num_epochs or stalled or cut_short(run, global_step, False)
+
+
+def cut_short(run: Run, global_step: int, check_time_cap: bool = True) -> bool:
+  """`max_steps` taken, or a stop requested (a signal, the time cap): checked at every step."""
+  out_of_steps = bool(run.config.max_steps) and global_step >= run.config.max_steps
+  return out_of_steps or run.stop.requested(check_time_cap)
 
 
 def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainState:
-  """Trains from `progress`'s position to the end of its epoch or to `max_steps`, checkpointing
-  every `checkpoint_every_steps`; `progress` follows each step."""
+  """Trains from `progress`'s position to the end of its epoch or until `cut_short`,
+  checkpointing every `checkpoint_every_steps` global steps; `progress` follows each step."""
   config, plan = run.config, run.plan
   schedule = bucketing.iterate(
     plan,
@@ -896,11 +1177,10 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
         _account(progress, pending, plan, bar)
       pending = (scheduled, step_metrics)
       progress.step_in_epoch, global_step = scheduled.step + 1, global_step + 1
-      if config.max_steps and global_step >= config.max_steps:
+      if cut_short(run, global_step):
         break
       if (
-        progress.step_in_epoch % config.checkpoint_every_steps == 0
-        and progress.step_in_epoch < plan.num_steps
+        global_step % config.checkpoint_every_steps == 0 and progress.step_in_epoch < plan.num_steps
       ):
         _account(progress, pending, plan, bar)
         pending = None
@@ -1026,7 +1306,7 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
       yield item
 
 
-def _summary(run: Run, progress: Progress) -> dict:
+def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
   best = progress.history[progress.best_epoch] if progress.best_epoch >= 0 else {}
   return {
     "num_buckets": run.plan.num_buckets,
@@ -1043,6 +1323,9 @@ def _summary(run: Run, progress: Progress) -> dict:
     "best_val_loss": best.get("val_loss"),
     "best_val_cer": best.get("val_cer"),
     "efficiency": run.plan.summary()["efficiency_with_filler"],
+    "stopped_by": run.stop.reason,
+    "num_skipped_examples": len(skipped),
+    "skipped_examples": skipped,
   }
 
 
@@ -1072,9 +1355,15 @@ def load_params(
   """
   params = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1).params)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  best = Checkpoints(workdir).restore_best(abstract_on(params, sharding))
+  with contextlib.closing(Checkpoints(workdir)) as checkpoints:
+    best = checkpoints.restore_best(abstract_on(params, sharding))
+    epoch = checkpoints.best.latest_step()
   if best is None:
-    raise FileNotFoundError(f"no best checkpoint under {pathlib.Path(workdir) / 'checkpoints'}")
+    raise FileNotFoundError(f"no best checkpoint under {checkpoints.directory}")
+  if jax.process_index() == 0:
+    LOG.info(
+      "loaded the best parameters: epoch %d, %s", epoch, checkpoints.best.directory / str(epoch)
+    )
   return best
 
 
@@ -1127,9 +1416,13 @@ def transcribe(
 
 
 if __name__ == "__main__":
+  import sys
+
   from absl import app, flags
   from absl import logging as absl_logging
   from ml_collections import config_flags
+
+  import experiments.cli
 
   _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "experiment config file", lock_config=True
@@ -1152,6 +1445,9 @@ if __name__ == "__main__":
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
       summary = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(_json_safe(summary), indent=2))
+    # Stopped by a signal: the shell's code for death by it, so a scheduler sees an unfinished job.
+    stopped_by = summary.get("stopped_by")
+    return 128 + signal.Signals[stopped_by] if stopped_by in ("SIGINT", "SIGTERM") else 0
 
-  app.run(main)
+  sys.exit(cli_errors.run(lambda: app.run(main, flags_parser=experiments.cli.parse_flags)))

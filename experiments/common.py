@@ -18,6 +18,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-split example caps (0 = all): tiny variants and quick sweeps take a prefix.
   config.data.train_limit = 0
   config.data.eval_limit = 0
+  # A line with NaN/inf points, no ink or no text: "error" names it and stops before training;
+  # "skip" leaves it out, counted in summary.json and the plan print.
+  config.data.bad_examples = "error"
   # Size of the generated set when dataset == "synthetic".
   config.data.synthetic = ml_collections.ConfigDict({"num_train": 5000, "num_eval": 500, "seed": 0})
   config.data.features = ml_collections.ConfigDict(
@@ -74,7 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_epochs = 50
   config.patience = 5  # epochs without a better validation loss before stopping
   config.max_steps = 0  # stop after this many global steps (0 = no cap)
-  config.checkpoint_every_steps = 200
+  # Stop at the next step boundary with a checkpoint after this many minutes of wall time
+  # (0 = no cap); the same command resumes.
+  config.max_minutes = 0.0
+  config.checkpoint_every_steps = 200  # global steps between mid-epoch checkpoints
   config.eval_batch_size = 64
   config.progress_bar = True
   # overlap: train once the first scheduled bucket is compiled, the rest compile in the background;

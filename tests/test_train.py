@@ -2,7 +2,12 @@
 resume, errors, end to end."""
 
 import json
+import pathlib
+import re
 import shutil
+import signal
+import subprocess
+import sys
 import threading
 
 import jax
@@ -96,6 +101,10 @@ def test_starting_a_finished_run_again_trains_no_further(uninterrupted):
   params = latest_params(tiny_config(), workdir)
   again = train.train_and_evaluate(tiny_config(), workdir)
   assert read_rows(workdir) == rows
+  # One TensorBoard stream, each epoch once: a second file would plot replayed epochs twice.
+  scalars, num_files = tensorboard_scalars(workdir)
+  assert num_files == 1
+  assert sorted(step for tag, step in scalars if tag == "val_loss") == [0, 1]
   assert again["best_val_loss"] == summary["best_val_loss"]
   jax.tree.map(np.testing.assert_array_equal, latest_params(tiny_config(), workdir), params)
 
@@ -275,22 +284,26 @@ def test_missing_iam_ondb_says_how_to_get_it(tmp_path):
   config = iam.get_config("tiny")
   config.data.manual_dir = None
   config.data.data_dir = str(tmp_path / "empty")
-  with pytest.raises(FileNotFoundError, match="manual_dir"):
+  with pytest.raises(FileNotFoundError, match=r"IAM_ONDB_DIR or --config\.data\.manual_dir"):
     train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
 
 
 def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
-  load_split = train.load_split
+  # Bad lines are refused at load; this NaN stands for a diverging model.
+  load = train._load_checked
 
-  def poisoned(config, split, limit):
-    data = load_split(config, split, limit)
+  def poisoned(config, split, limit, source=""):
+    data, skipped = load(config, split, limit, source)
     if split == "train":
       data.features[3] = np.full_like(data.features[3], np.nan)
-    return data
+    return data, skipped
 
-  monkeypatch.setattr(train, "load_split", poisoned)
+  monkeypatch.setattr(train, "_load_checked", poisoned)
   with pytest.raises(FloatingPointError, match=r"at epoch 0, step \d+ \(bucket \d, length bound"):
-    train.train_and_evaluate(tiny_config(), tmp_path)
+    train.train_and_evaluate(tiny_config(checkpoint_every_steps=1), tmp_path)
+  # The save in flight when it failed was finished, not left half-written.
+  assert not list((tmp_path / "checkpoints").rglob("*tmp*"))
 
 
 def test_evaluate_checkpoint_and_transcribe(uninterrupted):
@@ -414,3 +427,242 @@ def test_buckets_compile_in_the_order_the_schedule_first_needs_them():
   assert [schedule[2:].index(bucket) for bucket in order] == sorted(
     schedule[2:].index(bucket) for bucket in order
   )
+
+
+# ---------------------------------------------------------------------------------------------
+# What survives: corrupt checkpoints, signals, the time cap, restarts.
+
+
+@pytest.fixture(scope="module")
+def stopped_at_step_6(tmp_path_factory):
+  """A tiny run stopped after 6 global steps, mid-epoch 0: checkpoints at steps 4 and 6."""
+  workdir = tmp_path_factory.mktemp("stopped")
+  train.train_and_evaluate(tiny_config(max_steps=6), workdir)
+  assert sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir()) == ["4", "6"]
+  return workdir
+
+
+def damage(step_dir, how):
+  """Truncates, zeroes (same size) or deletes the largest file of a checkpoint step: its arrays."""
+  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+  size = largest.stat().st_size
+  if how == "truncate":
+    largest.write_bytes(largest.read_bytes()[: size // 2])
+  elif how == "zero":
+    largest.write_bytes(bytes(size))
+  else:
+    largest.unlink()
+
+
+def assert_resumed_like(reference_dir, workdir):
+  expected = latest_params(tiny_config(), reference_dir)
+  got = latest_params(tiny_config(), workdir)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)
+  for ref_row, row in zip(read_rows(reference_dir), read_rows(workdir), strict=True):
+    for key in ("epoch", "train_loss", "val_loss", "val_cer", "steps"):
+      assert row[key] == pytest.approx(ref_row[key], rel=1e-6)
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "delete"])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_step_before(
+  uninterrupted, stopped_at_step_6, tmp_path, caplog, how
+):
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  damage(workdir / "checkpoints" / "train" / "6", how)
+  train.train_and_evaluate(tiny_config(), workdir)
+  assert "checkpoint step 6" in caplog.text and "damaged" in caplog.text
+  assert "resuming from step 4 instead" in caplog.text
+  assert_resumed_like(uninterrupted[0], workdir)
+
+
+def test_a_checkpoint_whose_values_changed_is_caught_by_its_checksum(
+  uninterrupted, stopped_at_step_6, tmp_path, caplog
+):
+  # Step 4's arrays under step 6's name: every file reads fine, only the values are wrong.
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  steps = workdir / "checkpoints" / "train"
+  shutil.rmtree(steps / "6" / "state")
+  shutil.copytree(steps / "4" / "state", steps / "6" / "state")
+  train.train_and_evaluate(tiny_config(), workdir)
+  assert "SHA-256" in caplog.text
+  assert_resumed_like(uninterrupted[0], workdir)
+
+
+def test_no_intact_checkpoint_is_one_clear_error(stopped_at_step_6, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  for step, how in (("6", "zero"), ("4", "truncate")):
+    damage(workdir / "checkpoints" / "train" / step, how)
+  with pytest.raises(ValueError, match=r"no intact checkpoint in .*step 6: .*; step 4: .*afresh"):
+    train.train_and_evaluate(tiny_config(), workdir)
+
+
+def test_resuming_with_another_model_shape_names_the_config_field(stopped_at_step_6, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  with pytest.raises(ValueError, match=r"config\.model\.hidden_size=16 there, 32 here"):
+    train.train_and_evaluate(tiny_config(**{"model.hidden_size": 32}), workdir)
+
+
+def tensorboard_scalars(workdir):
+  """(tag, step) of every scalar in the run's TensorBoard event files, and how many files."""
+  from tensorboardX.proto import event_pb2
+
+  files = sorted((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  scalars = []
+  for path in files:
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):  # TFRecords: length (8 bytes), its CRC (4), data, data's CRC (4)
+      length = int.from_bytes(data[offset : offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12 : offset + 12 + length])
+      scalars += [(value.tag, event.step) for value in event.summary.value]
+      offset += 16 + length
+  return scalars, len(files)
+
+
+def test_metrics_jsonl_stays_strict_json(tmp_path):
+  logger = train.Logger(tmp_path, [])
+  logger.write({"epoch": 0, "train_loss": float("nan"), "val_loss": float("inf")})
+  logger.close()
+  strict = lambda name: pytest.fail(f"metrics.jsonl holds a bare {name}")
+  (row,) = [json.loads(line, parse_constant=strict) for line in (tmp_path / "metrics.jsonl").open()]
+  assert row["train_loss"] is None and row["val_loss"] is None
+
+
+def test_the_time_cap_stops_with_a_checkpoint_and_the_same_command_continues(
+  uninterrupted, tmp_path
+):
+  capped = tiny_config(max_minutes=1e-9)  # passed before the first step: one step per start
+  first = train.train_and_evaluate(capped, tmp_path)
+  assert first["stopped_by"] == "max_minutes" and "test_loss" not in first
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / "train").iterdir()) == ["1"]
+  again = train.train_and_evaluate(capped, tmp_path)
+  assert again["stopped_by"] == "max_minutes"
+  assert sorted(p.name for p in (tmp_path / "checkpoints" / "train").iterdir()) == ["1", "2"]
+  assert train.train_and_evaluate(tiny_config(), tmp_path)["stopped_by"] is None
+  assert_resumed_like(uninterrupted[0], tmp_path)
+
+
+SIGTERM_WORKER = """
+import runpy, signal, sys, time
+sys.path.insert(0, {root!r})
+import bucketing
+
+iterate = bucketing.iterate
+
+
+def held_iterate(*args, **kwargs):
+  # Holds the schedule at epoch 1, step 3 until the trainer has handled SIGTERM (its handler puts
+  # the default back), so the signal lands mid-epoch however fast the machine is.
+  for scheduled in iterate(*args, **kwargs):
+    if (scheduled.epoch, scheduled.step) == (1, 3):
+      print("READY", flush=True)
+      while signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        time.sleep(0.01)
+    yield scheduled
+
+
+bucketing.iterate = held_iterate
+sys.argv = ["train.py", "--config=experiments/synthetic.py:tiny", "--workdir=" + {workdir!r}]
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_sigterm_checkpoints_mid_epoch_and_the_run_resumes_to_the_same_result(
+  uninterrupted, tmp_path
+):
+  root = pathlib.Path(train.__file__).parent
+  code = SIGTERM_WORKER.format(root=str(root), workdir=str(tmp_path / "run"))
+  with (tmp_path / "stderr").open("w") as stderr:
+    worker = subprocess.Popen(
+      [sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+    assert worker.stdout.readline().strip() == "READY"
+    worker.send_signal(signal.SIGTERM)
+    worker.communicate(timeout=300)
+  errors = (tmp_path / "stderr").read_text()
+  assert worker.returncode == 128 + signal.SIGTERM, errors
+  assert "Traceback" not in errors
+  last = errors.strip().splitlines()[-1]
+  assert re.fullmatch(
+    r"stopped by SIGTERM at global step \d+ \(epoch 1, step [1-6] of .*resume", last
+  )
+  train.train_and_evaluate(tiny_config(), tmp_path / "run")
+  assert_resumed_like(uninterrupted[0], tmp_path / "run")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad lines and surprising data, through an .npz export.
+
+PROBLEMS = {
+  "nan": "not finite",
+  "inf": "not finite",
+  "empty ink": "no points",
+  "empty text": "empty",
+}
+
+
+def spoil(example, problem):
+  """`example` with `problem`, which the trainer must catch when it loads the data."""
+  if problem == "empty text":
+    return example | {"text": ""}
+  if problem == "empty ink":
+    return example | {"points": np.zeros((0, 3), np.float32), "stroke_end": np.zeros(0, bool)}
+  points = example["points"].copy()
+  points[1, 0] = np.nan if problem == "nan" else np.inf
+  return example | {"points": points}
+
+
+def export_with_bad_lines(path, bad):
+  """A tiny synthetic .npz export whose `bad` {split: [problem, ...]} spoil lines 0, 1, ..."""
+  sizes = {"train": 48, "validation": 16}
+  examples = {
+    split: train.dataset_lib.load_examples("synthetic", split, limit=size)
+    for split, size in sizes.items()
+  }
+  for split, problems in bad.items():
+    for line, problem in enumerate(problems):
+      examples[split][line] = spoil(examples[split][line], problem)
+  train.dataset_lib.write_export(path, examples, {})
+  return examples
+
+
+@pytest.mark.parametrize("split", ["train", "validation"])
+@pytest.mark.parametrize("problem", list(PROBLEMS))
+def test_a_bad_line_is_named_before_anything_trains(tmp_path, split, problem):
+  examples = export_with_bad_lines(tmp_path / "data.npz", {split: [problem]})
+  line = examples[split][0]["id"]
+  with pytest.raises(
+    train.dataset_lib.BadExampleError,
+    match=rf"{split}.*{line}: .*{PROBLEMS[problem]}.*data: the numpy export",
+  ):
+    train.train_and_evaluate(
+      tiny_config(**{"data.dataset": str(tmp_path / "data.npz")}), tmp_path / "run"
+    )
+  assert not (tmp_path / "run").exists()
+
+
+def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path):
+  bad = {"train": list(PROBLEMS), "validation": list(PROBLEMS)}
+  examples = export_with_bad_lines(tmp_path / "data.npz", bad)
+  config = tiny_config(**{"data.dataset": str(tmp_path / "data.npz"), "data.bad_examples": "skip"})
+  summary = train.train_and_evaluate(config, tmp_path / "run")
+  assert summary["num_skipped_examples"] == 8
+  assert {(line["split"], line["id"]) for line in summary["skipped_examples"]} == {
+    (split, examples[split][line]["id"]) for split in bad for line in range(4)
+  }
+  assert all(np.isfinite(row["val_loss"]) for row in read_rows(tmp_path / "run"))
+  assert summary["best_epoch"] >= 0
+
+
+def test_an_old_export_in_the_default_data_dir_is_not_used_unasked(tmp_path, monkeypatch):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.delenv("HANDWRITING_DATA_DIR", raising=False)
+  export_with_bad_lines(tmp_path / "tensorflow_datasets" / "iam_ondb.npz", {})
+  config = iam.get_config("tiny")
+  config.data.manual_dir = None
+  with pytest.raises(ValueError, match=r"--config\.data\.data_dir=.*tensorflow_datasets"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()

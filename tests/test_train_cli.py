@@ -1,0 +1,45 @@
+"""train.py's command line: an expected error is one line on stderr and exit code 2."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TINY = "--config=experiments/synthetic.py:tiny"
+
+
+@pytest.mark.parametrize(
+  ("arguments", "message"),
+  [
+    (
+      [TINY, "--config.bucketing.strategy=bogus"],
+      "config.bucketing.strategy='bogus' is not one of",
+    ),
+    (
+      [TINY, "--config.bucketing.num_bukets=8"],
+      "no config field 'num_bukets'; did you mean 'num_buckets'?",
+    ),
+    (["--config=experiments/synthetic.py:nosuchvariant"], "unknown variant 'nosuchvariant'"),
+    (
+      ["--config=experiments/iam.py:tiny", "--config.data.data_dir=/nonexistent"],
+      "IAM_ONDB_DIR or --config.data.manual_dir",
+    ),
+  ],
+)
+def test_an_expected_error_is_one_line_and_exit_code_2(tmp_path, arguments, message):
+  environment = {key: value for key, value in os.environ.items() if key != "IAM_ONDB_DIR"}
+  command = [
+    sys.executable,
+    "train.py",
+    f"--workdir={tmp_path / 'run'}",
+    *arguments,
+  ]
+  result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
+  assert result.returncode == 2, result.stderr
+  (line,) = result.stderr.strip().splitlines()[-1:]
+  assert line.startswith("error: ") and message in line, result.stderr
+  assert "Traceback" not in result.stderr
+  assert not (tmp_path / "run").exists()
