@@ -1060,7 +1060,7 @@ def start_compiling(config, state, plan, eval_plans, mesh, progress: Progress) -
 
 def data_source(config: ml_collections.ConfigDict) -> dataset_lib.DataSource:
   """Where the configured data comes from. An export found only in the default data dir with
-  nothing configured is refused: it may be an old file the user forgot (issue 10)."""
+  nothing configured is refused: it may be an old file the user forgot."""
   data = config.data
   synthetic_sizes = data.synthetic.to_dict() if data.dataset == "synthetic" else {}
   source = dataset_lib.data_source(
@@ -1130,7 +1130,23 @@ def num_features(config) -> int:
 
 def initial_state(config, plan: bucketing.BucketPlan, mesh) -> TrainState:
   state = create_train_state(config, num_features(config), plan.num_steps * config.num_epochs)
+  if jax.process_index() == 0:
+    LOG.info("%s", describe_implementations(config))
   return jax.device_put(state, NamedSharding(mesh, P()))
+
+
+def describe_implementations(config: ml_collections.ConfigDict) -> str:
+  """What `auto` chose on this backend for the LSTM recurrence and the CTC loss."""
+  model = build_model(config)
+  kernel = "the fused Pallas kernel"
+  recurrence = (
+    kernel if model.lstm_implementation == "pallas" else f"lax.scan, unroll {model.unroll}"
+  )
+  ctc_loss = kernel if build_ctc_loss(config).keywords["implementation"] == "pallas" else "optax"
+  return (
+    f"on {jax.default_backend()}: LSTM recurrence {recurrence} "
+    f"(lstm_impl={config.model.lstm_impl!r}), CTC loss {ctc_loss} (ctc.impl={config.ctc.impl!r})"
+  )
 
 
 def finished(run: Run, progress: Progress, global_step: int) -> bool:

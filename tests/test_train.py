@@ -666,3 +666,12 @@ def test_an_old_export_in_the_default_data_dir_is_not_used_unasked(tmp_path, mon
   with pytest.raises(ValueError, match=r"--config\.data\.data_dir=.*tensorflow_datasets"):
     train.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+
+
+def test_the_run_says_which_implementations_auto_chose():
+  assert train.describe_implementations(tiny_config()) == (
+    "on cpu: LSTM recurrence lax.scan, unroll 1 (lstm_impl='auto'), "
+    "CTC loss optax (ctc.impl='auto')"
+  )
+  kernels = tiny_config(**{"model.lstm_impl": "pallas", "ctc.impl": "pallas"})
+  assert train.describe_implementations(kernels).count("the fused Pallas kernel") == 2
