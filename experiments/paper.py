@@ -26,23 +26,26 @@ Writes, next to `--out` (default `<workdir>/paper_table`): `.md` and `.csv` (one
 - ideal speed-up: the `none` run's padded timesteps (filler rows included) over this run's;
 - padding efficiency: real over padded timesteps of the run's plan, filler rows included.
 `--budget-minutes N` fits the sweep (probe, compiling, training, evaluation, the report) into N
-minutes of wall time. It first measures: a probe trains the baseline and `optimal` at the largest
-K for 2 epochs each (in `<workdir>/probe/`, at the first device count) and writes
-`<workdir>/probe.json` with their `summary.json` times (`time_to_first_step_s`,
-`compile_wall_s`), the clean second epoch (training plus evaluation) and each planned run's
-padded timesteps; `--estimates <earlier probe.json>` reuses one instead (same settings and
-machine). Every run is then estimated (`estimate_runs`: epoch time linear in padded timesteps,
-compile wall linear in K), and `plan_budget` keeps as many runs as fit at `--min-epochs` (default:
-the preset's epochs) in the order of `budget_priority` (baseline, `optimal` by K, `auto`,
+minutes of wall time. It first measures: a probe trains the baseline and `optimal` at the largest K
+for 2 epochs each (in `<workdir>/probe/`, at the first device count, without the persistent
+compilation cache, so that it neither uses nor fills it) and writes `<workdir>/probe.json` with
+their `summary.json` times (`time_to_first_step_s`, `compile_wall_s`), the clean second epoch
+(training plus evaluation) and each planned run's padded timesteps; `--estimates <earlier
+probe.json>` reuses one instead (same settings and machine), as does the same command started again
+in the same workdir. Every run is then estimated (`estimate_runs`: epoch time linear in padded
+timesteps, compile wall linear in K), and `plan_budget` keeps as many runs as fit at `--min-epochs`
+(default: the preset's epochs) in the order of `budget_priority` (baseline, `optimal` by K, `auto`,
 `quantile` by K), then gives all of them the same, largest epoch count (at most the preset's) that
 fits, without early stopping. A worker skips a run that its estimate says would end past the
 deadline; the table and plots cover the runs that finished and name those left out.
 A run whose `summary.json` exists is reused, so an interrupted sweep continues where it stopped;
 use a new workdir after changing any setting.
 
-Measured: `--quick` on IAM-OnDB took 2.6 min on a 2-core CPU (`experiments/results/
-paper_quick_cpu.md`): optimal K = 4 cut the median epoch 1.9x (ideal 1.6x), but over its 3 epochs
-the compile time of the extra buckets outweighs that, so one bucket reached its best loss first.
+Measured: `--quick --budget-minutes 12` on IAM-OnDB on a shared 2-core CPU (`experiments/results/
+paper_quick_cpu.md`): every run learns (validation CER 0.33-0.36 after 12 epochs); optimal K = 4
+cut the median epoch 1.5x (ideal 1.6x) and K = 2 reached the baseline's best loss in 75% of its
+wall time. The first invocation took 10.2 min and left `auto` out when the time ran short; the
+same command again reused the probe and the finished runs and trained it (3.2 min).
 """
 
 import argparse
@@ -66,7 +69,7 @@ import cli_errors
 from experiments import common, iam, reporting, synthetic
 
 DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
-PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "quick": (1, 2, 4, 8), "tiny": (1, 2)}
+PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "quick": (1, 2, 4), "tiny": (1, 2)}
 STRATEGIES = ("none", "quantile", "optimal", "auto")
 COLUMNS = (
   "devices",
@@ -110,19 +113,21 @@ def make_config(
     config = common.tiny(config)
     config.patience = config.num_epochs
   elif preset == "quick":
-    # A few minutes on a 2-core CPU: a subset, shorter lines, a small model, fixed epochs.
-    config.data.train_limit = 480
+    # About two minutes per run on a 2-core CPU, and it learns (optimal K = 4 alone: val CER
+    # 0.36 after 12 epochs, 9 s each): a subset, lines resampled to about half the points, a
+    # 2 x 64 BLSTM, a high learning rate, fixed epochs.
+    config.data.train_limit = 1000
     config.data.eval_limit = 120
     config.data.test_split = None
     config.data.features.resample_spacing = 0.2
-    config.model.num_layers = 1
-    config.model.hidden_size = 32
+    config.model.num_layers = 2
+    config.model.hidden_size = 64
     config.model.unroll = 1
     config.bucketing.batch_size = 16
     config.eval_batch_size = 40
-    config.optimizer.learning_rate = 3e-3
+    config.optimizer.learning_rate = 6e-3
     config.optimizer.warmup_steps = 20
-    config.num_epochs = 3
+    config.num_epochs = 12
     config.patience = config.num_epochs
   if epochs:
     config.num_epochs = epochs
@@ -192,6 +197,8 @@ def plan_budget(
   epochs (at most `max_epochs`, the same for every run so that their losses compare) that still
   fit. Returns ([], 0) when not even the first run fits.
   """
+  if not 1 <= min_epochs <= max_epochs:
+    raise ValueError(f"need 1 <= min_epochs <= max_epochs, got {min_epochs} and {max_epochs}")
   for count in range(len(estimates), 0, -1):
     kept = estimates[:count]
     fixed = sum(run.fixed_s for run in kept)
@@ -309,6 +316,7 @@ def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None
 
   base_config = args_config(args)
   base_config.num_epochs = base_config.patience = PROBE_EPOCHS
+  base_config.compilation_cache_dir = ""  # compile cold, as the sweep's runs will
   train_set = train.load_data(base_config)[0]
 
   def plan_of(strategy, num_buckets):
@@ -346,8 +354,11 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
   """Probes (or reads `--estimates`), plans within `--budget-minutes`, writes `budget.json`."""
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if args.estimates:
-    probed = json.loads(pathlib.Path(args.estimates).read_text())
+  earlier = args.estimates or (
+    workdir / "probe.json" if (workdir / "probe.json").is_file() else None
+  )
+  if earlier:  # a sweep started again continues with its own probe's estimates
+    probed = json.loads(pathlib.Path(earlier).read_text())
   else:
     probe_start = time.perf_counter()
     run_worker_process([*argv, "--probe"], device_counts[0])
@@ -379,6 +390,7 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
   budget = {
     "budget_minutes": args.budget_minutes,
     "probe_s": spent,
+    "estimates_from": str(earlier) if earlier else None,
     "epochs": epochs,
     "deadline": time.time() + budget_s,
     "runs": [(e.devices, e.strategy, e.num_buckets) for e in kept],
@@ -629,10 +641,15 @@ def budget_lines(budget: dict | None, unfinished: list[str]) -> list[str]:
   if budget is None:
     return []
   planned = sum(budget["estimates"][run_name(*run)] for run in budget["runs"])
+  measured = (
+    f"Estimates from an earlier probe (`{budget['estimates_from']}`)"
+    if budget.get("estimates_from")
+    else f"Probing the baseline and the largest K for {PROBE_EPOCHS} epochs each took "
+    f"{budget['probe_s'] / 60:.1f} min"
+  )
   return [
     "",
-    f"Time budget: {budget['budget_minutes']:g} min (`--budget-minutes`). Probing the baseline "
-    f"and the largest K for {PROBE_EPOCHS} epochs each took {budget['probe_s'] / 60:.1f} min; "
+    f"Time budget: {budget['budget_minutes']:g} min (`--budget-minutes`). {measured}; "
     f"the plan kept {len(budget['runs'])} run(s) of {budget['epochs']} epochs each, estimated at "
     f"{planned / 60:.1f} min. Left out by the plan (priority order: baseline, `optimal` by K, "
     f"`auto`, `quantile` by K): {', '.join(budget['left_out']) or 'none'}. Left out when the "
@@ -695,12 +712,13 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
   budget = plan_sweep(args, argv, device_counts, start) if args.budget_minutes else None
+  worker_argv = argv
   if budget:
-    argv = [*argv, "--epochs", str(budget["epochs"])]
-    args = parse_args(argv)
+    worker_argv = [*argv, "--epochs", str(budget["epochs"])]
+    args = parse_args(worker_argv)
     device_counts = sorted({devices for devices, _, _ in budget["runs"]})
   for devices in device_counts:
-    run_worker_process(argv, devices)
+    run_worker_process(worker_argv, devices)
   loads = (load_before, os.getloadavg()[0])
   path = write_report(args, argv, device_counts, loads, time.perf_counter() - start, budget)
   print(f"wrote {path}")

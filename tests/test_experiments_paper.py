@@ -85,6 +85,10 @@ estimate_lists = st.lists(
 def test_budget_plan_never_exceeds_the_budget_and_drops_runs_from_the_end(
   estimates, budget_s, max_epochs, min_epochs
 ):
+  if min_epochs > max_epochs:
+    with pytest.raises(ValueError, match="min_epochs"):
+      paper.plan_budget(estimates, budget_s, max_epochs, min_epochs)
+    return
   kept, epochs = paper.plan_budget(estimates, budget_s, max_epochs, min_epochs)
   if not kept:
     assert epochs == 0
