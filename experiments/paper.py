@@ -25,18 +25,35 @@ Writes, next to `--out` (default `<workdir>/paper_table`): `.md` and `.csv` (one
 - measured speed-up: the `none` run's median epoch time over this run's, at the same device count;
 - ideal speed-up: the `none` run's padded timesteps (filler rows included) over this run's;
 - padding efficiency: real over padded timesteps of the run's plan, filler rows included.
+`--budget-minutes N` fits the sweep (probe, compiling, training, evaluation, the report) into N
+minutes of wall time. It first measures: a probe trains the baseline and `optimal` at the largest K
+for 2 epochs each (in `<workdir>/probe/`, at the first device count, without the persistent
+compilation cache, so that it neither uses nor fills it) and writes `<workdir>/probe.json` with
+their `summary.json` times (`time_to_first_step_s`, `compile_wall_s`), the clean second epoch
+(training plus evaluation) and each planned run's padded timesteps; `--estimates <earlier
+probe.json>` reuses one instead (same settings and machine), as does the same command started again
+in the same workdir. Every run is then estimated (`estimate_runs`: epoch time linear in padded
+timesteps, compile wall linear in K), and `plan_budget` keeps as many runs as fit at `--min-epochs`
+(default: the preset's epochs) in the order of `budget_priority` (baseline, `optimal` by K, `auto`,
+`quantile` by K), then gives all of them the same, largest epoch count (at most the preset's) that
+fits, without early stopping. A worker skips a run that its estimate says would end past the
+deadline; the table and plots cover the runs that finished and name those left out.
 A run whose `summary.json` exists is reused, so an interrupted sweep continues where it stopped;
 use a new workdir after changing any setting.
 
-Measured: `--quick` on IAM-OnDB took 2.6 min on a 2-core CPU (`experiments/results/
-paper_quick_cpu.md`): optimal K = 4 cut the median epoch 1.9x (ideal 1.6x), but over its 3 epochs
-the compile time of the extra buckets outweighs that, so one bucket reached its best loss first.
+Measured: `--quick --budget-minutes 12` on IAM-OnDB on a shared 2-core CPU (`experiments/results/
+paper_quick_cpu.md`): every run learns (validation CER 0.33-0.36 after 12 epochs); optimal K = 4
+cut the median epoch 1.5x (ideal 1.6x) and K = 2 reached the baseline's best loss in 75% of its
+wall time. The first invocation took 10.2 min and left `auto` out when the time ran short; the
+same command again reused the probe and the finished runs and trained it (3.2 min).
 """
 
 import argparse
 import csv
+import dataclasses
 import datetime
 import json
+import math
 import os
 import pathlib
 import re
@@ -52,7 +69,7 @@ import cli_errors
 from experiments import common, iam, reporting, synthetic
 
 DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
-PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "quick": (1, 2, 4, 8), "tiny": (1, 2)}
+PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "quick": (1, 2, 4), "tiny": (1, 2)}
 STRATEGIES = ("none", "quantile", "optimal", "auto")
 COLUMNS = (
   "devices",
@@ -96,19 +113,21 @@ def make_config(
     config = common.tiny(config)
     config.patience = config.num_epochs
   elif preset == "quick":
-    # A few minutes on a 2-core CPU: a subset, shorter lines, a small model, fixed epochs.
-    config.data.train_limit = 480
+    # About two minutes per run on a 2-core CPU, and it learns (optimal K = 4 alone: val CER
+    # 0.36 after 12 epochs, 9 s each): a subset, lines resampled to about half the points, a
+    # 2 x 64 BLSTM, a high learning rate, fixed epochs.
+    config.data.train_limit = 1000
     config.data.eval_limit = 120
     config.data.test_split = None
     config.data.features.resample_spacing = 0.2
-    config.model.num_layers = 1
-    config.model.hidden_size = 32
+    config.model.num_layers = 2
+    config.model.hidden_size = 64
     config.model.unroll = 1
     config.bucketing.batch_size = 16
     config.eval_batch_size = 40
-    config.optimizer.learning_rate = 3e-3
+    config.optimizer.learning_rate = 6e-3
     config.optimizer.warmup_steps = 20
-    config.num_epochs = 3
+    config.num_epochs = 12
     config.patience = config.num_epochs
   if epochs:
     config.num_epochs = epochs
@@ -119,7 +138,10 @@ def make_config(
 
 
 def args_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  return make_config(args.preset, args.dataset, args.data_dir, args.epochs, args.cost)
+  config = make_config(args.preset, args.dataset, args.data_dir, args.epochs, args.cost)
+  if args.budget_minutes:  # equal epochs for every run: no early stopping
+    config.patience = config.num_epochs
+  return config
 
 
 def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, int]]:
@@ -135,6 +157,101 @@ def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, i
 
 def run_name(devices: int, strategy: str, num_buckets: int) -> str:
   return f"devices{devices}/{strategy}_k{num_buckets}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The time budget: estimate every run from a short probe, then plan runs and equal epochs.
+
+BUDGET_PRIORITY = ("none", "optimal", "auto", "quantile")
+PROBE_EPOCHS = 2  # the second epoch is clean of compiling: it gives the per-epoch time
+REPORT_RESERVE_S = 15.0  # a margin for writing the table and plots, not a measurement
+
+
+@dataclasses.dataclass(frozen=True)
+class RunEstimate:
+  """Predicted seconds of one run: `fixed_s` once (start-up, compiling), `epoch_s` per epoch."""
+
+  devices: int
+  strategy: str
+  num_buckets: int
+  fixed_s: float
+  epoch_s: float
+
+  def seconds(self, epochs: int) -> float:
+    return self.fixed_s + epochs * self.epoch_s
+
+
+def budget_priority(runs: list[tuple[int, str, int]]) -> list[tuple[int, str, int]]:
+  """(devices, strategy, K) in the order runs are kept: device counts ascending; at each, the
+  baseline (every speed-up is measured against it), `optimal` (the claim) by K ascending
+  (cheapest to compile first), `auto`, then `quantile` by K."""
+  return sorted(runs, key=lambda run: (run[0], BUDGET_PRIORITY.index(run[1]), run[2]))
+
+
+def plan_budget(
+  estimates: list[RunEstimate], budget_s: float, max_epochs: int, min_epochs: int = 1
+) -> tuple[list[RunEstimate], int]:
+  """The runs kept (a prefix of `estimates`, in priority order) and their common epoch count.
+
+  Keeps as many runs as fit `budget_s` at `min_epochs` each, then gives all of them the most
+  epochs (at most `max_epochs`, the same for every run so that their losses compare) that still
+  fit. Returns ([], 0) when not even the first run fits.
+  """
+  if not 1 <= min_epochs <= max_epochs:
+    raise ValueError(f"need 1 <= min_epochs <= max_epochs, got {min_epochs} and {max_epochs}")
+  for count in range(len(estimates), 0, -1):
+    kept = estimates[:count]
+    fixed = sum(run.fixed_s for run in kept)
+    per_epoch = sum(run.epoch_s for run in kept)
+    epochs = max_epochs if per_epoch <= 0 else math.floor((budget_s - fixed) / per_epoch)
+    epochs = min(epochs, max_epochs)
+    while epochs >= min_epochs and sum(run.seconds(epochs) for run in kept) > budget_s:
+      epochs -= 1  # floating-point rounding of the division
+    if epochs >= min_epochs:
+      return kept, epochs
+  return [], 0
+
+
+def _interpolate(x: float, x0: float, y0: float, x1: float, y1: float) -> float:
+  return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+def estimate_runs(probes: list[dict], planned: list[dict], devices: int) -> list[RunEstimate]:
+  """Every planned run's estimate from one or two probe runs (the baseline and the largest K).
+
+  A probe trained `PROBE_EPOCHS` epochs; its last epoch (training plus evaluation) is the clean
+  epoch time. The epoch time is interpolated linearly in padded timesteps (filler included)
+  between the probes, `compile_wall_s` linearly in the bucket count. The rest of a probe's wall
+  time (loading data, `time_to_first_step_s` within the compile wall, waiting for compiles in the
+  first epoch, the test split) is `fixed_s` less the compile wall, the larger of the probes':
+  counting the compile wall as if nothing overlapped it keeps the estimate on the safe side.
+  """
+  low, high = min(probes, key=lambda p: p["padded"]), max(probes, key=lambda p: p["padded"])
+  setup = max(
+    max(0.0, probe["wall_s"] - probe["compile_wall_s"] - PROBE_EPOCHS * probe["epoch_s"])
+    for probe in probes
+  )
+  by_buckets = sorted(probes, key=lambda p: p["num_buckets"])
+  first, last = by_buckets[0], by_buckets[-1]
+  return [
+    RunEstimate(
+      devices,
+      run["strategy"],
+      run["requested_buckets"],
+      fixed_s=setup
+      + _interpolate(
+        run["num_buckets"],
+        first["num_buckets"],
+        first["compile_wall_s"],
+        last["num_buckets"],
+        last["compile_wall_s"],
+      ),
+      epoch_s=_interpolate(
+        run["padded"], low["padded"], low["epoch_s"], high["padded"], high["epoch_s"]
+      ),
+    )
+    for run in planned
+  ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,10 +273,19 @@ def run_worker(args: argparse.Namespace, devices: int) -> None:
   (workdir / f"devices{devices}" / "machine.json").write_text(
     json.dumps({"machine": reporting.machine_description(), "jax": jax.__version__})
   )
-  for strategy, num_buckets in planned_runs(args.buckets, args.strategies):
+  if args.probe:
+    probe(args, devices, workdir)
+    return
+  budget = read_budget(workdir) if args.budget_minutes else None
+  for strategy, num_buckets in worker_runs(args, devices, budget):
     run_dir = workdir / run_name(devices, strategy, num_buckets)
     if (run_dir / "summary.json").is_file():
       continue
+    if budget:
+      estimate = budget["estimates"][run_name(devices, strategy, num_buckets)]
+      if time.time() + estimate > budget["deadline"]:
+        print(f"{run_name(devices, strategy, num_buckets)}: left out, out of time", flush=True)
+        continue
     config = args_config(args)
     config.bucketing.strategy = strategy
     config.bucketing.num_buckets = num_buckets
@@ -169,6 +295,129 @@ def run_worker(args: argparse.Namespace, devices: int) -> None:
       f"{summary['epochs']} epochs, best val loss {summary['best_val_loss']:.3f}, "
       f"train {summary['train_time_s']:.1f} s, compile {summary['compile_wall_s']:.1f} s",
       flush=True,
+    )
+
+
+def worker_runs(args: argparse.Namespace, devices: int, budget: dict | None):
+  """(strategy, K) of the runs this worker trains: all planned, or those the budget kept."""
+  if budget is None:
+    return planned_runs(args.buckets, args.strategies)
+  return [(strategy, k) for d, strategy, k in budget["runs"] if d == devices]
+
+
+def read_budget(workdir: pathlib.Path) -> dict:
+  return json.loads((workdir / "budget.json").read_text())
+
+
+def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None:
+  """Trains the baseline and `optimal` at the largest K for `PROBE_EPOCHS` epochs each, and
+  writes `probe.json`: their times, and the plan (K, padded timesteps) of every planned run."""
+  import train
+
+  base_config = args_config(args)
+  base_config.num_epochs = base_config.patience = PROBE_EPOCHS
+  base_config.compilation_cache_dir = ""  # compile cold, as the sweep's runs will
+  train_set = train.load_data(base_config)[0]
+
+  def plan_of(strategy, num_buckets):
+    config = args_config(args)
+    config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
+    plan = train.make_train_plan(config, train_set, devices)
+    padded = plan.summary()["padded_timesteps_with_filler"]
+    return {"strategy": strategy, "requested_buckets": num_buckets,
+            "num_buckets": plan.num_buckets, "padded": int(padded)}  # fmt: skip
+
+  probes = []
+  for strategy, num_buckets in sorted({("none", 1), ("optimal", max(args.buckets))}):
+    config = base_config.copy_and_resolve_references()
+    config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
+    start = time.perf_counter()
+    summary = train.train_and_evaluate(config, workdir / "probe" / f"{strategy}_k{num_buckets}")
+    wall = time.perf_counter() - start
+    last = read_run(workdir / "probe" / f"{strategy}_k{num_buckets}")["history"][-1]
+    probes.append(
+      plan_of(strategy, num_buckets)
+      | {
+        "wall_s": wall,
+        "time_to_first_step_s": summary["time_to_first_step_s"],
+        "compile_wall_s": summary["compile_wall_s"],
+        "epoch_s": last["epoch_time_s"] + last["eval_time_s"],
+      }
+    )
+  planned = [plan_of(*run) for run in planned_runs(args.buckets, args.strategies)]
+  (workdir / "probe.json").write_text(
+    json.dumps({"devices": devices, "probes": probes, "planned": planned}, indent=2)
+  )
+
+
+def plan_sweep(args, argv, device_counts, start: float) -> dict:
+  """Probes (or reads `--estimates`), plans within `--budget-minutes`, writes `budget.json`."""
+  workdir = pathlib.Path(args.workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  earlier = args.estimates or (
+    workdir / "probe.json" if (workdir / "probe.json").is_file() else None
+  )
+  if earlier:  # a sweep started again continues with its own probe's estimates
+    probed = json.loads(pathlib.Path(earlier).read_text())
+  else:
+    probe_start = time.perf_counter()
+    run_worker_process([*argv, "--probe"], device_counts[0])
+    probed = json.loads((workdir / "probe.json").read_text())
+    # The worker's own start-up (Python, JAX) is paid once per device count.
+    worker_start_s = time.perf_counter() - probe_start - sum(p["wall_s"] for p in probed["probes"])
+    probed["worker_start_s"] = max(0.0, worker_start_s)
+    (workdir / "probe.json").write_text(json.dumps(probed, indent=2))
+  estimates = []
+  for devices in device_counts:
+    per_device = estimate_runs(probed["probes"], probed["planned"], devices)
+    per_device[0] = dataclasses.replace(
+      per_device[0], fixed_s=per_device[0].fixed_s + probed.get("worker_start_s", 0.0)
+    )
+    estimates += per_device
+  by_key = {(e.devices, e.strategy, e.num_buckets): e for e in estimates}
+  ordered = [by_key[key] for key in budget_priority(list(by_key))]
+  spent = time.perf_counter() - start
+  budget_s = args.budget_minutes * 60 - spent - REPORT_RESERVE_S
+  max_epochs = args_config(args).num_epochs
+  min_epochs = min(args.min_epochs or max_epochs, max_epochs)
+  kept, epochs = plan_budget(ordered, budget_s, max_epochs, min_epochs)
+  if not kept:
+    first = ordered[0].seconds(min_epochs) / 60
+    raise cli_errors.UsageError(
+      f"--budget-minutes {args.budget_minutes:g} leaves {budget_s / 60:.1f} min after the probe; "
+      f"the baseline alone needs {first:.1f} min for {min_epochs} epoch(s)"
+    )
+  budget = {
+    "budget_minutes": args.budget_minutes,
+    "probe_s": spent,
+    "estimates_from": str(earlier) if earlier else None,
+    "epochs": epochs,
+    "deadline": time.time() + budget_s,
+    "runs": [(e.devices, e.strategy, e.num_buckets) for e in kept],
+    "left_out": [run_name(e.devices, e.strategy, e.num_buckets) for e in ordered[len(kept) :]],
+    "estimates": {
+      run_name(e.devices, e.strategy, e.num_buckets): e.seconds(epochs) for e in ordered
+    },
+  }
+  (workdir / "budget.json").write_text(json.dumps(budget, indent=2))
+  print(
+    f"budget {args.budget_minutes:g} min: {len(kept)} run(s) of {epochs} epoch(s), estimated "
+    f"{sum(e.seconds(epochs) for e in kept) / 60:.1f} min after {spent / 60:.1f} min of probing; "
+    f"left out: {', '.join(budget['left_out']) or 'none'}",
+    flush=True,
+  )
+  return budget
+
+
+def run_worker_process(argv: list[str], devices: int) -> None:
+  worker = subprocess.run(
+    [sys.executable, "-m", "experiments.paper", *argv, "--worker-devices", str(devices)],
+    check=False,
+    env=worker_env(devices),
+  )
+  if worker.returncode:  # The worker has printed its error (one line, or a bug's traceback).
+    raise cli_errors.UsageError(
+      f"the worker for {devices} device(s) failed with exit code {worker.returncode}"
     )
 
 
@@ -241,19 +490,29 @@ def run_row(run: dict, baseline: dict, devices: int, strategy: str) -> dict:
   }
 
 
-def collect(args: argparse.Namespace, device_counts: list[int]) -> tuple[list[dict], dict]:
-  """Table rows and each run's files, keyed by (devices, strategy, requested K)."""
+def collect(
+  args: argparse.Namespace, device_counts: list[int], budget: dict | None = None
+) -> tuple[list[dict], dict, list[str]]:
+  """Table rows, each finished run's files keyed by (devices, strategy, requested K), and the
+  names of the runs that did not finish (a budget's runs that ran out of time)."""
   workdir = pathlib.Path(args.workdir)
-  rows, runs = [], {}
+  rows, runs, unfinished = [], {}, []
   for devices in device_counts:
-    for strategy, num_buckets in planned_runs(args.buckets, args.strategies):
-      runs[devices, strategy, num_buckets] = read_run(
-        workdir / run_name(devices, strategy, num_buckets)
-      )
+    wanted = worker_runs(args, devices, budget)
+    for strategy, num_buckets in wanted:
+      run_dir = workdir / run_name(devices, strategy, num_buckets)
+      if (run_dir / "summary.json").is_file():
+        runs[devices, strategy, num_buckets] = read_run(run_dir)
+      else:
+        unfinished.append(run_name(devices, strategy, num_buckets))
+    if (devices, "none", 1) not in runs:
+      raise cli_errors.UsageError(f"the baseline {run_name(devices, 'none', 1)} did not finish")
     baseline = runs[devices, "none", 1]
-    for strategy, num_buckets in planned_runs(args.buckets, args.strategies):
-      rows.append(run_row(runs[devices, strategy, num_buckets], baseline, devices, strategy))
-  return rows, runs
+    for strategy, num_buckets in wanted:
+      if (devices, strategy, num_buckets) in runs:
+        run = runs[devices, strategy, num_buckets]
+        rows.append(run_row(run, baseline, devices, strategy))
+  return rows, runs, unfinished
 
 
 def plot(runs: dict, rows: list[dict], prefix: pathlib.Path) -> None:
@@ -319,9 +578,10 @@ def write_report(
   device_counts: list[int],
   loads: tuple[float, float],
   seconds: float,
+  budget: dict | None = None,
 ) -> pathlib.Path:
   """Writes the `.md`, `.csv` and PNGs next to `args.out`; returns the Markdown path."""
-  rows, runs = collect(args, device_counts)
+  rows, runs, unfinished = collect(args, device_counts, budget)
   prefix = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "paper_table"
   prefix.parent.mkdir(parents=True, exist_ok=True)
   with open(f"{prefix}.csv", "w", newline="") as file:
@@ -363,6 +623,7 @@ def write_report(
     "To baseline loss: the same up to the first epoch whose validation loss is at or below the "
     "`none` run's best, the paper's comparison at equal loss ('-': never reached). "
     "Upper bounds: the buckets' length bounds (feature frames).",
+    *budget_lines(budget, unfinished),
     "",
     *reporting.markdown_table(rows, COLUMNS),
     "",
@@ -373,6 +634,27 @@ def write_report(
   path = pathlib.Path(f"{prefix}.md")
   path.write_text("\n".join(report))
   return path
+
+
+def budget_lines(budget: dict | None, unfinished: list[str]) -> list[str]:
+  """The report's paragraph on the time budget: what was planned, and what was left out."""
+  if budget is None:
+    return []
+  planned = sum(budget["estimates"][run_name(*run)] for run in budget["runs"])
+  measured = (
+    f"Estimates from an earlier probe (`{budget['estimates_from']}`)"
+    if budget.get("estimates_from")
+    else f"Probing the baseline and the largest K for {PROBE_EPOCHS} epochs each took "
+    f"{budget['probe_s'] / 60:.1f} min"
+  )
+  return [
+    "",
+    f"Time budget: {budget['budget_minutes']:g} min (`--budget-minutes`). {measured}; "
+    f"the plan kept {len(budget['runs'])} run(s) of {budget['epochs']} epochs each, estimated at "
+    f"{planned / 60:.1f} min. Left out by the plan (priority order: baseline, `optimal` by K, "
+    f"`auto`, `quantile` by K): {', '.join(budget['left_out']) or 'none'}. Left out when the "
+    f"time ran short: {', '.join(unfinished) or 'none'}.",
+  ]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -389,6 +671,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--devices", type=cli_errors.int_list, help="comma-separated device counts")
   parser.add_argument("--epochs", type=int, default=0, help="override config.num_epochs")
   parser.add_argument("--cost", default=None, help="alpha,beta,kappa for auto (seconds)")
+  parser.add_argument(
+    "--budget-minutes", type=float, default=0, help="plan the sweep to fit this wall time"
+  )
+  parser.add_argument(
+    "--min-epochs", type=int, default=0, help="with a budget: fewest epochs (default: all)"
+  )
+  parser.add_argument("--estimates", default=None, help="with a budget: an earlier probe.json")
+  parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.preset = "quick" if args.quick else "tiny" if args.tiny else "full"
@@ -421,18 +711,16 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     device_counts = [2**i for i in range(available.bit_length()) if 2**i <= available]
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
+  budget = plan_sweep(args, argv, device_counts, start) if args.budget_minutes else None
+  worker_argv = argv
+  if budget:
+    worker_argv = [*argv, "--epochs", str(budget["epochs"])]
+    args = parse_args(worker_argv)
+    device_counts = sorted({devices for devices, _, _ in budget["runs"]})
   for devices in device_counts:
-    worker = subprocess.run(
-      [sys.executable, "-m", "experiments.paper", *argv, "--worker-devices", str(devices)],
-      check=False,
-      env=worker_env(devices),
-    )
-    if worker.returncode:  # The worker has printed its error (one line, or a bug's traceback).
-      raise cli_errors.UsageError(
-        f"the worker for {devices} device(s) failed with exit code {worker.returncode}"
-      )
+    run_worker_process(worker_argv, devices)
   loads = (load_before, os.getloadavg()[0])
-  path = write_report(args, argv, device_counts, loads, time.perf_counter() - start)
+  path = write_report(args, argv, device_counts, loads, time.perf_counter() - start, budget)
   print(f"wrote {path}")
   return path
 

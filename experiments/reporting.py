@@ -42,3 +42,23 @@ class RunRecord:
       f"{os.cpu_count()} cores (a load above the core count means other processes shared the "
       f"CPU); the run took {(time.perf_counter() - self.started) / 60:.1f} min.",
     ]
+
+
+def read_markdown_table(text: str, heading: str) -> list[dict[str, str]]:
+  """The rows of the first Markdown table after the line `heading`, as dicts by column name.
+
+  How a script reads another's committed results instead of copying numbers into code.
+  """
+  lines = text.splitlines()
+  if heading not in lines:
+    raise ValueError(f"no heading {heading!r} in the results file")
+  table = []
+  for line in lines[lines.index(heading) + 1 :]:
+    if line.startswith("|"):
+      table.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    elif table:
+      break
+  if len(table) < 3:
+    raise ValueError(f"no table with rows under {heading!r}")
+  columns, rows = table[0], table[2:]
+  return [dict(zip(columns, row, strict=True)) for row in rows]

@@ -6,6 +6,10 @@ One test (one sweep, ~40 s on 2 cores), so that pytest-xdist workers do not each
 import csv
 import json
 
+import hypothesis
+import pytest
+from hypothesis import strategies as st
+
 from experiments import paper
 
 
@@ -58,3 +62,106 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
   before = summary_path.stat().st_mtime_ns
   paper.main(argv)
   assert summary_path.stat().st_mtime_ns == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The time budget.
+
+estimate_lists = st.lists(
+  st.tuples(st.floats(0, 100), st.floats(0.01, 50)), min_size=1, max_size=8
+).map(
+  lambda pairs: [
+    paper.RunEstimate(1, "optimal", k + 1, fixed, epoch) for k, (fixed, epoch) in enumerate(pairs)
+  ]
+)
+
+
+@hypothesis.given(
+  estimates=estimate_lists,
+  budget_s=st.floats(0, 2000),
+  max_epochs=st.integers(1, 60),
+  min_epochs=st.integers(1, 10),
+)
+def test_budget_plan_never_exceeds_the_budget_and_drops_runs_from_the_end(
+  estimates, budget_s, max_epochs, min_epochs
+):
+  if min_epochs > max_epochs:
+    with pytest.raises(ValueError, match="min_epochs"):
+      paper.plan_budget(estimates, budget_s, max_epochs, min_epochs)
+    return
+  kept, epochs = paper.plan_budget(estimates, budget_s, max_epochs, min_epochs)
+  if not kept:
+    assert epochs == 0
+    assert estimates[0].seconds(min_epochs) > budget_s  # not even the first run fits
+    return
+  assert min_epochs <= epochs <= max_epochs
+  assert sum(run.seconds(epochs) for run in kept) <= budget_s  # one epoch count for every run
+  assert kept == estimates[: len(kept)]  # a prefix: runs are dropped from the end of the order
+  if len(kept) < len(estimates):  # the next run in the order would not have fitted
+    assert sum(run.seconds(min_epochs) for run in estimates[: len(kept) + 1]) > budget_s
+  if epochs < max_epochs:  # one more epoch would not have fitted
+    assert sum(run.seconds(epochs + 1) for run in kept) > budget_s
+
+
+def test_budget_priority_baseline_then_optimal_then_auto_then_quantile():
+  runs = [(1, "quantile", 2), (1, "auto", 4), (1, "optimal", 4), (1, "none", 1), (1, "optimal", 2)]
+  assert paper.budget_priority(runs) == [
+    (1, "none", 1),
+    (1, "optimal", 2),
+    (1, "optimal", 4),
+    (1, "auto", 4),
+    (1, "quantile", 2),
+  ]
+
+
+def test_estimates_interpolate_between_the_probes():
+  probes = [
+    {"num_buckets": 1, "padded": 1000, "wall_s": 30.0, "compile_wall_s": 4.0, "epoch_s": 10.0},
+    {"num_buckets": 5, "padded": 600, "wall_s": 32.0, "compile_wall_s": 20.0, "epoch_s": 6.0},
+  ]
+  planned = [{"strategy": "quantile", "requested_buckets": 3, "num_buckets": 3, "padded": 800}]
+  (estimate,) = paper.estimate_runs(probes, planned, devices=2)
+  # Set-up: the larger of 30 - 4 - 2 * 10 = 6 and 32 - 20 - 2 * 6 = 0; compile halfway 4..20.
+  assert estimate.fixed_s == pytest.approx(6 + 12)
+  assert estimate.epoch_s == pytest.approx(8.0)  # halfway in padded timesteps
+  assert (estimate.devices, estimate.num_buckets) == (2, 3)
+
+
+def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_path):
+  """With estimates given (no probe), a budget for two of three runs: the table has two rows,
+  both of the planned epochs, and the report names the run left out."""
+  probe = {"none": (1, 1000), "optimal": (2, 800)}
+  probed = {
+    "devices": 1,
+    "probes": [
+      {
+        "strategy": s,
+        "requested_buckets": k,
+        "num_buckets": k,
+        "padded": padded,
+        "wall_s": 20.0,
+        "time_to_first_step_s": 5.0,
+        "compile_wall_s": 10.0 * k,
+        "epoch_s": 1.0,
+      }
+      for s, (k, padded) in probe.items()
+    ],
+    "planned": [
+      {"strategy": "none", "requested_buckets": 1, "num_buckets": 1, "padded": 1000},
+      {"strategy": "optimal", "requested_buckets": 2, "num_buckets": 2, "padded": 800},
+      {"strategy": "quantile", "requested_buckets": 2, "num_buckets": 2, "padded": 900},
+    ],
+  }
+  (tmp_path / "estimates.json").write_text(json.dumps(probed))
+  # Estimates at 2 epochs: set-up 20 - 10 - 2 = 8 s, so none 8 + 10 + 2 = 20 s, optimal and
+  # quantile 8 + 20 + 2 = 30 s each; 75 s less the 15 s reserve fits the first two (50 s).
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
+  argv += ["--buckets", "2", "--strategies", "none,optimal,quantile", "--estimates"]
+  argv += [str(tmp_path / "estimates.json"), "--budget-minutes", "1.25"]
+  text = paper.main(argv).read_text()
+  with open(tmp_path / "paper_table.csv", newline="") as file:
+    rows = list(csv.DictReader(file))
+  assert [row["strategy"] for row in rows] == ["none", "optimal"]
+  assert {row["epochs run"] for row in rows} == {"2"}
+  assert "Left out by the plan" in text and "devices1/quantile_k2" in text
+  assert not (tmp_path / "devices1/quantile_k2").exists()

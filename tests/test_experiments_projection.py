@@ -1,0 +1,82 @@
+"""The multi-GPU projection: its formulas on hand-checkable inputs, and the committed inputs."""
+
+import csv
+
+import numpy as np
+import pytest
+
+from experiments import projection
+
+
+def test_ring_allreduce_sends_two_n_minus_one_over_n_of_the_buffer():
+  assert projection.allreduce_seconds(8e9, 1, 1e9) == 0.0
+  assert projection.allreduce_seconds(8e9, 2, 1e9) == pytest.approx(8.0)  # 2 * 1/2 * 8 s
+  assert projection.allreduce_seconds(8e9, 4, 1e9) == pytest.approx(12.0)  # 2 * 3/4 * 8 s
+  assert projection.allreduce_seconds(8e9, 8, 2e9) == pytest.approx(7.0)  # 2 * 7/8 * 4 s
+
+
+def test_fit_recovers_an_exact_step_model_and_the_cost_model_is_its_special_case():
+  truth = projection.StepTimeModel(constant_ms=1.0, per_timestep_ms=0.04, per_token_ms=2e-4)
+  points = [(b, t, truth(b, t)) for b, t in [(32, 152), (32, 608), (32, 1544), (128, 608)]]
+  fitted = projection.fit_step_model(points)
+  assert fitted.per_timestep_ms == pytest.approx(0.04)
+  assert fitted.per_token_ms == pytest.approx(2e-4)
+  assert np.allclose(projection.relative_errors(fitted, points), 0, atol=1e-9)
+  cost_model = projection.fit_step_model(points, per_timestep=False)
+  assert cost_model.per_timestep_ms == 0.0
+  assert max(abs(e) for e in projection.relative_errors(cost_model, points)) > 0.1
+
+
+def test_strong_scaling_splits_the_batch_weak_scaling_grows_it():
+  lengths = np.full(64, 8)  # one bucket of 64 sequences of length 8
+  model = projection.StepTimeModel(constant_ms=1.0, per_timestep_ms=0.0, per_token_ms=1.0 / 8)
+  # One GPU, batch 32: 2 steps of 1 + 32 * 8 / 8 = 33 ms.
+  one = projection.project_epoch(lengths, model, 1, 32, 1e9, 1e9, num_buckets=1)
+  assert one["steps"] == 2 and one["epoch_s"] == pytest.approx(0.066)
+  # Strong, 2 GPUs, global batch 32: 2 steps of (1 + 16) ms + 1 s all-reduce (2 * 1/2 * 1 GB).
+  strong = projection.project_epoch(lengths, model, 2, 32, 1e9, 1e9, num_buckets=1)
+  assert strong["steps"] == 2 and strong["epoch_s"] == pytest.approx(2 * (0.017 + 1.0))
+  # Weak, 2 GPUs, 32 each: 1 step of 33 ms + the same all-reduce.
+  weak = projection.project_epoch(lengths, model, 2, 64, 1e9, 1e9, num_buckets=1)
+  assert weak["steps"] == 1 and weak["epoch_s"] == pytest.approx(0.033 + 1.0)
+
+
+def test_scaling_rows_report_speed_up_against_one_gpu():
+  lengths = np.repeat(np.arange(8, 8 * 65, 8), 32)  # 8 buckets of 256 sequences
+  model = projection.StepTimeModel(0.5, 0.01, 1e-4)
+  rows = projection.scaling_rows(lengths, model, 4e6, links={"fast": 1e12}, device_counts=(1, 2))
+  assert [(row["scaling"], row["GPUs"], row["global batch"]) for row in rows] == [
+    ("strong", "1", "32"),
+    ("strong", "2", "32"),
+    ("weak", "1", "32"),
+    ("weak", "2", "64"),
+  ]
+  assert rows[0]["speed-up"] == rows[2]["speed-up"] == "1.00"
+  for row in rows[1], rows[3]:
+    ratio = float(rows[0]["epoch (s)"]) / float(row["epoch (s)"])
+    assert float(row["speed-up"]) == pytest.approx(ratio, abs=0.01)
+    assert float(row["efficiency"]) == pytest.approx(float(row["speed-up"]) / 2, abs=0.01)
+  # Strong: half the batch per GPU saves less than half the step time. Weak: the same steps per
+  # GPU, half as many of them, and the all-reduce is negligible on this link.
+  assert 1 < float(rows[1]["speed-up"]) < 1.9
+  assert rows[3]["speed-up"] == "2.00"
+
+
+def test_reads_the_committed_h200_step_times():
+  points = projection.read_step_times()
+  assert sorted((b, t) for b, t, _ in points) == [(32, 152), (32, 608), (32, 1544), (128, 608)]
+  # The optax-CTC row of the same shape is another implementation, and is left out.
+  with pytest.raises(ValueError, match="the fit needs 3"):
+    projection.read_step_times(implementation="scan unroll 8, optax CTC")
+  assert projection.read_measured_epoch()[0] == 8
+
+
+def test_main_writes_a_table_labelled_a_projection(tmp_path):
+  out = tmp_path / "projection"
+  argv = ["--dataset", "synthetic", "--train-limit", "100", "--out", str(out)]
+  text = projection.main(argv).read_text()
+  assert "PROJECTION" in text and "2 (n - 1) / n" in text
+  with open(f"{out}.csv", newline="") as file:
+    rows = list(csv.DictReader(file))
+  assert len(rows) == 2 * len(projection.LINKS) * len(projection.DEVICE_COUNTS)
+  assert (tmp_path / "projection.png").read_bytes()[:4] == b"\x89PNG"
