@@ -1,6 +1,7 @@
 """The trainer: one compile per bucket (parallel, overlapped, cached), data-parallel equivalence,
 resume, errors, end to end."""
 
+import errno
 import json
 import pathlib
 import re
@@ -675,3 +676,24 @@ def test_the_run_says_which_implementations_auto_chose():
   )
   kernels = tiny_config(**{"model.lstm_impl": "pallas", "ctc.impl": "pallas"})
   assert train.describe_implementations(kernels).count("the fused Pallas kernel") == 2
+
+
+def test_a_full_disk_ends_the_run_with_its_own_error_and_a_restart_continues(tmp_path, monkeypatch):
+  saves = []
+  save_latest = train.Checkpoints.save_latest
+
+  def fills_the_disk_on_the_third_save(self, state, progress, plan):
+    saves.append(progress.step_in_epoch)
+    if len(saves) == 3:
+      raise OSError(errno.ENOSPC, "No space left on device")
+    save_latest(self, state, progress, plan)
+
+  monkeypatch.setattr(train.Checkpoints, "save_latest", fills_the_disk_on_the_third_save)
+  config = tiny_config(checkpoint_every_steps=1)
+  with pytest.raises(OSError, match="No space left on device"):
+    train.train_and_evaluate(config, tmp_path)
+  # The saves before it were finished, none left half-written.
+  assert not list((tmp_path / "checkpoints").rglob("*tmp*"))
+  monkeypatch.undo()
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["epochs"] == config.num_epochs and summary["stopped_by"] is None
