@@ -119,6 +119,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(f"config.max_minutes must be >= 0 (0: no cap), got {config.max_minutes}")
   if config.optimizer.schedule not in ("cosine", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: cosine|constant")
+  # The model's and the CTC loss's own checks (sizes, implementations), before any data is read.
+  for field, build in (("model", build_model), ("ctc", build_ctc_loss)):
+    try:
+      build(config)
+    except ValueError as error:
+      raise ValueError(f"config.{field}: {error}") from None
 
 
 def feature_config(config: ml_collections.ConfigDict) -> features_lib.FeatureConfig:

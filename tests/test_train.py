@@ -273,6 +273,9 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"bucketing.num_buckets": 0}, "num_buckets must be >= 1"),
     ({"bucketing.overflow": "ignore"}, "overflow"),
     ({"eval_batch_size": 4}, "eval_batch_size"),
+    ({"ctc.impl": "cudnn"}, "ctc impl must be one of"),
+    ({"model.lstm_impl": "cudnn"}, "lstm_impl must be one of"),
+    ({"model.hidden_size": 0}, "hidden_size must be >= 1"),
   ],
 )
 def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, message):
