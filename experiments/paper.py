@@ -37,8 +37,10 @@ timesteps, compile wall linear in K), and `plan_budget` keeps as many runs as fi
 (default: the preset's epochs) in the order of `budget_priority` (baseline, `optimal` by K, `auto`,
 `quantile` by K), then gives all of them the same, largest epoch count (at most the preset's) that
 fits, without early stopping. A worker skips a run that its estimate says would end past the
-deadline; the table and plots cover the runs that finished and name those left out.
-A run whose `summary.json` exists is reused, so an interrupted sweep continues where it stopped;
+deadline, and a run slower than its estimate stops at the deadline with a checkpoint
+(`config.max_minutes`); the table and plots cover the runs that finished and name those left out.
+A run whose `summary.json` says it finished is reused, so an interrupted sweep continues where it
+stopped (a run the deadline cut short resumes from its checkpoint);
 use a new workdir after changing any setting.
 
 Measured: `--quick --budget-minutes 12` on IAM-OnDB on a shared 2-core CPU (`experiments/results/
@@ -279,23 +281,35 @@ def run_worker(args: argparse.Namespace, devices: int) -> None:
   budget = read_budget(workdir) if args.budget_minutes else None
   for strategy, num_buckets in worker_runs(args, devices, budget):
     run_dir = workdir / run_name(devices, strategy, num_buckets)
-    if (run_dir / "summary.json").is_file():
+    if finished_run(run_dir):
       continue
+    config = args_config(args)
+    config.bucketing.strategy = strategy
+    config.bucketing.num_buckets = num_buckets
     if budget:
       estimate = budget["estimates"][run_name(devices, strategy, num_buckets)]
       if time.time() + estimate > budget["deadline"]:
         print(f"{run_name(devices, strategy, num_buckets)}: left out, out of time", flush=True)
         continue
-    config = args_config(args)
-    config.bucketing.strategy = strategy
-    config.bucketing.num_buckets = num_buckets
+      # A run slower than its estimate stops at the deadline with a checkpoint (train.py's time
+      # cap); the same command, given more time, continues it.
+      config.max_minutes = (budget["deadline"] - time.time()) / 60
     summary = train.train_and_evaluate(config, run_dir)
+    if summary["stopped_by"]:
+      print(f"{run_name(devices, strategy, num_buckets)}: stopped by the deadline", flush=True)
+      continue
     print(
       f"{run_name(devices, strategy, num_buckets)}: {summary['num_buckets']} bucket(s), "
       f"{summary['epochs']} epochs, best val loss {summary['best_val_loss']:.3f}, "
       f"train {summary['train_time_s']:.1f} s, compile {summary['compile_wall_s']:.1f} s",
       flush=True,
     )
+
+
+def finished_run(run_dir: pathlib.Path) -> bool:
+  """Whether the run in `run_dir` trained to its end (not cut short by the deadline)."""
+  summary_path = run_dir / "summary.json"
+  return summary_path.is_file() and not json.loads(summary_path.read_text()).get("stopped_by")
 
 
 def worker_runs(args: argparse.Namespace, devices: int, budget: dict | None):
@@ -501,7 +515,7 @@ def collect(
     wanted = worker_runs(args, devices, budget)
     for strategy, num_buckets in wanted:
       run_dir = workdir / run_name(devices, strategy, num_buckets)
-      if (run_dir / "summary.json").is_file():
+      if finished_run(run_dir):
         runs[devices, strategy, num_buckets] = read_run(run_dir)
       else:
         unfinished.append(run_name(devices, strategy, num_buckets))

@@ -165,3 +165,12 @@ def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_pat
   assert {row["epochs run"] for row in rows} == {"2"}
   assert "Left out by the plan" in text and "devices1/quantile_k2" in text
   assert not (tmp_path / "devices1/quantile_k2").exists()
+
+
+def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):
+  for name, stopped_by in (("done", None), ("cut", "max_minutes")):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "summary.json").write_text(json.dumps({"stopped_by": stopped_by}))
+  assert paper.finished_run(tmp_path / "done")
+  assert not paper.finished_run(tmp_path / "cut")
+  assert not paper.finished_run(tmp_path / "never started")
