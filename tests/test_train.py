@@ -170,8 +170,11 @@ def one_step(devices, config, train_set, plan, indices):
   return jax.device_get(new_state.params), float(metrics["loss"])
 
 
-def test_one_device_and_eight_devices_take_the_same_step():
-  config = tiny_config()
+@pytest.mark.parametrize(
+  "overrides", [{}, {"model.lstm_impl": "pallas", "ctc.impl": "pallas"}], ids=["scan", "kernels"]
+)
+def test_one_device_and_eight_devices_take_the_same_step(overrides):
+  config = tiny_config(**overrides)
   train_set = train.load_split(config, "train", 16)
   plan = one_bucket_plan(train_set, 16)
   indices = plan.members(0)
