@@ -141,10 +141,9 @@ def anatomy(config, batch: dict[str, jax.Array], repeats: int) -> dict[str, floa
   state = train.create_train_state(config, NUM_FEATURES, 10**6)
   apply = state.apply_fn
   inputs, paddings = batch["inputs"], batch["input_paddings"]
-  logits = jax.jit(lambda params: apply({"params": params}, inputs, paddings))(state.params)
-  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=logits.shape), jnp.float32)
-
   forward = jax.jit(lambda params: apply({"params": params}, inputs, paddings))
+  logits = forward(state.params)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=logits.shape), jnp.float32)
   forward_backward = jax.jit(
     jax.value_and_grad(
       lambda params: jnp.sum(apply({"params": params}, inputs, paddings) * cotangent)

@@ -69,6 +69,15 @@ def read_rows(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
 
+def assert_resumed_like(reference_dir, workdir):
+  expected = latest_params(tiny_config(), reference_dir)
+  got = latest_params(tiny_config(), workdir)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)
+  for ref_row, row in zip(read_rows(reference_dir), read_rows(workdir), strict=True):
+    for key in ("epoch", "train_loss", "val_loss", "val_cer", "steps"):
+      assert row[key] == pytest.approx(ref_row[key], rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
   """A tiny synthetic run from start to end, shared by the tests that inspect a finished run."""
@@ -137,12 +146,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_parameters(uninterrupte
   shutil.rmtree(tmp_path / "checkpoints" / "train" / "6")
   resumed_summary = train.train_and_evaluate(tiny_config(), tmp_path)
 
-  expected = latest_params(tiny_config(), reference_dir)
-  got = latest_params(tiny_config(), tmp_path)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)
-  for ref_row, row in zip(read_rows(reference_dir), read_rows(tmp_path), strict=True):
-    for key in ("epoch", "train_loss", "val_loss", "val_cer", "steps"):
-      assert row[key] == pytest.approx(ref_row[key], rel=1e-6)
+  assert_resumed_like(reference_dir, tmp_path)
   assert resumed_summary["best_val_loss"] == pytest.approx(reference_summary["best_val_loss"])
 
 
@@ -459,15 +463,6 @@ def damage(step_dir, how):
     largest.write_bytes(bytes(size))
   else:
     largest.unlink()
-
-
-def assert_resumed_like(reference_dir, workdir):
-  expected = latest_params(tiny_config(), reference_dir)
-  got = latest_params(tiny_config(), workdir)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), expected, got)
-  for ref_row, row in zip(read_rows(reference_dir), read_rows(workdir), strict=True):
-    for key in ("epoch", "train_loss", "val_loss", "val_cer", "steps"):
-      assert row[key] == pytest.approx(ref_row[key], rel=1e-6)
 
 
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete"])
