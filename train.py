@@ -363,13 +363,14 @@ COMPILE_THREAD_PREFIX = "compile-step"
 
 
 class CompileEvents:
-  """Counts XLA compilations and persistent-cache hits and misses, apart for the step-compiling
-  pool's threads: the pool's counts are the run's compile accounting, and any compilation on
-  another thread while training is a recompile (an error)."""
+  """Counts XLA compilations and persistent-cache hits and misses, apart for the step compiles
+  (`_lower_and_compile`, on the pool or inline): theirs are the run's compile accounting, and any
+  other compilation while training is a recompile (an error)."""
 
   _lock = threading.Lock()
   _counts: ClassVar[collections.Counter] = collections.Counter()
   _registered = False
+  _compiling_a_step = threading.local()
 
   @classmethod
   def install(cls) -> None:
@@ -379,25 +380,35 @@ class CompileEvents:
       cls._registered = True
 
   @classmethod
+  @contextlib.contextmanager
+  def step_compile(cls):
+    """Marks this thread's compilations as a step's until the block ends."""
+    cls._compiling_a_step.active = True
+    try:
+      yield
+    finally:
+      cls._compiling_a_step.active = False
+
+  @classmethod
   def _record(cls, event: str, *args, **kwargs) -> None:
     del args, kwargs
-    in_pool = threading.current_thread().name.startswith(COMPILE_THREAD_PREFIX)
+    in_steps = getattr(cls._compiling_a_step, "active", False)
     with cls._lock:
-      cls._counts[event, in_pool] += 1
+      cls._counts[event, in_steps] += 1
 
   @classmethod
-  def count(cls, event: str, in_pool: bool) -> int:
+  def count(cls, event: str, in_steps: bool) -> int:
     with cls._lock:
-      return cls._counts[event, in_pool]
+      return cls._counts[event, in_steps]
 
   @classmethod
-  def outside_pool(cls) -> int:
-    """Compilations on other threads than the pool's, from the backend or the persistent cache."""
+  def outside_steps(cls) -> int:
+    """Compilations other than the steps', from the backend or the persistent cache."""
     return cls.count(BACKEND_COMPILE_EVENT, False) + cls.count(CACHE_HIT_EVENT, False)
 
   @classmethod
   def cache_counts(cls) -> tuple[int, int]:
-    """(hits, misses) of the persistent compilation cache on the pool's threads."""
+    """(hits, misses) of the persistent compilation cache in the steps' compiles."""
     hits = cls.count(CACHE_HIT_EVENT, True)
     return hits, cls.count(CACHE_REQUEST_EVENT, True) - hits
 
@@ -407,7 +418,8 @@ class CompiledSteps:
   """Every bucket's train and eval executable, each compiled once on a thread pool.
 
   `train_steps[bucket]` and `eval_steps[bucket]` wait for that bucket's own compile only, so
-  training starts as soon as the first scheduled bucket is ready. Calling an executable with
+  training starts as soon as the first scheduled bucket is ready; a bucket still queued behind
+  other compiles is compiled at once on the calling thread instead. Calling an executable with
   another bucket's shape is an error, not a compile.
   """
 
@@ -456,11 +468,21 @@ class CompiledSteps:
 
 @dataclasses.dataclass
 class Executables(collections.abc.Mapping):
-  """bucket -> executable, waiting for the bucket's compile when it is looked up."""
+  """bucket -> executable, waiting for the bucket's compile when it is looked up.
+
+  A compile that has not started yet (the pool's threads busy with others) is taken off the queue
+  and run on the caller's thread, so a lookup waits for its own bucket's compile, never for the
+  compiles queued ahead of it.
+  """
 
   futures: dict[int, concurrent.futures.Future]
+  jobs: dict[int, tuple]
 
   def __getitem__(self, bucket: int):
+    if self.futures[bucket].cancel():
+      done = concurrent.futures.Future()
+      done.set_result(_lower_and_compile(*self.jobs[bucket]))
+      self.futures[bucket] = done
     return self.futures[bucket].result()[0]
 
   def __iter__(self):
@@ -473,7 +495,8 @@ class Executables(collections.abc.Mapping):
 def _lower_and_compile(jitted, *abstract_args) -> tuple[Any, float, float]:
   """An executable with the perf_counter times its lowering started and its compile ended."""
   start = time.perf_counter()
-  executable = jitted.lower(*abstract_args).compile()
+  with CompileEvents.step_compile():
+    executable = jitted.lower(*abstract_args).compile()
   return executable, start, time.perf_counter()
 
 
@@ -579,8 +602,8 @@ def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledS
     else:
       futures[key] = pool.submit(_lower_and_compile, *job)
   compiled = CompiledSteps(
-    train_steps=Executables({b: f for (kind, b), f in futures.items() if kind == "train"}),
-    eval_steps=Executables({b: f for (kind, b), f in futures.items() if kind == "eval"}),
+    train_steps=_executables(futures, jobs, "train"),
+    eval_steps=_executables(futures, jobs, "eval"),
     pool=pool,
     workers=workers,
     started=started,
@@ -590,6 +613,15 @@ def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledS
     compiled.wait()
     compiled.close()
   return compiled
+
+
+def _executables(futures: dict, jobs: dict, kind: str) -> Executables:
+  """The `kind` ("train" or "eval") part of (kind, bucket)-keyed futures and jobs."""
+  buckets = [bucket for job_kind, bucket in futures if job_kind == kind]
+  return Executables(
+    {bucket: futures[kind, bucket] for bucket in buckets},
+    {bucket: jobs[kind, bucket] for bucket in buckets},
+  )
 
 
 def first_needed_buckets(plan: bucketing.BucketPlan, seed: int, epoch: int, step: int) -> list[int]:
@@ -973,10 +1005,10 @@ class Run:
 
   def allow_compiles_so_far(self) -> None:
     """Checkpointing compiles small helpers of its own; steps and batches must compile nothing."""
-    self.compiles_expected = CompileEvents.outside_pool()
+    self.compiles_expected = CompileEvents.outside_steps()
 
   def check_no_recompile(self, scheduled: bucketing.ScheduledBatch) -> None:
-    if CompileEvents.outside_pool() != self.compiles_expected:
+    if CompileEvents.outside_steps() != self.compiles_expected:
       raise RuntimeError(
         f"a compilation happened at epoch {scheduled.epoch}, step {scheduled.step} (bucket "
         f"{scheduled.bucket}): every step must reuse its bucket's ahead-of-time executable"

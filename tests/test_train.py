@@ -3,6 +3,7 @@ resume, errors, end to end."""
 
 import errno
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -12,6 +13,7 @@ import sys
 import threading
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -426,6 +428,42 @@ def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatc
   monkeypatch.setattr(train, "_eval_jobs", held_eval_jobs)
   summary = train.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
   assert summary["epochs"] == 1 and summary["eval_compiles"] >= 1
+
+
+def test_a_step_waits_for_its_own_compile_not_for_those_queued_ahead_of_it(monkeypatch):
+  # Two compile threads, both held on buckets 1 and 2; bucket 3 is queued behind them. Looking it
+  # up must compile it on the spot: a pool that made it wait would time out the held compiles.
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  released = threading.Event()
+
+  class Held:
+    def __init__(self, jitted):
+      self.jitted = jitted
+
+    def lower(self, *abstract_args):
+      if not released.wait(timeout=30):
+        raise TimeoutError("the held compiles were never released")
+      return self.jitted.lower(*abstract_args)
+
+  def job(bucket, held=False):
+    jitted = jax.jit(lambda x: x * 2.0)
+    spec = jax.ShapeDtypeStruct((bucket + 1,), jnp.float32)
+    return (Held(jitted) if held else jitted, spec)
+
+  train.CompileEvents.install()
+  outside_before = train.CompileEvents.outside_steps()
+  jobs = {("train", 0): job(0), ("train", 1): job(1, True), ("train", 2): job(2, True)}
+  steps = train._start_compiling(jobs | {("train", 3): job(3)}, "overlap")
+  try:
+    executable = steps.train_step(3)
+    assert not released.is_set()
+    np.testing.assert_array_equal(executable(np.ones(4, np.float32)), np.full(4, 2.0))
+  finally:
+    released.set()
+  steps.wait()
+  steps.close()
+  assert steps.accounting()["train_compiles"] == 4
+  assert train.CompileEvents.outside_steps() == outside_before  # not taken for a recompile
 
 
 def test_buckets_compile_in_the_order_the_schedule_first_needs_them():
