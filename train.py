@@ -770,12 +770,7 @@ class Checkpoints:
     restored = self.latest.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_on(target)))
     )["state"]
-    if digest is not None and digest != _fingerprint(restored):
-      raise ValueError("its values do not match the SHA-256 written when it was saved")
-    for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
-      values = np.asarray(leaf.addressable_shards[0].data)
-      if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-        raise ValueError(f"{jax.tree_util.keystr(path)} holds NaN or inf")
+    _check_intact(restored, digest)
     return restored, meta
 
   def _shape_mismatch(self, saved: dict, wanted: dict, saved_config: dict | None) -> str:
@@ -810,14 +805,41 @@ class Checkpoints:
 
   def save_best(self, epoch: int, params: Any) -> None:
     if epoch not in self.best.all_steps():  # a resumed run may have saved it already
-      self.best.save(epoch, args=ocp.args.StandardSave(params))
+      integrity = {"shapes": _shapes(params), "sha256": _fingerprint(params)}
+      self.best.save(
+        epoch,
+        args=ocp.args.Composite(
+          params=ocp.args.StandardSave(params), integrity=ocp.args.JsonSave(integrity)
+        ),
+      )
 
   def restore_best(self, target: Any) -> Any | None:
-    """The best parameters, shaped and placed like `target` (arrays or abstract); None if none."""
+    """The best parameters, shaped and placed like `target` (arrays or abstract); None if none.
+
+    Raises a ValueError naming the checkpoint when its files are damaged or its values differ
+    from the SHA-256 written with them (checkpoints from before that was written load unchecked).
+    """
     step = self.best.latest_step()
     if step is None:
       return None
-    return self.best.restore(step, args=ocp.args.StandardRestore(abstract_on(target)))
+    where = self.best.directory / str(step)
+    if not (where / "params").exists():
+      return self.best.restore(step, args=ocp.args.StandardRestore(abstract_on(target)))
+    try:
+      integrity = self.best.restore(
+        step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore())
+      )["integrity"]
+      if integrity["shapes"] != _shapes(target):
+        raise ValueError("it holds parameters of other shapes than this config's model")
+      params = self.best.restore(
+        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_on(target)))
+      )["params"]
+      _check_intact(params, integrity["sha256"])
+    except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
+      raise ValueError(
+        f"the best checkpoint {where} is damaged: {cli_errors.one_line(error)[:300]}"
+      ) from error
+    return params
 
   def close(self) -> None:
     """Waits for the saves in flight, then stops Orbax's background threads."""
@@ -854,6 +876,16 @@ def _fingerprint(tree: Any) -> str:
   for leaf in jax.tree.leaves(tree):
     digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
   return digest.hexdigest()
+
+
+def _check_intact(restored: Any, digest: str | None) -> None:
+  """Raises when restored values differ from their saved SHA-256 or are not finite."""
+  if digest is not None and digest != _fingerprint(restored):
+    raise ValueError("its values do not match the SHA-256 written when it was saved")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
+    values = np.asarray(leaf.addressable_shards[0].data)
+    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
+      raise ValueError(f"{jax.tree_util.keystr(path)} holds NaN or inf")
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,6 +1,7 @@
 """The trainer: one compile per bucket (parallel, overlapped, cached), data-parallel equivalence,
 resume, errors, end to end."""
 
+import contextlib
 import errno
 import json
 import os
@@ -528,6 +529,32 @@ def test_a_checkpoint_whose_values_changed_is_caught_by_its_checksum(
   train.train_and_evaluate(tiny_config(), workdir)
   assert "SHA-256" in caplog.text
   assert_resumed_like(uninterrupted[0], workdir)
+
+
+def saved_best(workdir, params):
+  with contextlib.closing(train.Checkpoints(workdir)) as checkpoints:
+    checkpoints.save_best(3, params)
+  return workdir / "checkpoints" / "best" / "3"
+
+
+def restored_best(workdir, target):
+  with contextlib.closing(train.Checkpoints(workdir)) as checkpoints:
+    return checkpoints.restore_best(target)
+
+
+@pytest.mark.parametrize("how", ["truncate", "zero", "delete", "other values"])
+def test_a_damaged_best_checkpoint_is_an_error_naming_it_not_wrong_parameters(tmp_path, how):
+  params = {"dense": {"kernel": jnp.arange(4096.0).reshape(64, 64), "bias": jnp.ones(64)}}
+  best = saved_best(tmp_path / "run", params)
+  jax.tree.map(np.testing.assert_array_equal, restored_best(tmp_path / "run", params), params)
+  if how == "other values":  # every file reads fine: only the checksum can tell
+    other = saved_best(tmp_path / "other", jax.tree.map(lambda leaf: leaf + 1, params))
+    shutil.rmtree(best / "params")
+    shutil.copytree(other / "params", best / "params")
+  else:
+    damage(best / "params", how)
+  with pytest.raises(ValueError, match=rf"the best checkpoint {re.escape(str(best))} is damaged"):
+    restored_best(tmp_path / "run", params)
 
 
 def test_no_intact_checkpoint_is_one_clear_error(stopped_at_step_6, tmp_path):
