@@ -733,7 +733,7 @@ class Checkpoints:
       except CheckpointMismatchError:
         raise
       except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
-        damaged[step] = cli_errors.one_line(error)[:300]
+        damaged[step] = _reason(error)
         LOG.warning(
           "checkpoint step %d in %s is damaged: %s", step, self.latest.directory, damaged[step]
         )
@@ -836,9 +836,7 @@ class Checkpoints:
       )["params"]
       _check_intact(params, integrity["sha256"])
     except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
-      raise ValueError(
-        f"the best checkpoint {where} is damaged: {cli_errors.one_line(error)[:300]}"
-      ) from error
+      raise ValueError(f"the best checkpoint {where} is damaged: {_reason(error)}") from error
     return params
 
   def close(self) -> None:
@@ -876,6 +874,14 @@ def _fingerprint(tree: Any) -> str:
   for leaf in jax.tree.leaves(tree):
     digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
   return digest.hexdigest()
+
+
+def _reason(error: BaseException) -> str:
+  """What went wrong reading a checkpoint, on one line: the innermost cause, which names the file
+  and the fault (Orbax's own wrapper only says which array index it was reading)."""
+  while error.__cause__ is not None:
+    error = error.__cause__
+  return cli_errors.one_line(error)[:300]
 
 
 def _check_intact(restored: Any, digest: str | None) -> None:
@@ -1536,4 +1542,12 @@ if __name__ == "__main__":
     stopped_by = summary.get("stopped_by")
     return 128 + signal.Signals[stopped_by] if stopped_by in ("SIGINT", "SIGTERM") else 0
 
-  sys.exit(cli_errors.run(lambda: app.run(main, flags_parser=experiments.cli.parse_flags)))
+  code = cli_errors.run(lambda: app.run(main, flags_parser=experiments.cli.parse_flags))
+  if code == cli_errors.USAGE_EXIT_CODE:
+    # After a damaged checkpoint Orbax's threads may still be failing the other reads, each with
+    # a traceback of its own; the error line is the last word, so leave without waiting for them.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+  sys.exit(code)

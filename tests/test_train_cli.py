@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -43,3 +44,16 @@ def test_an_expected_error_is_one_line_and_exit_code_2(tmp_path, arguments, mess
   assert line.startswith("error: ") and message in line, result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_best_checkpoint_is_an_error_naming_the_file(tmp_path):
+  command = [sys.executable, "train.py", TINY, f"--workdir={tmp_path / 'run'}"]
+  subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
+  arrays = [p for p in (tmp_path / "run" / "checkpoints" / "best").rglob("d/*") if p.is_file()]
+  for path in arrays:
+    path.write_bytes(bytes(path.stat().st_size))
+  result = subprocess.run([*command, "--mode=evaluate"], cwd=ROOT, capture_output=True, text=True)
+  assert result.returncode == 2, result.stderr
+  # Orbax's threads may add noise of their own after it, but the error comes first, in one line.
+  first = result.stderr.splitlines()[0]
+  assert re.match(r"error: the best checkpoint .*best/\d+ is damaged: .*params", first), first
