@@ -11,7 +11,9 @@ concurrently on a thread pool, and training starts as soon as the first schedule
 Batches are sharded over a 1-D mesh of all devices with parameters replicated: `jit` with
 `NamedSharding` gives the semantics of pmap + pmean (one global mean loss over the real examples of
 the global batch, gradients all-reduced by XLA), and the same code runs on 1 CPU, simulated CPU
-devices, GPUs, or several hosts, each process feeding its own slice of the global schedule.
+devices, GPUs, or several hosts, each process feeding its own slice of the global schedule. The
+steps are traced with the mesh in context (`trace_step`): XLA cannot partition a Pallas kernel, so
+the kernels split the batch over it themselves (`models.batch_sharding`).
 
 Importable: `train_and_evaluate(config, workdir)`, `create_train_state`, `train_step`, `eval_step`,
 `evaluate_checkpoint` and `transcribe`.
@@ -492,11 +494,19 @@ class Executables(collections.abc.Mapping):
     return len(self.futures)
 
 
-def _lower_and_compile(jitted, *abstract_args) -> tuple[Any, float, float]:
+def trace_step(mesh: jax.sharding.Mesh, jitted, *abstract_args) -> jax.stages.Traced:
+  """`jitted` traced for `abstract_args` with `mesh` in context, so that the Pallas kernels in the
+  model and the loss run per device on their batch shard (`models.batch_sharding`) instead of
+  being replicated by XLA. The context is per thread, so each compiling thread enters it."""
+  with jax.set_mesh(mesh):
+    return jitted.trace(*abstract_args)
+
+
+def _lower_and_compile(mesh, jitted, *abstract_args) -> tuple[Any, float, float]:
   """An executable with the perf_counter times its lowering started and its compile ended."""
   start = time.perf_counter()
   with CompileEvents.step_compile():
-    executable = jitted.lower(*abstract_args).compile()
+    executable = trace_step(mesh, jitted, *abstract_args).lower().compile()
   return executable, start, time.perf_counter()
 
 
@@ -530,6 +540,7 @@ def compile_steps(
   abstract_state = abstract_on(state)
   jobs = {
     ("train", bucket): (
+      mesh,
       train_jit,
       abstract_state,
       batch_spec(train_plan, bucket, num_features, batch_sharding),
@@ -573,6 +584,7 @@ def _eval_jobs(
   abstract_params = abstract_on(params)
   return {
     ("eval", bucket): (
+      mesh,
       eval_jit,
       abstract_params,
       batch_spec(shapes, bucket, num_features, batch_sharding),
@@ -587,7 +599,7 @@ def _after(first: concurrent.futures.Future, job: tuple) -> tuple[Any, float, fl
 
 
 def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledSteps:
-  """Submits `jobs` ((kind, bucket) -> (jitted, *abstract args)) in order to a thread pool."""
+  """Submits `jobs` ((kind, bucket) -> (mesh, jitted, *abstract args)) in order to a thread pool."""
   if mode not in COMPILE_MODES:
     raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
   CompileEvents.install()

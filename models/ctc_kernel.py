@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from models.batch_sharding import over_batch_shards
+
 # "No transition" in log space: finite, so that `x - max` never meets inf - inf; exp() of it is 0.
 _NEG = -1e30
 # Extra columns beside each stored row, so that the shifted loads stay inside the array. Two are
@@ -326,9 +328,39 @@ def ctc_loss_kernel(
   `batch_tile` (a power of two) rows share one program of the grid and `num_warps` warps: fewer
   rows per program means more programs in flight and less work per step of the sequential loop;
   the batch is padded to a multiple of the tile. `interpret=True` runs on any backend (tests).
+  Under a mesh (`jax.set_mesh`) each device computes its own rows (`models.batch_sharding`).
   """
   if batch_tile & (batch_tile - 1):
     raise ValueError(f"batch_tile must be a power of two, got {batch_tile}")
+  per_example_loss = over_batch_shards(
+    functools.partial(
+      _ctc_loss_kernel,
+      blank_id=blank_id,
+      log_epsilon=log_epsilon,
+      batch_tile=batch_tile,
+      num_warps=num_warps,
+      interpret=interpret,
+    ),
+    batch_size=logits.shape[0],
+    in_batch_dims=(0, 0, 0, 0),
+    out_batch_dims=0,
+  )
+  return per_example_loss(logits, logit_paddings, labels, label_paddings)
+
+
+def _ctc_loss_kernel(
+  logits,
+  logit_paddings,
+  labels,
+  label_paddings,
+  *,
+  blank_id,
+  log_epsilon,
+  batch_tile,
+  num_warps,
+  interpret,
+):
+  """`ctc_loss_kernel` on the rows it is given."""
   batch, _, _ = logits.shape
   label_time = labels.shape[1]
   filler = -batch % batch_tile

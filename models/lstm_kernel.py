@@ -29,6 +29,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from models.batch_sharding import over_batch_shards
+
 NUM_GATES = 4
 
 
@@ -216,7 +218,6 @@ def _pad_operands(projected, recurrent_kernel, config: KernelConfig):
   return stacked, kernel
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def lstm_recurrence_kernel(
   projected: tuple[jax.Array, ...], recurrent_kernel: jax.Array, config: KernelConfig
 ) -> tuple[jax.Array, ...]:
@@ -224,8 +225,24 @@ def lstm_recurrence_kernel(
 
   `projected`: per direction `[time, batch, 4 * hidden]` float32 (input projections plus bias);
   `recurrent_kernel [directions, hidden, 4 * hidden]` -> per direction `[time, batch, hidden]`
-  in the kernel's dtype.
+  in the kernel's dtype. Under a mesh (`jax.set_mesh`) each device runs both passes on its own
+  rows (`models.batch_sharding`), and the recurrent kernel's gradient is summed over devices.
   """
+  batch_dims = (1,) * len(projected)  # time-major
+  recurrence = over_batch_shards(
+    lambda projected, recurrent_kernel: _lstm_recurrence_kernel(
+      projected, recurrent_kernel, config
+    ),
+    batch_size=projected[0].shape[1],
+    in_batch_dims=(batch_dims, None),
+    out_batch_dims=batch_dims,
+  )
+  return recurrence(projected, recurrent_kernel)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _lstm_recurrence_kernel(projected, recurrent_kernel, config):
+  """`lstm_recurrence_kernel` on the rows it is given, with the hand-written gradient."""
   return _lstm_recurrence_kernel_forward(projected, recurrent_kernel, config)[0]
 
 
@@ -258,4 +275,4 @@ def _lstm_recurrence_kernel_backward(config, residuals, hidden_cotangents):
   return tuple(projected_cotangents), kernel_cotangent.astype(padded_kernel.dtype)
 
 
-lstm_recurrence_kernel.defvjp(_lstm_recurrence_kernel_forward, _lstm_recurrence_kernel_backward)
+_lstm_recurrence_kernel.defvjp(_lstm_recurrence_kernel_forward, _lstm_recurrence_kernel_backward)

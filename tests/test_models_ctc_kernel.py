@@ -1,12 +1,18 @@
 """The Pallas CTC kernel against `optax.ctc_loss` and brute force, in interpret mode on the CPU."""
 
+import functools
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from models.ctc_kernel import ctc_loss_kernel
+from tests.test_models_batch_sharding import assert_kernels_run_per_device, data_mesh
 from tests.test_models_ctc import NUM_CLASSES, brute_force_nll, labels_batch, paddings_for
 
 
@@ -130,6 +136,44 @@ def test_padded_frames_change_nothing_and_get_no_gradient():
   np.testing.assert_array_equal(longer_grad[:, 7:], 0.0)
 
 
+def test_kernels_run_per_device_on_their_batch_shard():
+  """Under an 8-device mesh each device runs both recursions on its own 2 of the 16 rows. A Triton
+  call has no sharding rule: left to XLA, every device would gather and compute the whole batch."""
+  batch, time, label_time = 16, 6, 3
+  args = (
+    jnp.zeros((batch, time, NUM_CLASSES)),
+    jnp.zeros((batch, time)),
+    jnp.ones((batch, label_time), jnp.int32),
+    jnp.zeros((batch, label_time)),
+  )
+
+  def total(logits, *rest):
+    return jnp.sum(kernel_loss(batch_tile=2)(logits, *rest))
+
+  with jax.set_mesh(data_mesh(8)):
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(total))(*args)
+  assert_kernels_run_per_device(jaxpr, {"ctc_alpha": 0, "ctc_beta": 0}, rows=2, num_devices=8)
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_kernel_on_a_mesh_matches_the_unsharded_kernel_and_optax(num_devices):
+  """Values and gradients on a batch-sharded mesh (2 rows per device, each shard padded with
+  filler rows to a tile of 4) equal the single-call kernel's and optax's."""
+  rng = np.random.default_rng(7)
+  batches = [awkward_batch(rng) for _ in range(4)]
+  args = tuple(np.concatenate(parts)[:16] for parts in zip(*batches, strict=True))
+  expected = values_and_logit_grads(optax.ctc_loss, *args)
+  unsharded = values_and_logit_grads(kernel_loss(batch_tile=4), *args)
+  mesh = data_mesh(num_devices)
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(functools.partial(values_and_logit_grads, kernel_loss(batch_tile=4)))(
+      *jax.device_put(args, NamedSharding(mesh, P("data")))
+    )
+  for actual in (unsharded, expected):
+    np.testing.assert_allclose(sharded[0], actual[0], rtol=1e-5)
+    np.testing.assert_allclose(sharded[1], actual[1], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch_tile, num_warps", [(1, 1), (8, 4)])
 def test_lowers_to_triton(batch_tile, num_warps):
   """The GPU path (no interpret) lowers through Pallas' Triton lowering, which checks the
@@ -147,14 +191,37 @@ def test_lowers_to_triton(batch_tile, num_warps):
     jnp.zeros((batch, label_time), jnp.int32),
     jnp.zeros((batch, label_time)),
   )
+  assert cuda_lowering(traced).count("xla.gpu.triton") == 2
+
+
+def test_lowers_to_triton_calls_over_one_devices_rows_on_a_mesh():
+  """On 8 devices each Triton call's grid covers one device's 2 rows, not all 16: the split
+  reaches the GPU lowering, not only the interpreter."""
+  mesh = data_mesh(8)
+
+  def spec(shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P("data")))
+
+  def total_loss(logits, *rest):
+    return ctc_loss_kernel(logits, *rest, batch_tile=1, interpret=False).sum()
+
+  with jax.set_mesh(mesh):
+    traced = jax.jit(jax.value_and_grad(total_loss)).trace(
+      spec((16, 10, 5)), spec((16, 10)), spec((16, 9), jnp.int32), spec((16, 9))
+    )
+    text = cuda_lowering(traced)
+  assert re.findall(r"xla\.gpu\.triton.*?grid_x = (\d+)", text) == ["2", "2"]
+
+
+def cuda_lowering(traced) -> str:
+  """The StableHLO text of `traced` lowered for CUDA; skips where that needs a GPU."""
   try:
-    lowered = traced.lower(lowering_platforms=("cuda",))
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
   except RuntimeError as error:
     # jaxlib > 0.10.2 runs Triton's compiler while lowering, which needs the CUDA plugin.
     if "Triton compilation handler" in str(error):
       pytest.skip("this jaxlib compiles Triton kernels while lowering: needs a GPU")
     raise
-  assert lowered.as_text().count("xla.gpu.triton") == 2
 
 
 def test_rejects_a_batch_tile_that_is_not_a_power_of_two():

@@ -10,10 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from models.ctc import ctc_loss
 from models.lstm import LstmCtcModel, lstm_recurrence
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel, padded_hidden_size
+from tests.test_models_batch_sharding import assert_kernels_run_per_device, data_mesh
 
 INTERPRET = KernelConfig(interpret=True)
 
@@ -96,6 +99,47 @@ def test_bfloat16_kernel_matches_bfloat16_scan():
   )
   assert all(output.dtype == jnp.bfloat16 for output in actual[0])
   assert_trees_close(actual, expected, 2e-2)
+
+
+def test_kernels_run_per_device_on_their_batch_shard():
+  """Under an 8-device mesh each device runs both passes on its own 16 of the 128 rows. A Triton
+  call has no sharding rule: left to XLA, every device would gather and compute the whole batch."""
+  projected, kernel, _ = random_operands(4, 128, 16, 2)
+
+  def total(projected, kernel):
+    return sum(jnp.sum(states) for states in lstm_recurrence_kernel(projected, kernel, INTERPRET))
+
+  with jax.set_mesh(data_mesh(8)):
+    jaxpr = jax.make_jaxpr(jax.grad(total, argnums=(0, 1)))(projected, kernel)
+  assert_kernels_run_per_device(
+    jaxpr, {"lstm_forward": 2, "lstm_backward": 2}, rows=16, num_devices=8
+  )
+
+
+@pytest.mark.parametrize("num_devices", [1, 8])
+def test_kernel_on_a_mesh_matches_the_unsharded_kernel_and_the_scan(num_devices):
+  """Values and gradients on a batch-sharded mesh (3 rows per device, padded to a tile on each)
+  equal the single-call kernel's and the scan's; the recurrent kernel's gradient, a sum over
+  every row, is summed over the devices."""
+  projected, kernel, cotangents = random_operands(5, 24, 24, 2, seed=4)
+  scan = values_and_gradients(lambda p, k: lstm_recurrence(p, k, 1), projected, kernel, cotangents)
+
+  def fused(projected, kernel, cotangents):
+    return values_and_gradients(
+      lambda p, k: lstm_recurrence_kernel(p, k, INTERPRET), projected, kernel, cotangents
+    )
+
+  unsharded = fused(projected, kernel, cotangents)
+  mesh = data_mesh(num_devices)
+  rows = NamedSharding(mesh, P(None, "data"))
+  with jax.set_mesh(mesh):
+    sharded = jax.jit(fused)(
+      jax.device_put(projected, rows),
+      jax.device_put(kernel, NamedSharding(mesh, P())),
+      jax.device_put(cotangents, rows),
+    )
+  assert_trees_close(sharded, unsharded, 1e-5)
+  assert_trees_close(sharded, scan, 1e-5)
 
 
 @pytest.mark.parametrize("hidden, padded", [(1, 16), (16, 16), (17, 32), (128, 128), (200, 256)])

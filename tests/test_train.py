@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec as P
 import bucketing
 import train
 from experiments import iam, synthetic
+from tests.test_models_batch_sharding import assert_kernels_run_per_device
 
 REQUIRED_ROW_KEYS = {
   "epoch",
@@ -170,17 +171,21 @@ def one_bucket_plan(train_set, batch_size):
 
 
 def one_step(devices, config, train_set, plan, indices):
+  """One train step traced as the trainer traces it, with the mesh in context."""
   mesh, state = mesh_and_state(config, devices)
   batch = train.make_batch(train_set, plan, 0, indices, NamedSharding(mesh, P("data")))
   step = jax.jit(train.train_step, out_shardings=NamedSharding(mesh, P()))
-  new_state, metrics = step(state, batch)
+  with jax.set_mesh(mesh):
+    new_state, metrics = step(state, batch)
   return jax.device_get(new_state.params), float(metrics["loss"])
 
 
-@pytest.mark.parametrize(
-  "overrides", [{}, {"model.lstm_impl": "pallas", "ctc.impl": "pallas"}], ids=["scan", "kernels"]
-)
+KERNELS = {"model.lstm_impl": "pallas", "ctc.impl": "pallas"}
+
+
+@pytest.mark.parametrize("overrides", [{}, KERNELS], ids=["scan", "kernels"])
 def test_one_device_and_eight_devices_take_the_same_step(overrides):
+  """With the kernels, each of the eight devices runs them on its own 2 rows."""
   config = tiny_config(**overrides)
   train_set = train.load_split(config, "train", 16)
   plan = one_bucket_plan(train_set, 16)
@@ -193,6 +198,22 @@ def test_one_device_and_eight_devices_take_the_same_step(overrides):
   )
 
 
+def test_the_traced_train_step_runs_the_kernels_per_device():
+  """`compile_steps` traces each step through `trace_step`: on 8 devices every kernel call (LSTM
+  and CTC, forward and backward) runs on the device's own 16 rows of the 128."""
+  config = tiny_config(**KERNELS)
+  mesh, state = mesh_and_state(config, jax.devices())
+  plan = one_bucket_plan(train.load_split(config, "train", 128), 128)
+  batch = train.batch_spec(plan, 0, 3, NamedSharding(mesh, P("data")))
+  traced = train.trace_step(mesh, jax.jit(train.train_step), train.abstract_on(state), batch)
+  assert_kernels_run_per_device(
+    traced.jaxpr,
+    {"lstm_forward": 2, "lstm_backward": 2, "ctc_alpha": 0, "ctc_beta": 0},
+    rows=16,
+    num_devices=8,
+  )
+
+
 def test_pallas_kernels_give_the_trainers_loss_and_gradients():
   """The fused LSTM and CTC kernels (in the Pallas interpreter here) give the loss and gradients
   of the scan and optax, through the trainer's state, on a bucket with filler rows."""
@@ -200,10 +221,7 @@ def test_pallas_kernels_give_the_trainers_loss_and_gradients():
   plan = one_bucket_plan(train_set, 16)
   indices = np.concatenate([plan.members(0), np.full(4, bucketing.FILLER)])
   results = []
-  for overrides in (
-    {"model.lstm_impl": "scan", "ctc.impl": "optax"},
-    {"model.lstm_impl": "pallas", "ctc.impl": "pallas"},
-  ):
+  for overrides in ({"model.lstm_impl": "scan", "ctc.impl": "optax"}, KERNELS):
     mesh, state = mesh_and_state(tiny_config(**overrides), jax.devices()[:1])
     batch = train.make_batch(train_set, plan, 0, indices, NamedSharding(mesh, P("data")))
 
@@ -401,20 +419,23 @@ def test_sequential_overlapped_and_cached_compiles_train_identically_one_compile
   assert_same_training(reference_dir, tmp_path / "again")
 
 
+class Held:
+  """A jitted function whose tracing waits for `event`: a compile held back until a test says."""
+
+  def __init__(self, jitted, event: threading.Event, timeout_message: str):
+    self.jitted, self.event, self.timeout_message = jitted, event, timeout_message
+
+  def trace(self, *abstract_args):
+    if not self.event.wait(timeout=60):
+      raise TimeoutError(self.timeout_message)
+    return self.jitted.trace(*abstract_args)
+
+
 def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatch):
   # Eval compiles are held until the first step's metrics are read: a trainer that waited for
   # every compile before training would never release them.
   first_step_done = threading.Event()
   account, eval_jobs = train._account, train._eval_jobs
-
-  class HeldUntilTraining:
-    def __init__(self, jitted):
-      self.jitted = jitted
-
-    def lower(self, *abstract_args):
-      if not first_step_done.wait(timeout=120):
-        raise TimeoutError("training did not start while eval steps were still compiling")
-      return self.jitted.lower(*abstract_args)
 
   def accounting_step(*args):
     first_step_done.set()
@@ -422,7 +443,12 @@ def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatc
 
   def held_eval_jobs(*args):
     return {
-      key: (HeldUntilTraining(jitted), *rest) for key, (jitted, *rest) in eval_jobs(*args).items()
+      key: (
+        mesh,
+        Held(jitted, first_step_done, "training did not start before eval compiles"),
+        *rest,
+      )
+      for key, (mesh, jitted, *rest) in eval_jobs(*args).items()
     }
 
   monkeypatch.setattr(train, "_account", accounting_step)
@@ -436,20 +462,16 @@ def test_a_step_waits_for_its_own_compile_not_for_those_queued_ahead_of_it(monke
   # up must compile it on the spot: a pool that made it wait would time out the held compiles.
   monkeypatch.setattr(os, "cpu_count", lambda: 2)
   released = threading.Event()
-
-  class Held:
-    def __init__(self, jitted):
-      self.jitted = jitted
-
-    def lower(self, *abstract_args):
-      if not released.wait(timeout=30):
-        raise TimeoutError("the held compiles were never released")
-      return self.jitted.lower(*abstract_args)
+  mesh = train.make_data_mesh()
 
   def job(bucket, held=False):
     jitted = jax.jit(lambda x: x * 2.0)
     spec = jax.ShapeDtypeStruct((bucket + 1,), jnp.float32)
-    return (Held(jitted) if held else jitted, spec)
+    return (
+      mesh,
+      Held(jitted, released, "the held compiles were never released") if held else jitted,
+      spec,
+    )
 
   train.CompileEvents.install()
   outside_before = train.CompileEvents.outside_steps()
@@ -740,7 +762,7 @@ def test_the_run_says_which_implementations_auto_chose():
     "on cpu: LSTM recurrence lax.scan, unroll 1 (lstm_impl='auto'), "
     "CTC loss optax (ctc.impl='auto')"
   )
-  kernels = tiny_config(**{"model.lstm_impl": "pallas", "ctc.impl": "pallas"})
+  kernels = tiny_config(**KERNELS)
   assert train.describe_implementations(kernels).count("the fused Pallas kernel") == 2
 
 
