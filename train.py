@@ -831,6 +831,7 @@ class Checkpoints:
     Raises a ValueError naming the checkpoint when its files are damaged or its values differ
     from the SHA-256 written with them (checkpoints from before that was written load unchecked).
     """
+    self.best.wait_until_finished()  # a save in flight sits in a temporary folder until then
     step = self.best.latest_step()
     if step is None:
       return None

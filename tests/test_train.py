@@ -564,6 +564,14 @@ def restored_best(workdir, target):
     return checkpoints.restore_best(target)
 
 
+def test_the_best_checkpoint_reads_back_while_its_save_is_in_flight(tmp_path):
+  # What the test split does at the end of training: restore what was just saved, asynchronously.
+  params = {"dense": {"kernel": jnp.arange(4096.0).reshape(64, 64), "bias": jnp.ones(64)}}
+  with contextlib.closing(train.Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.save_best(3, params)
+    jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
+
+
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete", "other values"])
 def test_a_damaged_best_checkpoint_is_an_error_naming_it_not_wrong_parameters(tmp_path, how):
   params = {"dense": {"kernel": jnp.arange(4096.0).reshape(64, 64), "bias": jnp.ones(64)}}
