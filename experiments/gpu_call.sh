@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# What only a GPU can measure, as stages that fit one call of a time-limited GPU lease.
+#
+#   bash experiments/gpu_call.sh DATA_DIR STAGE[:MINUTES] ...
+#   bash experiments/gpu_call.sh .gpu/data startup paper:5          # about 9 minutes on one H200
+#   bash experiments/gpu_call.sh .gpu/data recipe:2 accuracy:4
+#
+# DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
+# "On a GPU machine without TFDS or network"). Each stage writes its results under
+# $RESULTS_DIR (default experiments/results/) with the device named, then copies them to $OUT
+# when that is set:
+#   startup        compiling `experiments/iam.py` K = 8 sequentially, in parallel, overlapped and
+#                  from the persistent cache (20 steps per run)       -> benchmark_compile_gpu.md
+#   paper:M        the paper's table within M minutes (probe, then equal epochs for every run that
+#                  fits)                                               -> paper_gpu.{md,csv,png}
+#   recipe:M       accuracy candidates, M minutes each, by validation CER against wall time
+#                  ($RECIPE_CANDIDATES)                                -> recipe_full_gpu.{md,csv,png}
+#   accuracy:M     `experiments/iam.py:gpu` trained for M minutes, then its best checkpoint's test
+#                  CER (testset_f)                                     -> accuracy_gpu.json
+# Stages run in the order given; a stage that fails is reported and the next one still runs.
+# $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16") reach the
+# startup and accuracy stages' configs: a dry run on a CPU before spending the GPU.
+set -uo pipefail
+
+if [[ $# -lt 2 ]]; then
+  awk 'NR > 1 && !/^#/ { exit } NR > 1 { print }' "$0" >&2
+  exit 2
+fi
+data_dir=$1
+shift
+overrides=${CONFIG_OVERRIDES:-}
+results=${RESULTS_DIR:-experiments/results}
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+failed=()
+
+run_stage() {
+  local stage=$1 minutes=$2
+  case $stage in
+    startup)
+      python -m experiments.benchmark_compile --config=experiments/iam.py --num-buckets 8 \
+        --repeats 1 --config.max_steps=20 --config.progress_bar=False \
+        --config.data.data_dir="$data_dir" --out "$results/benchmark_compile_gpu.md" $overrides
+      ;;
+    paper)
+      python -m experiments.paper --budget-minutes "$minutes" --data-dir "$data_dir" \
+        --workdir /tmp/gpu-call/paper --out "$results/paper_gpu"
+      ;;
+    recipe)
+      python -m experiments.recipe --preset full --data-dir "$data_dir" \
+        --minutes-per-run "$minutes" --workdir /tmp/gpu-call/recipe \
+        --candidates "${RECIPE_CANDIDATES:-base,tokens_40000,tokens_80000}" \
+        --out "$results/recipe_full_gpu"
+      ;;
+    accuracy)
+      local workdir=/tmp/gpu-call/accuracy
+      python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
+        --config.data.data_dir="$data_dir" --config.max_minutes="$minutes" \
+        --config.progress_bar=False $overrides >"$workdir.train.json" &&
+        python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
+          --config.data.data_dir="$data_dir" --mode=evaluate --split=test $overrides \
+          >"$workdir.test.json" &&
+        python -c 'import json, sys; json.dump({"train": json.load(open(sys.argv[1])),
+          "test": json.load(open(sys.argv[2]))}, open(sys.argv[3], "w"), indent=2)' \
+          "$workdir.train.json" "$workdir.test.json" "$results/accuracy_gpu.json"
+      ;;
+  esac
+}
+
+for spec in "$@"; do
+  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy)$ ]]; then
+    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M)" >&2
+    exit 2
+  fi
+done
+mkdir -p /tmp/gpu-call
+for spec in "$@"; do
+  stage=${spec%%:*}
+  minutes=${spec#*:}
+  [[ $minutes == "$spec" ]] && minutes=0
+  echo "=== $stage ($minutes min) at $(date +%T)"
+  run_stage "$stage" "$minutes" || failed+=("$stage")
+done
+if [[ -n ${OUT:-} ]]; then
+  cp -r "$results"/*gpu* "$OUT"/ 2>/dev/null
+fi
+if [[ ${#failed[@]} -gt 0 ]]; then
+  echo "failed: ${failed[*]}" >&2
+  exit 1
+fi
