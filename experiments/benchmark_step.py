@@ -63,6 +63,7 @@ IMPLEMENTATIONS = {
   "pallas LSTM, pallas CTC": KERNELS,
   "pallas LSTM, pallas CTC, bfloat16": KERNELS | {"model.dtype": "bfloat16"},
 }
+NO_EXTRA_FLAGS = "no extra flags"
 PRESETS = {
   # (batch, time) -> the implementations timed there.
   "full": {
@@ -338,32 +339,39 @@ def describe(variant: KernelConfig) -> str:
   )
 
 
-def flag_variants(arguments: list[str], settings: dict, repeats: int) -> list[dict[str, str]]:
-  """The step of `scan, unroll 8` and `pallas` at B = 32, T = 608, in a child process per
-  `NAME=XLA_FLAGS` (flags are read once, when the backend starts)."""
+def flag_variants(
+  arguments: list[str], preset: str, settings: dict, repeats: int
+) -> list[dict[str, str]]:
+  """The whole step at the preset's first shape, for each of its implementations, in a child
+  process per `NAME=XLA_FLAGS` (flags are read once, when the backend starts), after a child with
+  no extra flags: the rows compare among themselves, each measured the same way."""
   rows = []
-  for argument in arguments:
+  for argument in [f"{NO_EXTRA_FLAGS}=", *arguments]:
     name, flags = argument.split("=", 1)
     child = [sys.executable, "-m", "experiments.benchmark_step", "--step-only"]
-    child += ["--repeats", str(repeats), "--settings", json.dumps(settings)]
-    environment = os.environ | {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}"}
+    child += ["--preset", preset, "--repeats", str(repeats), "--settings", json.dumps(settings)]
+    # A blank XLA_FLAGS is read as a file name: join only what is there.
+    inherited = os.environ.get("XLA_FLAGS", "")
+    environment = os.environ | {"XLA_FLAGS": " ".join(part for part in (inherited, flags) if part)}
     done = subprocess.run(child, capture_output=True, text=True, env=environment, check=False)
+    label = f"{name}: `{flags}`" if flags else name
     if done.returncode:
       message = done.stderr.strip().splitlines()[-1:] or ["no output"]
-      rows.append({"XLA_FLAGS": f"{name}: `{flags}`", "result": f"failed: {message[0]}"})
+      rows.append({"XLA_FLAGS": label, "result": f"failed: {message[0]}"})
       continue
     timings = json.loads(done.stdout)
     cells = ", ".join(f"{impl} {ms:.2f} ms" for impl, ms in timings.items())
-    rows.append({"XLA_FLAGS": f"{name}: `{flags}`", "result": cells})
+    rows.append({"XLA_FLAGS": label, "result": cells})
   return rows
 
 
-def step_only(settings: dict, repeats: int) -> dict[str, float]:
-  """The `--step-only` child: the whole step at B = 32, T = 608 per implementation."""
-  batch = random_batch(32, 608)
+def step_only(preset: str, settings: dict, repeats: int) -> dict[str, float]:
+  """The `--step-only` child: the whole step at the preset's first shape per implementation."""
+  (batch_size, time_steps), names = next(iter(PRESETS[preset].items()))
+  batch = random_batch(batch_size, time_steps)
   timings = {}
-  for name in ("scan unroll 8, optax CTC", "pallas LSTM, pallas CTC"):
-    config = make_config("quick", IMPLEMENTATIONS[name], settings)
+  for name in names:
+    config = make_config(preset, IMPLEMENTATIONS[name], settings)
     state = train.create_train_state(config, NUM_FEATURES, 10**6)
     step = jax.jit(train.train_step, donate_argnums=0)
     carried = [state]
@@ -433,7 +441,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
   if args.step_only:
-    print(json.dumps(step_only(args.settings, args.repeats)))
+    print(json.dumps(step_only(args.preset, args.settings, args.repeats)))
     return None
   if args.epoch and not args.data_dir:
     parser.error("--epoch needs --data-dir (the folder of iam_ondb.npz)")
@@ -562,9 +570,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     ]
     write_report()
   if args.xla_flags:
-    flag_rows = flag_variants(args.xla_flags, settings, args.repeats)
+    flag_rows = flag_variants(args.xla_flags, preset_name, settings, args.repeats)
+    (batch_size, time_steps), _ = next(iter(PRESETS[preset_name].items()))
     sections += [
-      "## XLA flags (B = 32, T = 608, the whole step, each in its own process)",
+      f"## XLA flags (B = {batch_size}, T = {time_steps}, the whole step, each in its own process)",
       "",
       *markdown_table(flag_rows, ["XLA_FLAGS", "result"]),
       "",

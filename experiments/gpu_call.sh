@@ -17,6 +17,8 @@
 #                  ($RECIPE_CANDIDATES)                                -> recipe_full_gpu.{md,csv,png}
 #   accuracy:M     `experiments/iam.py:gpu` trained for M minutes, then its best checkpoint's test
 #                  CER (testset_f)                                     -> accuracy_gpu.json
+#   flags          the default step beside XLA flags that might cut its per-iteration launches
+#                  (about 3 minutes)                            -> benchmark_step_gpu_flags.md
 # Stages run in the order given; a stage that fails is reported and the next one still runs.
 # $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16") reach the
 # startup and accuracy stages' configs: a dry run on a CPU before spending the GPU.
@@ -63,12 +65,18 @@ run_stage() {
           "test": json.load(open(sys.argv[2]))}, open(sys.argv[3], "w"), indent=2)' \
           "$workdir.train.json" "$workdir.test.json" "$results/accuracy_gpu.json"
       ;;
+    flags)
+      python -m experiments.benchmark_step --preset defaults \
+        --xla-flags "Triton GEMM for every dot=--xla_gpu_triton_gemm_any=true" \
+        --xla-flags "loop double buffering=--xla_gpu_enable_while_loop_double_buffering=true" \
+        --out "$results/benchmark_step_gpu_flags.md"
+      ;;
   esac
 }
 
 for spec in "$@"; do
-  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy)$ ]]; then
-    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M)" >&2
+  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy|flags)$ ]]; then
+    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M, flags)" >&2
     exit 2
   fi
 done

@@ -1,6 +1,7 @@
 """The step-anatomy driver: the sections and rows it promises, kernels checked on the way."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -72,3 +73,22 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_chosen(monkeypatc
   assert best.num_warps == 8 and best.interpret
   failed = [row for row in rows if row["ms"] == "failed"]
   assert len(failed) == 1 and "Shared memory" in failed[0]["max relative error"]
+
+
+def test_xla_flag_variants_run_in_their_own_process_beside_a_baseline(tmp_path, monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "")
+  dump = tmp_path / "dump"
+  rows = benchmark_step.flag_variants(
+    ["no such flag=--xla_no_such_flag_at_all=1", f"dump=--xla_dump_to={dump}"], "tiny", {}, 1
+  )
+  assert [row["XLA_FLAGS"].split(":")[0] for row in rows] == [
+    benchmark_step.NO_EXTRA_FLAGS,
+    "no such flag",
+    "dump",
+  ]
+  implementations = benchmark_step.PRESETS["tiny"][(8, 24)]
+  for row in (rows[0], rows[2]):
+    timed = re.findall(r"(.+?) ([\d.]+) ms(?:, |$)", row["result"])
+    assert [name for name, _ in timed] == list(implementations), row
+  assert rows[1]["result"].startswith("failed:") and "xla_no_such_flag_at_all" in rows[1]["result"]
+  assert any(dump.iterdir())  # the flags reached the child's backend
