@@ -1,0 +1,194 @@
+"""The recipe study: candidates change exactly their fields, mistakes are one line, the table is
+read from the runs' files, and a study started again reuses its runs."""
+
+import csv
+import functools
+import json
+import math
+
+import pytest
+
+import cli_errors
+from experiments import paper, recipe
+
+
+def tiny_args(tmp_path, *extra):
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  return recipe.parse_args([*argv, "--minutes-per-run", "0.5", *extra])
+
+
+def flat(config) -> dict:
+  """Every field's value by dotted path."""
+  fields = recipe.config_fields(config)
+  return {field: functools.reduce(getattr, field.split("."), config) for field in fields}
+
+
+def test_candidates_change_exactly_their_fields(tmp_path):
+  args = tiny_args(tmp_path, "--candidates", "base,raw_points,hidden_32,tokens_4096,constant_lr")
+  args.set = ["mine:model.num_layers=3,optimizer.learning_rate=5e-3,optimizer.schedule=constant"]
+  base = recipe.base_config(args)
+  assert base.data.test_split is None and base.compilation_cache_dir == ""
+  expected = {
+    "base": {},
+    "raw_points": {"data.features.resample_spacing": None},
+    "hidden_32": {"model.hidden_size": 32},
+    "tokens_4096": {"bucketing.max_tokens": 4096, "bucketing.batch_size": 0},
+    "constant_lr": {"optimizer.schedule": "constant"},
+    "mine": {
+      "model.num_layers": 3,
+      "optimizer.learning_rate": 5e-3,
+      "optimizer.schedule": "constant",
+    },
+  }
+  candidates = recipe.resolve_candidates(args)
+  assert [candidate.name for candidate in candidates] == list(expected)
+  base_fields = flat(base)
+  for candidate in candidates:
+    fields = flat(recipe.candidate_config(base, candidate))
+    changed = {field: value for field, value in fields.items() if value != base_fields[field]}
+    assert changed == expected[candidate.name], candidate.name
+    # Only the batch and token budgets take the square-root learning-rate rule.
+    assert candidate.scale_lr == (candidate.name == "tokens_4096")
+
+  # --base changes the preset under every candidate; a candidate's own field wins.
+  args.base = "model.hidden_size=24,model.dropout_rate=0"
+  changed_base = flat(recipe.base_config(args))
+  assert {f: v for f, v in changed_base.items() if v != base_fields[f]} == {
+    "model.hidden_size": 24,
+    "model.dropout_rate": 0.0,
+  }
+  hidden_32 = recipe.candidate_config(recipe.base_config(args), candidates[2])
+  assert (hidden_32.model.hidden_size, hidden_32.model.dropout_rate) == (32, 0.0)
+
+
+def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
+  base = recipe.base_config(tiny_args(tmp_path))  # batch 8, lr 3e-3
+  plan = {"num_examples": 96, "steps_per_epoch": [4, 2]}  # 16 sequences per step
+  assert recipe.sequences_per_step(plan) == 16
+  assert recipe.scaled_learning_rate(base, plan) == pytest.approx(3e-3 * math.sqrt(2))
+
+
+@pytest.mark.parametrize(
+  ("extra", "message"),
+  [
+    (
+      ["--set", "typo:model.hiden_size=32"],
+      "candidate 'typo': no config field 'model.hiden_size'; did you mean 'model.hidden_size'?",
+    ),
+    (["--set", "bad:model.hidden_size=wide"], "candidate 'bad': model.hidden_size='wide': "),
+    (["--candidates", "base,widest_2"], "unknown candidate 'widest_2'; known: base, "),
+    (["--candidates", "hidden_x"], "candidate 'hidden_x': 'x' is not a number"),
+    (["--set", "base:seed=1"], "--set base: the name of a built-in"),
+    (["--set", "nofields"], "--set 'nofields': expected NAME:field=value"),
+    (
+      ["--candidates", "base", "--base", "optimizer.lr=1"],
+      "--base: no config field 'optimizer.lr'",
+    ),
+  ],
+)
+def test_a_mistake_is_one_line_exit_2_before_anything_runs(tmp_path, capsys, extra, message):
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path / "study")]
+  argv += ["--minutes-per-run", "0.5", *extra]
+  assert cli_errors.run(lambda: recipe.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith(f"error: {message}") and error.count("\n") == 1, error
+  assert not (tmp_path / "study").exists()
+
+
+def write_run(candidate_dir, epochs: list[tuple[float, float, float, float]], **files) -> None:
+  """A finished candidate's files: (epoch time, eval time, val loss, val CER) per epoch."""
+  run_dir = candidate_dir / "train"
+  run_dir.mkdir(parents=True)
+  (run_dir / "summary.json").write_text(json.dumps({"time_to_first_step_s": 10.0}))
+  (run_dir / "plan.json").write_text(json.dumps({"num_examples": 48}))
+  rows = [
+    {"epoch": i, "epoch_time_s": t, "eval_time_s": e, "val_loss": loss, "val_cer": cer}
+    for i, (t, e, loss, cer) in enumerate(epochs)
+  ]
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+  for name, content in files.items():
+    (candidate_dir / f"{name}.json").write_text(json.dumps(content))
+
+
+def test_rows_compare_at_equal_wall_time_from_the_metrics(tmp_path):
+  schedule = {"learning_rate": 3e-3, "sequences_per_step": 8.0, "planned_epochs": 4}
+  common = {
+    "schedule": schedule,
+    "result": {"wall_s": 99.6, "ended_by": "epochs", "load": [1.0, 2.54]},
+  }
+  # Clock: 10 s to the first step, then 20 s per epoch: 30, 50, 70, 90 s; budget 100 s.
+  write_run(
+    tmp_path / "slow",
+    [(15, 5, 60.0, 0.9), (15, 5, 40.0, 0.6), (15, 5, 45.0, 0.7), (15, 5, 41.0, 0.5)],
+    candidate={"changes": "none (the preset)"},
+    **common,
+  )
+  # 10 s per epoch: 20, 30 s, and a test score.
+  write_run(
+    tmp_path / "fast",
+    [(8, 2, 50.0, 0.8), (8, 2, 30.0, 0.4)],
+    candidate={"changes": "model.hidden_size=32"},
+    test={"cer": 0.45},
+    **common,
+  )
+  slow, fast = (recipe.candidate_row(tmp_path / name, 100.0) for name in ("slow", "fast"))
+  assert slow["val CER at 25%"] == "-"  # no epoch had ended by 25 s
+  assert slow["val CER at 50%"] == "0.6000"  # the lowest by 50 s, not the last
+  assert (slow["best val CER"], slow["at (s)"], slow["best val loss"]) == ("0.5000", "90", "40.000")
+  assert (slow["epochs (planned)"], slow["test CER"]) == ("4 (4)", "-")
+  assert (fast["val CER at 25%"], fast["val CER at 50%"]) == ("0.8000", "0.4000")
+  assert (fast["best val CER"], fast["at (s)"], fast["test CER"]) == ("0.4000", "30", "0.4500")
+  assert (fast["changes"], fast["run wall (s)"], fast["load"]) == (
+    "model.hidden_size=32",
+    "100",
+    "1.0-2.5",
+  )
+  assert recipe.winner([slow, fast]) == "fast"
+
+
+@pytest.mark.slow
+def test_a_study_writes_table_and_plot_from_its_run_and_a_restart_reuses_it(tmp_path, capsys):
+  """One real candidate (a token budget, so the worker applies the learning-rate rule), ~1 min."""
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--candidates", "tokens_8192"]
+  markdown_path = recipe.main([*argv, "--minutes-per-run", "0.5"])
+  with open(tmp_path / "recipe.csv", newline="") as file:
+    (row,) = list(csv.DictReader(file))
+  assert list(row) == list(recipe.COLUMNS)
+
+  # The row's numbers are the run's: its metrics, its plan's learning rate, its test score.
+  run = paper.read_run(tmp_path / "tokens_8192" / "train")
+  cers = [epoch["val_cer"] for epoch in run["history"]]
+  assert cers and row["best val CER"] == f"{min(cers):.4f}"
+  assert row["best val loss"] == f"{min(e['val_loss'] for e in run['history']):.3f}"
+  assert row["epochs (planned)"].split()[0] == str(len(cers))
+  base = recipe.base_config(recipe.parse_args([*argv, "--minutes-per-run", "0.5"]))
+  learning_rate = recipe.scaled_learning_rate(base, run["plan"])
+  assert learning_rate != base.optimizer.learning_rate
+  assert row["learning rate"] == f"{learning_rate:.3g}"
+  test = json.loads((tmp_path / "tokens_8192" / "test.json").read_text())
+  assert row["test CER"] == f"{test['cer']:.4f}" and test["examples"] > 16  # the whole split
+  # The budget held: the run stopped by its last planned epoch or at the budget.
+  assert float(row["run wall (s)"]) <= 30 + 10
+
+  # The Markdown table is the CSV; the header names machine, load and command; the plot exists.
+  text = markdown_path.read_text()
+  assert "Machine:" in text and "load average" in text and "python -m experiments.recipe" in text
+  table = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
+  cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table]
+  assert cells == [list(recipe.COLUMNS), list(row.values())]
+  assert (tmp_path / "recipe_val_cer.png").read_bytes()[:4] == b"\x89PNG"
+
+  # Started again, the study reuses the run and its test score and prints only JSON.
+  capsys.readouterr()
+  summary_path = tmp_path / "tokens_8192" / "train" / "summary.json"
+  before = summary_path.stat().st_mtime_ns
+  recipe.main([*argv, "--minutes-per-run", "0.5", "--json"])
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["winner"] == "tokens_8192" and printed["rows"] == [row]
+  assert summary_path.stat().st_mtime_ns == before
+
+  # Other settings in the same workdir are refused, naming the candidate.
+  changed = [*argv, "--minutes-per-run", "0.75"]
+  assert cli_errors.run(lambda: recipe.main(changed)) == cli_errors.USAGE_EXIT_CODE
+  assert "holds a run of 'tokens_8192' with other settings" in capsys.readouterr().err
