@@ -14,7 +14,8 @@
 #   paper:M        the paper's table within M minutes (probe, then equal epochs for every run that
 #                  fits)                                               -> paper_gpu.{md,csv,png}
 #   recipe:M       accuracy candidates, M minutes each, by validation CER against wall time
-#                  ($RECIPE_CANDIDATES)                                -> recipe_full_gpu.{md,csv,png}
+#                  ($RECIPE_CANDIDATES, default: the base against iam.py:gpu's token budget;
+#                  2 candidates at M = 2.5 take about 8 minutes) -> recipe_full_gpu.{md,csv,png}
 #   accuracy:M     `experiments/iam.py:gpu` trained for M minutes, then its best checkpoint's test
 #                  CER (testset_f)                                     -> accuracy_gpu.json
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
@@ -48,9 +49,10 @@ run_stage() {
         --workdir /tmp/gpu-call/paper --out "$results/paper_gpu"
       ;;
     recipe)
+      # K = 2: every candidate compiles cold twice (its probe, its run) inside the call
       python -m experiments.recipe --preset full --data-dir "$data_dir" \
         --minutes-per-run "$minutes" --workdir /tmp/gpu-call/recipe \
-        --candidates "${RECIPE_CANDIDATES:-base,tokens_40000,tokens_80000}" \
+        --base bucketing.num_buckets=2 --candidates "${RECIPE_CANDIDATES:-base,tokens_77824}" \
         --out "$results/recipe_full_gpu"
       ;;
     accuracy)
