@@ -46,17 +46,15 @@ is started again in the same workdir; one cut short (a kill, Ctrl-C) is trained 
 start, since its budget cannot be split across starts. A workdir holding a candidate of the same
 name with other settings is refused: use a new workdir after changing any setting.
 
-Measured: the first command above on IAM-OnDB on a 2-core CPU shared with another developer's
-jobs (`experiments/results/recipe_quick_cpu.md`, 26.0 min, then 3.4 min to add `base_rerun`,
-the base again): the load decided how far a run got as much as the candidate did. The same base
-run trained 9 epochs to validation CER 0.408 at a 1-minute load of 6 and 24 epochs to 0.246 at
-1.3-1.9. At comparable loads a constant learning rate after the warm-up reached the lowest
-validation CER (0.228; its test CER on all 3,859 `testset_f` lines, greedy: 0.145), no dropout
-matched the base (0.247), a token budget of 8,192 with the square-root rule trailed it (0.259),
-and 3 layers (0.532) and hidden 128 (0.344) trained fewer epochs and ended behind. A 1,000-line
-study at 3.5 CPU-minutes per run says what learns fastest per CPU-minute at small scale; the
-recipe (the IAM-OnDB-t1 test CER of `experiments/iam.py`, goal 9%) needs the full-size study on
-a GPU, where each run pays its cold compile (101 s for K = 8 on an H200 host,
+Measured: the first command above on IAM-OnDB on a 2-core CPU with nothing else running
+(`experiments/results/recipe_quick_cpu.md`, 29.0 min): the same configuration twice (`base`,
+`base_rerun`) ended 0.006 apart in validation CER (0.235, 0.229), so a constant learning rate after
+the warm-up (0.231) and no dropout (0.242) were within a run's noise of the base; hidden 128
+(0.264), a token budget of 8,192 with the square-root rule (0.269), 3 layers (0.312) and raw points
+(0.541) learned less per CPU-minute. The winner's test CER on all 3,859 `testset_f` lines, greedy:
+0.143. A 1,000-line study at 3.5 CPU-minutes per run says what learns fastest per CPU-minute at
+small scale; the recipe (the IAM-OnDB-t1 test CER of `experiments/iam.py`, goal 9%) needs the
+full-size study on a GPU, where each run pays its cold compile (101 s for K = 8 on an H200 host,
 results/benchmark_step_gpu_defaults.md) twice: in its probe and in its budget, hence the
 `--base bucketing.num_buckets=2` of the GPU command (an estimate, not yet run: per candidate
 about a minute of start-up, compiling and probing plus its 2.5 minutes, then the winner's test
