@@ -20,7 +20,10 @@
 #                  CER (testset_f)                                     -> accuracy_gpu.json
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
 #                  (about 3 minutes)                            -> benchmark_step_gpu_flags.md
-# Stages run in the order given; a stage that fails is reported and the next one still runs.
+# Stages run in the order given; a stage that fails is reported and the next one still runs. All
+# of them end by $DEADLINE_S seconds (default 570, inside a 10-minute call): a command still
+# running then gets SIGINT (train.py checkpoints and stops), and each stage's results are copied
+# to $OUT as soon as it ends, so what finished comes back even if the call is cut short.
 # $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16") reach the
 # startup and accuracy stages' configs: a dry run on a CPU before spending the GPU.
 set -uo pipefail
@@ -33,34 +36,45 @@ data_dir=$1
 shift
 overrides=${CONFIG_OVERRIDES:-}
 results=${RESULTS_DIR:-experiments/results}
+deadline=${DEADLINE_S:-570}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 failed=()
+
+# Runs a command with what is left until the deadline (status 124 if nothing is left).
+within_deadline() {
+  local left=$((deadline - SECONDS))
+  if ((left <= 0)); then
+    echo "no time left for: $*" >&2
+    return 124
+  fi
+  timeout --signal=INT --kill-after=15 "$left" "$@"
+}
 
 run_stage() {
   local stage=$1 minutes=$2
   case $stage in
     startup)
-      python -m experiments.benchmark_compile --config=experiments/iam.py --num-buckets 8 \
+      within_deadline python -m experiments.benchmark_compile --config=experiments/iam.py --num-buckets 8 \
         --repeats 1 --config.max_steps=20 --config.progress_bar=False \
         --config.data.data_dir="$data_dir" --out "$results/benchmark_compile_gpu.md" $overrides
       ;;
     paper)
-      python -m experiments.paper --budget-minutes "$minutes" --data-dir "$data_dir" \
+      within_deadline python -m experiments.paper --budget-minutes "$minutes" --data-dir "$data_dir" \
         --workdir /tmp/gpu-call/paper --out "$results/paper_gpu"
       ;;
     recipe)
       # K = 2: every candidate compiles cold twice (its probe, its run) inside the call
-      python -m experiments.recipe --preset full --data-dir "$data_dir" \
+      within_deadline python -m experiments.recipe --preset full --data-dir "$data_dir" \
         --minutes-per-run "$minutes" --workdir /tmp/gpu-call/recipe \
         --base bucketing.num_buckets=2 --candidates "${RECIPE_CANDIDATES:-base,tokens_77824}" \
         --out "$results/recipe_full_gpu"
       ;;
     accuracy)
       local workdir=/tmp/gpu-call/accuracy
-      python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
+      within_deadline python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
         --config.data.data_dir="$data_dir" --config.max_minutes="$minutes" \
         --config.progress_bar=False $overrides >"$workdir.train.json" &&
-        python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
+        within_deadline python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
           --config.data.data_dir="$data_dir" --mode=evaluate --split=test $overrides \
           >"$workdir.test.json" &&
         python -c 'import json, sys; json.dump({"train": json.load(open(sys.argv[1])),
@@ -68,7 +82,7 @@ run_stage() {
           "$workdir.train.json" "$workdir.test.json" "$results/accuracy_gpu.json"
       ;;
     flags)
-      python -m experiments.benchmark_step --preset defaults \
+      within_deadline python -m experiments.benchmark_step --preset defaults \
         --xla-flags "Triton GEMM for every dot=--xla_gpu_triton_gemm_any=true" \
         --xla-flags "loop double buffering=--xla_gpu_enable_while_loop_double_buffering=true" \
         --out "$results/benchmark_step_gpu_flags.md"
@@ -89,10 +103,10 @@ for spec in "$@"; do
   [[ $minutes == "$spec" ]] && minutes=0
   echo "=== $stage ($minutes min) at $(date +%T)"
   run_stage "$stage" "$minutes" || failed+=("$stage")
+  if [[ -n ${OUT:-} ]]; then
+    cp -r "$results"/*gpu* "$OUT"/ 2>/dev/null
+  fi
 done
-if [[ -n ${OUT:-} ]]; then
-  cp -r "$results"/*gpu* "$OUT"/ 2>/dev/null
-fi
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "failed: ${failed[*]}" >&2
   exit 1
