@@ -295,6 +295,9 @@ def run_worker(args: argparse.Namespace, devices: int) -> None:
       # cap); the same command, given more time, continues it.
       config.max_minutes = (budget["deadline"] - time.time()) / 60
     summary = train.train_and_evaluate(config, run_dir)
+    if summary["stopped_by"] in ("SIGINT", "SIGTERM"):  # checkpointed; the same command resumes
+      print(f"{run_name(devices, strategy, num_buckets)}: stopped by {summary['stopped_by']}")
+      return
     if summary["stopped_by"]:
       print(f"{run_name(devices, strategy, num_buckets)}: stopped by the deadline", flush=True)
       continue
@@ -375,7 +378,8 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
     probed = json.loads(pathlib.Path(earlier).read_text())
   else:
     probe_start = time.perf_counter()
-    run_worker_process([*argv, "--probe"], device_counts[0])
+    if not run_worker_process([*argv, "--probe"], device_counts[0]):
+      raise cli_errors.UsageError("interrupted while probing: no run to report")
     probed = json.loads((workdir / "probe.json").read_text())
     # The worker's own start-up (Python, JAX) is paid once per device count.
     worker_start_s = time.perf_counter() - probe_start - sum(p["wall_s"] for p in probed["probes"])
@@ -423,16 +427,32 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
   return budget
 
 
-def run_worker_process(argv: list[str], devices: int) -> None:
-  worker = subprocess.run(
+def run_worker_process(argv: list[str], devices: int) -> bool:
+  """Runs the worker for `devices` devices to its end; False when it was interrupted."""
+  return run_worker_command(
     [sys.executable, "-m", "experiments.paper", *argv, "--worker-devices", str(devices)],
-    check=False,
-    env=worker_env(devices),
+    worker_env(devices),
+    f"the worker for {devices} device(s)",
   )
-  if worker.returncode:  # The worker has printed its error (one line, or a bug's traceback).
-    raise cli_errors.UsageError(
-      f"the worker for {devices} device(s) failed with exit code {worker.returncode}"
-    )
+
+
+def run_worker_command(command: list[str], env: dict[str, str], what: str, **popen_args) -> bool:
+  """Runs a worker process to its end; returns False when SIGINT interrupted it.
+
+  SIGINT (Ctrl-C, or a deadline's `timeout --signal=INT`) reaches the worker as well, and its
+  training stops at a step boundary with a checkpoint: this waits for that, where
+  `subprocess.run` would kill the worker mid-write. A worker that fails otherwise has printed its
+  error (one line, or a bug's traceback); that is a UsageError naming `what`.
+  """
+  worker = subprocess.Popen(command, env=env, **popen_args)
+  try:
+    returncode = worker.wait()
+  except KeyboardInterrupt:
+    worker.wait()
+    return False
+  if returncode:
+    raise cli_errors.UsageError(f"{what} failed with exit code {returncode}")
+  return True
 
 
 def worker_env(devices: int) -> dict[str, str]:
@@ -732,7 +752,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     args = parse_args(worker_argv)
     device_counts = sorted({devices for devices, _, _ in budget["runs"]})
   for devices in device_counts:
-    run_worker_process(worker_argv, devices)
+    if not run_worker_process(worker_argv, devices):
+      print("interrupted: the report covers the runs that finished", flush=True)
+      break
   loads = (load_before, os.getloadavg()[0])
   path = write_report(args, argv, device_counts, loads, time.perf_counter() - start, budget)
   print(f"wrote {path}")

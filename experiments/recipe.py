@@ -357,17 +357,14 @@ def log(line: str) -> None:
   print(line, file=sys.stderr, flush=True)
 
 
-def run_worker_process(argv: list[str], phase: str, name: str) -> None:
-  worker = subprocess.run(
+def run_worker_process(argv: list[str], phase: str, name: str) -> bool:
+  """Runs the candidate's `phase` worker to its end; False when it was interrupted."""
+  return paper.run_worker_command(
     [sys.executable, "-m", "experiments.recipe", *argv, "--worker", f"{phase}:{name}"],
-    check=False,
+    paper.worker_env(1),
+    f"the {phase} worker of candidate {name!r}",
     stdout=subprocess.DEVNULL,
-    env=paper.worker_env(1),
   )
-  if worker.returncode:  # The worker has printed its error (one line, or a bug's traceback).
-    raise cli_errors.UsageError(
-      f"the {phase} worker of candidate {name!r} failed with exit code {worker.returncode}"
-    )
 
 
 def check_settings(candidate_dir: pathlib.Path, settings: dict) -> None:
@@ -575,16 +572,26 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   }
   for name, candidate_settings in settings.items():
     check_settings(workdir / name, candidate_settings)
+  interrupted = False
   for candidate in candidates:
-    if not (workdir / candidate.name / "result.json").is_file():
-      run_worker_process(argv, "train", candidate.name)
-  rows = [candidate_row(workdir / c.name, args.minutes_per_run * 60) for c in candidates]
+    done = (workdir / candidate.name / "result.json").is_file()
+    if not done and not run_worker_process(argv, "train", candidate.name):
+      interrupted = True
+      break
+  finished = [c for c in candidates if (workdir / c.name / "result.json").is_file()]
+  if not finished:
+    raise cli_errors.UsageError("interrupted before any candidate finished: nothing to report")
+  rows = [candidate_row(workdir / c.name, args.minutes_per_run * 60) for c in finished]
   best = winner(rows)
-  tested = {"winner": [best] if best else [], "all": [c.name for c in candidates], "none": []}
-  for name in tested[args.test]:
-    if not (workdir / name / "test.json").is_file():
-      run_worker_process(argv, "test", name)
-  path, rows = write_report(args, candidates, record, best)
+  tested = {"winner": [best] if best else [], "all": [c.name for c in finished], "none": []}
+  for name in [] if interrupted else tested[args.test]:
+    done = (workdir / name / "test.json").is_file()
+    if not done and not run_worker_process(argv, "test", name):
+      interrupted = True
+      break
+  if interrupted:
+    log("interrupted: the report covers the candidates that finished")
+  path, rows = write_report(args, finished, record, best)
   if args.json:
     print(json.dumps({"report": str(path), "winner": best, "rows": rows}, indent=2))
   else:

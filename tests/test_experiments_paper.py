@@ -5,12 +5,20 @@ One test (one sweep, ~40 s on 2 cores), so that pytest-xdist workers do not each
 
 import csv
 import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import hypothesis
 import pytest
 from hypothesis import strategies as st
 
 from experiments import paper
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
@@ -174,3 +182,39 @@ def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):
   assert paper.finished_run(tmp_path / "done")
   assert not paper.finished_run(tmp_path / "cut")
   assert not paper.finished_run(tmp_path / "never started")
+
+
+def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
+  # SIGINT to the whole process group, as Ctrl-C or `timeout --signal=INT` sends it: the parent
+  # must let the worker finish its clean stop (train.py's checkpoint) instead of killing it.
+  worker = (
+    "import pathlib, signal, sys, time\n"
+    "folder = pathlib.Path(sys.argv[1])\n"
+    "def stop(*_):\n"
+    "  time.sleep(1)\n"
+    "  (folder / 'stopped cleanly').touch()\n"
+    "  sys.exit(3)\n"
+    "signal.signal(signal.SIGINT, stop)\n"
+    "(folder / 'started').touch()\n"
+    "time.sleep(60)\n"
+  )
+  parent = (
+    "import sys\n"
+    "from experiments import paper\n"
+    f"command = [sys.executable, '-c', {worker!r}, sys.argv[1]]\n"
+    "print(paper.run_worker_command(command, None, 'the worker'))\n"
+  )
+  process = subprocess.Popen(
+    [sys.executable, "-c", parent, str(tmp_path)],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  deadline = time.monotonic() + 60
+  while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  os.killpg(process.pid, signal.SIGINT)
+  output, _ = process.communicate(timeout=60)
+  assert output.strip() == "False"
+  assert (tmp_path / "stopped cleanly").exists()
