@@ -2,30 +2,38 @@
 # What only a GPU can measure, as stages that fit one call of a time-limited GPU lease.
 #
 #   bash experiments/gpu_call.sh DATA_DIR STAGE[:MINUTES] ...
-#   bash experiments/gpu_call.sh .gpu/data startup paper:5          # about 9 minutes on one H200
-#   bash experiments/gpu_call.sh .gpu/data recipe:2 accuracy:4
+#   bash experiments/gpu_call.sh .gpu/data startup paper:4
+#   bash experiments/gpu_call.sh .gpu/data accuracy:6
+#
+# Stage times below are estimates from the H200 numbers in experiments/results/ (101 s to compile
+# the 8 train steps of `experiments/iam.py` one after another), not yet measured: the deadline
+# keeps a call inside its limit whatever they turn out to be.
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
 # "On a GPU machine without TFDS or network"). Each stage writes its results under
 # $RESULTS_DIR (default experiments/results/) with the device named, then copies them to $OUT
 # when that is set:
 #   startup        compiling `experiments/iam.py` K = 8 sequentially, in parallel, overlapped and
-#                  from the persistent cache (20 steps per run)       -> benchmark_compile_gpu.md
+#                  from the persistent cache (20 steps per run; 5 runs, three of them compiling
+#                  all 15 steps cold: perhaps 5 minutes)              -> benchmark_compile_gpu.md
 #   paper:M        the paper's table within M minutes (probe, then equal epochs for every run that
 #                  fits)                                               -> paper_gpu.{md,csv,png}
 #   recipe:M       accuracy candidates, M minutes each, by validation CER against wall time
-#                  ($RECIPE_CANDIDATES, default: the base against iam.py:gpu's token budget;
-#                  2 candidates at M = 2.5 take about 8 minutes) -> recipe_full_gpu.{md,csv,png}
+#                  ($RECIPE_CANDIDATES, default: the base against a token budget as large as
+#                  iam.py:gpu's, at K = 2; 2 candidates at M = 2.5: perhaps 8 minutes)
+#                                                                 -> recipe_full_gpu.{md,csv,png}
 #   accuracy:M     `experiments/iam.py:gpu` trained for M minutes, then its best checkpoint's test
 #                  CER (testset_f)                                     -> accuracy_gpu.json
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
-#                  (about 3 minutes)                            -> benchmark_step_gpu_flags.md
+#                  (perhaps 3 minutes)                          -> benchmark_step_gpu_flags.md
 # Stages run in the order given; a stage that fails is reported and the next one still runs. All
 # of them end by $DEADLINE_S seconds (default 570, inside a 10-minute call): a command still
 # running then gets SIGINT (train.py checkpoints and stops), and each stage's results are copied
 # to $OUT as soon as it ends, so what finished comes back even if the call is cut short.
-# $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16") reach the
-# startup and accuracy stages' configs: a dry run on a CPU before spending the GPU.
+# $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16", values
+# without spaces) reach the startup and accuracy stages' configs: a dry run on a CPU before
+# spending the GPU. Each stage starts from an empty workdir under /tmp/gpu-call, and only result
+# files this call wrote are copied to $OUT.
 set -uo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -34,8 +42,11 @@ if [[ $# -lt 2 ]]; then
 fi
 data_dir=$1
 shift
-overrides=${CONFIG_OVERRIDES:-}
+read -r -a overrides <<<"${CONFIG_OVERRIDES:-}"
 results=${RESULTS_DIR:-experiments/results}
+mkdir -p "$results" /tmp/gpu-call
+stamp=/tmp/gpu-call/started
+touch "$stamp"
 deadline=${DEADLINE_S:-570}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 failed=()
@@ -56,7 +67,7 @@ run_stage() {
     startup)
       within_deadline python -m experiments.benchmark_compile --config=experiments/iam.py --num-buckets 8 \
         --repeats 1 --config.max_steps=20 --config.progress_bar=False \
-        --config.data.data_dir="$data_dir" --out "$results/benchmark_compile_gpu.md" $overrides
+        --config.data.data_dir="$data_dir" --out "$results/benchmark_compile_gpu.md" "${overrides[@]}"
       ;;
     paper)
       within_deadline python -m experiments.paper --budget-minutes "$minutes" --data-dir "$data_dir" \
@@ -73,9 +84,9 @@ run_stage() {
       local workdir=/tmp/gpu-call/accuracy
       within_deadline python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
         --config.data.data_dir="$data_dir" --config.max_minutes="$minutes" \
-        --config.progress_bar=False $overrides >"$workdir.train.json" &&
+        --config.progress_bar=False "${overrides[@]}" >"$workdir.train.json" &&
         within_deadline python train.py --config=experiments/iam.py:gpu --workdir="$workdir" \
-          --config.data.data_dir="$data_dir" --mode=evaluate --split=test $overrides \
+          --config.data.data_dir="$data_dir" --mode=evaluate --split=test "${overrides[@]}" \
           >"$workdir.test.json" &&
         python -c 'import json, sys; json.dump({"train": json.load(open(sys.argv[1])),
           "test": json.load(open(sys.argv[2]))}, open(sys.argv[3], "w"), indent=2)' \
@@ -96,15 +107,15 @@ for spec in "$@"; do
     exit 2
   fi
 done
-mkdir -p /tmp/gpu-call
 for spec in "$@"; do
   stage=${spec%%:*}
   minutes=${spec#*:}
   [[ $minutes == "$spec" ]] && minutes=0
   echo "=== $stage ($minutes min) at $(date +%T)"
+  rm -rf "/tmp/gpu-call/$stage" "/tmp/gpu-call/$stage".*.json
   run_stage "$stage" "$minutes" || failed+=("$stage")
   if [[ -n ${OUT:-} ]]; then
-    cp -r "$results"/*gpu* "$OUT"/ 2>/dev/null
+    find "$results" -maxdepth 1 -name '*gpu*' -newer "$stamp" -exec cp {} "$OUT"/ \;
   fi
 done
 if [[ ${#failed[@]} -gt 0 ]]; then

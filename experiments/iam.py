@@ -11,11 +11,15 @@ validation loss (see experiments/paper.py and the README's Results).
 
 `gpu`: the same model trained within one 10-minute call on one GPU. Its step holds a budget of
 padded tokens instead of 32 lines: 4 x 32 lines of the median bucket (608 points), since on an
-H200 a step of 128 x 608 took 1.39x the time of 32 x 608 (34.9 against 25.1 ms,
-results/benchmark_step_gpu.md), so a token budget 4x larger passes an epoch about 2.9x faster. The
-learning rate follows the square-root rule for Adam (x sqrt(4), experiments/recipe.py) and the
-warm-up is as many sequences as the base's. Not yet run on a GPU: `experiments/gpu_call.sh`
-stages `recipe` (against the base at equal minutes) and `accuracy` (its test CER) measure it.
+H200 a step of 128 lines x 608 frames took 1.39x the time of 32 x 608 (34.9 against 25.1 ms,
+results/benchmark_step_gpu_defaults.md), so a token budget 4x larger should pass an epoch about
+2.9x faster. The learning rate follows the learning-rate part of the square-root rule for Adam
+(x sqrt(4), as experiments/recipe.py scales it) and the warm-up is as many sequences as the
+base's. The learning rate stays constant after the warm-up: the run ends at the time cap, not
+after a planned number of epochs that a cosine could decay over (a constant rate did as well as
+the cosine in results/recipe_quick_cpu.md). Not yet run on a GPU: `experiments/gpu_call.sh`'s
+`accuracy` stage measures its test CER, and its `recipe` stage a token budget of the same size
+against the base at equal minutes.
 """
 
 import os
@@ -43,6 +47,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.bucketing.max_tokens = 4 * 32 * 608
     config.optimizer.learning_rate *= 2.0
     config.optimizer.warmup_steps //= 4
+    config.optimizer.schedule = "constant"
     config.max_minutes = 8.0  # and a minute for the test split, in one 10-minute call
     config.num_epochs = 200  # the time cap ends it, or early stopping
     config.patience = 15

@@ -109,6 +109,7 @@ COLUMNS = (
   "changes",
   "learning rate",
   "sequences per step",
+  "probe epoch (s)",
   "epochs (planned)",
   "ended by",
   "run wall (s)",
@@ -404,6 +405,7 @@ def candidate_row(candidate_dir: pathlib.Path, budget_s: float) -> dict:
     "changes": settings["changes"],
     "learning rate": f"{schedule['learning_rate']:.3g}",
     "sequences per step": f"{schedule['sequences_per_step']:.1f}",
+    "probe epoch (s)": f"{schedule['epoch_s']:.1f}",
     "epochs (planned)": f"{len(cer)} ({schedule['planned_epochs']})",
     "ended by": result["ended_by"],
     "run wall (s)": f"{result['wall_s']:.0f}",
@@ -495,7 +497,9 @@ def write_report(
     "",
     "Changes: the candidate's fields on top of the base. Learning rate: what the run used; "
     "`lr x sqrt(S / B)` is the square-root rule, S the sequences per step (the plan's "
-    "training lines over its steps per epoch), B the base's batch size. Epochs (planned): "
+    "training lines over its steps per epoch), B the base's batch size. Probe epoch: the "
+    "one epoch of the candidate's probe, training and validation, all steps compiled first. "
+    "Epochs (planned): "
     "validated epochs, and the epochs a one-epoch probe said fill "
     f"{PLAN_SHARE:.0%} of the budget (the cosine decays over them). Ended by: the planned "
     "epochs, or the budget (the unfinished epoch is lost). Wall time: the run's clock from the "

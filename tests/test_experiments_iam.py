@@ -8,18 +8,17 @@ import train
 from experiments import iam
 
 
-def test_the_gpu_variant_steps_four_times_the_base_lines_at_the_median_bucket():
+def test_the_gpu_variant_budgets_four_times_the_base_lines_at_608_frames():
   base, gpu = iam.get_config(), iam.get_config("gpu")
   train.validate_config(gpu, num_devices=1)
   bounds = np.array([304, 608, 1216])
-  sizes = bucketing.batch_sizes(
-    bounds, np.full(3, 10_000), max_tokens=gpu.bucketing.max_tokens
-  )
+  sizes = bucketing.batch_sizes(bounds, np.full(3, 10_000), max_tokens=gpu.bucketing.max_tokens)
   assert sizes.tolist() == [8 * base.bucketing.batch_size, 4 * base.bucketing.batch_size, 64]
   # The square-root rule for 4x the sequences per step, and as many warm-up sequences as the base.
   assert gpu.optimizer.learning_rate == pytest.approx(2 * base.optimizer.learning_rate)
   assert gpu.optimizer.warmup_steps * 4 == base.optimizer.warmup_steps
   assert 0 < gpu.max_minutes <= 9  # ends inside one 10-minute GPU call
+  assert gpu.optimizer.schedule == "constant"  # no cosine planned for epochs the cap cuts off
 
 
 def test_an_unknown_variant_names_the_known_ones():

@@ -111,7 +111,12 @@ def write_run(candidate_dir, epochs: list[tuple[float, float, float, float]], **
 
 
 def test_rows_compare_at_equal_wall_time_from_the_metrics(tmp_path):
-  schedule = {"learning_rate": 3e-3, "sequences_per_step": 8.0, "planned_epochs": 4}
+  schedule = {
+    "learning_rate": 3e-3,
+    "sequences_per_step": 8.0,
+    "epoch_s": 12.25,
+    "planned_epochs": 4,
+  }
   common = {
     "schedule": schedule,
     "result": {"wall_s": 99.6, "ended_by": "epochs", "load": [1.0, 2.54]},
@@ -135,7 +140,11 @@ def test_rows_compare_at_equal_wall_time_from_the_metrics(tmp_path):
   assert slow["val CER at 25%"] == "-"  # no epoch had ended by 25 s
   assert slow["val CER at 50%"] == "0.6000"  # the lowest by 50 s, not the last
   assert (slow["best val CER"], slow["at (s)"], slow["best val loss"]) == ("0.5000", "90", "40.000")
-  assert (slow["epochs (planned)"], slow["test CER"]) == ("4 (4)", "-")
+  assert (slow["epochs (planned)"], slow["probe epoch (s)"], slow["test CER"]) == (
+    "4 (4)",
+    "12.2",
+    "-",
+  )
   assert (fast["val CER at 25%"], fast["val CER at 50%"]) == ("0.8000", "0.4000")
   assert (fast["best val CER"], fast["at (s)"], fast["test CER"]) == ("0.4000", "30", "0.4500")
   assert (fast["changes"], fast["run wall (s)"], fast["load"]) == (
