@@ -34,7 +34,7 @@ import pathlib
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import jax
@@ -478,12 +478,15 @@ class Executables(collections.abc.Mapping):
   """
 
   futures: dict[int, concurrent.futures.Future]
-  jobs: dict[int, tuple]
+  compile_now: dict[int, Callable[[], tuple[Any, float, float]]]
 
   def __getitem__(self, bucket: int):
     if self.futures[bucket].cancel():
       done = concurrent.futures.Future()
-      done.set_result(_lower_and_compile(*self.jobs[bucket]))
+      try:
+        done.set_result(self.compile_now[bucket]())
+      except Exception as error:  # kept for `wait`, as a pool thread's error would be
+        done.set_exception(error)
       self.futures[bucket] = done
     return self.futures[bucket].result()[0]
 
@@ -593,8 +596,15 @@ def _eval_jobs(
   }
 
 
-def _after(first: concurrent.futures.Future, job: tuple) -> tuple[Any, float, float]:
-  concurrent.futures.wait([first])
+def _compile_then_signal(compiled: threading.Event, job: tuple) -> tuple[Any, float, float]:
+  try:
+    return _lower_and_compile(*job)
+  finally:
+    compiled.set()
+
+
+def _after(first_compiled: threading.Event, job: tuple) -> tuple[Any, float, float]:
+  first_compiled.wait()
   return _lower_and_compile(*job)
 
 
@@ -607,15 +617,22 @@ def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledS
   pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=COMPILE_THREAD_PREFIX)
   cache_counts_before = CompileEvents.cache_counts()
   started = time.perf_counter()
+  # What compiles a job at once on any thread; in overlap mode the first job (the step training
+  # waits for) compiles alone, the others wait for it, whichever thread ends up compiling it.
+  compile_now = {key: functools.partial(_lower_and_compile, *job) for key, job in jobs.items()}
   futures = {}
+  first_compiled = threading.Event()
   for key, job in jobs.items():
-    if mode == "overlap" and futures:  # the first step compiles alone: training waits for it
-      futures[key] = pool.submit(_after, next(iter(futures.values())), job)
+    if mode != "overlap":
+      futures[key] = pool.submit(compile_now[key])
+    elif not futures:
+      compile_now[key] = functools.partial(_compile_then_signal, first_compiled, job)
+      futures[key] = pool.submit(compile_now[key])
     else:
-      futures[key] = pool.submit(_lower_and_compile, *job)
+      futures[key] = pool.submit(_after, first_compiled, job)
   compiled = CompiledSteps(
-    train_steps=_executables(futures, jobs, "train"),
-    eval_steps=_executables(futures, jobs, "eval"),
+    train_steps=_executables(futures, compile_now, "train"),
+    eval_steps=_executables(futures, compile_now, "eval"),
     pool=pool,
     workers=workers,
     started=started,
@@ -627,12 +644,12 @@ def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledS
   return compiled
 
 
-def _executables(futures: dict, jobs: dict, kind: str) -> Executables:
-  """The `kind` ("train" or "eval") part of (kind, bucket)-keyed futures and jobs."""
+def _executables(futures: dict, compile_now: dict, kind: str) -> Executables:
+  """The `kind` ("train" or "eval") part of (kind, bucket)-keyed futures and compile calls."""
   buckets = [bucket for job_kind, bucket in futures if job_kind == kind]
   return Executables(
     {bucket: futures[kind, bucket] for bucket in buckets},
-    {bucket: jobs[kind, bucket] for bucket in buckets},
+    {bucket: compile_now[kind, bucket] for bucket in buckets},
   )
 
 
@@ -842,13 +859,22 @@ class Checkpoints:
       integrity = self.best.restore(
         step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore())
       )["integrity"]
-      if integrity["shapes"] != _shapes(target):
-        raise ValueError("it holds parameters of other shapes than this config's model")
+    except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
+      raise ValueError(f"the best checkpoint {where} is damaged: {_reason(error)}") from error
+    wanted = _shapes(target)
+    leaf = next((path for path in wanted if integrity["shapes"].get(path) != wanted[path]), None)
+    if leaf is not None:
+      raise CheckpointMismatchError(
+        f"the best checkpoint {where} holds a model of other shapes ({leaf}: "
+        f"{integrity['shapes'].get(leaf)} there, {wanted[leaf]} here); use the config it was "
+        "trained with"
+      )
+    try:
       params = self.best.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_on(target)))
       )["params"]
       _check_intact(params, integrity["sha256"])
-    except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
+    except Exception as error:
       raise ValueError(f"the best checkpoint {where} is damaged: {_reason(error)}") from error
     return params
 

@@ -19,10 +19,10 @@ Implementations: the LSTM as a `lax.scan` (unroll 1 and 8) or the fused Pallas k
 (`models.lstm_kernel`), the CTC loss as `optax.ctc_loss` or its Pallas kernel
 (`models.ctc_kernel`). The parts are jitted apart, so they need not add up to the step (XLA fuses
 across them). `--tune` first times both kernels' launch variants (checking each against the scan
-or optax on the device) and runs the rest with the fastest; `--xla-flags NAME=FLAGS`
-reruns the step in a child process under those `XLA_FLAGS`, beside a child with none; `--epoch` times one epoch of the
-IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps) against PyTorch
-cuDNN on random batches padded per batch (needs `--data-dir` with `iam_ondb.npz`).
+or optax on the device) and runs the rest with the fastest; `--xla-flags NAME=FLAGS` reruns the
+step in a child process under those `XLA_FLAGS`, beside a child with none; `--epoch` times one
+epoch of the IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps)
+against PyTorch cuDNN on random batches padded per batch (needs `--data-dir` with `iam_ondb.npz`).
 Writes `experiments/results/benchmark_step_<backend>.md` with the device named.
 """
 

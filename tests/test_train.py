@@ -1,6 +1,7 @@
 """The trainer: one compile per bucket (parallel, overlapped, cached), data-parallel equivalence,
 resume, errors, end to end."""
 
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax
 import jax.numpy as jnp
@@ -489,6 +491,86 @@ def test_a_step_waits_for_its_own_compile_not_for_those_queued_ahead_of_it(monke
   assert train.CompileEvents.outside_steps() == outside_before  # not taken for a recompile
 
 
+class DeferredPool:
+  """A thread pool stand-in whose tasks run only when the test says (`run_all`)."""
+
+  def __init__(self, *args, **kwargs):
+    self.tasks = []
+
+  def submit(self, function, *args):
+    future = concurrent.futures.Future()
+    self.tasks.append((future, function, args))
+    return future
+
+  def run_all(self):
+    for future, function, args in self.tasks:
+      if future.set_running_or_notify_cancel():
+        future.set_result(function(*args))
+
+  def shutdown(self, **kwargs):
+    pass
+
+
+class Recorded:
+  """A jitted function whose tracing is logged, and optionally waits for `go` first."""
+
+  def __init__(self, name, log, go=None):
+    self.name, self.log, self.go = name, log, go
+    self.jitted = jax.jit(lambda x: x + 1.0)
+
+  def trace(self, *abstract_args):
+    self.log.append(f"{self.name} tracing")
+    if self.go is not None and not self.go.wait(timeout=30):
+      raise TimeoutError("never released")
+    traced = self.jitted.trace(*abstract_args)
+    self.log.append(f"{self.name} traced")
+    return traced
+
+
+def test_the_first_compile_holds_the_others_back_even_when_compiled_inline(monkeypatch):
+  # The training thread takes the first bucket's compile before any pool thread does; the other
+  # compiles must still wait for it (they would slow it down), not start because it left the pool.
+  pool = DeferredPool()
+  monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda *a, **k: pool)
+  log, go, mesh = [], threading.Event(), train.make_data_mesh()
+  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+  jobs = {
+    ("train", 0): (mesh, Recorded("first", log, go), spec),
+    ("train", 1): (mesh, Recorded("second", log), jax.ShapeDtypeStruct((5,), jnp.float32)),
+  }
+  steps = train._start_compiling(jobs, "overlap")
+  inline = threading.Thread(target=steps.train_step, args=(0,))
+  inline.start()
+  while "first tracing" not in log:
+    time.sleep(0.01)
+  pooled = threading.Thread(target=pool.run_all)
+  pooled.start()
+  time.sleep(0.5)  # time enough for the second compile to start, if it did not wait
+  go.set()
+  inline.join(timeout=60)
+  pooled.join(timeout=60)
+  assert log == ["first tracing", "first traced", "second tracing", "second traced"]
+  steps.wait()
+
+
+def test_an_inline_compile_error_is_what_wait_raises(monkeypatch):
+  pool = DeferredPool()
+  monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda *a, **k: pool)
+
+  class Broken:
+    def trace(self, *abstract_args):
+      raise ValueError("this step does not compile")
+
+  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+  steps = train._start_compiling(
+    {("train", 0): (train.make_data_mesh(), Broken(), spec)}, "overlap"
+  )
+  with pytest.raises(ValueError, match="does not compile"):
+    steps.train_step(0)
+  with pytest.raises(ValueError, match="does not compile"):  # not a CancelledError
+    steps.wait()
+
+
 def test_buckets_compile_in_the_order_the_schedule_first_needs_them():
   config = tiny_config(**{"bucketing.num_buckets": 4})
   train_set = train.load_split(config, "train", 48)
@@ -570,6 +652,14 @@ def test_the_best_checkpoint_reads_back_while_its_save_is_in_flight(tmp_path):
   with contextlib.closing(train.Checkpoints(tmp_path)) as checkpoints:
     checkpoints.save_best(3, params)
     jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
+
+
+def test_a_best_checkpoint_of_another_model_names_the_shapes_not_damage(tmp_path):
+  params = {"dense": {"kernel": jnp.zeros((64, 64)), "bias": jnp.ones(64)}}
+  saved_best(tmp_path, params)
+  other = {"dense": {"kernel": jnp.zeros((64, 32)), "bias": jnp.ones(32)}}
+  with pytest.raises(train.CheckpointMismatchError, match=r"\['bias'\]: \[64\] there, \[32\] here"):
+    restored_best(tmp_path, other)
 
 
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete", "other values"])
