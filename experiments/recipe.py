@@ -20,11 +20,12 @@ NAME:model.hidden_size=96,optimizer.learning_rate=3e-3` adds a candidate of any 
 `--base FIELD=VALUE,...` changes the preset for all of them (values are Python literals, else
 strings; a misspelt or mistyped field is a one-line error, exit code 2, before anything runs).
 
-Learning-rate rule for `batch_<n>` and `tokens_<n>`: the square-root rule for Adam (Malladi et
-al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022): the base
-learning rate times sqrt(S / B), S the candidate's training sequences per step (its plan's
-sequences over steps per epoch: a token budget puts many short lines or few long ones in a step),
-B the base's batch size. Other candidates keep their learning rate.
+Learning-rate rule for `batch_<n>` and `tokens_<n>`: the learning-rate part of the square-root
+rule for Adam (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms",
+NeurIPS 2022, which also rescales Adam's betas and epsilon; these stay): the base learning rate
+times sqrt(S / B), S the candidate's training sequences per step (its plan's sequences over steps
+per epoch: a token budget puts many short lines or few long ones in a step), B the base's batch
+size, so the base must have a fixed one. Other candidates keep their learning rate.
 
 The cosine schedule decays over the run's epochs, so a candidate's epoch count must be the number
 that fits its budget. A probe measures it: one epoch with every step compiled first
@@ -100,7 +101,7 @@ FAMILIES = {
   "layers": lambda value: {"model.num_layers": int(value)},
   "dropout": lambda value: {"model.dropout_rate": float(value)},
   "lr": lambda value: {"optimizer.learning_rate": float(value)},
-  "batch": lambda value: {"bucketing.batch_size": int(value)},
+  "batch": lambda value: {"bucketing.batch_size": int(value), "bucketing.max_tokens": 0},
   "tokens": lambda value: {"bucketing.max_tokens": int(value), "bucketing.batch_size": 0},
 }
 LR_SCALED_FAMILIES = ("batch", "tokens")  # the square-root rule
@@ -565,6 +566,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   record = reporting.RunRecord("experiments.recipe", argv, f"jax {jax_version}")
   candidates = resolve_candidates(args)
   base = base_config(args)
+  scaled = [c.name for c in candidates if c.scale_lr]
+  if scaled and not base.bucketing.batch_size:
+    raise cli_errors.UsageError(
+      f"{', '.join(scaled)}: the learning-rate rule scales from the base's batch size, but the "
+      "base has a token budget (bucketing.batch_size=0); use --set with a learning rate instead"
+    )
   workdir = pathlib.Path(args.workdir)
   settings = {  # every candidate's config checked before any is written or trained
     candidate.name: {

@@ -81,6 +81,15 @@ def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
     (["--set", "base:seed=1"], "--set base: the name of a built-in"),
     (["--set", "nofields"], "--set 'nofields': expected NAME:field=value"),
     (
+      [
+        "--candidates",
+        "tokens_4096",
+        "--base",
+        "bucketing.batch_size=0,bucketing.max_tokens=2048",
+      ],
+      "tokens_4096: the learning-rate rule scales from the base's batch size",
+    ),
+    (
       ["--candidates", "base", "--base", "optimizer.lr=1"],
       "--base: no config field 'optimizer.lr'",
     ),
