@@ -385,11 +385,12 @@ class CompileEvents:
   @contextlib.contextmanager
   def step_compile(cls):
     """Marks this thread's compilations as a step's until the block ends."""
+    before = getattr(cls._compiling_a_step, "active", False)
     cls._compiling_a_step.active = True
     try:
       yield
     finally:
-      cls._compiling_a_step.active = False
+      cls._compiling_a_step.active = before
 
   @classmethod
   def _record(cls, event: str, *args, **kwargs) -> None:

@@ -56,7 +56,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   argv = sys.argv[1:] if argv is None else argv
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--config", default="experiments/synthetic.py:tiny")
-  parser.add_argument("--num-buckets", type=int, default=4)
+  parser.add_argument(
+    "--num-buckets",
+    type=int,
+    default=None,
+    help="K (default: --config.bucketing.num_buckets, else 4)",
+  )
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args, overrides = parser.parse_known_args(argv)
@@ -64,7 +69,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   if unknown:
     parser.error(f"unrecognized arguments: {' '.join(unknown)}")
   config = cli.load_config([parser.prog, f"--config={args.config}", *overrides])
-  config.bucketing.num_buckets = args.num_buckets
+  if args.num_buckets is not None:
+    config.bucketing.num_buckets = args.num_buckets
+  elif not any(argument.startswith("--config.bucketing.num_buckets") for argument in overrides):
+    config.bucketing.num_buckets = 4
   out = args.out or RESULTS / f"benchmark_compile_{jax.default_backend()}.md"
 
   record = RunRecord("experiments.benchmark_compile", argv, f"jax {jax.__version__}")
