@@ -70,6 +70,9 @@ run_stage() {
         --config.data.data_dir="$data_dir" --out "$results/benchmark_compile_gpu.md" "${overrides[@]}"
       ;;
     paper)
+      # The sweep plans to its own budget: no more than the call has left, less 30 s to report.
+      minutes=$(awk -v m="$minutes" -v left=$((deadline - SECONDS - 30)) \
+        'BEGIN { left /= 60; print (m < left ? m : left) }')
       within_deadline python -m experiments.paper --budget-minutes "$minutes" --data-dir "$data_dir" \
         --workdir /tmp/gpu-call/paper --out "$results/paper_gpu"
       ;;

@@ -351,6 +351,8 @@ def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None
     start = time.perf_counter()
     summary = train.train_and_evaluate(config, workdir / "probe" / f"{strategy}_k{num_buckets}")
     wall = time.perf_counter() - start
+    if summary["stopped_by"]:  # a signal: the parent reports the interruption
+      raise cli_errors.UsageError(f"the probe was stopped by {summary['stopped_by']}")
     last = read_run(workdir / "probe" / f"{strategy}_k{num_buckets}")["history"][-1]
     probes.append(
       plan_of(strategy, num_buckets)
