@@ -924,6 +924,33 @@ def _reason(error: BaseException) -> str:
   return cli_errors.one_line(error)[:300]
 
 
+# After a restore fails on a damaged file, Orbax's other reads of that checkpoint go on failing
+# on its threads and report through `sys.unraisablehook` and the asyncio logger, tracebacks that
+# would follow (or cut into) the one error the restore already raised. The CLI drops just those.
+_ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize", "orbax/checkpoint/")
+
+
+def _is_orbax_read_noise(error: BaseException | None, source: Any) -> bool:
+  closed_loop = isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
+  return closed_loop or any(read in repr(source) for read in _ORBAX_READS)
+
+
+def _unless_orbax_read_noise(hook):
+  """`hook` (a `sys.unraisablehook`), dropping the errors of Orbax's leftover reads."""
+
+  def filtered(unraisable) -> None:
+    if not _is_orbax_read_noise(unraisable.exc_value, unraisable.object):
+      hook(unraisable)
+
+  return filtered
+
+
+def _not_orbax_read_noise(record: logging.LogRecord) -> bool:
+  """An asyncio-logger filter: False for an Orbax read's "exception was never retrieved"."""
+  error = record.exc_info[1] if record.exc_info else None
+  return not _is_orbax_read_noise(error, record.getMessage())
+
+
 def _check_intact(restored: Any, digest: str | None) -> None:
   """Raises when restored values differ from their saved SHA-256 or are not finite."""
   if digest is not None and digest != _fingerprint(restored):
@@ -1582,12 +1609,6 @@ if __name__ == "__main__":
     stopped_by = summary.get("stopped_by")
     return 128 + signal.Signals[stopped_by] if stopped_by in ("SIGINT", "SIGTERM") else 0
 
-  code = cli_errors.run(lambda: app.run(main, flags_parser=experiments.cli.parse_flags))
-  if code == cli_errors.USAGE_EXIT_CODE:
-    # After a damaged checkpoint Orbax's threads may still be failing the other reads, each with
-    # a traceback of its own; the error line is the last word, so leave without waiting for them.
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-  sys.exit(code)
+  sys.unraisablehook = _unless_orbax_read_noise(sys.unraisablehook)
+  logging.getLogger("asyncio").addFilter(_not_orbax_read_noise)
+  sys.exit(cli_errors.run(lambda: app.run(main, flags_parser=experiments.cli.parse_flags)))

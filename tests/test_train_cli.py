@@ -54,6 +54,6 @@ def test_a_damaged_best_checkpoint_is_an_error_naming_the_file(tmp_path):
     path.write_bytes(bytes(path.stat().st_size))
   result = subprocess.run([*command, "--mode=evaluate"], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 2, result.stderr
-  # Orbax's threads may add noise of their own after it, but the error comes first, in one line.
-  first = result.stderr.splitlines()[0]
-  assert re.match(r"error: the best checkpoint .*best/\d+ is damaged: .*params", first), first
+  # Orbax's other reads of the damaged files fail on its threads too: their tracebacks are dropped.
+  (line,) = result.stderr.splitlines()
+  assert re.match(r"error: the best checkpoint .*best/\d+ is damaged: .*params", line), line
