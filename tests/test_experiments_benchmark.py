@@ -11,6 +11,17 @@ import train
 from experiments import benchmark, paper
 
 
+def run_as_a_user(module: str, argv: list[str]) -> None:
+  """`python -m module *argv` from the repository root, in a process of its own on one device
+  (the tests' 8 simulated devices would make it slower)."""
+  subprocess.run(
+    [sys.executable, "-m", module, *argv],
+    check=True,
+    env=paper.worker_env(1),
+    cwd=pathlib.Path(__file__).parents[1],
+  )
+
+
 def table_rows(text: str, first_column: str) -> list[list[str]]:
   lines = [line for line in text.splitlines() if line.startswith("| ") and "---" not in line]
   cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
@@ -25,15 +36,9 @@ def table_rows(text: str, first_column: str) -> list[list[str]]:
 
 @pytest.mark.slow
 def test_benchmark_writes_every_contender_and_the_cost_model(tmp_path):
-  # As users run it: its own process, one device (the tests' 8 simulated ones make it slower).
   out = tmp_path / "benchmark.md"
   argv = ["--tiny", "--dataset", "synthetic", "--repeats", "1", "--out", str(out)]
-  subprocess.run(
-    [sys.executable, "-m", "experiments.benchmark", *argv],
-    check=True,
-    env=paper.worker_env(1),
-    cwd=pathlib.Path(__file__).parents[1],
-  )
+  run_as_a_user("experiments.benchmark", argv)
   text = out.read_text()
   assert "Machine:" in text and "load average" in text and "python -m experiments.benchmark" in text
   rows = table_rows(text, "contender")

@@ -1,16 +1,13 @@
 """The step-anatomy driver: the sections and rows it promises, kernels checked on the way."""
 
-import pathlib
 import re
-import subprocess
-import sys
 
 import jax.numpy as jnp
 import pytest
 
-from experiments import benchmark_step, paper
+from experiments import benchmark_step
 from models.lstm_kernel import KernelConfig
-from tests.test_experiments_benchmark import table_rows
+from tests.test_experiments_benchmark import run_as_a_user, table_rows
 
 
 def is_number(cell: str) -> bool:
@@ -23,15 +20,9 @@ def is_number(cell: str) -> bool:
 
 @pytest.mark.slow
 def test_tiny_run_writes_tuning_and_anatomy_tables(tmp_path):
-  # As users run it: its own process, one device.
   out = tmp_path / "step.md"
   argv = ["--preset", "tiny", "--tune", "--repeats", "1", "--out", str(out)]
-  subprocess.run(
-    [sys.executable, "-m", "experiments.benchmark_step", *argv],
-    check=True,
-    env=paper.worker_env(1),
-    cwd=pathlib.Path(__file__).parents[1],
-  )
+  run_as_a_user("experiments.benchmark_step", argv)
   text = out.read_text()
   assert "Machine:" in text and "python -m experiments.benchmark_step --preset tiny" in text
 

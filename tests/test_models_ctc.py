@@ -39,6 +39,15 @@ def brute_force_nll(log_probs, label):
   return -np.log(total)
 
 
+def brute_force_losses(logits, frame_lengths, label_lists):
+  """Each row's brute-force negative log-likelihood over its first `frame_lengths[row]` frames."""
+  log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1), np.float64)
+  return [
+    brute_force_nll(log_probs[row, :length], label)
+    for row, (length, label) in enumerate(zip(frame_lengths, label_lists, strict=True))
+  ]
+
+
 def test_per_example_loss_matches_brute_force_over_alignments():
   frame_lengths = [4, 5, 3, 4]
   label_lists = [[1, 1], [1, 2], [2], [2, 1, 2]]
@@ -48,11 +57,7 @@ def test_per_example_loss_matches_brute_force_over_alignments():
   _, per_example = ctc_loss(
     logits, paddings_for(frame_lengths, time), labels, label_paddings, jnp.ones(4)
   )
-  log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1), np.float64)
-  expected = [
-    brute_force_nll(log_probs[row, :length], label)
-    for row, (length, label) in enumerate(zip(frame_lengths, label_lists, strict=True))
-  ]
+  expected = brute_force_losses(logits, frame_lengths, label_lists)
   np.testing.assert_allclose(per_example, expected, rtol=1e-5)
 
 
