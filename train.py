@@ -809,7 +809,7 @@ class Checkpoints:
       for field, value in (self.shape_config or {}).items()
       if saved_config is not None and saved_config.get(field, value) != value
     ]
-    leaf = next((path for path in wanted if saved.get(path) != wanted[path]), None)
+    leaf = _first_differing_leaf(saved, wanted)
     what = "; ".join(differing) or f"{leaf}: {saved.get(leaf)} there, {wanted.get(leaf)} here"
     return (
       f"the checkpoint in {self.latest.directory} holds a model of other shapes ({what}); "
@@ -863,7 +863,7 @@ class Checkpoints:
     except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
       raise ValueError(f"the best checkpoint {where} is damaged: {_reason(error)}") from error
     wanted = _shapes(target)
-    leaf = next((path for path in wanted if integrity["shapes"].get(path) != wanted[path]), None)
+    leaf = _first_differing_leaf(integrity["shapes"], wanted)
     if leaf is not None:
       raise CheckpointMismatchError(
         f"the best checkpoint {where} holds a model of other shapes ({leaf}: "
@@ -906,6 +906,11 @@ def _shapes(tree: Any) -> dict[str, list[int]]:
     jax.tree_util.keystr(path): list(leaf.shape)
     for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
   }
+
+
+def _first_differing_leaf(saved: dict, wanted: dict) -> str | None:
+  """The first leaf path (`_shapes` keys) whose saved shape is not the wanted one, if any."""
+  return next((path for path in wanted if saved.get(path) != wanted[path]), None)
 
 
 def _fingerprint(tree: Any) -> str:
