@@ -7,9 +7,11 @@ file as a traceback inside the message. `parse_flags` turns all of these into a
 
     app.run(main, flags_parser=experiments.cli.parse_flags)   # train.py, under cli_errors.run
     config = experiments.cli.load_config(["prog", "--config=experiments/iam.py:tiny"])
+    config = experiments.cli.override(config, ["model.hidden_size=96"], "--set wide")  # recipe.py
 """
 
 import re
+from collections.abc import Sequence
 
 import ml_collections
 from absl import flags
@@ -90,3 +92,31 @@ def load_config(argv: list[str], name: str = "config") -> ml_collections.ConfigD
   if config.value is None:
     raise UsageError(f"--{name} is required, e.g. --{name}=experiments/synthetic.py")
   return config.value
+
+
+def override(
+  config: ml_collections.ConfigDict, assignments: Sequence[str], where: str
+) -> ml_collections.ConfigDict:
+  """A locked copy of `config` with `field=value` assignments, parsed as `--config.field=value`
+  is (by the field's type, so `0` sets a float field to 0.0 and a string needs no quotes).
+
+  Raises UsageError starting with `where` for a misspelt field or a value of the wrong type.
+  """
+  argv = ["", *(f"--config.{assignment}" for assignment in assignments)]
+  flag_values = flags.FlagValues()
+  try:
+    holder = config_flags.DEFINE_config_dict(  # a misspelt field raises AttributeError here
+      "config",
+      config.copy_and_resolve_references(),
+      flag_values=flag_values,
+      lock_config=True,
+      sys_argv=argv,
+    )
+    parse_flags(argv, flag_values)
+  except UsageError as error:
+    message = str(error)
+  except AttributeError as error:
+    message = flag_error_message(error, argv)
+  else:
+    return holder.value
+  raise UsageError(f"{where}: {message.removeprefix('--config.')}")

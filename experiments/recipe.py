@@ -17,8 +17,9 @@ The candidates are named (`named_candidate`): `base`, `raw_points` (no resamplin
 `hidden_128`, `layers_3`, `dropout_0.3`, `lr_3e-3`, `batch_32`, `tokens_8192`
 (`bucketing.max_tokens`, a padded-token budget per step, with `batch_size` 0). `--set
 NAME:model.hidden_size=96,optimizer.learning_rate=3e-3` adds a candidate of any fields, and
-`--base FIELD=VALUE,...` changes the preset for all of them (values are Python literals, else
-strings; a misspelt or mistyped field is a one-line error, exit code 2, before anything runs).
+`--base FIELD=VALUE,...` changes the preset for all of them (each value parses as train.py's
+`--config.FIELD=VALUE` does, by the field's type: `experiments.cli.override`; a misspelt or mistyped
+field is a one-line error, exit code 2, before anything runs).
 
 Learning-rate rule for `batch_<n>` and `tokens_<n>`: the learning-rate part of the square-root
 rule for Adam (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms",
@@ -63,10 +64,8 @@ split: about 8 minutes).
 """
 
 import argparse
-import ast
 import csv
 import dataclasses
-import difflib
 import importlib.metadata
 import json
 import math
@@ -82,7 +81,7 @@ import ml_collections
 import numpy as np
 
 import cli_errors
-from experiments import paper, reporting
+from experiments import cli, paper, reporting
 
 PRESETS = ("full", "quick", "tiny")
 TEST_SPLIT = "test"  # IAM-OnDB-t1's testset_f
@@ -125,14 +124,17 @@ COLUMNS = (
 
 @dataclasses.dataclass(frozen=True)
 class Candidate:
-  """A name and the config fields it changes (dotted paths) on top of the preset's base."""
+  """A name and the config fields it changes on top of the preset's base: a built-in
+  candidate's values by dotted path, a `--set` one's `field=value` text as the command gave it."""
 
   name: str
   overrides: dict
+  assignments: tuple[str, ...] = ()
   scale_lr: bool = False  # the square-root rule, applied once the plan is known
 
   def changes(self) -> str:
-    text = ", ".join(f"{field}={value}" for field, value in self.overrides.items())
+    fields = [f"{field}={value}" for field, value in self.overrides.items()]
+    text = ", ".join([*fields, *self.assignments])
     rule = "lr x sqrt(S / B)" if self.scale_lr else ""
     return "; ".join(part for part in (text, rule) if part) or "none (the preset)"
 
@@ -154,18 +156,14 @@ def named_candidate(name: str) -> Candidate:
   return Candidate(name, overrides, scale_lr=family in LR_SCALED_FAMILIES)
 
 
-def parse_assignments(text: str, where: str) -> dict:
-  """`field=value,field=value` as a dict; values are Python literals, else strings."""
-  overrides = {}
-  for assignment in text.split(","):
-    field, equals, value = assignment.partition("=")
+def parse_assignments(text: str, where: str) -> tuple[str, ...]:
+  """`field=value,field=value` as its assignments; the config parses their values."""
+  assignments = tuple(assignment.strip() for assignment in text.split(","))
+  for assignment in assignments:
+    field, equals, _ = assignment.partition("=")
     if not equals or not field.strip():
       raise cli_errors.UsageError(f"{where}: {assignment!r} is not field=value")
-    try:
-      overrides[field.strip()] = ast.literal_eval(value.strip())
-    except (ValueError, SyntaxError):
-      overrides[field.strip()] = value.strip()  # a string: optimizer.schedule=constant
-  return overrides
+  return assignments
 
 
 def parse_set(text: str) -> Candidate:
@@ -173,7 +171,7 @@ def parse_set(text: str) -> Candidate:
   name, colon, assignments = text.partition(":")
   if not colon or not name or not assignments:
     raise cli_errors.UsageError(f"--set {text!r}: expected NAME:field=value[,field=value...]")
-  return Candidate(name, parse_assignments(assignments, f"--set {text!r}"))
+  return Candidate(name, {}, parse_assignments(assignments, f"--set {text!r}"))
 
 
 def resolve_candidates(args: argparse.Namespace) -> list[Candidate]:
@@ -211,45 +209,17 @@ def base_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     config.bucketing.num_buckets = 2
   config.data.test_split = None  # scored after training, outside the budget
   config.compilation_cache_dir = ""  # cold, as on a fresh machine: times that repeat
-  base = parse_assignments(args.base, "--base") if args.base else {}
-  return with_fields(config, base, "--base")
-
-
-def config_fields(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-  """Every settable field of `config` as a dotted path."""
-  fields = []
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      fields += config_fields(value, f"{prefix}{key}.")
-    else:
-      fields.append(f"{prefix}{key}")
-  return fields
-
-
-def with_fields(config: ml_collections.ConfigDict, overrides: dict, where: str):
-  """A locked copy of `config` with `overrides` (dotted fields) set; a misspelt or mistyped
-  field is a UsageError that starts with `where`."""
-  config = config.copy_and_resolve_references()
-  config.lock()
-  fields = config_fields(config)
-  for field, value in overrides.items():
-    if field not in fields:
-      close = difflib.get_close_matches(field, fields, n=1)
-      hint = f"; did you mean {close[0]!r}?" if close else ""
-      raise cli_errors.UsageError(f"{where}: no config field {field!r}{hint}")
-    try:
-      config.update_from_flattened_dict({field: value})
-    except TypeError as error:
-      raise cli_errors.UsageError(
-        f"{where}: {field}={value!r}: {cli_errors.one_line(error)}"
-      ) from None
-  return config
+  base = parse_assignments(args.base, "--base") if args.base else ()
+  return cli.override(config, base, "--base")
 
 
 def candidate_config(
   base: ml_collections.ConfigDict, candidate: Candidate
 ) -> ml_collections.ConfigDict:
-  return with_fields(base, candidate.overrides, f"candidate {candidate.name!r}")
+  """The locked config of `candidate`: its built-in fields, then its `--set` assignments."""
+  config = base.copy_and_resolve_references()
+  config.update_from_flattened_dict(candidate.overrides)
+  return cli.override(config, candidate.assignments, f"candidate {candidate.name!r}")
 
 
 def sequences_per_step(plan_summary: dict) -> float:

@@ -1,6 +1,7 @@
 """Command-line mistakes with configs and experiment drivers end in one line, exit code 2."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -51,6 +52,23 @@ def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):
   assert len(err.splitlines()) == 1
   with pytest.raises(AttributeError):  # the config is locked: no new fields by accident
     config.bucketing.num_bukets = 8
+
+
+def test_override_parses_values_as_config_flags_do_and_leaves_its_input_alone():
+  config = cli.load_config(["train.py", "--config=experiments/synthetic.py"])
+  assignments = ["model.dropout_rate=0", "optimizer.schedule=constant", "model.num_layers=1"]
+  changed = cli.override(config, assignments, "--base")
+  assert (changed.model.dropout_rate, changed.optimizer.schedule) == (0.0, "constant")
+  assert changed.model.num_layers == 1 and config.model.num_layers == 2
+  assert isinstance(changed.model.dropout_rate, float)
+  with pytest.raises(AttributeError):
+    changed.model.num_layer = 1  # locked, as train.py's config is
+  for assignment, message in [
+    ("model.hiden_size=8", "--base: model.hiden_size=8: no config field 'hiden_size'; did you"),
+    ("model.hidden_size=big", "--base: model.hidden_size=big: invalid literal for int()"),
+  ]:
+    with pytest.raises(cli_errors.UsageError, match="^" + re.escape(message)):
+      cli.override(config, [assignment], "--base")
 
 
 def test_parse_flags_fills_absl_flags_and_keeps_the_rest():

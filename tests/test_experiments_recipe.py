@@ -2,10 +2,10 @@
 read from the runs' files, and a study started again reuses its runs."""
 
 import csv
-import functools
 import json
 import math
 
+import ml_collections
 import pytest
 
 import cli_errors
@@ -17,10 +17,15 @@ def tiny_args(tmp_path, *extra):
   return recipe.parse_args([*argv, "--minutes-per-run", "0.5", *extra])
 
 
-def flat(config) -> dict:
+def flat(config, prefix: str = "") -> dict:
   """Every field's value by dotted path."""
-  fields = recipe.config_fields(config)
-  return {field: functools.reduce(getattr, field.split("."), config) for field in fields}
+  fields = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      fields |= flat(value, f"{prefix}{key}.")
+    else:
+      fields[f"{prefix}{key}"] = value
+  return fields
 
 
 def test_candidates_change_exactly_their_fields(tmp_path):
@@ -73,9 +78,14 @@ def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
   [
     (
       ["--set", "typo:model.hiden_size=32"],
-      "candidate 'typo': no config field 'model.hiden_size'; did you mean 'model.hidden_size'?",
+      "candidate 'typo': model.hiden_size=32: no config field 'hiden_size'; did you mean "
+      "'hidden_size'?",
     ),
-    (["--set", "bad:model.hidden_size=wide"], "candidate 'bad': model.hidden_size='wide': "),
+    (
+      ["--set", "bad:model.hidden_size=wide"],
+      "candidate 'bad': model.hidden_size=wide: invalid literal for int()",
+    ),
+    (["--set", "bad:model.hidden_size"], "--set 'bad:model.hidden_size': 'model.hidden_size' is"),
     (["--candidates", "base,widest_2"], "unknown candidate 'widest_2'; known: base, "),
     (["--candidates", "hidden_x"], "candidate 'hidden_x': 'x' is not a number"),
     (["--set", "base:seed=1"], "--set base: the name of a built-in"),
@@ -91,7 +101,7 @@ def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
     ),
     (
       ["--candidates", "base", "--base", "optimizer.lr=1"],
-      "--base: no config field 'optimizer.lr'",
+      "--base: optimizer.lr=1: no config field 'lr'",
     ),
   ],
 )
