@@ -11,20 +11,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend import core as jax_core
-from jax.sharding import AxisType, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import train
 from models.batch_sharding import over_batch_shards
 
 
 def data_mesh(num_devices: int) -> jax.sharding.Mesh:
-  """A 1-D "data" mesh over the first `num_devices` devices, axes auto-sharded as `train.py`'s."""
-  return jax.make_mesh(
-    (num_devices,),
-    ("data",),
-    devices=jax.devices()[:num_devices],
-    axis_types=(AxisType.Auto,),
-  )
+  """The trainer's mesh over the first `num_devices` devices."""
+  return train.make_data_mesh(jax.devices()[:num_devices])
 
 
 def _nested_jaxprs(params: dict):
