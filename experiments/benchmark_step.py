@@ -88,14 +88,19 @@ PRESETS = {
 # The LSTM kernel's launch variants and weight dtypes. A first H200 sweep
 # (results/benchmark_step_gpu.md) found float32 weights kept on chip over the shared-memory limit
 # (272 KiB asked, 227 available), deeper pipelining too, 4 warps 7x slower than 8, and batch tile
-# 32 slower than 16; these are what is left to learn. Only float32 rows can become the default
-# (the model's dtype); bfloat16 rows say what a bfloat16 model would get.
+# 32 slower than 16. The second (results/benchmark_step_gpu_defaults.md) found 16 warps slower
+# than 8 for float32 (28.4 against 16.6 ms), and bfloat16 weights kept on chip level with the
+# scan (7.0-7.1 against 7.9 ms in float32, 7.1 in bfloat16): kernel and scan alike spend about
+# 6 us per frame and pass. Prefetching the next frame's inputs is what is left to learn. Only
+# float32 rows can become the default (the model's dtype); bfloat16 rows say what a bfloat16
+# model would get.
 TUNE_GRID = [
   (KernelConfig(num_warps=8, weights_resident=False), jnp.float32),
-  (KernelConfig(num_warps=16, weights_resident=False), jnp.float32),
+  (KernelConfig(num_warps=8, weights_resident=False, prefetch=True), jnp.float32),
   (KernelConfig(num_warps=8, weights_resident=True), jnp.bfloat16),
   (KernelConfig(num_warps=16, weights_resident=True), jnp.bfloat16),
-  (KernelConfig(num_warps=16, weights_resident=False), jnp.bfloat16),
+  (KernelConfig(num_warps=8, weights_resident=True, prefetch=True), jnp.bfloat16),
+  (KernelConfig(num_warps=16, weights_resident=True, prefetch=True), jnp.bfloat16),
 ]
 # (batch_tile, num_warps): the first H200 sweep over tiles 1-8 and 1-4 warps found these fastest.
 CTC_TUNE_GRID = [(1, 2), (1, 4), (2, 4)]
@@ -335,7 +340,7 @@ def describe(variant: KernelConfig) -> str:
   resident = "resident" if variant.weights_resident else "re-read"
   return (
     f"tile {variant.batch_tile}, {variant.num_warps} warps, weights {resident}, "
-    f"{variant.num_stages} stage(s)"
+    f"{variant.num_stages} stage(s){', prefetch' if variant.prefetch else ''}"
   )
 
 
@@ -483,7 +488,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     else:
       settings |= {
         f"model.kernel.{field}": getattr(best, field)
-        for field in ("batch_tile", "num_warps", "weights_resident", "num_stages")
+        for field in ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
       }
       chosen = f"the rest of this run uses the fastest: {describe(best)}"
     sections += [

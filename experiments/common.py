@@ -57,9 +57,15 @@ def base_config() -> ml_collections.ConfigDict:
   # Scan steps per loop iteration; 0 = the backend's measured best (8 on a GPU, 1 on the CPU).
   config.model.unroll = 0
   # Launch parameters of the Pallas recurrence (models.lstm_kernel.KernelConfig), the fastest
-  # float32 variant measured on an H200.
+  # float32 variant measured on an H200 (prefetch: not yet measured there).
   config.model.kernel = ml_collections.ConfigDict(
-    {"batch_tile": 16, "num_warps": 8, "weights_resident": False, "num_stages": 1}
+    {
+      "batch_tile": 16,
+      "num_warps": 8,
+      "weights_resident": False,
+      "num_stages": 1,
+      "prefetch": False,
+    }
   )
   config.model.dtype = "float32"
 

@@ -44,6 +44,10 @@ class KernelConfig:
     weights_resident: load the recurrent kernel once before the time loop (True) or re-read it
       from memory (L1/L2) at every frame.
     num_stages: Triton's software-pipelining depth of the loop's loads.
+    prefetch: read the next frame's inputs (projections; gates, cells and cotangents backward) at
+      the start of a frame, so their memory latency overlaps this frame's dots instead of adding
+      to every frame's (registers, not Triton's shared-memory stages, which the resident weights
+      leave no room for).
     interpret: run the kernels with Pallas's interpreter (CPU tests).
   """
 
@@ -51,6 +55,7 @@ class KernelConfig:
   num_warps: int = 8
   weights_resident: bool = False
   num_stages: int = 1
+  prefetch: bool = False
   interpret: bool = False
 
 
@@ -84,22 +89,43 @@ def _gate_weights(kernel_ref, hidden: int) -> list:
   return [kernel_ref[:, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)]
 
 
+def _time_loop(time: int, read, body, init, *, reverse: bool, prefetch: bool) -> None:
+  """`carry = body(t, read(t), carry)` for every frame t, in reverse if asked; with `prefetch`
+  frame t's `read` is issued at the start of the frame before it, carried to t's `body`."""
+
+  def frame(i):
+    return time - 1 - i if reverse else i
+
+  if not prefetch:
+    jax.lax.fori_loop(0, time, lambda i, carry: body(frame(i), read(frame(i)), carry), init)
+    return
+
+  def step(i, carry):
+    state, inputs = carry
+    upcoming = read(frame(jnp.minimum(i + 1, time - 1)))  # the last frame reads itself again
+    return body(frame(i), inputs, state), upcoming
+
+  jax.lax.fori_loop(0, time, step, (init, read(frame(0))))
+
+
 def _forward_kernel(
-  projected_ref, kernel_ref, hidden_ref, gates_ref, previous_cell_ref, *, weights_resident
+  projected_ref, kernel_ref, hidden_ref, gates_ref, previous_cell_ref, *, weights_resident, prefetch
 ):
   """One (direction, batch tile): `projected_ref [time, tile, 4 * hidden]` -> hidden states
   `[time, tile, hidden]`, activated gates `[time, tile, 4 * hidden]`, previous cells."""
   time, tile, hidden = hidden_ref.shape
   resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
 
-  def step(t, carry):
+  def read(t):
+    return [projected_ref[t, :, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)]
+
+  def step(t, projections, carry):
     cell, hidden_state = carry
     weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
     recurrent_input = hidden_state.astype(kernel_ref.dtype)
     pre_activations = [
-      projected_ref[t, :, gate * hidden : (gate + 1) * hidden]
-      + plgpu.dot(recurrent_input, weights[gate])
-      for gate in range(NUM_GATES)
+      projection + plgpu.dot(recurrent_input, weights[gate])
+      for gate, projection in enumerate(projections)
     ]
     input_gate = jax.nn.sigmoid(pre_activations[0])
     forget_gate = jax.nn.sigmoid(pre_activations[1])
@@ -114,7 +140,7 @@ def _forward_kernel(
     return cell, hidden_state
 
   zeros = jnp.zeros((tile, hidden), jnp.float32)
-  jax.lax.fori_loop(0, time, step, (zeros, zeros))
+  _time_loop(time, read, step, (zeros, zeros), reverse=False, prefetch=prefetch)
 
 
 def _backward_kernel(
@@ -125,22 +151,23 @@ def _backward_kernel(
   projected_cotangent_ref,
   *,
   weights_resident,
+  prefetch,
 ):
   """One (direction, batch tile), frames in reverse: -> `[time, tile, 4 * hidden]` cotangents of
   the gate pre-activations (the input projections)."""
   time, tile, hidden = previous_cell_ref.shape
   resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
 
-  def step(reverse_t, carry):
-    t = time - 1 - reverse_t
+  def read(t):
+    gates = [gates_ref[t, :, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)]
+    return gates, previous_cell_ref[t], hidden_cotangent_ref[t]
+
+  def step(t, inputs, carry):
+    (input_gate, forget_gate, cell_input, output_gate), previous_cell, output_cotangent = inputs
     hidden_cotangent, cell_cotangent = carry
     weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
-    input_gate, forget_gate, cell_input, output_gate = (
-      gates_ref[t, :, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)
-    )
-    previous_cell = previous_cell_ref[t]
     tanh_cell = jnp.tanh(forget_gate * previous_cell + input_gate * cell_input)
-    hidden_cotangent = hidden_cotangent + hidden_cotangent_ref[t].astype(jnp.float32)
+    hidden_cotangent = hidden_cotangent + output_cotangent.astype(jnp.float32)
     cell_cotangent = cell_cotangent + hidden_cotangent * output_gate * (1 - tanh_cell * tanh_cell)
     pre_activation_cotangents = (
       cell_cotangent * cell_input * input_gate * (1 - input_gate),
@@ -157,7 +184,7 @@ def _backward_kernel(
     return previous_hidden_cotangent, cell_cotangent * forget_gate
 
   zeros = jnp.zeros((tile, hidden), jnp.float32)
-  jax.lax.fori_loop(0, time, step, (zeros, zeros))
+  _time_loop(time, read, step, (zeros, zeros), reverse=True, prefetch=prefetch)
 
 
 def _call(kernel, inputs, outputs, config: KernelConfig, name: str):
@@ -194,13 +221,17 @@ def _forward(projected, recurrent_kernel, config: KernelConfig):
     jax.ShapeDtypeStruct((directions, time, batch, gates), jnp.float32),
     jax.ShapeDtypeStruct((directions, time, batch, hidden), jnp.float32),
   )
-  kernel = functools.partial(_forward_kernel, weights_resident=config.weights_resident)
+  kernel = functools.partial(
+    _forward_kernel, weights_resident=config.weights_resident, prefetch=config.prefetch
+  )
   return _call(kernel, (projected, recurrent_kernel), outputs, config, "lstm_forward")
 
 
 def _backward(recurrent_kernel, gates, previous_cells, hidden_cotangents, config: KernelConfig):
   outputs = (jax.ShapeDtypeStruct(gates.shape, jnp.float32),)
-  kernel = functools.partial(_backward_kernel, weights_resident=config.weights_resident)
+  kernel = functools.partial(
+    _backward_kernel, weights_resident=config.weights_resident, prefetch=config.prefetch
+  )
   inputs = (recurrent_kernel, gates, previous_cells, hidden_cotangents)
   return _call(kernel, inputs, outputs, config, "lstm_backward")[0]
 

@@ -6,6 +6,8 @@ one frame, one and two directions, and every launch variant; the model-level tes
 kernel keeps padding invariance and that filler rows change nothing.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +19,7 @@ from models.ctc import ctc_loss
 from models.lstm import LstmCtcModel, lstm_recurrence
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel, padded_hidden_size
 from tests.test_models_batch_sharding import assert_kernels_run_per_device, data_mesh
+from tests.test_models_ctc_kernel import cuda_lowering
 
 INTERPRET = KernelConfig(interpret=True)
 
@@ -76,10 +79,13 @@ def test_kernel_matches_scan_values_and_gradients(time, batch, hidden, direction
     KernelConfig(batch_tile=32, interpret=True),
     KernelConfig(weights_resident=False, interpret=True),
     KernelConfig(num_warps=8, interpret=True),
+    KernelConfig(prefetch=True, interpret=True),
+    KernelConfig(prefetch=True, weights_resident=True, interpret=True),
   ],
 )
-def test_every_launch_variant_computes_the_same(config):
-  projected, kernel, cotangents = random_operands(7, 19, 32, 2, seed=1)
+@pytest.mark.parametrize("time", [1, 2, 7])
+def test_every_launch_variant_computes_the_same(config, time):
+  projected, kernel, cotangents = random_operands(time, 19, 32, 2, seed=1)
   expected = values_and_gradients(
     lambda p, k: lstm_recurrence_kernel(p, k, INTERPRET), projected, kernel, cotangents
   )
@@ -140,6 +146,30 @@ def test_kernel_on_a_mesh_matches_the_unsharded_kernel_and_the_scan(num_devices)
     )
   assert_trees_close(sharded, unsharded, 1e-5)
   assert_trees_close(sharded, scan, 1e-5)
+
+
+@pytest.mark.parametrize(
+  "config",
+  [
+    KernelConfig(),
+    KernelConfig(prefetch=True),
+    KernelConfig(prefetch=True, weights_resident=True),
+  ],
+  ids=["default", "prefetch", "prefetch, resident"],
+)
+def test_every_launch_variant_lowers_to_two_triton_calls_per_pass(config):
+  """What the GPU compiles: a variant the Triton lowering rejects fails here, not on a lent GPU."""
+  projected, kernel, _ = random_operands(6, 16, 16, 2, dtype=jnp.bfloat16)
+
+  def total(projected, kernel):
+    return sum(jnp.sum(states) for states in lstm_recurrence_kernel(projected, kernel, config))
+
+  traced = jax.jit(jax.grad(total, argnums=(0, 1))).trace(projected, kernel)
+  text = cuda_lowering(traced)
+  assert re.findall(r'xla\.gpu\.triton.*?name = "(lstm_\w+)"', text) == [
+    "lstm_forward",
+    "lstm_backward",
+  ]
 
 
 @pytest.mark.parametrize("hidden, padded", [(1, 16), (16, 16), (17, 32), (128, 128), (200, 256)])
