@@ -26,12 +26,16 @@
 #                  CER (testset_f)                                     -> accuracy_gpu.json
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
 #                  (perhaps 3 minutes)                          -> benchmark_step_gpu_flags.md
+#   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
+#                  scan, then the step's anatomy with the fastest (perhaps 4 minutes)
+#                                                               -> benchmark_step_gpu_kernels.md
 # Stages run in the order given; a stage that fails is reported and the next one still runs. All
 # of them end by $DEADLINE_S seconds (default 570, inside a 10-minute call): a command still
 # running then gets SIGINT (train.py checkpoints and stops), and each stage's results are copied
 # to $OUT as soon as it ends, so what finished comes back even if the call is cut short.
 # $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16", values
-# without spaces) reach the startup and accuracy stages' configs: a dry run on a CPU before
+# without spaces) reach the startup and accuracy stages' configs, and $STEP_PRESET (default
+# "defaults"; "tiny" on a CPU) the flags and kernels stages' shapes: a dry run on a CPU before
 # spending the GPU. Each stage starts from an empty workdir under /tmp/gpu-call, and only result
 # files this call wrote are copied to $OUT.
 set -uo pipefail
@@ -96,17 +100,21 @@ run_stage() {
           "$workdir.train.json" "$workdir.test.json" "$results/accuracy_gpu.json"
       ;;
     flags)
-      within_deadline python -m experiments.benchmark_step --preset defaults \
+      within_deadline python -m experiments.benchmark_step --preset "${STEP_PRESET:-defaults}" \
         --xla-flags "Triton GEMM for every dot=--xla_gpu_triton_gemm_any=true" \
         --xla-flags "loop double buffering=--xla_gpu_enable_while_loop_double_buffering=true" \
         --out "$results/benchmark_step_gpu_flags.md"
+      ;;
+    kernels)
+      within_deadline python -m experiments.benchmark_step --preset "${STEP_PRESET:-defaults}" \
+        --tune --out "$results/benchmark_step_gpu_kernels.md"
       ;;
   esac
 }
 
 for spec in "$@"; do
-  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy|flags)$ ]]; then
-    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M, flags)" >&2
+  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy|flags|kernels)$ ]]; then
+    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M, flags, kernels)" >&2
     exit 2
   fi
 done
