@@ -81,10 +81,12 @@ run_stage() {
         --workdir /tmp/gpu-call/paper --out "$results/paper_gpu"
       ;;
     recipe)
-      # K = 2: every candidate compiles cold twice (its probe, its run) inside the call
+      # K = 2: every candidate compiles cold twice (its probe, its run) inside the call; lines
+      # resampled as iam.py:gpu's, and its token budget against 32 lines a step
       within_deadline python -m experiments.recipe --preset full --data-dir "$data_dir" \
         --minutes-per-run "$minutes" --workdir /tmp/gpu-call/recipe \
-        --base bucketing.num_buckets=2 --candidates "${RECIPE_CANDIDATES:-base,tokens_77824}" \
+        --base bucketing.num_buckets=2,data.features.resample_spacing=0.2 \
+        --candidates "${RECIPE_CANDIDATES:-base,tokens_27648}" \
         --out "$results/recipe_full_gpu"
       ;;
     accuracy)

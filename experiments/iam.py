@@ -9,17 +9,22 @@ Train on `train`, stop early on `validation` (testset_v), report CER on `test` (
 The model sizes are ours; the paper's claim reproduced is the speed-up from bucketing at equal
 validation loss (see experiments/paper.py and the README's Results).
 
-`gpu`: the same model trained within one 10-minute call on one GPU. Its step holds a budget of
-padded tokens instead of 32 lines: 4 x 32 lines of the median bucket (608 points), since on an
-H200 a step of 128 lines x 608 frames took 1.39x the time of 32 x 608 (34.9 against 25.1 ms,
-results/benchmark_step_gpu_defaults.md), so a token budget 4x larger should pass an epoch about
-2.9x faster. The learning rate follows the learning-rate part of the square-root rule for Adam
-(x sqrt(4), as experiments/recipe.py scales it) and the warm-up is as many sequences as the
+`gpu`: the same model trained within one 10-minute call on one GPU, on lines resampled to 0.2
+line heights between points (`data.features.resample_spacing`): 213 frames a line on average
+instead of 615, and the step's time is mostly its frames one after another (on an H200 it fits
+0.79 ms + 35 us per frame + 165 ns per frame and line, results/projection_multi_gpu.md), so an
+epoch should take about a third of the time. At equal CPU minutes resampled lines learned far more
+than raw points (validation CER 0.229 against 0.541, results/recipe_quick_cpu.md). Its step holds
+a budget of padded frames instead of 32 lines: 4 x 32 lines of the median bucket (216 frames),
+since on an H200 a step of 128 lines took 1.39x the time of 32 at 608 frames (34.9 against
+25.1 ms, results/benchmark_step_gpu_defaults.md), so a budget 4x larger should pass an epoch
+about 2.9x faster. The learning rate follows the learning-rate part of the square-root rule for
+Adam (x sqrt(4), as experiments/recipe.py scales it) and the warm-up is as many sequences as the
 base's. The learning rate stays constant after the warm-up: the run ends at the time cap, not
 after a planned number of epochs that a cosine could decay over (a constant rate did as well as
 the cosine in results/recipe_quick_cpu.md). Not yet run on a GPU: `experiments/gpu_call.sh`'s
-`accuracy` stage measures its test CER, and its `recipe` stage a token budget of the same size
-against the base at equal minutes.
+`accuracy` stage measures its test CER, and its `recipe` stage the same token budget against the
+base at equal minutes.
 """
 
 import os
@@ -43,8 +48,9 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   if variant == "tiny":
     config = common.tiny(config)
   elif variant == "gpu":
+    config.data.features.resample_spacing = 0.2
     config.bucketing.batch_size = 0
-    config.bucketing.max_tokens = 4 * 32 * 608
+    config.bucketing.max_tokens = 4 * 32 * 216
     config.optimizer.learning_rate *= 2.0
     config.optimizer.warmup_steps //= 4
     config.optimizer.schedule = "constant"

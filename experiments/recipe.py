@@ -4,7 +4,8 @@
       --candidates base,raw_points,hidden_128,layers_3,dropout_0,constant_lr,tokens_8192 \\
       --set base_rerun:seed=0 --out experiments/results/recipe_quick_cpu    # 30 min, CPU
     python -m experiments.recipe --preset full --data-dir DIR --minutes-per-run 2.5 \\
-      --base bucketing.num_buckets=2 --candidates base,tokens_77824    # one 10-minute GPU call
+      --base bucketing.num_buckets=2,data.features.resample_spacing=0.2 \\
+      --candidates base,tokens_27648                                   # one 10-minute GPU call
     python -m experiments.recipe --preset tiny --dataset synthetic --candidates base,dropout_0 \\
       --minutes-per-run 0.5 --workdir /tmp/recipe-tiny                     # a minute; the tests'
 

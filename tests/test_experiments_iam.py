@@ -8,10 +8,11 @@ import train
 from experiments import iam
 
 
-def test_the_gpu_variant_budgets_four_times_the_base_lines_at_608_frames():
+def test_the_gpu_variant_budgets_four_times_the_base_lines_at_216_resampled_frames():
   base, gpu = iam.get_config(), iam.get_config("gpu")
   train.validate_config(gpu, num_devices=1)
-  bounds = np.array([304, 608, 1216])
+  assert base.data.features.resample_spacing is None and gpu.data.features.resample_spacing == 0.2
+  bounds = np.array([108, 216, 432])
   sizes = bucketing.batch_sizes(bounds, np.full(3, 10_000), max_tokens=gpu.bucketing.max_tokens)
   assert sizes.tolist() == [8 * base.bucketing.batch_size, 4 * base.bucketing.batch_size, 64]
   # The square-root rule for 4x the sequences per step, and as many warm-up sequences as the base.
