@@ -14,6 +14,7 @@ prefers it), and the synthetic generator, which is cheap enough to run in memory
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import sys
@@ -97,6 +98,22 @@ def iam_ondb_builder(data_dir: str | os.PathLike | None = None):
   from handwriting.builder import IamOndb  # Imported here so that .npz users need no TFDS.
 
   return IamOndb(data_dir=os.fspath(data_dir or default_data_dir()))
+
+
+def _is_prepared(builder) -> bool:
+  """`builder.is_prepared()` without the warning TFDS logs while looking for a build that is not
+  there ("Variant folder ... has no dataset_info.json"): not built yet is a state the caller
+  reports in its own words, and the warning would stand above that one-line error."""
+
+  def not_that_warning(record: logging.LogRecord) -> bool:
+    return "has no dataset_info.json" not in record.getMessage()
+
+  logger = logging.getLogger("absl")
+  logger.addFilter(not_that_warning)
+  try:
+    return builder.is_prepared()
+  finally:
+    logger.removeFilter(not_that_warning)
 
 
 def build_iam_ondb(
@@ -200,7 +217,7 @@ def data_source(
   if export.is_file():
     return DataSource("export", export, _origin(read_export_metadata(export)), default_location)
   builder = iam_ondb_builder(data_dir)
-  if builder.is_prepared():
+  if _is_prepared(builder):
     path = pathlib.Path(builder.data_dir)
     return DataSource("tfds", path, _origin(dict(builder.info.metadata)), default_location)
   if manual_dir is None:

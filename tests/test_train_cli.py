@@ -40,7 +40,7 @@ def test_an_expected_error_is_one_line_and_exit_code_2(tmp_path, arguments, mess
   ]
   result = subprocess.run(command, cwd=ROOT, env=environment, capture_output=True, text=True)
   assert result.returncode == 2, result.stderr
-  (line,) = result.stderr.strip().splitlines()[-1:]
+  (line,) = result.stderr.strip().splitlines()  # one line: no warning above it
   assert line.startswith("error: ") and message in line, result.stderr
   assert "Traceback" not in result.stderr
   assert not (tmp_path / "run").exists()
