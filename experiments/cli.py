@@ -10,6 +10,7 @@ file as a traceback inside the message. `parse_flags` turns all of these into a
     config = experiments.cli.override(config, ["model.hidden_size=96"], "--set wide")  # recipe.py
 """
 
+import copy
 import re
 from collections.abc import Sequence
 
@@ -107,7 +108,7 @@ def override(
   try:
     holder = config_flags.DEFINE_config_dict(  # a misspelt field raises AttributeError here
       "config",
-      config.copy_and_resolve_references(),
+      copy.deepcopy(config),  # keeps the field references: an unset field keeps its type
       flag_values=flag_values,
       lock_config=True,
       sys_argv=argv,

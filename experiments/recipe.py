@@ -65,6 +65,7 @@ split: about 8 minutes).
 """
 
 import argparse
+import copy
 import csv
 import dataclasses
 import importlib.metadata
@@ -218,7 +219,7 @@ def candidate_config(
   base: ml_collections.ConfigDict, candidate: Candidate
 ) -> ml_collections.ConfigDict:
   """The locked config of `candidate`: its built-in fields, then its `--set` assignments."""
-  config = base.copy_and_resolve_references()
+  config = copy.deepcopy(base)  # keeps the field references, which `cli.override` needs
   config.update_from_flattened_dict(candidate.overrides)
   return cli.override(config, candidate.assignments, f"candidate {candidate.name!r}")
 

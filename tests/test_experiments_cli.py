@@ -57,8 +57,10 @@ def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):
 def test_override_parses_values_as_config_flags_do_and_leaves_its_input_alone():
   config = cli.load_config(["train.py", "--config=experiments/synthetic.py"])
   assignments = ["model.dropout_rate=0", "optimizer.schedule=constant", "model.num_layers=1"]
+  assignments.append("model.input_projection_size=32")  # unset (None): it keeps its type, int
   changed = cli.override(config, assignments, "--base")
   assert (changed.model.dropout_rate, changed.optimizer.schedule) == (0.0, "constant")
+  assert changed.model.input_projection_size == 32 and config.model.input_projection_size is None
   assert changed.model.num_layers == 1 and config.model.num_layers == 2
   assert isinstance(changed.model.dropout_rate, float)
   with pytest.raises(AttributeError):
