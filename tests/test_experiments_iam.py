@@ -1,11 +1,12 @@
 """The IAM-OnDB experiment's variants are valid configs that do what their docstring says."""
 
+import ml_collections
 import numpy as np
 import pytest
 
 import bucketing
 import train
-from experiments import iam
+from experiments import iam, recipe
 
 
 def test_the_gpu_variant_budgets_four_times_the_base_lines_at_216_resampled_frames():
@@ -22,6 +23,40 @@ def test_the_gpu_variant_budgets_four_times_the_base_lines_at_216_resampled_fram
   assert gpu.optimizer.schedule == "constant"  # no cosine planned for epochs the cap cuts off
 
 
+def test_the_cpu_variant_is_the_recipe_run_it_cites(tmp_path):
+  """`iam.py:cpu` trains what results/recipe_full_cpu.md measured: the recipe's base with that
+  command's --base, its probe's 70 epochs and its 90 minutes (the recipe also turns the test
+  split, the progress bar and the compilation cache off, which change no result)."""
+  base = (
+    "data.features.resample_spacing=0.2,model.num_layers=2,bucketing.batch_size=16,"
+    "optimizer.learning_rate=6e-3,optimizer.warmup_steps=100"
+  )
+  argv = ["--preset", "full", "--dataset", "iam_ondb", "--minutes-per-run", "90"]
+  args = recipe.parse_args([*argv, "--base", base, "--candidates", "base"])
+  studied = recipe.candidate_config(recipe.base_config(args), recipe.named_candidate("base"))
+  studied.num_epochs = studied.patience = 70
+  studied.max_minutes = args.minutes_per_run
+  cpu = iam.get_config("cpu")
+  train.validate_config(cpu, num_devices=1)
+  unchanged = ("data.test_split", "progress_bar", "compilation_cache_dir")
+  differing = {
+    field
+    for field, value in flat(cpu).items()
+    if value != flat(studied)[field] and field not in unchanged
+  }
+  assert not differing
+
+
+def flat(config, prefix: str = "") -> dict:
+  fields = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      fields |= flat(value, f"{prefix}{key}.")
+    else:
+      fields[f"{prefix}{key}"] = value
+  return fields
+
+
 def test_an_unknown_variant_names_the_known_ones():
-  with pytest.raises(ValueError, match="known: tiny, gpu"):
+  with pytest.raises(ValueError, match="known: tiny, gpu, cpu"):
     iam.get_config("tpu")
