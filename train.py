@@ -119,6 +119,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
   if config.max_minutes < 0:
     raise ValueError(f"config.max_minutes must be >= 0 (0: no cap), got {config.max_minutes}")
+  if config.selection_metric not in SELECTION_METRICS:
+    raise ValueError(
+      f"config.selection_metric={config.selection_metric!r} is not one of {SELECTION_METRICS}"
+    )
   if config.optimizer.schedule not in ("cosine", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: cosine|constant")
   # The model's and the CTC loss's own checks (sizes, implementations), before any data is read.
@@ -361,6 +365,7 @@ def eval_step(apply_fn, ctc_loss_fn, params: Any, batch: Batch) -> dict[str, jax
 # Compiling the steps: one executable per bucket, on a thread pool, in the order training needs.
 
 COMPILE_MODES = ("overlap", "parallel", "sequential")
+SELECTION_METRICS = ("val_loss", "val_cer")  # what picks the best epoch and drives patience
 COMPILE_THREAD_PREFIX = "compile-step"
 
 
@@ -707,7 +712,10 @@ class Progress:
   epoch: int = 0
   step_in_epoch: int = 0
   history: list = dataclasses.field(default_factory=list)
-  best_val_loss: float = math.inf
+  # The best epoch by `selection_metric` (its value: `best_score`); checkpoints written before
+  # the metric could be chosen hold `best_val_loss` and were selected by it.
+  selection_metric: str = "val_loss"
+  best_score: float = math.inf
   best_epoch: int = -1
   epoch_train_loss_sum: float = 0.0
   epoch_train_weight: float = 0.0
@@ -786,6 +794,8 @@ class Checkpoints:
         "progress"
       ]
     )
+    if "best_val_loss" in meta:  # written before `selection_metric`: selected by the loss
+      meta["best_score"] = meta.pop("best_val_loss")
     bounds = meta.pop("upper_bounds")
     if plan is not None and bounds != plan.upper_bounds.tolist():
       raise CheckpointMismatchError(
@@ -1140,7 +1150,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir.mkdir(parents=True, exist_ok=True)
   plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir, skipped)
   with contextlib.closing(Checkpoints(workdir, config)) as checkpoints, stop.on_signals():
-    state, progress = restore(checkpoints, initial_state(config, plan, mesh), plan)
+    state, progress = restore(
+      checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
+    )
     steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
     with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
       run = Run(
@@ -1173,11 +1185,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
 
 
 def restore(
-  checkpoints: Checkpoints, fresh: TrainState, plan: bucketing.BucketPlan
+  checkpoints: Checkpoints,
+  fresh: TrainState,
+  plan: bucketing.BucketPlan,
+  selection_metric: str,
 ) -> tuple[TrainState, Progress]:
-  """The newest intact checkpoint's state and progress (else `fresh`), saying where it resumes."""
+  """The newest intact checkpoint's state and progress (else `fresh`), saying where it resumes.
+  A run resumes only with the selection metric it started with: its best epoch was chosen by it."""
   state, progress = checkpoints.restore_latest(fresh, plan)
   global_step = int(jax.device_get(state.step))
+  if not global_step:
+    progress = dataclasses.replace(progress, selection_metric=selection_metric)
+  elif progress.selection_metric != selection_metric:
+    raise ValueError(
+      f"config.selection_metric={selection_metric!r}, but the run in {checkpoints.directory} "
+      f"chose its best epoch by {progress.selection_metric!r}; use that or a new workdir"
+    )
   if global_step and jax.process_index() == 0:
     LOG.info(
       "resumed from checkpoint at global step %d: epoch %d, step %d of the schedule",
@@ -1382,8 +1405,8 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     "sequences_per_s": plan_summary["num_examples"] / progress.epoch_seconds,
     "steps": int(jax.device_get(state.step)),
   }
-  if val["loss"] < progress.best_val_loss:
-    progress.best_val_loss, progress.best_epoch = val["loss"], epoch
+  if row[config.selection_metric] < progress.best_score:
+    progress.best_score, progress.best_epoch = row[config.selection_metric], epoch
     run.checkpoints.save_best(epoch, state.params)
   progress.history.append(row | {"best_epoch": progress.best_epoch})
   run.logger.write(progress.history[-1])
@@ -1483,6 +1506,7 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
     **run.steps.accounting(),
     "train_time_s": sum(row["epoch_time_s"] for row in progress.history),
     "epochs": len(progress.history),
+    "selection_metric": progress.selection_metric,
     "best_epoch": progress.best_epoch,
     "best_val_loss": best.get("val_loss"),
     "best_val_cer": best.get("val_cer"),
@@ -1513,7 +1537,7 @@ def load_params(
   workdir: str | pathlib.Path,
   sharding: jax.sharding.Sharding | None = None,
 ) -> Any:
-  """The best parameters a run in `workdir` saved (by validation loss), on `sharding`.
+  """The best parameters a run in `workdir` saved (by `config.selection_metric`), on `sharding`.
 
   The default is this process's first device, whatever topology the run was trained on.
   """

@@ -81,7 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer.grad_clip_norm = 5.0
 
   config.num_epochs = 50
-  config.patience = 5  # epochs without a better validation loss before stopping
+  config.patience = 5  # epochs without a better selection metric before stopping
+  # The validation metric that picks the best epoch (`checkpoints/best`, the test split's
+  # parameters) and that patience waits on: val_loss (the paper's) | val_cer.
+  config.selection_metric = "val_loss"
   config.max_steps = 0  # stop after this many global steps (0 = no cap)
   # Stop at the next step boundary with a checkpoint after this many minutes of wall time
   # (0 = no cap); the same command resumes.

@@ -49,6 +49,7 @@ REQUIRED_SUMMARY_KEYS = {
   "compilation_cache_misses",
   "train_time_s",
   "epochs",
+  "selection_metric",
   "best_epoch",
   "best_val_loss",
   "best_val_cer",
@@ -133,6 +134,35 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path
   # With a zero learning rate the validation loss never improves after epoch 0.
   assert summary["best_epoch"] == 0
   assert [row["epoch"] for row in rows] == [0, 1]
+
+
+@pytest.mark.parametrize(
+  ("metric", "best_epoch", "epochs"), [("val_loss", 1, 4), ("val_cer", 2, 5)]
+)
+def test_the_selection_metric_picks_the_best_epoch_and_drives_patience(
+  tmp_path, monkeypatch, metric, best_epoch, epochs
+):
+  """Scripted validation scores in which loss and CER disagree (CTC's loss can rise while its
+  CER falls): the best checkpoint and early stopping follow the chosen one."""
+  losses, cers = [5.0, 3.0, 4.0, 4.5, 6.0], [0.9, 0.8, 0.6, 0.7, 0.65]
+  scores = iter(
+    {"loss": loss, "cer": cer, "wer": 1.0} for loss, cer in zip(losses, cers, strict=True)
+  )
+  monkeypatch.setattr(train, "evaluate", lambda *args: next(scores))
+  config = tiny_config(num_epochs=5, patience=2, selection_metric=metric)
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert (summary["best_epoch"], summary["epochs"]) == (best_epoch, epochs)
+  assert summary["selection_metric"] == metric
+  assert (summary["best_val_loss"], summary["best_val_cer"]) == (
+    losses[best_epoch],
+    cers[best_epoch],
+  )
+  with contextlib.closing(train.Checkpoints(tmp_path)) as checkpoints:
+    assert checkpoints.best.latest_step() == best_epoch
+  # The best epoch was chosen by one metric: resuming with the other would mix them.
+  other = "val_cer" if metric == "val_loss" else "val_loss"
+  with pytest.raises(ValueError, match=f"chose its best epoch by '{metric}'"):
+    train.train_and_evaluate(tiny_config(num_epochs=6, selection_metric=other), tmp_path)
 
 
 def test_one_compiled_train_step_per_bucket(uninterrupted):
@@ -306,6 +336,7 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"ctc.impl": "cudnn"}, "ctc impl must be one of"),
     ({"model.lstm_impl": "cudnn"}, "lstm_impl must be one of"),
     ({"model.hidden_size": 0}, "hidden_size must be >= 1"),
+    ({"selection_metric": "val_wer"}, "selection_metric='val_wer' is not one of"),
   ],
 )
 def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, message):
