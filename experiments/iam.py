@@ -23,7 +23,9 @@ about 2.9x faster. The learning rate follows the learning-rate part of the squar
 Adam (x sqrt(4), as experiments/recipe.py scales it) and the warm-up is as many sequences as the
 base's. The learning rate stays constant after the warm-up: the run ends at the time cap, not
 after a planned number of epochs that a cosine could decay over (a constant rate did as well as
-the cosine in results/recipe_quick_cpu.md). Not yet run on a GPU: `experiments/gpu_call.sh`'s
+the cosine in results/recipe_quick_cpu.md). The best epoch and early stopping go by validation
+CER, not loss: on the full training set a CPU run's validation loss rose from its 8th epoch on
+while its CER kept falling (results/recipe_full_cpu.md). Not yet run on a GPU: `experiments/gpu_call.sh`'s
 `accuracy` stage measures its test CER, and its `recipe` stage the same token budget against the
 base at equal minutes.
 
@@ -65,6 +67,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.max_minutes = 8.0  # and a minute for the test split, in one 10-minute call
     config.num_epochs = 200  # the time cap ends it, or early stopping
     config.patience = 15
+    config.selection_metric = "val_cer"
   elif variant == "cpu":
     config.data.features.resample_spacing = 0.2
     config.model.num_layers = 2
@@ -73,6 +76,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 100
     config.num_epochs = config.patience = 70
     config.max_minutes = 90.0
+    config.selection_metric = "val_cer"
   elif variant is not None:
     raise ValueError(f"unknown variant {variant!r} of experiments/iam.py; known: tiny, gpu, cpu")
   return config

@@ -37,9 +37,10 @@ budget; one slower than its probe stops at the budget with a checkpoint (`config
 keeping its finished epochs. Every run compiles cold (persistent cache off), as on a fresh
 machine, and runs on one device in a process of its own (`--worker`), which is also what keeps
 this process free of JAX until the report. The test split (IAM-OnDB-t1 `testset_f`, all of it) is
-scored after training, outside the budget, on the best checkpoint by validation loss (what
-`train.py` keeps): of the winner (`--test winner`, the default), of every candidate (`all`) or of
-none.
+scored after training, outside the budget, on the best checkpoint by validation CER (the runs
+set `selection_metric="val_cer"`: the table ranks them by it, and a CTC model's validation loss
+can rise for many epochs while its CER still falls): of the winner (`--test winner`, the default),
+of every candidate (`all`) or of none.
 
 Writes, next to `--out` (default `<workdir>/recipe`): `.md` and `.csv` (one row per candidate)
 and `_val_cer.png` (validation CER against wall time). Wall time is the run's clock: from the start
@@ -210,6 +211,7 @@ def base_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
     # (results/paper_quick_cpu.md), a quarter of a 4-minute budget.
     config.bucketing.num_buckets = 2
   config.data.test_split = None  # scored after training, outside the budget
+  config.selection_metric = "val_cer"  # what the table ranks by picks the tested parameters
   config.compilation_cache_dir = ""  # cold, as on a fresh machine: times that repeat
   base = parse_assignments(args.base, "--base") if args.base else ()
   return cli.override(config, base, "--base")
@@ -482,7 +484,8 @@ def write_report(
     "the run trained less than it would alone). Best val CER: the lowest measured, at that "
     "clock; val CER "
     "at x%: the lowest by x% of the budget ('-': no epoch had ended). Test CER: greedy, no "
-    f"language model, on all of `{TEST_SPLIT}`, of the parameters with the best validation loss "
+    f"language model, on all of `{TEST_SPLIT}`, of the parameters with the best "
+    f"`{config.selection_metric}` "
     f"(scored for: {', '.join(tested) or 'none'}, `--test {args.test}`).",
     "",
     *reporting.markdown_table(rows, COLUMNS),

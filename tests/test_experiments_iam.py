@@ -21,6 +21,7 @@ def test_the_gpu_variant_budgets_four_times_the_base_lines_at_216_resampled_fram
   assert gpu.optimizer.warmup_steps * 4 == base.optimizer.warmup_steps
   assert 0 < gpu.max_minutes <= 9  # ends inside one 10-minute GPU call
   assert gpu.optimizer.schedule == "constant"  # no cosine planned for epochs the cap cuts off
+  assert gpu.selection_metric == "val_cer"  # the validation loss rises long before the CER does
 
 
 def test_the_cpu_variant_is_the_recipe_run_it_cites(tmp_path):
