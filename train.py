@@ -1532,33 +1532,51 @@ def abstract_on(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any
   )
 
 
+CHECKPOINTS = ("best", "latest")  # which parameters load_params reads
+
+
 def load_params(
   config: ml_collections.ConfigDict,
   workdir: str | pathlib.Path,
   sharding: jax.sharding.Sharding | None = None,
+  checkpoint: str = "best",
 ) -> Any:
-  """The best parameters a run in `workdir` saved (by `config.selection_metric`), on `sharding`.
+  """The parameters a run in `workdir` saved, on `sharding`: its best epoch's (by
+  `config.selection_metric`), or with `checkpoint="latest"` its latest state's.
 
-  The default is this process's first device, whatever topology the run was trained on.
+  The default sharding is this process's first device, whatever topology the run trained on.
   """
-  params = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1).params)
+  if checkpoint not in CHECKPOINTS:
+    raise ValueError(f"checkpoint={checkpoint!r} is not one of {CHECKPOINTS}")
+  state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with contextlib.closing(Checkpoints(workdir)) as checkpoints:
-    best = checkpoints.restore_best(abstract_on(params, sharding))
-    epoch = checkpoints.best.latest_step()
-  if best is None:
-    raise FileNotFoundError(f"no best checkpoint under {checkpoints.directory}")
+    if checkpoint == "best":
+      params = checkpoints.restore_best(abstract_on(state.params, sharding))
+      where = f"epoch {checkpoints.best.latest_step()}"
+    elif checkpoints.latest.latest_step() is None:
+      params = None
+    else:
+      restored, progress = checkpoints.restore_latest(abstract_on(state, sharding))
+      params = restored.params
+      where = (
+        f"global step {int(restored.step)}, epoch {progress.epoch} step {progress.step_in_epoch}"
+      )
+  if params is None:
+    raise FileNotFoundError(f"no {checkpoint} checkpoint under {checkpoints.directory}")
   if jax.process_index() == 0:
-    LOG.info(
-      "loaded the best parameters: epoch %d, %s", epoch, checkpoints.best.directory / str(epoch)
-    )
-  return best
+    LOG.info("loaded the %s parameters: %s in %s", checkpoint, where, checkpoints.directory)
+  return params
 
 
 def evaluate_checkpoint(
-  config: ml_collections.ConfigDict, workdir: str | pathlib.Path, split: str
+  config: ml_collections.ConfigDict,
+  workdir: str | pathlib.Path,
+  split: str,
+  checkpoint: str = "best",
 ) -> dict[str, float]:
-  """Loss, CER and WER of the best checkpoint in `workdir` on any split of the configured data."""
+  """Loss, CER and WER of the best (or latest) checkpoint in `workdir` on any split of the
+  configured data."""
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
@@ -1574,7 +1592,7 @@ def evaluate_checkpoint(
     config.bucketing.round_to,
     jax.device_count(),
   )[split]
-  params = load_params(config, workdir, NamedSharding(mesh, P()))
+  params = load_params(config, workdir, NamedSharding(mesh, P()), checkpoint)
   eval_steps = compile_eval_steps(
     build_model(config).apply,
     build_ctc_loss(config),
@@ -1618,6 +1636,9 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
   _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "train, or evaluate a run")
   _SPLIT = flags.DEFINE_string("split", "test", "the split --mode=evaluate scores")
+  _CHECKPOINT = flags.DEFINE_enum(
+    "checkpoint", "best", list(CHECKPOINTS), "the parameters --mode=evaluate scores"
+  )
 
   def main(argv):
     if len(argv) > 1:
@@ -1632,7 +1653,7 @@ if __name__ == "__main__":
     if _MODE.value == "train":
       summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     else:
-      summary = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value)
+      summary = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value, _CHECKPOINT.value)
     print(json.dumps(_json_safe(summary), indent=2))
     # Stopped by a signal: the shell's code for death by it, so a scheduler sees an unfinished job.
     stopped_by = summary.get("stopped_by")

@@ -371,6 +371,26 @@ def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
   assert not list((tmp_path / "checkpoints").rglob("*tmp*"))
 
 
+def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
+  scripted = iter({"loss": loss, "cer": 1.0, "wer": 1.0} for loss in (1.0, 2.0))
+  with monkeypatch.context() as patch:
+    patch.setattr(train, "evaluate", lambda *args: next(scripted))
+    train.train_and_evaluate(tiny_config(), tmp_path)  # 2 epochs, the best one the first
+  config = tiny_config()
+  best = train.load_params(config, tmp_path)
+  latest = train.load_params(config, tmp_path, checkpoint="latest")
+  jax.tree.map(np.testing.assert_array_equal, latest, latest_params(config, tmp_path))
+  assert any(
+    not np.array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(best), jax.tree.leaves(latest), strict=True)
+  )
+  on_best = train.evaluate_checkpoint(config, tmp_path, "validation")
+  on_latest = train.evaluate_checkpoint(config, tmp_path, "validation", checkpoint="latest")
+  assert on_best["loss"] != on_latest["loss"]
+  with pytest.raises(ValueError, match="checkpoint='last' is not one of"):
+    train.load_params(config, tmp_path, checkpoint="last")
+
+
 def test_evaluate_checkpoint_and_transcribe(uninterrupted):
   workdir, summary = uninterrupted
   config = tiny_config()
