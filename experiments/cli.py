@@ -66,17 +66,41 @@ def parse_flags(argv: list[str], flag_values: flags.FlagValues = flags.FLAGS) ->
   """Parse `argv` (argv[0] is the program) into `flag_values`; returns the other arguments.
 
   Every flag's value is read once here, so a config file that fails to load fails now, as one
-  UsageError, not later inside the program. A flag_parser for `absl.app.run`.
+  UsageError, not later inside the program. `--config.a.b=None` unsets a field declared optional
+  (a `FieldReference` with a type, such as `data.test_split`); config_flags alone would parse it
+  as the field's type (the text "None", or an error for a number). A flag_parser for
+  `absl.app.run`.
   """
+  unsets = [match for argument in argv[1:] if (match := _UNSET.fullmatch(argument))]
+  unsets = [match for match in unsets if match["name"] in flag_values]
   try:
-    remaining = flag_values(argv)
+    remaining = flag_values([arg for arg in argv if not any(arg == m[0] for m in unsets)])
     for name in flag_values:
       # A config file that failed to load is kept as an object raising its error on any
       # attribute access; this access makes it raise here.
       hasattr(getattr(flag_values, name), "keys")
   except Exception as error:  # ml_collections raises AttributeError, OSError, flags.Error, ...
     raise UsageError(flag_error_message(error, argv)) from error
+  for match in unsets:
+    _unset(getattr(flag_values, match["name"]), match["path"].split("."), match[0])
   return remaining
+
+
+_UNSET = re.compile(r"--?(?P<name>\w+)\.(?P<path>[\w.]+)=None")
+
+
+def _unset(config: ml_collections.ConfigDict, path: list[str], argument: str) -> None:
+  """Sets the optional field at `path` of `config` to None; UsageError naming `argument` else."""
+  *parents, leaf = path
+  node = config
+  for key in parents:
+    node = node.get(key) if isinstance(node, ml_collections.ConfigDict) else None
+  fields = dict(node.items(preserve_field_references=True)) if node is not None else {}
+  if leaf not in fields:
+    raise UsageError(f"{argument}: no config field {'.'.join(path)!r}")
+  if not isinstance(fields[leaf], ml_collections.FieldReference):
+    raise UsageError(f"{argument}: config.{'.'.join(path)} is not optional; it cannot be None")
+  setattr(node, leaf, None)
 
 
 def load_config(argv: list[str], name: str = "config") -> ml_collections.ConfigDict:

@@ -25,9 +25,9 @@ base's. The learning rate stays constant after the warm-up: the run ends at the 
 after a planned number of epochs that a cosine could decay over (a constant rate did as well as
 the cosine in results/recipe_quick_cpu.md). The best epoch and early stopping go by validation
 CER, not loss: on the full training set a CPU run's validation loss rose from its 8th epoch on
-while its CER kept falling (results/recipe_full_cpu.md). Not yet run on a GPU: `experiments/gpu_call.sh`'s
-`accuracy` stage measures its test CER, and its `recipe` stage the same token budget against the
-base at equal minutes.
+while its CER kept falling (results/recipe_full_cpu.md). Not yet run on a GPU:
+`experiments/gpu_call.sh`'s `accuracy` stage measures its test CER, and its `recipe` stage the
+same token budget against the base at equal minutes.
 
 `cpu`: a model that learns on a laptop-class CPU in 90 minutes: lines resampled as `gpu`'s,
 2 x BLSTM 128, batch 16 at a learning rate of 6e-3 (what learned fastest per CPU-minute in

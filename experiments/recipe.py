@@ -161,12 +161,13 @@ def named_candidate(name: str) -> Candidate:
 
 def parse_assignments(text: str, where: str) -> tuple[str, ...]:
   """`field=value,field=value` as its assignments; the config parses their values."""
-  assignments = tuple(assignment.strip() for assignment in text.split(","))
-  for assignment in assignments:
-    field, equals, _ = assignment.partition("=")
+  assignments = []
+  for assignment in text.split(","):
+    field, equals, value = assignment.partition("=")
     if not equals or not field.strip():
       raise cli_errors.UsageError(f"{where}: {assignment!r} is not field=value")
-  return assignments
+    assignments.append(f"{field.strip()}={value.strip()}")
+  return tuple(assignments)
 
 
 def parse_set(text: str) -> Candidate:

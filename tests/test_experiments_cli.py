@@ -73,6 +73,24 @@ def test_override_parses_values_as_config_flags_do_and_leaves_its_input_alone():
       cli.override(config, [assignment], "--base")
 
 
+def test_none_unsets_an_optional_field_and_only_an_optional_one():
+  argv = ["train.py", "--config=experiments/iam.py:gpu", "--config.data.test_split=None"]
+  config = cli.load_config([*argv, "--config.data.features.resample_spacing=None"])
+  assert config.data.test_split is None  # not the text "None"
+  assert config.data.features.resample_spacing is None  # not a float parse error
+  changed = cli.override(config, ["data.features.resample_spacing=0.1"], "--base")
+  assert (
+    cli.override(changed, ["data.features.resample_spacing=None"], "--base").data.features[
+      "resample_spacing"
+    ]
+    is None
+  )
+  with pytest.raises(cli_errors.UsageError, match=r"hidden_size is not optional; it cannot be"):
+    cli.load_config([*argv, "--config.model.hidden_size=None"])
+  with pytest.raises(cli_errors.UsageError, match=r"^--base: model.num_layers=None: config.model"):
+    cli.override(config, ["model.num_layers=None"], "--base")
+
+
 def test_parse_flags_fills_absl_flags_and_keeps_the_rest():
   from absl import flags
   from ml_collections import config_flags
