@@ -712,10 +712,11 @@ class Progress:
   epoch: int = 0
   step_in_epoch: int = 0
   history: list = dataclasses.field(default_factory=list)
-  # The best epoch by `selection_metric` (its value: `best_score`); checkpoints written before
-  # the metric could be chosen hold `best_val_loss` and were selected by it.
+  # The best epoch by `selection_metric`, ties broken by the validation loss: `best_score` is
+  # [its metric, its loss]. Checkpoints written before the metric could be chosen hold
+  # `best_val_loss` and were selected by it.
   selection_metric: str = "val_loss"
-  best_score: float = math.inf
+  best_score: list = dataclasses.field(default_factory=lambda: [math.inf, math.inf])
   best_epoch: int = -1
   epoch_train_loss_sum: float = 0.0
   epoch_train_weight: float = 0.0
@@ -735,6 +736,7 @@ class Checkpoints:
   def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None):
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     self.shape_config = None if config is None else _shape_config(config)
+    self.best_selected_by: str | None = None  # the metric that chose the restored best
     self.latest = ocp.CheckpointManager(
       self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
     )
@@ -795,7 +797,7 @@ class Checkpoints:
       ]
     )
     if "best_val_loss" in meta:  # written before `selection_metric`: selected by the loss
-      meta["best_score"] = meta.pop("best_val_loss")
+      meta["best_score"] = [meta["best_val_loss"], meta.pop("best_val_loss")]
     bounds = meta.pop("upper_bounds")
     if plan is not None and bounds != plan.upper_bounds.tolist():
       raise CheckpointMismatchError(
@@ -843,9 +845,13 @@ class Checkpoints:
       self.directory / "damaged",
     )
 
-  def save_best(self, epoch: int, params: Any) -> None:
+  def save_best(self, epoch: int, params: Any, selected_by: str) -> None:
     if epoch not in self.best.all_steps():  # a resumed run may have saved it already
-      integrity = {"shapes": _shapes(params), "sha256": _fingerprint(params)}
+      integrity = {
+        "shapes": _shapes(params),
+        "sha256": _fingerprint(params),
+        "selected_by": selected_by,
+      }
       self.best.save(
         epoch,
         args=ocp.args.Composite(
@@ -855,6 +861,7 @@ class Checkpoints:
 
   def restore_best(self, target: Any) -> Any | None:
     """The best parameters, shaped and placed like `target` (arrays or abstract); None if none.
+    `best_selected_by` then names the metric that chose them.
 
     Raises a ValueError naming the checkpoint when its files are damaged or its values differ
     from the SHA-256 written with them (checkpoints from before that was written load unchecked).
@@ -864,7 +871,8 @@ class Checkpoints:
     if step is None:
       return None
     where = self.best.directory / str(step)
-    if not (where / "params").exists():
+    if not (where / "params").exists():  # written before the checksum: chosen by the loss
+      self.best_selected_by = "val_loss"
       return self.best.restore(step, args=ocp.args.StandardRestore(abstract_on(target)))
     try:
       integrity = self.best.restore(
@@ -887,7 +895,24 @@ class Checkpoints:
       _check_intact(params, integrity["sha256"])
     except Exception as error:
       raise ValueError(f"the best checkpoint {where} is damaged: {_reason(error)}") from error
+    self.best_selected_by = integrity.get("selected_by", "val_loss")  # older ones: by the loss
     return params
+
+  def read_latest_params(self, target: TrainState) -> tuple[Any, str]:
+    """The newest latest-state checkpoint's parameters and where they are from, read without
+    touching the workdir (no damaged step set aside, as `restore_latest` does for training)."""
+    step = self.latest.latest_step()
+    if step is None:
+      raise FileNotFoundError(f"no latest checkpoint under {self.latest.directory}")
+    try:
+      state, meta = self._read_latest(step, target, None)
+    except CheckpointMismatchError:
+      raise
+    except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
+      raise ValueError(
+        f"checkpoint step {step} in {self.latest.directory} is damaged: {_reason(error)}"
+      ) from error
+    return state.params, f"global step {step} (epoch {meta['epoch']})"
 
   def close(self) -> None:
     """Waits for the saves in flight, then stops Orbax's background threads."""
@@ -1405,9 +1430,11 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     "sequences_per_s": plan_summary["num_examples"] / progress.epoch_seconds,
     "steps": int(jax.device_get(state.step)),
   }
-  if row[config.selection_metric] < progress.best_score:
-    progress.best_score, progress.best_epoch = row[config.selection_metric], epoch
-    run.checkpoints.save_best(epoch, state.params)
+  # A tie on the metric (a CER still 1.0 while CTC emits only blanks) goes to the lower loss.
+  score = [row[progress.selection_metric], row["val_loss"]]
+  if score < progress.best_score:
+    progress.best_score, progress.best_epoch = score, epoch
+    run.checkpoints.save_best(epoch, state.params, progress.selection_metric)
   progress.history.append(row | {"best_epoch": progress.best_epoch})
   run.logger.write(progress.history[-1])
   if jax.process_index() == 0:
@@ -1541,8 +1568,9 @@ def load_params(
   sharding: jax.sharding.Sharding | None = None,
   checkpoint: str = "best",
 ) -> Any:
-  """The parameters a run in `workdir` saved, on `sharding`: its best epoch's (by
-  `config.selection_metric`), or with `checkpoint="latest"` its latest state's.
+  """The parameters a run in `workdir` saved, on `sharding`: its best epoch's (by the selection
+  metric the run trained with, which the log line names), or with `checkpoint="latest"` its
+  latest state's.
 
   The default sharding is this process's first device, whatever topology the run trained on.
   """
@@ -1551,21 +1579,16 @@ def load_params(
   state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with contextlib.closing(Checkpoints(workdir)) as checkpoints:
-    if checkpoint == "best":
-      params = checkpoints.restore_best(abstract_on(state.params, sharding))
-      where = f"epoch {checkpoints.best.latest_step()}"
-    elif checkpoints.latest.latest_step() is None:
-      params = None
+    if checkpoint == "latest":
+      params, where = checkpoints.read_latest_params(abstract_on(state, sharding))
     else:
-      restored, progress = checkpoints.restore_latest(abstract_on(state, sharding))
-      params = restored.params
-      where = (
-        f"global step {int(restored.step)}, epoch {progress.epoch} step {progress.step_in_epoch}"
-      )
-  if params is None:
-    raise FileNotFoundError(f"no {checkpoint} checkpoint under {checkpoints.directory}")
+      params = checkpoints.restore_best(abstract_on(state.params, sharding))
+      if params is None:
+        raise FileNotFoundError(f"no best checkpoint under {checkpoints.best.directory}")
+      epoch = checkpoints.best.latest_step()
+      where = f"epoch {epoch}, the best by {checkpoints.best_selected_by}"
   if jax.process_index() == 0:
-    LOG.info("loaded the %s parameters: %s in %s", checkpoint, where, checkpoints.directory)
+    LOG.info("loaded the %s parameters: %s, in %s", checkpoint, where, checkpoints.directory)
   return params
 
 

@@ -77,8 +77,8 @@ def test_kernel_matches_scan_values_and_gradients(time, batch, hidden, direction
   "config",
   [
     KernelConfig(batch_tile=32, interpret=True),
-    KernelConfig(weights_resident=False, interpret=True),
-    KernelConfig(num_warps=8, interpret=True),
+    KernelConfig(weights_resident=True, interpret=True),
+    KernelConfig(num_warps=4, num_stages=2, interpret=True),
     KernelConfig(prefetch=True, interpret=True),
     KernelConfig(prefetch=True, weights_resident=True, interpret=True),
   ],
@@ -152,10 +152,11 @@ def test_kernel_on_a_mesh_matches_the_unsharded_kernel_and_the_scan(num_devices)
   "config",
   [
     KernelConfig(),
+    KernelConfig(weights_resident=True),
     KernelConfig(prefetch=True),
     KernelConfig(prefetch=True, weights_resident=True),
   ],
-  ids=["default", "prefetch", "prefetch, resident"],
+  ids=["default", "resident", "prefetch", "prefetch, resident"],
 )
 def test_every_launch_variant_lowers_to_two_triton_calls_per_pass(config):
   """What the GPU compiles: a variant the Triton lowering rejects fails here, not on a lent GPU."""

@@ -144,12 +144,12 @@ def test_the_selection_metric_picks_the_best_epoch_and_drives_patience(
 ):
   """Scripted validation scores in which loss and CER disagree (CTC's loss can rise while its
   CER falls): the best checkpoint and early stopping follow the chosen one."""
-  losses, cers = [5.0, 3.0, 4.0, 4.5, 6.0], [0.9, 0.8, 0.6, 0.7, 0.65]
+  losses, cers = [5.0, 3.0, 4.0, 4.5, 6.0, 7.0], [0.9, 0.8, 0.6, 0.7, 0.65, 0.66]
   scores = iter(
     {"loss": loss, "cer": cer, "wer": 1.0} for loss, cer in zip(losses, cers, strict=True)
   )
   monkeypatch.setattr(train, "evaluate", lambda *args: next(scores))
-  config = tiny_config(num_epochs=5, patience=2, selection_metric=metric)
+  config = tiny_config(num_epochs=6, patience=2, selection_metric=metric)
   summary = train.train_and_evaluate(config, tmp_path)
   assert (summary["best_epoch"], summary["epochs"]) == (best_epoch, epochs)
   assert summary["selection_metric"] == metric
@@ -158,11 +158,22 @@ def test_the_selection_metric_picks_the_best_epoch_and_drives_patience(
     cers[best_epoch],
   )
   with contextlib.closing(train.Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.restore_best(train.load_params(config, tmp_path))
     assert checkpoints.best.latest_step() == best_epoch
+    assert checkpoints.best_selected_by == metric  # what evaluating it later says
   # The best epoch was chosen by one metric: resuming with the other would mix them.
   other = "val_cer" if metric == "val_loss" else "val_loss"
   with pytest.raises(ValueError, match=f"chose its best epoch by '{metric}'"):
     train.train_and_evaluate(tiny_config(num_epochs=6, selection_metric=other), tmp_path)
+
+
+def test_a_tie_on_the_selection_metric_goes_to_the_lower_loss(tmp_path, monkeypatch):
+  """CER stays 1.0 while CTC emits only blanks, but the loss falls: that is progress."""
+  scripted = iter({"loss": loss, "cer": 1.0, "wer": 1.0} for loss in (5.0, 4.0, 3.0))
+  monkeypatch.setattr(train, "evaluate", lambda *args: next(scripted))
+  config = tiny_config(num_epochs=3, patience=1, selection_metric="val_cer")
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert (summary["best_epoch"], summary["epochs"]) == (2, 3)
 
 
 def test_one_compiled_train_step_per_bucket(uninterrupted):
