@@ -57,8 +57,11 @@ the warm-up (0.231) and no dropout (0.242) were within a run's noise of the base
 (0.264), a token budget of 8,192 with the square-root rule (0.269), 3 layers (0.312) and raw points
 (0.541) learned less per CPU-minute. The winner's test CER on all 3,859 `testset_f` lines, greedy:
 0.143. A 1,000-line study at 3.5 CPU-minutes per run says what learns fastest per CPU-minute at
-small scale; the recipe (the IAM-OnDB-t1 test CER of `experiments/iam.py`, goal 9%) needs the
-full-size study on a GPU, where each run pays its cold compile (101 s for K = 8 on an H200 host,
+small scale; its choices on all the training lines at width 128 for 90 minutes
+(`experiments/results/recipe_full_cpu.md`, one candidate) reached a test CER of 0.074 with the
+run's last state (0.083 with its epoch of lowest validation loss, which that run kept). What a
+GPU's minutes buy (width, depth, token budgets) needs the full-size study on a GPU, where each
+run pays its cold compile (101 s for K = 8 on an H200 host,
 results/benchmark_step_gpu_defaults.md) twice: in its probe and in its budget, hence the
 `--base bucketing.num_buckets=2` of the GPU command (an estimate, not yet run: per candidate
 about a minute of start-up, compiling and probing plus its 2.5 minutes, then the winner's test
