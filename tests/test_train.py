@@ -699,7 +699,7 @@ def test_a_checkpoint_whose_values_changed_is_caught_by_its_checksum(
 
 def saved_best(workdir, params):
   with contextlib.closing(train.Checkpoints(workdir)) as checkpoints:
-    checkpoints.save_best(3, params)
+    checkpoints.save_best(3, params, "val_loss")
   return workdir / "checkpoints" / "best" / "3"
 
 
@@ -712,7 +712,7 @@ def test_the_best_checkpoint_reads_back_while_its_save_is_in_flight(tmp_path):
   # What the test split does at the end of training: restore what was just saved, asynchronously.
   params = {"dense": {"kernel": jnp.arange(4096.0).reshape(64, 64), "bias": jnp.ones(64)}}
   with contextlib.closing(train.Checkpoints(tmp_path)) as checkpoints:
-    checkpoints.save_best(3, params)
+    checkpoints.save_best(3, params, "val_loss")
     jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
 
 
