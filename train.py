@@ -712,11 +712,9 @@ class Progress:
   epoch: int = 0
   step_in_epoch: int = 0
   history: list = dataclasses.field(default_factory=list)
-  # The best epoch by `selection_metric`, ties broken by the validation loss: `best_score` is
-  # [its metric, its loss]. Checkpoints written before the metric could be chosen hold
-  # `best_val_loss` and were selected by it.
+  # What chose `best_epoch` (its scores are its `history` row). Checkpoints written before the
+  # metric could be chosen were selected by the validation loss.
   selection_metric: str = "val_loss"
-  best_score: list = dataclasses.field(default_factory=lambda: [math.inf, math.inf])
   best_epoch: int = -1
   epoch_train_loss_sum: float = 0.0
   epoch_train_weight: float = 0.0
@@ -796,8 +794,7 @@ class Checkpoints:
         "progress"
       ]
     )
-    if "best_val_loss" in meta:  # written before `selection_metric`: selected by the loss
-      meta["best_score"] = [meta["best_val_loss"], meta.pop("best_val_loss")]
+    meta.pop("best_val_loss", None)  # older checkpoints: the best epoch's, which history holds
     bounds = meta.pop("upper_bounds")
     if plan is not None and bounds != plan.upper_bounds.tolist():
       raise CheckpointMismatchError(
@@ -1430,10 +1427,13 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     "sequences_per_s": plan_summary["num_examples"] / progress.epoch_seconds,
     "steps": int(jax.device_get(state.step)),
   }
+
   # A tie on the metric (a CER still 1.0 while CTC emits only blanks) goes to the lower loss.
-  score = [row[progress.selection_metric], row["val_loss"]]
-  if score < progress.best_score:
-    progress.best_score, progress.best_epoch = score, epoch
+  def score(scores: dict) -> tuple[float, float]:
+    return scores[progress.selection_metric], scores["val_loss"]
+
+  if progress.best_epoch < 0 or score(row) < score(progress.history[progress.best_epoch]):
+    progress.best_epoch = epoch
     run.checkpoints.save_best(epoch, state.params, progress.selection_metric)
   progress.history.append(row | {"best_epoch": progress.best_epoch})
   run.logger.write(progress.history[-1])
