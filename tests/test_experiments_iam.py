@@ -1,12 +1,12 @@
 """The IAM-OnDB experiment's variants are valid configs that do what their docstring says."""
 
-import ml_collections
 import numpy as np
 import pytest
 
 import bucketing
 import train
 from experiments import iam, recipe
+from tests.test_experiments_recipe import flat
 
 
 def test_the_gpu_variant_budgets_four_times_the_base_lines_at_216_resampled_frames():
@@ -46,16 +46,6 @@ def test_the_cpu_variant_is_the_recipe_run_it_cites(tmp_path):
     if value != flat(studied)[field] and field not in unchanged
   }
   assert not differing
-
-
-def flat(config, prefix: str = "") -> dict:
-  fields = {}
-  for key, value in config.items():
-    if isinstance(value, ml_collections.ConfigDict):
-      fields |= flat(value, f"{prefix}{key}.")
-    else:
-      fields[f"{prefix}{key}"] = value
-  return fields
 
 
 def test_an_unknown_variant_names_the_known_ones():
