@@ -123,21 +123,20 @@ def lstm_recurrence(
 
 def _lstm_recurrence_forward(projected, recurrent_kernel, unroll):
   def step(carry, projected_step):
-    previous_cell, previous_hidden = carry
+    previous_cell, _ = carry
     cell, hidden, gates = _lstm_step(*carry, jnp.stack(projected_step), recurrent_kernel)
     outputs = tuple(hidden.astype(recurrent_kernel.dtype))
-    previous_hidden = tuple(previous_hidden.astype(recurrent_kernel.dtype))
-    return (cell, hidden), (outputs, previous_hidden, gates, previous_cell)
+    return (cell, hidden), (outputs, gates, previous_cell)
 
   zeros = _initial_state(projected)
-  _, (hidden_states, previous_hiddens, gates, previous_cells) = jax.lax.scan(
+  _, (hidden_states, gates, previous_cells) = jax.lax.scan(
     step, (zeros, zeros), projected, unroll=unroll
   )
-  return hidden_states, (recurrent_kernel, previous_hiddens, gates, previous_cells)
+  return hidden_states, (recurrent_kernel, hidden_states, gates, previous_cells)
 
 
 def _lstm_recurrence_backward(unroll, residuals, hidden_cotangents):
-  recurrent_kernel, previous_hiddens, gates, previous_cells = residuals
+  recurrent_kernel, hidden_states, gates, previous_cells = residuals
 
   def step(carry, inputs):
     hidden_cotangent, cell_cotangent = carry
@@ -172,17 +171,17 @@ def _lstm_recurrence_backward(unroll, residuals, hidden_cotangents):
     reverse=True,
     unroll=unroll,
   )
+  # Step t's pre-activations saw the hidden state of step t - 1 (zero at t = 0): the kernel's
+  # gradient pairs each step's cotangent with the state before it, a prefix of the saved states.
   kernel_cotangent = jnp.stack(
     [
       jnp.einsum(
         "tbh,tbg->hg",
-        previous_hidden,
-        projected_cotangent.astype(recurrent_kernel.dtype),
+        states[:-1],
+        projected_cotangent[1:].astype(recurrent_kernel.dtype),
         preferred_element_type=jnp.float32,
       )
-      for previous_hidden, projected_cotangent in zip(
-        previous_hiddens, projected_cotangents, strict=True
-      )
+      for states, projected_cotangent in zip(hidden_states, projected_cotangents, strict=True)
     ]
   )
   return projected_cotangents, kernel_cotangent.astype(recurrent_kernel.dtype)
