@@ -895,9 +895,10 @@ class Checkpoints:
     self.best_selected_by = integrity.get("selected_by", "val_loss")  # older ones: by the loss
     return params
 
-  def read_latest_params(self, target: TrainState) -> tuple[Any, str]:
-    """The newest latest-state checkpoint's parameters and where they are from, read without
-    touching the workdir (no damaged step set aside, as `restore_latest` does for training)."""
+  def read_latest_params(self, target: TrainState) -> tuple[Any, dict]:
+    """The newest latest-state checkpoint's parameters and where they are from (`global_step`,
+    `epoch`), read without touching the workdir (no damaged step set aside, as `restore_latest`
+    does for training)."""
     step = self.latest.latest_step()
     if step is None:
       raise FileNotFoundError(f"no latest checkpoint under {self.latest.directory}")
@@ -909,7 +910,7 @@ class Checkpoints:
       raise ValueError(
         f"checkpoint step {step} in {self.latest.directory} is damaged: {_reason(error)}"
       ) from error
-    return state.params, f"global step {step} (epoch {meta['epoch']})"
+    return state.params, {"global_step": int(step), "epoch": int(meta["epoch"])}
 
   def close(self) -> None:
     """Waits for the saves in flight, then stops Orbax's background threads."""
@@ -1574,22 +1575,31 @@ def load_params(
 
   The default sharding is this process's first device, whatever topology the run trained on.
   """
+  return _load_params(config, workdir, sharding, checkpoint)[0]
+
+
+def _load_params(config, workdir, sharding, checkpoint: str) -> tuple[Any, dict]:
+  """`load_params`, and where the parameters are from: `{"checkpoint": "best", "epoch",
+  "selected_by"}` or `{"checkpoint": "latest", "global_step", "epoch"}` (`epoch` counts finished
+  epochs for the latest state, and is the best epoch's index for the best)."""
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f"checkpoint={checkpoint!r} is not one of {CHECKPOINTS}")
   state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with contextlib.closing(Checkpoints(workdir)) as checkpoints:
     if checkpoint == "latest":
-      params, where = checkpoints.read_latest_params(abstract_on(state, sharding))
+      params, origin = checkpoints.read_latest_params(abstract_on(state, sharding))
+      where = f"global step {origin['global_step']} (epoch {origin['epoch']})"
     else:
       params = checkpoints.restore_best(abstract_on(state.params, sharding))
       if params is None:
         raise FileNotFoundError(f"no best checkpoint under {checkpoints.best.directory}")
-      epoch = checkpoints.best.latest_step()
-      where = f"epoch {epoch}, the best by {checkpoints.best_selected_by}"
+      origin = {"epoch": int(checkpoints.best.latest_step())}
+      origin["selected_by"] = checkpoints.best_selected_by
+      where = f"epoch {origin['epoch']}, the best by {origin['selected_by']}"
   if jax.process_index() == 0:
     LOG.info("loaded the %s parameters: %s, in %s", checkpoint, where, checkpoints.directory)
-  return params
+  return params, {"checkpoint": checkpoint, **origin}
 
 
 def evaluate_checkpoint(
@@ -1599,7 +1609,7 @@ def evaluate_checkpoint(
   checkpoint: str = "best",
 ) -> dict[str, float]:
   """Loss, CER and WER of the best (or latest) checkpoint in `workdir` on any split of the
-  configured data."""
+  configured data, with the split's size and where the parameters are from (`_load_params`)."""
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
@@ -1615,7 +1625,7 @@ def evaluate_checkpoint(
     config.bucketing.round_to,
     jax.device_count(),
   )[split]
-  params = load_params(config, workdir, NamedSharding(mesh, P()), checkpoint)
+  params, origin = _load_params(config, workdir, NamedSharding(mesh, P()), checkpoint)
   eval_steps = compile_eval_steps(
     build_model(config).apply,
     build_ctc_loss(config),
@@ -1624,7 +1634,7 @@ def evaluate_checkpoint(
     mesh,
     num_features(config),
   )
-  return evaluate(params, data, plan, eval_steps, mesh)
+  return {**evaluate(params, data, plan, eval_steps, mesh), "split": split, **origin}
 
 
 def transcribe(

@@ -398,6 +398,19 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   on_best = train.evaluate_checkpoint(config, tmp_path, "validation")
   on_latest = train.evaluate_checkpoint(config, tmp_path, "validation", checkpoint="latest")
   assert on_best["loss"] != on_latest["loss"]
+  # Each says which parameters it scored: the first epoch, chosen by its loss; the end of the run.
+  steps = sum(json.loads((tmp_path / "plan.json").read_text())["steps_per_epoch"])
+  assert {key: on_best[key] for key in ("split", "checkpoint", "epoch", "selected_by")} == {
+    "split": "validation",
+    "checkpoint": "best",
+    "epoch": 0,
+    "selected_by": "val_loss",
+  }
+  assert {key: on_latest[key] for key in ("checkpoint", "epoch", "global_step")} == {
+    "checkpoint": "latest",
+    "epoch": 2,
+    "global_step": 2 * steps,
+  }
   with pytest.raises(ValueError, match="checkpoint='last' is not one of"):
     train.load_params(config, tmp_path, checkpoint="last")
 
