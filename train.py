@@ -731,15 +731,21 @@ class Checkpoints:
   with another model (name the config field).
   """
 
-  def __init__(self, workdir: str | pathlib.Path, config: ml_collections.ConfigDict | None = None):
+  def __init__(
+    self,
+    workdir: str | pathlib.Path,
+    config: ml_collections.ConfigDict | None = None,
+    create: bool = True,
+  ):
+    """`create=False` reads a run without creating its folders (a mistyped workdir stays absent)."""
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     self.shape_config = None if config is None else _shape_config(config)
     self.best_selected_by: str | None = None  # the metric that chose the restored best
     self.latest = ocp.CheckpointManager(
-      self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+      self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
     )
     self.best = ocp.CheckpointManager(
-      self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True)
+      self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
     )
 
   def save_latest(self, state: TrainState, progress: Progress, plan: bucketing.BucketPlan) -> None:
@@ -1304,18 +1310,24 @@ def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path, skipped: l
     plan_summary = plan.summary()
     (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
     LOG.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
-    if skipped:
-      per_split = collections.Counter(line["split"] for line in skipped)
-      first = skipped[0]
-      LOG.info(
-        "skipped %d bad line(s) (config.data.bad_examples='skip'): %s; the first: %s in %s, %s",
-        len(skipped),
-        ", ".join(f"{split} {count}" for split, count in per_split.items()),
-        first["id"],
-        first["split"],
-        first["reason"],
-      )
+    log_skipped(skipped)
   return plan, eval_plans
+
+
+def log_skipped(skipped: list[dict]) -> None:
+  """One line on the lines left out as bad, if any: how many per split, and the first."""
+  if not skipped:
+    return
+  per_split = collections.Counter(line["split"] for line in skipped)
+  first = skipped[0]
+  LOG.info(
+    "skipped %d bad line(s) (config.data.bad_examples='skip'): %s; the first: %s in %s, %s",
+    len(skipped),
+    ", ".join(f"{split} {count}" for split, count in per_split.items()),
+    first["id"],
+    first["split"],
+    first["reason"],
+  )
 
 
 def num_features(config) -> int:
@@ -1586,7 +1598,7 @@ def _load_params(config, workdir, sharding, checkpoint: str) -> tuple[Any, dict]
     raise ValueError(f"checkpoint={checkpoint!r} is not one of {CHECKPOINTS}")
   state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  with contextlib.closing(Checkpoints(workdir)) as checkpoints:
+  with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
     if checkpoint == "latest":
       params, origin = checkpoints.read_latest_params(abstract_on(state, sharding))
       where = f"global step {origin['global_step']} (epoch {origin['epoch']})"
@@ -1609,7 +1621,8 @@ def evaluate_checkpoint(
   checkpoint: str = "best",
 ) -> dict[str, float]:
   """Loss, CER and WER of the best (or latest) checkpoint in `workdir` on any split of the
-  configured data, with the split's size and where the parameters are from (`_load_params`)."""
+  configured data, with the lines scored and those skipped as bad (`config.data.bad_examples`),
+  and where the parameters are from (`_load_params`)."""
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
@@ -1617,7 +1630,11 @@ def evaluate_checkpoint(
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
   train_bounds = np.array(json.loads(plan_path.read_text())["upper_bounds"])
-  data = load_split(config, split, config.data.eval_limit)
+  source = data_source(config)
+  data, skipped = _load_checked(config, split, config.data.eval_limit, str(source))
+  if jax.process_index() == 0:
+    LOG.info("data: %s", source)
+    log_skipped(skipped)
   plan = make_eval_plans(
     train_bounds,
     {split: data},
@@ -1634,7 +1651,9 @@ def evaluate_checkpoint(
     mesh,
     num_features(config),
   )
-  return {**evaluate(params, data, plan, eval_steps, mesh), "split": split, **origin}
+  scores = evaluate(params, data, plan, eval_steps, mesh)
+  skips = {"num_skipped_examples": len(skipped), "skipped_examples": skipped}
+  return {**scores, "split": split, **skips, **origin}
 
 
 def transcribe(

@@ -6,7 +6,7 @@
 #   bash experiments/gpu_call.sh .gpu/data accuracy:6
 #
 # Stage times below are estimates from the H200 numbers in experiments/results/ (101 s to compile
-# the 8 train steps of `experiments/iam.py` one after another), not yet measured: the deadline
+# the 8 train steps of `experiments/iam.py` in parallel), not yet measured: the deadline
 # keeps a call inside its limit whatever they turn out to be.
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
@@ -23,7 +23,7 @@
 #                  iam.py:gpu's, at K = 2; 2 candidates at M = 2.5: perhaps 8 minutes)
 #                                                                 -> recipe_full_gpu.{md,csv,png}
 #   accuracy:M     `experiments/iam.py:gpu` ($ACCURACY_CONFIG: another, e.g. experiments/iam.py:cpu,
-#                  whose 70 epochs scored 0.074 on a CPU) trained for M minutes, then its best
+#                  the recipe whose last state scored 0.074 on a CPU) trained for M minutes, then its best
 #                  checkpoint's test CER (testset_f)                   -> accuracy_gpu.json
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
 #                  (perhaps 3 minutes)                          -> benchmark_step_gpu_flags.md

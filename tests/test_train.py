@@ -413,6 +413,11 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   }
   with pytest.raises(ValueError, match="checkpoint='last' is not one of"):
     train.load_params(config, tmp_path, checkpoint="last")
+  # Reading creates nothing: a mistyped workdir stays absent.
+  for checkpoint in train.CHECKPOINTS:
+    with pytest.raises(FileNotFoundError, match=f"no {checkpoint} checkpoint under .*typo"):
+      train.load_params(config, tmp_path / "typo", checkpoint=checkpoint)
+  assert not (tmp_path / "typo").exists()
 
 
 def test_evaluate_checkpoint_and_transcribe(uninterrupted):
@@ -917,6 +922,13 @@ def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path):
   }
   assert all(np.isfinite(row["val_loss"]) for row in read_rows(tmp_path / "run"))
   assert summary["best_epoch"] >= 0
+  # Scoring a split later counts what it leaves out the same way.
+  scores = train.evaluate_checkpoint(config, tmp_path / "run", "validation")
+  assert scores["examples"] == 16 - 4
+  assert [line["id"] for line in scores["skipped_examples"]] == [
+    examples["validation"][line]["id"] for line in range(4)
+  ]
+  assert scores["num_skipped_examples"] == 4
 
 
 def test_an_old_export_in_the_default_data_dir_is_not_used_unasked(tmp_path, monkeypatch):
