@@ -18,6 +18,8 @@ import logging
 import os
 import pathlib
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 
@@ -66,17 +68,52 @@ def write_export(path: str | os.PathLike, examples: dict[str, list[dict]], metad
   temporary.replace(path)
 
 
+# What numpy raises for a file that is not a whole .npz: truncated, corrupted, or another format.
+_UNREADABLE = (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error)
+
+
+@contextlib.contextmanager
+def _open_export(path: str | os.PathLike):
+  """`np.load(path)`, with a file that is not a readable export reported as a ValueError naming
+  it (a missing file stays a FileNotFoundError)."""
+  try:
+    export = np.load(path, allow_pickle=False)
+  except FileNotFoundError:
+    raise
+  except _UNREADABLE as error:
+    raise ValueError(f"{path}: not a readable .npz export ({_reason(error)})") from error
+  with export:
+    yield export
+
+
+def _read_field(export, path: str | os.PathLike, key: str) -> np.ndarray:
+  if key not in export.files:
+    raise ValueError(f"{path}: the export has no field {key!r}; rebuild it")
+  try:
+    return export[key]
+  except _UNREADABLE as error:
+    raise ValueError(f"{path}: field {key!r} is unreadable ({_reason(error)})") from error
+
+
+def _reason(error: BaseException) -> str:
+  return " ".join(str(error).split()) or type(error).__name__
+
+
 def read_export(path: str | os.PathLike, split: str, limit: int | None = None) -> list[dict]:
-  """The first `limit` (default all) examples of `split` from a `write_export` file."""
-  with np.load(path, allow_pickle=False) as export:
-    if f"{split}/offsets" not in export:
+  """The first `limit` (default all) examples of `split` from a `write_export` file.
+
+  A file that is not one (truncated, a field missing or inconsistent with the others) is a
+  ValueError naming the file and the field."""
+  with _open_export(path) as export:
+    if f"{split}/offsets" not in export.files:
       splits = sorted({key.split("/")[0] for key in export.files if "/" in key})
       raise ValueError(f"{path}: no split {split!r}; it has {splits}")
-    offsets = export[f"{split}/offsets"]
-    count = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
-    points = export[f"{split}/points"]
-    stroke_end = export[f"{split}/stroke_end"]
-    texts = {field: export[f"{split}/{field}"] for field in _TEXT_FIELDS}
+    offsets = _read_field(export, path, f"{split}/offsets")
+    points = _read_field(export, path, f"{split}/points")
+    stroke_end = _read_field(export, path, f"{split}/stroke_end")
+    texts = {field: _read_field(export, path, f"{split}/{field}") for field in _TEXT_FIELDS}
+  _check_split(path, split, offsets, points, stroke_end, texts)
+  count = len(offsets) - 1 if limit is None else min(limit, len(offsets) - 1)
   return [
     {
       **{field: str(values[i]) for field, values in texts.items()},
@@ -87,10 +124,43 @@ def read_export(path: str | os.PathLike, split: str, limit: int | None = None) -
   ]
 
 
+def _check_split(path, split, offsets, points, stroke_end, texts) -> None:
+  """The arrays of one split agree with each other, as `write_export` writes them."""
+  where = f"{path}: {split}/"
+  if points.ndim != 2 or points.shape[1] != 3:
+    raise ValueError(f"{where}points must be [num_points, 3], got shape {points.shape}")
+  if stroke_end.shape != points.shape[:1]:
+    raise ValueError(
+      f"{where}stroke_end has shape {stroke_end.shape}, expected ({len(points)},) like the points"
+    )
+  if (
+    offsets.ndim != 1
+    or offsets.dtype.kind not in "iu"
+    or len(offsets) == 0
+    or offsets[0] != 0
+    or offsets[-1] != len(points)
+    or np.any(np.diff(offsets) < 0)
+  ):
+    raise ValueError(
+      f"{where}offsets must be non-decreasing integers from 0 to the {len(points)} points, "
+      f"got {offsets.dtype} of shape {offsets.shape}"
+    )
+  for field, values in texts.items():
+    if values.shape != (len(offsets) - 1,):
+      raise ValueError(
+        f"{where}{field} has shape {values.shape}, expected ({len(offsets) - 1},) for the "
+        "lines the offsets mark"
+      )
+
+
 def read_export_metadata(path: str | os.PathLike) -> dict:
   """The metadata dict stored by `write_export` (e.g. `skipped`, generator settings)."""
-  with np.load(path, allow_pickle=False) as export:
-    return json.loads(str(export["metadata"]))
+  with _open_export(path) as export:
+    text = str(_read_field(export, path, "metadata"))
+  try:
+    return json.loads(text)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: field 'metadata' is not JSON ({error})") from error
 
 
 def iam_ondb_builder(data_dir: str | os.PathLike | None = None):

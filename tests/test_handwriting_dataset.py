@@ -71,6 +71,56 @@ def test_export_round_trip(tmp_path):
     load_examples(str(path), "validation")
 
 
+def spoilt_export(path, change):
+  """A 3-line synthetic export, its arrays then changed by `change(arrays)` and saved again."""
+  dataset.write_export(path, {"train": load_examples("synthetic", "train", limit=3)}, {})
+  with np.load(path) as export:
+    arrays = dict(export)
+  change(arrays)
+  np.savez_compressed(path, **arrays)
+
+
+def drop(key):
+  return lambda arrays: arrays.pop(key)
+
+
+def replace(key, value):
+  return lambda arrays: arrays.__setitem__(key, value)
+
+
+def read_train(path):
+  return load_examples(str(path), "train")
+
+
+@pytest.mark.parametrize(
+  ("change", "read", "message"),
+  [
+    (drop("train/points"), read_train, r"the export has no field 'train/points'"),
+    (drop("metadata"), dataset.read_export_metadata, r"the export has no field 'metadata'"),
+    (replace("metadata", np.array("{")), dataset.read_export_metadata, r"'metadata' is not JSON"),
+    (replace("train/offsets", np.array([0.0, 1.0])), read_train, r"offsets must be non-decr"),
+    (replace("train/offsets", np.array([0, 5, 2, 9])), read_train, r"offsets must be non-decr"),
+    (replace("train/stroke_end", np.zeros(2, bool)), read_train, r"stroke_end has shape \(2,\)"),
+    (replace("train/text", np.array(["a", "b"])), read_train, r"text has shape \(2,\), expected"),
+  ],
+)
+def test_an_inconsistent_export_is_an_error_naming_file_and_field(tmp_path, change, read, message):
+  path = tmp_path / "data.npz"
+  spoilt_export(path, change)
+  with pytest.raises(ValueError, match=f"{re.escape(str(path))}: .*{message}"):
+    read(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.0])
+def test_a_truncated_export_is_an_error_naming_the_file(tmp_path, keep):
+  path = tmp_path / "data.npz"
+  dataset.write_export(path, {"train": load_examples("synthetic", "train", limit=3)}, {})
+  data = path.read_bytes()
+  path.write_bytes(data[: int(len(data) * keep)])  # a half-finished copy; an empty file
+  with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a readable \.npz export"):
+    load_examples(str(path), "train")
+
+
 def test_iam_ondb_without_build_or_manual_dir_says_what_to_do(tmp_path):
   # A new user training with train.py must learn the flag and the variable, not the Python API.
   with pytest.raises(FileNotFoundError, match=r"IAM_ONDB_DIR or --config\.data\.manual_dir"):

@@ -24,6 +24,7 @@ TINY = "--config=experiments/synthetic.py:tiny"
       "no config field 'num_bukets'; did you mean 'num_buckets'?",
     ),
     (["--config=experiments/synthetic.py:nosuchvariant"], "unknown variant 'nosuchvariant'"),
+    ([TINY, "extra"], "unexpected arguments: ['extra']"),
     (
       ["--config=experiments/iam.py:tiny", "--config.data.data_dir=/nonexistent"],
       "IAM_ONDB_DIR or --config.data.manual_dir",
