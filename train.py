@@ -438,12 +438,21 @@ class CompiledSteps:
   started: float
   cache_counts_before: tuple[int, int]
   first_train_step_at: float | None = None
+  # Seconds the first train step waited for its compile (part of `time_to_first_step_s`), and
+  # those later steps waited for theirs.
+  first_step_wait_s: float = 0.0
+  train_wait_s: float = 0.0
 
   def train_step(self, bucket: int):
     """The bucket's executable; the first call marks when training started."""
+    waited_from = time.perf_counter()
     executable = self.train_steps[bucket]
+    now = time.perf_counter()
     if self.first_train_step_at is None:
-      self.first_train_step_at = time.perf_counter()
+      self.first_train_step_at = now
+      self.first_step_wait_s = now - waited_from
+    else:
+      self.train_wait_s += now - waited_from
     return executable
 
   def wait(self) -> None:
@@ -718,7 +727,8 @@ class Progress:
   best_epoch: int = -1
   epoch_train_loss_sum: float = 0.0
   epoch_train_weight: float = 0.0
-  epoch_seconds: float = 0.0
+  epoch_seconds: float = 0.0  # training, not waiting for compiles
+  epoch_compile_wait_seconds: float = 0.0
 
 
 class Checkpoints:
@@ -740,6 +750,7 @@ class Checkpoints:
     """`create=False` reads a run without creating its folders (a mistyped workdir stays absent)."""
     self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
     self.shape_config = None if config is None else _shape_config(config)
+    self.seed = None if config is None else config.seed
     self.best_selected_by: str | None = None  # the metric that chose the restored best
     self.latest = ocp.CheckpointManager(
       self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
@@ -750,7 +761,7 @@ class Checkpoints:
 
   def save_latest(self, state: TrainState, progress: Progress, plan: bucketing.BucketPlan) -> None:
     meta = dataclasses.asdict(progress) | {
-      "upper_bounds": plan.upper_bounds.tolist(),
+      "schedule": _schedule(plan, self.seed),
       "shapes": _shapes(state),
       "sha256": _fingerprint(state),
       "shape_config": self.shape_config,
@@ -801,12 +812,10 @@ class Checkpoints:
       ]
     )
     meta.pop("best_val_loss", None)  # older checkpoints: the best epoch's, which history holds
-    bounds = meta.pop("upper_bounds")
-    if plan is not None and bounds != plan.upper_bounds.tolist():
-      raise CheckpointMismatchError(
-        f"the checkpoint in {self.latest.directory} was trained with bucket bounds {bounds}, but "
-        f"this run plans {plan.upper_bounds.tolist()}; use the same config or a new workdir"
-      )
+    # Older checkpoints recorded only the bounds of the schedule.
+    schedule = meta.pop("schedule", None) or {"upper_bounds": meta.pop("upper_bounds")}
+    if plan is not None:
+      self._check_schedule(schedule, _schedule(plan, self.seed))
     shapes, digest, shape_config = (
       meta.pop(key, None) for key in ("shapes", "sha256", "shape_config")
     )
@@ -817,6 +826,33 @@ class Checkpoints:
     )["state"]
     _check_intact(restored, digest)
     return restored, meta
+
+  def _check_schedule(self, saved: dict, planned: dict) -> None:
+    """Resuming mid-epoch continues the saved epoch's batches: anything that fixes them (the
+    training lines, bounds, batch sizes, seed) must be what this run plans, or the epoch would
+    skip some lines and repeat others."""
+    differs = [
+      key
+      for key in _SCHEDULE_FIELDS
+      if saved.get(key) is not None and planned[key] is not None and saved[key] != planned[key]
+    ]
+    if not differs:
+      return
+    key = differs[0]
+    there, here = saved[key], planned[key]
+    what = {
+      "num_examples": f"on {there} training lines, but this run has {here}",
+      "examples_sha256": (
+        f"on other training lines than this run's (as many: {planned['num_examples']})"
+      ),
+      "upper_bounds": f"with bucket bounds {there}, but this run plans {here}",
+      "batch_sizes": f"with batch sizes {there} per bucket, but this run plans {here}",
+      "seed": f"with config.seed={there}, but this run has config.seed={here}",
+    }[key]
+    raise CheckpointMismatchError(
+      f"the checkpoint in {self.latest.directory} was trained {what}; use the same config or a "
+      "new workdir"
+    )
 
   def _shape_mismatch(self, saved: dict, wanted: dict, saved_config: dict | None) -> str:
     differing = [
@@ -950,6 +986,23 @@ def _shapes(tree: Any) -> dict[str, list[int]]:
 def _first_differing_leaf(saved: dict, wanted: dict) -> str | None:
   """The first leaf path (`_shapes` keys) whose saved shape is not the wanted one, if any."""
   return next((path for path in wanted if saved.get(path) != wanted[path]), None)
+
+
+_SCHEDULE_FIELDS = ("num_examples", "examples_sha256", "upper_bounds", "batch_sizes", "seed")
+
+
+def _schedule(plan: bucketing.BucketPlan, seed: int | None) -> dict:
+  """What fixes every epoch's batches (`bucketing.epoch_batches`), as JSON: the training lines
+  (count, and a SHA-256 of their names and lengths), the bounds, batch sizes and seed."""
+  names = [plan.example_name(index) for index in range(len(plan.lengths))]
+  lines = [names, plan.lengths.tolist()]
+  return {
+    "num_examples": len(plan.lengths),
+    "examples_sha256": hashlib.sha256(json.dumps(lines).encode()).hexdigest(),
+    "upper_bounds": plan.upper_bounds.tolist(),
+    "batch_sizes": plan.batch_sizes.tolist(),
+    "seed": seed,
+  }
 
 
 def _fingerprint(tree: Any) -> str:
@@ -1387,7 +1440,7 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
   )
   global_step = int(jax.device_get(state.step))
   show_bar = config.progress_bar and jax.process_index() == 0
-  epoch_start = time.perf_counter()
+  clock = _EpochClock(progress, run.steps)
   with progress_bar(
     plan.num_steps, progress.step_in_epoch, f"epoch {progress.epoch}", show_bar
   ) as bar:
@@ -1406,15 +1459,35 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
       ):
         _account(progress, pending, plan, bar)
         pending = None
-        progress.epoch_seconds += time.perf_counter() - epoch_start
+        clock.stop()
         run.checkpoints.save_latest(state, progress, plan)
         run.allow_compiles_so_far()
-        epoch_start = time.perf_counter()
+        clock.start()
     if pending is not None:
       _account(progress, pending, plan, bar)
   jax.block_until_ready(state)
-  progress.epoch_seconds += time.perf_counter() - epoch_start
+  clock.stop()
   return state
+
+
+class _EpochClock:
+  """Adds the time between `start` and `stop` to the progress's epoch seconds, less the seconds
+  spent waiting for compiles: the first step's wait (counted in `time_to_first_step_s`) and those
+  of later steps (counted in `epoch_compile_wait_seconds`)."""
+
+  def __init__(self, progress: Progress, steps: CompiledSteps):
+    self.progress, self.steps = progress, steps
+    self.start()
+
+  def start(self) -> None:
+    self.started = time.perf_counter()
+    self.waits = (self.steps.first_step_wait_s, self.steps.train_wait_s)
+
+  def stop(self) -> None:
+    first_step_wait = self.steps.first_step_wait_s - self.waits[0]
+    wait = self.steps.train_wait_s - self.waits[1]
+    self.progress.epoch_seconds += time.perf_counter() - self.started - first_step_wait - wait
+    self.progress.epoch_compile_wait_seconds += wait
 
 
 def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
@@ -1434,6 +1507,7 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     "val_cer": val["cer"],
     "val_wer": val["wer"],
     "epoch_time_s": progress.epoch_seconds,
+    "compile_wait_s": progress.epoch_compile_wait_seconds,
     "eval_time_s": time.perf_counter() - eval_start,
     "real_timesteps": int(plan_summary["real_timesteps"]),
     "padded_timesteps": int(plan_summary["padded_timesteps_with_filler"]),
@@ -1466,6 +1540,7 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     epoch_train_loss_sum=0.0,
     epoch_train_weight=0.0,
     epoch_seconds=0.0,
+    epoch_compile_wait_seconds=0.0,
   )
   run.checkpoints.save_latest(state, progress, run.plan)
   run.allow_compiles_so_far()
@@ -1545,6 +1620,7 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
     "compile_mode": run.config.compile_mode,
     **run.steps.accounting(),
     "train_time_s": sum(row["epoch_time_s"] for row in progress.history),
+    "compile_wait_s": sum(row.get("compile_wait_s", 0.0) for row in progress.history),
     "epochs": len(progress.history),
     "selection_metric": progress.selection_metric,
     "best_epoch": progress.best_epoch,
@@ -1632,9 +1708,6 @@ def evaluate_checkpoint(
   train_bounds = np.array(json.loads(plan_path.read_text())["upper_bounds"])
   source = data_source(config)
   data, skipped = _load_checked(config, split, config.data.eval_limit, str(source))
-  if jax.process_index() == 0:
-    LOG.info("data: %s", source)
-    log_skipped(skipped)
   plan = make_eval_plans(
     train_bounds,
     {split: data},
@@ -1643,6 +1716,9 @@ def evaluate_checkpoint(
     jax.device_count(),
   )[split]
   params, origin = _load_params(config, workdir, NamedSharding(mesh, P()), checkpoint)
+  if jax.process_index() == 0:  # after the parameters: a damaged checkpoint is a one-line error
+    LOG.info("data: %s", source)
+    log_skipped(skipped)
   eval_steps = compile_eval_steps(
     build_model(config).apply,
     build_ctc_loss(config),

@@ -2,7 +2,7 @@
 
     python -m experiments.recipe --preset quick --data-dir /tmp/iamdata --minutes-per-run 3.5 \\
       --candidates base,raw_points,hidden_128,layers_3,dropout_0,constant_lr,tokens_8192 \\
-      --set base_rerun:seed=0 --out experiments/results/recipe_quick_cpu    # 30 min, CPU
+      --set base_rerun:seed=0 --out experiments/results/recipe_quick_cpu    # 8 x 3.5 min
     python -m experiments.recipe --preset full --data-dir DIR --minutes-per-run 2.5 \\
       --base bucketing.num_buckets=2,data.features.resample_spacing=0.2 \\
       --candidates base,tokens_27648                                   # one 10-minute GPU call
@@ -51,7 +51,7 @@ start, since its budget cannot be split across starts. A workdir holding a candi
 name with other settings is refused: use a new workdir after changing any setting.
 
 Measured: the first command above on IAM-OnDB on a 2-core CPU with nothing else running
-(`experiments/results/recipe_quick_cpu.md`, 29.0 min): the same configuration twice (`base`,
+(`experiments/results/recipe_quick_cpu.md`): the same configuration twice (`base`,
 `base_rerun`) ended 0.006 apart in validation CER (0.235, 0.229), so a constant learning rate after
 the warm-up (0.231) and no dropout (0.242) were within a run's noise of the base; hidden 128
 (0.264), a token budget of 8,192 with the square-root rule (0.269), 3 layers (0.312) and raw points
@@ -308,7 +308,7 @@ def probe(args, base, candidate: Candidate, config, probe_dir: pathlib.Path) -> 
       f"{candidate.name}: one epoch does not fit in --minutes-per-run {args.minutes_per_run:g}"
     )
   epoch_s = run["history"][0]["epoch_time_s"] + run["history"][0]["eval_time_s"]
-  fixed_s = wall - epoch_s
+  fixed_s = wall - epoch_s  # loading, compiling and waiting for compiles
   epochs = planned_epochs(fixed_s, epoch_s, args.minutes_per_run * 60)
   if not epochs:
     raise cli_errors.UsageError(
@@ -366,7 +366,7 @@ def check_settings(candidate_dir: pathlib.Path, settings: dict) -> None:
 def wall_clock(run: dict) -> np.ndarray:
   """Seconds from the start of compiling to the end of each epoch's validation."""
   history = run["history"]
-  per_epoch = [row["epoch_time_s"] + row["eval_time_s"] for row in history]
+  per_epoch = [paper.training_seconds(row) + row["eval_time_s"] for row in history]
   return run["summary"]["time_to_first_step_s"] + np.cumsum(per_epoch)
 
 

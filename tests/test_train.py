@@ -539,6 +539,27 @@ def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatc
   assert summary["epochs"] == 1 and summary["eval_compiles"] >= 1
 
 
+def test_epoch_time_leaves_out_the_waits_for_compiles(tmp_path, monkeypatch):
+  # Every compile takes 2 s more: the first train step waits for one (time to first step), a
+  # later bucket's first step for another (compile_wait_s), and neither is the epoch's time.
+  lower_and_compile = train._lower_and_compile
+
+  def slow(*args):
+    time.sleep(2.0)
+    return lower_and_compile(*args)
+
+  monkeypatch.setattr(train, "_lower_and_compile", slow)
+  start = time.perf_counter()
+  summary = train.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
+  wall = time.perf_counter() - start
+  (row,) = read_rows(tmp_path)
+  assert summary["time_to_first_step_s"] >= 2.0 and row["compile_wait_s"] >= 2.0
+  # Each second is counted once: the parts add up to no more than the run's wall time.
+  parts = ("epoch_time_s", "compile_wait_s", "eval_time_s")
+  assert summary["time_to_first_step_s"] + sum(row[part] for part in parts) < wall
+  assert summary["compile_wait_s"] == row["compile_wait_s"]
+
+
 def test_a_step_waits_for_its_own_compile_not_for_those_queued_ahead_of_it(monkeypatch):
   # Two compile threads, both held on buckets 1 and 2; bucket 3 is queued behind them. Looking it
   # up must compile it on the spot: a pool that made it wait would time out the held compiles.
@@ -674,6 +695,30 @@ def stopped_at_step_6(tmp_path_factory):
   train.train_and_evaluate(tiny_config(max_steps=6), workdir)
   assert sorted(p.name for p in (workdir / "checkpoints" / "train").iterdir()) == ["4", "6"]
   return workdir
+
+
+@pytest.mark.parametrize(
+  ("override", "message"),
+  [
+    ({"data.train_limit": 40}, r"trained on 48 training lines, but this run has 40"),
+    (
+      {"data.features.resample_spacing": 0.5},
+      r"trained on other training lines than this run's \(as many: 48\)",
+    ),
+    ({"bucketing.num_buckets": 3}, r"trained with bucket bounds \[.*\], but this run plans"),
+    (
+      {"bucketing.batch_size": 16},
+      r"with batch sizes \[8, 8\] per bucket, but this run plans \[16, 16\]",
+    ),
+    ({"seed": 1}, r"with config.seed=0, but this run has config.seed=1"),
+  ],
+)
+def test_resuming_with_another_schedule_is_refused(stopped_at_step_6, tmp_path, override, message):
+  # Each would continue epoch 0 at step 6 of another order of batches.
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  with pytest.raises(train.CheckpointMismatchError, match=message):
+    train.train_and_evaluate(tiny_config(**override), workdir)
 
 
 def damage(step_dir, how):
