@@ -13,7 +13,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.data_dir = ml_collections.FieldReference(None, field_type=str)
   config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
   config.data.train_split = "train"
-  config.data.eval_split = "validation"  # early stopping watches this split's loss
+  config.data.eval_split = "validation"  # early stopping watches this split (selection_metric)
   config.data.test_split = ml_collections.FieldReference(None, field_type=str)
   # Per-split example caps (0 = all): tiny variants and quick sweeps take a prefix.
   config.data.train_limit = 0
@@ -71,7 +71,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The CTC loss: auto (the fused Pallas kernel on a GPU, optax elsewhere) | optax | pallas, and
   # the kernel's launch parameters (models.ctc_kernel.ctc_loss_kernel), the fastest measured on an
-  # H200: 0.55 ms for loss and gradient at B = 32, T = 608 against optax's 17.6.
+  # H200: 0.59 ms for loss and gradient at B = 32, T = 608 against optax's 16.5
+  # (results/benchmark_step_gpu_defaults.md; 0.55 against 17.6 in the first run).
   config.ctc = ml_collections.ConfigDict({"impl": "auto", "batch_tile": 1, "num_warps": 2})
 
   config.optimizer = ml_collections.ConfigDict()

@@ -19,13 +19,15 @@ LSTM_IMPLEMENTATIONS = ("auto", "scan", "pallas")
 KERNEL_BACKENDS = ()
 # The largest (padded) hidden size `auto` would give the kernel.
 MAX_KERNEL_HIDDEN_SIZE = 256
-# Scan unroll per backend when `unroll=0`: measured fastest for the scan (unroll 8 was 1.58x
-# faster than 1 for a train step on an H200; 1 is fastest on the CPU, benchmark_lstm_cpu.md).
+# Scan unroll per backend when `unroll=0`: measured fastest for the scan (unroll 8 was 1.54x
+# faster than 1 for a train step on an H200, 39.7 against 61.3 ms in benchmark_step_gpu.md; 1 is
+# fastest on the CPU, benchmark_lstm_cpu.md).
 DEFAULT_UNROLL = {"gpu": 8}
 
 
 def resolve_lstm_implementation(lstm_impl: str, hidden_size: int, backend: str) -> str:
-  """ "scan" or "pallas": `auto` takes the fused kernel on a GPU for the sizes it holds on chip."""
+  """ "scan" or "pallas": `auto` takes the fused kernel on the backends in `KERNEL_BACKENDS` (none
+  yet: the scan measured faster on an H200) for the sizes it holds on chip, the scan elsewhere."""
   if lstm_impl not in LSTM_IMPLEMENTATIONS:
     raise ValueError(f"lstm_impl must be one of {LSTM_IMPLEMENTATIONS}, got {lstm_impl!r}")
   if lstm_impl != "auto":
