@@ -37,6 +37,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -181,9 +182,15 @@ def make_train_plan(
     overflow=bucket_config.overflow,
     label_lengths=train.label_lengths,
     example_ids=train.ids,
-    cost_model=bucketing.CostModel(bucket_config.alpha, bucket_config.beta, bucket_config.kappa),
+    cost_model=cost_model(config),
     num_epochs=config.num_epochs,
   )
+
+
+def cost_model(config: ml_collections.ConfigDict) -> bucketing.CostModel:
+  """The step-time and compile cost model `auto` plans with and the plan's report predicts by."""
+  bucket_config = config.bucketing
+  return bucketing.CostModel(bucket_config.alpha, bucket_config.beta, bucket_config.kappa)
 
 
 def make_eval_plans(
@@ -1360,9 +1367,17 @@ def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path, skipped: l
     jax.device_count(),
   )
   if jax.process_index() == 0:
-    plan_summary = plan.summary()
+    plan_summary = plan.summary(cost_model(config))
     (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
     LOG.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
+    if len(plan.truncated):
+      LOG.warning(
+        "%d training line(s) longer than the last bound, %d frames, are cut to it "
+        "(config.bucketing.overflow='truncate') but keep their whole label: CTC may find no "
+        "alignment for them",
+        len(plan.truncated),
+        plan.upper_bounds[-1],
+      )
     log_skipped(skipped)
   return plan, eval_plans
 
@@ -1630,6 +1645,9 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
     "stopped_by": run.stop.reason,
     "num_skipped_examples": len(skipped),
     "skipped_examples": skipped,
+    # Lines longer than the last bound (config.bucketing.overflow "drop" or "truncate").
+    "num_dropped_examples": len(run.plan.dropped),
+    "num_truncated_examples": len(run.plan.truncated),
   }
 
 
@@ -1732,6 +1750,13 @@ def evaluate_checkpoint(
   return {**scores, "split": split, **skips, **origin}
 
 
+@functools.cache
+def _inference_apply(model: nn.Module) -> Callable:
+  """The model's jitted inference, one per model (equal configs build equal, hashable modules),
+  so transcribing line after line compiles once per padded length, not once per call."""
+  return jax.jit(functools.partial(model.apply, train=False))
+
+
 def transcribe(
   params: Any, config: ml_collections.ConfigDict, points: np.ndarray, stroke_end: np.ndarray
 ) -> str:
@@ -1741,10 +1766,7 @@ def transcribe(
   inputs = np.zeros((1, length, features.shape[1]), np.float32)
   inputs[0, : len(features)] = features
   paddings = (np.arange(length) >= len(features)).astype(np.float32)[None]
-  model = build_model(config)
-  logits = jax.jit(functools.partial(model.apply, train=False))(
-    {"params": params}, inputs, paddings
-  )
+  logits = _inference_apply(build_model(config))({"params": params}, inputs, paddings)
   ids, lengths = ctc.greedy_decode(logits, paddings)
   return ALPHABET.decode(np.asarray(ids[0, : int(lengths[0])]))
 

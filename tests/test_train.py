@@ -428,6 +428,10 @@ def test_evaluate_checkpoint_and_transcribe(uninterrupted):
   example = train.dataset_lib.load_examples("synthetic", "validation", limit=1)[0]
   params = train.load_params(config, workdir)
   text = train.transcribe(params, config, example["points"], example["stroke_end"])
+  # Line after line: the model compiles once per padded length, not once per call.
+  compiles = train.CompileEvents.outside_steps()
+  again = train.transcribe(params, tiny_config(), example["points"], example["stroke_end"])
+  assert again == text and train.CompileEvents.outside_steps() == compiles
 
   # The same line inside a batch padded far past its length decodes to the same text.
   data = train.load_split(config, "validation", 1)
@@ -974,6 +978,32 @@ def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path):
     examples["validation"][line]["id"] for line in range(4)
   ]
   assert scores["num_skipped_examples"] == 4
+
+
+def test_lines_past_the_last_bound_are_counted_and_truncation_is_warned_of(tmp_path, caplog):
+  lengths = train.load_split(tiny_config(), "train", 48).lengths
+  bound = int(np.sort(lengths)[-4])  # the 3 longest lines are longer (unless tied)
+  longer = int(np.sum(lengths > bound))
+  for overflow, count in (("drop", "num_dropped_examples"), ("truncate", "num_truncated_examples")):
+    config = tiny_config(
+      **{
+        "num_epochs": 1,
+        "bucketing.strategy": "fixed",
+        "bucketing.upper_bounds": (bound,),
+        "bucketing.round_to": 1,
+        "bucketing.overflow": overflow,
+      }
+    )
+    summary = train.train_and_evaluate(config, tmp_path / overflow)
+    assert summary[count] == longer
+  assert f"{longer} training line(s) longer than the last bound, {bound} frames" in caplog.text
+
+
+def test_the_plan_reports_the_configured_cost_model(tmp_path):
+  config = tiny_config(**{"num_epochs": 1, "bucketing.beta": 3e-6, "bucketing.kappa": 0.5})
+  train.train_and_evaluate(config, tmp_path)
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  assert plan["cost_model"] == {"alpha": 5e-3, "beta": 3e-6, "kappa": 0.5}
 
 
 def test_an_old_export_in_the_default_data_dir_is_not_used_unasked(tmp_path, monkeypatch):
