@@ -167,7 +167,10 @@ def _load_checked(
 
 
 def make_train_plan(
-  config: ml_collections.ConfigDict, train: dataset_lib.SequenceSet, num_devices: int
+  config: ml_collections.ConfigDict,
+  train: dataset_lib.SequenceSet,
+  num_devices: int,
+  measured_cost: bucketing.CostModel | None = None,
 ) -> bucketing.BucketPlan:
   bucket_config = config.bucketing
   return bucketing.make_plan(
@@ -182,15 +185,169 @@ def make_train_plan(
     overflow=bucket_config.overflow,
     label_lengths=train.label_lengths,
     example_ids=train.ids,
-    cost_model=cost_model(config),
+    cost_model=cost_model(config, measured_cost),
     num_epochs=config.num_epochs,
   )
 
 
-def cost_model(config: ml_collections.ConfigDict) -> bucketing.CostModel:
-  """The step-time and compile cost model `auto` plans with and the plan's report predicts by."""
-  bucket_config = config.bucketing
-  return bucketing.CostModel(bucket_config.alpha, bucket_config.beta, bucket_config.kappa)
+COST_FIELDS = ("alpha", "gamma", "beta", "kappa")
+
+
+def cost_model(
+  config: ml_collections.ConfigDict, measured: bucketing.CostModel | None = None
+) -> bucketing.CostModel:
+  """The step-time and compile cost model `auto` plans with and the plan's report predicts by:
+  the config's figures, those it leaves unset (None) from `measured` (else the placeholders)."""
+  fallback = measured or bucketing.CostModel()
+  return bucketing.CostModel(
+    **{
+      field: getattr(fallback, field)
+      if config.bucketing[field] is None
+      else config.bucketing[field]
+      for field in COST_FIELDS
+    }
+  )
+
+
+def measures_cost_model(config: ml_collections.ConfigDict) -> bool:
+  """`auto` measures its cost model unless the config gives all of it."""
+  return config.bucketing.strategy == "auto" and any(
+    config.bucketing[field] is None for field in COST_FIELDS
+  )
+
+
+@contextlib.contextmanager
+def _persistent_cache_off():
+  """Compiles in the block really compile: a persistent-cache hit would time a file read."""
+  enabled = jax.config.jax_enable_compilation_cache
+  if enabled:
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()
+  try:
+    yield
+  finally:
+    if enabled:
+      jax.config.update("jax_enable_compilation_cache", True)
+      compilation_cache.reset_cache()
+
+
+def measure_cost_model(
+  config: ml_collections.ConfigDict,
+  train: dataset_lib.SequenceSet,
+  mesh: jax.sharding.Mesh,
+  repeats: int = 3,
+) -> tuple[bucketing.CostModel, dict]:
+  """`auto`'s cost model for this model on these devices, and what it was fitted to.
+
+  Three train steps are compiled (past the persistent cache) and timed, median of `repeats`
+  after a warm-up: at the corpus's longest padded length and its median, at the configured batch
+  rule, and at the longest with half (or, at one row per device, twice) that batch.
+  `bucketing.fit_step_model` fits alpha, gamma and beta to them; kappa is their median compile
+  time, one train step compiled alone: a bucket's eval step adds to what a bucket costs, and
+  compiling beside other compiles or overlapped with training takes from it. Every process
+  measures (the steps are collective) and process 0's figures are used by all.
+  """
+  started = time.perf_counter()
+  round_to, devices = config.bucketing.round_to, jax.device_count()
+  longest = int(bucketing.boundaries.round_up(train.lengths.max(), round_to))
+  median = int(bucketing.boundaries.round_up(np.median(train.lengths), round_to))
+  if median >= longest:
+    median = max(round_to, longest // 2 // round_to * round_to)
+
+  def batch_for(length: int) -> int:
+    return int(
+      bucketing.batch_sizes(
+        np.array([length]),
+        np.array([np.iinfo(np.int32).max]),
+        batch_size=config.bucketing.batch_size or None,
+        max_tokens=config.bucketing.max_tokens or None,
+        num_devices=devices,
+      )[0]
+    )
+
+  batch = batch_for(longest)
+  other = batch // 2 // devices * devices if batch >= 2 * devices else 2 * batch
+  shapes = [(batch, longest), (batch_for(median), median), (other, longest)]
+  nf = num_features(config)
+  state = jax.device_put(create_train_state(config, nf, total_steps=1), NamedSharding(mesh, P()))
+  sharding = NamedSharding(mesh, P("data"))
+  rng = np.random.default_rng(config.seed)
+  steps = []
+  with _persistent_cache_off():
+    for rows, length in shapes:
+      width = int(train.label_lengths[train.lengths <= length].max(initial=1))
+      lines = dataset_lib.SequenceSet(
+        ids=[str(i) for i in range(rows)],
+        texts=[""] * rows,
+        features=[rng.normal(size=(length, nf)).astype(np.float32) for _ in range(rows)],
+        labels=[rng.integers(1, ALPHABET.size, width).astype(np.int32) for _ in range(rows)],
+        lengths=np.full(rows, length, np.int32),
+        label_lengths=np.full(rows, width, np.int32),
+      )
+      plan = bucketing.make_plan(
+        lines.lengths,
+        strategy="fixed",
+        upper_bounds=[length],
+        batch_size=rows,
+        num_devices=devices,
+        label_lengths=lines.label_lengths,
+      )
+      compiled = compile_steps(state, plan, {}, mesh, nf, mode="sequential")
+      indices = bucketing.process_slice(np.arange(rows), jax.process_index(), jax.process_count())
+      batch_arrays = make_batch(lines, plan, 0, indices, sharding)
+      times = []
+      for _ in range(repeats + 1):
+        start = time.perf_counter()
+        state, _ = compiled.train_steps[0](state, batch_arrays)
+        jax.block_until_ready(state)
+        times.append(time.perf_counter() - start)
+      compile_s = compiled.accounting()["compile_seconds_sum"]
+      compiled.close()
+      steps.append([rows, length, float(np.median(times[1:])), compile_s])
+  measured = np.array(steps, np.float64)
+  if jax.process_count() > 1:
+    measured = np.asarray(multihost_utils.broadcast_one_to_all(measured))
+  rows, lengths, seconds, compiles = measured.T
+  alpha, gamma, beta = bucketing.fit_step_model(rows, lengths, seconds)
+  model = bucketing.CostModel(alpha=alpha, beta=beta, gamma=gamma, kappa=float(np.median(compiles)))
+  fitted = model.step_seconds(rows, lengths)
+  report = {
+    "backend": jax.default_backend(),
+    "num_devices": devices,
+    "steps": [
+      {"batch": int(b), "length": int(n), "seconds": t, "fitted_seconds": float(f), "compile_s": c}
+      for (b, n, t, c), f in zip(measured.tolist(), fitted, strict=True)
+    ],
+    "measure_s": time.perf_counter() - started,
+    "fitted_to": _cost_fingerprint(config),
+  }
+  return model, report
+
+
+def _cost_fingerprint(config: ml_collections.ConfigDict) -> dict:
+  """What a measured cost model holds for: the model, the batch rule, the devices."""
+  return {
+    "config": _shape_config(config),  # the model's fields (implementation and dtype too)
+    "batch_size": config.bucketing.batch_size,
+    "max_tokens": config.bucketing.max_tokens,
+    "backend": jax.default_backend(),
+    "num_devices": jax.device_count(),
+  }
+
+
+def describe_cost_model(model: bucketing.CostModel, report: dict) -> str:
+  """One line: the measured figures and the steps they were fitted to."""
+  steps = ", ".join(
+    f"[{step['batch']} x {step['length']}] {1000 * step['seconds']:.1f} ms "
+    f"(fit {1000 * step['fitted_seconds']:.1f})"
+    for step in report["steps"]
+  )
+  return (
+    f"auto's cost model, measured in {report['measure_s']:.1f} s on {report['num_devices']} "
+    f"{report['backend']} device(s): alpha {1000 * model.alpha:.3g} ms per step, gamma "
+    f"{1e6 * model.gamma:.3g} us per padded timestep, beta {1e9 * model.beta:.3g} ns per padded "
+    f"token, kappa {model.kappa:.3g} s per compiled bucket; steps {steps}"
+  )
 
 
 def make_eval_plans(
@@ -1237,7 +1394,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   train_set, eval_sets, skipped = load_data(config)  # before the workdir: bad data leaves none
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir, skipped)
+  measured = auto_cost_model(config, train_set, mesh, workdir)
+  plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir, skipped, measured)
   with contextlib.closing(Checkpoints(workdir, config)) as checkpoints, stop.on_signals():
     state, progress = restore(
       checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
@@ -1257,6 +1415,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       steps.wait()
     test_scores = {} if stop.reason else evaluate_test_split(run, state.params)
   summary = _summary(run, progress, skipped) | test_scores
+  summary["cost_model_measure_s"] = measured[1]["measure_s"] if measured else 0.0
   if jax.process_index() == 0:
     log_compile_accounting(summary)
     if stop.reason:
@@ -1355,10 +1514,39 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
   return train_set, eval_sets, skipped
 
 
-def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path, skipped: list):
-  """The training plan and the eval plans; process 0 writes `plan.json` and prints the plan and
-  the lines skipped as bad."""
-  plan = make_train_plan(config, train_set, jax.device_count())
+def auto_cost_model(
+  config, train_set, mesh, workdir: pathlib.Path
+) -> tuple[bucketing.CostModel, dict] | None:
+  """The measured cost model `auto` plans with (`measure_cost_model`), when the config leaves
+  some of it unset: the one in the workdir's `plan.json` if measured for this model, batch rule
+  and devices (a resumed run must plan what it started with), else measured now."""
+  if not measures_cost_model(config):
+    return None
+  plan_path = workdir / "plan.json"
+  previous = json.loads(plan_path.read_text()).get("measured_cost") if plan_path.exists() else None
+  if previous and previous["report"]["fitted_to"] == _json_safe(_cost_fingerprint(config)):
+    measured = bucketing.CostModel(**previous["cost_model"]), previous["report"]
+    how = f"reused from {plan_path}"
+  else:
+    measured = measure_cost_model(config, train_set, mesh)
+    how = "measured now"
+  if jax.process_index() == 0:
+    LOG.info("%s (%s)", describe_cost_model(*measured), how)
+  return measured
+
+
+def plan_buckets(
+  config,
+  train_set,
+  eval_sets,
+  workdir: pathlib.Path,
+  skipped: list,
+  measured: tuple[bucketing.CostModel, dict] | None = None,
+):
+  """The training plan and the eval plans; process 0 writes `plan.json` (with the measured cost
+  model, if any) and prints the plan and the lines skipped as bad."""
+  measured_model = measured[0] if measured else None
+  plan = make_train_plan(config, train_set, jax.device_count(), measured_model)
   eval_plans = make_eval_plans(
     plan.upper_bounds,
     eval_sets,
@@ -1367,7 +1555,14 @@ def plan_buckets(config, train_set, eval_sets, workdir: pathlib.Path, skipped: l
     jax.device_count(),
   )
   if jax.process_index() == 0:
-    plan_summary = plan.summary(cost_model(config))
+    # The cost model's prediction only where there is one: measured, or given in full.
+    given = all(config.bucketing[field] is not None for field in COST_FIELDS)
+    plan_summary = plan.summary(cost_model(config, measured_model) if measured or given else None)
+    if measured:
+      plan_summary["measured_cost"] = {
+        "cost_model": dataclasses.asdict(measured[0]),
+        "report": measured[1],
+      }
     (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
     LOG.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
     if len(plan.truncated):

@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
   plan.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error")
   plan.add_argument("--alpha", type=float, default=cost.CostModel.alpha, help="seconds per step")
   plan.add_argument("--beta", type=float, default=cost.CostModel.beta, help="seconds per token")
+  plan.add_argument(
+    "--gamma", type=float, default=cost.CostModel.gamma, help="seconds per padded timestep"
+  )
   plan.add_argument("--kappa", type=float, default=cost.CostModel.kappa, help="seconds per compile")
   plan.add_argument("--epochs", type=float, default=20, help="planned epochs, for auto")
   plan.add_argument("--json", action="store_true", help="print one JSON object")
@@ -108,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         f"--bounds {args.bounds!r} is not a comma-separated list of integers"
       ) from None
   lengths = read_lengths(args.lengths)
-  cost_model = cost.CostModel(args.alpha, args.beta, args.kappa)
+  cost_model = cost.CostModel(alpha=args.alpha, beta=args.beta, kappa=args.kappa, gamma=args.gamma)
   result = make_plan(
     lengths,
     strategy=args.strategy,

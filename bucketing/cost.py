@@ -1,15 +1,20 @@
 """Batch sizes per bucket and the step-time cost model that lets `auto` choose the bucket count.
 
-A train step on a `[B, L]` batch is modelled as `alpha + beta * B * L` seconds (a fixed per-step
-overhead plus a cost per padded token) and each bucket costs `kappa` seconds of compilation once.
-For a run of `num_epochs` epochs:
+A train step on a `[B, L]` batch is modelled as `alpha + gamma * L + beta * B * L` seconds: a
+fixed per-step overhead, a cost per padded timestep that does not grow with the batch (a
+recurrence runs its L steps one after another, each a few small kernels on a GPU: there the step
+is mostly this term) and a cost per padded token. Each bucket costs `kappa` seconds of
+compilation once. For a run of `num_epochs` epochs:
 
-    total = num_epochs * sum_b steps_b * (alpha + beta * B_b * L_b) + kappa * K,
+    total = num_epochs * sum_b steps_b * (alpha + gamma * L_b + beta * B_b * L_b) + kappa * K,
 
 with `steps_b = ceil(n_b / B_b)`: a partial batch costs a full step, as it does on the device.
+`fit_step_model` fits alpha, gamma and beta to measured steps (the trainer measures them before
+`auto` plans, see `train.measure_cost_model`).
 """
 
 import dataclasses
+import itertools
 
 import numpy as np
 
@@ -18,24 +23,61 @@ from bucketing import boundaries
 
 @dataclasses.dataclass(frozen=True)
 class CostModel:
-  """Seconds per step (`alpha`), per padded token (`beta`) and per compiled bucket (`kappa`).
+  """Seconds per step (`alpha`), per padded timestep (`gamma`), per padded token (`beta`) and per
+  compiled bucket (`kappa`).
 
-  The defaults are placeholders of a plausible magnitude, not measurements: measure the figures
-  of your model and machine (`python -m experiments.benchmark`) and pass them in.
+  The defaults are placeholders of a plausible magnitude, not measurements: the trainer measures
+  its own (`train.measure_cost_model`) unless the config gives them; `python -m
+  experiments.benchmark` fits alpha and beta (gamma 0) on a grid of steps and sets the epochs
+  they predict beside the measured ones.
   """
 
   alpha: float = 5e-3
   beta: float = 5e-7
   kappa: float = 10.0
+  gamma: float = 0.0
 
   def __post_init__(self):
-    for name in ("alpha", "beta", "kappa"):
+    for name in ("alpha", "beta", "kappa", "gamma"):
       value = getattr(self, name)
       if not np.isfinite(value) or value < 0:
         raise ValueError(f"cost model {name} must be a finite number >= 0, got {value}")
 
   def step_seconds(self, batch_size: np.ndarray, upper_bound: np.ndarray) -> np.ndarray:
-    return self.alpha + self.beta * np.asarray(batch_size) * np.asarray(upper_bound)
+    batch_size, upper_bound = np.asarray(batch_size), np.asarray(upper_bound)
+    return self.alpha + self.gamma * upper_bound + self.beta * batch_size * upper_bound
+
+
+def fit_step_model(
+  batch_sizes: np.ndarray, lengths: np.ndarray, seconds: np.ndarray
+) -> tuple[float, float, float]:
+  """`(alpha, gamma, beta)` >= 0 minimising the squared error of `CostModel.step_seconds` over
+  measured steps of `[batch_sizes[i], lengths[i]]` batches that took `seconds[i]`.
+
+  Exact non-negative least squares over the 7 subsets of the three terms: noisy timings can make
+  the unconstrained fit negative, which no cost can be. Needs at least three steps of which two
+  share a length and differ in batch size, or the terms cannot be told apart.
+  """
+  batch_sizes, lengths = np.asarray(batch_sizes, np.float64), np.asarray(lengths, np.float64)
+  seconds = np.asarray(seconds, np.float64)
+  design = np.stack([np.ones_like(lengths), lengths, batch_sizes * lengths], axis=1)
+  if len(seconds) < 3 or np.linalg.matrix_rank(design) < 3:
+    raise ValueError(
+      "fitting alpha, gamma and beta needs steps at two lengths and two batch sizes, got "
+      f"{list(zip(batch_sizes.astype(int).tolist(), lengths.astype(int).tolist(), strict=True))}"
+    )
+  best, best_error = np.zeros(3), float(np.sum(seconds**2))
+  for size in (1, 2, 3):
+    for terms in itertools.combinations(range(3), size):
+      coefficients, *_ = np.linalg.lstsq(design[:, terms], seconds, rcond=None)
+      if np.any(coefficients < 0):
+        continue
+      error = float(np.sum((design[:, terms] @ coefficients - seconds) ** 2))
+      if error < best_error:
+        best, best_error = np.zeros(3), error
+        best[list(terms)] = coefficients
+  alpha, gamma, beta = (float(value) for value in best)
+  return alpha, gamma, beta
 
 
 def batch_sizes(

@@ -89,8 +89,9 @@ class BucketPlan:
   def example_name(self, index: int) -> str:
     return str(self.example_ids[index]) if self.example_ids is not None else f"#{index}"
 
-  def summary(self, cost_model: cost.CostModel = cost.CostModel()) -> dict:
-    """The plan report as plain Python values (what `python -m bucketing plan --json` prints)."""
+  def summary(self, cost_model: cost.CostModel | None = cost.CostModel()) -> dict:
+    """The plan report as plain Python values (what `python -m bucketing plan --json` prints);
+    without a `cost_model` it predicts no speed-up (`predicted_speedup` and `cost_model` None)."""
     kept = self.bucket_of_example >= 0
     effective = self.effective_lengths
     real_per_bucket = np.bincount(
@@ -113,13 +114,17 @@ class BucketPlan:
     )
     baseline_steps = -(-baseline_size // baseline_batch)
     baseline_padded = int((baseline_steps * baseline_batch * baseline_bound).sum())
-    epoch_seconds = (
-      cost.run_seconds(cost_model, self.upper_bounds, self.bucket_sizes, self.batch_sizes)
-      - cost_model.kappa * self.num_buckets
-    )
-    baseline_seconds = (
-      cost.run_seconds(cost_model, baseline_bound, baseline_size, baseline_batch) - cost_model.kappa
-    )
+    predicted = None
+    if cost_model is not None:
+      epoch_seconds = (
+        cost.run_seconds(cost_model, self.upper_bounds, self.bucket_sizes, self.batch_sizes)
+        - cost_model.kappa * self.num_buckets
+      )
+      baseline_seconds = (
+        cost.run_seconds(cost_model, baseline_bound, baseline_size, baseline_batch)
+        - cost_model.kappa
+      )
+      predicted = baseline_seconds / epoch_seconds
 
     buckets = [
       {
@@ -155,8 +160,8 @@ class BucketPlan:
       "efficiency": real / padded,
       "efficiency_with_filler": real / with_filler,
       "ideal_speedup": baseline_padded / with_filler,
-      "predicted_speedup": baseline_seconds / epoch_seconds,
-      "cost_model": dataclasses.asdict(cost_model),
+      "predicted_speedup": predicted,
+      "cost_model": None if cost_model is None else dataclasses.asdict(cost_model),
       "dropped": [self.example_name(i) for i in self.dropped],
       "truncated": [self.example_name(i) for i in self.truncated],
       "auto_seconds_per_count": (
@@ -194,8 +199,12 @@ def format_report(summary: dict) -> str:
     f"real timesteps {summary['real_timesteps']:,}; padded {summary['padded_timesteps']:,} "
     f"({summary['padded_timesteps_with_filler']:,} with filler rows)",
     f"efficiency {summary['efficiency']:.1%} ({summary['efficiency_with_filler']:.1%} with filler)",
-    f"speed-up against one bucket: ideal (padded timesteps) {summary['ideal_speedup']:.2f}x, "
-    f"predicted by the cost model {summary['predicted_speedup']:.2f}x",
+    f"speed-up against one bucket: ideal (padded timesteps) {summary['ideal_speedup']:.2f}x"
+    + (
+      ""
+      if summary["predicted_speedup"] is None
+      else f", predicted by the cost model {summary['predicted_speedup']:.2f}x"
+    ),
   ]
   if summary["dropped"]:
     lines.append(f"dropped {len(summary['dropped'])} sequence(s) over the largest bound")

@@ -146,6 +146,7 @@ class Bench:
       config.bucketing.batch_size, config.bucketing.max_tokens = 0, max_tokens
     if cost is not None:
       config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = cost
+      config.bucketing.gamma = 0.0  # the benchmark fits alpha + beta * B * L
       config.num_epochs = epochs
     return train.make_train_plan(config, self.data, jax.device_count())
 

@@ -39,11 +39,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.bucketing.max_tokens = 0  # global padded-token budget per step (0 = fixed batch size)
   config.bucketing.round_to = 8
   config.bucketing.overflow = "error"  # error | drop | truncate
-  # Cost model for auto: seconds per step, per padded token, and kappa, the wall seconds one more
-  # bucket adds to compiling in parallel (`python -m experiments.benchmark` measures all three).
-  config.bucketing.alpha = 5e-3
-  config.bucketing.beta = 5e-7
-  config.bucketing.kappa = 10.0
+  # Cost model for auto: seconds per step (alpha), per padded timestep (gamma), per padded token
+  # (beta) and per compiled bucket (kappa). None: measured before planning, on this model and
+  # these devices (train.measure_cost_model: three steps compiled and timed, a few seconds to a
+  # minute), and kept in plan.json for a resumed run.
+  for field in ("alpha", "gamma", "beta", "kappa"):
+    config.bucketing[field] = ml_collections.FieldReference(None, field_type=float)
 
   config.model = ml_collections.ConfigDict()
   config.model.num_layers = 3

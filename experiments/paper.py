@@ -103,7 +103,8 @@ def make_config(
   """The experiment config of a preset (`full`, `quick`, `tiny`) with command-line overrides.
 
   `dataset="auto"` takes IAM-OnDB when `data_dir` holds its export or `IAM_ONDB_DIR` is set, else
-  the synthetic set. `cost` is "alpha,beta,kappa" for `auto`, in seconds.
+  the synthetic set. `cost` is "alpha,beta,kappa" for `auto`, in seconds (gamma 0); without it
+  `auto` measures its cost model.
   """
   if dataset == "auto":
     export = data_dir and pathlib.Path(data_dir, "iam_ondb.npz").is_file()
@@ -136,6 +137,7 @@ def make_config(
   if cost:
     alpha, beta, kappa = (float(value) for value in cost.split(","))
     config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = alpha, beta, kappa
+    config.bucketing.gamma = 0.0
   return config
 
 
@@ -488,6 +490,26 @@ def read_run(run_dir: pathlib.Path) -> dict:
   return {"summary": summary, "plan": plan, "history": history}
 
 
+def auto_cost_text(runs: dict) -> str:
+  """The cost model the first `auto` run planned with, as a sentence ('' without one)."""
+  plans = [run["plan"] for (_, strategy, _), run in runs.items() if strategy == "auto"]
+  if not plans:
+    return ""
+  cost = plans[0]["cost_model"]
+  how = "measured before planning" if "measured_cost" in plans[0] else "given by --cost"
+  return (
+    f" `auto` cost model ({how}): alpha {cost['alpha']:.3g} s per step, gamma "
+    f"{cost['gamma']:.3g} s per padded timestep, beta {cost['beta']:.3g} s per padded token, "
+    f"kappa {cost['kappa']:.3g} s per bucket."
+  )
+
+
+def startup_seconds(summary: dict) -> float:
+  """Seconds before training: measuring `auto`'s cost model, if it did, and compiling up to the
+  first train step."""
+  return summary.get("cost_model_measure_s", 0.0) + summary["time_to_first_step_s"]
+
+
 def training_seconds(row: dict) -> float:
   """An epoch's wall time in training: its steps and its waits for compiles (rows written before
   `compile_wait_s` existed counted the waits in `epoch_time_s`)."""
@@ -500,7 +522,7 @@ def run_row(run: dict, baseline: dict, devices: int, strategy: str) -> dict:
   median_epoch = statistics.median(row["epoch_time_s"] for row in history)
   baseline_epoch = statistics.median(row["epoch_time_s"] for row in baseline["history"])
   best = summary["best_epoch"]
-  start = summary["time_to_first_step_s"]
+  start = startup_seconds(summary)
   wall_to_best = start + sum(training_seconds(row) for row in history[: best + 1])
   target = baseline["summary"]["best_val_loss"]
   reached = next((row["epoch"] for row in history if row["val_loss"] <= target), None)
@@ -565,7 +587,7 @@ def plot(runs: dict, rows: list[dict], prefix: pathlib.Path) -> None:
 
   figure, axes = plt.subplots(figsize=(8, 5))
   for (devices, strategy, _), run in runs.items():
-    start = run["summary"]["time_to_first_step_s"]
+    start = startup_seconds(run["summary"])
     wall = start + np.cumsum([training_seconds(row) for row in run["history"]])
     label = f"{strategy} K={run['summary']['num_buckets']}, {devices} device(s)"
     style = "k-" if strategy == "none" else "-"
@@ -653,16 +675,14 @@ def write_report(
     f"{config.data.features.resample_spacing}. Model: {model.num_layers} x {model.hidden_size} "
     f"{'B' if model.bidirectional else ''}LSTM-CTC, batch {config.bucketing.batch_size} "
     f"sequences, lr {config.optimizer.learning_rate}, seed {config.seed}; "
-    f"{config.num_epochs} epochs at most, patience {config.patience}. `auto` cost model: "
-    f"alpha {config.bucketing.alpha:g} s, beta {config.bucketing.beta:g} s, "
-    f"kappa {config.bucketing.kappa:g} s.",
+    f"{config.num_epochs} epochs at most, patience {config.patience}.{auto_cost_text(runs)}",
     "",
     "Speed-up: the `none` run's median epoch time over the run's (same device count). Ideal "
     "speed-up: its padded timesteps (filler rows included) over the run's. Wall to best: "
-    "time to the first train step plus training time (waits for later compiles included) up to "
-    "the best validation loss (evaluation excluded). Median epoch: training only. Compile: "
-    "wall time from the first step compile's start to the last one's end, "
-    "overlapping the first epoch. "
+    "`auto`'s measuring of its cost model, time to the first train step, then training time "
+    "(waits for later compiles included) up to the best validation loss (evaluation "
+    "excluded). Median epoch: training only. Compile: wall time from the first step compile's "
+    "start to the last one's end, overlapping the first epoch. "
     "To baseline loss: the same up to the first epoch whose validation loss is at or below the "
     "`none` run's best, the paper's comparison at equal loss ('-': never reached). "
     "Upper bounds: the buckets' length bounds (feature frames).",
@@ -713,7 +733,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--strategies", default=",".join(STRATEGIES))
   parser.add_argument("--devices", type=cli_errors.int_list, help="comma-separated device counts")
   parser.add_argument("--epochs", type=int, default=0, help="override config.num_epochs")
-  parser.add_argument("--cost", default=None, help="alpha,beta,kappa for auto (seconds)")
+  parser.add_argument(
+    "--cost", default=None, help="alpha,beta,kappa for auto in seconds (default: measured)"
+  )
   parser.add_argument(
     "--budget-minutes", type=float, default=0, help="plan the sweep to fit this wall time"
   )

@@ -65,7 +65,7 @@ def exhaustive_seconds(lengths, max_buckets, cost_model, epochs, **sizing):
     batch = cost.batch_sizes(bounds, sizes, **sizing)
     steps = -(-sizes // batch)
     per_epoch = sum(
-      int(s) * (cost_model.alpha + cost_model.beta * int(b) * int(L))
+      int(s) * (cost_model.alpha + cost_model.gamma * int(L) + cost_model.beta * int(b) * int(L))
       for s, b, L in zip(steps, batch, bounds, strict=True)
     )
     seconds.append(epochs * per_epoch + cost_model.kappa * len(bounds))
@@ -79,13 +79,14 @@ def exhaustive_seconds(lengths, max_buckets, cost_model, epochs, **sizing):
   alpha=st.floats(0, 0.1),
   beta=st.floats(0, 1e-5),
   kappa=st.floats(0, 30),
+  gamma=st.floats(0, 1e-4),
   epochs=st.sampled_from([1, 10, 100]),
   sizing=st.sampled_from([{"batch_size": 16}, {"max_tokens": 20_000, "num_devices": 4}]),
 )
 def test_auto_matches_exhaustive_search_over_k(
-  lengths, max_buckets, alpha, beta, kappa, epochs, sizing
+  lengths, max_buckets, alpha, beta, kappa, gamma, epochs, sizing
 ):
-  model = cost.CostModel(alpha, beta, kappa)
+  model = cost.CostModel(alpha=alpha, beta=beta, kappa=kappa, gamma=gamma)
   choice = cost.choose_num_buckets(
     lengths, max_buckets, cost_model=model, num_epochs=epochs, **sizing
   )
@@ -107,7 +108,50 @@ def test_auto_trades_compiles_against_padding():
   assert dear_compiles.num_buckets == 1
 
 
-@pytest.mark.parametrize("field", ["alpha", "beta", "kappa"])
+def test_a_per_timestep_cost_favours_buckets_even_under_a_token_budget():
+  # Under a token budget every step holds about as many tokens whatever its bucket, so a cost per
+  # token alone sees no gain in bucketing; a recurrence's cost per timestep does.
+  lengths = np.random.default_rng(0).integers(30, 1500, 5000)
+  budget = {"max_tokens": 48_000}
+  per_token = cost.CostModel(alpha=0, beta=1e-6, kappa=5, gamma=0)
+  per_timestep = cost.CostModel(alpha=0, beta=1e-6, kappa=5, gamma=2e-4)
+  without = cost.choose_num_buckets(lengths, 16, cost_model=per_token, num_epochs=20, **budget)
+  with_gamma = cost.choose_num_buckets(
+    lengths, 16, cost_model=per_timestep, num_epochs=20, **budget
+  )
+  assert with_gamma.num_buckets > without.num_buckets
+
+
+@given(
+  alpha=st.floats(0, 0.1),
+  gamma=st.floats(0, 1e-3),
+  beta=st.floats(0, 1e-5),
+  noise=st.floats(0, 0.02),
+)
+def test_fit_step_model_recovers_the_step_times(alpha, gamma, beta, noise):
+  batches = np.array([32, 32, 16, 16, 64])
+  lengths = np.array([200, 600, 600, 200, 400])
+  model = cost.CostModel(alpha=alpha, beta=beta, gamma=gamma)
+  jitter = 1 + noise * np.array([1, -1, 1, -1, 0])
+  seconds = model.step_seconds(batches, lengths) * jitter
+  fitted_alpha, fitted_gamma, fitted_beta = cost.fit_step_model(batches, lengths, seconds)
+  fitted = cost.CostModel(alpha=fitted_alpha, beta=fitted_beta, gamma=fitted_gamma)  # all >= 0
+  # Within the noise of every measured step; exact without noise.
+  np.testing.assert_allclose(
+    fitted.step_seconds(batches, lengths), seconds, rtol=3 * noise + 1e-6, atol=1e-9
+  )
+  if noise == 0:
+    np.testing.assert_allclose(
+      (fitted_alpha, fitted_gamma, fitted_beta), (alpha, gamma, beta), rtol=1e-6, atol=1e-9
+    )
+
+
+def test_fit_step_model_needs_two_lengths_and_two_batch_sizes():
+  with pytest.raises(ValueError, match="two lengths and two batch sizes"):
+    cost.fit_step_model([32, 32, 32], [100, 200, 300], [1.0, 2.0, 3.0])
+
+
+@pytest.mark.parametrize("field", ["alpha", "beta", "kappa", "gamma"])
 @pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
 def test_cost_model_rejects_bad_figures(field, value):
   with pytest.raises(ValueError, match=field):

@@ -999,11 +999,59 @@ def test_lines_past_the_last_bound_are_counted_and_truncation_is_warned_of(tmp_p
   assert f"{longer} training line(s) longer than the last bound, {bound} frames" in caplog.text
 
 
-def test_the_plan_reports_the_configured_cost_model(tmp_path):
-  config = tiny_config(**{"num_epochs": 1, "bucketing.beta": 3e-6, "bucketing.kappa": 0.5})
-  train.train_and_evaluate(config, tmp_path)
+def test_the_plan_predicts_by_the_configured_cost_model_or_not_at_all(tmp_path):
+  given = {"bucketing.alpha": 1e-3, "bucketing.gamma": 0.0, "bucketing.beta": 3e-6}
+  train.train_and_evaluate(tiny_config(num_epochs=1, **given, **{"bucketing.kappa": 0.5}), tmp_path)
   plan = json.loads((tmp_path / "plan.json").read_text())
-  assert plan["cost_model"] == {"alpha": 5e-3, "beta": 3e-6, "kappa": 0.5}
+  assert plan["cost_model"] == {"alpha": 1e-3, "beta": 3e-6, "kappa": 0.5, "gamma": 0.0}
+  assert plan["predicted_speedup"] > 1
+  # Not all given and nothing measured (not `auto`): no placeholder passed off as a prediction.
+  train.train_and_evaluate(tiny_config(num_epochs=1, **given), tmp_path / "partial")
+  plan = json.loads((tmp_path / "partial" / "plan.json").read_text())
+  assert plan["cost_model"] is None and plan["predicted_speedup"] is None
+
+
+def test_measured_cost_model_times_real_compiles_and_fits_its_steps(tmp_path):
+  config = tiny_config(compilation_cache_dir=str(tmp_path / "cache"))
+  train.setup_runtime(config)
+  data = train.load_split(config, "train", 48)
+  mesh = train.make_data_mesh()
+  # Its compiles ask nothing of the persistent cache: a hit there would time a file read.
+  requests = train.CompileEvents.count(train.CACHE_REQUEST_EVENT, True)
+  model, report = train.measure_cost_model(config, data, mesh, repeats=1)
+  assert train.CompileEvents.count(train.CACHE_REQUEST_EVENT, True) == requests
+  assert jax.config.jax_enable_compilation_cache  # and it is on again after
+  assert model.kappa > 0 and model.alpha + model.gamma + model.beta > 0
+  shapes = [(step["batch"], step["length"]) for step in report["steps"]]
+  longest = int(bucketing.boundaries.round_up(data.lengths.max(), 8))
+  assert shapes[0] == (8, longest) and shapes[2] == (16, longest) and shapes[1][1] < longest
+  assert all(step["seconds"] > 0 and step["compile_s"] > 0 for step in report["steps"])
+  assert report["fitted_to"]["num_devices"] == 8
+
+
+def test_auto_measures_its_cost_model_once_and_a_resumed_run_reuses_it(tmp_path, monkeypatch):
+  first = train.train_and_evaluate(_auto_config(max_steps=3), tmp_path)  # stops mid-epoch
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  measured = plan["measured_cost"]
+  assert first["cost_model_measure_s"] == measured["report"]["measure_s"] > 0
+  assert plan["cost_model"] == measured["cost_model"]
+  assert len(plan["auto_seconds_per_count"]) == 3
+
+  def measure_again(*args, **kwargs):
+    raise AssertionError("a resumed run measured its cost model again")
+
+  monkeypatch.setattr(train, "measure_cost_model", measure_again)
+  train.train_and_evaluate(_auto_config(), tmp_path)  # resumes: the same plan, so no refusal
+  assert json.loads((tmp_path / "plan.json").read_text())["measured_cost"] == measured
+  # Given every figure, nothing is measured.
+  given = {f"bucketing.{field}": 1e-3 for field in train.COST_FIELDS}
+  summary = train.train_and_evaluate(_auto_config(**given), tmp_path / "given")
+  assert summary["cost_model_measure_s"] == 0.0
+  assert "measured_cost" not in json.loads((tmp_path / "given" / "plan.json").read_text())
+
+
+def _auto_config(**overrides):
+  return tiny_config(**{"bucketing.strategy": "auto", "bucketing.num_buckets": 3, **overrides})
 
 
 def test_an_old_export_in_the_default_data_dir_is_not_used_unasked(tmp_path, monkeypatch):

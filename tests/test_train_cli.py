@@ -56,5 +56,7 @@ def test_a_damaged_best_checkpoint_is_an_error_naming_the_file(tmp_path):
   result = subprocess.run([*command, "--mode=evaluate"], cwd=ROOT, capture_output=True, text=True)
   assert result.returncode == 2, result.stderr
   # Orbax's other reads of the damaged files fail on its threads too: their tracebacks are dropped.
-  (line,) = result.stderr.splitlines()
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1, result.stderr
+  (line,) = lines
   assert re.match(r"error: the best checkpoint .*best/\d+ is damaged: .*params", line), line
