@@ -23,12 +23,13 @@ sys.path.insert(0, {root!r})
 import train
 from tests.test_train import tiny_config
 
-config = tiny_config(num_epochs=1)
+config = tiny_config(num_epochs=1, **{overrides!r})
 config.distributed.initialize = True
 config.distributed.coordinator_address = "localhost:{port}"
 config.distributed.num_processes = 2
 config.distributed.process_id = int(sys.argv[1])
-train.train_and_evaluate(config, {workdir!r})
+summary = train.train_and_evaluate(config, {workdir!r})
+print("upper bounds", summary["upper_bounds"])
 """
 
 
@@ -38,10 +39,9 @@ def free_port() -> int:
     return probe.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_train_like_one(tmp_path):
-  two_dir, one_dir = tmp_path / "two", tmp_path / "one"
-  code = WORKER.format(root=str(ROOT), port=free_port(), workdir=str(two_dir))
+def run_two_processes(workdir: pathlib.Path, **overrides) -> list[str]:
+  """Runs the worker as processes 0 and 1 of one run; their outputs."""
+  code = WORKER.format(root=str(ROOT), port=free_port(), workdir=str(workdir), overrides=overrides)
   environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   workers = [
     subprocess.Popen(
@@ -57,6 +57,13 @@ def test_two_processes_train_like_one(tmp_path):
   outputs = [worker.communicate(timeout=600)[0] for worker in workers]
   for worker, output in zip(workers, outputs, strict=True):
     assert worker.returncode == 0, output[-3000:]
+  return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tmp_path):
+  two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+  run_two_processes(two_dir)
 
   summary = train.train_and_evaluate(tiny_config(num_epochs=1), one_dir)
   two_summary = json.loads((two_dir / "summary.json").read_text())
@@ -71,3 +78,19 @@ def test_two_processes_train_like_one(tmp_path):
     latest_params(tiny_config(), two_dir),
     latest_params(tiny_config(), one_dir),
   )
+
+
+@pytest.mark.slow
+def test_two_processes_plan_auto_alike(tmp_path):
+  # Each process times its own steps; were each to plan with its own figures they could choose
+  # different buckets and their collectives would not match, so all take process 0's. With
+  # compiles free (kappa 0) the choice among K rests on the timed steps alone.
+  overrides = {"bucketing.strategy": "auto", "bucketing.kappa": 0.0}
+  outputs = run_two_processes(tmp_path, **overrides)
+  bounds = [
+    [line for line in output.splitlines() if line.startswith("upper bounds")] for output in outputs
+  ]
+  assert bounds[0] == bounds[1] and len(bounds[0]) == 1
+  plan = json.loads((tmp_path / "plan.json").read_text())
+  measured = plan["measured_cost"]["cost_model"]
+  assert plan["cost_model"] == {**measured, "kappa": 0.0}
