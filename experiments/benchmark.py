@@ -14,8 +14,9 @@ each time) and the table gives the median:
   batch size against a token budget of the same mean tokens per step; batches assembled before
   the clock starts, so the device time is what is timed, and the host's assembly time per step is
   reported beside it;
-- the cost model: one step compiled and timed on a (batch, length) grid, `alpha + beta * B * L`
-  fitted by least squares; kappa = the wall seconds one more bucket adds to compiling a plan's
+- the cost model: one step compiled and timed on a (batch, length) grid, `alpha + gamma * L +
+  beta * B * L` fitted by non-negative least squares (`bucketing.fit_step_model`, as the trainer
+  fits its own three steps); kappa = the wall seconds one more bucket adds to compiling a plan's
   steps in parallel (the slope of the `optimal` plans' compile wall time over K); fed to `auto`,
   whose plan is then measured like the others and compared to the fastest measured K over
   `--planned-epochs` epochs (compile included);
@@ -145,8 +146,8 @@ class Bench:
     if max_tokens:
       config.bucketing.batch_size, config.bucketing.max_tokens = 0, max_tokens
     if cost is not None:
-      config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = cost
-      config.bucketing.gamma = 0.0  # the benchmark fits alpha + beta * B * L
+      for field, value in zip(("alpha", "gamma", "beta", "kappa"), cost, strict=True):
+        config.bucketing[field] = value
       config.num_epochs = epochs
     return train.make_train_plan(config, self.data, jax.device_count())
 
@@ -193,7 +194,8 @@ class Bench:
 
 
 def fit_step_cost(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict]]:
-  """alpha and beta of this machine, from one step compiled and timed per (batch, length)."""
+  """alpha, gamma and beta of this machine, from one step compiled and timed per (batch,
+  length)."""
   rng = np.random.default_rng(0)
   points = []
   for batch_size in batch_sizes:
@@ -229,23 +231,20 @@ def fit_step_cost(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict]
         times.append(time.perf_counter() - start)
       compile_seconds = compiled.accounting()["compile_seconds_sum"]
       points.append((batch_size, length, statistics.median(times[1:]), compile_seconds))
-  tokens = np.array([b * length for b, length, _, _ in points], np.float64)
-  seconds = np.array([s for _, _, s, _ in points])
-  design = np.stack([np.ones_like(tokens), tokens], axis=1)
-  (alpha, beta), *_ = np.linalg.lstsq(design, seconds, rcond=None)
-  alpha, beta = max(float(alpha), 0.0), max(float(beta), 0.0)
+  batches, lengths, seconds, _ = (np.array(column) for column in zip(*points, strict=True))
+  alpha, gamma, beta = bucketing.fit_step_model(batches, lengths, seconds)
   rows = [
     {
       "batch": str(b),
       "length": str(length),
       "tokens": f"{b * length:,}",
       "measured ms/step": f"{1000 * s:.2f}",
-      "fitted ms/step": f"{1000 * (alpha + beta * b * length):.2f}",
+      "fitted ms/step": f"{1000 * (alpha + gamma * length + beta * b * length):.2f}",
       "compile (s)": f"{c:.2f}",
     }
     for b, length, s, c in points
   ]
-  return (alpha, beta), rows
+  return (alpha, gamma, beta), rows
 
 
 def compile_cost_per_bucket(measured_by_k: dict[int, Measurement]) -> float:
@@ -443,7 +442,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   longest = int(bucketing.boundaries.round_up(data.lengths.max(), 8))
   fractions = (4, 2, 1) if preset_name != "tiny" else (2, 1)
   grid_lengths = sorted({max(8, longest // f // 8 * 8) for f in fractions})
-  (alpha, beta), grid_rows = fit_step_cost(bench, grid_batches, grid_lengths)
+  (alpha, gamma, beta), grid_rows = fit_step_cost(bench, grid_batches, grid_lengths)
 
   measurements = [bench.contender("ours", bench.plan("none", 1))]
   optimal_by_k = {1: measurements[0]}
@@ -457,7 +456,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     strategy = "none" if k == 1 else "optimal"
     measurements.append(bench.contender("ours", bench.plan(strategy, k, max_tokens=mean_tokens)))
   kappa = compile_cost_per_bucket(optimal_by_k)
-  auto_plan = bench.plan("auto", max(bucket_counts), cost=(alpha, beta, kappa), epochs=epochs)
+  cost = (alpha, gamma, beta, kappa)
+  auto_plan = bench.plan("auto", max(bucket_counts), cost=cost, epochs=epochs)
   auto = bench.contender("ours, measured cost model", auto_plan)
   measurements.append(auto)
 
@@ -515,9 +515,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "",
     "## The cost model on this machine",
     "",
-    f"One train step compiled and timed per (batch, length); least-squares fit of "
-    f"`alpha + beta * B * L`: alpha = {alpha:.4g} s per step, beta = {beta:.4g} s per padded "
-    f"token. kappa = {kappa:.3g} s, the wall time one more bucket adds to compiling a plan's "
+    f"One train step compiled and timed per (batch, length); non-negative least-squares fit of "
+    f"`alpha + gamma * L + beta * B * L`: alpha = {alpha:.4g} s per step, gamma = {gamma:.4g} s "
+    f"per padded timestep, beta = {beta:.4g} s per padded token. kappa = {kappa:.3g} s, the "
+    "wall time one more bucket adds to compiling a plan's "
     "train steps in parallel: the least-squares slope of the measured compile (s) of the "
     "`optimal` plans (K = 1 is `none`) over K.",
     "",
