@@ -231,28 +231,43 @@ def _persistent_cache_off():
       compilation_cache.reset_cache()
 
 
+@dataclasses.dataclass(frozen=True)
+class MeasuredCost:
+  """`auto`'s cost model as `measure_cost_model` fitted it, and what it was fitted to: `report`
+  holds the timed steps, `measure_s` and `fitted_to` (`_cost_fingerprint`); `reused` when read
+  back from the workdir instead of measured by this start."""
+
+  model: bucketing.CostModel
+  report: dict
+  reused: bool = False
+
+
 def measure_cost_model(
   config: ml_collections.ConfigDict,
   train: dataset_lib.SequenceSet,
   mesh: jax.sharding.Mesh,
   repeats: int = 3,
-) -> tuple[bucketing.CostModel, dict]:
-  """`auto`'s cost model for this model on these devices, and what it was fitted to.
+) -> MeasuredCost:
+  """`auto`'s cost model for this model on these devices.
 
-  Three train steps are compiled (past the persistent cache) and timed, median of `repeats`
-  after a warm-up: at the corpus's longest padded length and its median, at the configured batch
-  rule, and at the longest with half (or, at one row per device, twice) that batch.
-  `bucketing.fit_step_model` fits alpha, gamma and beta to them; kappa is their median compile
-  time, one train step compiled alone: a bucket's eval step adds to what a bucket costs, and
-  compiling beside other compiles or overlapped with training takes from it. Every process
-  measures (the steps are collective) and process 0's figures are used by all.
+  Train steps are compiled (past the persistent cache) and timed, median of `repeats` after a
+  warm-up, at the corpus's longest and median padded lengths with the batch rule's batch for
+  each. A fixed batch size leaves beta inseparable from gamma and needs no more (the steps of
+  every bucket have that batch); a token budget adds a third step at half the batch, within the
+  budget, when one of at least a row per device exists. `bucketing.fit_step_model` fits alpha,
+  gamma and beta; kappa is the steps' median compile time, one train step compiled alone: a
+  bucket's eval step adds to what a bucket costs, and compiling beside other compiles or
+  overlapped with training takes from it. Every process measures (the steps are collective) and
+  process 0's timings are used by all. Needs two distinct padded lengths.
   """
   started = time.perf_counter()
   round_to, devices = config.bucketing.round_to, jax.device_count()
-  longest = int(bucketing.boundaries.round_up(train.lengths.max(), round_to))
+  padded = np.unique(bucketing.boundaries.round_up(train.lengths, round_to))
+  if len(padded) < 2:
+    raise ValueError(f"measuring a cost model needs two padded lengths, got {padded.tolist()}")
+  longest = int(padded[-1])
   median = int(bucketing.boundaries.round_up(np.median(train.lengths), round_to))
-  if median >= longest:
-    median = max(round_to, longest // 2 // round_to * round_to)
+  median = median if median < longest else int(padded[-2])
 
   def batch_for(length: int) -> int:
     return int(
@@ -265,9 +280,10 @@ def measure_cost_model(
       )[0]
     )
 
-  batch = batch_for(longest)
-  other = batch // 2 // devices * devices if batch >= 2 * devices else 2 * batch
-  shapes = [(batch, longest), (batch_for(median), median), (other, longest)]
+  shapes = [(batch_for(longest), longest), (batch_for(median), median)]
+  if config.bucketing.max_tokens:
+    halves = [(rows // 2 // devices * devices, n) for rows, n in shapes if rows >= 2 * devices]
+    shapes += halves[-1:]
   nf = num_features(config)
   state = jax.device_put(create_train_state(config, nf, total_steps=1), NamedSharding(mesh, P()))
   sharding = NamedSharding(mesh, P("data"))
@@ -312,8 +328,6 @@ def measure_cost_model(
   model = bucketing.CostModel(alpha=alpha, beta=beta, gamma=gamma, kappa=float(np.median(compiles)))
   fitted = model.step_seconds(rows, lengths)
   report = {
-    "backend": jax.default_backend(),
-    "num_devices": devices,
     "steps": [
       {"batch": int(b), "length": int(n), "seconds": t, "fitted_seconds": float(f), "compile_s": c}
       for (b, n, t, c), f in zip(measured.tolist(), fitted, strict=True)
@@ -321,30 +335,37 @@ def measure_cost_model(
     "measure_s": time.perf_counter() - started,
     "fitted_to": _cost_fingerprint(config),
   }
-  return model, report
+  return MeasuredCost(model, report)
 
 
 def _cost_fingerprint(config: ml_collections.ConfigDict) -> dict:
-  """What a measured cost model holds for: the model, the batch rule, the devices."""
-  return {
-    "config": _shape_config(config),  # the model's fields (implementation and dtype too)
-    "batch_size": config.bucketing.batch_size,
-    "max_tokens": config.bucketing.max_tokens,
-    "backend": jax.default_backend(),
-    "num_devices": jax.device_count(),
-  }
+  """What a measured cost model holds for, as JSON: the model's and the CTC loss's settings, the
+  batch rule, the devices."""
+  return _json_safe(
+    {
+      "config": _shape_config(config),  # the model's fields (implementation and dtype too)
+      "ctc": config.ctc.to_dict(),
+      "batch_size": config.bucketing.batch_size,
+      "max_tokens": config.bucketing.max_tokens,
+      "device_kind": jax.devices()[0].device_kind,
+      "num_devices": jax.device_count(),
+    }
+  )
 
 
-def describe_cost_model(model: bucketing.CostModel, report: dict) -> str:
-  """One line: the measured figures and the steps they were fitted to."""
+def describe_cost_model(measured: MeasuredCost) -> str:
+  """One line: the figures, the steps they were fitted to, and whether this start measured them."""
+  model, report = measured.model, measured.report
   steps = ", ".join(
     f"[{step['batch']} x {step['length']}] {1000 * step['seconds']:.1f} ms "
     f"(fit {1000 * step['fitted_seconds']:.1f})"
     for step in report["steps"]
   )
+  fitted_to = report["fitted_to"]
+  how = "read back from the workdir" if measured.reused else "measured"
   return (
-    f"auto's cost model, measured in {report['measure_s']:.1f} s on {report['num_devices']} "
-    f"{report['backend']} device(s): alpha {1000 * model.alpha:.3g} ms per step, gamma "
+    f"auto's cost model, {how} ({report['measure_s']:.1f} s on {fitted_to['num_devices']} "
+    f"{fitted_to['device_kind']} device(s)): alpha {1000 * model.alpha:.3g} ms per step, gamma "
     f"{1e6 * model.gamma:.3g} us per padded timestep, beta {1e9 * model.beta:.3g} ns per padded "
     f"token, kappa {model.kappa:.3g} s per compiled bucket; steps {steps}"
   )
@@ -897,7 +918,8 @@ class Progress:
 
 class Checkpoints:
   """A run's Orbax checkpoints: `checkpoints/train` holds the latest state with its position in
-  the schedule and the plan's bounds, `checkpoints/best` the parameters of the best epoch.
+  the schedule and what fixes that schedule (`_schedule`: the training lines, bounds, batches and
+  seed), `checkpoints/best` the parameters of the best epoch.
 
   A latest-state checkpoint also records the state's shapes, a SHA-256 of its values and the
   config fields that shape the model (`config`, when given), so a restore can tell a damaged
@@ -942,8 +964,9 @@ class Checkpoints:
     fresh `Progress` when there is none.
 
     A damaged step is named in a warning and set aside under `checkpoints/damaged/` once an older
-    intact one is found; when none is intact, a ValueError names them all. Other bucket bounds
-    (with `plan`) or other model shapes are a ValueError naming what differs.
+    intact one is found; when none is intact, a ValueError names them all. Another schedule
+    (with `plan`: other training lines, bounds, batches or seed) or other model shapes are a
+    `CheckpointMismatchError` naming what differs.
     """
     damaged = {}
     for step in sorted(self.latest.all_steps(), reverse=True):
@@ -1010,7 +1033,7 @@ class Checkpoints:
         f"on other training lines than this run's (as many: {planned['num_examples']})"
       ),
       "upper_bounds": f"with bucket bounds {there}, but this run plans {here}",
-      "batch_sizes": f"with batch sizes {there} per bucket, but this run plans {here}",
+      "batch_sizes": f"with batches of {there} lines per bucket, but this run plans {here}",
       "seed": f"with config.seed={there}, but this run has config.seed={here}",
     }[key]
     raise CheckpointMismatchError(
@@ -1164,7 +1187,9 @@ def _schedule(plan: bucketing.BucketPlan, seed: int | None) -> dict:
     "num_examples": len(plan.lengths),
     "examples_sha256": hashlib.sha256(json.dumps(lines).encode()).hexdigest(),
     "upper_bounds": plan.upper_bounds.tolist(),
-    "batch_sizes": plan.batch_sizes.tolist(),
+    # Real lines per batch: a bucket smaller than its batch gets another count of filler rows on
+    # another device count, but the same batches of lines.
+    "batch_sizes": np.minimum(plan.batch_sizes, plan.bucket_sizes).tolist(),
     "seed": seed,
   }
 
@@ -1415,7 +1440,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       steps.wait()
     test_scores = {} if stop.reason else evaluate_test_split(run, state.params)
   summary = _summary(run, progress, skipped) | test_scores
-  summary["cost_model_measure_s"] = measured[1]["measure_s"] if measured else 0.0
+  # What measuring auto's cost model took, in this start or the one that measured it.
+  summary["cost_model_measure_s"] = measured.report["measure_s"] if measured else 0.0
+  summary["measured_cost_model"] = dataclasses.asdict(measured.model) if measured else None
   if jax.process_index() == 0:
     log_compile_accounting(summary)
     if stop.reason:
@@ -1514,25 +1541,55 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
   return train_set, eval_sets, skipped
 
 
-def auto_cost_model(
-  config, train_set, mesh, workdir: pathlib.Path
-) -> tuple[bucketing.CostModel, dict] | None:
-  """The measured cost model `auto` plans with (`measure_cost_model`), when the config leaves
-  some of it unset: the one in the workdir's `plan.json` if measured for this model, batch rule
-  and devices (a resumed run must plan what it started with), else measured now."""
+COST_FILE = "cost_model.json"
+
+
+def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredCost | None:
+  """The measured cost model `auto` plans with, when the config leaves some of it unset.
+
+  Kept in `workdir/cost_model.json`. A run with a checkpoint plans with the figures it started
+  with, whatever changed since: new figures could plan other buckets, and the resume would be
+  refused. A fresh run reuses the file's figures when they were measured for this model, CTC
+  loss, batch rule and devices, and measures (`measure_cost_model`) otherwise. None when
+  measuring cannot matter: a corpus of one padded length has one bucket whatever the costs.
+  """
   if not measures_cost_model(config):
     return None
-  plan_path = workdir / "plan.json"
-  previous = json.loads(plan_path.read_text()).get("measured_cost") if plan_path.exists() else None
-  if previous and previous["report"]["fitted_to"] == _json_safe(_cost_fingerprint(config)):
-    measured = bucketing.CostModel(**previous["cost_model"]), previous["report"]
-    how = f"reused from {plan_path}"
+  if (
+    len(np.unique(bucketing.boundaries.round_up(train_set.lengths, config.bucketing.round_to))) < 2
+  ):
+    return None
+  path = workdir / COST_FILE
+  saved = json.loads(path.read_text()) if path.exists() else None
+  with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
+    resuming = checkpoints.latest.latest_step() is not None
+  same = saved is not None and saved["report"]["fitted_to"] == _cost_fingerprint(config)
+  reuse = saved is not None and (resuming or same)
+  if jax.process_count() > 1:  # one decision for all: the measuring steps are collective
+    reuse = bool(multihost_utils.broadcast_one_to_all(np.array(reuse)))
+  if reuse:
+    measured = MeasuredCost(bucketing.CostModel(**saved["cost_model"]), saved["report"], True)
+    if not same and jax.process_index() == 0:
+      LOG.warning(
+        "%s was measured for other settings than this run's; the resumed run keeps it, to plan "
+        "the buckets it started with",
+        path,
+      )
   else:
     measured = measure_cost_model(config, train_set, mesh)
-    how = "measured now"
+    if jax.process_index() == 0:
+      cost = {"cost_model": dataclasses.asdict(measured.model), "report": measured.report}
+      _write_atomically(path, json.dumps(cost, indent=2))
   if jax.process_index() == 0:
-    LOG.info("%s (%s)", describe_cost_model(*measured), how)
+    LOG.info("%s", describe_cost_model(measured))
   return measured
+
+
+def _write_atomically(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` whole or not at all (a kill mid-write leaves the old file)."""
+  temporary = path.with_name(f".{path.name}.tmp")
+  temporary.write_text(text)
+  temporary.replace(path)
 
 
 def plan_buckets(
@@ -1541,11 +1598,11 @@ def plan_buckets(
   eval_sets,
   workdir: pathlib.Path,
   skipped: list,
-  measured: tuple[bucketing.CostModel, dict] | None = None,
+  measured: MeasuredCost | None = None,
 ):
   """The training plan and the eval plans; process 0 writes `plan.json` (with the measured cost
   model, if any) and prints the plan and the lines skipped as bad."""
-  measured_model = measured[0] if measured else None
+  measured_model = measured.model if measured else None
   plan = make_train_plan(config, train_set, jax.device_count(), measured_model)
   eval_plans = make_eval_plans(
     plan.upper_bounds,
@@ -1560,10 +1617,11 @@ def plan_buckets(
     plan_summary = plan.summary(cost_model(config, measured_model) if measured or given else None)
     if measured:
       plan_summary["measured_cost"] = {
-        "cost_model": dataclasses.asdict(measured[0]),
-        "report": measured[1],
+        "cost_model": dataclasses.asdict(measured.model),
+        "report": measured.report,
+        "reused": measured.reused,
       }
-    (workdir / "plan.json").write_text(json.dumps(plan_summary, indent=2))
+    _write_atomically(workdir / "plan.json", json.dumps(plan_summary, indent=2))
     LOG.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
     if len(plan.truncated):
       LOG.warning(

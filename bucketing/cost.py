@@ -28,8 +28,8 @@ class CostModel:
 
   The defaults are placeholders of a plausible magnitude, not measurements: the trainer measures
   its own (`train.measure_cost_model`) unless the config gives them; `python -m
-  experiments.benchmark` fits alpha and beta (gamma 0) on a grid of steps and sets the epochs
-  they predict beside the measured ones.
+  experiments.benchmark` fits them on a grid of steps and sets the epochs they predict beside
+  the measured ones.
   """
 
   alpha: float = 5e-3
@@ -54,21 +54,27 @@ def fit_step_model(
   """`(alpha, gamma, beta)` >= 0 minimising the squared error of `CostModel.step_seconds` over
   measured steps of `[batch_sizes[i], lengths[i]]` batches that took `seconds[i]`.
 
-  Exact non-negative least squares over the 7 subsets of the three terms: noisy timings can make
-  the unconstrained fit negative, which no cost can be. Needs at least three steps of which two
-  share a length and differ in batch size, or the terms cannot be told apart.
+  Exact non-negative least squares over every subset of the terms: noisy timings can make the
+  unconstrained fit negative, which no cost can be. Steps of one batch size B cannot tell the
+  cost per token from the cost per timestep: beta is then 0 and gamma holds `gamma + beta * B`,
+  which predicts the same for that batch size. Needs two lengths, and for beta a third step at
+  another batch size, such that the terms are determined.
   """
   batch_sizes, lengths = np.asarray(batch_sizes, np.float64), np.asarray(lengths, np.float64)
   seconds = np.asarray(seconds, np.float64)
-  design = np.stack([np.ones_like(lengths), lengths, batch_sizes * lengths], axis=1)
-  if len(seconds) < 3 or np.linalg.matrix_rank(design) < 3:
+  columns = [np.ones_like(lengths), lengths]
+  if len(np.unique(batch_sizes)) > 1:
+    columns.append(batch_sizes * lengths)
+  design = np.stack(columns, axis=1)
+  if np.linalg.matrix_rank(design) < design.shape[1]:
+    steps = list(zip(batch_sizes.astype(int).tolist(), lengths.astype(int).tolist(), strict=True))
     raise ValueError(
-      "fitting alpha, gamma and beta needs steps at two lengths and two batch sizes, got "
-      f"{list(zip(batch_sizes.astype(int).tolist(), lengths.astype(int).tolist(), strict=True))}"
+      "fitting the step model needs steps at two lengths, and for beta a third at another batch "
+      f"size, that determine it; got [batch, length] {steps}"
     )
   best, best_error = np.zeros(3), float(np.sum(seconds**2))
-  for size in (1, 2, 3):
-    for terms in itertools.combinations(range(3), size):
+  for size in range(1, design.shape[1] + 1):
+    for terms in itertools.combinations(range(design.shape[1]), size):
       coefficients, *_ = np.linalg.lstsq(design[:, terms], seconds, rcond=None)
       if np.any(coefficients < 0):
         continue

@@ -41,8 +41,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.bucketing.overflow = "error"  # error | drop | truncate
   # Cost model for auto: seconds per step (alpha), per padded timestep (gamma), per padded token
   # (beta) and per compiled bucket (kappa). None: measured before planning, on this model and
-  # these devices (train.measure_cost_model: three steps compiled and timed, a few seconds to a
-  # minute), and kept in plan.json for a resumed run.
+  # these devices (train.measure_cost_model: two or three train steps compiled one after another
+  # and timed), and kept in the workdir's cost_model.json for a resumed run.
   for field in ("alpha", "gamma", "beta", "kappa"):
     config.bucketing[field] = ml_collections.FieldReference(None, field_type=float)
 

@@ -243,6 +243,7 @@ def estimate_runs(probes: list[dict], planned: list[dict], devices: int) -> list
       run["strategy"],
       run["requested_buckets"],
       fixed_s=setup
+      + run.get("measure_s", 0.0)  # auto's measuring of its cost model
       + _interpolate(
         run["num_buckets"],
         first["num_buckets"],
@@ -338,13 +339,21 @@ def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None
   base_config.compilation_cache_dir = ""  # compile cold, as the sweep's runs will
   train_set = train.load_data(base_config)[0]
 
+  measured = {}  # auto's cost model, measured once as its run will measure it
+
   def plan_of(strategy, num_buckets):
     config = args_config(args)
     config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
-    plan = train.make_train_plan(config, train_set, devices)
+    if strategy == "auto" and "auto" not in measured:
+      measured["auto"] = train.auto_cost_model(
+        config, train_set, train.make_data_mesh(), workdir / "probe"
+      )
+    cost = measured.get("auto") if strategy == "auto" else None
+    plan = train.make_train_plan(config, train_set, devices, cost.model if cost else None)
     padded = plan.summary()["padded_timesteps_with_filler"]
     return {"strategy": strategy, "requested_buckets": num_buckets,
-            "num_buckets": plan.num_buckets, "padded": int(padded)}  # fmt: skip
+            "num_buckets": plan.num_buckets, "padded": int(padded),
+            "measure_s": cost.report["measure_s"] if cost else 0.0}  # fmt: skip
 
   probes = []
   for strategy, num_buckets in sorted({("none", 1), ("optimal", max(args.buckets))}):
@@ -496,7 +505,14 @@ def auto_cost_text(runs: dict) -> str:
   if not plans:
     return ""
   cost = plans[0]["cost_model"]
-  how = "measured before planning" if "measured_cost" in plans[0] else "given by --cost"
+  if "measured_cost" in plans[0]:
+    how = "measured before planning"
+  elif cost is None:
+    return " `auto` needed no cost model: the corpus has one padded length."
+  elif "gamma" not in cost:  # runs from before auto measured its cost model
+    return " `auto` planned with the placeholder cost model (alpha 5 ms, beta 0.5 us, kappa 10 s)."
+  else:
+    how = "given by --cost"
   return (
     f" `auto` cost model ({how}): alpha {cost['alpha']:.3g} s per step, gamma "
     f"{cost['gamma']:.3g} s per padded timestep, beta {cost['beta']:.3g} s per padded token, "

@@ -82,6 +82,8 @@ def _open_export(path: str | os.PathLike):
     raise
   except _UNREADABLE as error:
     raise ValueError(f"{path}: not a readable .npz export ({_reason(error)})") from error
+  if not isinstance(export, np.lib.npyio.NpzFile):  # a .npy file: one array, no fields
+    raise ValueError(f"{path}: not a .npz export but a single {type(export).__name__}")
   with export:
     yield export
 

@@ -146,9 +146,21 @@ def test_fit_step_model_recovers_the_step_times(alpha, gamma, beta, noise):
     )
 
 
-def test_fit_step_model_needs_two_lengths_and_two_batch_sizes():
-  with pytest.raises(ValueError, match="two lengths and two batch sizes"):
-    cost.fit_step_model([32, 32, 32], [100, 200, 300], [1.0, 2.0, 3.0])
+def test_fit_step_model_at_one_batch_size_folds_beta_into_gamma():
+  model = cost.CostModel(alpha=0.01, gamma=3e-5, beta=2e-7)
+  lengths = np.array([200, 600])
+  seconds = model.step_seconds(32, lengths)
+  alpha, gamma, beta = cost.fit_step_model([32, 32], lengths, seconds)
+  assert (alpha, beta) == (pytest.approx(0.01), 0.0)
+  assert gamma == pytest.approx(3e-5 + 2e-7 * 32)
+
+
+@pytest.mark.parametrize(
+  ("batches", "lengths"), [([32, 32], [100, 100]), ([32, 16], [100, 200]), ([8, 16], [50, 50])]
+)
+def test_fit_step_model_needs_steps_that_determine_it(batches, lengths):
+  with pytest.raises(ValueError, match="needs steps at two lengths"):
+    cost.fit_step_model(batches, lengths, [1.0] * len(lengths))
 
 
 @pytest.mark.parametrize("field", ["alpha", "beta", "kappa", "gamma"])

@@ -111,6 +111,14 @@ def test_an_inconsistent_export_is_an_error_naming_file_and_field(tmp_path, chan
     read(path)
 
 
+def test_a_npy_file_is_not_taken_for_an_export(tmp_path):
+  path = tmp_path / "data.npz"
+  with path.open("wb") as file:
+    np.save(file, np.zeros(3))
+  with pytest.raises(ValueError, match=rf"{re.escape(str(path))}: not a \.npz export"):
+    load_examples(str(path), "train")
+
+
 @pytest.mark.parametrize("keep", [0.5, 0.0])
 def test_a_truncated_export_is_an_error_naming_the_file(tmp_path, keep):
   path = tmp_path / "data.npz"

@@ -712,7 +712,7 @@ def stopped_at_step_6(tmp_path_factory):
     ({"bucketing.num_buckets": 3}, r"trained with bucket bounds \[.*\], but this run plans"),
     (
       {"bucketing.batch_size": 16},
-      r"with batch sizes \[8, 8\] per bucket, but this run plans \[16, 16\]",
+      r"with batches of \[8, 8\] lines per bucket, but this run plans \[16, 1\d\]",
     ),
     ({"seed": 1}, r"with config.seed=0, but this run has config.seed=1"),
   ],
@@ -1011,43 +1011,78 @@ def test_the_plan_predicts_by_the_configured_cost_model_or_not_at_all(tmp_path):
   assert plan["cost_model"] is None and plan["predicted_speedup"] is None
 
 
-def test_measured_cost_model_times_real_compiles_and_fits_its_steps(tmp_path):
-  config = tiny_config(compilation_cache_dir=str(tmp_path / "cache"))
+@pytest.mark.parametrize(
+  ("sizing", "shapes"),
+  [
+    # A fixed batch: the longest and the median padded lengths (beta folds into gamma).
+    ({}, [(8, "longest"), (8, "median")]),
+    # A token budget: those at their budget's batch, and half of the median's batch.
+    (
+      {"bucketing.batch_size": 0, "bucketing.max_tokens": 32 * 600},
+      [(32, "longest"), (56, "median"), (24, "median")],
+    ),
+  ],
+)
+def test_measured_cost_model_times_real_compiles_of_the_planned_shapes(tmp_path, sizing, shapes):
+  config = tiny_config(compilation_cache_dir=str(tmp_path / "cache"), **sizing)
   train.setup_runtime(config)
   data = train.load_split(config, "train", 48)
-  mesh = train.make_data_mesh()
   # Its compiles ask nothing of the persistent cache: a hit there would time a file read.
   requests = train.CompileEvents.count(train.CACHE_REQUEST_EVENT, True)
-  model, report = train.measure_cost_model(config, data, mesh, repeats=1)
+  measured = train.measure_cost_model(config, data, train.make_data_mesh(), repeats=1)
   assert train.CompileEvents.count(train.CACHE_REQUEST_EVENT, True) == requests
   assert jax.config.jax_enable_compilation_cache  # and it is on again after
-  assert model.kappa > 0 and model.alpha + model.gamma + model.beta > 0
-  shapes = [(step["batch"], step["length"]) for step in report["steps"]]
-  longest = int(bucketing.boundaries.round_up(data.lengths.max(), 8))
-  assert shapes[0] == (8, longest) and shapes[2] == (16, longest) and shapes[1][1] < longest
-  assert all(step["seconds"] > 0 and step["compile_s"] > 0 for step in report["steps"])
-  assert report["fitted_to"]["num_devices"] == 8
+  lengths = {
+    "longest": int(bucketing.boundaries.round_up(data.lengths.max(), 8)),
+    "median": int(bucketing.boundaries.round_up(np.median(data.lengths), 8)),
+  }
+  steps = measured.report["steps"]
+  assert [(step["batch"], step["length"]) for step in steps] == [
+    (rows, lengths[length]) for rows, length in shapes
+  ]
+  assert all(step["seconds"] > 0 and step["compile_s"] > 0 for step in steps)
+  assert measured.model.kappa > 0 and measured.model.alpha + measured.model.gamma > 0
+  assert measured.report["fitted_to"]["num_devices"] == 8
+  if "bucketing.max_tokens" not in sizing:
+    assert measured.model.beta == 0.0
 
 
-def test_auto_measures_its_cost_model_once_and_a_resumed_run_reuses_it(tmp_path, monkeypatch):
+def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
   first = train.train_and_evaluate(_auto_config(max_steps=3), tmp_path)  # stops mid-epoch
+  saved = json.loads((tmp_path / train.COST_FILE).read_text())
   plan = json.loads((tmp_path / "plan.json").read_text())
-  measured = plan["measured_cost"]
-  assert first["cost_model_measure_s"] == measured["report"]["measure_s"] > 0
-  assert plan["cost_model"] == measured["cost_model"]
+  assert first["cost_model_measure_s"] == saved["report"]["measure_s"] > 0
+  assert plan["cost_model"] == saved["cost_model"] == plan["measured_cost"]["cost_model"]
   assert len(plan["auto_seconds_per_count"]) == 3
 
   def measure_again(*args, **kwargs):
     raise AssertionError("a resumed run measured its cost model again")
 
   monkeypatch.setattr(train, "measure_cost_model", measure_again)
-  train.train_and_evaluate(_auto_config(), tmp_path)  # resumes: the same plan, so no refusal
-  assert json.loads((tmp_path / "plan.json").read_text())["measured_cost"] == measured
+  # Resumed with a setting its figures were not measured for: it keeps them, so that it plans
+  # the buckets it started with (new figures could plan others, and the resume be refused).
+  resumed = train.train_and_evaluate(_auto_config(**{"model.dropout_rate": 0.5}), tmp_path)
+  assert resumed["stopped_by"] is None
+  assert json.loads((tmp_path / train.COST_FILE).read_text()) == saved
+  assert json.loads((tmp_path / "plan.json").read_text())["measured_cost"]["reused"]
   # Given every figure, nothing is measured.
   given = {f"bucketing.{field}": 1e-3 for field in train.COST_FIELDS}
   summary = train.train_and_evaluate(_auto_config(**given), tmp_path / "given")
   assert summary["cost_model_measure_s"] == 0.0
-  assert "measured_cost" not in json.loads((tmp_path / "given" / "plan.json").read_text())
+  assert not (tmp_path / "given" / train.COST_FILE).exists()
+
+
+def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch):
+  train.train_and_evaluate(_auto_config(num_epochs=1), tmp_path / "a")
+  shutil.rmtree(tmp_path / "a" / "checkpoints")  # the same workdir, nothing to resume
+  measured = []
+  measure = train.measure_cost_model
+  monkeypatch.setattr(train, "measure_cost_model", lambda *a: measured.append(1) or measure(*a))
+  train.train_and_evaluate(_auto_config(num_epochs=1), tmp_path / "a")
+  assert not measured  # the same settings: the workdir's figures hold
+  shutil.rmtree(tmp_path / "a" / "checkpoints")
+  train.train_and_evaluate(_auto_config(num_epochs=1, **{"ctc.impl": "optax"}), tmp_path / "a")
+  assert measured == [1]
 
 
 def _auto_config(**overrides):
