@@ -286,40 +286,15 @@ def measure_cost_model(
     shapes += halves[-1:]
   nf = num_features(config)
   state = jax.device_put(create_train_state(config, nf, total_steps=1), NamedSharding(mesh, P()))
-  sharding = NamedSharding(mesh, P("data"))
   rng = np.random.default_rng(config.seed)
   steps = []
   with _persistent_cache_off():
     for rows, length in shapes:
       width = int(train.label_lengths[train.lengths <= length].max(initial=1))
-      lines = dataset_lib.SequenceSet(
-        ids=[str(i) for i in range(rows)],
-        texts=[""] * rows,
-        features=[rng.normal(size=(length, nf)).astype(np.float32) for _ in range(rows)],
-        labels=[rng.integers(1, ALPHABET.size, width).astype(np.int32) for _ in range(rows)],
-        lengths=np.full(rows, length, np.int32),
-        label_lengths=np.full(rows, width, np.int32),
+      state, seconds, compile_s = time_train_step(
+        state, mesh, nf, rows, length, width, repeats, rng
       )
-      plan = bucketing.make_plan(
-        lines.lengths,
-        strategy="fixed",
-        upper_bounds=[length],
-        batch_size=rows,
-        num_devices=devices,
-        label_lengths=lines.label_lengths,
-      )
-      compiled = compile_steps(state, plan, {}, mesh, nf, mode="sequential")
-      indices = bucketing.process_slice(np.arange(rows), jax.process_index(), jax.process_count())
-      batch_arrays = make_batch(lines, plan, 0, indices, sharding)
-      times = []
-      for _ in range(repeats + 1):
-        start = time.perf_counter()
-        state, _ = compiled.train_steps[0](state, batch_arrays)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-      compile_s = compiled.accounting()["compile_seconds_sum"]
-      compiled.close()
-      steps.append([rows, length, float(np.median(times[1:])), compile_s])
+      steps.append([rows, length, seconds, compile_s])
   measured = np.array(steps, np.float64)
   if jax.process_count() > 1:
     measured = np.asarray(multihost_utils.broadcast_one_to_all(measured))
@@ -336,6 +311,50 @@ def measure_cost_model(
     "fitted_to": _cost_fingerprint(config),
   }
   return MeasuredCost(model, report)
+
+
+def time_train_step(
+  state: TrainState,
+  mesh: jax.sharding.Mesh,
+  num_features: int,
+  rows: int,
+  length: int,
+  label_width: int,
+  repeats: int,
+  rng: np.random.Generator,
+) -> tuple[TrainState, float, float]:
+  """Compiles the train step for a `[rows, length]` batch of random features with labels
+  `label_width` long, and runs it `repeats` times after a warm-up: the state after, the median
+  seconds of a step, and the seconds its compile took."""
+  lines = dataset_lib.SequenceSet(
+    ids=[str(i) for i in range(rows)],
+    texts=[""] * rows,
+    features=[rng.normal(size=(length, num_features)).astype(np.float32) for _ in range(rows)],
+    labels=[rng.integers(1, ALPHABET.size, label_width).astype(np.int32) for _ in range(rows)],
+    lengths=np.full(rows, length, np.int32),
+    label_lengths=np.full(rows, label_width, np.int32),
+  )
+  plan = bucketing.make_plan(
+    lines.lengths,
+    strategy="fixed",
+    upper_bounds=[length],
+    batch_size=rows,
+    num_devices=jax.device_count(),
+    label_lengths=lines.label_lengths,
+  )
+  compiled = compile_steps(state, plan, {}, mesh, num_features, mode="sequential")
+  try:
+    indices = bucketing.process_slice(np.arange(rows), jax.process_index(), jax.process_count())
+    batch = make_batch(lines, plan, 0, indices, NamedSharding(mesh, P("data")))
+    times = []
+    for _ in range(repeats + 1):
+      start = time.perf_counter()
+      state, _ = compiled.train_steps[0](state, batch)
+      jax.block_until_ready(state)
+      times.append(time.perf_counter() - start)
+    return state, float(np.median(times[1:])), compiled.accounting()["compile_seconds_sum"]
+  finally:
+    compiled.close()
 
 
 def _cost_fingerprint(config: ml_collections.ConfigDict) -> dict:

@@ -201,36 +201,17 @@ def fit_step_cost(bench: Bench, batch_sizes, lengths) -> tuple[tuple, list[dict]
   for batch_size in batch_sizes:
     for length in lengths:
       label_length = max(1, length // 10)
-      grid = dataset_lib.SequenceSet(
-        ids=[str(i) for i in range(batch_size)],
-        texts=[""] * batch_size,
-        features=[
-          rng.normal(size=(length, bench.num_features)).astype(np.float32)
-          for _ in range(batch_size)
-        ],
-        labels=[rng.integers(1, 80, label_length).astype(np.int32) for _ in range(batch_size)],
-        lengths=np.full(batch_size, length, np.int32),
-        label_lengths=np.full(batch_size, label_length, np.int32),
+      _, step_seconds, compile_seconds = train.time_train_step(
+        bench.fresh_state(),
+        bench.mesh,
+        bench.num_features,
+        batch_size,
+        length,
+        label_length,
+        bench.repeats,
+        rng,
       )
-      plan = bucketing.make_plan(
-        grid.lengths,
-        strategy="fixed",
-        upper_bounds=[length],
-        batch_size=batch_size,
-        num_devices=jax.device_count(),
-        label_lengths=grid.label_lengths,
-      )
-      compiled = train.compile_steps(bench.fresh_state(), plan, {}, bench.mesh, bench.num_features)
-      state = bench.fresh_state()
-      batch = train.make_batch(grid, plan, 0, np.arange(batch_size), bench.batch_sharding)
-      times = []
-      for _ in range(bench.repeats + 1):
-        start = time.perf_counter()
-        state, _ = compiled.train_steps[0](state, batch)
-        jax.block_until_ready(state)
-        times.append(time.perf_counter() - start)
-      compile_seconds = compiled.accounting()["compile_seconds_sum"]
-      points.append((batch_size, length, statistics.median(times[1:]), compile_seconds))
+      points.append((batch_size, length, step_seconds, compile_seconds))
   batches, lengths, seconds, _ = (np.array(column) for column in zip(*points, strict=True))
   alpha, gamma, beta = bucketing.fit_step_model(batches, lengths, seconds)
   rows = [
