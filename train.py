@@ -262,7 +262,7 @@ def measure_cost_model(
   """
   started = time.perf_counter()
   round_to, devices = config.bucketing.round_to, jax.device_count()
-  padded = np.unique(bucketing.boundaries.round_up(train.lengths, round_to))
+  padded = _padded_lengths(config, train)
   if len(padded) < 2:
     raise ValueError(f"measuring a cost model needs two padded lengths, got {padded.tolist()}")
   longest = int(padded[-1])
@@ -311,6 +311,13 @@ def measure_cost_model(
     "fitted_to": _cost_fingerprint(config),
   }
   return MeasuredCost(model, report)
+
+
+def _padded_lengths(
+  config: ml_collections.ConfigDict, train: dataset_lib.SequenceSet
+) -> np.ndarray:
+  """The distinct lengths the training lines round up to: the bounds any plan can choose from."""
+  return np.unique(bucketing.boundaries.round_up(train.lengths, config.bucketing.round_to))
 
 
 def time_train_step(
@@ -1574,9 +1581,7 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
   """
   if not measures_cost_model(config):
     return None
-  if (
-    len(np.unique(bucketing.boundaries.round_up(train_set.lengths, config.bucketing.round_to))) < 2
-  ):
+  if len(_padded_lengths(config, train_set)) < 2:
     return None
   path = workdir / COST_FILE
   saved = json.loads(path.read_text()) if path.exists() else None

@@ -16,7 +16,7 @@ each time) and the table gives the median:
   reported beside it;
 - the cost model: one step compiled and timed on a (batch, length) grid, `alpha + gamma * L +
   beta * B * L` fitted by non-negative least squares (`bucketing.fit_step_model`, as the trainer
-  fits its own three steps); kappa = the wall seconds one more bucket adds to compiling a plan's
+  fits its own steps); kappa = the wall seconds one more bucket adds to compiling a plan's
   steps in parallel (the slope of the `optimal` plans' compile wall time over K); fed to `auto`,
   whose plan is then measured like the others and compared to the fastest measured K over
   `--planned-epochs` epochs (compile included);

@@ -23,6 +23,7 @@ import zlib
 
 import numpy as np
 
+import cli_errors
 from handwriting import iam_ondb, synthetic
 from handwriting.alphabet import Alphabet
 from handwriting.features import FeatureConfig, ink_to_features
@@ -98,7 +99,7 @@ def _read_field(export, path: str | os.PathLike, key: str) -> np.ndarray:
 
 
 def _reason(error: BaseException) -> str:
-  return " ".join(str(error).split()) or type(error).__name__
+  return cli_errors.one_line(error) or type(error).__name__
 
 
 def read_export(path: str | os.PathLike, split: str, limit: int | None = None) -> list[dict]:
