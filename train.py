@@ -12,11 +12,15 @@ Batches are sharded over a 1-D mesh of all devices with parameters replicated: `
 `NamedSharding` gives the semantics of pmap + pmean (one global mean loss over the real examples of
 the global batch, gradients all-reduced by XLA), and the same code runs on 1 CPU, simulated CPU
 devices, GPUs, or several hosts, each process feeding its own slice of the global schedule. The
-steps are traced with the mesh in context (`trace_step`): XLA cannot partition a Pallas kernel, so
-the kernels split the batch over it themselves (`models.batch_sharding`).
+steps are traced with the mesh in context (`training.compilation.trace_step`): XLA cannot
+partition a Pallas kernel, so the kernels split the batch over it themselves
+(`models.batch_sharding`).
 
 Importable: `train_and_evaluate(config, workdir)`, `create_train_state`, `train_step`, `eval_step`,
-`evaluate_checkpoint` and `transcribe`.
+`evaluate_checkpoint` and `transcribe`. The machinery the loop stands on, which takes any state
+and any bucket plan and reads no config, is in `training/`: the compile pool
+(`training.compilation`), checkpoints (`training.checkpoints`) and stop requests
+(`training.stop`).
 """
 
 import collections
@@ -25,17 +29,15 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import math
 import os
 import pathlib
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -43,7 +45,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
 from flax.training import train_state as train_state_lib
 from jax.experimental import multihost_utils
@@ -58,13 +59,20 @@ from handwriting import dataset as dataset_lib
 from handwriting import features as features_lib
 from models import ctc, metrics
 from models.factory import make_model
+from training import compilation
+from training.checkpoints import (
+  Checkpoints,
+  Progress,
+  abstract_on,
+  not_orbax_read_noise,
+  unless_orbax_read_noise,
+)
+from training.stop import StopRequest
 
 Batch = dict[str, jax.Array]
-BACKEND_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
-CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
-CACHE_REQUEST_EVENT = "/jax/compilation_cache/compile_requests_use_cache"
 LOG = logging.getLogger("train")
 ALPHABET = alphabet_lib.Alphabet()
+SELECTION_METRICS = ("val_loss", "val_cer")  # what picks the best epoch and drives patience
 
 
 class TrainState(train_state_lib.TrainState):
@@ -107,8 +115,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
   if config.num_epochs < 1:
     raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
-  if config.compile_mode not in COMPILE_MODES:
-    raise ValueError(f"config.compile_mode={config.compile_mode!r} is not one of {COMPILE_MODES}")
+  if config.compile_mode not in compilation.COMPILE_MODES:
+    raise ValueError(
+      f"config.compile_mode={config.compile_mode!r} is not one of {compilation.COMPILE_MODES}"
+    )
   if config.data.bad_examples not in dataset_lib.BAD_EXAMPLE_POLICIES:
     raise ValueError(
       f"config.data.bad_examples={config.data.bad_examples!r} is not one of "
@@ -364,6 +374,17 @@ def time_train_step(
     compiled.close()
 
 
+def _shape_config(config: ml_collections.ConfigDict) -> dict:
+  """The config fields that decide the state's shapes, as {"model.hidden_size": 128, ...}."""
+  fields = {"model": config.model.to_dict(), "data.features": config.data.features.to_dict()}
+  return {
+    f"{prefix}.{name}": value
+    for prefix, values in fields.items()
+    for name, value in values.items()
+    if not isinstance(value, dict)
+  }
+
+
 def _cost_fingerprint(config: ml_collections.ConfigDict) -> dict:
   """What a measured cost model holds for, as JSON: the model's and the CTC loss's settings, the
   batch rule, the devices."""
@@ -573,170 +594,7 @@ def eval_step(apply_fn, ctc_loss_fn, params: Any, batch: Batch) -> dict[str, jax
 
 
 # ---------------------------------------------------------------------------------------------
-# Compiling the steps: one executable per bucket, on a thread pool, in the order training needs.
-
-COMPILE_MODES = ("overlap", "parallel", "sequential")
-SELECTION_METRICS = ("val_loss", "val_cer")  # what picks the best epoch and drives patience
-COMPILE_THREAD_PREFIX = "compile-step"
-
-
-class CompileEvents:
-  """Counts XLA compilations and persistent-cache hits and misses, apart for the step compiles
-  (`_lower_and_compile`, on the pool or inline): theirs are the run's compile accounting, and any
-  other compilation while training is a recompile (an error)."""
-
-  _lock = threading.Lock()
-  _counts: ClassVar[collections.Counter] = collections.Counter()
-  _registered = False
-  _compiling_a_step = threading.local()
-
-  @classmethod
-  def install(cls) -> None:
-    if not cls._registered:
-      jax.monitoring.register_event_listener(cls._record)
-      jax.monitoring.register_event_duration_secs_listener(cls._record)
-      cls._registered = True
-
-  @classmethod
-  @contextlib.contextmanager
-  def step_compile(cls):
-    """Marks this thread's compilations as a step's until the block ends."""
-    before = getattr(cls._compiling_a_step, "active", False)
-    cls._compiling_a_step.active = True
-    try:
-      yield
-    finally:
-      cls._compiling_a_step.active = before
-
-  @classmethod
-  def _record(cls, event: str, *args, **kwargs) -> None:
-    del args, kwargs
-    in_steps = getattr(cls._compiling_a_step, "active", False)
-    with cls._lock:
-      cls._counts[event, in_steps] += 1
-
-  @classmethod
-  def count(cls, event: str, in_steps: bool) -> int:
-    with cls._lock:
-      return cls._counts[event, in_steps]
-
-  @classmethod
-  def outside_steps(cls) -> int:
-    """Compilations other than the steps', from the backend or the persistent cache."""
-    return cls.count(BACKEND_COMPILE_EVENT, False) + cls.count(CACHE_HIT_EVENT, False)
-
-  @classmethod
-  def cache_counts(cls) -> tuple[int, int]:
-    """(hits, misses) of the persistent compilation cache in the steps' compiles."""
-    hits = cls.count(CACHE_HIT_EVENT, True)
-    return hits, cls.count(CACHE_REQUEST_EVENT, True) - hits
-
-
-@dataclasses.dataclass
-class CompiledSteps:
-  """Every bucket's train and eval executable, each compiled once on a thread pool.
-
-  `train_steps[bucket]` and `eval_steps[bucket]` wait for that bucket's own compile only, so
-  training starts as soon as the first scheduled bucket is ready; a bucket still queued behind
-  other compiles is compiled at once on the calling thread instead. Calling an executable with
-  another bucket's shape is an error, not a compile.
-  """
-
-  train_steps: "Executables"
-  eval_steps: "Executables"
-  pool: concurrent.futures.ThreadPoolExecutor
-  workers: int
-  started: float
-  cache_counts_before: tuple[int, int]
-  first_train_step_at: float | None = None
-  # Seconds the first train step waited for its compile (part of `time_to_first_step_s`), and
-  # those later steps waited for theirs.
-  first_step_wait_s: float = 0.0
-  train_wait_s: float = 0.0
-
-  def train_step(self, bucket: int):
-    """The bucket's executable; the first call marks when training started."""
-    waited_from = time.perf_counter()
-    executable = self.train_steps[bucket]
-    now = time.perf_counter()
-    if self.first_train_step_at is None:
-      self.first_train_step_at = now
-      self.first_step_wait_s = now - waited_from
-    else:
-      self.train_wait_s += now - waited_from
-    return executable
-
-  def wait(self) -> None:
-    """Returns when every step is compiled; re-raises a compile's error."""
-    for future in self._futures():
-      future.result()
-
-  def close(self) -> None:
-    """Stops the pool, dropping the compiles not yet started (after an error in training)."""
-    self.pool.shutdown(wait=True, cancel_futures=True)
-
-  def accounting(self) -> dict[str, float | int | None]:
-    """Compile times and cache counts; call after `wait`."""
-    spans = [future.result()[1:] for future in self._futures()]
-    hits, misses = np.subtract(CompileEvents.cache_counts(), self.cache_counts_before).tolist()
-    first = self.first_train_step_at
-    return {
-      "train_compiles": len(self.train_steps.futures),
-      "eval_compiles": len(self.eval_steps.futures),
-      "time_to_first_step_s": None if first is None else first - self.started,
-      "compile_wall_s": max(end for _, end in spans) - min(start for start, _ in spans),
-      "compile_seconds_sum": sum(end - start for start, end in spans),
-      "compilation_cache_hits": hits,
-      "compilation_cache_misses": misses,
-    }
-
-  def _futures(self) -> list[concurrent.futures.Future]:
-    return [*self.train_steps.futures.values(), *self.eval_steps.futures.values()]
-
-
-@dataclasses.dataclass
-class Executables(collections.abc.Mapping):
-  """bucket -> executable, waiting for the bucket's compile when it is looked up.
-
-  A compile that has not started yet (the pool's threads busy with others) is taken off the queue
-  and run on the caller's thread, so a lookup waits for its own bucket's compile, never for the
-  compiles queued ahead of it.
-  """
-
-  futures: dict[int, concurrent.futures.Future]
-  compile_now: dict[int, Callable[[], tuple[Any, float, float]]]
-
-  def __getitem__(self, bucket: int):
-    if self.futures[bucket].cancel():
-      done = concurrent.futures.Future()
-      try:
-        done.set_result(self.compile_now[bucket]())
-      except Exception as error:  # kept for `wait`, as a pool thread's error would be
-        done.set_exception(error)
-      self.futures[bucket] = done
-    return self.futures[bucket].result()[0]
-
-  def __iter__(self):
-    return iter(self.futures)
-
-  def __len__(self) -> int:
-    return len(self.futures)
-
-
-def trace_step(mesh: jax.sharding.Mesh, jitted, *abstract_args) -> jax.stages.Traced:
-  """`jitted` traced for `abstract_args` with `mesh` in context, so that the Pallas kernels in the
-  model and the loss run per device on their batch shard (`models.batch_sharding`) instead of
-  being replicated by XLA. The context is per thread, so each compiling thread enters it."""
-  with jax.set_mesh(mesh):
-    return jitted.trace(*abstract_args)
-
-
-def _lower_and_compile(mesh, jitted, *abstract_args) -> tuple[Any, float, float]:
-  """An executable with the perf_counter times its lowering started and its compile ended."""
-  start = time.perf_counter()
-  with CompileEvents.step_compile():
-    executable = trace_step(mesh, jitted, *abstract_args).lower().compile()
-  return executable, start, time.perf_counter()
+# Compiling the steps: one train and one eval executable per bucket (`training.compilation`).
 
 
 def compile_steps(
@@ -748,7 +606,7 @@ def compile_steps(
   *,
   train_order: list[int] | None = None,
   mode: str = "parallel",
-) -> CompiledSteps:
+) -> compilation.CompiledSteps:
   """Starts compiling one train step per training bucket, then one eval step per bucket any eval
   split uses (the eval plans share their shapes, `make_eval_plans`).
 
@@ -779,7 +637,7 @@ def compile_steps(
   jobs |= _eval_jobs(
     state.apply_fn, state.ctc_loss_fn, state.params, eval_plans, mesh, num_features
   )
-  return _start_compiling(jobs, mode)
+  return compilation.submit_compiles(jobs, mode)
 
 
 def compile_eval_steps(
@@ -789,10 +647,10 @@ def compile_eval_steps(
   eval_plans: dict[str, bucketing.BucketPlan],
   mesh: jax.sharding.Mesh,
   num_features: int,
-) -> Executables:
+) -> compilation.Executables:
   """One eval executable per bucket that any of the (shape-sharing) eval plans uses."""
   jobs = _eval_jobs(apply_fn, ctc_loss_fn, params, eval_plans, mesh, num_features)
-  return _start_compiling(jobs, "parallel").eval_steps
+  return compilation.submit_compiles(jobs, "parallel").eval_steps
 
 
 def _eval_jobs(
@@ -820,63 +678,6 @@ def _eval_jobs(
     )
     for bucket in sorted(used)
   }
-
-
-def _compile_then_signal(compiled: threading.Event, job: tuple) -> tuple[Any, float, float]:
-  try:
-    return _lower_and_compile(*job)
-  finally:
-    compiled.set()
-
-
-def _after(first_compiled: threading.Event, job: tuple) -> tuple[Any, float, float]:
-  first_compiled.wait()
-  return _lower_and_compile(*job)
-
-
-def _start_compiling(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledSteps:
-  """Submits `jobs` ((kind, bucket) -> (mesh, jitted, *abstract args)) in order to a thread pool."""
-  if mode not in COMPILE_MODES:
-    raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
-  CompileEvents.install()
-  workers = 1 if mode == "sequential" else max(1, min(len(jobs), os.cpu_count() or 1))
-  pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=COMPILE_THREAD_PREFIX)
-  cache_counts_before = CompileEvents.cache_counts()
-  started = time.perf_counter()
-  # What compiles a job at once on any thread; in overlap mode the first job (the step training
-  # waits for) compiles alone, the others wait for it, whichever thread ends up compiling it.
-  compile_now = {key: functools.partial(_lower_and_compile, *job) for key, job in jobs.items()}
-  futures = {}
-  first_compiled = threading.Event()
-  for key, job in jobs.items():
-    if mode != "overlap":
-      futures[key] = pool.submit(compile_now[key])
-    elif not futures:
-      compile_now[key] = functools.partial(_compile_then_signal, first_compiled, job)
-      futures[key] = pool.submit(compile_now[key])
-    else:
-      futures[key] = pool.submit(_after, first_compiled, job)
-  compiled = CompiledSteps(
-    train_steps=_executables(futures, compile_now, "train"),
-    eval_steps=_executables(futures, compile_now, "eval"),
-    pool=pool,
-    workers=workers,
-    started=started,
-    cache_counts_before=cache_counts_before,
-  )
-  if mode != "overlap":
-    compiled.wait()
-    compiled.close()
-  return compiled
-
-
-def _executables(futures: dict, compile_now: dict, kind: str) -> Executables:
-  """The `kind` ("train" or "eval") part of (kind, bucket)-keyed futures and compile calls."""
-  buckets = [bucket for job_kind, bucket in futures if job_kind == kind]
-  return Executables(
-    {bucket: futures[kind, bucket] for bucket in buckets},
-    {bucket: compile_now[kind, bucket] for bucket in buckets},
-  )
 
 
 def first_needed_buckets(plan: bucketing.BucketPlan, seed: int, epoch: int, step: int) -> list[int]:
@@ -922,355 +723,7 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints, logs and the loop.
-
-
-@dataclasses.dataclass
-class Progress:
-  """Everything besides the parameters that a resumed run needs to continue exactly."""
-
-  epoch: int = 0
-  step_in_epoch: int = 0
-  history: list = dataclasses.field(default_factory=list)
-  # What chose `best_epoch` (its scores are its `history` row). Checkpoints written before the
-  # metric could be chosen were selected by the validation loss.
-  selection_metric: str = "val_loss"
-  best_epoch: int = -1
-  epoch_train_loss_sum: float = 0.0
-  epoch_train_weight: float = 0.0
-  epoch_seconds: float = 0.0  # training, not waiting for compiles
-  epoch_compile_wait_seconds: float = 0.0
-
-
-class Checkpoints:
-  """A run's Orbax checkpoints: `checkpoints/train` holds the latest state with its position in
-  the schedule and what fixes that schedule (`_schedule`: the training lines, bounds, batches and
-  seed), `checkpoints/best` the parameters of the best epoch.
-
-  A latest-state checkpoint also records the state's shapes, a SHA-256 of its values and the
-  config fields that shape the model (`config`, when given), so a restore can tell a damaged
-  checkpoint (truncated, zeroed or missing files: fall back to an older step) from a run started
-  with another model (name the config field).
-  """
-
-  def __init__(
-    self,
-    workdir: str | pathlib.Path,
-    config: ml_collections.ConfigDict | None = None,
-    create: bool = True,
-  ):
-    """`create=False` reads a run without creating its folders (a mistyped workdir stays absent)."""
-    self.directory = pathlib.Path(workdir).absolute() / "checkpoints"
-    self.shape_config = None if config is None else _shape_config(config)
-    self.seed = None if config is None else config.seed
-    self.best_selected_by: str | None = None  # the metric that chose the restored best
-    self.latest = ocp.CheckpointManager(
-      self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
-    )
-    self.best = ocp.CheckpointManager(
-      self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
-    )
-
-  def save_latest(self, state: TrainState, progress: Progress, plan: bucketing.BucketPlan) -> None:
-    meta = dataclasses.asdict(progress) | {
-      "schedule": _schedule(plan, self.seed),
-      "shapes": _shapes(state),
-      "sha256": _fingerprint(state),
-      "shape_config": self.shape_config,
-    }
-    self.latest.save(
-      int(jax.device_get(state.step)),
-      args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(meta)),
-    )
-
-  def restore_latest(
-    self, target: TrainState, plan: bucketing.BucketPlan | None = None
-  ) -> tuple[TrainState, Progress]:
-    """The newest intact state (shaped and placed like `target`) and its progress; `target` and a
-    fresh `Progress` when there is none.
-
-    A damaged step is named in a warning and set aside under `checkpoints/damaged/` once an older
-    intact one is found; when none is intact, a ValueError names them all. Another schedule
-    (with `plan`: other training lines, bounds, batches or seed) or other model shapes are a
-    `CheckpointMismatchError` naming what differs.
-    """
-    damaged = {}
-    for step in sorted(self.latest.all_steps(), reverse=True):
-      try:
-        state, meta = self._read_latest(step, target, plan)
-      except CheckpointMismatchError:
-        raise
-      except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
-        damaged[step] = _reason(error)
-        LOG.warning(
-          "checkpoint step %d in %s is damaged: %s", step, self.latest.directory, damaged[step]
-        )
-        continue
-      if damaged:
-        self._set_aside(damaged, step)
-      return state, Progress(**meta)
-    if damaged:
-      raise ValueError(
-        f"no intact checkpoint in {self.latest.directory}: "
-        + "; ".join(f"step {step}: {reason}" for step, reason in damaged.items())
-        + f"; move {self.directory} away to start afresh"
-      )
-    return target, Progress()
-
-  def _read_latest(self, step: int, target: TrainState, plan: bucketing.BucketPlan | None):
-    """The state and progress fields of `step`, verified; raises on anything wrong."""
-    meta = dict(
-      self.latest.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))[
-        "progress"
-      ]
-    )
-    meta.pop("best_val_loss", None)  # older checkpoints: the best epoch's, which history holds
-    # Older checkpoints recorded only the bounds of the schedule.
-    schedule = meta.pop("schedule", None) or {"upper_bounds": meta.pop("upper_bounds")}
-    if plan is not None:
-      self._check_schedule(schedule, _schedule(plan, self.seed))
-    shapes, digest, shape_config = (
-      meta.pop(key, None) for key in ("shapes", "sha256", "shape_config")
-    )
-    if shapes is not None and shapes != _shapes(target):
-      raise CheckpointMismatchError(self._shape_mismatch(shapes, _shapes(target), shape_config))
-    restored = self.latest.restore(
-      step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_on(target)))
-    )["state"]
-    _check_intact(restored, digest)
-    return restored, meta
-
-  def _check_schedule(self, saved: dict, planned: dict) -> None:
-    """Resuming mid-epoch continues the saved epoch's batches: anything that fixes them (the
-    training lines, bounds, batch sizes, seed) must be what this run plans, or the epoch would
-    skip some lines and repeat others."""
-    differs = [
-      key
-      for key in _SCHEDULE_FIELDS
-      if saved.get(key) is not None and planned[key] is not None and saved[key] != planned[key]
-    ]
-    if not differs:
-      return
-    key = differs[0]
-    there, here = saved[key], planned[key]
-    what = {
-      "num_examples": f"on {there} training lines, but this run has {here}",
-      "examples_sha256": (
-        f"on other training lines than this run's (as many: {planned['num_examples']})"
-      ),
-      "upper_bounds": f"with bucket bounds {there}, but this run plans {here}",
-      "batch_sizes": f"with batches of {there} lines per bucket, but this run plans {here}",
-      "seed": f"with config.seed={there}, but this run has config.seed={here}",
-    }[key]
-    raise CheckpointMismatchError(
-      f"the checkpoint in {self.latest.directory} was trained {what}; use the same config or a "
-      "new workdir"
-    )
-
-  def _shape_mismatch(self, saved: dict, wanted: dict, saved_config: dict | None) -> str:
-    differing = [
-      f"config.{field}={saved_config[field]!r} there, {value!r} here"
-      for field, value in (self.shape_config or {}).items()
-      if saved_config is not None and saved_config.get(field, value) != value
-    ]
-    leaf = _first_differing_leaf(saved, wanted)
-    what = "; ".join(differing) or f"{leaf}: {saved.get(leaf)} there, {wanted.get(leaf)} here"
-    return (
-      f"the checkpoint in {self.latest.directory} holds a model of other shapes ({what}); "
-      "use the same config or a new workdir"
-    )
-
-  def _set_aside(self, damaged: dict[int, str], intact: int) -> None:
-    """Moves damaged steps out of Orbax's sight (so the step can be saved again), keeping them."""
-    if jax.process_index() == 0:
-      aside = self.directory / "damaged"
-      aside.mkdir(exist_ok=True)
-      for step in damaged:
-        (self.latest.directory / str(step)).rename(aside / f"train-{step}-{time.time_ns()}")
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices("damaged checkpoints set aside")
-    self.latest.reload()
-    LOG.warning(
-      "resuming from step %d instead; damaged step(s) %s moved to %s",
-      intact,
-      ", ".join(map(str, damaged)),
-      self.directory / "damaged",
-    )
-
-  def save_best(self, epoch: int, params: Any, selected_by: str) -> None:
-    if epoch not in self.best.all_steps():  # a resumed run may have saved it already
-      integrity = {
-        "shapes": _shapes(params),
-        "sha256": _fingerprint(params),
-        "selected_by": selected_by,
-      }
-      self.best.save(
-        epoch,
-        args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params), integrity=ocp.args.JsonSave(integrity)
-        ),
-      )
-
-  def restore_best(self, target: Any) -> Any | None:
-    """The best parameters, shaped and placed like `target` (arrays or abstract); None if none.
-    `best_selected_by` then names the metric that chose them.
-
-    Raises a ValueError naming the checkpoint when its files are damaged or its values differ
-    from the SHA-256 written with them (checkpoints from before that was written load unchecked).
-    """
-    self.best.wait_until_finished()  # a save in flight sits in a temporary folder until then
-    step = self.best.latest_step()
-    if step is None:
-      return None
-    where = self.best.directory / str(step)
-    if not (where / "params").exists():  # written before the checksum: chosen by the loss
-      self.best_selected_by = "val_loss"
-      return self.best.restore(step, args=ocp.args.StandardRestore(abstract_on(target)))
-    try:
-      integrity = self.best.restore(
-        step, args=ocp.args.Composite(integrity=ocp.args.JsonRestore())
-      )["integrity"]
-    except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
-      raise ValueError(f"the best checkpoint {where} is damaged: {_reason(error)}") from error
-    wanted = _shapes(target)
-    leaf = _first_differing_leaf(integrity["shapes"], wanted)
-    if leaf is not None:
-      raise CheckpointMismatchError(
-        f"the best checkpoint {where} holds a model of other shapes ({leaf}: "
-        f"{integrity['shapes'].get(leaf)} there, {wanted[leaf]} here); use the config it was "
-        "trained with"
-      )
-    try:
-      params = self.best.restore(
-        step, args=ocp.args.Composite(params=ocp.args.StandardRestore(abstract_on(target)))
-      )["params"]
-      _check_intact(params, integrity["sha256"])
-    except Exception as error:
-      raise ValueError(f"the best checkpoint {where} is damaged: {_reason(error)}") from error
-    self.best_selected_by = integrity.get("selected_by", "val_loss")  # older ones: by the loss
-    return params
-
-  def read_latest_params(self, target: TrainState) -> tuple[Any, dict]:
-    """The newest latest-state checkpoint's parameters and where they are from (`global_step`,
-    `epoch`), read without touching the workdir (no damaged step set aside, as `restore_latest`
-    does for training)."""
-    step = self.latest.latest_step()
-    if step is None:
-      raise FileNotFoundError(f"no latest checkpoint under {self.latest.directory}")
-    try:
-      state, meta = self._read_latest(step, target, None)
-    except CheckpointMismatchError:
-      raise
-    except Exception as error:  # Orbax and TensorStore raise bare Exceptions for bad files.
-      raise ValueError(
-        f"checkpoint step {step} in {self.latest.directory} is damaged: {_reason(error)}"
-      ) from error
-    return state.params, {"global_step": int(step), "epoch": int(meta["epoch"])}
-
-  def close(self) -> None:
-    """Waits for the saves in flight, then stops Orbax's background threads."""
-    for manager in (self.latest, self.best):
-      manager.wait_until_finished()
-      manager.close()
-
-
-class CheckpointMismatchError(ValueError):
-  """A checkpoint that reads fine but belongs to another config: no older step would fit."""
-
-
-def _shape_config(config: ml_collections.ConfigDict) -> dict:
-  """The config fields that decide the state's shapes, as {"model.hidden_size": 128, ...}."""
-  fields = {"model": config.model.to_dict(), "data.features": config.data.features.to_dict()}
-  return {
-    f"{prefix}.{name}": value
-    for prefix, values in fields.items()
-    for name, value in values.items()
-    if not isinstance(value, dict)
-  }
-
-
-def _shapes(tree: Any) -> dict[str, list[int]]:
-  return {
-    jax.tree_util.keystr(path): list(leaf.shape)
-    for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
-  }
-
-
-def _first_differing_leaf(saved: dict, wanted: dict) -> str | None:
-  """The first leaf path (`_shapes` keys) whose saved shape is not the wanted one, if any."""
-  return next((path for path in wanted if saved.get(path) != wanted[path]), None)
-
-
-_SCHEDULE_FIELDS = ("num_examples", "examples_sha256", "upper_bounds", "batch_sizes", "seed")
-
-
-def _schedule(plan: bucketing.BucketPlan, seed: int | None) -> dict:
-  """What fixes every epoch's batches (`bucketing.epoch_batches`), as JSON: the training lines
-  (count, and a SHA-256 of their names and lengths), the bounds, batch sizes and seed."""
-  names = [plan.example_name(index) for index in range(len(plan.lengths))]
-  lines = [names, plan.lengths.tolist()]
-  return {
-    "num_examples": len(plan.lengths),
-    "examples_sha256": hashlib.sha256(json.dumps(lines).encode()).hexdigest(),
-    "upper_bounds": plan.upper_bounds.tolist(),
-    # Real lines per batch: a bucket smaller than its batch gets another count of filler rows on
-    # another device count, but the same batches of lines.
-    "batch_sizes": np.minimum(plan.batch_sizes, plan.bucket_sizes).tolist(),
-    "seed": seed,
-  }
-
-
-def _fingerprint(tree: Any) -> str:
-  """SHA-256 of every leaf's values (this process's first shard: the state is replicated)."""
-  digest = hashlib.sha256()
-  for leaf in jax.tree.leaves(tree):
-    digest.update(np.asarray(leaf.addressable_shards[0].data).tobytes())
-  return digest.hexdigest()
-
-
-def _reason(error: BaseException) -> str:
-  """What went wrong reading a checkpoint, on one line: the innermost cause, which names the file
-  and the fault (Orbax's own wrapper only says which array index it was reading)."""
-  while error.__cause__ is not None:
-    error = error.__cause__
-  return cli_errors.one_line(error)[:300]
-
-
-# After a restore fails on a damaged file, Orbax's other reads of that checkpoint go on failing
-# on its threads and report through `sys.unraisablehook` and the asyncio logger, tracebacks that
-# would follow (or cut into) the one error the restore already raised. The CLI drops just those.
-_ORBAX_READS = ("_read_array_index_and_device_put", "async_deserialize", "orbax/checkpoint/")
-
-
-def _is_orbax_read_noise(error: BaseException | None, source: Any) -> bool:
-  closed_loop = isinstance(error, RuntimeError) and "Event loop is closed" in str(error)
-  return closed_loop or any(read in repr(source) for read in _ORBAX_READS)
-
-
-def _unless_orbax_read_noise(hook):
-  """`hook` (a `sys.unraisablehook`), dropping the errors of Orbax's leftover reads."""
-
-  def filtered(unraisable) -> None:
-    if not _is_orbax_read_noise(unraisable.exc_value, unraisable.object):
-      hook(unraisable)
-
-  return filtered
-
-
-def _not_orbax_read_noise(record: logging.LogRecord) -> bool:
-  """An asyncio-logger filter: False for an Orbax read's "exception was never retrieved"."""
-  error = record.exc_info[1] if record.exc_info else None
-  return not _is_orbax_read_noise(error, record.getMessage())
-
-
-def _check_intact(restored: Any, digest: str | None) -> None:
-  """Raises when restored values differ from their saved SHA-256 or are not finite."""
-  if digest is not None and digest != _fingerprint(restored):
-    raise ValueError("its values do not match the SHA-256 written when it was saved")
-  for path, leaf in jax.tree_util.tree_leaves_with_path(restored):
-    values = np.asarray(leaf.addressable_shards[0].data)
-    if np.issubdtype(values.dtype, np.floating) and not np.isfinite(values).all():
-      raise ValueError(f"{jax.tree_util.keystr(path)} holds NaN or inf")
+# Logs and the loop.
 
 
 def _json_safe(value: Any) -> Any:
@@ -1353,52 +806,6 @@ def progress_bar(total: int, initial: int, description: str, enabled: bool):
   return tqdm(total=total, initial=initial, desc=description, unit="step", leave=False)
 
 
-class StopRequest:
-  """Asks training to stop at the next step boundary and checkpoint: on SIGINT (Ctrl-C) or
-  SIGTERM (what schedulers send before a kill), or once `max_minutes` of wall time have passed
-  since it was made (0: no cap). The same signal again acts as it would have without this
-  (Ctrl-C twice quits at once)."""
-
-  SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-  def __init__(self, max_minutes: float = 0.0):
-    self.reason: str | None = None
-    self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
-    self._previous_handlers = {}
-
-  @contextlib.contextmanager
-  def on_signals(self):
-    """Handles the signals inside the block (Python allows it in the main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-      yield
-      return
-    self._previous_handlers = {
-      signum: signal.signal(signum, self._handle) for signum in self.SIGNALS
-    }
-    try:
-      yield
-    finally:
-      for signum, handler in self._previous_handlers.items():
-        signal.signal(signum, handler)
-
-  def _handle(self, signum: int, frame) -> None:
-    del frame
-    name = signal.Signals(signum).name
-    self.reason = self.reason or name
-    signal.signal(signum, self._previous_handlers[signum])
-    LOG.warning("%s: stopping at the next step boundary with a checkpoint (again: quit now)", name)
-
-  def requested(self, check_time_cap: bool = True) -> bool:
-    """Whether to stop now. Processes must stop at the same step, so with several they agree
-    (a collective per call: every process calls this at the same points)."""
-    if self.reason is None and check_time_cap and time.monotonic() >= self.deadline:
-      self.reason = "max_minutes"
-    if jax.process_count() > 1:
-      anyone = multihost_utils.process_allgather(np.int32(self.reason is not None)).max()
-      self.reason = self.reason or ("a stop on another process" if anyone else None)
-    return self.reason is not None
-
-
 @dataclasses.dataclass
 class Run:
   """What every part of the loop reads: the config, the data and their plans, the mesh, the
@@ -1410,10 +817,10 @@ class Run:
   eval_sets: dict[str, dataset_lib.SequenceSet]
   plan: bucketing.BucketPlan
   eval_plans: dict[str, bucketing.BucketPlan]
-  steps: CompiledSteps
+  steps: compilation.CompiledSteps
   checkpoints: Checkpoints
   logger: Logger
-  stop: "StopRequest"
+  stop: StopRequest
   compiles_expected: int = 0
 
   @property
@@ -1422,10 +829,10 @@ class Run:
 
   def allow_compiles_so_far(self) -> None:
     """Checkpointing compiles small helpers of its own; steps and batches must compile nothing."""
-    self.compiles_expected = CompileEvents.outside_steps()
+    self.compiles_expected = compilation.CompileEvents.outside_steps()
 
   def check_no_recompile(self, scheduled: bucketing.ScheduledBatch) -> None:
-    if CompileEvents.outside_steps() != self.compiles_expected:
+    if compilation.CompileEvents.outside_steps() != self.compiles_expected:
       raise RuntimeError(
         f"a compilation happened at epoch {scheduled.epoch}, step {scheduled.step} (bucket "
         f"{scheduled.bucket}): every step must reuse its bucket's ahead-of-time executable"
@@ -1447,7 +854,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir.mkdir(parents=True, exist_ok=True)
   measured = auto_cost_model(config, train_set, mesh, workdir)
   plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir, skipped, measured)
-  with contextlib.closing(Checkpoints(workdir, config)) as checkpoints, stop.on_signals():
+  with (
+    contextlib.closing(Checkpoints(workdir, _shape_config(config), config.seed)) as checkpoints,
+    stop.on_signals(),
+  ):
     state, progress = restore(
       checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
     )
@@ -1512,7 +922,9 @@ def restore(
   return state, progress
 
 
-def start_compiling(config, state, plan, eval_plans, mesh, progress: Progress) -> CompiledSteps:
+def start_compiling(
+  config, state, plan, eval_plans, mesh, progress: Progress
+) -> compilation.CompiledSteps:
   """Compiles the steps (`compile_steps`), the buckets the schedule needs first first."""
   order = first_needed_buckets(plan, config.seed, progress.epoch, progress.step_in_epoch)
   steps = compile_steps(
@@ -1767,7 +1179,7 @@ class _EpochClock:
   spent waiting for compiles: the first step's wait (counted in `time_to_first_step_s`) and those
   of later steps (counted in `epoch_compile_wait_seconds`)."""
 
-  def __init__(self, progress: Progress, steps: CompiledSteps):
+  def __init__(self, progress: Progress, steps: compilation.CompiledSteps):
     self.progress, self.steps = progress, steps
     self.start()
 
@@ -1932,17 +1344,6 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
 # Using a trained model.
 
 
-def abstract_on(tree: Any, sharding: jax.sharding.Sharding | None = None) -> Any:
-  """Shapes and dtypes of `tree` placed on `sharding` (default: where each leaf is): a restore
-  target for any topology, and what lowering needs (no buffers, which training donates)."""
-  return jax.tree.map(
-    lambda x: jax.ShapeDtypeStruct(
-      x.shape, x.dtype, sharding=sharding or x.sharding, weak_type=x.weak_type
-    ),
-    tree,
-  )
-
-
 CHECKPOINTS = ("best", "latest")  # which parameters load_params reads
 
 
@@ -2086,6 +1487,6 @@ if __name__ == "__main__":
     stopped_by = summary.get("stopped_by")
     return 128 + signal.Signals[stopped_by] if stopped_by in ("SIGINT", "SIGTERM") else 0
 
-  sys.unraisablehook = _unless_orbax_read_noise(sys.unraisablehook)
-  logging.getLogger("asyncio").addFilter(_not_orbax_read_noise)
+  sys.unraisablehook = unless_orbax_read_noise(sys.unraisablehook)
+  logging.getLogger("asyncio").addFilter(not_orbax_read_noise)
   sys.exit(cli_errors.run(lambda: app.run(main, flags_parser=experiments.cli.parse_flags)))

@@ -1,11 +1,9 @@
 """The trainer: one compile per bucket (parallel, overlapped, cached), data-parallel equivalence,
 resume, errors, end to end."""
 
-import concurrent.futures
 import contextlib
 import errno
 import json
-import os
 import pathlib
 import re
 import shutil
@@ -16,7 +14,6 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
@@ -26,6 +23,10 @@ import bucketing
 import train
 from experiments import iam, synthetic
 from tests.test_models_batch_sharding import assert_kernels_run_per_device
+from tests.test_training_checkpoints import damage
+from tests.test_training_compilation import Held
+from training import compilation
+from training.checkpoints import CheckpointMismatchError, Checkpoints, abstract_on
 
 REQUIRED_ROW_KEYS = {
   "epoch",
@@ -64,11 +65,11 @@ def tiny_config(**overrides):
 
 
 def latest_params(config, workdir):
-  target = train.abstract_on(
+  target = abstract_on(
     jax.eval_shape(lambda: train.create_train_state(config, 3, 1)),
     jax.sharding.SingleDeviceSharding(jax.devices()[0]),
   )
-  state, _ = train.Checkpoints(workdir).restore_latest(target)
+  state, _ = Checkpoints(workdir).restore_latest(target)
   return jax.device_get(state.params)
 
 
@@ -157,7 +158,7 @@ def test_the_selection_metric_picks_the_best_epoch_and_drives_patience(
     losses[best_epoch],
     cers[best_epoch],
   )
-  with contextlib.closing(train.Checkpoints(tmp_path)) as checkpoints:
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
     checkpoints.restore_best(train.load_params(config, tmp_path))
     assert checkpoints.best.latest_step() == best_epoch
     assert checkpoints.best_selected_by == metric  # what evaluating it later says
@@ -242,13 +243,13 @@ def test_one_device_and_eight_devices_take_the_same_step(overrides):
 
 
 def test_the_traced_train_step_runs_the_kernels_per_device():
-  """`compile_steps` traces each step through `trace_step`: on 8 devices every kernel call (LSTM
-  and CTC, forward and backward) runs on the device's own 16 rows of the 128."""
+  """`compile_steps` traces each step through `compilation.trace_step`: on 8 devices every kernel
+  call (LSTM and CTC, forward and backward) runs on the device's own 16 rows of the 128."""
   config = tiny_config(**KERNELS)
   mesh, state = mesh_and_state(config, jax.devices())
   plan = one_bucket_plan(train.load_split(config, "train", 128), 128)
   batch = train.batch_spec(plan, 0, 3, NamedSharding(mesh, P("data")))
-  traced = train.trace_step(mesh, jax.jit(train.train_step), train.abstract_on(state), batch)
+  traced = compilation.trace_step(mesh, jax.jit(train.train_step), abstract_on(state), batch)
   assert_kernels_run_per_device(
     traced.jaxpr,
     {"lstm_forward": 2, "lstm_backward": 2, "ctc_alpha": 0, "ctc_beta": 0},
@@ -429,9 +430,9 @@ def test_evaluate_checkpoint_and_transcribe(uninterrupted):
   params = train.load_params(config, workdir)
   text = train.transcribe(params, config, example["points"], example["stroke_end"])
   # Line after line: the model compiles once per padded length, not once per call.
-  compiles = train.CompileEvents.outside_steps()
+  compiles = compilation.CompileEvents.outside_steps()
   again = train.transcribe(params, tiny_config(), example["points"], example["stroke_end"])
-  assert again == text and train.CompileEvents.outside_steps() == compiles
+  assert again == text and compilation.CompileEvents.outside_steps() == compiles
 
   # The same line inside a batch padded far past its length decodes to the same text.
   data = train.load_split(config, "validation", 1)
@@ -505,18 +506,6 @@ def test_sequential_overlapped_and_cached_compiles_train_identically_one_compile
   assert_same_training(reference_dir, tmp_path / "again")
 
 
-class Held:
-  """A jitted function whose tracing waits for `event`: a compile held back until a test says."""
-
-  def __init__(self, jitted, event: threading.Event, timeout_message: str):
-    self.jitted, self.event, self.timeout_message = jitted, event, timeout_message
-
-  def trace(self, *abstract_args):
-    if not self.event.wait(timeout=60):
-      raise TimeoutError(self.timeout_message)
-    return self.jitted.trace(*abstract_args)
-
-
 def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatch):
   # Eval compiles are held until the first step's metrics are read: a trainer that waited for
   # every compile before training would never release them.
@@ -546,13 +535,13 @@ def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatc
 def test_epoch_time_leaves_out_the_waits_for_compiles(tmp_path, monkeypatch):
   # Every compile takes 2 s more: the first train step waits for one (time to first step), a
   # later bucket's first step for another (compile_wait_s), and neither is the epoch's time.
-  lower_and_compile = train._lower_and_compile
+  lower_and_compile = compilation._lower_and_compile
 
   def slow(*args):
     time.sleep(2.0)
     return lower_and_compile(*args)
 
-  monkeypatch.setattr(train, "_lower_and_compile", slow)
+  monkeypatch.setattr(compilation, "_lower_and_compile", slow)
   start = time.perf_counter()
   summary = train.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
   wall = time.perf_counter() - start
@@ -562,118 +551,6 @@ def test_epoch_time_leaves_out_the_waits_for_compiles(tmp_path, monkeypatch):
   parts = ("epoch_time_s", "compile_wait_s", "eval_time_s")
   assert summary["time_to_first_step_s"] + sum(row[part] for part in parts) < wall
   assert summary["compile_wait_s"] == row["compile_wait_s"]
-
-
-def test_a_step_waits_for_its_own_compile_not_for_those_queued_ahead_of_it(monkeypatch):
-  # Two compile threads, both held on buckets 1 and 2; bucket 3 is queued behind them. Looking it
-  # up must compile it on the spot: a pool that made it wait would time out the held compiles.
-  monkeypatch.setattr(os, "cpu_count", lambda: 2)
-  released = threading.Event()
-  mesh = train.make_data_mesh()
-
-  def job(bucket, held=False):
-    jitted = jax.jit(lambda x: x * 2.0)
-    spec = jax.ShapeDtypeStruct((bucket + 1,), jnp.float32)
-    return (
-      mesh,
-      Held(jitted, released, "the held compiles were never released") if held else jitted,
-      spec,
-    )
-
-  train.CompileEvents.install()
-  outside_before = train.CompileEvents.outside_steps()
-  jobs = {("train", 0): job(0), ("train", 1): job(1, True), ("train", 2): job(2, True)}
-  steps = train._start_compiling(jobs | {("train", 3): job(3)}, "overlap")
-  try:
-    executable = steps.train_step(3)
-    assert not released.is_set()
-    np.testing.assert_array_equal(executable(np.ones(4, np.float32)), np.full(4, 2.0))
-  finally:
-    released.set()
-  steps.wait()
-  steps.close()
-  assert steps.accounting()["train_compiles"] == 4
-  assert train.CompileEvents.outside_steps() == outside_before  # not taken for a recompile
-
-
-class DeferredPool:
-  """A thread pool stand-in whose tasks run only when the test says (`run_all`)."""
-
-  def __init__(self, *args, **kwargs):
-    self.tasks = []
-
-  def submit(self, function, *args):
-    future = concurrent.futures.Future()
-    self.tasks.append((future, function, args))
-    return future
-
-  def run_all(self):
-    for future, function, args in self.tasks:
-      if future.set_running_or_notify_cancel():
-        future.set_result(function(*args))
-
-  def shutdown(self, **kwargs):
-    pass
-
-
-class Recorded:
-  """A jitted function whose tracing is logged, and optionally waits for `go` first."""
-
-  def __init__(self, name, log, go=None):
-    self.name, self.log, self.go = name, log, go
-    self.jitted = jax.jit(lambda x: x + 1.0)
-
-  def trace(self, *abstract_args):
-    self.log.append(f"{self.name} tracing")
-    if self.go is not None and not self.go.wait(timeout=30):
-      raise TimeoutError("never released")
-    traced = self.jitted.trace(*abstract_args)
-    self.log.append(f"{self.name} traced")
-    return traced
-
-
-def test_the_first_compile_holds_the_others_back_even_when_compiled_inline(monkeypatch):
-  # The training thread takes the first bucket's compile before any pool thread does; the other
-  # compiles must still wait for it (they would slow it down), not start because it left the pool.
-  pool = DeferredPool()
-  monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda *a, **k: pool)
-  log, go, mesh = [], threading.Event(), train.make_data_mesh()
-  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
-  jobs = {
-    ("train", 0): (mesh, Recorded("first", log, go), spec),
-    ("train", 1): (mesh, Recorded("second", log), jax.ShapeDtypeStruct((5,), jnp.float32)),
-  }
-  steps = train._start_compiling(jobs, "overlap")
-  inline = threading.Thread(target=steps.train_step, args=(0,))
-  inline.start()
-  while "first tracing" not in log:
-    time.sleep(0.01)
-  pooled = threading.Thread(target=pool.run_all)
-  pooled.start()
-  time.sleep(0.5)  # time enough for the second compile to start, if it did not wait
-  go.set()
-  inline.join(timeout=60)
-  pooled.join(timeout=60)
-  assert log == ["first tracing", "first traced", "second tracing", "second traced"]
-  steps.wait()
-
-
-def test_an_inline_compile_error_is_what_wait_raises(monkeypatch):
-  pool = DeferredPool()
-  monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda *a, **k: pool)
-
-  class Broken:
-    def trace(self, *abstract_args):
-      raise ValueError("this step does not compile")
-
-  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
-  steps = train._start_compiling(
-    {("train", 0): (train.make_data_mesh(), Broken(), spec)}, "overlap"
-  )
-  with pytest.raises(ValueError, match="does not compile"):
-    steps.train_step(0)
-  with pytest.raises(ValueError, match="does not compile"):  # not a CancelledError
-    steps.wait()
 
 
 def test_buckets_compile_in_the_order_the_schedule_first_needs_them():
@@ -721,20 +598,8 @@ def test_resuming_with_another_schedule_is_refused(stopped_at_step_6, tmp_path, 
   # Each would continue epoch 0 at step 6 of another order of batches.
   workdir = tmp_path / "run"
   shutil.copytree(stopped_at_step_6, workdir)
-  with pytest.raises(train.CheckpointMismatchError, match=message):
+  with pytest.raises(CheckpointMismatchError, match=message):
     train.train_and_evaluate(tiny_config(**override), workdir)
-
-
-def damage(step_dir, how):
-  """Truncates, zeroes (same size) or deletes the largest file of a checkpoint step: its arrays."""
-  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  size = largest.stat().st_size
-  if how == "truncate":
-    largest.write_bytes(largest.read_bytes()[: size // 2])
-  elif how == "zero":
-    largest.write_bytes(bytes(size))
-  else:
-    largest.unlink()
 
 
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete"])
@@ -762,48 +627,6 @@ def test_a_checkpoint_whose_values_changed_is_caught_by_its_checksum(
   train.train_and_evaluate(tiny_config(), workdir)
   assert "SHA-256" in caplog.text
   assert_resumed_like(uninterrupted[0], workdir)
-
-
-def saved_best(workdir, params):
-  with contextlib.closing(train.Checkpoints(workdir)) as checkpoints:
-    checkpoints.save_best(3, params, "val_loss")
-  return workdir / "checkpoints" / "best" / "3"
-
-
-def restored_best(workdir, target):
-  with contextlib.closing(train.Checkpoints(workdir)) as checkpoints:
-    return checkpoints.restore_best(target)
-
-
-def test_the_best_checkpoint_reads_back_while_its_save_is_in_flight(tmp_path):
-  # What the test split does at the end of training: restore what was just saved, asynchronously.
-  params = {"dense": {"kernel": jnp.arange(4096.0).reshape(64, 64), "bias": jnp.ones(64)}}
-  with contextlib.closing(train.Checkpoints(tmp_path)) as checkpoints:
-    checkpoints.save_best(3, params, "val_loss")
-    jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
-
-
-def test_a_best_checkpoint_of_another_model_names_the_shapes_not_damage(tmp_path):
-  params = {"dense": {"kernel": jnp.zeros((64, 64)), "bias": jnp.ones(64)}}
-  saved_best(tmp_path, params)
-  other = {"dense": {"kernel": jnp.zeros((64, 32)), "bias": jnp.ones(32)}}
-  with pytest.raises(train.CheckpointMismatchError, match=r"\['bias'\]: \[64\] there, \[32\] here"):
-    restored_best(tmp_path, other)
-
-
-@pytest.mark.parametrize("how", ["truncate", "zero", "delete", "other values"])
-def test_a_damaged_best_checkpoint_is_an_error_naming_it_not_wrong_parameters(tmp_path, how):
-  params = {"dense": {"kernel": jnp.arange(4096.0).reshape(64, 64), "bias": jnp.ones(64)}}
-  best = saved_best(tmp_path / "run", params)
-  jax.tree.map(np.testing.assert_array_equal, restored_best(tmp_path / "run", params), params)
-  if how == "other values":  # every file reads fine: only the checksum can tell
-    other = saved_best(tmp_path / "other", jax.tree.map(lambda leaf: leaf + 1, params))
-    shutil.rmtree(best / "params")
-    shutil.copytree(other / "params", best / "params")
-  else:
-    damage(best / "params", how)
-  with pytest.raises(ValueError, match=rf"the best checkpoint {re.escape(str(best))} is damaged"):
-    restored_best(tmp_path / "run", params)
 
 
 def test_no_intact_checkpoint_is_one_clear_error(stopped_at_step_6, tmp_path):
@@ -1028,9 +851,9 @@ def test_measured_cost_model_times_real_compiles_of_the_planned_shapes(tmp_path,
   train.setup_runtime(config)
   data = train.load_split(config, "train", 48)
   # Its compiles ask nothing of the persistent cache: a hit there would time a file read.
-  requests = train.CompileEvents.count(train.CACHE_REQUEST_EVENT, True)
+  requests = compilation.CompileEvents.count(compilation.CACHE_REQUEST_EVENT, True)
   measured = train.measure_cost_model(config, data, train.make_data_mesh(), repeats=1)
-  assert train.CompileEvents.count(train.CACHE_REQUEST_EVENT, True) == requests
+  assert compilation.CompileEvents.count(compilation.CACHE_REQUEST_EVENT, True) == requests
   assert jax.config.jax_enable_compilation_cache  # and it is on again after
   lengths = {
     "longest": int(bucketing.boundaries.round_up(data.lengths.max(), 8)),
@@ -1111,7 +934,7 @@ def test_the_run_says_which_implementations_auto_chose():
 
 def test_a_full_disk_ends_the_run_with_its_own_error_and_a_restart_continues(tmp_path, monkeypatch):
   saves = []
-  save_latest = train.Checkpoints.save_latest
+  save_latest = Checkpoints.save_latest
 
   def fills_the_disk_on_the_third_save(self, state, progress, plan):
     saves.append(progress.step_in_epoch)
@@ -1119,7 +942,7 @@ def test_a_full_disk_ends_the_run_with_its_own_error_and_a_restart_continues(tmp
       raise OSError(errno.ENOSPC, "No space left on device")
     save_latest(self, state, progress, plan)
 
-  monkeypatch.setattr(train.Checkpoints, "save_latest", fills_the_disk_on_the_third_save)
+  monkeypatch.setattr(Checkpoints, "save_latest", fills_the_disk_on_the_third_save)
   config = tiny_config(checkpoint_every_steps=1)
   with pytest.raises(OSError, match="No space left on device"):
     train.train_and_evaluate(config, tmp_path)

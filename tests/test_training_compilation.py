@@ -1,0 +1,142 @@
+"""Ahead-of-time step compiles: a lookup waits for its own bucket only, the first compile runs
+alone, a compile's error reaches the caller, and none of it counts as a recompile."""
+
+import concurrent.futures
+import os
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from training import compilation
+
+
+def one_device_mesh() -> jax.sharding.Mesh:
+  return jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+
+
+class Held:
+  """A jitted function whose tracing waits for `event`: a compile held back until a test says."""
+
+  def __init__(self, jitted, event: threading.Event, timeout_message: str):
+    self.jitted, self.event, self.timeout_message = jitted, event, timeout_message
+
+  def trace(self, *abstract_args):
+    if not self.event.wait(timeout=60):
+      raise TimeoutError(self.timeout_message)
+    return self.jitted.trace(*abstract_args)
+
+
+def test_a_step_waits_for_its_own_compile_not_for_those_queued_ahead_of_it(monkeypatch):
+  # Two compile threads, both held on buckets 1 and 2; bucket 3 is queued behind them. Looking it
+  # up must compile it on the spot: a pool that made it wait would time out the held compiles.
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  released = threading.Event()
+  mesh = one_device_mesh()
+
+  def job(bucket, held=False):
+    jitted = jax.jit(lambda x: x * 2.0)
+    spec = jax.ShapeDtypeStruct((bucket + 1,), jnp.float32)
+    return (
+      mesh,
+      Held(jitted, released, "the held compiles were never released") if held else jitted,
+      spec,
+    )
+
+  compilation.CompileEvents.install()
+  outside_before = compilation.CompileEvents.outside_steps()
+  jobs = {("train", 0): job(0), ("train", 1): job(1, True), ("train", 2): job(2, True)}
+  steps = compilation.submit_compiles(jobs | {("train", 3): job(3)}, "overlap")
+  try:
+    executable = steps.train_step(3)
+    assert not released.is_set()
+    np.testing.assert_array_equal(executable(np.ones(4, np.float32)), np.full(4, 2.0))
+  finally:
+    released.set()
+  steps.wait()
+  steps.close()
+  assert steps.accounting()["train_compiles"] == 4
+  assert compilation.CompileEvents.outside_steps() == outside_before  # not taken for a recompile
+
+
+class DeferredPool:
+  """A thread pool stand-in whose tasks run only when the test says (`run_all`)."""
+
+  def __init__(self, *args, **kwargs):
+    self.tasks = []
+
+  def submit(self, function, *args):
+    future = concurrent.futures.Future()
+    self.tasks.append((future, function, args))
+    return future
+
+  def run_all(self):
+    for future, function, args in self.tasks:
+      if future.set_running_or_notify_cancel():
+        future.set_result(function(*args))
+
+  def shutdown(self, **kwargs):
+    pass
+
+
+class Recorded:
+  """A jitted function whose tracing is logged, and optionally waits for `go` first."""
+
+  def __init__(self, name, log, go=None):
+    self.name, self.log, self.go = name, log, go
+    self.jitted = jax.jit(lambda x: x + 1.0)
+
+  def trace(self, *abstract_args):
+    self.log.append(f"{self.name} tracing")
+    if self.go is not None and not self.go.wait(timeout=30):
+      raise TimeoutError("never released")
+    traced = self.jitted.trace(*abstract_args)
+    self.log.append(f"{self.name} traced")
+    return traced
+
+
+def test_the_first_compile_holds_the_others_back_even_when_compiled_inline(monkeypatch):
+  # The training thread takes the first bucket's compile before any pool thread does; the other
+  # compiles must still wait for it (they would slow it down), not start because it left the pool.
+  pool = DeferredPool()
+  monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda *a, **k: pool)
+  log, go, mesh = [], threading.Event(), one_device_mesh()
+  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+  jobs = {
+    ("train", 0): (mesh, Recorded("first", log, go), spec),
+    ("train", 1): (mesh, Recorded("second", log), jax.ShapeDtypeStruct((5,), jnp.float32)),
+  }
+  steps = compilation.submit_compiles(jobs, "overlap")
+  inline = threading.Thread(target=steps.train_step, args=(0,))
+  inline.start()
+  while "first tracing" not in log:
+    time.sleep(0.01)
+  pooled = threading.Thread(target=pool.run_all)
+  pooled.start()
+  time.sleep(0.5)  # time enough for the second compile to start, if it did not wait
+  go.set()
+  inline.join(timeout=60)
+  pooled.join(timeout=60)
+  assert log == ["first tracing", "first traced", "second tracing", "second traced"]
+  steps.wait()
+
+
+def test_an_inline_compile_error_is_what_wait_raises(monkeypatch):
+  pool = DeferredPool()
+  monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda *a, **k: pool)
+
+  class Broken:
+    def trace(self, *abstract_args):
+      raise ValueError("this step does not compile")
+
+  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+  steps = compilation.submit_compiles(
+    {("train", 0): (one_device_mesh(), Broken(), spec)}, "overlap"
+  )
+  with pytest.raises(ValueError, match="does not compile"):
+    steps.train_step(0)
+  with pytest.raises(ValueError, match="does not compile"):  # not a CancelledError
+    steps.wait()

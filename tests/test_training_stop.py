@@ -1,0 +1,38 @@
+"""A stop request: the time cap, and a signal that asks once and quits the second time."""
+
+import os
+import signal
+import time
+
+from training.stop import StopRequest
+
+
+def test_the_time_cap_asks_to_stop_once_it_has_passed_and_only_where_it_is_checked():
+  stop = StopRequest(max_minutes=0.5 / 60)
+  assert not stop.requested()
+  time.sleep(0.6)
+  assert not stop.requested(check_time_cap=False) and stop.reason is None
+  assert stop.requested() and stop.reason == "max_minutes"
+
+
+def test_no_cap_never_asks_to_stop():
+  stop = StopRequest(max_minutes=0)
+  assert not stop.requested() and stop.reason is None
+
+
+def test_a_signal_asks_to_stop_and_the_same_signal_again_acts_as_before():
+  received = []
+  previous = signal.signal(signal.SIGTERM, lambda signum, frame: received.append(signum))
+  sigint_before = signal.getsignal(signal.SIGINT)
+  try:
+    stop = StopRequest()
+    with stop.on_signals():
+      assert signal.getsignal(signal.SIGINT) is not sigint_before
+      os.kill(os.getpid(), signal.SIGTERM)
+      assert stop.requested() and stop.reason == "SIGTERM" and received == []
+      os.kill(os.getpid(), signal.SIGTERM)  # the handler from before the block: quit now
+      assert received == [signal.SIGTERM]
+    # The block leaves the handlers as it found them, the one whose signal never came too.
+    assert signal.getsignal(signal.SIGINT) is sigint_before
+  finally:
+    signal.signal(signal.SIGTERM, previous)
