@@ -30,14 +30,17 @@
 #   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
 #                  scan, then the step's anatomy with the fastest (perhaps 4 minutes)
 #                                                               -> benchmark_step_gpu_kernels.md
+#   memory         XLA's memory plan of `experiments/iam.py`'s train step on the GPU: shapes, one
+#                  bucket against K = 4, token budgets (8 compiles, no step run: perhaps 1-2
+#                  minutes)                                         -> benchmark_memory_gpu.md
 # Stages run in the order given; a stage that fails is reported and the next one still runs. All
 # of them end by $DEADLINE_S seconds (default 570, inside a 10-minute call): a command still
 # running then gets SIGINT (train.py checkpoints and stops), and each stage's results are copied
 # to $OUT as soon as it ends, so what finished comes back even if the call is cut short.
 # $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16", values
-# without spaces) reach the startup and accuracy stages' configs, and $STEP_PRESET (default
-# "defaults"; "tiny" on a CPU) the flags and kernels stages' shapes: a dry run on a CPU before
-# spending the GPU. Each stage starts from an empty workdir under /tmp/gpu-call, and only result
+# without spaces) reach the startup, accuracy and memory stages' configs, and $STEP_PRESET
+# (default "defaults"; "tiny" on a CPU) the flags and kernels stages' shapes: a dry run on a CPU
+# before spending the GPU. Each stage starts from an empty workdir under /tmp/gpu-call, and only result
 # files this call wrote are copied to $OUT.
 set -uo pipefail
 
@@ -114,12 +117,16 @@ run_stage() {
       within_deadline python -m experiments.benchmark_step --preset "${STEP_PRESET:-defaults}" \
         --tune --out "$results/benchmark_step_gpu_kernels.md"
       ;;
+    memory)
+      within_deadline python -m experiments.benchmark_memory --quick \
+        --config.data.data_dir="$data_dir" --out "$results/benchmark_memory_gpu.md" "${overrides[@]}"
+      ;;
   esac
 }
 
 for spec in "$@"; do
-  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy|flags|kernels)$ ]]; then
-    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M, flags, kernels)" >&2
+  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy|flags|kernels|memory)$ ]]; then
+    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M, flags, kernels, memory)" >&2
     exit 2
   fi
 done

@@ -1,0 +1,83 @@
+"""The memory benchmark: its figures are the compiled steps' own, the fit recovers a known model,
+and the tables say what bucketing does to a step's memory."""
+
+import numpy as np
+import pytest
+
+import bucketing
+from experiments import benchmark_memory, cli, reporting
+
+TINY = "experiments/synthetic.py:tiny"
+
+
+@pytest.fixture(scope="module")
+def compiler():
+  return benchmark_memory.Compiler(cli.load_config(["benchmark", f"--config={TINY}"]))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+  out = tmp_path_factory.mktemp("memory") / "memory.md"
+  benchmark_memory.main([f"--config={TINY}", "--quick", "--out", str(out)])
+  return out.read_text()
+
+
+def test_a_step_needs_more_memory_for_more_lines_and_longer_lines(compiler):
+  small, more_lines, longer = (
+    compiler.shape_memory(batch, length, 5).total for batch, length in ((4, 64), (8, 64), (4, 128))
+  )
+  assert small < more_lines and small < longer
+  # The donated state is written over itself: its bytes count once.
+  memory = compiler.shape_memory(4, 64, 5)
+  assert (
+    memory.aliased > 0 and memory.total < memory.arguments + memory.outputs + memory.temporaries
+  )
+
+
+def test_the_fit_recovers_a_known_memory_model():
+  fixed, per_token, per_cell = 3e6, 2000.0, 24.0
+  shapes = []
+  for batch, length, width in ((16, 100, 10), (32, 100, 10), (16, 400, 30), (32, 400, 30)):
+    total = fixed + per_token * batch * length + per_cell * batch * length * (2 * width + 1)
+    shapes.append((batch, length, width, benchmark_memory.StepMemory(int(total), 0, 0, 0)))
+  coefficients, worst = benchmark_memory.fit_memory(shapes)
+  np.testing.assert_allclose(coefficients, [fixed, per_token, per_cell], rtol=1e-6)
+  assert worst < 1e-9
+
+
+def test_with_a_fixed_batch_no_bucket_needs_more_than_one_bucket_does(compiler):
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(20, 200, 64)
+  plans = [
+    bucketing.make_plan(
+      lengths,
+      strategy=strategy,
+      num_buckets=k,
+      batch_size=8,
+      num_devices=1,
+      round_to=8,
+      label_lengths=np.full(64, 5),
+    )
+    for strategy, k in (("none", 1), ("optimal", 4))
+  ]
+  (none,), bucketed = (compiler.plan_memory(plan) for plan in plans)
+  assert max(step.total for step in bucketed) <= none.total
+  # The longest bucket holds a full batch here: it is the one-bucket plan's very step.
+  assert plans[1].batch_sizes[-1] == 8 and bucketed[-1] == none
+
+
+def test_the_report_has_every_table_and_its_fit_matches_its_shapes(report):
+  shapes = reporting.read_markdown_table(report, "## Shapes")
+  for row in shapes:
+    measured, fitted = (
+      float(row[column].replace(",", "")) for column in ("step (MB)", "fitted (MB)")
+    )
+    assert fitted == pytest.approx(measured, rel=0.05)
+  plans = reporting.read_markdown_table(report, "## Plans")
+  assert [row["plan"].split(",")[0] for row in plans] == ["none", "optimal"] * 2
+  by_plan = {row["plan"]: row for row in plans}
+  none, optimal = by_plan["none, 8 lines"], by_plan["optimal, 8 lines"]
+  assert float(optimal["mean over steps (MB)"]) < float(none["mean over steps (MB)"])
+  budgets = reporting.read_markdown_table(report, "## Token budgets")
+  tokens = [int(row["padded tokens per step"].replace(",", "")) for row in budgets]
+  assert tokens == sorted(tokens) and tokens[0] > 0
