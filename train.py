@@ -271,12 +271,12 @@ def measure_cost_model(
   process 0's timings are used by all. Needs two distinct padded lengths.
   """
   started = time.perf_counter()
-  round_to, devices = config.bucketing.round_to, jax.device_count()
+  devices = jax.device_count()
   padded = _padded_lengths(config, train)
   if len(padded) < 2:
     raise ValueError(f"measuring a cost model needs two padded lengths, got {padded.tolist()}")
   longest = int(padded[-1])
-  median = int(bucketing.boundaries.round_up(np.median(train.lengths), round_to))
+  median = median_padded_length(config, train.lengths)
   median = median if median < longest else int(padded[-2])
 
   def batch_for(length: int) -> int:
@@ -295,7 +295,7 @@ def measure_cost_model(
     halves = [(rows // 2 // devices * devices, n) for rows, n in shapes if rows >= 2 * devices]
     shapes += halves[-1:]
   nf = num_features(config)
-  state = jax.device_put(create_train_state(config, nf, total_steps=1), NamedSharding(mesh, P()))
+  state = replicated_state(config, mesh, total_steps=1)
   rng = np.random.default_rng(config.seed)
   steps = []
   with _persistent_cache_off():
@@ -323,11 +323,31 @@ def measure_cost_model(
   return MeasuredCost(model, report)
 
 
+def median_padded_length(config: ml_collections.ConfigDict, lengths: np.ndarray) -> int:
+  """The median line's length rounded up as the plans round bounds (`bucketing.round_to`)."""
+  return int(bucketing.boundaries.round_up(np.median(lengths), config.bucketing.round_to))
+
+
 def _padded_lengths(
   config: ml_collections.ConfigDict, train: dataset_lib.SequenceSet
 ) -> np.ndarray:
   """The distinct lengths the training lines round up to: the bounds any plan can choose from."""
   return np.unique(bucketing.boundaries.round_up(train.lengths, config.bucketing.round_to))
+
+
+def single_shape_plan(
+  rows: int, length: int, label_width: int, num_devices: int
+) -> bucketing.BucketPlan:
+  """One bucket of `rows` lines, `length` frames and labels `label_width` long: what compiles a
+  step of one shape (`compile_steps`)."""
+  return bucketing.make_plan(
+    np.full(rows, length),
+    strategy="fixed",
+    upper_bounds=[length],
+    batch_size=rows,
+    num_devices=num_devices,
+    label_lengths=np.full(rows, label_width),
+  )
 
 
 def time_train_step(
@@ -351,14 +371,7 @@ def time_train_step(
     lengths=np.full(rows, length, np.int32),
     label_lengths=np.full(rows, label_width, np.int32),
   )
-  plan = bucketing.make_plan(
-    lines.lengths,
-    strategy="fixed",
-    upper_bounds=[length],
-    batch_size=rows,
-    num_devices=jax.device_count(),
-    label_lengths=lines.label_lengths,
-  )
+  plan = single_shape_plan(rows, length, label_width, jax.device_count())
   compiled = compile_steps(state, plan, {}, mesh, num_features, mode="sequential")
   try:
     indices = bucketing.process_slice(np.arange(rows), jax.process_index(), jax.process_count())
@@ -1091,11 +1104,17 @@ def num_features(config) -> int:
   return feature_config(config).num_features
 
 
+def replicated_state(config, mesh: jax.sharding.Mesh, total_steps: int) -> TrainState:
+  """A fresh train state (`create_train_state`) replicated over `mesh`."""
+  state = create_train_state(config, num_features(config), total_steps)
+  return jax.device_put(state, NamedSharding(mesh, P()))
+
+
 def initial_state(config, plan: bucketing.BucketPlan, mesh) -> TrainState:
-  state = create_train_state(config, num_features(config), plan.num_steps * config.num_epochs)
+  state = replicated_state(config, mesh, plan.num_steps * config.num_epochs)
   if jax.process_index() == 0:
     LOG.info("%s", describe_implementations(config))
-  return jax.device_put(state, NamedSharding(mesh, P()))
+  return state
 
 
 def describe_implementations(config: ml_collections.ConfigDict) -> str:
@@ -1276,6 +1295,14 @@ def log_compile_accounting(summary: dict) -> None:
     summary["compilation_cache_hits"],
     summary["compilation_cache_misses"],
   )
+  if summary["peak_step_memory_mb"] is not None:
+    LOG.info(
+      "XLA plans a train step at %.1f MB per device at the most (bucket %d), %.1f MB on average "
+      "over an epoch's steps",
+      summary["peak_step_memory_mb"],
+      summary["train_step_memory_mb"].index(summary["peak_step_memory_mb"]),
+      summary["mean_step_memory_mb"],
+    )
 
 
 def _account(progress: Progress, pending, plan: bucketing.BucketPlan, bar) -> None:
@@ -1312,6 +1339,22 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
       yield item
 
 
+def _step_memory(run: Run) -> dict:
+  """XLA's planned footprint of each bucket's train step per device, in MB, the largest over the
+  buckets an epoch uses, and the mean over an epoch's steps; None where the backend gives no
+  memory analysis."""
+  memory = run.steps.train_memory()
+  if None in memory:
+    return dict.fromkeys(("train_step_memory_mb", "peak_step_memory_mb", "mean_step_memory_mb"))
+  megabytes = np.array([step.total for step in memory]) / 1e6
+  used = run.plan.steps_per_epoch > 0
+  return {
+    "train_step_memory_mb": megabytes.round(1).tolist(),
+    "peak_step_memory_mb": round(float(megabytes[used].max()), 1),
+    "mean_step_memory_mb": round(float(np.average(megabytes, weights=run.plan.steps_per_epoch)), 1),
+  }
+
+
 def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
   best = progress.history[progress.best_epoch] if progress.best_epoch >= 0 else {}
   return {
@@ -1323,6 +1366,7 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
     "num_processes": jax.process_count(),
     "compile_mode": run.config.compile_mode,
     **run.steps.accounting(),
+    **_step_memory(run),
     "train_time_s": sum(row["epoch_time_s"] for row in progress.history),
     "compile_wait_s": sum(row.get("compile_wait_s", 0.0) for row in progress.history),
     "epochs": len(progress.history),

@@ -113,6 +113,35 @@ def test_tiny_run_writes_everything_a_user_reads(uninterrupted):
   assert plan["upper_bounds"] == summary["upper_bounds"]
 
 
+def test_the_summary_gives_each_buckets_step_memory_its_peak_and_its_mean(uninterrupted):
+  workdir, summary = uninterrupted
+  per_bucket = summary["train_step_memory_mb"]
+  assert len(per_bucket) == summary["num_buckets"] and min(per_bucket) > 0
+  assert summary["peak_step_memory_mb"] == max(per_bucket)
+  steps = json.loads((workdir / "plan.json").read_text())["steps_per_epoch"]
+  mean = np.average(per_bucket, weights=steps)
+  assert summary["mean_step_memory_mb"] == pytest.approx(mean, abs=0.05)
+  # Buckets of one batch size, in order of their bounds: a longer one's step holds more.
+  pairs = 0
+  for batch in set(summary["batch_sizes"]):
+    same = [mb for b, mb in zip(summary["batch_sizes"], per_bucket, strict=True) if b == batch]
+    assert same == sorted(same)
+    pairs += len(same) - 1
+  assert pairs >= 1
+
+
+def test_step_memory_is_per_device_a_sharded_batch_takes_less_of_each(tmp_path):
+  config = tiny_config()
+  plan = train.single_shape_plan(16, 96, 6, num_devices=8)
+  temporaries = []
+  for devices in (1, 8):
+    mesh = train.make_data_mesh(jax.devices()[:devices])
+    state = train.replicated_state(config, mesh, total_steps=1)
+    steps = train.compile_steps(state, plan, {}, mesh, train.num_features(config))
+    temporaries.append(steps.train_memory()[0].temporaries)
+  assert temporaries[1] < temporaries[0] / 4
+
+
 def test_starting_a_finished_run_again_trains_no_further(uninterrupted):
   workdir, summary = uninterrupted
   rows = read_rows(workdir)
@@ -504,6 +533,8 @@ def test_sequential_overlapped_and_cached_compiles_train_identically_one_compile
   )
   assert (cached["compilation_cache_hits"], cached["compilation_cache_misses"]) == (executables, 0)
   assert_same_training(reference_dir, tmp_path / "again")
+  # A step read from the cache has the buffer plan it was compiled with.
+  assert cached["train_step_memory_mb"] == sequential["train_step_memory_mb"]
 
 
 def test_training_starts_before_the_eval_steps_are_compiled(tmp_path, monkeypatch):

@@ -83,6 +83,35 @@ class CompileEvents:
     return hits, cls.count(CACHE_REQUEST_EVENT, True) - hits
 
 
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """XLA's buffer plan of a compiled step, in bytes per device: its arguments, its outputs, the
+  part of the outputs written over donated arguments, and its temporaries."""
+
+  arguments: int
+  outputs: int
+  aliased: int
+  temporaries: int
+
+  @property
+  def total(self) -> int:
+    """The planned footprint of one call (not counting generated code or other live buffers)."""
+    return self.arguments + self.outputs - self.aliased + self.temporaries
+
+  @classmethod
+  def of(cls, executable) -> "StepMemory | None":
+    """None where the backend gives no memory analysis."""
+    stats = executable.memory_analysis()
+    if stats is None:
+      return None
+    return cls(
+      stats.argument_size_in_bytes,
+      stats.output_size_in_bytes,
+      stats.alias_size_in_bytes,
+      stats.temp_size_in_bytes,
+    )
+
+
 @dataclasses.dataclass
 class CompiledSteps:
   """Every bucket's train and eval executable, each compiled once on a thread pool.
@@ -140,6 +169,12 @@ class CompiledSteps:
       "compilation_cache_hits": hits,
       "compilation_cache_misses": misses,
     }
+
+  def train_memory(self) -> list[StepMemory | None]:
+    """Each bucket's train step's buffer plan (waits for its compile): for a train step, the
+    arguments are the state and the batch, the outputs the new state (donated, so aliased), and
+    the temporaries mostly what the backward pass keeps of the forward's activations."""
+    return [StepMemory.of(self.train_steps[bucket]) for bucket in sorted(self.train_steps)]
 
   def _futures(self) -> list[concurrent.futures.Future]:
     return [*self.train_steps.futures.values(), *self.eval_steps.futures.values()]
