@@ -30,9 +30,9 @@
 #   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
 #                  scan, then the step's anatomy with the fastest (perhaps 4 minutes)
 #                                                               -> benchmark_step_gpu_kernels.md
-#   memory         XLA's memory plan of `experiments/iam.py`'s train step on the GPU: shapes, one
-#                  bucket against K = 4, token budgets (8 compiles, no step run: perhaps 1-2
-#                  minutes)                                         -> benchmark_memory_gpu.md
+#   memory         XLA's buffer plan of `experiments/iam.py:gpu`'s train step on the GPU: 6 shapes,
+#                  one bucket against K = 4 at 32 lines and at its token budget (16 compiles, no
+#                  step run: perhaps 2-3 minutes)                   -> benchmark_memory_gpu.md
 # Stages run in the order given; a stage that fails is reported and the next one still runs. All
 # of them end by $DEADLINE_S seconds (default 570, inside a 10-minute call): a command still
 # running then gets SIGINT (train.py checkpoints and stops), and each stage's results are copied
@@ -118,7 +118,7 @@ run_stage() {
         --tune --out "$results/benchmark_step_gpu_kernels.md"
       ;;
     memory)
-      within_deadline python -m experiments.benchmark_memory --quick \
+      within_deadline python -m experiments.benchmark_memory --quick --config=experiments/iam.py:gpu \
         --config.data.data_dir="$data_dir" --out "$results/benchmark_memory_gpu.md" "${overrides[@]}"
       ;;
   esac
