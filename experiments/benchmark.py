@@ -47,7 +47,7 @@ import bucketing
 import cli_errors
 import train
 from experiments import paper
-from experiments.reporting import RunRecord, markdown_table
+from experiments.reporting import RunRecord, markdown_table, write_report
 from handwriting import dataset as dataset_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -513,10 +513,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     *markdown_table(auto_rows, list(auto_rows[0])),
     "",
   ]
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("\n".join(report))
-  print(f"wrote {out}")
-  return out
+  return write_report(out, report)
 
 
 if __name__ == "__main__":

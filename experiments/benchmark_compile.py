@@ -28,7 +28,7 @@ import jax
 import cli_errors
 import train
 from experiments import cli
-from experiments.reporting import RunRecord, markdown_table
+from experiments.reporting import RunRecord, markdown_table, write_report
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 RUNS = ("sequential", "parallel", "overlap", "overlap, cold cache", "overlap, warm cache")
@@ -137,12 +137,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "runs slower.",
     "",
   ]
-  text = "\n".join(report)
-  print(text)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(text)
-  print(f"wrote {out}")
-  return out
+  return write_report(out, report, echo=True)
 
 
 if __name__ == "__main__":

@@ -224,9 +224,7 @@ def main() -> None:
     *lines,
     "",
   ]
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text("\n".join(report))
-  print(f"wrote {out}")
+  reporting.write_report(out, report)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ import bucketing
 import cli_errors
 import train
 from experiments import cli
-from experiments.reporting import RunRecord, markdown_table
+from experiments.reporting import RunRecord, markdown_table, write_report
 from training.compilation import StepMemory
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -246,12 +246,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "whose XLA fuses differently.",
     "",
   ]
-  text = "\n".join(report)
-  print(text)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  out.write_text(text)
-  print(f"wrote {out}")
-  return out
+  return write_report(out, report, echo=True)
 
 
 if __name__ == "__main__":

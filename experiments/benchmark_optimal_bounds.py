@@ -79,23 +79,19 @@ def main() -> None:
     "| ---: | ---: | ---: | ---: | ---: |",
   ]
   table += [f"| {n:,} | {m:,} | {k} | {s:.3f} | {p} |" for n, m, k, s, p in rows]
-  text = "\n".join(
-    [
-      "# Run time of the exact optimal bucket bounds",
-      "",
-      f"Machine: {reporting.machine_description()}; numpy {np.__version__};",
-      f"{datetime.date.today().isoformat()}.",
-      f"Command: `python -m experiments.benchmark_optimal_bounds --repeats {args.repeats}`.",
-      "Lengths are uniform random integers in [1, distinct]. Median of the repeats after a",
-      "warm-up; the plain DP is timed once and checked to reach the same optimum.",
-      "",
-      *table,
-      "",
-    ]
-  )
-  print(text)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(text)
+  report = [
+    "# Run time of the exact optimal bucket bounds",
+    "",
+    f"Machine: {reporting.machine_description()}; numpy {np.__version__};",
+    f"{datetime.date.today().isoformat()}.",
+    f"Command: `python -m experiments.benchmark_optimal_bounds --repeats {args.repeats}`.",
+    "Lengths are uniform random integers in [1, distinct]. Median of the repeats after a",
+    "warm-up; the plain DP is timed once and checked to reach the same optimum.",
+    "",
+    *table,
+    "",
+  ]
+  reporting.write_report(args.out, report, echo=True)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import optax
 
 import train
 from experiments import benchmark, iam
-from experiments.reporting import RunRecord, markdown_table
+from experiments.reporting import RunRecord, markdown_table, write_report
 from models.ctc_kernel import ctc_loss_kernel
 from models.lstm import lstm_recurrence
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     pass
   record = RunRecord("experiments.benchmark_step", argv, versions)
 
-  def write_report() -> None:
+  def write_so_far() -> None:
     """Writes what is measured so far: a run cut short still leaves its finished sections."""
     report = [
       "# The train step's anatomy, per LSTM implementation",
@@ -474,9 +474,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
       "",
       *sections,
     ]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(report))
-    print(f"wrote {out}", flush=True)
+    write_report(out, report)
 
   settings = {}  # dotted config overrides every measurement uses: the tuned launch parameters
   failed = {}  # kernel -> why it is left out of the rest of the run
@@ -501,7 +499,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
       *markdown_table(rows, list(rows[0])),
       "",
     ]
-    write_report()
+    write_so_far()
     ctc_settings, rows = tune_ctc(args.repeats, interpret=backend != "gpu")
     if ctc_settings is None:
       failed["ctc.impl"] = "no CTC kernel variant compiled, matched optax and repeated itself"
@@ -519,7 +517,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
       *markdown_table(rows, list(rows[0])),
       "",
     ]
-    write_report()
+    write_so_far()
 
   columns = ["B", "T", "implementation", "step", "forward", "backward", "ctc", "optimizer"]
   columns.append("PyTorch cuDNN step")
@@ -547,7 +545,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     *markdown_table(anatomy_rows, columns),
     "",
   ]
-  write_report()
+  write_so_far()
 
   if args.epoch:
     fallbacks = {"model.lstm_impl": "scan", "ctc.impl": "optax"}
@@ -573,7 +571,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
       *markdown_table(rows, list(rows[0])),
       "",
     ]
-    write_report()
+    write_so_far()
   if args.xla_flags:
     flag_rows = flag_variants(args.xla_flags, preset_name, settings, args.repeats)
     (batch_size, time_steps), _ = next(iter(PRESETS[preset_name].items()))
@@ -583,7 +581,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
       *markdown_table(flag_rows, ["XLA_FLAGS", "result"]),
       "",
     ]
-  write_report()
+  write_so_far()
   return out
 
 

@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import pathlib
 import platform
 import time
 
@@ -15,6 +16,17 @@ def machine_description() -> str:
     f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores "
     f"({platform.processor() or 'unknown processor'}); JAX devices: {devices}"
   )
+
+
+def write_report(path: pathlib.Path, lines: list[str], echo: bool = False) -> pathlib.Path:
+  """Writes a results file (creating its folder) and says where; `echo` prints it first."""
+  text = "\n".join(lines)
+  if echo:
+    print(text)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(text)
+  print(f"wrote {path}", flush=True)
+  return path
 
 
 def markdown_table(rows: list[dict[str, str]], columns) -> list[str]:
