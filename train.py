@@ -1300,7 +1300,7 @@ def log_compile_accounting(summary: dict) -> None:
       "XLA plans a train step at %.1f MB per device at the most (bucket %d), %.1f MB on average "
       "over an epoch's steps",
       summary["peak_step_memory_mb"],
-      summary["train_step_memory_mb"].index(summary["peak_step_memory_mb"]),
+      summary["peak_step_bucket"],
       summary["mean_step_memory_mb"],
     )
 
@@ -1341,17 +1341,21 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
 
 def _step_memory(run: Run) -> dict:
   """XLA's planned footprint of each bucket's train step per device, in MB, the largest over the
-  buckets an epoch uses, and the mean over an epoch's steps; None where the backend gives no
-  memory analysis."""
+  buckets an epoch uses (and which bucket that is), and the mean over an epoch's steps; None where
+  the backend gives no memory analysis."""
   memory = run.steps.train_memory()
   if None in memory:
-    return dict.fromkeys(("train_step_memory_mb", "peak_step_memory_mb", "mean_step_memory_mb"))
+    return dict.fromkeys(
+      ("train_step_memory_mb", "peak_step_memory_mb", "peak_step_bucket", "mean_step_memory_mb")
+    )
   megabytes = np.array([step.total for step in memory]) / 1e6
-  used = run.plan.steps_per_epoch > 0
+  steps = run.plan.steps_per_epoch
+  peak = int(np.argmax(np.where(steps > 0, megabytes, -np.inf)))
   return {
-    "train_step_memory_mb": megabytes.round(1).tolist(),
-    "peak_step_memory_mb": round(float(megabytes[used].max()), 1),
-    "mean_step_memory_mb": round(float(np.average(megabytes, weights=run.plan.steps_per_epoch)), 1),
+    "train_step_memory_mb": megabytes.round(1).tolist(),  # numpy's rounding for all three
+    "peak_step_memory_mb": float(megabytes[peak].round(1)),
+    "peak_step_bucket": peak,
+    "mean_step_memory_mb": float(np.average(megabytes, weights=steps).round(1)),
   }
 
 

@@ -47,7 +47,7 @@ import bucketing
 import cli_errors
 import train
 from experiments import paper
-from experiments.reporting import RunRecord, markdown_table, write_report
+from experiments.reporting import RunRecord, markdown_table, versions, write_report
 from handwriting import dataset as dataset_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   backend = jax.default_backend()
   out = args.out or RESULTS / f"benchmark_{backend}.md"
 
-  record = RunRecord("experiments.benchmark", argv, f"jax {jax.__version__}")
+  record = RunRecord("experiments.benchmark", argv, versions())
   data = train.load_split(config, config.data.train_split, limit)
   bench = Bench(config, data, repeats)
   epochs = args.planned_epochs

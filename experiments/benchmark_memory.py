@@ -38,7 +38,7 @@ import bucketing
 import cli_errors
 import train
 from experiments import cli
-from experiments.reporting import RunRecord, markdown_table, write_report
+from experiments.reporting import RunRecord, markdown_table, versions, write_report
 from training.compilation import StepMemory
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -189,38 +189,33 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   config = cli.load_config(config_argv)
   preset = PRESETS["quick" if args.quick else "full"]
   out = args.out or RESULTS / f"benchmark_memory_{jax.default_backend()}.md"
-  record = RunRecord("experiments.benchmark_memory", argv, f"jax {jax.__version__}")
-
+  record = RunRecord("experiments.benchmark_memory", argv, versions())
   data = train.load_split(config, config.data.train_split, config.data.train_limit)
+  model = config.model
+  sections = []
+
+  def write(echo: bool = False) -> pathlib.Path:
+    """The report so far: a run cut short (a GPU call's deadline) keeps its finished sections."""
+    header = [
+      "# Memory of a train step: shapes, bucket plans and token budgets",
+      "",
+      *record.header(),
+      f"Config: `{args.config}`, {model.num_layers} x BLSTM {model.hidden_size}, "
+      f"{len(data.lengths):,} training lines (lengths {data.lengths.min()}-"
+      f"{data.lengths.max()}, median {np.median(data.lengths):.0f} frames). One device; XLA's "
+      "buffer plan of each compiled train step (arguments + outputs - the outputs written over "
+      "the donated state + temporaries), nothing run: generated code, prefetched batches and the "
+      "allocator's overhead come on top.",
+      "",
+    ]
+    return write_report(out, header + sections, echo)
+
   compiler = Compiler(config)
   shapes = measure_shapes(compiler, data, preset["batches"], preset["quantiles"], config)
   coefficients, worst = fit_memory(shapes)
-  shape_rows = [shape_row(shape, coefficients) for shape in shapes]
-  median = train.median_padded_length(config, data.lengths)
-  batch = config.bucketing.batch_size or FALLBACK_BATCH
-  budget = config.bucketing.max_tokens or batch * median
-  plans = measure_plans(compiler, data, config, preset["buckets"], budget)
-  widest = int(data.label_lengths.max())
-  budgets = budget_rows(coefficients, widest)
-
   fixed, per_token, per_cell = coefficients
-  budget_source = (
-    "the config's"
-    if config.bucketing.max_tokens
-    else f"{batch} lines of the median padded length ({median} frames)"
-  )
-  model = config.model
-  report = [
-    "# Memory of a train step: shapes, bucket plans and token budgets",
-    "",
-    *record.header(),
-    f"Config: `{args.config}`, {model.num_layers} x BLSTM {model.hidden_size}, "
-    f"{len(data.lengths):,} training lines (lengths {data.lengths.min()}-{data.lengths.max()}, "
-    f"median {np.median(data.lengths):.0f} frames). One device; XLA's buffer plan of each "
-    "compiled train step (arguments + outputs - the outputs written over the donated state + "
-    "temporaries), nothing run: generated code, prefetched batches and the allocator's overhead "
-    "come on top.",
-    "",
+  shape_rows = [shape_row(shape, coefficients) for shape in shapes]
+  sections += [
     "## Shapes",
     "",
     *markdown_table(shape_rows, list(shape_rows[0])),
@@ -229,6 +224,19 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     f"token + {per_cell:,.1f} bytes per CTC lattice cell (batch x length x (2 x label width + "
     f"1)); the largest residual is {100 * worst:.1f}% of a step.",
     "",
+  ]
+  write()
+
+  median = train.median_padded_length(config, data.lengths)
+  batch = config.bucketing.batch_size or FALLBACK_BATCH
+  budget = config.bucketing.max_tokens or batch * median
+  budget_source = (
+    "the config's"
+    if config.bucketing.max_tokens
+    else f"{batch} lines of the median padded length ({median} frames)"
+  )
+  plans = measure_plans(compiler, data, config, preset["buckets"], budget)
+  sections += [
     "## Plans",
     "",
     *markdown_table(plans, list(plans[0])),
@@ -236,6 +244,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "Peak: the plan's largest step among the buckets an epoch uses, what has to fit. Mean: over "
     f"an epoch's steps, each bucket weighted by its steps. The token budget is {budget_source}.",
     "",
+  ]
+  write()
+
+  widest = int(data.label_lengths.max())
+  budgets = budget_rows(coefficients, widest)
+  sections += [
     "## Token budgets",
     "",
     *markdown_table(budgets, list(budgets[0])),
@@ -246,7 +260,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "whose XLA fuses differently.",
     "",
   ]
-  return write_report(out, report, echo=True)
+  return write(echo=True)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ import optax
 
 import train
 from experiments import benchmark, iam
-from experiments.reporting import RunRecord, markdown_table, write_report
+from experiments.reporting import RunRecord, markdown_table, versions, write_report
 from models.ctc_kernel import ctc_loss_kernel
 from models.lstm import lstm_recurrence
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
@@ -454,14 +454,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   backend = jax.default_backend()
   out = args.out or RESULTS / f"benchmark_step_{backend}.md"
   sections = []
-  versions = f"jax {jax.__version__}"
-  try:
-    import torch
-
-    versions += f", torch {torch.__version__} (cuDNN {torch.backends.cudnn.version()})"
-  except ImportError:
-    pass
-  record = RunRecord("experiments.benchmark_step", argv, versions)
+  record = RunRecord("experiments.benchmark_step", argv, versions())
 
   def write_so_far() -> None:
     """Writes what is measured so far: a run cut short still leaves its finished sections."""

@@ -18,6 +18,19 @@ def machine_description() -> str:
   )
 
 
+def versions() -> str:
+  """jax's version, and torch's with its cuDNN where torch is installed (the PyTorch rows')."""
+  import jax
+
+  text = f"jax {jax.__version__}"
+  try:
+    import torch
+  except ImportError:
+    return text
+  cudnn = torch.backends.cudnn.version()
+  return text + f", torch {torch.__version__}" + (f" (cuDNN {cudnn})" if cudnn else "")
+
+
 def write_report(path: pathlib.Path, lines: list[str], echo: bool = False) -> pathlib.Path:
   """Writes a results file (creating its folder) and says where; `echo` prints it first."""
   text = "\n".join(lines)

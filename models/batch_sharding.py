@@ -5,10 +5,10 @@ over a mesh GSPMD replicates it: every device gathers the whole batch and comput
 the kernel loses the data-parallel speed-up. `over_batch_shards` wraps such a kernel in
 `jax.shard_map`, so each device runs it on its own rows.
 
-The mesh is the one in context (`jax.set_mesh`; `train.py` lowers its steps inside one), since the
-models know nothing of the trainer's mesh; the rows are split over every axis of it that is not
-already manual. With no mesh, one device, or rows that do not split evenly, the kernel runs on the
-whole batch as it would without this module.
+The mesh is the one in context (`jax.set_mesh`; `training.compilation.trace_step` traces the
+trainer's steps inside one), since the models know nothing of the trainer's mesh; the rows are
+split over every axis of it that is not already manual. With no mesh, one device, or rows that do
+not split evenly, the kernel runs on the whole batch as it would without this module.
 """
 
 import math

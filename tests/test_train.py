@@ -118,6 +118,7 @@ def test_the_summary_gives_each_buckets_step_memory_its_peak_and_its_mean(uninte
   per_bucket = summary["train_step_memory_mb"]
   assert len(per_bucket) == summary["num_buckets"] and min(per_bucket) > 0
   assert summary["peak_step_memory_mb"] == max(per_bucket)
+  assert per_bucket[summary["peak_step_bucket"]] == summary["peak_step_memory_mb"]
   steps = json.loads((workdir / "plan.json").read_text())["steps_per_epoch"]
   mean = np.average(per_bucket, weights=steps)
   assert summary["mean_step_memory_mb"] == pytest.approx(mean, abs=0.05)
