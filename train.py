@@ -300,7 +300,7 @@ def measure_cost_model(
   steps = []
   with _persistent_cache_off():
     for rows, length in shapes:
-      width = int(train.label_lengths[train.lengths <= length].max(initial=1))
+      width = widest_label_within(train, length)
       state, seconds, compile_s = time_train_step(
         state, mesh, nf, rows, length, width, repeats, rng
       )
@@ -321,6 +321,12 @@ def measure_cost_model(
     "fitted_to": _cost_fingerprint(config),
   }
   return MeasuredCost(model, report)
+
+
+def widest_label_within(lines: dataset_lib.SequenceSet, length: int) -> int:
+  """The longest label among the lines of at most `length` frames (1 if none): the label width
+  a step of that length compiles for."""
+  return int(lines.label_lengths[lines.lengths <= length].max(initial=1))
 
 
 def median_padded_length(config: ml_collections.ConfigDict, lengths: np.ndarray) -> int:
@@ -1339,23 +1345,31 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
       yield item
 
 
+def step_memory_mb(
+  memory: list[compilation.StepMemory], plan: bucketing.BucketPlan
+) -> tuple[np.ndarray, int, float]:
+  """Each bucket's train-step footprint in MB, the bucket of the largest among those an epoch
+  uses, and the mean over an epoch's steps."""
+  megabytes = np.array([step.total for step in memory]) / 1e6
+  steps = plan.steps_per_epoch
+  peak = int(np.argmax(np.where(steps > 0, megabytes, -np.inf)))
+  return megabytes, peak, float(np.average(megabytes, weights=steps))
+
+
 def _step_memory(run: Run) -> dict:
-  """XLA's planned footprint of each bucket's train step per device, in MB, the largest over the
-  buckets an epoch uses (and which bucket that is), and the mean over an epoch's steps; None where
-  the backend gives no memory analysis."""
+  """XLA's planned footprint of each bucket's train step per device (`step_memory_mb`), rounded
+  to 0.1 MB; None where the backend gives no memory analysis."""
   memory = run.steps.train_memory()
   if None in memory:
     return dict.fromkeys(
       ("train_step_memory_mb", "peak_step_memory_mb", "peak_step_bucket", "mean_step_memory_mb")
     )
-  megabytes = np.array([step.total for step in memory]) / 1e6
-  steps = run.plan.steps_per_epoch
-  peak = int(np.argmax(np.where(steps > 0, megabytes, -np.inf)))
+  megabytes, peak, mean = step_memory_mb(memory, run.plan)
   return {
     "train_step_memory_mb": megabytes.round(1).tolist(),  # numpy's rounding for all three
     "peak_step_memory_mb": float(megabytes[peak].round(1)),
     "peak_step_bucket": peak,
-    "mean_step_memory_mb": float(np.average(megabytes, weights=steps).round(1)),
+    "mean_step_memory_mb": float(np.round(mean, 1)),
   }
 
 

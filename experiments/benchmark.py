@@ -146,7 +146,7 @@ class Bench:
     if max_tokens:
       config.bucketing.batch_size, config.bucketing.max_tokens = 0, max_tokens
     if cost is not None:
-      for field, value in zip(("alpha", "gamma", "beta", "kappa"), cost, strict=True):
+      for field, value in zip(train.COST_FIELDS, cost, strict=True):
         config.bucketing[field] = value
       config.num_epochs = epochs
     return train.make_train_plan(config, self.data, jax.device_count())

@@ -100,7 +100,7 @@ def measure_shapes(compiler: Compiler, data, batches, quantiles, config) -> list
   )
   shapes = []
   for length in sorted(set(lengths.astype(int).tolist())):
-    width = int(data.label_lengths[data.lengths <= length].max(initial=1))
+    width = train.widest_label_within(data, length)
     for batch in batches:
       shapes.append((batch, length, width, compiler.shape_memory(batch, length, width)))
   return shapes
@@ -123,9 +123,8 @@ def shape_row(shape: tuple, coefficients: np.ndarray) -> dict[str, str]:
 def plan_row(name: str, plan: bucketing.BucketPlan, memory: list[StepMemory]) -> dict[str, str]:
   """A plan's steps per epoch, its largest step among the buckets an epoch uses, and the mean
   over an epoch's steps."""
-  megabytes = np.array([step.total for step in memory]) / MB
+  megabytes, peak, mean = train.step_memory_mb(memory, plan)
   steps = plan.steps_per_epoch
-  peak = int(np.argmax(np.where(steps > 0, megabytes, -np.inf)))
   return {
     "plan": name,
     "K": str(plan.num_buckets),
@@ -133,7 +132,7 @@ def plan_row(name: str, plan: bucketing.BucketPlan, memory: list[StepMemory]) ->
     "lines per step": f"{plan.bucket_sizes.sum() / steps.sum():.1f}",
     "largest step (batch x length)": f"{plan.batch_sizes[peak]} x {plan.upper_bounds[peak]}",
     "peak (MB)": f"{megabytes[peak]:,.1f}",
-    "mean over steps (MB)": f"{np.average(megabytes, weights=steps):,.1f}",
+    "mean over steps (MB)": f"{mean:,.1f}",
   }
 
 

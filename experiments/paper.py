@@ -54,6 +54,7 @@ import argparse
 import csv
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -339,16 +340,17 @@ def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None
   base_config.compilation_cache_dir = ""  # compile cold, as the sweep's runs will
   train_set = train.load_data(base_config)[0]
 
-  measured = {}  # auto's cost model, measured once as its run will measure it
+  @functools.cache
+  def auto_cost() -> train.MeasuredCost | None:
+    """auto's cost model, measured once as its run will measure it."""
+    config = args_config(args)
+    config.bucketing.strategy = "auto"
+    return train.auto_cost_model(config, train_set, train.make_data_mesh(), workdir / "probe")
 
   def plan_of(strategy, num_buckets):
     config = args_config(args)
     config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
-    if strategy == "auto" and "auto" not in measured:
-      measured["auto"] = train.auto_cost_model(
-        config, train_set, train.make_data_mesh(), workdir / "probe"
-      )
-    cost = measured.get("auto") if strategy == "auto" else None
+    cost = auto_cost() if strategy == "auto" else None
     plan = train.make_train_plan(config, train_set, devices, cost.model if cost else None)
     padded = plan.summary()["padded_timesteps_with_filler"]
     return {"strategy": strategy, "requested_buckets": num_buckets,
