@@ -170,10 +170,11 @@ def _load_checked(
     limit=limit or None,
     **synthetic_sizes,
   )
-  kept, skipped = dataset_lib.validate_examples(
-    examples, split, ALPHABET, config.data.bad_examples, source
-  )
-  return dataset_lib.featurize(kept, feature_config(config), ALPHABET), skipped
+  policy = config.data.bad_examples
+  kept, skipped = dataset_lib.validate_examples(examples, split, ALPHABET, policy, source)
+  sequences = dataset_lib.featurize(kept, feature_config(config), ALPHABET)
+  sequences, unalignable = dataset_lib.validate_alignable(sequences, split, policy, source)
+  return sequences, skipped + unalignable
 
 
 def make_train_plan(

@@ -18,7 +18,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Per-split example caps (0 = all): tiny variants and quick sweeps take a prefix.
   config.data.train_limit = 0
   config.data.eval_limit = 0
-  # A line with NaN/inf points, no ink or no text: "error" names it and stops before training;
+  # A line with NaN/inf points, no ink, no text, or fewer feature frames than CTC needs to align
+  # its text (coarse resampling): "error" names it and stops before training;
   # "skip" leaves it out, counted in summary.json and the plan print.
   config.data.bad_examples = "error"
   # Size of the generated set when dataset == "synthetic".

@@ -444,6 +444,18 @@ class SequenceSet:
   def __len__(self) -> int:
     return len(self.ids)
 
+  def select(self, indices) -> "SequenceSet":
+    """The examples at `indices`, in that order."""
+    indices = np.asarray(indices, dtype=np.int64)
+    return SequenceSet(
+      ids=[self.ids[i] for i in indices],
+      texts=[self.texts[i] for i in indices],
+      features=[self.features[i] for i in indices],
+      labels=[self.labels[i] for i in indices],
+      lengths=self.lengths[indices],
+      label_lengths=self.label_lengths[indices],
+    )
+
 
 def featurize(
   examples: list[dict], feature_config: FeatureConfig, alphabet: Alphabet
@@ -459,6 +471,52 @@ def featurize(
     lengths=np.array([len(f) for f in features], dtype=np.int32),
     label_lengths=np.array([len(label) for label in labels], dtype=np.int32),
   )
+
+
+def ctc_frames_needed(label: np.ndarray) -> int:
+  """The fewest frames a CTC alignment of `label` takes: one per label, and one blank between
+  every two equal neighbours ("ll" needs 3)."""
+  return len(label) + int(np.count_nonzero(label[1:] == label[:-1]))
+
+
+def validate_alignable(
+  sequences: SequenceSet, split: str, policy: str = "error", source: str = ""
+) -> tuple[SequenceSet, list[dict]]:
+  """Check that CTC can align every line of `split`: its feature frames are at least
+  `ctc_frames_needed` of its label.
+
+  A line with fewer frames has no alignment at all: CTC's loss for it is about 1e5 instead of a
+  few tens, which swamps its batch's mean and gradient, and nothing else would say so. Coarse
+  resampling (`FeatureConfig.resample_spacing`) is what makes lines that short. policy "error"
+  raises BadExampleError naming the split, the line and the fix; "skip" drops such lines and
+  reports them as `validate_examples` does (same format, same policies).
+  """
+  if policy not in BAD_EXAMPLE_POLICIES:
+    raise ValueError(
+      f"unknown bad-example policy {policy!r}; expected one of {BAD_EXAMPLE_POLICIES}"
+    )
+  needed = np.array([ctc_frames_needed(label) for label in sequences.labels], dtype=np.int64)
+  short = np.flatnonzero(sequences.lengths < needed)
+  skipped = [
+    {
+      "id": sequences.ids[i],
+      "split": split,
+      "reason": (
+        f"{sequences.lengths[i]} feature frames, but CTC needs at least {needed[i]} to align its "
+        f"{sequences.label_lengths[i]}-character text (one frame per character, and a blank "
+        "between equal neighbours): resample more finely (data.features.resample_spacing)"
+      ),
+    }
+    for i in short
+  ]
+  if skipped and policy == "error":
+    first = skipped[0]
+    more = f" ({len(skipped)} such lines in all)" if len(skipped) > 1 else ""
+    origin = f"; data: {source}" if source else ""
+    raise BadExampleError(f"split {split!r}, line {first['id']}: {first['reason']}{more}{origin}")
+  if not skipped:
+    return sequences, []
+  return sequences.select(np.setdiff1d(np.arange(len(sequences)), short)), skipped
 
 
 def skipped_examples(dataset: str, data_dir: str | os.PathLike | None = None) -> list[dict]:

@@ -260,3 +260,40 @@ def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
   empty = tmp_path / "empty"
   source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir=tmp_path / "download")
   assert (source.kind, source.path) == ("build", tmp_path / "download")
+
+
+def test_ctc_needs_a_frame_per_character_and_a_blank_between_equal_neighbours():
+  assert [
+    dataset.ctc_frames_needed(np.array(label)) for label in ([], [3], [3, 3], [1, 2, 2, 2])
+  ] == [
+    0,
+    1,
+    3,
+    6,
+  ]
+
+
+def test_a_line_ctc_cannot_align_is_named_or_skipped_and_reported():
+  labels = [np.array(label, np.int32) for label in ([5, 5], [5, 6], [7], [7, 7, 7])]
+  lengths = np.array([2, 2, 1, 5], np.int32)  # "ll" in 2 frames needs 3
+  sequences = dataset.SequenceSet(
+    ids=["a", "b", "c", "d"],
+    texts=["ll", "lm", "n", "nnn"],
+    features=[np.zeros((n, 3), np.float32) for n in lengths],
+    labels=labels,
+    lengths=lengths,
+    label_lengths=np.array([len(label) for label in labels], np.int32),
+  )
+  with pytest.raises(dataset.BadExampleError) as error:
+    dataset.validate_alignable(sequences, "train", source="here")
+  message = str(error.value)
+  assert message.startswith("split 'train', line a: 2 feature frames, but CTC needs at least 3 ")
+  assert "resample_spacing" in message and message.endswith("; data: here")
+
+  kept, skipped = dataset.validate_alignable(sequences, "train", policy="skip")
+  assert kept.ids == ["b", "c", "d"] and kept.lengths.tolist() == [2, 1, 5]
+  assert [label.tolist() for label in kept.labels] == [[5, 6], [7], [7, 7, 7]]
+  assert kept.texts == ["lm", "n", "nnn"] and kept.label_lengths.tolist() == [2, 1, 3]
+  assert [(item["id"], item["split"]) for item in skipped] == [("a", "train")]
+  kept, skipped = dataset.validate_alignable(kept, "train")
+  assert len(kept) == 3 and skipped == []

@@ -396,6 +396,24 @@ def test_missing_iam_ondb_says_how_to_get_it(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_a_line_ctc_cannot_align_is_refused_or_skipped_at_load(monkeypatch):
+  featurize = train.dataset_lib.featurize
+
+  def one_line_too_short(*args):
+    data = featurize(*args)
+    data.labels[2] = np.ones(data.lengths[2], np.int32)  # n equal labels need 2n - 1 frames
+    return data
+
+  monkeypatch.setattr(train.dataset_lib, "featurize", one_line_too_short)
+  config = tiny_config()
+  with pytest.raises(train.dataset_lib.BadExampleError, match=r"split 'train', line .*CTC needs"):
+    train.load_split(config, "train", 8)
+  config.data.bad_examples = "skip"
+  data, skipped = train._load_checked(config, "train", 8)
+  assert len(data) == 7 and [item["split"] for item in skipped] == ["train"]
+  assert skipped[0]["id"] not in data.ids
+
+
 def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
   # Bad lines are refused at load; this NaN stands for a diverging model.
   load = train._load_checked
