@@ -893,7 +893,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           progress = end_epoch(run, state, progress)
         else:  # stopped within the epoch: max_steps, a signal or the time cap
           checkpoints.save_latest(state, progress, plan)
-      steps.wait()
+      if stop.reason:  # a signal or the time cap: save, and compile nothing more
+        checkpoints.wait()
+        steps.close()
+      else:
+        steps.wait()
     test_scores = {} if stop.reason else evaluate_test_split(run, state.params)
   summary = _summary(run, progress, skipped) | test_scores
   # What measuring auto's cost model took, in this start or the one that measured it.
@@ -1291,11 +1295,13 @@ def evaluate_test_split(run: Run, params: Any) -> dict[str, float]:
 
 def log_compile_accounting(summary: dict) -> None:
   first = summary["time_to_first_step_s"]
+  dropped = summary["compiles_dropped"]
   LOG.info(
-    "compiled %d train and %d eval steps (one per bucket): first train step after %s, "
+    "compiled %d train and %d eval steps (one per bucket%s): first train step after %s, "
     "%.1f s wall, %.1f s summed over steps; persistent cache %d hits, %d misses",
     summary["train_compiles"],
     summary["eval_compiles"],
+    f"; {dropped} more left for the next start" if dropped else "",
     "-" if first is None else f"{first:.1f} s",
     summary["compile_wall_s"],
     summary["compile_seconds_sum"],
@@ -1359,12 +1365,15 @@ def step_memory_mb(
 
 def _step_memory(run: Run) -> dict:
   """XLA's planned footprint of each bucket's train step per device (`step_memory_mb`), rounded
-  to 0.1 MB; None where the backend gives no memory analysis."""
+  to 0.1 MB; None where the backend gives no memory analysis, or for a step a stop left
+  uncompiled (and then for the peak and the mean)."""
   memory = run.steps.train_memory()
   if None in memory:
-    return dict.fromkeys(
-      ("train_step_memory_mb", "peak_step_memory_mb", "peak_step_bucket", "mean_step_memory_mb")
-    )
+    known = [None if step is None else round(step.total / 1e6, 1) for step in memory]
+    return {
+      "train_step_memory_mb": None if known.count(None) == len(known) else known,
+      **dict.fromkeys(("peak_step_memory_mb", "peak_step_bucket", "mean_step_memory_mb")),
+    }
   megabytes, peak, mean = step_memory_mb(memory, run.plan)
   return {
     "train_step_memory_mb": megabytes.round(1).tolist(),  # numpy's rounding for all three

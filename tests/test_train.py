@@ -4,6 +4,7 @@ resume, errors, end to end."""
 import contextlib
 import errno
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -43,6 +44,7 @@ REQUIRED_SUMMARY_KEYS = {
   "num_devices",
   "train_compiles",
   "eval_compiles",
+  "compiles_dropped",
   "time_to_first_step_s",
   "compile_wall_s",
   "compile_seconds_sum",
@@ -732,6 +734,32 @@ def test_the_time_cap_stops_with_a_checkpoint_and_the_same_command_continues(
   assert sorted(p.name for p in (tmp_path / "checkpoints" / "train").iterdir()) == ["1", "2"]
   assert train.train_and_evaluate(tiny_config(), tmp_path)["stopped_by"] is None
   assert_resumed_like(uninterrupted[0], tmp_path)
+
+
+def test_a_stop_compiles_nothing_more(tmp_path, monkeypatch):
+  # One compile thread, each compile at least a second: when the time cap stops the run after its
+  # first step, the steps not yet compiling are dropped instead of waited for.
+  monkeypatch.setattr(os, "cpu_count", lambda: 1)
+  compile_step = compilation._lower_and_compile
+
+  def slow(*job):
+    time.sleep(1.0)
+    return compile_step(*job)
+
+  monkeypatch.setattr(compilation, "_lower_and_compile", slow)
+  config = tiny_config(max_minutes=1e-9, **{"bucketing.num_buckets": 4})
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["stopped_by"] == "max_minutes"
+  # The first step's bucket, and the one compiling when it was taken (if any): the other train
+  # steps and every eval step are left.
+  compiled = summary["train_compiles"]
+  assert compiled in (1, 2) and summary["eval_compiles"] == 0
+  assert summary["compiles_dropped"] >= 4 + 2 - compiled
+  assert summary["peak_step_memory_mb"] is None
+  assert sum(size is None for size in summary["train_step_memory_mb"]) == 4 - compiled
+  assert not list((tmp_path / "checkpoints").rglob("*tmp*"))
+  config.max_minutes = 0
+  assert train.train_and_evaluate(config, tmp_path)["compiles_dropped"] == 0
 
 
 SIGTERM_WORKER = """

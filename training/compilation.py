@@ -152,17 +152,24 @@ class CompiledSteps:
       future.result()
 
   def close(self) -> None:
-    """Stops the pool, dropping the compiles not yet started (after an error in training)."""
+    """Stops the pool: the compiles not yet started are dropped, those running finish (after an
+    error in training, or a stop that needs no more steps)."""
     self.pool.shutdown(wait=True, cancel_futures=True)
 
   def accounting(self) -> dict[str, float | int | None]:
-    """Compile times and cache counts; call after `wait`."""
-    spans = [future.result()[1:] for future in self._futures()]
+    """Compile times and cache counts of the steps compiled, after `wait` (all of them) or
+    `close` (those started before it; `compiles_dropped` counts the others)."""
+    compiled = {
+      kind: [future for future in steps.futures.values() if not future.cancelled()]
+      for kind, steps in (("train", self.train_steps), ("eval", self.eval_steps))
+    }
+    spans = [future.result()[1:] for future in compiled["train"] + compiled["eval"]]
     hits, misses = np.subtract(CompileEvents.cache_counts(), self.cache_counts_before).tolist()
     first = self.first_train_step_at
     return {
-      "train_compiles": len(self.train_steps.futures),
-      "eval_compiles": len(self.eval_steps.futures),
+      "train_compiles": len(compiled["train"]),
+      "eval_compiles": len(compiled["eval"]),
+      "compiles_dropped": len(self._futures()) - len(spans),
       "time_to_first_step_s": None if first is None else first - self.started,
       "compile_wall_s": max(end for _, end in spans) - min(start for start, _ in spans),
       "compile_seconds_sum": sum(end - start for start, end in spans),
@@ -171,10 +178,15 @@ class CompiledSteps:
     }
 
   def train_memory(self) -> list[StepMemory | None]:
-    """Each bucket's train step's buffer plan (waits for its compile): for a train step, the
-    arguments are the state and the batch, the outputs the new state (donated, so aliased), and
-    the temporaries mostly what the backward pass keeps of the forward's activations."""
-    return [StepMemory.of(self.train_steps[bucket]) for bucket in sorted(self.train_steps)]
+    """Each bucket's train step's buffer plan (waits for its compile; None for one `close`
+    dropped): for a train step, the arguments are the state and the batch, the outputs the new
+    state (donated, so aliased), and the temporaries mostly what the backward pass keeps of the
+    forward's activations."""
+    futures = self.train_steps.futures
+    return [
+      None if futures[bucket].cancelled() else StepMemory.of(self.train_steps[bucket])
+      for bucket in sorted(futures)
+    ]
 
   def _futures(self) -> list[concurrent.futures.Future]:
     return [*self.train_steps.futures.values(), *self.eval_steps.futures.values()]
