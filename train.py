@@ -873,7 +873,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   measured = auto_cost_model(config, train_set, mesh, workdir)
-  plan, eval_plans = plan_buckets(config, train_set, eval_sets, workdir, skipped, measured)
+  plan, eval_plans, plan_summary = plan_buckets(config, train_set, eval_sets, skipped, measured)
   with (
     contextlib.closing(Checkpoints(workdir, _shape_config(config), config.seed)) as checkpoints,
     stop.on_signals(),
@@ -881,6 +881,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state, progress = restore(
       checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
     )
+    if plan_summary is not None:  # only now: a resume refused leaves the run's own plan.json
+      _write_atomically(workdir / "plan.json", json.dumps(plan_summary, indent=2))
     steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
     with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
       run = Run(
@@ -1056,12 +1058,11 @@ def plan_buckets(
   config,
   train_set,
   eval_sets,
-  workdir: pathlib.Path,
   skipped: list,
   measured: MeasuredCost | None = None,
-):
-  """The training plan and the eval plans; process 0 writes `plan.json` (with the measured cost
-  model, if any) and prints the plan and the lines skipped as bad."""
+) -> tuple[bucketing.BucketPlan, dict, dict | None]:
+  """The training plan, the eval plans and, on process 0, the plan's summary for `plan.json`
+  (with the measured cost model, if any), after printing the plan and the lines skipped as bad."""
   measured_model = measured.model if measured else None
   plan = make_train_plan(config, train_set, jax.device_count(), measured_model)
   eval_plans = make_eval_plans(
@@ -1071,6 +1072,7 @@ def plan_buckets(
     config.bucketing.round_to,
     jax.device_count(),
   )
+  plan_summary = None
   if jax.process_index() == 0:
     # The cost model's prediction only where there is one: measured, or given in full.
     given = all(config.bucketing[field] is not None for field in COST_FIELDS)
@@ -1081,7 +1083,6 @@ def plan_buckets(
         "report": measured.report,
         "reused": measured.reused,
       }
-    _write_atomically(workdir / "plan.json", json.dumps(plan_summary, indent=2))
     LOG.info("bucket plan:\n%s", bucketing.format_report(plan_summary))
     if len(plan.truncated):
       LOG.warning(
@@ -1092,7 +1093,7 @@ def plan_buckets(
         plan.upper_bounds[-1],
       )
     log_skipped(skipped)
-  return plan, eval_plans
+  return plan, eval_plans, plan_summary
 
 
 def log_skipped(skipped: list[dict]) -> None:

@@ -652,6 +652,8 @@ def test_resuming_with_another_schedule_is_refused(stopped_at_step_6, tmp_path, 
   shutil.copytree(stopped_at_step_6, workdir)
   with pytest.raises(CheckpointMismatchError, match=message):
     train.train_and_evaluate(tiny_config(**override), workdir)
+  # The run's plan.json still describes its checkpoints.
+  assert (workdir / "plan.json").read_text() == (stopped_at_step_6 / "plan.json").read_text()
 
 
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete"])
