@@ -847,16 +847,25 @@ class Run:
   def batch_sharding(self) -> NamedSharding:
     return NamedSharding(self.mesh, P("data"))
 
-  def allow_compiles_so_far(self) -> None:
-    """Checkpointing compiles small helpers of its own; steps and batches must compile nothing."""
+  def start_watching_compiles(self) -> None:
+    """From here on the steps, batches and evaluation must compile nothing (checkpointing may,
+    inside `save_latest` and `save_best`: `compilation.CompileEvents.allowed`)."""
     self.compiles_expected = compilation.CompileEvents.outside_steps()
 
-  def check_no_recompile(self, scheduled: bucketing.ScheduledBatch) -> None:
+  def check_no_recompile(self, where: str) -> None:
     if compilation.CompileEvents.outside_steps() != self.compiles_expected:
       raise RuntimeError(
-        f"a compilation happened at epoch {scheduled.epoch}, step {scheduled.step} (bucket "
-        f"{scheduled.bucket}): every step must reuse its bucket's ahead-of-time executable"
+        f"a compilation happened {where}: every train and eval step must reuse its bucket's "
+        "ahead-of-time executable"
       )
+
+  def save_latest(self, state: TrainState, progress: Progress) -> None:
+    with compilation.CompileEvents.allowed():
+      self.checkpoints.save_latest(state, progress, self.plan)
+
+  def save_best(self, epoch: int, params: Any, selected_by: str) -> None:
+    with compilation.CompileEvents.allowed():
+      self.checkpoints.save_best(epoch, params, selected_by)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -888,13 +897,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       run = Run(
         config, mesh, train_set, eval_sets, plan, eval_plans, steps, checkpoints, logger, stop
       )
-      run.allow_compiles_so_far()
+      run.start_watching_compiles()
       while not finished(run, progress, int(jax.device_get(state.step))):
         state = train_one_epoch(run, state, progress)
         if progress.step_in_epoch == plan.num_steps:
           progress = end_epoch(run, state, progress)
         else:  # stopped within the epoch: max_steps, a signal or the time cap
-          checkpoints.save_latest(state, progress, plan)
+          run.save_latest(state, progress)
       if stop.reason:  # a signal or the time cap: save, and compile nothing more
         checkpoints.wait()
         steps.close()
@@ -1182,7 +1191,9 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
     pending = None  # the previous step's metrics, read one step late
     for scheduled, batch in batches:
       state, step_metrics = run.steps.train_step(scheduled.bucket)(state, batch)
-      run.check_no_recompile(scheduled)
+      run.check_no_recompile(
+        f"at epoch {scheduled.epoch}, step {scheduled.step} (bucket {scheduled.bucket})"
+      )
       if pending is not None:
         _account(progress, pending, plan, bar)
       pending = (scheduled, step_metrics)
@@ -1195,8 +1206,7 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
         _account(progress, pending, plan, bar)
         pending = None
         clock.stop()
-        run.checkpoints.save_latest(state, progress, plan)
-        run.allow_compiles_so_far()
+        run.save_latest(state, progress)
         clock.start()
     if pending is not None:
       _account(progress, pending, plan, bar)
@@ -1256,7 +1266,7 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
 
   if progress.best_epoch < 0 or score(row) < score(progress.history[progress.best_epoch]):
     progress.best_epoch = epoch
-    run.checkpoints.save_best(epoch, state.params, progress.selection_metric)
+    run.save_best(epoch, state.params, progress.selection_metric)
   progress.history.append(row | {"best_epoch": progress.best_epoch})
   run.logger.write(progress.history[-1])
   if jax.process_index() == 0:
@@ -1277,8 +1287,8 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     epoch_seconds=0.0,
     epoch_compile_wait_seconds=0.0,
   )
-  run.checkpoints.save_latest(state, progress, run.plan)
-  run.allow_compiles_so_far()
+  run.save_latest(state, progress)
+  run.check_no_recompile(f"while evaluating epoch {epoch}")
   return progress
 
 

@@ -416,6 +416,30 @@ def test_a_line_ctc_cannot_align_is_refused_or_skipped_at_load(monkeypatch):
   assert skipped[0]["id"] not in data.ids
 
 
+def compiling(function):
+  """`function` that first compiles something new (a shape no run has used)."""
+  shapes = iter(range(1000, 2000))
+
+  def compile_then_call(*args):
+    jax.jit(lambda x: x * 2.0)(np.ones(next(shapes), np.float32))
+    return function(*args)
+
+  return compile_then_call
+
+
+def test_a_compile_between_steps_is_an_error_even_beside_checkpoint_saves(tmp_path, monkeypatch):
+  # Saving compiles helpers of Orbax's own (allowed); a step every save follows must still not.
+  monkeypatch.setattr(train, "_account", compiling(train._account))
+  with pytest.raises(RuntimeError, match=r"a compilation happened at epoch 0, step 1 \(bucket"):
+    train.train_and_evaluate(tiny_config(checkpoint_every_steps=1), tmp_path)
+
+
+def test_a_compile_in_evaluation_is_an_error(tmp_path, monkeypatch):
+  monkeypatch.setattr(train, "evaluate", compiling(train.evaluate))
+  with pytest.raises(RuntimeError, match=r"a compilation happened while evaluating epoch 0"):
+    train.train_and_evaluate(tiny_config(), tmp_path)
+
+
 def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
   # Bad lines are refused at load; this NaN stands for a diverging model.
   load = train._load_checked

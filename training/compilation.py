@@ -32,14 +32,15 @@ COMPILE_THREAD_PREFIX = "compile-step"
 
 
 class CompileEvents:
-  """Counts XLA compilations and persistent-cache hits and misses, apart for the step compiles
-  (`_lower_and_compile`, on the pool or inline): theirs are the run's compile accounting, and any
-  other compilation while training is a recompile (an error)."""
+  """Counts XLA compilations and persistent-cache hits and misses by what made them: the step
+  compiles (`_lower_and_compile`, on the pool or inline), whose counts are the run's compile
+  accounting; helpers the caller allows (`allowed`: checkpointing compiles small ones of its
+  own); and anything else, which while training is a recompile (an error)."""
 
   _lock = threading.Lock()
   _counts: ClassVar[collections.Counter] = collections.Counter()
   _registered = False
-  _compiling_a_step = threading.local()
+  _compiling = threading.local()  # .kind: "step", "allowed", or None (unset)
 
   @classmethod
   def install(cls) -> None:
@@ -50,30 +51,40 @@ class CompileEvents:
 
   @classmethod
   @contextlib.contextmanager
-  def step_compile(cls):
-    """Marks this thread's compilations as a step's until the block ends."""
-    before = getattr(cls._compiling_a_step, "active", False)
-    cls._compiling_a_step.active = True
+  def _marked(cls, kind: str):
+    before = getattr(cls._compiling, "kind", None)
+    cls._compiling.kind = kind
     try:
       yield
     finally:
-      cls._compiling_a_step.active = before
+      cls._compiling.kind = before
+
+  @classmethod
+  def step_compile(cls):
+    """Marks this thread's compilations as a step's until the block ends."""
+    return cls._marked("step")
+
+  @classmethod
+  def allowed(cls):
+    """Marks this thread's compilations as allowed while training until the block ends."""
+    return cls._marked("allowed")
 
   @classmethod
   def _record(cls, event: str, *args, **kwargs) -> None:
     del args, kwargs
-    in_steps = getattr(cls._compiling_a_step, "active", False)
+    kind = getattr(cls._compiling, "kind", None)
     with cls._lock:
-      cls._counts[event, in_steps] += 1
+      cls._counts[event, kind] += 1
 
   @classmethod
   def count(cls, event: str, in_steps: bool) -> int:
+    """The `event`s of the step compiles (`in_steps`), or of everything unmarked."""
     with cls._lock:
-      return cls._counts[event, in_steps]
+      return cls._counts[event, "step" if in_steps else None]
 
   @classmethod
   def outside_steps(cls) -> int:
-    """Compilations other than the steps', from the backend or the persistent cache."""
+    """Compilations neither a step's nor allowed, from the backend or the persistent cache."""
     return cls.count(BACKEND_COMPILE_EVENT, False) + cls.count(CACHE_HIT_EVENT, False)
 
   @classmethod
