@@ -94,8 +94,21 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(
       f"config.bucketing.strategy={bucket_config.strategy!r} is not one of {bucketing.STRATEGIES}"
     )
-  if bucket_config.num_buckets < 1:
-    raise ValueError(f"config.bucketing.num_buckets must be >= 1, got {bucket_config.num_buckets}")
+  # Counts where 0 means "none" or "all" (see experiments/common.py), and those that must be 1+.
+  for field, least in (
+    ("bucketing.batch_size", 0),
+    ("bucketing.max_tokens", 0),
+    ("data.train_limit", 0),
+    ("data.eval_limit", 0),
+    ("max_steps", 0),
+    ("bucketing.num_buckets", 1),
+    ("num_epochs", 1),
+    ("patience", 1),
+    ("checkpoint_every_steps", 1),
+  ):
+    value = functools.reduce(getattr, field.split("."), config)
+    if value < least:
+      raise ValueError(f"config.{field} must be >= {least}, got {value}")
   if bool(bucket_config.batch_size) == bool(bucket_config.max_tokens):
     raise ValueError("set exactly one of config.bucketing.batch_size and .max_tokens (other 0)")
   if bucket_config.batch_size and bucket_config.batch_size % num_devices:
@@ -113,8 +126,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       f"config.bucketing.overflow={bucket_config.overflow!r} is not one of "
       f"{bucketing.OVERFLOW_POLICIES}"
     )
-  if config.num_epochs < 1:
-    raise ValueError(f"config.num_epochs must be >= 1, got {config.num_epochs}")
   if config.compile_mode not in compilation.COMPILE_MODES:
     raise ValueError(
       f"config.compile_mode={config.compile_mode!r} is not one of {compilation.COMPILE_MODES}"
@@ -123,10 +134,6 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(
       f"config.data.bad_examples={config.data.bad_examples!r} is not one of "
       f"{dataset_lib.BAD_EXAMPLE_POLICIES}"
-    )
-  if config.checkpoint_every_steps < 1:
-    raise ValueError(
-      f"config.checkpoint_every_steps must be >= 1, got {config.checkpoint_every_steps}"
     )
   if config.max_minutes < 0:
     raise ValueError(f"config.max_minutes must be >= 0 (0: no cap), got {config.max_minutes}")
