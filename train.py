@@ -897,8 +897,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state, progress = restore(
       checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
     )
-    if plan_summary is not None:  # only now: a resume refused leaves the run's own plan.json
+    if jax.process_index() == 0:  # only now: a resume refused leaves the run's own files
       _write_atomically(workdir / "plan.json", json.dumps(plan_summary, indent=2))
+      record_config(config, workdir, resumed=bool(int(jax.device_get(state.step))))
     steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
     with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
       run = Run(
@@ -1068,6 +1069,56 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
   temporary = path.with_name(f".{path.name}.tmp")
   temporary.write_text(text)
   temporary.replace(path)
+
+
+CONFIG_FILE = "config.json"
+# Fields that steer a run but not what it computes: a resume may change them without a warning.
+RUN_CONTROL_FIELDS = (
+  "max_minutes",
+  "max_steps",
+  "progress_bar",
+  "compile_mode",
+  "compilation_cache_dir",
+  "checkpoint_every_steps",
+  "data.data_dir",
+  "data.manual_dir",
+  "distributed.",
+)
+
+
+def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """{"model.hidden_size": 128, ...}: every field, as JSON values."""
+
+  def flatten(values: dict, prefix: str) -> dict:
+    flat = {}
+    for name, value in values.items():
+      if isinstance(value, dict):
+        flat |= flatten(value, f"{prefix}{name}.")
+      else:
+        flat[prefix + name] = value
+    return flat
+
+  return _json_safe(flatten(config.to_dict(), ""))
+
+
+def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resumed: bool) -> None:
+  """Writes the start's config to `workdir/config.json`; a resume first warns of the fields it
+  changes that change what the run computes (the learning rate's horizon with `num_epochs`, the
+  optimizer, dropout, ...: accepted, since the state's shapes still fit, but worth knowing)."""
+  path = workdir / CONFIG_FILE
+  current = flat_config(config)
+  if resumed and path.is_file():
+    before = json.loads(path.read_text())
+    changed = [
+      f"{field} {before.get(field)!r} -> {current.get(field)!r}"
+      for field in sorted(before.keys() | current.keys())
+      if before.get(field) != current.get(field) and not field.startswith(RUN_CONTROL_FIELDS)
+    ]
+    if changed:
+      LOG.warning(
+        "resuming with another config than the run's last start (%s): %s", path, "; ".join(changed)
+      )
+  _write_atomically(path, json.dumps(current, indent=2))
 
 
 def plan_buckets(

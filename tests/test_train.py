@@ -684,6 +684,21 @@ def test_resuming_with_another_schedule_is_refused(stopped_at_step_6, tmp_path, 
   assert (workdir / "plan.json").read_text() == (stopped_at_step_6 / "plan.json").read_text()
 
 
+def test_a_resume_that_changes_what_the_run_computes_says_so(stopped_at_step_6, tmp_path, caplog):
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 2
+  # max_steps steers the run only (it was 6); num_epochs moves the learning rate's horizon.
+  config = tiny_config(num_epochs=3, max_steps=8)
+  train.train_and_evaluate(config, workdir)
+  (warning,) = [r.message for r in caplog.records if "resuming with another config" in r.message]
+  assert warning.endswith(": num_epochs 2 -> 3")
+  assert json.loads((workdir / "config.json").read_text()) == train.flat_config(config)
+  caplog.clear()
+  train.train_and_evaluate(tiny_config(num_epochs=3), workdir)
+  assert "resuming with another config" not in caplog.text
+
+
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete"])
 def test_a_damaged_latest_checkpoint_falls_back_to_the_step_before(
   uninterrupted, stopped_at_step_6, tmp_path, caplog, how
