@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -124,7 +125,8 @@ class BucketPlan:
         cost.run_seconds(cost_model, baseline_bound, baseline_size, baseline_batch)
         - cost_model.kappa
       )
-      predicted = baseline_seconds / epoch_seconds
+      # A model that costs nothing per step (alpha = gamma = beta = 0) predicts nothing.
+      predicted = baseline_seconds / epoch_seconds if epoch_seconds > 0 else None
 
     buckets = [
       {
@@ -141,6 +143,12 @@ class BucketPlan:
       }
       for b in range(self.num_buckets)
     ]
+    # A token budget gives each bucket at least one sequence per device, so a bucket whose
+    # bound times that minimum exceeds the budget takes more tokens a step than it allows.
+    tokens_per_step = self.batch_sizes * self.upper_bounds
+    over_budget = (
+      [] if self.max_tokens is None else np.flatnonzero(tokens_per_step > self.max_tokens).tolist()
+    )
     return {
       "strategy": self.strategy,
       "num_buckets": self.num_buckets,
@@ -154,6 +162,9 @@ class BucketPlan:
       "batch_sizes": self.batch_sizes.tolist(),
       "steps_per_epoch": self.steps_per_epoch.tolist(),
       "filler_rows": self.filler_rows.tolist(),
+      "max_tokens": self.max_tokens,
+      "tokens_per_step": tokens_per_step.tolist(),
+      "over_budget_buckets": over_budget,
       "real_timesteps": real,
       "padded_timesteps": padded,
       "padded_timesteps_with_filler": with_filler,
@@ -206,6 +217,11 @@ def format_report(summary: dict) -> str:
       else f", predicted by the cost model {summary['predicted_speedup']:.2f}x"
     ),
   ]
+  for b in summary["over_budget_buckets"]:
+    lines.append(
+      f"bucket {b} takes {summary['tokens_per_step'][b]:,} padded tokens a step, over max_tokens "
+      f"{summary['max_tokens']:,}: its batch is the least it can be, one sequence per device"
+    )
   if summary["dropped"]:
     lines.append(f"dropped {len(summary['dropped'])} sequence(s) over the largest bound")
   if summary["truncated"]:
@@ -259,6 +275,10 @@ def make_plan(
     raise ValueError("upper_bounds are given with strategy 'fixed', and only with it")
   if num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+  if not isinstance(num_buckets, numbers.Integral) or num_buckets < 1:
+    raise ValueError(f"num_buckets must be an integer >= 1, got {num_buckets!r}")
+  if not (np.isfinite(num_epochs) and num_epochs > 0):
+    raise ValueError(f"num_epochs must be a finite number > 0, got {num_epochs}")
 
   rounded = boundaries.round_up(lengths, round_to)
   auto = None

@@ -5,8 +5,9 @@ import functools
 import numpy as np
 import pytest
 
-from bucketing import boundaries
+from bucketing import boundaries, cost
 from bucketing import plan as plan_lib
+from bucketing.plan import format_report
 
 LENGTHS = np.random.default_rng(0).integers(31, 1541, 1000)
 
@@ -97,13 +98,39 @@ def test_token_budget_plan():
   )
   assert np.all(plan.batch_sizes * plan.upper_bounds <= 20_000)
   assert plan.batch_sizes[0] > plan.batch_sizes[-1]
+  summary = plan.summary()
+  assert summary["over_budget_buckets"] == [] and "over max_tokens" not in format_report(summary)
+  assert summary["tokens_per_step"] == (plan.batch_sizes * plan.upper_bounds).tolist()
+
+
+def test_a_bucket_over_the_token_budget_is_reported():
+  # 8 devices take at least 8 sequences a step: 8 x 200 = 1,600 tokens against a budget of 1,000.
+  plan = plan_lib.make_plan(
+    [100] * 20 + [200] * 20, strategy="optimal", num_buckets=2, max_tokens=1000, num_devices=8
+  )
+  summary = plan.summary()
+  assert summary["tokens_per_step"] == [800, 1600] and summary["over_budget_buckets"] == [1]
+  assert "bucket 1 takes 1,600 padded tokens a step, over max_tokens 1,000" in format_report(
+    summary
+  )
+
+
+def test_a_cost_model_that_costs_nothing_per_step_predicts_nothing():
+  free = cost.CostModel(alpha=0.0, beta=0.0, gamma=0.0, kappa=1.0)
+  summary = plan_lib.make_plan(LENGTHS, strategy="optimal", num_buckets=2, batch_size=8).summary(
+    free
+  )
+  assert summary["predicted_speedup"] is None and summary["ideal_speedup"] > 1
 
 
 @pytest.mark.parametrize(
   ("kwargs", "message"),
   [
     ({"strategy": "magic"}, "unknown strategy"),
-    ({"strategy": "optimal", "num_buckets": 0}, "number of buckets"),
+    ({"strategy": "optimal", "num_buckets": 0}, r"num_buckets must be an integer >= 1, got 0"),
+    ({"strategy": "optimal", "num_buckets": 2.0}, r"num_buckets must be an integer >= 1, got 2.0"),
+    ({"strategy": "auto", "num_epochs": float("nan")}, r"num_epochs must be .* > 0, got nan"),
+    ({"strategy": "auto", "num_epochs": -1}, r"num_epochs must be .* > 0, got -1"),
     ({"strategy": "fixed"}, "upper_bounds"),
     ({"strategy": "optimal", "upper_bounds": [5]}, "upper_bounds"),
     ({"strategy": "optimal", "overflow": "ignore"}, "overflow"),
