@@ -3,10 +3,11 @@ four IAM-OnDB-t1 split files, into examples of the shared format (see `handwriti
 
 Bad input policy. Whatever says the download itself is broken or incomplete fails the build with
 an `IamOnDbError` naming the file: a missing or empty manual dir, a missing split or transcription
-file, a form without line files, truncated or malformed XML, a non-numeric point. Whatever makes
-only one line unusable while the download is fine skips that line with a recorded reason: a line
-without ink (no points), a transcription with a character outside the alphabet, or a form whose
-transcription lines cannot be matched to its line files.
+file, a form without line files, a form listed in two split files, truncated or malformed XML, a
+non-numeric or non-finite point. Whatever makes only one line unusable while the download is fine
+skips that line with a recorded reason: a line without ink (no points), a transcription with a
+character outside the alphabet, or a form whose transcription lines cannot be matched to its line
+files.
 
 Known quirks, handled on purpose:
 - `a08-551z` has 8 CSR lines for 9 line files: its last CSR line holds a `%%%%%%%%%%%` mark where
@@ -43,6 +44,7 @@ SPLIT_FILES = {
 STROKES_ARCHIVE = "lineStrokes-all.tar.gz"
 ASCII_ARCHIVE = "ascii-all.tar.gz"
 _LINE_BREAK_MARK = re.compile(r"\s*%+\s*")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # points are stored as float32
 
 
 class IamOnDbError(ValueError):
@@ -72,12 +74,15 @@ def parse_line_strokes(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray
     points = stroke.findall("Point")
     for point_index, point in enumerate(points):
       try:
-        rows.append([float(point.attrib[name]) for name in ("x", "y", "time")])
+        row = [float(point.attrib[name]) for name in ("x", "y", "time")]
+        if not all(abs(value) <= _FLOAT32_MAX for value in row):  # NaN compares False too
+          raise ValueError
       except (KeyError, ValueError):
         raise IamOnDbError(
-          f"{source}: point {point_index} of stroke {stroke_index} has a missing or non-numeric "
-          f"coordinate: {dict(point.attrib)}"
+          f"{source}: point {point_index} of stroke {stroke_index} has a missing, non-numeric or "
+          f"non-finite coordinate: {dict(point.attrib)}"
         ) from None
+      rows.append(row)
       stroke_end.append(point_index == len(points) - 1)
   if not rows:
     raise UnusableLineError(f"{source}: the stroke set has no points")
@@ -182,7 +187,11 @@ def read_iam_ondb(
   split_of_form = {}
   for split, name in SPLIT_FILES.items():
     for form_id in read_split_file(manual_dir / name):
-      split_of_form.setdefault(form_id, split)
+      other = split_of_form.setdefault(form_id, split)
+      if other != split:  # one form in two splits would test on what was trained on
+        raise IamOnDbError(
+          f"{manual_dir / name}: form {form_id} is also listed in {SPLIT_FILES[other]}"
+        )
 
   transcriptions = {}
   for source, data in _iter_members(manual_dir, "ascii", ASCII_ARCHIVE, ".txt"):

@@ -126,6 +126,25 @@ def test_non_numeric_coordinate_fails_naming_file_and_point(tmp_path):
     iam_ondb.read_iam_ondb(root, progress=False)
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-1e999", "1e39"])
+def test_non_finite_coordinate_fails_naming_file_and_point(tmp_path, value):
+  # float() reads "nan" and "inf"; 1e39 is finite but not as float32, the points' dtype.
+  root = write_download(tmp_path)
+  line_path(root, "c03-020x-01").write_text(line_xml([[(1, 2, 3.0), (4, value, 3.02)]]))
+  with pytest.raises(IamOnDbError, match=r"c03-020x-01\.xml: point 1 of stroke 0 .*non-finite"):
+    iam_ondb.read_iam_ondb(root, progress=False)
+
+
+def test_a_form_in_two_split_files_fails_naming_both(tmp_path):
+  root = write_download(tmp_path)
+  with (root / "testset_f.txt").open("a") as split_file:
+    split_file.write(" a01-000u\n")  # a training form
+  with pytest.raises(
+    IamOnDbError, match=r"testset_f\.txt: form a01-000u is also listed in trainset"
+  ):
+    iam_ondb.read_iam_ondb(root, progress=False)
+
+
 def test_empty_stroke_set_skips_the_line_with_a_reason(tmp_path):
   root = write_download(tmp_path)
   line_path(root, "d04-030z-02").write_text(line_xml([]))
