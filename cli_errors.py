@@ -47,6 +47,20 @@ def run(main: Callable[[], int | None]) -> int:
   return code if isinstance(code, int) else 0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+  """argparse's parser whose usage errors (a bad or missing flag) end as every expected error
+  does, in one line under `run`, instead of the usage block; `--help` shows the description's
+  first paragraph."""
+
+  def __init__(self, *args, description: str | None = None, **kwargs):
+    if description:
+      description = description.strip().split("\n\n")[0]
+    super().__init__(*args, description=description, **kwargs)
+
+  def error(self, message: str):
+    raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
 def int_list(text: str) -> list[int]:
   """An argparse type for comma-separated integers ("2,4,8"): a typo is named with its flag."""
   try:

@@ -1612,6 +1612,8 @@ if __name__ == "__main__":
   def main(argv):
     if len(argv) > 1:
       raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+      raise cli_errors.UsageError("--config is required, e.g. --config=experiments/synthetic.py")
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's INFO lines out of the way
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

@@ -4,7 +4,6 @@ Bad input ends with one line naming the file (and line) and exit code 2; `BUCKET
 shows the traceback.
 """
 
-import argparse
 import json
 import pathlib
 import sys
@@ -72,7 +71,7 @@ def plot_plan(plan: BucketPlan, path: pathlib.Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m bucketing", description=__doc__)
+  parser = cli_errors.ArgumentParser(prog="python -m bucketing", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   plan = commands.add_parser("plan", help="plan buckets for a file of lengths")
   plan.add_argument(

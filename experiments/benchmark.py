@@ -29,7 +29,6 @@ Writes `experiments/results/benchmark_<machine>.md` (`cpu`, `gpu`) with the mach
 command and load. `--quick` took 2.0 min on a 2-core CPU (`experiments/results/benchmark_cpu.md`).
 """
 
-import argparse
 import dataclasses
 import pathlib
 import statistics
@@ -389,7 +388,7 @@ def cudnn_jax_steps(bench: Bench, num_buckets: int):
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   preset = parser.add_mutually_exclusive_group()
   preset.add_argument("--quick", action="store_true", help="minutes on a CPU")
   preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")

@@ -17,7 +17,6 @@ repeat, so load from other processes falls on all of them alike. Writes
 command and load.
 """
 
-import argparse
 import pathlib
 import statistics
 import sys
@@ -54,7 +53,7 @@ def spread(values: list[float]) -> str:
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--config", default="experiments/synthetic.py:tiny")
   parser.add_argument(
     "--num-buckets",

@@ -15,7 +15,6 @@ Prints a Markdown table and writes it, with the machine, date, versions and comm
 `experiments/results/benchmark_lstm_<backend>.md`.
 """
 
-import argparse
 import datetime
 import os
 import pathlib
@@ -173,7 +172,7 @@ def contenders(unroll: int) -> dict[str, Callable[[int, int, bool], nn.Module]]:
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument(
     "--preset", choices=sorted(PRESETS), default=None, help="size grid; defaults to the backend's"
   )

@@ -171,7 +171,7 @@ def budget_rows(coefficients: np.ndarray, label_width: int) -> list[dict[str, st
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--config", default="experiments/iam.py")
   parser.add_argument("--quick", action="store_true", help="fewer shapes and plans")
   parser.add_argument("--out", type=pathlib.Path, default=None)

@@ -8,7 +8,6 @@ smallest distinct-length count it also times a plain O(K m^2) dynamic programme,
 solution, for scale.
 """
 
-import argparse
 import datetime
 import pathlib
 import statistics
@@ -49,7 +48,7 @@ def median_seconds(lengths: np.ndarray, num_buckets: int, repeats: int) -> float
 
 
 def main() -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument(
     "--out", type=pathlib.Path, default=RESULTS / "benchmark_optimal_bounds_cpu.md"

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import cli_errors
 import train
 from experiments import benchmark, iam
 from experiments.reporting import RunRecord, markdown_table, versions, write_report
@@ -423,9 +424,17 @@ def epoch_rows(
   return len(data), rows
 
 
+def named_flags(text: str) -> str:
+  """An argparse type for `NAME=XLA_FLAGS`."""
+  name, equals, _ = text.partition("=")
+  if not (name and equals):
+    raise argparse.ArgumentTypeError(f"{text!r} is not NAME=FLAGS (a row name, then its flags)")
+  return text
+
+
 def main(argv: list[str] | None = None) -> pathlib.Path | None:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument(
     "--preset",
     choices=sorted(PRESETS),
@@ -439,7 +448,14 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     "--epoch-strategies", default="optimal,none", help="ours: optimal (K = 8) and/or none"
   )
   parser.add_argument("--data-dir", default=None, help="folder of iam_ondb.npz, for --epoch")
-  parser.add_argument("--xla-flags", action="append", default=[], metavar="NAME=FLAGS")
+  parser.add_argument(
+    "--xla-flags",
+    action="append",
+    default=[],
+    type=named_flags,
+    metavar="NAME=FLAGS",
+    help="a row of the whole step under these XLA_FLAGS (repeatable)",
+  )
   parser.add_argument("--repeats", type=int, default=10)
   parser.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--settings", type=json.loads, default={}, help=argparse.SUPPRESS)
@@ -453,6 +469,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   preset_name = args.preset
   backend = jax.default_backend()
   out = args.out or RESULTS / f"benchmark_step_{backend}.md"
+  out.parent.mkdir(parents=True, exist_ok=True)  # before minutes of measuring, not after
   sections = []
   record = RunRecord("experiments.benchmark_step", argv, versions())
 
@@ -579,4 +596,4 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
 
 
 if __name__ == "__main__":
-  main()
+  sys.exit(cli_errors.run(main))

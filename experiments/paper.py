@@ -739,7 +739,7 @@ def budget_lines(budget: dict | None, unfinished: list[str]) -> list[str]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   preset = parser.add_mutually_exclusive_group()
   preset.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
   preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")

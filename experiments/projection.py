@@ -36,7 +36,6 @@ Writes `.md` (the table, the fit and its errors, a check against the measured on
 `.csv` and `.png` (projected epoch time and speed-up against GPU count) next to `--out`.
 """
 
-import argparse
 import csv
 import dataclasses
 import datetime
@@ -234,7 +233,7 @@ def plot(rows: list[dict], path: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> pathlib.Path:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--data-dir", default=None, help="holds iam_ondb.npz or the TFDS build")
   parser.add_argument("--dataset", default="iam_ondb", help="iam_ondb (the paper) or synthetic")
   parser.add_argument("--train-limit", type=int, default=0, help="first N lines (0: all)")

@@ -509,7 +509,7 @@ def write_report(
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--candidates", default="", help="comma-separated candidate names")
   parser.add_argument(
     "--set", action="append", default=[], metavar="NAME:FIELD=VALUE,...", help="a candidate"

@@ -20,7 +20,7 @@ from handwriting.features import FeatureConfig
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m handwriting", description=__doc__.split("\n")[0])
+  parser = cli_errors.ArgumentParser(prog="python -m handwriting", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
   common = argparse.ArgumentParser(add_help=False)
   common.add_argument("--dataset", default="synthetic", help="iam_ondb, synthetic or a .npz export")

@@ -126,3 +126,24 @@ def test_experiment_drivers_end_bad_input_in_one_line(tmp_path, module, args, la
   assert result.returncode == 2
   assert "Traceback" not in result.stderr
   assert last_line in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+  "command",
+  [
+    ["-m", "bucketing", "plan", "--lengths", "x.txt", "--strategy", "optimale"],
+    ["-m", "handwriting", "stats", "--resample_spacing", "abc"],
+    ["-m", "experiments.benchmark_step", "--xla-flags", "bogus"],
+    ["-m", "experiments.paper", "--no-such-flag"],
+  ],
+)
+def test_a_flag_argparse_refuses_is_one_line_too(command):
+  done = subprocess.run(
+    [sys.executable, *command],
+    capture_output=True,
+    text=True,
+    check=False,
+    env={key: value for key, value in os.environ.items() if key != cli_errors.DEBUG_ENV},
+  )
+  assert done.returncode == 2 and done.stdout == ""
+  assert re.fullmatch(r"error: .+: .+ \(see --help\)\n", done.stderr)

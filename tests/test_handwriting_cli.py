@@ -64,12 +64,8 @@ def test_build_synthetic_as_a_module(tmp_path):
 
 
 def test_build_iam_ondb_needs_manual_dir(tmp_path, capsys):
-  with pytest.raises(SystemExit) as exit_info:
+  with pytest.raises(cli_errors.UsageError, match=r"needs --manual_dir \(the IAM-OnDB download\)"):
     main(["build", "--dataset", "iam_ondb", "--data_dir", str(tmp_path)])
-  assert exit_info.value.code == 2
-  assert (
-    capsys.readouterr().err.splitlines()[-1].endswith("needs --manual_dir (the IAM-OnDB download)")
-  )
 
 
 def test_first_build_with_json_prints_only_json_on_stdout(tmp_path):

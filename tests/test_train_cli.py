@@ -25,6 +25,8 @@ TINY = "--config=experiments/synthetic.py:tiny"
     ),
     (["--config=experiments/synthetic.py:nosuchvariant"], "unknown variant 'nosuchvariant'"),
     ([TINY, "extra"], "unexpected arguments: ['extra']"),
+    ([], "--config is required, e.g. --config=experiments/synthetic.py"),
+    (["--mode=evaluate"], "--config is required"),
     (
       ["--config=experiments/iam.py:tiny", "--config.data.data_dir=/nonexistent"],
       "IAM_ONDB_DIR or --config.data.manual_dir",
