@@ -815,7 +815,7 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
       process_id=config.distributed.process_id,
     )
   path = config.compilation_cache_dir
-  path = default_compilation_cache_dir() if path is None else path
+  path = default_compilation_cache_dir() if path is None else os.path.expanduser(path)
   wanted = (bool(path), path or jax.config.jax_compilation_cache_dir)
   if wanted != (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir):
     jax.config.update("jax_enable_compilation_cache", bool(path))

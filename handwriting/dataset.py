@@ -38,9 +38,14 @@ def default_data_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get("HANDWRITING_DATA_DIR", "~/tensorflow_datasets")).expanduser()
 
 
+def user_path(path: str | os.PathLike | None) -> pathlib.Path | None:
+  """`path` with a leading `~` expanded: the shell leaves `--flag=~/x` alone."""
+  return None if path is None else pathlib.Path(path).expanduser()
+
+
 def export_path(dataset: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
   """Where the numpy-only export of `dataset` lives: `<data_dir>/<dataset>.npz`."""
-  return pathlib.Path(data_dir or default_data_dir()) / f"{dataset}.npz"
+  return (user_path(data_dir) or default_data_dir()) / f"{dataset}.npz"
 
 
 def write_export(path: str | os.PathLike, examples: dict[str, list[dict]], metadata: dict):
@@ -170,7 +175,7 @@ def iam_ondb_builder(data_dir: str | os.PathLike | None = None):
   """The TFDS builder of `iam_ondb` at `data_dir` (imports TFDS, so only when needed)."""
   from handwriting.builder import IamOndb  # Imported here so that .npz users need no TFDS.
 
-  return IamOndb(data_dir=os.fspath(data_dir or default_data_dir()))
+  return IamOndb(data_dir=os.fspath(user_path(data_dir) or default_data_dir()))
 
 
 def _is_prepared(builder) -> bool:
@@ -195,6 +200,7 @@ def build_iam_ondb(
   """Build the TFDS dataset from the download in `manual_dir` and (by default) its .npz export."""
   import tensorflow_datasets as tfds
 
+  manual_dir = user_path(manual_dir)
   iam_ondb.check_manual_dir(manual_dir)  # Our message names what is missing; TFDS's does not.
   builder = iam_ondb_builder(data_dir)
   # TFDS prints "Downloading and preparing dataset ..." on stdout; stdout is for results (`--json`).
@@ -276,7 +282,7 @@ def data_source(
   exported nor built in `data_dir` and no manual dir is given.
   """
   if dataset.endswith(".npz"):
-    path = pathlib.Path(dataset)
+    path = user_path(dataset)
     if not path.is_file():
       raise FileNotFoundError(f"{path}: no such export file")
     return DataSource("export", path, _origin(read_export_metadata(path)), False)
@@ -296,10 +302,11 @@ def data_source(
   if manual_dir is None:
     raise FileNotFoundError(
       f"IAM-OnDB is not built in {builder.data_dir} and there is no export {export}; point "
-      "IAM_ONDB_DIR or --config.data.manual_dir (train.py), --manual_dir (python -m handwriting) "
-      "or manual_dir= (Python) at the folder with the IAM-OnDB download (README: Getting IAM-OnDB)"
+      "IAM_ONDB_DIR or --config.data.manual_dir (train.py with experiments/iam.py), --manual_dir "
+      "(python -m handwriting) or manual_dir= (Python) at the folder with the IAM-OnDB download "
+      "(README: Getting IAM-OnDB)"
     )
-  return DataSource("build", pathlib.Path(manual_dir), f"into {builder.data_dir}", False)
+  return DataSource("build", user_path(manual_dir), f"into {builder.data_dir}", False)
 
 
 def load_examples(
@@ -523,7 +530,7 @@ def skipped_examples(dataset: str, data_dir: str | os.PathLike | None = None) ->
   """The lines a build left out, as {"id", "split", "reason"} (none for the synthetic set)."""
   if dataset == "synthetic":
     return []
-  path = pathlib.Path(dataset) if dataset.endswith(".npz") else export_path(dataset, data_dir)
+  path = user_path(dataset) if dataset.endswith(".npz") else export_path(dataset, data_dir)
   if path.is_file():
     return read_export_metadata(path).get("skipped", [])
   return list(iam_ondb_builder(data_dir).info.metadata.get("skipped", []))

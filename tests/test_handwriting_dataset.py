@@ -261,16 +261,17 @@ def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
   source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir=tmp_path / "download")
   assert (source.kind, source.path) == ("build", tmp_path / "download")
 
+  # `--config.data.data_dir=~/x`: the shell expands no `~` after `=`, so the code does.
+  source = dataset.data_source("iam_ondb", data_dir="~/tensorflow_datasets")
+  assert (source.kind, source.path) == ("export", default_export)
+  assert dataset.data_source(f"~/tensorflow_datasets/{default_export.name}").path == default_export
+  source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir="~/download")
+  assert source.path == tmp_path / "home" / "download"
+
 
 def test_ctc_needs_a_frame_per_character_and_a_blank_between_equal_neighbours():
-  assert [
-    dataset.ctc_frames_needed(np.array(label)) for label in ([], [3], [3, 3], [1, 2, 2, 2])
-  ] == [
-    0,
-    1,
-    3,
-    6,
-  ]
+  labels = ([], [3], [3, 3], [1, 2, 2, 2])
+  assert [dataset.ctc_frames_needed(np.array(label)) for label in labels] == [0, 1, 3, 6]
 
 
 def test_a_line_ctc_cannot_align_is_named_or_skipped_and_reported():
