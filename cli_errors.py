@@ -11,6 +11,7 @@ enough. Anything else (a bug) keeps its traceback. Standard library only, so the
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -39,6 +40,11 @@ def run(main: Callable[[], int | None]) -> int:
   """
   try:
     code = main()
+  except BrokenPipeError:
+    # The reader went away (`| head`): end quietly, as a shell tool killed by SIGPIPE does, and
+    # keep Python from reporting the same when it flushes stdout at exit.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 128 + signal.SIGPIPE
   except EXPECTED_ERRORS as error:
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
       raise

@@ -147,3 +147,17 @@ def test_a_flag_argparse_refuses_is_one_line_too(command):
   )
   assert done.returncode == 2 and done.stdout == ""
   assert re.fullmatch(r"error: .+: .+ \(see --help\)\n", done.stderr)
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly():
+  # `python -m bucketing plan ... | head -1`: no "error: [Errno 32] Broken pipe".
+  code = (
+    "import cli_errors, sys; sys.exit(cli_errors.run(lambda: [print(i) for i in range(10**6)]))"
+  )
+  worker = subprocess.Popen(
+    [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+  )
+  assert worker.stdout.readline() == "0\n"
+  worker.stdout.close()
+  assert worker.wait(timeout=60) == 128 + 13  # SIGPIPE's
+  assert worker.stderr.read() == ""
