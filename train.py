@@ -35,6 +35,7 @@ import math
 import os
 import pathlib
 import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -826,7 +827,8 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
 
 
 def progress_bar(total: int, initial: int, description: str, enabled: bool):
-  if not enabled:
+  """A tqdm bar on a terminal; none when off, or when stderr is a file (a log full of redraws)."""
+  if not (enabled and sys.stderr.isatty()):
     return contextlib.nullcontext()
   from tqdm import tqdm
 
@@ -1101,6 +1103,40 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _json_safe(flatten(config.to_dict(), ""))
 
 
+# Model fields that choose how, not what, the model computes at inference.
+HOW_NOT_WHAT_FIELDS = ("model.lstm_impl", "model.unroll", "model.kernel.", "model.dropout_rate")
+
+
+def _read_json(path: pathlib.Path) -> Any:
+  """A JSON file the run wrote; a damaged one is a one-line error naming it."""
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as error:
+    raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def check_trained_with(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+  """Refuses to load a run's parameters for a config whose features or model differ from the
+  run's (its `config.json`; runs older than that file are not checked): a model scores, and
+  transcribes, only the features it was trained on."""
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    return
+  trained, current = _read_json(path), flat_config(config)
+  differ = [
+    f"config.{field}={current.get(field)!r} here, {trained.get(field)!r} there"
+    for field in sorted(trained.keys() | current.keys())
+    if field.startswith(("model.", "data.features."))
+    and not field.startswith(HOW_NOT_WHAT_FIELDS)
+    and trained.get(field) != current.get(field)
+  ]
+  if differ:
+    raise ValueError(
+      f"the run in {workdir} was trained with another model or features ({path}): "
+      f"{'; '.join(differ)}; use the config it was trained with"
+    )
+
+
 def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resumed: bool) -> None:
   """Writes the start's config to `workdir/config.json`; a resume first warns of the fields it
   changes that change what the run computes (the learning rate's horizon with `num_epochs`, the
@@ -1108,7 +1144,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resu
   path = workdir / CONFIG_FILE
   current = flat_config(config)
   if resumed and path.is_file():
-    before = json.loads(path.read_text())
+    before = _read_json(path)
     changed = [
       f"{field} {before.get(field)!r} -> {current.get(field)!r}"
       for field in sorted(before.keys() | current.keys())
@@ -1366,11 +1402,12 @@ def log_compile_accounting(summary: dict) -> None:
   first = summary["time_to_first_step_s"]
   dropped = summary["compiles_dropped"]
   LOG.info(
-    "compiled %d train and %d eval steps (one per bucket%s): first train step after %s, "
-    "%.1f s wall, %.1f s summed over steps; persistent cache %d hits, %d misses",
+    "compiled %d train steps (one per bucket) and %d eval steps (one per bucket the evaluation "
+    "splits use)%s: first train step after %s, %.1f s wall, %.1f s summed over steps; "
+    "persistent cache %d hits, %d misses",
     summary["train_compiles"],
     summary["eval_compiles"],
-    f"; {dropped} more left for the next start" if dropped else "",
+    f", {dropped} more left for the next start" if dropped else "",
     "-" if first is None else f"{first:.1f} s",
     summary["compile_wall_s"],
     summary["compile_seconds_sum"],
@@ -1509,16 +1546,20 @@ def _load_params(config, workdir, sharding, checkpoint: str) -> tuple[Any, dict]
   epochs for the latest state, and is the best epoch's index for the best)."""
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f"checkpoint={checkpoint!r} is not one of {CHECKPOINTS}")
+  check_trained_with(config, pathlib.Path(workdir))
   state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
     if checkpoint == "latest":
       params, origin = checkpoints.read_latest_params(abstract_on(state, sharding))
-      where = f"global step {origin['global_step']} (epoch {origin['epoch']})"
+      where = f"global step {origin['global_step']} ({origin['epoch']} epoch(s) finished)"
     else:
       params = checkpoints.restore_best(abstract_on(state.params, sharding))
       if params is None:
-        raise FileNotFoundError(f"no best checkpoint under {checkpoints.best.directory}")
+        raise FileNotFoundError(
+          f"no best checkpoint under {checkpoints.best.directory} (none until an epoch ends); "
+          "--checkpoint=latest scores the latest state"
+        )
       origin = {"epoch": int(checkpoints.best.latest_step())}
       origin["selected_by"] = checkpoints.best_selected_by
       where = f"epoch {origin['epoch']}, the best by {origin['selected_by']}"
@@ -1542,7 +1583,7 @@ def evaluate_checkpoint(
   plan_path = pathlib.Path(workdir) / "plan.json"
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
-  train_bounds = np.array(json.loads(plan_path.read_text())["upper_bounds"])
+  train_bounds = np.array(_read_json(plan_path)["upper_bounds"])
   source = data_source(config)
   data, skipped = _load_checked(config, split, config.data.eval_limit, str(source))
   plan = make_eval_plans(
@@ -1591,8 +1632,6 @@ def transcribe(
 
 
 if __name__ == "__main__":
-  import sys
-
   from absl import app, flags
   from absl import logging as absl_logging
   from ml_collections import config_flags

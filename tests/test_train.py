@@ -492,6 +492,15 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   }
   with pytest.raises(ValueError, match="checkpoint='last' is not one of"):
     train.load_params(config, tmp_path, checkpoint="last")
+  # Scored on other features, the numbers would be wrong, not an error; how it computes may change.
+  changed = tiny_config(**{"data.features.resample_spacing": 0.5})
+  with pytest.raises(ValueError, match=r"features.resample_spacing=0.5 here, 0.2 there; use the"):
+    train.evaluate_checkpoint(changed, tmp_path, "validation")
+  train.load_params(tiny_config(**{"model.unroll": 2, "model.dropout_rate": 0.0}), tmp_path)
+  plan = tmp_path / "plan.json"
+  plan.write_text(plan.read_text()[:-20])
+  with pytest.raises(ValueError, match=r"plan.json: not valid JSON"):
+    train.evaluate_checkpoint(config, tmp_path, "validation")
   # Reading creates nothing: a mistyped workdir stays absent.
   for checkpoint in train.CHECKPOINTS:
     with pytest.raises(FileNotFoundError, match=f"no {checkpoint} checkpoint under .*typo"):
@@ -697,6 +706,12 @@ def test_a_resume_that_changes_what_the_run_computes_says_so(stopped_at_step_6, 
   caplog.clear()
   train.train_and_evaluate(tiny_config(num_epochs=3), workdir)
   assert "resuming with another config" not in caplog.text
+
+
+def test_a_run_without_a_finished_epoch_has_no_best_but_a_latest_checkpoint(stopped_at_step_6):
+  with pytest.raises(FileNotFoundError, match=r"none until an epoch ends\); --checkpoint=latest"):
+    train.load_params(tiny_config(), stopped_at_step_6)
+  train.load_params(tiny_config(), stopped_at_step_6, checkpoint="latest")
 
 
 @pytest.mark.parametrize("how", ["truncate", "zero", "delete"])
