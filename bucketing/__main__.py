@@ -24,9 +24,14 @@ def read_lengths(path: pathlib.Path) -> np.ndarray:
   if not path.is_file():
     raise ValueError(f"{path}: no such file")
   if path.suffix == ".npy":
-    values = np.load(path, allow_pickle=False)
+    try:
+      values = np.load(path, allow_pickle=False)
+    except ValueError:  # numpy's own words invite loading pickles, which we never do
+      raise ValueError(f"{path}: not a numpy array file (.npy) of integer lengths") from None
     if values.ndim != 1:
       raise ValueError(f"{path}: expected a 1-D array of lengths, got shape {values.shape}")
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+      raise ValueError(f"{path}: expected integer lengths, got dtype {values.dtype}")
   else:
     values = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -70,6 +75,9 @@ def plot_plan(plan: BucketPlan, path: pathlib.Path) -> None:
   plt.close(figure)
 
 
+COST_FLAGS = ("alpha", "beta", "gamma", "kappa")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = cli_errors.ArgumentParser(prog="python -m bucketing", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -78,21 +86,42 @@ def main(argv: list[str] | None = None) -> int:
     "--lengths", type=pathlib.Path, required=True, help="one length per line, or .npy"
   )
   plan.add_argument("--strategy", choices=boundaries.STRATEGIES, default="optimal")
-  plan.add_argument("--num-buckets", type=int, default=8, help="K (the largest K for auto)")
+  plan.add_argument(
+    "--num-buckets", type=int, default=8, help="K (the largest K for auto): %(default)s"
+  )
   plan.add_argument("--bounds", help="comma-separated upper bounds, for --strategy fixed")
   sizing = plan.add_mutually_exclusive_group()
-  sizing.add_argument("--batch-size", type=int, help="sequences per global batch (default 32)")
+  sizing.add_argument("--batch-size", type=int, help="sequences per global batch: 32 by default")
   sizing.add_argument("--max-tokens", type=int, help="padded-token budget per global batch")
-  plan.add_argument("--devices", type=int, default=1, help="batch sizes are multiples of this")
-  plan.add_argument("--round-to", type=int, default=1, help="bounds are multiples of this")
-  plan.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error")
-  plan.add_argument("--alpha", type=float, default=cost.CostModel.alpha, help="seconds per step")
-  plan.add_argument("--beta", type=float, default=cost.CostModel.beta, help="seconds per token")
   plan.add_argument(
-    "--gamma", type=float, default=cost.CostModel.gamma, help="seconds per padded timestep"
+    "--devices", type=int, default=1, help="batch sizes are multiples of this: %(default)s"
   )
-  plan.add_argument("--kappa", type=float, default=cost.CostModel.kappa, help="seconds per compile")
-  plan.add_argument("--epochs", type=float, default=20, help="planned epochs, for auto")
+  plan.add_argument(
+    "--round-to",
+    type=int,
+    default=1,
+    help="bounds are multiples of this: %(default)s (the trainer's: 8)",
+  )
+  plan.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error")
+  # The cost model's defaults are placeholders; the trainer measures its own before planning.
+  plan.add_argument(
+    "--alpha", type=float, default=cost.CostModel.alpha, help="seconds per step: %(default)s"
+  )
+  plan.add_argument(
+    "--beta", type=float, default=cost.CostModel.beta, help="seconds per token: %(default)s"
+  )
+  plan.add_argument(
+    "--gamma",
+    type=float,
+    default=cost.CostModel.gamma,
+    help="seconds per padded timestep: %(default)s",
+  )
+  plan.add_argument(
+    "--kappa", type=float, default=cost.CostModel.kappa, help="seconds per compile: %(default)s"
+  )
+  plan.add_argument(
+    "--epochs", type=float, default=20, help="planned epochs, for auto: %(default)s"
+  )
   plan.add_argument("--json", action="store_true", help="print one JSON object")
   plan.add_argument("--plot", type=pathlib.Path, help="write the length histogram with bounds")
   args = parser.parse_args(argv)
@@ -127,7 +156,17 @@ def main(argv: list[str] | None = None) -> int:
   summary = result.summary(cost_model)
   if args.plot is not None:
     plot_plan(result, args.plot)
-  print(json.dumps(summary) if args.json else format_report(summary))
+  if args.json:
+    print(json.dumps(summary))
+    return 0
+  print(format_report(summary))
+  if not any(f"--{name}" in arg for arg in argv or sys.argv[1:] for name in COST_FLAGS):
+    print(
+      f"the cost model's figures are placeholders (alpha {cost_model.alpha:g} s a step, gamma "
+      f"{cost_model.gamma:g} s a padded timestep, beta {cost_model.beta:g} s a padded token, "
+      f"kappa {cost_model.kappa:g} s a compile): give measured ones with --alpha/--gamma/--beta/"
+      "--kappa (the trainer measures its own, README: Bucketing)"
+    )
   return 0
 
 

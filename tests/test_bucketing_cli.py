@@ -76,8 +76,12 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
   assert cli.main(["plan", "--lengths", str(lengths_file), "--plot", str(plot)]) == 0
   table = capsys.readouterr().out
   assert "bound" in table and "efficiency" in table
-  assert len(table.splitlines()) == 2 + 8 + 5
+  assert len(table.splitlines()) == 2 + 8 + 5 + 1
+  assert table.splitlines()[-1].startswith("the cost model's figures are placeholders (alpha 0.005")
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  measured = ["plan", "--lengths", str(lengths_file), "--alpha", "0.01", "--gamma", "1e-5"]
+  assert cli.main(measured) == 0
+  assert "placeholders" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
@@ -87,6 +91,7 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     ("12\nabc\n", [], ":2: 'abc' is not an integer"),
     ("12\n\n0\n", [], ":3: 0 is not a positive length"),
     ("", [], "holds no lengths"),
+    ("12\n", ["--lengths-as-npy"], "not a numpy array file (.npy) of integer lengths"),
     ("12\n", ["--num-buckets", "0"], "--num-buckets must be >= 1"),
     ("12\n", ["--batch-size", "0"], "batch_size must be >= 1, got 0"),
     ("12\n", ["--max-tokens", "0"], "max_tokens must be >= 1, got 0"),
@@ -98,6 +103,8 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
 def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch, content, extra, message):
   monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
   path = tmp_path / "lengths.txt"
+  if extra == ["--lengths-as-npy"]:  # a text file named .npy
+    path, extra = tmp_path / "lengths.npy", []
   if content is not None:
     path.write_text(content)
   assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path), *extra])) == 2
