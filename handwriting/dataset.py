@@ -288,6 +288,8 @@ def data_source(
     return DataSource("export", path, _origin(read_export_metadata(path)), False)
   if dataset == "synthetic":
     settings = {"seed": seed, "num_train": num_train, "num_eval": num_eval}
+    if num_train < 1 or num_eval < 1:
+      raise ValueError(f"the synthetic set's num_train and num_eval must be >= 1, got {settings}")
     return DataSource("generator", None, f"generated with {settings}", False)
   if dataset != "iam_ondb":
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS} or a .npz path")

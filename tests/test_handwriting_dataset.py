@@ -242,6 +242,10 @@ def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
   monkeypatch.delenv("HANDWRITING_DATA_DIR", raising=False)
   source = dataset.data_source("synthetic", seed=3, num_train=10, num_eval=5)
   assert source.kind == "generator" and "'seed': 3" in str(source)
+  with pytest.raises(
+    ValueError, match=r"num_train and num_eval must be >= 1, got .*'num_train': -5"
+  ):
+    load_examples("synthetic", "train", num_train=-5)
 
   export = dataset.export_path("iam_ondb", tmp_path)
   dataset.write_export(export, {"train": load_examples("synthetic", "train", limit=2)}, {})
