@@ -11,6 +11,8 @@ file as a traceback inside the message. `parse_flags` turns all of these into a
 """
 
 import copy
+import json
+import pathlib
 import re
 from collections.abc import Sequence
 
@@ -145,3 +147,32 @@ def override(
   else:
     return holder.value
   raise UsageError(f"{where}: {message.removeprefix('--config.')}")
+
+
+def _flat(value, prefix: str = "") -> dict:
+  if not isinstance(value, dict):
+    return {prefix: value}
+  flat = {}
+  for key, item in value.items():
+    flat |= _flat(item, f"{prefix}.{key}" if prefix else str(key))
+  return flat
+
+
+def check_settings(path: pathlib.Path, settings: dict, what: str) -> None:
+  """Writes `settings` (JSON) to `path` on first use; refuses, naming what differs, a workdir
+  whose `path` holds others: a finished run is reused, so its settings must be this command's."""
+  if path.is_file():
+    before, now = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(settings)))
+    differ = [
+      f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
+      for key in sorted(before.keys() | now.keys())
+      if before.get(key) != now.get(key)
+    ]
+    if differ:
+      shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+      raise UsageError(
+        f"{path.parent} holds {what} with other settings ({shown}; compare {path}); use a new "
+        "--workdir"
+      )
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(settings, indent=2))

@@ -40,8 +40,9 @@ fits, without early stopping. A worker skips a run that its estimate says would 
 deadline, and a run slower than its estimate stops at the deadline with a checkpoint
 (`config.max_minutes`); the table and plots cover the runs that finished and name those left out.
 A run whose `summary.json` says it finished is reused, so an interrupted sweep continues where it
-stopped (a run the deadline cut short resumes from its checkpoint);
-use a new workdir after changing any setting.
+stopped (a run the deadline cut short resumes from its checkpoint). The workdir's `sweep.json`
+keeps the settings its runs were trained with; a command with others (another dataset, preset,
+epoch count, cost model...) is refused, naming what differs: use a new workdir for it.
 
 Measured: `--quick --budget-minutes 12` on IAM-OnDB on a 2-core CPU (`experiments/results/
 paper_quick_cpu.md`, 11.5 min, all six planned runs kept): every run learns (validation CER
@@ -69,7 +70,8 @@ import ml_collections
 import numpy as np
 
 import cli_errors
-from experiments import common, iam, reporting, synthetic
+from experiments import cli, common, iam, reporting, synthetic
+from handwriting import dataset as dataset_lib
 
 DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
 PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "quick": (1, 2, 4), "tiny": (1, 2)}
@@ -104,12 +106,19 @@ def make_config(
   """The experiment config of a preset (`full`, `quick`, `tiny`) with command-line overrides.
 
   `dataset="auto"` takes IAM-OnDB when `data_dir` holds its export or `IAM_ONDB_DIR` is set, else
-  the synthetic set. `cost` is "alpha,beta,kappa" for `auto`, in seconds (gamma 0); without it
-  `auto` measures its cost model.
+  the synthetic set; a `data_dir` given without IAM-OnDB in it is an error, not the synthetic set.
+  `cost` is "alpha,beta,kappa[,gamma]" for `auto`, in seconds (gamma 0 when left out); without
+  it `auto` measures its cost model.
   """
   if dataset == "auto":
-    export = data_dir and pathlib.Path(data_dir, "iam_ondb.npz").is_file()
-    dataset = "iam_ondb" if export or os.environ.get("IAM_ONDB_DIR") else "synthetic"
+    export = data_dir and dataset_lib.export_path("iam_ondb", data_dir).is_file()
+    if data_dir and not export and not _has_tfds_build(data_dir):
+      raise cli_errors.UsageError(
+        f"--data-dir {data_dir} holds no IAM-OnDB (no iam_ondb.npz, no TFDS build); build it "
+        "there (python -m handwriting build, README: Getting IAM-OnDB), or leave --data-dir out "
+        "for the synthetic set"
+      )
+    dataset = "iam_ondb" if data_dir or os.environ.get("IAM_ONDB_DIR") else "synthetic"
   config = iam.get_config() if dataset == "iam_ondb" else synthetic.get_config()
   config.data.data_dir = data_dir
   config.progress_bar = False
@@ -136,10 +145,15 @@ def make_config(
   if epochs:
     config.num_epochs = epochs
   if cost:
-    alpha, beta, kappa = (float(value) for value in cost.split(","))
+    alpha, beta, kappa, gamma = [*(float(value) for value in cost.split(",")), 0.0][:4]
     config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = alpha, beta, kappa
-    config.bucketing.gamma = 0.0
+    config.bucketing.gamma = gamma
   return config
+
+
+def _has_tfds_build(data_dir: str) -> bool:
+  """Whether `data_dir` holds a TFDS build of iam_ondb (its folder; TFDS is not imported)."""
+  return (dataset_lib.user_path(data_dir) / "iam_ondb").is_dir()
 
 
 def args_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -752,7 +766,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--devices", type=cli_errors.int_list, help="comma-separated device counts")
   parser.add_argument("--epochs", type=int, default=0, help="override config.num_epochs")
   parser.add_argument(
-    "--cost", default=None, help="alpha,beta,kappa for auto in seconds (default: measured)"
+    "--cost",
+    default=None,
+    help="alpha,beta,kappa[,gamma] for auto, in seconds (gamma 0 when left out; default: measured)",
   )
   parser.add_argument(
     "--budget-minutes", type=float, default=0, help="plan the sweep to fit this wall time"
@@ -776,8 +792,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       cost = [float(value) for value in args.cost.split(",")]
     except ValueError:
       cost = []
-    if len(cost) != 3:
-      parser.error(f"--cost {args.cost!r} is not three numbers alpha,beta,kappa")
+    if len(cost) not in (3, 4):
+      parser.error(f"--cost {args.cost!r} is not three or four numbers alpha,beta,kappa[,gamma]")
   return args
 
 
@@ -792,6 +808,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   else:
     available = available_devices()
     device_counts = [2**i for i in range(available.bit_length()) if 2**i <= available]
+  # Finished runs are reused: only under the settings they were trained with.
+  settings = json.loads(args_config(args).to_json_best_effort())
+  for volatile in ("max_minutes", "progress_bar"):
+    settings.pop(volatile, None)
+  cli.check_settings(pathlib.Path(args.workdir) / "sweep.json", {"config": settings}, "a sweep")
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
   budget = plan_sweep(args, argv, device_counts, start) if args.budget_minutes else None

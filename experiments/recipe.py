@@ -349,14 +349,7 @@ def run_worker_process(argv: list[str], phase: str, name: str) -> bool:
 
 def check_settings(candidate_dir: pathlib.Path, settings: dict) -> None:
   """Writes the candidate's settings on first use; refuses a workdir that has others."""
-  path = candidate_dir / "candidate.json"
-  if path.is_file() and json.loads(path.read_text()) != settings:
-    raise cli_errors.UsageError(
-      f"{candidate_dir} holds a run of {candidate_dir.name!r} with other settings "
-      f"(compare {path}); use a new --workdir"
-    )
-  candidate_dir.mkdir(parents=True, exist_ok=True)
-  path.write_text(json.dumps(settings, indent=2))
+  cli.check_settings(candidate_dir / "candidate.json", settings, f"a run of {candidate_dir.name!r}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import hypothesis
 import pytest
 from hypothesis import strategies as st
 
+import cli_errors
 from experiments import paper
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -70,6 +71,27 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
   before = summary_path.stat().st_mtime_ns
   paper.main(argv)
   assert summary_path.stat().st_mtime_ns == before
+  # ...but only under the settings they were trained with: a run of 2 epochs is no run of 3.
+  with pytest.raises(cli_errors.UsageError, match=r"holds a sweep with other settings \(config"):
+    paper.main([*argv, "--epochs", "3"])
+  assert summary_path.stat().st_mtime_ns == before
+
+
+def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(tmp_path):
+  with pytest.raises(cli_errors.UsageError, match=r"--data-dir .*empty holds no IAM-OnDB"):
+    paper.make_config("tiny", "auto", str(tmp_path / "empty"))
+  (tmp_path / "built" / "iam_ondb").mkdir(parents=True)  # a TFDS build's folder
+  assert paper.make_config("tiny", "auto", str(tmp_path / "built")).data.dataset == "iam_ondb"
+  assert paper.make_config("tiny", "synthetic", str(tmp_path / "empty")).data.dataset == "synthetic"
+
+
+def test_cost_takes_gamma_as_a_fourth_number():
+  three = paper.make_config("tiny", "synthetic", cost="0.01,2e-7,5").bucketing
+  four = paper.make_config("tiny", "synthetic", cost="0.01,2e-7,5,3e-5").bucketing
+  assert (three.alpha, three.beta, three.kappa, three.gamma) == (0.01, 2e-7, 5.0, 0.0)
+  assert (four.alpha, four.beta, four.kappa, four.gamma) == (0.01, 2e-7, 5.0, 3e-5)
+  with pytest.raises(cli_errors.UsageError, match="three or four numbers"):
+    paper.parse_args(["--cost", "1,2"])
 
 
 # ---------------------------------------------------------------------------------------------
