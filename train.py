@@ -827,8 +827,9 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
 
 
 def progress_bar(total: int, initial: int, description: str, enabled: bool):
-  """A tqdm bar on a terminal; none when off, or when stderr is a file (a log full of redraws)."""
-  if not (enabled and sys.stderr.isatty()):
+  """A tqdm bar on a terminal or in a notebook; none when off, or when stderr goes to a file or a
+  pipe (a log full of redraws)."""
+  if not (enabled and (sys.stderr.isatty() or "ipykernel" in sys.modules)):
     return contextlib.nullcontext()
   from tqdm import tqdm
 
@@ -888,7 +889,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
   train_set, eval_sets, skipped = load_data(config)  # before the workdir: bad data leaves none
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
   measured = auto_cost_model(config, train_set, mesh, workdir)
   plan, eval_plans, plan_summary = plan_buckets(config, train_set, eval_sets, skipped, measured)
@@ -913,8 +914,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
         if progress.step_in_epoch == plan.num_steps:
           progress = end_epoch(run, state, progress)
         else:  # stopped within the epoch: max_steps, a signal or the time cap
+          if stop.reason:  # no more steps: compile nothing more, not even while saving
+            steps.cancel_queued()
           run.save_latest(state, progress)
-      if stop.reason:  # a signal or the time cap: save, and compile nothing more
+      if stop.reason:  # a signal or the time cap: the save, and the compiles already running
+        steps.cancel_queued()
         checkpoints.wait()
         steps.close()
       else:
@@ -1041,7 +1045,7 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
   if len(_padded_lengths(config, train_set)) < 2:
     return None
   path = workdir / COST_FILE
-  saved = json.loads(path.read_text()) if path.exists() else None
+  saved = _read_json(path) if path.exists() else None
   with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
     resuming = checkpoints.latest.latest_step() is not None
   same = saved is not None and saved["report"]["fitted_to"] == _cost_fingerprint(config)
@@ -1074,8 +1078,18 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 
 
 CONFIG_FILE = "config.json"
+# Fields that choose how, not what, the model computes: implementations, loop unrolling, kernel
+# launches, the evaluation's batch.
+HOW_NOT_WHAT_FIELDS = (
+  "model.lstm_impl",
+  "model.unroll",
+  "model.kernel.",
+  "ctc.",
+  "eval_batch_size",
+)
 # Fields that steer a run but not what it computes: a resume may change them without a warning.
 RUN_CONTROL_FIELDS = (
+  *HOW_NOT_WHAT_FIELDS,
   "max_minutes",
   "max_steps",
   "progress_bar",
@@ -1103,10 +1117,6 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _json_safe(flatten(config.to_dict(), ""))
 
 
-# Model fields that choose how, not what, the model computes at inference.
-HOW_NOT_WHAT_FIELDS = ("model.lstm_impl", "model.unroll", "model.kernel.", "model.dropout_rate")
-
-
 def _read_json(path: pathlib.Path) -> Any:
   """A JSON file the run wrote; a damaged one is a one-line error naming it."""
   try:
@@ -1117,18 +1127,19 @@ def _read_json(path: pathlib.Path) -> Any:
 
 def check_trained_with(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
   """Refuses to load a run's parameters for a config whose features or model differ from the
-  run's (its `config.json`; runs older than that file are not checked): a model scores, and
-  transcribes, only the features it was trained on."""
+  run's (its `config.json`; runs older than that file are not checked, nor fields it lacks): a
+  model scores, and transcribes, only the features it was trained on. How the model computes may
+  differ (`HOW_NOT_WHAT_FIELDS`), and dropout, which inference leaves out."""
   path = workdir / CONFIG_FILE
   if not path.is_file():
     return
   trained, current = _read_json(path), flat_config(config)
   differ = [
-    f"config.{field}={current.get(field)!r} here, {trained.get(field)!r} there"
-    for field in sorted(trained.keys() | current.keys())
+    f"config.{field}={current[field]!r} here, {trained[field]!r} there"
+    for field in sorted(trained.keys() & current.keys())
     if field.startswith(("model.", "data.features."))
-    and not field.startswith(HOW_NOT_WHAT_FIELDS)
-    and trained.get(field) != current.get(field)
+    and not field.startswith((*HOW_NOT_WHAT_FIELDS, "model.dropout_rate"))
+    and trained[field] != current[field]
   ]
   if differ:
     raise ValueError(
@@ -1402,12 +1413,14 @@ def log_compile_accounting(summary: dict) -> None:
   first = summary["time_to_first_step_s"]
   dropped = summary["compiles_dropped"]
   LOG.info(
-    "compiled %d train steps (one per bucket) and %d eval steps (one per bucket the evaluation "
-    "splits use)%s: first train step after %s, %.1f s wall, %.1f s summed over steps; "
-    "persistent cache %d hits, %d misses",
+    "compiled %d train steps %s and %d eval steps %s: first train step after %s, %.1f s wall, "
+    "%.1f s summed over steps; persistent cache %d hits, %d misses",
     summary["train_compiles"],
+    "before the stop" if dropped else "(one per bucket)",
     summary["eval_compiles"],
-    f", {dropped} more left for the next start" if dropped else "",
+    f"({dropped} more left for the next start)"
+    if dropped
+    else "(one per bucket the evaluation splits use)",
     "-" if first is None else f"{first:.1f} s",
     summary["compile_wall_s"],
     summary["compile_seconds_sum"],
@@ -1546,7 +1559,8 @@ def _load_params(config, workdir, sharding, checkpoint: str) -> tuple[Any, dict]
   epochs for the latest state, and is the best epoch's index for the best)."""
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f"checkpoint={checkpoint!r} is not one of {CHECKPOINTS}")
-  check_trained_with(config, pathlib.Path(workdir))
+  workdir = pathlib.Path(workdir).expanduser()
+  check_trained_with(config, workdir)
   state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
@@ -1580,7 +1594,8 @@ def evaluate_checkpoint(
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
-  plan_path = pathlib.Path(workdir) / "plan.json"
+  workdir = pathlib.Path(workdir).expanduser()
+  plan_path = workdir / "plan.json"
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
   train_bounds = np.array(_read_json(plan_path)["upper_bounds"])

@@ -40,7 +40,7 @@ def default_data_dir() -> pathlib.Path:
 
 def user_path(path: str | os.PathLike | None) -> pathlib.Path | None:
   """`path` with a leading `~` expanded: the shell leaves `--flag=~/x` alone."""
-  return None if path is None else pathlib.Path(path).expanduser()
+  return pathlib.Path(path).expanduser() if path else None  # "" is unset, not the cwd
 
 
 def export_path(dataset: str, data_dir: str | os.PathLike | None = None) -> pathlib.Path:
@@ -416,10 +416,7 @@ def validate_examples(
   Returns (the good examples in their order, skipped [{"id", "split", "reason"}]), the format of
   the build's `skipped_examples`.
   """
-  if policy not in BAD_EXAMPLE_POLICIES:
-    raise ValueError(
-      f"unknown bad-example policy {policy!r}; expected one of {BAD_EXAMPLE_POLICIES}"
-    )
+  _check_policy(policy)
   kept, skipped = [], []
   for example in examples:
     problem = example_problem(example, alphabet)
@@ -427,12 +424,24 @@ def validate_examples(
       kept.append(example)
     else:
       skipped.append({"id": example.get("id", "<no id>"), "split": split, "reason": problem})
+  _raise_under_error_policy(skipped, split, policy, source)
+  return kept, skipped
+
+
+def _check_policy(policy: str) -> None:
+  if policy not in BAD_EXAMPLE_POLICIES:
+    raise ValueError(
+      f"unknown bad-example policy {policy!r}; expected one of {BAD_EXAMPLE_POLICIES}"
+    )
+
+
+def _raise_under_error_policy(skipped: list[dict], split: str, policy: str, source: str) -> None:
+  """Under policy "error", the first bad line of `split` as a BadExampleError, with the count."""
   if skipped and policy == "error":
     first = skipped[0]
     more = f" ({len(skipped)} bad lines in all)" if len(skipped) > 1 else ""
     origin = f"; data: {source}" if source else ""
     raise BadExampleError(f"split {split!r}, line {first['id']}: {first['reason']}{more}{origin}")
-  return kept, skipped
 
 
 @dataclasses.dataclass
@@ -500,10 +509,7 @@ def validate_alignable(
   raises BadExampleError naming the split, the line and the fix; "skip" drops such lines and
   reports them as `validate_examples` does (same format, same policies).
   """
-  if policy not in BAD_EXAMPLE_POLICIES:
-    raise ValueError(
-      f"unknown bad-example policy {policy!r}; expected one of {BAD_EXAMPLE_POLICIES}"
-    )
+  _check_policy(policy)
   needed = np.array([ctc_frames_needed(label) for label in sequences.labels], dtype=np.int64)
   short = np.flatnonzero(sequences.lengths < needed)
   skipped = [
@@ -518,11 +524,7 @@ def validate_alignable(
     }
     for i in short
   ]
-  if skipped and policy == "error":
-    first = skipped[0]
-    more = f" ({len(skipped)} such lines in all)" if len(skipped) > 1 else ""
-    origin = f"; data: {source}" if source else ""
-    raise BadExampleError(f"split {split!r}, line {first['id']}: {first['reason']}{more}{origin}")
+  _raise_under_error_policy(skipped, split, policy, source)
   if not skipped:
     return sequences, []
   return sequences.select(np.setdiff1d(np.arange(len(sequences)), short)), skipped

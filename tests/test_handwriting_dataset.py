@@ -271,6 +271,7 @@ def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
   assert dataset.data_source(f"~/tensorflow_datasets/{default_export.name}").path == default_export
   source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir="~/download")
   assert source.path == tmp_path / "home" / "download"
+  assert dataset.export_path("iam_ondb", "") == default_export  # "" is unset, not the cwd
 
 
 def test_ctc_needs_a_frame_per_character_and_a_blank_between_equal_neighbours():

@@ -408,6 +408,7 @@ def test_a_line_ctc_cannot_align_is_refused_or_skipped_at_load(monkeypatch):
   def one_line_too_short(*args):
     data = featurize(*args)
     data.labels[2] = np.ones(data.lengths[2], np.int32)  # n equal labels need 2n - 1 frames
+    data.label_lengths[2] = data.lengths[2]
     return data
 
   monkeypatch.setattr(train.dataset_lib, "featurize", one_line_too_short)
@@ -497,6 +498,11 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match=r"features.resample_spacing=0.5 here, 0.2 there; use the"):
     train.evaluate_checkpoint(changed, tmp_path, "validation")
   train.load_params(tiny_config(**{"model.unroll": 2, "model.dropout_rate": 0.0}), tmp_path)
+  # A field the run's config.json lacks (a run from before the field existed) is not compared.
+  recorded = json.loads((tmp_path / "config.json").read_text())
+  del recorded["data.features.resample_spacing"]
+  (tmp_path / "config.json").write_text(json.dumps(recorded))
+  train.load_params(changed, tmp_path)
   plan = tmp_path / "plan.json"
   plan.write_text(plan.read_text()[:-20])
   with pytest.raises(ValueError, match=r"plan.json: not valid JSON"):
@@ -697,8 +703,9 @@ def test_a_resume_that_changes_what_the_run_computes_says_so(stopped_at_step_6, 
   workdir = tmp_path / "run"
   shutil.copytree(stopped_at_step_6, workdir)
   assert json.loads((workdir / "config.json").read_text())["num_epochs"] == 2
-  # max_steps steers the run only (it was 6); num_epochs moves the learning rate's horizon.
-  config = tiny_config(num_epochs=3, max_steps=8)
+  # max_steps steers the run only (it was 6), unroll and the CTC implementation choose how it
+  # computes; num_epochs moves the learning rate's horizon.
+  config = tiny_config(num_epochs=3, max_steps=8, **{"model.unroll": 2, "ctc.impl": "optax"})
   train.train_and_evaluate(config, workdir)
   (warning,) = [r.message for r in caplog.records if "resuming with another config" in r.message]
   assert warning.endswith(": num_epochs 2 -> 3")
@@ -771,6 +778,16 @@ def tensorboard_scalars(workdir):
       scalars += [(value.tag, event.step) for value in event.summary.value]
       offset += 16 + length
   return scalars, len(files)
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_only(monkeypatch):
+  monkeypatch.delitem(sys.modules, "ipykernel", raising=False)  # not in a notebook
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+  assert isinstance(train.progress_bar(4, 0, "epoch 0", True), contextlib.nullcontext)
+  monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+  with train.progress_bar(4, 0, "epoch 0", True) as bar:
+    assert bar.total == 4
+  assert isinstance(train.progress_bar(4, 0, "epoch 0", False), contextlib.nullcontext)
 
 
 def test_metrics_jsonl_stays_strict_json(tmp_path):

@@ -162,6 +162,11 @@ class CompiledSteps:
     for future in self._futures():
       future.result()
 
+  def cancel_queued(self) -> None:
+    """Drops the compiles not yet started, at once; those running go on (`close` waits for them).
+    A lookup of a dropped step compiles it on the spot, as for one still queued."""
+    self.pool.shutdown(wait=False, cancel_futures=True)
+
   def close(self) -> None:
     """Stops the pool: the compiles not yet started are dropped, those running finish (after an
     error in training, or a stop that needs no more steps)."""
