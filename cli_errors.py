@@ -40,6 +40,7 @@ def run(main: Callable[[], int | None]) -> int:
   """
   try:
     code = main()
+    sys.stdout.flush()  # here, so that a reader gone by now is caught below, not at exit
   except BrokenPipeError:
     # The reader went away (`| head`): end quietly, as a shell tool killed by SIGPIPE does, and
     # keep Python from reporting the same when it flushes stdout at exit.

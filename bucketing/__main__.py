@@ -75,7 +75,13 @@ def plot_plan(plan: BucketPlan, path: pathlib.Path) -> None:
   plt.close(figure)
 
 
-COST_FLAGS = ("alpha", "beta", "gamma", "kappa")
+# The cost model's terms, as the report names them.
+COST_TERMS = {
+  "alpha": "s a step",
+  "gamma": "s a padded timestep",
+  "beta": "s a padded token",
+  "kappa": "s a compile",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,21 +110,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   plan.add_argument("--overflow", choices=OVERFLOW_POLICIES, default="error")
   # The cost model's defaults are placeholders; the trainer measures its own before planning.
-  plan.add_argument(
-    "--alpha", type=float, default=cost.CostModel.alpha, help="seconds per step: %(default)s"
-  )
-  plan.add_argument(
-    "--beta", type=float, default=cost.CostModel.beta, help="seconds per token: %(default)s"
-  )
-  plan.add_argument(
-    "--gamma",
-    type=float,
-    default=cost.CostModel.gamma,
-    help="seconds per padded timestep: %(default)s",
-  )
-  plan.add_argument(
-    "--kappa", type=float, default=cost.CostModel.kappa, help="seconds per compile: %(default)s"
-  )
+  for name, unit in COST_TERMS.items():
+    placeholder = getattr(cost.CostModel, name)
+    plan.add_argument(f"--{name}", type=float, help=f"{unit}; a placeholder {placeholder} if unset")
   plan.add_argument(
     "--epochs", type=float, default=20, help="planned epochs, for auto: %(default)s"
   )
@@ -139,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         f"--bounds {args.bounds!r} is not a comma-separated list of integers"
       ) from None
   lengths = read_lengths(args.lengths)
-  cost_model = cost.CostModel(alpha=args.alpha, beta=args.beta, kappa=args.kappa, gamma=args.gamma)
+  given = {name: getattr(args, name) for name in COST_TERMS if getattr(args, name) is not None}
+  cost_model = cost.CostModel(**given)
   result = make_plan(
     lengths,
     strategy=args.strategy,
@@ -160,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(summary))
     return 0
   print(format_report(summary))
-  if not any(f"--{name}" in arg for arg in argv or sys.argv[1:] for name in COST_FLAGS):
+  placeholders = [
+    f"{name} {getattr(cost_model, name):g} {unit}"
+    for name, unit in COST_TERMS.items()
+    if name not in given
+  ]
+  if placeholders:
     print(
-      f"the cost model's figures are placeholders (alpha {cost_model.alpha:g} s a step, gamma "
-      f"{cost_model.gamma:g} s a padded timestep, beta {cost_model.beta:g} s a padded token, "
-      f"kappa {cost_model.kappa:g} s a compile): give measured ones with --alpha/--gamma/--beta/"
-      "--kappa (the trainer measures its own, README: Bucketing)"
+      f"placeholder cost figures ({', '.join(placeholders)}): give measured ones with "
+      "--alpha/--gamma/--beta/--kappa (the trainer measures its own, README: Bucketing)"
     )
   return 0
 

@@ -77,11 +77,18 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
   table = capsys.readouterr().out
   assert "bound" in table and "efficiency" in table
   assert len(table.splitlines()) == 2 + 8 + 5 + 1
-  assert table.splitlines()[-1].startswith("the cost model's figures are placeholders (alpha 0.005")
+  assert table.splitlines()[-1].startswith(
+    "placeholder cost figures (alpha 0.005 s a step, gamma 0 s a padded timestep, beta 5e-07 s a "
+    "padded token, kappa 10 s a compile): give measured ones"
+  )
   assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  measured = ["plan", "--lengths", str(lengths_file), "--alpha", "0.01", "--gamma", "1e-5"]
-  assert cli.main(measured) == 0
-  assert "placeholders" not in capsys.readouterr().out
+  # Only the figures left unset are placeholders (argparse takes --alp for --alpha, too).
+  some = ["plan", "--lengths", str(lengths_file), "--alp", "0.01", "--gamma", "1e-5"]
+  assert cli.main(some) == 0
+  last = capsys.readouterr().out.splitlines()[-1]
+  assert last.startswith("placeholder cost figures (beta 5e-07 s a padded token, kappa 10 s a")
+  assert cli.main([*some, "--beta", "0", "--kappa", "3"]) == 0
+  assert "placeholder" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
