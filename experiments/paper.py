@@ -40,9 +40,12 @@ fits, without early stopping. A worker skips a run that its estimate says would 
 deadline, and a run slower than its estimate stops at the deadline with a checkpoint
 (`config.max_minutes`); the table and plots cover the runs that finished and name those left out.
 A run whose `summary.json` says it finished is reused, so an interrupted sweep continues where it
-stopped (a run the deadline cut short resumes from its checkpoint). The workdir's `sweep.json`
-keeps the settings its runs were trained with; a command with others (another dataset, preset,
-epoch count, cost model...) is refused, naming what differs: use a new workdir for it.
+stopped (a run the deadline cut short resumes from its checkpoint; started again, a budget sweep
+keeps its first plan's epoch count). Each run's folder keeps the settings it was trained with
+(`settings.json`: its config, less where the data lies, the time cap and, but for `auto`, the
+`--cost` model); a command that would reuse it under others (another dataset, preset, epoch
+count, `auto`'s cost model...) is refused, naming the run and what differs, before any run of the
+sweep trains: use a new workdir for it.
 
 Measured: `--quick --budget-minutes 12` on IAM-OnDB on a 2-core CPU (`experiments/results/
 paper_quick_cpu.md`, 11.5 min, all six planned runs kept): every run learns (validation CER
@@ -105,19 +108,16 @@ def make_config(
 ) -> ml_collections.ConfigDict:
   """The experiment config of a preset (`full`, `quick`, `tiny`) with command-line overrides.
 
-  `dataset="auto"` takes IAM-OnDB when `data_dir` holds its export or `IAM_ONDB_DIR` is set, else
-  the synthetic set; a `data_dir` given without IAM-OnDB in it is an error, not the synthetic set.
-  `cost` is "alpha,beta,kappa[,gamma]" for `auto`, in seconds (gamma 0 when left out); without
-  it `auto` measures its cost model.
+  `dataset="auto"` takes IAM-OnDB when `data_dir` holds it or `IAM_ONDB_DIR` is set (the
+  download, built on first use: into `data_dir` when given), else the synthetic set. A `data_dir`
+  given for IAM-OnDB (`auto` or `iam_ondb`) that holds neither its export nor a TFDS build, with
+  no `IAM_ONDB_DIR` to build one from, is an error, not the synthetic set. `cost` is
+  "alpha,beta,kappa[,gamma]" for `auto`, in seconds (gamma 0 when left out); without it `auto`
+  measures its cost model.
   """
+  if dataset in ("auto", "iam_ondb") and data_dir:
+    check_data_dir(data_dir)
   if dataset == "auto":
-    export = data_dir and dataset_lib.export_path("iam_ondb", data_dir).is_file()
-    if data_dir and not export and not _has_tfds_build(data_dir):
-      raise cli_errors.UsageError(
-        f"--data-dir {data_dir} holds no IAM-OnDB (no iam_ondb.npz, no TFDS build); build it "
-        "there (python -m handwriting build, README: Getting IAM-OnDB), or leave --data-dir out "
-        "for the synthetic set"
-      )
     dataset = "iam_ondb" if data_dir or os.environ.get("IAM_ONDB_DIR") else "synthetic"
   config = iam.get_config() if dataset == "iam_ondb" else synthetic.get_config()
   config.data.data_dir = data_dir
@@ -151,9 +151,17 @@ def make_config(
   return config
 
 
-def _has_tfds_build(data_dir: str) -> bool:
-  """Whether `data_dir` holds a TFDS build of iam_ondb (its folder; TFDS is not imported)."""
-  return (dataset_lib.user_path(data_dir) / "iam_ondb").is_dir()
+def check_data_dir(data_dir: str) -> None:
+  """Refuses a `--data-dir` without IAM-OnDB (its export or a TFDS build's folder; TFDS is not
+  imported) unless `IAM_ONDB_DIR` names a download to build it there from."""
+  export = dataset_lib.export_path("iam_ondb", data_dir)
+  build = dataset_lib.user_path(data_dir) / "iam_ondb"
+  if not (export.is_file() or build.is_dir() or os.environ.get("IAM_ONDB_DIR")):
+    raise cli_errors.UsageError(
+      f"--data-dir {data_dir} holds no IAM-OnDB (neither {export.name} nor a TFDS build "
+      f"{build.name}/) and IAM_ONDB_DIR is not set to build it from; build it there (python -m "
+      "handwriting build, README: Getting IAM-OnDB), or leave --data-dir out for the synthetic set"
+    )
 
 
 def args_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
@@ -161,6 +169,50 @@ def args_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
   if args.budget_minutes:  # equal epochs for every run: no early stopping
     config.patience = config.num_epochs
   return config
+
+
+def run_config(
+  args: argparse.Namespace, strategy: str, num_buckets: int
+) -> ml_collections.ConfigDict:
+  """The config one run of the sweep trains with."""
+  config = args_config(args)
+  config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
+  return config
+
+
+# Fields that steer a run without changing its results: where the data lies, the time cap, the bar.
+STEERING_FIELDS = ("data.data_dir", "data.manual_dir", "max_minutes", "progress_bar")
+COST_FIELDS = ("bucketing.alpha", "bucketing.beta", "bucketing.kappa", "bucketing.gamma")
+SETTINGS_FILE = "settings.json"
+
+
+def run_settings(config: ml_collections.ConfigDict) -> dict:
+  """What a run's results depend on: its config, less `STEERING_FIELDS`, and less the cost model
+  (`--cost`) unless `auto` plans with it."""
+  settings = json.loads(config.to_json_best_effort())
+  ignored = (
+    STEERING_FIELDS if config.bucketing.strategy == "auto" else STEERING_FIELDS + COST_FIELDS
+  )
+  for field in ignored:
+    *parents, name = field.split(".")
+    functools.reduce(dict.__getitem__, parents, settings).pop(name, None)
+  return {"config": settings}
+
+
+def check_run_settings(
+  args: argparse.Namespace, device_counts: list[int], budget: dict | None
+) -> None:
+  """Records in each run's folder (`settings.json`) the settings of every run this command trains
+  or reuses, and refuses a run folder that holds others, naming what differs: a finished run is
+  reused, and the report describes it by this command's settings. The runs with a record are
+  checked first, so that a refused command records nothing."""
+  workdir = pathlib.Path(args.workdir)
+  runs = [
+    (devices, *run) for devices in device_counts for run in worker_runs(args, devices, budget)
+  ]
+  paths = {run: workdir / run_name(*run) / SETTINGS_FILE for run in runs}
+  for run in sorted(runs, key=lambda run: not paths[run].is_file()):
+    cli.check_settings(paths[run], run_settings(run_config(args, *run[1:])), "a run")
 
 
 def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, int]]:
@@ -301,9 +353,7 @@ def run_worker(args: argparse.Namespace, devices: int) -> None:
     run_dir = workdir / run_name(devices, strategy, num_buckets)
     if finished_run(run_dir):
       continue
-    config = args_config(args)
-    config.bucketing.strategy = strategy
-    config.bucketing.num_buckets = num_buckets
+    config = run_config(args, strategy, num_buckets)
     if budget:
       estimate = budget["estimates"][run_name(devices, strategy, num_buckets)]
       if time.time() + estimate > budget["deadline"]:
@@ -362,8 +412,7 @@ def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None
     return train.auto_cost_model(config, train_set, train.make_data_mesh(), workdir / "probe")
 
   def plan_of(strategy, num_buckets):
-    config = args_config(args)
-    config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
+    config = run_config(args, strategy, num_buckets)
     cost = auto_cost() if strategy == "auto" else None
     plan = train.make_train_plan(config, train_set, devices, cost.model if cost else None)
     padded = plan.summary()["padded_timesteps_with_filler"]
@@ -397,7 +446,8 @@ def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None
 
 
 def plan_sweep(args, argv, device_counts, start: float) -> dict:
-  """Probes (or reads `--estimates`), plans within `--budget-minutes`, writes `budget.json`."""
+  """Probes (or reads `--estimates`) and plans within `--budget-minutes`; a sweep started again
+  keeps the epoch count of its workdir's earlier plan (`budget.json`), so that its runs compare."""
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   earlier = args.estimates or (
@@ -426,6 +476,8 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
   spent = time.perf_counter() - start
   budget_s = args.budget_minutes * 60 - spent - REPORT_RESERVE_S
   max_epochs = args_config(args).num_epochs
+  if (workdir / "budget.json").is_file():
+    max_epochs = min(max_epochs, read_budget(workdir)["epochs"])
   min_epochs = min(args.min_epochs or max_epochs, max_epochs)
   kept, epochs = plan_budget(ordered, budget_s, max_epochs, min_epochs)
   if not kept:
@@ -446,7 +498,6 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
       run_name(e.devices, e.strategy, e.num_buckets): e.seconds(epochs) for e in ordered
     },
   }
-  (workdir / "budget.json").write_text(json.dumps(budget, indent=2))
   print(
     f"budget {args.budget_minutes:g} min: {len(kept)} run(s) of {epochs} epoch(s), estimated "
     f"{sum(e.seconds(epochs) for e in kept) / 60:.1f} min after {spent / 60:.1f} min of probing; "
@@ -803,16 +854,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   if args.worker_devices:
     run_worker(args, args.worker_devices)
     return None
+  args_config(args)  # a --data-dir without IAM-OnDB ends the command before anything runs
   if args.devices:
     device_counts = args.devices
   else:
     available = available_devices()
     device_counts = [2**i for i in range(available.bit_length()) if 2**i <= available]
-  # Finished runs are reused: only under the settings they were trained with.
-  settings = json.loads(args_config(args).to_json_best_effort())
-  for volatile in ("max_minutes", "progress_bar"):
-    settings.pop(volatile, None)
-  cli.check_settings(pathlib.Path(args.workdir) / "sweep.json", {"config": settings}, "a sweep")
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
   budget = plan_sweep(args, argv, device_counts, start) if args.budget_minutes else None
@@ -821,6 +868,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     worker_argv = [*argv, "--epochs", str(budget["epochs"])]
     args = parse_args(worker_argv)
     device_counts = sorted({devices for devices, _, _ in budget["runs"]})
+  check_run_settings(args, device_counts, budget)  # finished runs are reused
+  if budget:
+    (pathlib.Path(args.workdir) / "budget.json").write_text(json.dumps(budget, indent=2))
   for devices in device_counts:
     if not run_worker_process(worker_argv, devices):
       print("interrupted: the report covers the runs that finished", flush=True)

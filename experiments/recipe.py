@@ -20,7 +20,10 @@ The candidates are named (`named_candidate`): `base`, `raw_points` (no resamplin
 NAME:model.hidden_size=96,optimizer.learning_rate=3e-3` adds a candidate of any fields, and
 `--base FIELD=VALUE,...` changes the preset for all of them (each value parses as train.py's
 `--config.FIELD=VALUE` does, by the field's type: `experiments.cli.override`; a misspelt or mistyped
-field is a one-line error, exit code 2, before anything runs).
+field is a one-line error, exit code 2, before anything runs). `--dataset auto`, the default, is
+`paper.make_config`'s: IAM-OnDB from `--data-dir` (a folder without it is such an error, unless
+`IAM_ONDB_DIR` names the download to build it there from), without one only with `IAM_ONDB_DIR`,
+else the synthetic set.
 
 Learning-rate rule for `batch_<n>` and `tokens_<n>`: the learning-rate part of the square-root
 rule for Adam (Malladi et al., "On the SDEs and Scaling Rules for Adaptive Gradient Algorithms",

@@ -71,18 +71,46 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
   before = summary_path.stat().st_mtime_ns
   paper.main(argv)
   assert summary_path.stat().st_mtime_ns == before
-  # ...but only under the settings they were trained with: a run of 2 epochs is no run of 3.
-  with pytest.raises(cli_errors.UsageError, match=r"holds a sweep with other settings \(config"):
-    paper.main([*argv, "--epochs", "3"])
+  # ...but only under the settings they were trained with: a run of 2 epochs is no run of 3, and
+  # the refusal names the run and what differs, and records nothing (quantile_k2 is new).
+  more = [*argv, "--strategies", "none,optimal,auto,quantile"]
+  with pytest.raises(
+    cli_errors.UsageError,
+    match=r"devices2/none_k1 holds a run with other settings \(config.num_epochs 2 there, 3 here",
+  ):
+    paper.main([*more, "--epochs", "3"])
+  assert not (tmp_path / "devices2/quantile_k2").exists()
+  # A cost model changes only `auto`'s runs (the others' settings leave it out).
+  with pytest.raises(cli_errors.UsageError, match=r"devices2/auto_k2 .*config.bucketing.gamma"):
+    paper.main([*argv, "--strategies", "auto", "--cost", "0.01,2e-7,5,3e-5"])
   assert summary_path.stat().st_mtime_ns == before
 
 
-def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(tmp_path):
-  with pytest.raises(cli_errors.UsageError, match=r"--data-dir .*empty holds no IAM-OnDB"):
-    paper.make_config("tiny", "auto", str(tmp_path / "empty"))
-  (tmp_path / "built" / "iam_ondb").mkdir(parents=True)  # a TFDS build's folder
-  assert paper.make_config("tiny", "auto", str(tmp_path / "built")).data.dataset == "iam_ondb"
-  assert paper.make_config("tiny", "synthetic", str(tmp_path / "empty")).data.dataset == "synthetic"
+def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
+  tmp_path, capsys, monkeypatch
+):
+  monkeypatch.delenv("IAM_ONDB_DIR", raising=False)
+  empty = str(tmp_path / "empty")
+  argv = ["--tiny", "--data-dir", empty, "--workdir", str(tmp_path / "sweep"), "--devices", "1"]
+  assert cli_errors.run(lambda: paper.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith(f"error: --data-dir {empty} holds no IAM-OnDB (neither iam_ondb.npz")
+  assert error.count("\n") == 1 and not (tmp_path / "sweep").exists()
+  with pytest.raises(cli_errors.UsageError, match="holds no IAM-OnDB"):
+    paper.make_config("tiny", "iam_ondb", empty)
+  # IAM-OnDB there (an export, or a TFDS build's folder), or a download to build it from.
+  (tmp_path / "exported").mkdir()
+  (tmp_path / "exported" / "iam_ondb.npz").touch()
+  (tmp_path / "built" / "iam_ondb").mkdir(parents=True)
+  for folder in ("exported", "built"):
+    assert paper.make_config("tiny", "auto", str(tmp_path / folder)).data.dataset == "iam_ondb"
+  assert paper.make_config("tiny", "synthetic", empty).data.dataset == "synthetic"
+  monkeypatch.setenv("IAM_ONDB_DIR", str(tmp_path / "download"))
+  assert paper.make_config("tiny", "auto", empty).data.dataset == "iam_ondb"
+  # Without --data-dir, `auto` takes IAM-OnDB only when IAM_ONDB_DIR is set.
+  assert paper.make_config("tiny", "auto").data.dataset == "iam_ondb"
+  monkeypatch.delenv("IAM_ONDB_DIR")
+  assert paper.make_config("tiny", "auto").data.dataset == "synthetic"
 
 
 def test_cost_takes_gamma_as_a_fourth_number():
@@ -195,6 +223,38 @@ def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_pat
   assert {row["epochs run"] for row in rows} == {"2"}
   assert "Left out by the plan" in text and "devices1/quantile_k2" in text
   assert not (tmp_path / "devices1/quantile_k2").exists()
+
+
+def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_path):
+  """Given more time, the same budget sweep would plan more epochs (at most --epochs 4); it keeps
+  the 2 its finished runs trained, so that the table compares equal epochs and says so."""
+  probed = {
+    "devices": 1,
+    "probes": [
+      {"strategy": s, "requested_buckets": k, "num_buckets": k, "padded": padded, "wall_s": 40.0,
+       "time_to_first_step_s": 5.0, "compile_wall_s": 10.0 * k, "epoch_s": 10.0}
+      for s, k, padded in (("none", 1, 1000), ("optimal", 2, 800))
+    ],
+    "planned": [
+      {"strategy": "none", "requested_buckets": 1, "num_buckets": 1, "padded": 1000},
+      {"strategy": "optimal", "requested_buckets": 2, "num_buckets": 2, "padded": 800},
+    ],
+  }  # fmt: skip
+  (tmp_path / "estimates.json").write_text(json.dumps(probed))
+  # Set-up 40 - 10 - 20 = 10 s: none 20 s and optimal 30 s, plus 10 s per epoch each; 115 s less
+  # the 15 s reserve fits both at 2 epochs (90 s), not 3.
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
+  argv += ["--buckets", "2", "--strategies", "none,optimal", "--epochs", "4", "--min-epochs", "1"]
+  argv += ["--estimates", str(tmp_path / "estimates.json")]
+  paper.main([*argv, "--budget-minutes", str(115 / 60)])
+  summary_path = tmp_path / "devices1/optimal_k2/summary.json"
+  assert json.loads(summary_path.read_text())["epochs"] == 2
+  before = summary_path.stat().st_mtime_ns
+  text = paper.main([*argv, "--budget-minutes", "5"]).read_text()  # time for 4 epochs
+  assert summary_path.stat().st_mtime_ns == before
+  with open(tmp_path / "paper_table.csv", newline="") as file:
+    assert [row["epochs run"] for row in csv.DictReader(file)] == ["2", "2"]
+  assert "2 epochs at most" in text and "run(s) of 2 epochs each" in text
 
 
 def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):

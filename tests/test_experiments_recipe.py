@@ -114,6 +114,18 @@ def test_a_mistake_is_one_line_exit_2_before_anything_runs(tmp_path, capsys, ext
   assert not (tmp_path / "study").exists()
 
 
+def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
+  tmp_path, capsys, monkeypatch
+):
+  monkeypatch.delenv("IAM_ONDB_DIR", raising=False)
+  argv = ["--preset", "tiny", "--data-dir", str(tmp_path / "empty"), "--candidates", "base"]
+  argv += ["--workdir", str(tmp_path / "study"), "--minutes-per-run", "0.75"]
+  assert cli_errors.run(lambda: recipe.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith(f"error: --data-dir {tmp_path / 'empty'} holds no IAM-OnDB")
+  assert error.count("\n") == 1 and not (tmp_path / "study").exists()
+
+
 def write_run(candidate_dir, epochs: list[tuple[float, float, float, float]], **files) -> None:
   """A finished candidate's files: (epoch time, eval time, val loss, val CER) per epoch."""
   run_dir = candidate_dir / "train"
