@@ -862,10 +862,12 @@ class Run:
     inside `save_latest` and `save_best`: `compilation.CompileEvents.allowed`)."""
     self.compiles_expected = compilation.CompileEvents.outside_steps()
 
-  def check_no_recompile(self, where: str) -> None:
+  def check_no_recompile(self, where: Callable[[], str]) -> None:
+    """Raises if anything compiled since `start_watching_compiles`; `where()` (formatted only
+    then, since this runs at every step) says when."""
     if compilation.CompileEvents.outside_steps() != self.compiles_expected:
       raise RuntimeError(
-        f"a compilation happened {where}: every train and eval step must reuse its bucket's "
+        f"a compilation happened {where()}: every train and eval step must reuse its bucket's "
         "ahead-of-time executable"
       )
 
@@ -917,9 +919,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           if stop.reason:  # no more steps: compile nothing more, not even while saving
             steps.cancel_queued()
           run.save_latest(state, progress)
-      if stop.reason:  # a signal or the time cap: the save, and the compiles already running
-        steps.cancel_queued()
-        checkpoints.wait()
+      if stop.reason:  # a signal or the time cap: only the compiles already running
         steps.close()
       else:
         steps.wait()
@@ -1297,7 +1297,7 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
     for scheduled, batch in batches:
       state, step_metrics = run.steps.train_step(scheduled.bucket)(state, batch)
       run.check_no_recompile(
-        f"at epoch {scheduled.epoch}, step {scheduled.step} (bucket {scheduled.bucket})"
+        lambda at=scheduled: f"at epoch {at.epoch}, step {at.step} (bucket {at.bucket})"
       )
       if pending is not None:
         _account(progress, pending, plan, bar)
@@ -1393,7 +1393,7 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     epoch_compile_wait_seconds=0.0,
   )
   run.save_latest(state, progress)
-  run.check_no_recompile(f"while evaluating epoch {epoch}")
+  run.check_no_recompile(lambda: f"while evaluating epoch {epoch}")
   return progress
 
 

@@ -273,15 +273,10 @@ class Checkpoints:
       ) from error
     return state.params, {"global_step": int(step), "epoch": int(meta["epoch"])}
 
-  def wait(self) -> None:
-    """Returns when the saves in flight are written (each sits in a temporary folder until then)."""
-    for manager in (self.latest, self.best):
-      manager.wait_until_finished()
-
   def close(self) -> None:
     """Waits for the saves in flight, then stops Orbax's background threads."""
-    self.wait()
     for manager in (self.latest, self.best):
+      manager.wait_until_finished()
       manager.close()
 
 
