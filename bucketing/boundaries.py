@@ -66,7 +66,7 @@ def uniform_bounds(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
 
   Ranges that hold no sequence are dropped, so fewer than `num_buckets` may come back.
   """
-  _check_num_buckets(num_buckets)
+  check_num_buckets(num_buckets)
   low, high = int(lengths.min()), int(lengths.max())
   edges = np.ceil(np.linspace(low - 1, high, num_buckets + 1)[1:]).astype(np.int64)
   edges[-1] = high
@@ -78,7 +78,7 @@ def quantile_bounds(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
 
   Ties at a quantile keep equal lengths together, so counts are equal up to ties.
   """
-  _check_num_buckets(num_buckets)
+  check_num_buckets(num_buckets)
   ordered = np.sort(lengths)
   ends = np.ceil(np.arange(1, num_buckets + 1) * ordered.size / num_buckets).astype(np.int64) - 1
   return np.unique(ordered[ends])
@@ -107,7 +107,7 @@ def optimal_bounds_per_count(lengths: np.ndarray, max_buckets: int) -> list[np.n
   Entry k-1 holds the optimum for k buckets. Once every distinct length has its own bucket more
   buckets cannot help, so later entries repeat that zero-padding solution.
   """
-  _check_num_buckets(max_buckets)
+  check_num_buckets(max_buckets)
   values, counts = np.unique(lengths, return_counts=True)
   num_values = values.size
   cumulative = np.concatenate([[0], np.cumsum(counts)])
@@ -120,16 +120,27 @@ def optimal_bounds_per_count(lengths: np.ndarray, max_buckets: int) -> list[np.n
     cost, split = _next_layer(cost, cumulative, values)
     split_points.append(split)
 
+  return bounds_from_split_points(values, split_points, max_buckets)
+
+
+def bounds_from_split_points(
+  values: np.ndarray, split_points: list[np.ndarray], max_buckets: int
+) -> list[np.ndarray]:
+  """Each K's bounds, 1..max_buckets, traced back through a bucket programme's split points.
+
+  `split_points[k][j]` is where the last of k+1 buckets covering the j smallest distinct
+  `values` starts (0: it is the only one). K past the programme's layers repeats its last answer.
+  """
   solutions = []
-  for num in range(1, layers + 1):
-    bounds, end = [], num_values
+  for num in range(1, len(split_points) + 1):
+    bounds, end = [], values.size
     for layer in range(num - 1, -1, -1):
       bounds.append(values[end - 1])
       end = split_points[layer][end]
       if end == 0:
         break
     solutions.append(np.array(bounds[::-1], np.int64))
-  solutions += [solutions[-1]] * (max_buckets - layers)
+  solutions += [solutions[-1]] * (max_buckets - len(split_points))
   return solutions
 
 
@@ -181,6 +192,6 @@ def _tighten(lengths: np.ndarray, edges: np.ndarray) -> np.ndarray:
   return longest[longest > 0]
 
 
-def _check_num_buckets(num_buckets: int) -> None:
+def check_num_buckets(num_buckets: int) -> None:
   if int(num_buckets) != num_buckets or num_buckets < 1:
     raise ValueError(f"the number of buckets must be an integer >= 1, got {num_buckets!r}")

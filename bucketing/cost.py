@@ -9,6 +9,9 @@ compilation once. For a run of `num_epochs` epochs:
     total = num_epochs * sum_b steps_b * (alpha + gamma * L_b + beta * B_b * L_b) + kappa * K,
 
 with `steps_b = ceil(n_b / B_b)`: a partial batch costs a full step, as it does on the device.
+`auto` minimises it over K and, for each K, over the bounds (`fastest_bounds_per_count`): at a
+token budget, where `gamma` makes long buckets dearer per token, and with partial batches, these
+are not quite `optimal`'s padding-minimal bounds.
 `fit_step_model` fits alpha, gamma and beta to measured steps (the trainer measures them before
 `auto` plans, see `train.measure_cost_model`).
 """
@@ -137,13 +140,80 @@ def run_seconds(
   return num_epochs * per_epoch + cost_model.kappa * len(upper_bounds)
 
 
+# Above this many distinct lengths `auto` takes the padding-minimal bounds for each K: the exact
+# run-time programme is O(K m^2), about 6 s for m = 4,096 and K = 16 on one CPU core.
+MAX_DISTINCT_LENGTHS_FOR_RUN_TIME = 4096
+
+
+def fastest_bounds_per_count(
+  lengths: np.ndarray,
+  max_buckets: int,
+  *,
+  cost_model: CostModel,
+  batch_size: int | None = None,
+  max_tokens: int | None = None,
+  num_devices: int = 1,
+) -> list[np.ndarray]:
+  """For every K in 1..max_buckets, the bounds of at most K buckets whose epoch takes the least
+  modelled time, exactly, among bounds at the corpus's lengths.
+
+  The dynamic programme of `boundaries.optimal_bounds_per_count`, with a bucket's cost its
+  modelled seconds an epoch rather than its padded timesteps: `ceil(n / B) * step_seconds(B, L)`
+  for a bucket of n sequences padded to L, B its batch as `batch_sizes` gives it. Partial
+  batches and batches capped by a small bucket make this cost non-Monge, so each of the K layers
+  looks at every start for every end: O(K m^2) for m distinct lengths, in column chunks that
+  hold about 4M costs at once. Ties go to the earliest start.
+  """
+  boundaries.check_num_buckets(max_buckets)
+  values, counts = np.unique(lengths, return_counts=True)
+  num_values = values.size
+  cumulative = np.concatenate([[0], np.cumsum(counts)])
+  chunk = max(1, (1 << 22) // (num_values + 1))
+
+  def epoch_seconds(end_lo: int, end_hi: int) -> np.ndarray:
+    """[end_hi, end_hi - end_lo]: seconds of a bucket of distinct lengths start..end-1 (inf if
+    empty), for every start below end_hi and every end in end_lo..end_hi-1."""
+    ends, starts = np.arange(end_lo, end_hi), np.arange(end_hi)[:, None]
+    sizes = np.maximum(cumulative[ends] - cumulative[starts], 0)
+    bounds = values[ends - 1]
+    batch = batch_sizes(
+      bounds, sizes, batch_size=batch_size, max_tokens=max_tokens, num_devices=num_devices
+    )
+    seconds = -(-sizes // batch) * cost_model.step_seconds(batch, bounds)
+    return np.where(starts < ends, seconds, np.inf)
+
+  # best[j]: least seconds covering the j shortest distinct lengths with the buckets so far.
+  best = np.zeros(num_values + 1)
+  split_points = [np.zeros(num_values + 1, np.int64)]
+  for layer in range(min(max_buckets, num_values)):
+    previous, split = best.copy(), np.zeros(num_values + 1, np.int64)
+    for end_lo in range(1, num_values + 1, chunk):
+      end_hi = min(end_lo + chunk, num_values + 1)
+      seconds = epoch_seconds(end_lo, end_hi)
+      if layer == 0:
+        best[end_lo:end_hi] = seconds[0]
+        continue
+      total = previous[:end_hi, None] + seconds
+      start = np.argmin(total, axis=0)
+      best[end_lo:end_hi] = total[start, np.arange(end_hi - end_lo)]
+      split[end_lo:end_hi] = start
+    if layer:
+      split_points.append(split)
+  return boundaries.bounds_from_split_points(values, split_points, max_buckets)
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoChoice:
-  """What `auto` considered: the predicted run seconds for each bucket count, and its pick."""
+  """What `auto` considered: the predicted run seconds for each bucket count, and its pick.
+
+  `bounds_minimise` says what each K's bounds minimise: `"run time"`, or `"padded timesteps"`
+  for corpora of more than `MAX_DISTINCT_LENGTHS_FOR_RUN_TIME` distinct lengths.
+  """
 
   num_buckets: int
   upper_bounds: np.ndarray
   seconds_per_count: np.ndarray  # [max_buckets]; entry k-1 is for k buckets.
+  bounds_minimise: str = "run time"
 
 
 def choose_num_buckets(
@@ -156,18 +226,25 @@ def choose_num_buckets(
   max_tokens: int | None = None,
   num_devices: int = 1,
 ) -> AutoChoice:
-  """Picks K in 1..max_buckets minimising the modelled run time of the optimal K-bucket plan.
+  """Picks K in 1..max_buckets, and bounds for it, minimising the modelled run time.
 
-  For each K the bounds are the exact minimisers of padded timesteps; the choice among K is exact
-  for the given batch sizes. Ties go to the fewer buckets.
+  For each K the bounds are `fastest_bounds_per_count`'s, so the whole choice is exact under the
+  cost model (bounds at the corpus's lengths); past `MAX_DISTINCT_LENGTHS_FOR_RUN_TIME` distinct
+  lengths they are `optimal`'s padding-minimal ones and only the choice among K is exact. Ties go
+  to the fewer buckets.
   """
-  seconds, candidates = [], boundaries.optimal_bounds_per_count(lengths, max_buckets)
+  sizing = {"batch_size": batch_size, "max_tokens": max_tokens, "num_devices": num_devices}
+  if np.unique(lengths).size <= MAX_DISTINCT_LENGTHS_FOR_RUN_TIME:
+    minimise = "run time"
+    candidates = fastest_bounds_per_count(lengths, max_buckets, cost_model=cost_model, **sizing)
+  else:
+    minimise = "padded timesteps"
+    candidates = boundaries.optimal_bounds_per_count(lengths, max_buckets)
+  seconds = []
   for bounds in candidates:
     sizes = bucket_sizes(lengths, bounds)
-    batch = batch_sizes(
-      bounds, sizes, batch_size=batch_size, max_tokens=max_tokens, num_devices=num_devices
-    )
+    batch = batch_sizes(bounds, sizes, **sizing)
     seconds.append(run_seconds(cost_model, bounds, sizes, batch, num_epochs))
   seconds = np.array(seconds)
   best = int(np.argmin(seconds))
-  return AutoChoice(len(candidates[best]), candidates[best], seconds)
+  return AutoChoice(len(candidates[best]), candidates[best], seconds, minimise)

@@ -178,6 +178,7 @@ class BucketPlan:
       "auto_seconds_per_count": (
         None if self.auto is None else self.auto.seconds_per_count.tolist()
       ),
+      "auto_bounds_minimise": None if self.auto is None else self.auto.bounds_minimise,
       "buckets": buckets,
     }
 
@@ -221,6 +222,12 @@ def format_report(summary: dict) -> str:
     lines.append(
       f"bucket {b} takes {summary['tokens_per_step'][b]:,} padded tokens a step, over max_tokens "
       f"{summary['max_tokens']:,}: its batch is the least it can be, one sequence per device"
+    )
+  if summary["auto_bounds_minimise"] == "padded timesteps":
+    lines.append(
+      f"auto chose K by modelled run time, but over {cost.MAX_DISTINCT_LENGTHS_FOR_RUN_TIME:,} "
+      "distinct lengths each K's bounds are those of least padding: a larger round_to makes "
+      "them fewer, and the bounds fastest"
     )
   if summary["dropped"]:
     lines.append(f"dropped {len(summary['dropped'])} sequence(s) over the largest bound")

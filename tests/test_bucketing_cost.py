@@ -1,4 +1,7 @@
-"""Batch sizes per bucket, and `auto`'s choice of K against an exhaustive search."""
+"""Batch sizes per bucket, and `auto`'s bounds and choice of K against exhaustive searches."""
+
+import dataclasses
+import itertools
 
 import numpy as np
 import pytest
@@ -55,21 +58,52 @@ def test_bad_batch_size_rules_are_rejected(kwargs):
     cost.batch_sizes(np.array([10]), np.array([5]), **kwargs)
 
 
-def exhaustive_seconds(lengths, max_buckets, cost_model, epochs, **sizing):
-  """The modelled run time of the optimal plan for each K, computed from scratch."""
-  seconds = []
+def modelled_seconds(lengths, bounds, cost_model, epochs, **sizing):
+  """A plan's modelled run time, computed from scratch."""
+  bucket = np.searchsorted(bounds, lengths)
+  sizes = np.bincount(bucket, minlength=len(bounds))
+  batch = cost.batch_sizes(bounds, sizes, **sizing)
+  steps = -(-sizes // batch)
+  per_epoch = sum(
+    int(s) * (cost_model.alpha + cost_model.gamma * int(L) + cost_model.beta * int(b) * int(L))
+    for s, b, L in zip(steps, batch, bounds, strict=True)
+  )
+  return epochs * per_epoch + cost_model.kappa * len(bounds)
+
+
+SIZINGS = [
+  {"batch_size": 16},
+  {"batch_size": 5, "num_devices": 3},
+  {"max_tokens": 20_000, "num_devices": 4},
+  {"max_tokens": 300},
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+  lengths=st.lists(st.integers(1, 120), min_size=1, max_size=200).map(np.array),
+  max_buckets=st.integers(1, 5),
+  alpha=st.floats(0, 0.1),
+  beta=st.floats(0, 1e-5),
+  gamma=st.floats(0, 1e-4),
+  sizing=st.sampled_from(SIZINGS),
+)
+def test_fastest_bounds_match_brute_force(lengths, max_buckets, alpha, beta, gamma, sizing):
+  # Every set of at most K bounds among the distinct lengths (the longest always one of them).
+  lengths = lengths % 9 * 13 + 1  # at most 9 distinct lengths, so every subset can be tried
+  model = cost.CostModel(alpha=alpha, beta=beta, gamma=gamma, kappa=0)
+  values = np.unique(lengths)
+  found = cost.fastest_bounds_per_count(lengths, max_buckets, cost_model=model, **sizing)
   for num in range(1, max_buckets + 1):
-    bounds = boundaries.optimal_bounds(lengths, num)
-    bucket = np.searchsorted(bounds, lengths)
-    sizes = np.bincount(bucket, minlength=len(bounds))
-    batch = cost.batch_sizes(bounds, sizes, **sizing)
-    steps = -(-sizes // batch)
-    per_epoch = sum(
-      int(s) * (cost_model.alpha + cost_model.gamma * int(L) + cost_model.beta * int(b) * int(L))
-      for s, b, L in zip(steps, batch, bounds, strict=True)
+    fastest = min(
+      modelled_seconds(lengths, np.array([*inner, values[-1]]), model, 1, **sizing)
+      for size in range(min(num, values.size))
+      for inner in itertools.combinations(values[:-1], size)
     )
-    seconds.append(epochs * per_epoch + cost_model.kappa * len(bounds))
-  return np.array(seconds)
+    assert len(found[num - 1]) <= num
+    assert found[num - 1][-1] == values[-1]
+    seconds = modelled_seconds(lengths, found[num - 1], model, 1, **sizing)
+    assert seconds == pytest.approx(fastest, rel=1e-9, abs=1e-12)
 
 
 @settings(max_examples=60, deadline=None)
@@ -81,19 +115,39 @@ def exhaustive_seconds(lengths, max_buckets, cost_model, epochs, **sizing):
   kappa=st.floats(0, 30),
   gamma=st.floats(0, 1e-4),
   epochs=st.sampled_from([1, 10, 100]),
-  sizing=st.sampled_from([{"batch_size": 16}, {"max_tokens": 20_000, "num_devices": 4}]),
+  sizing=st.sampled_from(SIZINGS),
 )
-def test_auto_matches_exhaustive_search_over_k(
+def test_auto_picks_the_fastest_k_and_never_loses_to_optimal(
   lengths, max_buckets, alpha, beta, kappa, gamma, epochs, sizing
 ):
   model = cost.CostModel(alpha=alpha, beta=beta, kappa=kappa, gamma=gamma)
   choice = cost.choose_num_buckets(
     lengths, max_buckets, cost_model=model, num_epochs=epochs, **sizing
   )
-  expected = exhaustive_seconds(lengths, max_buckets, model, epochs, **sizing)
+  candidates = cost.fastest_bounds_per_count(lengths, max_buckets, cost_model=model, **sizing)
+  expected = [modelled_seconds(lengths, b, model, epochs, **sizing) for b in candidates]
   np.testing.assert_allclose(choice.seconds_per_count, expected, rtol=1e-9, atol=1e-12)
-  assert np.isclose(expected[choice.num_buckets - 1], expected.min(), rtol=1e-9, atol=1e-12)
+  assert np.isclose(expected[choice.num_buckets - 1], min(expected), rtol=1e-9, atol=1e-12)
   assert len(choice.upper_bounds) == choice.num_buckets
+  assert choice.bounds_minimise == "run time"
+  # The padding optimum's bounds, at the same K, are never faster (compiles aside).
+  for num, bounds in enumerate(candidates, start=1):
+    least_padding = boundaries.optimal_bounds(lengths, num)
+    no_compiles = dataclasses.replace(model, kappa=0)
+    assert (
+      modelled_seconds(lengths, bounds, no_compiles, 1, **sizing)
+      <= modelled_seconds(lengths, least_padding, no_compiles, 1, **sizing) * (1 + 1e-9) + 1e-12
+    )
+
+
+def test_auto_takes_the_padding_optimum_past_its_distinct_length_limit(monkeypatch):
+  lengths = np.random.default_rng(0).integers(30, 1500, 2000)
+  monkeypatch.setattr(cost, "MAX_DISTINCT_LENGTHS_FOR_RUN_TIME", 100)
+  choice = cost.choose_num_buckets(lengths, 6, cost_model=cost.CostModel(kappa=0), batch_size=32)
+  assert choice.bounds_minimise == "padded timesteps"
+  np.testing.assert_array_equal(
+    choice.upper_bounds, boundaries.optimal_bounds(lengths, choice.num_buckets)
+  )
 
 
 def test_auto_trades_compiles_against_padding():

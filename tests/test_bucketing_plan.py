@@ -115,6 +115,17 @@ def test_a_bucket_over_the_token_budget_is_reported():
   )
 
 
+@pytest.mark.parametrize(("limit", "minimise"), [(10_000, "run time"), (5, "padded timesteps")])
+def test_auto_says_what_its_bounds_minimise(monkeypatch, limit, minimise):
+  monkeypatch.setattr(cost, "MAX_DISTINCT_LENGTHS_FOR_RUN_TIME", limit)
+  plan = plan_lib.make_plan(LENGTHS, strategy="auto", num_buckets=4, batch_size=8)
+  summary = plan.summary()
+  assert summary["auto_bounds_minimise"] == minimise
+  assert ("each K's bounds are those of least padding" in format_report(summary)) == (
+    minimise == "padded timesteps"
+  )
+
+
 def test_a_cost_model_that_costs_nothing_per_step_predicts_nothing():
   free = cost.CostModel(alpha=0.0, beta=0.0, gamma=0.0, kappa=1.0)
   summary = plan_lib.make_plan(LENGTHS, strategy="optimal", num_buckets=2, batch_size=8).summary(

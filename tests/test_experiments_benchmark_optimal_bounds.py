@@ -1,0 +1,40 @@
+"""The bounds benchmark: `auto`'s bounds are never slower than `optimal`'s, and bad flags are one
+line."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from bucketing import cost
+from experiments import benchmark_optimal_bounds
+
+
+def test_auto_never_models_a_slower_epoch_than_optimal_and_gains_under_a_token_budget():
+  lengths = np.random.default_rng(0).integers(20, 900, 1500)
+  model = cost.CostModel(alpha=6e-3, gamma=3.6e-4, beta=0.0)
+  rows = benchmark_optimal_bounds.auto_against_optimal(lengths, model, (2, 4))
+  assert [(row["batch"], row["K"]) for row in rows] == [
+    (name, k) for name in benchmark_optimal_bounds.SIZINGS for k in ("2", "4")
+  ]
+  for row in rows:
+    assert float(row["auto (s)"]) <= float(row["optimal (s)"])
+    assert len(row["auto's bounds"].split()) <= int(row["K"])
+  budget = [row for row in rows if "tokens" in row["batch"]]
+  assert any(float(row["auto (s)"]) < float(row["optimal (s)"]) for row in budget)
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["--cost", "1,2"], "error: --cost '1,2' is not three comma-separated numbers"),
+    (["--cost", "1,-2,0"], "error: cost model gamma must be a finite number >= 0, got -2.0"),
+    (["--lengths", "no-such-file.txt"], "error: no-such-file.txt: no such file"),
+  ],
+)
+def test_bad_flags_are_one_line_and_exit_code_2(argv, message):
+  command = [sys.executable, "-m", "experiments.benchmark_optimal_bounds", *argv]
+  result = subprocess.run(command, capture_output=True, text=True)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [message]
