@@ -7,7 +7,13 @@ for step in bucketing.iterate(plan, seed=0, num_epochs=1):
 
 from bucketing.batching import assemble_batch
 from bucketing.boundaries import STRATEGIES, optimal_bounds, optimal_bounds_per_count
-from bucketing.cost import CostModel, batch_sizes, choose_num_buckets, fit_step_model
+from bucketing.cost import (
+  CostModel,
+  batch_sizes,
+  choose_num_buckets,
+  fastest_bounds_per_count,
+  fit_step_model,
+)
 from bucketing.plan import OVERFLOW_POLICIES, BucketPlan, format_report, make_plan
 from bucketing.schedule import FILLER, ScheduledBatch, epoch_batches, iterate, process_slice
 
@@ -22,6 +28,7 @@ __all__ = [
   "batch_sizes",
   "choose_num_buckets",
   "epoch_batches",
+  "fastest_bounds_per_count",
   "fit_step_model",
   "format_report",
   "iterate",
