@@ -158,21 +158,41 @@ def _flat(value, prefix: str = "") -> dict:
   return flat
 
 
-def check_settings(path: pathlib.Path, settings: dict, what: str) -> None:
+def check_settings(
+  path: pathlib.Path, settings: dict, what: str, trained_with: str | None = None
+) -> None:
   """Writes `settings` (JSON) to `path` on first use; refuses, naming what differs, a workdir
-  whose `path` holds others: a finished run is reused, so its settings must be this command's."""
+  whose `path` holds others: a finished run is reused, so its settings must be this command's.
+
+  `trained_with` names the trainer's own record (`config.json`, every field flat) in `path`'s
+  folder: a folder a run wrote to before `path` existed is checked against the fields of
+  `settings["config"]` that record holds, and refused when it has neither file.
+  """
+  now = _flat(json.loads(json.dumps(settings)))
   if path.is_file():
-    before, now = _flat(json.loads(path.read_text())), _flat(json.loads(json.dumps(settings)))
-    differ = [
-      f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
-      for key in sorted(before.keys() | now.keys())
-      if before.get(key) != now.get(key)
-    ]
-    if differ:
-      shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+    source, before = path, _flat(json.loads(path.read_text()))
+  elif trained_with and path.parent.is_dir() and any(path.parent.iterdir()):
+    source = path.parent / trained_with
+    if not source.is_file():
       raise UsageError(
-        f"{path.parent} holds {what} with other settings ({shown}; compare {path}); use a new "
-        "--workdir"
+        f"{path.parent} holds {what} with no record of its settings (neither {path.name} nor "
+        f"{trained_with}); use a new --workdir"
       )
+    recorded = json.loads(source.read_text())
+    now = {key: value for key, value in now.items() if key.removeprefix("config.") in recorded}
+    before = {key: recorded[key.removeprefix("config.")] for key in now}
+  else:
+    source, before = None, now
+  differ = [
+    f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
+    for key in sorted(before.keys() | now.keys())
+    if before.get(key) != now.get(key)
+  ]
+  if differ:
+    shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
+    raise UsageError(
+      f"{path.parent} holds {what} with other settings ({shown}; compare {source}); use a new "
+      "--workdir"
+    )
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(settings, indent=2))

@@ -31,27 +31,30 @@ for 2 epochs each (in `<workdir>/probe/`, at the first device count, without the
 compilation cache, so that it neither uses nor fills it) and writes `<workdir>/probe.json` with
 their `summary.json` times (`time_to_first_step_s`, `compile_wall_s`), the clean second epoch
 (training plus evaluation) and each planned run's padded timesteps; `--estimates <earlier
-probe.json>` reuses one instead (same settings and machine), as does the same command started again
-in the same workdir. Every run is then estimated (`estimate_runs`: epoch time linear in padded
-timesteps, compile wall linear in K), and `plan_budget` keeps as many runs as fit at `--min-epochs`
-(default: the preset's epochs) in the order of `budget_priority` (baseline, `optimal` by K, `auto`,
-`quantile` by K), then gives all of them the same, largest epoch count (at most the preset's) that
-fits, without early stopping. A worker skips a run that its estimate says would end past the
-deadline, and a run slower than its estimate stops at the deadline with a checkpoint
-(`config.max_minutes`); the table and plots cover the runs that finished and name those left out.
-A run whose `summary.json` says it finished is reused, so an interrupted sweep continues where it
-stopped (a run the deadline cut short resumes from its checkpoint; started again, a budget sweep
-keeps its first plan's epoch count). Each run's folder keeps the settings it was trained with
+probe.json>` reuses one instead (same settings and machine: yours to vouch for), as does the same
+command started again in the same workdir (checked: `<workdir>/probe/settings.json` keeps the
+probe's settings, and other ones are refused). Every run is then estimated (`estimate_runs`: epoch
+time linear in padded timesteps, compile wall linear in K), and `plan_budget` keeps as many runs as
+fit at `--min-epochs` (default: the preset's epochs) in the order of `budget_priority` (baseline,
+`optimal` by K, `auto`, `quantile` by K), then gives all of them the same, largest epoch count (at
+most the preset's) that fits, without early stopping. A worker skips a run that its estimate says
+would end past the deadline, and a run slower than its estimate stops at the deadline with a
+checkpoint (`config.max_minutes`); the table and plots cover the runs that finished and name those
+left out. A run whose `summary.json` says it finished is reused, so an interrupted sweep continues
+where it stopped (a run the deadline cut short resumes from its checkpoint; started again, a budget
+sweep keeps its first plan's epoch count). Each run's folder keeps the settings it was trained with
 (`settings.json`: its config, less where the data lies, the time cap and, but for `auto`, the
-`--cost` model); a command that would reuse it under others (another dataset, preset, epoch
-count, `auto`'s cost model...) is refused, naming the run and what differs, before any run of the
-sweep trains: use a new workdir for it.
+`--cost` model; a run from before that file is checked against the trainer's `config.json`); a
+command that would reuse it under others (another dataset, preset, epoch count, `auto`'s cost
+model...) is refused, naming the run and what differs, before any run of the sweep trains: use a new
+workdir for it.
 
 Measured: `--quick --budget-minutes 12` on IAM-OnDB on a 2-core CPU (`experiments/results/
-paper_quick_cpu.md`, 11.5 min, all six planned runs kept): every run learns (validation CER
-0.32-0.35 after 12 epochs); optimal K = 4 cut the median epoch 1.69x (ideal 1.64x), and every
-bucketed run reached the baseline's best loss at its 9th epoch, in about half its wall time;
-`auto` measured its cost model and chose K = 4.
+paper_quick_cpu.md`, 11.2 min, all six planned runs kept): every run learns (validation CER
+0.32-0.36 after 12 epochs); optimal K = 4 cut the median epoch 1.66x (ideal 1.64x), and every
+bucketed run but `auto` reached the baseline's best loss at its 9th epoch, in a little over half
+its wall time; `auto` measured its cost model and chose K = 4 with bounds of its own, the fastest
+epoch (5.75 s), but its loss lagged the others' (one seed).
 """
 
 import argparse
@@ -184,6 +187,7 @@ def run_config(
 STEERING_FIELDS = ("data.data_dir", "data.manual_dir", "max_minutes", "progress_bar")
 COST_FIELDS = ("bucketing.alpha", "bucketing.beta", "bucketing.kappa", "bucketing.gamma")
 SETTINGS_FILE = "settings.json"
+TRAINED_WITH_FILE = "config.json"  # what the trainer records at every start (train.CONFIG_FILE)
 
 
 def run_settings(config: ml_collections.ConfigDict) -> dict:
@@ -204,15 +208,18 @@ def check_run_settings(
 ) -> None:
   """Records in each run's folder (`settings.json`) the settings of every run this command trains
   or reuses, and refuses a run folder that holds others, naming what differs: a finished run is
-  reused, and the report describes it by this command's settings. The runs with a record are
-  checked first, so that a refused command records nothing."""
+  reused, and the report describes it by this command's settings. A run folder from before
+  `settings.json` is checked against the trainer's `config.json`. The folders with something to
+  check go first, so that a refused command records nothing."""
   workdir = pathlib.Path(args.workdir)
   runs = [
     (devices, *run) for devices in device_counts for run in worker_runs(args, devices, budget)
   ]
   paths = {run: workdir / run_name(*run) / SETTINGS_FILE for run in runs}
-  for run in sorted(runs, key=lambda run: not paths[run].is_file()):
-    cli.check_settings(paths[run], run_settings(run_config(args, *run[1:])), "a run")
+  new = lambda run: not paths[run].parent.is_dir() or not any(paths[run].parent.iterdir())
+  for run in sorted(runs, key=new):
+    settings = run_settings(run_config(args, *run[1:]))
+    cli.check_settings(paths[run], settings, "a run", trained_with=TRAINED_WITH_FILE)
 
 
 def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, int]]:
@@ -450,6 +457,12 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
   keeps the epoch count of its workdir's earlier plan (`budget.json`), so that its runs compare."""
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  if not args.estimates:  # the workdir's own probe: measured with this command's settings
+    probe_settings = run_settings(args_config(args)) | {
+      "buckets": args.buckets,
+      "strategies": args.strategies,
+    }
+    cli.check_settings(workdir / "probe" / SETTINGS_FILE, probe_settings, "a probe")
   earlier = args.estimates or (
     workdir / "probe.json" if (workdir / "probe.json").is_file() else None
   )

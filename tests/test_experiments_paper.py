@@ -84,6 +84,19 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
   with pytest.raises(cli_errors.UsageError, match=r"devices2/auto_k2 .*config.bucketing.gamma"):
     paper.main([*argv, "--strategies", "auto", "--cost", "0.01,2e-7,5,3e-5"])
   assert summary_path.stat().st_mtime_ns == before
+  # A run from before settings.json is checked against the trainer's config.json instead...
+  settings_path = tmp_path / "devices2/none_k1/settings.json"
+  settings_path.unlink()
+  changed = r"config.num_epochs 2 there, 3 here.*config.json"
+  with pytest.raises(cli_errors.UsageError, match=changed):
+    paper.main([*more, "--epochs", "3"])
+  paper.main(argv)
+  assert summary_path.stat().st_mtime_ns == before and settings_path.is_file()
+  # ...and one with neither record is not reused unchecked.
+  settings_path.unlink()
+  (tmp_path / "devices2/none_k1/config.json").unlink()
+  with pytest.raises(cli_errors.UsageError, match="none_k1 holds a run with no record of its"):
+    paper.main(argv)
 
 
 def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
@@ -225,22 +238,25 @@ def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_pat
   assert not (tmp_path / "devices1/quantile_k2").exists()
 
 
+# A probe of the baseline and `optimal` K = 2, 40 s each on 1 device.
+PROBED = {
+  "devices": 1,
+  "probes": [
+    {"strategy": s, "requested_buckets": k, "num_buckets": k, "padded": padded, "wall_s": 40.0,
+     "time_to_first_step_s": 5.0, "compile_wall_s": 10.0 * k, "epoch_s": 10.0}
+    for s, k, padded in (("none", 1, 1000), ("optimal", 2, 800))
+  ],
+  "planned": [
+    {"strategy": "none", "requested_buckets": 1, "num_buckets": 1, "padded": 1000},
+    {"strategy": "optimal", "requested_buckets": 2, "num_buckets": 2, "padded": 800},
+  ],
+}  # fmt: skip
+
+
 def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_path):
   """Given more time, the same budget sweep would plan more epochs (at most --epochs 4); it keeps
   the 2 its finished runs trained, so that the table compares equal epochs and says so."""
-  probed = {
-    "devices": 1,
-    "probes": [
-      {"strategy": s, "requested_buckets": k, "num_buckets": k, "padded": padded, "wall_s": 40.0,
-       "time_to_first_step_s": 5.0, "compile_wall_s": 10.0 * k, "epoch_s": 10.0}
-      for s, k, padded in (("none", 1, 1000), ("optimal", 2, 800))
-    ],
-    "planned": [
-      {"strategy": "none", "requested_buckets": 1, "num_buckets": 1, "padded": 1000},
-      {"strategy": "optimal", "requested_buckets": 2, "num_buckets": 2, "padded": 800},
-    ],
-  }  # fmt: skip
-  (tmp_path / "estimates.json").write_text(json.dumps(probed))
+  (tmp_path / "estimates.json").write_text(json.dumps(PROBED))
   # Set-up 40 - 10 - 20 = 10 s: none 20 s and optimal 30 s, plus 10 s per epoch each; 115 s less
   # the 15 s reserve fits both at 2 epochs (90 s), not 3.
   argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
@@ -255,6 +271,21 @@ def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_p
   with open(tmp_path / "paper_table.csv", newline="") as file:
     assert [row["epochs run"] for row in csv.DictReader(file)] == ["2", "2"]
   assert "2 epochs at most" in text and "run(s) of 2 epochs each" in text
+
+
+def test_a_sweep_started_again_reuses_its_probe_only_under_the_same_settings(tmp_path):
+  # Budgets too small for the baseline: each command plans from the probe, then ends untrained.
+  (tmp_path / "probe.json").write_text(json.dumps(PROBED))
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
+  argv += ["--buckets", "2", "--strategies", "none,optimal", "--budget-minutes", "0.3"]
+  for _ in range(2):  # the first records the probe's settings, the second finds them the same
+    with pytest.raises(cli_errors.UsageError, match="the baseline alone needs"):
+      paper.main(argv)
+  assert (tmp_path / "probe" / "settings.json").is_file()
+  with pytest.raises(
+    cli_errors.UsageError, match=r"holds a probe with other settings \(config.num_epochs 2 there"
+  ):
+    paper.main([*argv, "--epochs", "3"])
 
 
 def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):
