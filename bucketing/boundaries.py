@@ -108,7 +108,7 @@ def optimal_bounds_per_count(lengths: np.ndarray, max_buckets: int) -> list[np.n
   buckets cannot help, so later entries repeat that zero-padding solution.
   """
   check_num_buckets(max_buckets)
-  values, counts = np.unique(lengths, return_counts=True)
+  values, counts = np.unique(validate_lengths(lengths), return_counts=True)
   num_values = values.size
   cumulative = np.concatenate([[0], np.cumsum(counts)])
   layers = min(max_buckets, num_values)

@@ -9,9 +9,9 @@ compilation once. For a run of `num_epochs` epochs:
     total = num_epochs * sum_b steps_b * (alpha + gamma * L_b + beta * B_b * L_b) + kappa * K,
 
 with `steps_b = ceil(n_b / B_b)`: a partial batch costs a full step, as it does on the device.
-`auto` minimises it over K and, for each K, over the bounds (`fastest_bounds_per_count`): at a
-token budget, where `gamma` makes long buckets dearer per token, and with partial batches, these
-are not quite `optimal`'s padding-minimal bounds.
+`auto` minimises it over K and, for each K, over the bounds at the corpus's lengths
+(`fastest_bounds_per_count`): at a token budget, where `gamma` makes long buckets dearer per token,
+and with partial batches, these are not quite `optimal`'s padding-minimal bounds.
 `fit_step_model` fits alpha, gamma and beta to measured steps (the trainer measures them before
 `auto` plans, see `train.measure_cost_model`).
 """
@@ -143,6 +143,8 @@ def run_seconds(
 # Above this many distinct lengths `auto` takes the padding-minimal bounds for each K: the exact
 # run-time programme is O(K m^2), about 3 s for m = 4,096 and K = 16 on this 2-core CPU.
 MAX_DISTINCT_LENGTHS_FOR_RUN_TIME = 4096
+# Bucket costs the run-time programme holds at once (a few times this many bytes x 8).
+COSTS_PER_CHUNK = 1 << 20
 
 
 def fastest_bounds_per_count(
@@ -162,13 +164,13 @@ def fastest_bounds_per_count(
   for a bucket of n sequences padded to L, B its batch as `batch_sizes` gives it. Partial
   batches and batches capped by a small bucket make this cost non-Monge, so each of the K layers
   looks at every start for every end: O(K m^2) for m distinct lengths, in column chunks that
-  hold about a million costs at once. Ties go to the earliest start.
+  hold about `COSTS_PER_CHUNK` costs at once. Ties go to the earliest start.
   """
   boundaries.check_num_buckets(max_buckets)
-  values, counts = np.unique(lengths, return_counts=True)
+  values, counts = np.unique(boundaries.validate_lengths(lengths), return_counts=True)
   num_values = values.size
   cumulative = np.concatenate([[0], np.cumsum(counts)])
-  chunk = max(1, (1 << 20) // (num_values + 1))
+  chunk = max(1, COSTS_PER_CHUNK // (num_values + 1))
 
   def epoch_seconds(end_lo: int, end_hi: int) -> np.ndarray:
     """[end_hi, end_hi - end_lo]: seconds of a bucket of distinct lengths start..end-1 (inf if

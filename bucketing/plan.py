@@ -225,9 +225,10 @@ def format_report(summary: dict) -> str:
     )
   if summary["auto_bounds_minimise"] == "padded timesteps":
     lines.append(
-      f"auto chose K by modelled run time, but over {cost.MAX_DISTINCT_LENGTHS_FOR_RUN_TIME:,} "
-      "distinct lengths each K's bounds are those of least padding: a larger round_to makes "
-      "them fewer, and the bounds fastest"
+      f"auto chose K by modelled run time, but with over "
+      f"{cost.MAX_DISTINCT_LENGTHS_FOR_RUN_TIME:,} distinct lengths each K's bounds are those of "
+      "least padding; a round_to that leaves fewer padded lengths lets auto pick the fastest "
+      "bounds"
     )
   if summary["dropped"]:
     lines.append(f"dropped {len(summary['dropped'])} sequence(s) over the largest bound")

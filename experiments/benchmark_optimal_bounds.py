@@ -12,13 +12,17 @@ Prints Markdown tables and writes them with the machine and date to
 - on the lengths of `--lengths` (one per line or `.npy`, as `python -m bucketing plan` reads
   them; uniform random ones without it), the modelled epoch seconds of `optimal`'s
   padding-minimal bounds against `auto`'s (`bucketing.cost.fastest_bounds_per_count`) for the
-  same K, under the cost model `--cost` and three batch rules, with the time that solve took.
+  same K, under three batch rules and a step cost model, with the time that solve took. The
+  cost model is the one `auto` would fit (`bucketing.fit_step_model`) to the H200 step times of
+  `experiments/iam.py`'s model on raw pen points in `benchmark_step_gpu.md` (the scan at unroll
+  8), read from that file; `--alpha`, `--gamma`, `--beta` replace its figures.
 """
 
 import dataclasses
 import pathlib
 import statistics
 import sys
+import textwrap
 import time
 
 import numpy as np
@@ -55,14 +59,30 @@ def median_seconds(lengths: np.ndarray, num_buckets: int, repeats: int) -> float
   return statistics.median(times)
 
 
-# What `auto` measured before planning the quick paper sweep on this CPU (paper_quick_cpu.md):
-# alpha, gamma and beta, seconds per step, per padded timestep and per padded token.
-QUICK_SWEEP_COST = "6.05e-3,3.61e-4,0"
+STEP_ANATOMY = RESULTS / "benchmark_step_gpu.md"
+STEP_ANATOMY_TABLE = "## Anatomy of one train step (ms, medians)"
+STEP_ANATOMY_ROWS = "scan unroll 8, optax CTC"
 SIZINGS = {
   "32 sequences, 8 devices": {"batch_size": 32, "num_devices": 8},
   "16 sequences, 1 device": {"batch_size": 16, "num_devices": 1},
   "20,000 tokens, 8 devices": {"max_tokens": 20_000, "num_devices": 8},
 }
+
+
+def step_cost_on_the_gpu() -> tuple[dict[str, float], str]:
+  """alpha, gamma and beta fitted to the committed H200 step anatomy, and a line saying so."""
+  rows = reporting.read_markdown_table(STEP_ANATOMY.read_text(), STEP_ANATOMY_TABLE)
+  rows = [row for row in rows if row["implementation"] == STEP_ANATOMY_ROWS]
+  batches, lengths = [int(row["B"]) for row in rows], [int(row["T"]) for row in rows]
+  alpha, gamma, beta = cost.fit_step_model(
+    batches, lengths, [float(row["step"]) / 1000 for row in rows]
+  )
+  shapes = ", ".join(f"{b} x {t}" for b, t in zip(batches, lengths, strict=True))
+  source = (
+    f"fitted as `auto` fits them to the NVIDIA H200 steps of `iam.py`'s model ({STEP_ANATOMY_ROWS};"
+    f" B x T {shapes}) in `{STEP_ANATOMY.name}`"
+  )
+  return {"alpha": alpha, "gamma": gamma, "beta": beta}, source
 
 
 def epoch_seconds(
@@ -113,18 +133,21 @@ def main() -> None:
     "--lengths", type=pathlib.Path, help="lengths for auto against optimal (one per line, .npy)"
   )
   parser.add_argument(
-    "--cost",
-    default=QUICK_SWEEP_COST,
-    help="alpha,gamma,beta for auto against optimal: %(default)s, what auto measured here",
+    "--alpha", type=float, help="seconds per step (default: fitted to the H200's steps)"
   )
+  parser.add_argument("--gamma", type=float, help="seconds per padded timestep (default: fitted)")
+  parser.add_argument("--beta", type=float, help="seconds per padded token (default: fitted)")
   args = parser.parse_args()
   record = reporting.RunRecord(
     "experiments.benchmark_optimal_bounds", sys.argv[1:], f"numpy {np.__version__}"
   )
-  try:
-    alpha, gamma, beta = (float(value) for value in args.cost.split(","))
-  except ValueError:
-    raise ValueError(f"--cost {args.cost!r} is not three comma-separated numbers") from None
+  fitted, cost_source = step_cost_on_the_gpu()
+  given = {name: getattr(args, name) for name in ("alpha", "gamma", "beta")}
+  alpha, gamma, beta = (
+    fitted[n] if given[n] is None else given[n] for n in ("alpha", "gamma", "beta")
+  )
+  if any(value is not None for value in given.values()):
+    cost_source += f"; {', '.join(n for n, v in given.items() if v is not None)} given"
   cost_model = cost.CostModel(alpha=alpha, gamma=gamma, beta=beta)
   rng = np.random.default_rng(0)
   if args.lengths is None:
@@ -167,12 +190,16 @@ def main() -> None:
     "",
     "## `auto`'s bounds against `optimal`'s",
     "",
-    f"On {source} ({np.unique(corpus).size:,} distinct), one epoch's modelled seconds",
-    f"(`alpha + gamma * L + beta * B * L` a step: alpha {alpha:g} s, gamma {gamma:g} s, beta",
-    f"{beta:g} s) with `optimal`'s padding-minimal bounds and with `auto`'s run-time-minimal ones",
-    "(`fastest_bounds_per_count`, exact among bounds at the corpus's lengths), for the same K.",
-    "Partial batches, the batches of small buckets and, under a token budget, gamma's per-step",
-    "cost are what padding alone does not see. Solve: one call for K = 1..8, run once.",
+    *textwrap.wrap(
+      f"On {source} ({np.unique(corpus).size:,} distinct), one epoch's modelled seconds "
+      f"(`alpha + gamma * L + beta * B * L` a step: alpha {alpha:.3g} s, gamma {gamma:.3g} s, "
+      f"beta {beta:.3g} s, {cost_source}) with `optimal`'s padding-minimal bounds and with "
+      "`auto`'s run-time-minimal ones (`fastest_bounds_per_count`, exact among bounds at the "
+      "corpus's lengths), for the same K. Partial batches, the batches of small buckets and, "
+      "under a token budget, gamma's per-step cost are what padding alone does not see. Solve: "
+      "one call for K = 1..8, run once.",
+      100,
+    ),
     "",
     *reporting.markdown_table(comparison, list(comparison[0])),
     "",

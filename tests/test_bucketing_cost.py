@@ -88,12 +88,18 @@ SIZINGS = [
   gamma=st.floats(0, 1e-4),
   sizing=st.sampled_from(SIZINGS),
 )
-def test_fastest_bounds_match_brute_force(lengths, max_buckets, alpha, beta, gamma, sizing):
-  # Every set of at most K bounds among the distinct lengths (the longest always one of them).
+@pytest.mark.parametrize("costs_per_chunk", [1 << 20, 11])
+def test_fastest_bounds_match_brute_force(
+  lengths, max_buckets, alpha, beta, gamma, sizing, costs_per_chunk
+):
+  # Every set of at most K bounds among the distinct lengths (the longest always one of them);
+  # 11 costs at once split the programme's ends into chunks of one or two.
   lengths = lengths % 9 * 13 + 1  # at most 9 distinct lengths, so every subset can be tried
   model = cost.CostModel(alpha=alpha, beta=beta, gamma=gamma, kappa=0)
   values = np.unique(lengths)
-  found = cost.fastest_bounds_per_count(lengths, max_buckets, cost_model=model, **sizing)
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(cost, "COSTS_PER_CHUNK", costs_per_chunk)
+    found = cost.fastest_bounds_per_count(lengths, max_buckets, cost_model=model, **sizing)
   for num in range(1, max_buckets + 1):
     fastest = min(
       modelled_seconds(lengths, np.array([*inner, values[-1]]), model, 1, **sizing)

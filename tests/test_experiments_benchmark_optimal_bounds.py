@@ -11,6 +11,12 @@ from bucketing import cost
 from experiments import benchmark_optimal_bounds
 
 
+def test_the_default_cost_model_is_fitted_to_the_committed_gpu_steps():
+  fitted, source = benchmark_optimal_bounds.step_cost_on_the_gpu()
+  assert fitted["gamma"] > 0 and min(fitted.values()) >= 0
+  assert "H200" in source and "benchmark_step_gpu.md" in source
+
+
 def test_auto_never_models_a_slower_epoch_than_optimal_and_gains_under_a_token_budget():
   lengths = np.random.default_rng(0).integers(20, 900, 1500)
   model = cost.CostModel(alpha=6e-3, gamma=3.6e-4, beta=0.0)
@@ -28,8 +34,11 @@ def test_auto_never_models_a_slower_epoch_than_optimal_and_gains_under_a_token_b
 @pytest.mark.parametrize(
   ("argv", "message"),
   [
-    (["--cost", "1,2"], "error: --cost '1,2' is not three comma-separated numbers"),
-    (["--cost", "1,-2,0"], "error: cost model gamma must be a finite number >= 0, got -2.0"),
+    (
+      ["--gamma", "x"],
+      "error: benchmark_optimal_bounds.py: argument --gamma: invalid float value: 'x' (see --help)",
+    ),
+    (["--gamma", "-2"], "error: cost model gamma must be a finite number >= 0, got -2.0"),
     (["--lengths", "no-such-file.txt"], "error: no-such-file.txt: no such file"),
   ],
 )
