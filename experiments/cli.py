@@ -161,28 +161,33 @@ def _flat(value, prefix: str = "") -> dict:
 def check_settings(
   path: pathlib.Path, settings: dict, what: str, trained_with: str | None = None
 ) -> None:
-  """Writes `settings` (JSON) to `path` on first use; refuses, naming what differs, a workdir
-  whose `path` holds others: a finished run is reused, so its settings must be this command's.
+  """Refuses, naming what differs, a workdir whose `path` (JSON) holds other settings than
+  `settings`: a finished run is reused, so its settings must be this command's. Writes nothing:
+  check every run first, then `record_settings` each, so that a refused command records nothing.
 
   `trained_with` names the trainer's own record (`config.json`, every field flat) in `path`'s
   folder: a folder a run wrote to before `path` existed is checked against the fields of
-  `settings["config"]` that record holds, and refused when it has neither file.
+  `settings["config"]` that record holds, and refused when it has neither file or they share none.
   """
   now = _flat(json.loads(json.dumps(settings)))
   if path.is_file():
     source, before = path, _flat(json.loads(path.read_text()))
   elif trained_with and path.parent.is_dir() and any(path.parent.iterdir()):
     source = path.parent / trained_with
-    if not source.is_file():
+    recorded = json.loads(source.read_text()) if source.is_file() else {}
+    now = {
+      key: value
+      for key, value in now.items()
+      if key.startswith("config.") and key.removeprefix("config.") in recorded
+    }
+    if not now:
       raise UsageError(
-        f"{path.parent} holds {what} with no record of its settings (neither {path.name} nor "
-        f"{trained_with}); use a new --workdir"
+        f"{path.parent} holds {what} with no record of its settings (neither {path.name} nor a "
+        f"{trained_with} that names its config); use a new --workdir"
       )
-    recorded = json.loads(source.read_text())
-    now = {key: value for key, value in now.items() if key.removeprefix("config.") in recorded}
     before = {key: recorded[key.removeprefix("config.")] for key in now}
   else:
-    source, before = None, now
+    return
   differ = [
     f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
     for key in sorted(before.keys() | now.keys())
@@ -194,5 +199,9 @@ def check_settings(
       f"{path.parent} holds {what} with other settings ({shown}; compare {source}); use a new "
       "--workdir"
     )
+
+
+def record_settings(path: pathlib.Path, settings: dict) -> None:
+  """Writes the settings `check_settings` accepted, for the next command to be checked against."""
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(settings, indent=2))

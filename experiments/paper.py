@@ -33,21 +33,21 @@ their `summary.json` times (`time_to_first_step_s`, `compile_wall_s`), the clean
 (training plus evaluation) and each planned run's padded timesteps; `--estimates <earlier
 probe.json>` reuses one instead (same settings and machine: yours to vouch for), as does the same
 command started again in the same workdir (checked: `<workdir>/probe/settings.json` keeps the
-probe's settings, and other ones are refused). Every run is then estimated (`estimate_runs`: epoch
-time linear in padded timesteps, compile wall linear in K), and `plan_budget` keeps as many runs as
-fit at `--min-epochs` (default: the preset's epochs) in the order of `budget_priority` (baseline,
-`optimal` by K, `auto`, `quantile` by K), then gives all of them the same, largest epoch count (at
-most the preset's) that fits, without early stopping. A worker skips a run that its estimate says
-would end past the deadline, and a run slower than its estimate stops at the deadline with a
-checkpoint (`config.max_minutes`); the table and plots cover the runs that finished and name those
-left out. A run whose `summary.json` says it finished is reused, so an interrupted sweep continues
-where it stopped (a run the deadline cut short resumes from its checkpoint; started again, a budget
-sweep keeps its first plan's epoch count). Each run's folder keeps the settings it was trained with
-(`settings.json`: its config, less where the data lies, the time cap and, but for `auto`, the
-`--cost` model; a run from before that file is checked against the trainer's `config.json`); a
-command that would reuse it under others (another dataset, preset, epoch count, `auto`'s cost
-model...) is refused, naming the run and what differs, before any run of the sweep trains: use a new
-workdir for it.
+probe's settings; other ones, or none, are refused). Every run is then estimated (`estimate_runs`:
+epoch time linear in padded timesteps, compile wall linear in K), and `plan_budget` keeps as many
+runs as fit at `--min-epochs` (default: the preset's epochs) in the order of `budget_priority`
+(baseline, `optimal` by K, `auto`, `quantile` by K), then gives all of them the same, largest epoch
+count (at most the preset's) that fits, without early stopping. A worker skips a run that its
+estimate says would end past the deadline, and a run slower than its estimate stops at the deadline
+with a checkpoint (`config.max_minutes`); the table and plots cover the runs that finished and name
+those left out. A run whose `summary.json` says it finished is reused, so an interrupted sweep
+continues where it stopped (a run the deadline cut short resumes from its checkpoint; started again,
+a budget sweep keeps its first plan's epoch count). Each run's folder keeps the settings it was
+trained with (`settings.json`: its config, less where the data lies, the time cap and, but for
+`auto`, the `--cost` model; a run from before that file is checked against the trainer's
+`config.json`); a command that would reuse it under others (another dataset, preset, epoch count,
+`auto`'s cost model...) is refused, naming the run and what differs, before any run of the sweep
+trains: use a new workdir for it.
 
 Measured: `--quick --budget-minutes 12` on IAM-OnDB on a 2-core CPU (`experiments/results/
 paper_quick_cpu.md`, 11.2 min, all six planned runs kept): every run learns (validation CER
@@ -200,6 +200,8 @@ def run_settings(config: ml_collections.ConfigDict) -> dict:
   for field in ignored:
     *parents, name = field.split(".")
     functools.reduce(dict.__getitem__, parents, settings).pop(name, None)
+  if config.bucketing.strategy == "auto":  # since auto's bounds minimise run time, not padding
+    return {"config": settings, "auto_bounds_minimise": "run time"}
   return {"config": settings}
 
 
@@ -209,17 +211,18 @@ def check_run_settings(
   """Records in each run's folder (`settings.json`) the settings of every run this command trains
   or reuses, and refuses a run folder that holds others, naming what differs: a finished run is
   reused, and the report describes it by this command's settings. A run folder from before
-  `settings.json` is checked against the trainer's `config.json`. The folders with something to
-  check go first, so that a refused command records nothing."""
+  `settings.json` is checked against the trainer's `config.json`. Every run is checked before any
+  is recorded, so that a refused command records nothing."""
   workdir = pathlib.Path(args.workdir)
   runs = [
     (devices, *run) for devices in device_counts for run in worker_runs(args, devices, budget)
   ]
   paths = {run: workdir / run_name(*run) / SETTINGS_FILE for run in runs}
-  new = lambda run: not paths[run].parent.is_dir() or not any(paths[run].parent.iterdir())
-  for run in sorted(runs, key=new):
-    settings = run_settings(run_config(args, *run[1:]))
-    cli.check_settings(paths[run], settings, "a run", trained_with=TRAINED_WITH_FILE)
+  settings = {run: run_settings(run_config(args, *run[1:])) for run in runs}
+  for run in runs:
+    cli.check_settings(paths[run], settings[run], "a run", trained_with=TRAINED_WITH_FILE)
+  for run in runs:  # all checked: a refused command records nothing
+    cli.record_settings(paths[run], settings[run])
 
 
 def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, int]]:
@@ -452,17 +455,34 @@ def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None
   )
 
 
+def check_probe_settings(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None:
+  """Refuses a workdir whose probe was measured with other settings, or with none on record
+  (`probe/settings.json`), and records this command's before it probes or reuses the probe:
+  the runs it times, the planned runs' K and padding (`auto`'s with its cost model) and the
+  device count it ran on."""
+  planner = run_config(args, "auto", max(args.buckets)) if "auto" in args.strategies else None
+  settings = run_settings(planner or args_config(args)) | {
+    "buckets": args.buckets,
+    "strategies": args.strategies,
+    "devices": devices,
+  }
+  path = workdir / "probe" / SETTINGS_FILE
+  if (workdir / "probe.json").is_file() and not path.is_file():
+    raise cli_errors.UsageError(
+      f"{workdir} holds a probe (probe.json) with no record of its settings ({path}); use a new "
+      "--workdir, or give it as --estimates if it was measured with this command's settings"
+    )
+  cli.check_settings(path, settings, "a probe")
+  cli.record_settings(path, settings)
+
+
 def plan_sweep(args, argv, device_counts, start: float) -> dict:
   """Probes (or reads `--estimates`) and plans within `--budget-minutes`; a sweep started again
   keeps the epoch count of its workdir's earlier plan (`budget.json`), so that its runs compare."""
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if not args.estimates:  # the workdir's own probe: measured with this command's settings
-    probe_settings = run_settings(args_config(args)) | {
-      "buckets": args.buckets,
-      "strategies": args.strategies,
-    }
-    cli.check_settings(workdir / "probe" / SETTINGS_FILE, probe_settings, "a probe")
+    check_probe_settings(args, device_counts[0], workdir)
   earlier = args.estimates or (
     workdir / "probe.json" if (workdir / "probe.json").is_file() else None
   )

@@ -350,9 +350,12 @@ def run_worker_process(argv: list[str], phase: str, name: str) -> bool:
   )
 
 
+CANDIDATE_FILE = "candidate.json"
+
+
 def check_settings(candidate_dir: pathlib.Path, settings: dict) -> None:
-  """Writes the candidate's settings on first use; refuses a workdir that has others."""
-  cli.check_settings(candidate_dir / "candidate.json", settings, f"a run of {candidate_dir.name!r}")
+  """Refuses a candidate folder that holds a run of other settings (it writes nothing)."""
+  cli.check_settings(candidate_dir / CANDIDATE_FILE, settings, f"a run of {candidate_dir.name!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -368,7 +371,7 @@ def wall_clock(run: dict) -> np.ndarray:
 
 def candidate_row(candidate_dir: pathlib.Path, budget_s: float) -> dict:
   """One table row, every number read from the candidate's files."""
-  settings = json.loads((candidate_dir / "candidate.json").read_text())
+  settings = json.loads((candidate_dir / CANDIDATE_FILE).read_text())
   schedule = json.loads((candidate_dir / "schedule.json").read_text())
   result = json.loads((candidate_dir / "result.json").read_text())
   run = paper.read_run(candidate_dir / "train")
@@ -558,6 +561,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   }
   for name, candidate_settings in settings.items():
     check_settings(workdir / name, candidate_settings)
+  for name, candidate_settings in settings.items():  # all checked: a refusal records nothing
+    cli.record_settings(workdir / name / CANDIDATE_FILE, candidate_settings)
   interrupted = False
   for candidate in candidates:
     done = (workdir / candidate.name / "result.json").is_file()

@@ -275,17 +275,22 @@ def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_p
 
 def test_a_sweep_started_again_reuses_its_probe_only_under_the_same_settings(tmp_path):
   # Budgets too small for the baseline: each command plans from the probe, then ends untrained.
-  (tmp_path / "probe.json").write_text(json.dumps(PROBED))
   argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
   argv += ["--buckets", "2", "--strategies", "none,optimal", "--budget-minutes", "0.3"]
-  for _ in range(2):  # the first records the probe's settings, the second finds them the same
-    with pytest.raises(cli_errors.UsageError, match="the baseline alone needs"):
-      paper.main(argv)
-  assert (tmp_path / "probe" / "settings.json").is_file()
+  paper.check_probe_settings(paper.parse_args(argv), 1, tmp_path)  # as a probe of argv would
+  (tmp_path / "probe.json").write_text(json.dumps(PROBED))
+  with pytest.raises(cli_errors.UsageError, match="the baseline alone needs"):
+    paper.main(argv)
   with pytest.raises(
     cli_errors.UsageError, match=r"holds a probe with other settings \(config.num_epochs 2 there"
   ):
     paper.main([*argv, "--epochs", "3"])
+  with pytest.raises(cli_errors.UsageError, match=r"holds a probe with other settings \(devices"):
+    paper.main([*argv[:-6], "--devices", "2", *argv[-6:]])
+  # A probe with no record of its settings (an older workdir) is not reused unchecked.
+  (tmp_path / "probe" / "settings.json").unlink()
+  with pytest.raises(cli_errors.UsageError, match=r"holds a probe .* with no record of its"):
+    paper.main(argv)
 
 
 def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):
