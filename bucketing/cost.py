@@ -204,6 +204,20 @@ def fastest_bounds_per_count(
   return boundaries.bounds_from_split_points(values, split_points, max_buckets)
 
 
+def plan_seconds(
+  cost_model: CostModel,
+  lengths: np.ndarray,
+  upper_bounds: np.ndarray,
+  num_epochs: float = 1.0,
+  **sizing,
+) -> float:
+  """`run_seconds` of the plan these bounds make of `lengths`, batched by `sizing`
+  (`batch_sizes`'s batch_size or max_tokens, and num_devices)."""
+  sizes = bucket_sizes(lengths, upper_bounds)
+  batch = batch_sizes(upper_bounds, sizes, **sizing)
+  return run_seconds(cost_model, upper_bounds, sizes, batch, num_epochs)
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoChoice:
   """What `auto` considered: the predicted run seconds for each bucket count, and its pick.
@@ -242,11 +256,8 @@ def choose_num_buckets(
   else:
     minimise = "padded timesteps"
     candidates = boundaries.optimal_bounds_per_count(lengths, max_buckets)
-  seconds = []
-  for bounds in candidates:
-    sizes = bucket_sizes(lengths, bounds)
-    batch = batch_sizes(bounds, sizes, **sizing)
-    seconds.append(run_seconds(cost_model, bounds, sizes, batch, num_epochs))
-  seconds = np.array(seconds)
+  seconds = np.array(
+    [plan_seconds(cost_model, lengths, bounds, num_epochs, **sizing) for bounds in candidates]
+  )
   best = int(np.argmin(seconds))
   return AutoChoice(len(candidates[best]), candidates[best], seconds, minimise)

@@ -85,15 +85,6 @@ def step_cost_on_the_gpu() -> tuple[dict[str, float], str]:
   return {"alpha": alpha, "gamma": gamma, "beta": beta}, source
 
 
-def epoch_seconds(
-  lengths: np.ndarray, bounds: np.ndarray, cost_model: cost.CostModel, sizing: dict
-) -> float:
-  """One epoch's modelled seconds (no compiles) of the plan with these bounds."""
-  sizes = cost.bucket_sizes(lengths, bounds)
-  batch = cost.batch_sizes(bounds, sizes, **sizing)
-  return cost.run_seconds(dataclasses.replace(cost_model, kappa=0), bounds, sizes, batch)
-
-
 def auto_against_optimal(
   lengths: np.ndarray, cost_model: cost.CostModel, bucket_counts: tuple[int, ...]
 ) -> list[dict[str, str]]:
@@ -106,9 +97,10 @@ def auto_against_optimal(
     )
     solve_s = time.perf_counter() - start
     least_padding = boundaries.optimal_bounds_per_count(lengths, max(bucket_counts))
+    no_compiles = dataclasses.replace(cost_model, kappa=0)  # one epoch's steps alone
     for num in bucket_counts:
-      padding_s = epoch_seconds(lengths, least_padding[num - 1], cost_model, sizing)
-      time_s = epoch_seconds(lengths, fastest[num - 1], cost_model, sizing)
+      padding_s = cost.plan_seconds(no_compiles, lengths, least_padding[num - 1], **sizing)
+      time_s = cost.plan_seconds(no_compiles, lengths, fastest[num - 1], **sizing)
       rows.append(
         {
           "batch": name,

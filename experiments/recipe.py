@@ -350,12 +350,7 @@ def run_worker_process(argv: list[str], phase: str, name: str) -> bool:
   )
 
 
-CANDIDATE_FILE = "candidate.json"
-
-
-def check_settings(candidate_dir: pathlib.Path, settings: dict) -> None:
-  """Refuses a candidate folder that holds a run of other settings (it writes nothing)."""
-  cli.check_settings(candidate_dir / CANDIDATE_FILE, settings, f"a run of {candidate_dir.name!r}")
+CANDIDATE_FILE = "candidate.json"  # a candidate's settings, in its folder
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,7 +555,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     for candidate in candidates
   }
   for name, candidate_settings in settings.items():
-    check_settings(workdir / name, candidate_settings)
+    cli.check_settings(workdir / name / CANDIDATE_FILE, candidate_settings, f"a run of {name!r}")
   for name, candidate_settings in settings.items():  # all checked: a refusal records nothing
     cli.record_settings(workdir / name / CANDIDATE_FILE, candidate_settings)
   interrupted = False
