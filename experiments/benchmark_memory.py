@@ -136,11 +136,13 @@ def plan_row(name: str, plan: bucketing.BucketPlan, memory: list[StepMemory]) ->
   }
 
 
-def measure_plans(compiler: Compiler, data, config, buckets, budget: int) -> list[dict]:
-  """`plan_row`s of one bucket and `optimal` K buckets, at a fixed batch and at `budget` padded
-  tokens per step, planned as the trainer plans them (`train.make_train_plan`)."""
+def measure_plans(
+  compiler: Compiler, data, config, buckets, budget: int, rows: list[dict], on_row=lambda: None
+) -> list[dict]:
+  """Appends to `rows` the `plan_row`s of one bucket and `optimal` K buckets, at a fixed batch and
+  at `budget` padded tokens per step, planned as the trainer plans them (`train.make_train_plan`),
+  each as soon as it is measured, then calls `on_row()`; returns `rows`."""
   batch = config.bucketing.batch_size or FALLBACK_BATCH
-  rows = []
   rules = ((f"{batch} lines", batch, 0), (f"{budget:,} tokens", 0, budget))
   for rule, batch_size, max_tokens in rules:
     for strategy, num_buckets in [("none", 1)] + [("optimal", k) for k in buckets]:
@@ -150,6 +152,7 @@ def measure_plans(compiler: Compiler, data, config, buckets, budget: int) -> lis
       plan = train.make_train_plan(variant, data, num_devices=1)
       rows.append(plan_row(f"{strategy}, {rule}", plan, compiler.plan_memory(plan)))
       print(rows[-1], flush=True)
+      on_row()
   return rows
 
 
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   sections = []
 
   def write(echo: bool = False) -> pathlib.Path:
-    """The report so far: a run cut short (a GPU call's deadline) keeps its finished sections."""
+    """The report so far: a run cut short (a GPU call's deadline) keeps what it finished."""
     header = [
       "# Memory of a train step: shapes, bucket plans and token budgets",
       "",
@@ -207,7 +210,38 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
       "allocator's overhead come on top.",
       "",
     ]
-    return write_report(out, header + sections, echo)
+    return write_report(out, header + sections + plans_section(), echo)
+
+  median = train.median_padded_length(config, data.lengths)
+  batch = config.bucketing.batch_size or FALLBACK_BATCH
+  budget = config.bucketing.max_tokens or batch * median
+  budget_source = (
+    "the config's"
+    if config.bucketing.max_tokens
+    else f"{batch} lines of the median padded length ({median} frames)"
+  )
+  plans: list[dict] = []
+  planned = 2 * (1 + len(preset["buckets"]))
+
+  def plans_section() -> list[str]:
+    if not plans:
+      return []
+    cut = (
+      []
+      if len(plans) == planned
+      else [f"Unfinished: {len(plans)} of the {planned} plans measured when this was written."]
+    )
+    return [
+      "## Plans",
+      "",
+      *markdown_table(plans, list(plans[0])),
+      "",
+      "Peak: the plan's largest step among the buckets an epoch uses, what has to fit. Mean: "
+      "over an epoch's steps, each bucket weighted by its steps. The token budget is "
+      f"{budget_source}.",
+      *cut,
+      "",
+    ]
 
   compiler = Compiler(config)
   shapes = measure_shapes(compiler, data, preset["batches"], preset["quantiles"], config)
@@ -224,30 +258,14 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     f"1)); the largest residual is {100 * worst:.1f}% of a step.",
     "",
   ]
-  write()
-
-  median = train.median_padded_length(config, data.lengths)
-  batch = config.bucketing.batch_size or FALLBACK_BATCH
-  budget = config.bucketing.max_tokens or batch * median
-  budget_source = (
-    "the config's"
-    if config.bucketing.max_tokens
-    else f"{batch} lines of the median padded length ({median} frames)"
-  )
-  plans = measure_plans(compiler, data, config, preset["buckets"], budget)
-  sections += [
-    "## Plans",
-    "",
-    *markdown_table(plans, list(plans[0])),
-    "",
-    "Peak: the plan's largest step among the buckets an epoch uses, what has to fit. Mean: over "
-    f"an epoch's steps, each bucket weighted by its steps. The token budget is {budget_source}.",
-    "",
-  ]
-  write()
-
   widest = int(data.label_lengths.max())
   budgets = budget_rows(coefficients, widest)
+  source = (
+    "this GPU's buffer plans at the shapes above"
+    if jax.default_backend() == "gpu"
+    else f"this backend's ({jax.default_backend()}) buffer plans, not a measurement on a GPU, "
+    "whose XLA fuses differently"
+  )
   sections += [
     "## Token budgets",
     "",
@@ -255,10 +273,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "",
     f"From the fit, with labels as wide as the widest line's ({widest}): the padded tokens whose "
     f"step fills {USABLE_FRACTION:.0%} of the device (what JAX preallocates for XLA on a GPU by "
-    "default). An extrapolation from this backend's buffer plans, not a measurement on a GPU, "
-    "whose XLA fuses differently.",
+    f"default). An extrapolation from {source}.",
     "",
   ]
+  write()
+
+  measure_plans(compiler, data, config, preset["buckets"], budget, plans, on_row=write)
   return write(echo=True)
 
 

@@ -81,3 +81,27 @@ def test_the_report_has_every_table_and_its_fit_matches_its_shapes(report):
   assert float(optimal["mean over steps (MB)"]) < float(none["mean over steps (MB)"])
   budgets = reporting.read_markdown_table(report, "## Token budgets")
   assert [int(row["device memory (GB)"]) for row in budgets] == list(benchmark_memory.DEVICE_GB)
+
+
+def test_a_run_stopped_among_the_plans_keeps_the_fit_and_the_plans_it_measured(
+  tmp_path, monkeypatch
+):
+  measured_row, rows = benchmark_memory.plan_row, []
+
+  def stopped_at_the_third_plan(*args):
+    if len(rows) == 2:
+      raise KeyboardInterrupt  # what a GPU call's deadline sends
+    rows.append(measured_row(*args))
+    return rows[-1]
+
+  monkeypatch.setattr(benchmark_memory, "plan_row", stopped_at_the_third_plan)
+  out = tmp_path / "memory.md"
+  with pytest.raises(KeyboardInterrupt):
+    benchmark_memory.main([f"--config={TINY}", "--quick", "--out", str(out)])
+  text = out.read_text()
+  assert reporting.read_markdown_table(text, "## Shapes")
+  assert reporting.read_markdown_table(text, "## Token budgets")
+  assert reporting.read_markdown_table(text, "## Plans") == [
+    {key: str(value) for key, value in row.items()} for row in rows
+  ]
+  assert "Unfinished: 2 of the 4 plans" in text
