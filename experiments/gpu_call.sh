@@ -2,12 +2,14 @@
 # What only a GPU can measure, as stages that fit one call of a time-limited GPU lease.
 #
 #   bash experiments/gpu_call.sh DATA_DIR STAGE[:MINUTES] ...
-#   bash experiments/gpu_call.sh .gpu/data startup paper:4
-#   bash experiments/gpu_call.sh .gpu/data accuracy:6
+#   bash experiments/gpu_call.sh .gpu/data paper:9        # one 10-minute call
+#   bash experiments/gpu_call.sh .gpu/data accuracy:7
 #
-# Stage times below are estimates from the H200 numbers in experiments/results/ (101 s to compile
-# the 8 train steps of `experiments/iam.py` in parallel), not yet measured: the deadline
-# keeps a call inside its limit whatever they turn out to be.
+# Measured on an H200 (2026-11-26): `accuracy` took 4.2 minutes (early stopping ended it, the
+# 17 steps compiled cold in 112 s), `memory` more than the 3.4 minutes it was given (its shapes
+# took 2.3), and the full-size paper table did not fit: its probe alone took 5.4 minutes, hence
+# the `--gpu` preset below. Other stage times are estimates: the deadline keeps a call inside its
+# limit whatever they turn out to be.
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
 # "On a GPU machine without TFDS or network"). Each stage writes its results under
@@ -16,15 +18,17 @@
 #   startup        compiling `experiments/iam.py` K = 8 sequentially, in parallel, overlapped and
 #                  from the persistent cache (20 steps per run; 5 runs, three of them compiling
 #                  all 15 steps cold: perhaps 5 minutes)              -> benchmark_compile_gpu.md
-#   paper:M        the paper's table within M minutes (probe, then equal epochs for every run that
-#                  fits)                                               -> paper_gpu.{md,csv,png}
+#   paper:M        the paper's table within M minutes: `experiments.paper --gpu` (resampled
+#                  lines, K up to 4; $PAPER_PRESET: another, e.g. --tiny for a dry run), a probe,
+#                  then equal epochs, at least 8, for every run that fits
+#                                                                  -> paper_gpu.{md,csv,png}
 #   recipe:M       accuracy candidates, M minutes each, by validation CER against wall time
 #                  ($RECIPE_CANDIDATES, default: the base against a token budget as large as
 #                  iam.py:gpu's, at K = 2; 2 candidates at M = 2.5: perhaps 8 minutes)
 #                                                                 -> recipe_full_gpu.{md,csv,png}
-#   accuracy:M     `experiments/iam.py:gpu` ($ACCURACY_CONFIG: another, e.g. experiments/iam.py:cpu,
-#                  test CER 0.072 after 90 CPU minutes) trained for M minutes, then its best
-#                  checkpoint's test CER (testset_f)                   -> accuracy_gpu.json
+#   accuracy:M     `experiments/iam.py:gpu` ($ACCURACY_CONFIG: another, e.g. experiments/iam.py:cpu)
+#                  trained for at most M minutes, then its best checkpoint's test CER (testset_f)
+#                                                 -> accuracy_gpu.json, accuracy_gpu_metrics.jsonl
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
 #                  (perhaps 3 minutes)                          -> benchmark_step_gpu_flags.md
 #   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
@@ -32,16 +36,16 @@
 #                                                               -> benchmark_step_gpu_kernels.md
 #   memory         XLA's buffer plan of `experiments/iam.py:gpu`'s train step on the GPU: 6 shapes,
 #                  one bucket against K = 4 at 32 lines and at its token budget (16 compiles, no
-#                  step run: perhaps 2-3 minutes)                   -> benchmark_memory_gpu.md
+#                  step run: more than 3.4 minutes)                 -> benchmark_memory_gpu.md
 # Stages run in the order given; a stage that fails is reported and the next one still runs. All
 # of them end by $DEADLINE_S seconds (default 570, inside a 10-minute call): a command still
 # running then gets SIGINT (train.py checkpoints and stops), and each stage's results are copied
 # to $OUT as soon as it ends, so what finished comes back even if the call is cut short.
 # $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16", values
-# without spaces) reach the startup, accuracy and memory stages' configs, and $STEP_PRESET
-# (default "defaults"; "tiny" on a CPU) the flags and kernels stages' shapes: a dry run on a CPU
-# before spending the GPU. Each stage starts from an empty workdir under /tmp/gpu-call, and only result
-# files this call wrote are copied to $OUT.
+# without spaces) reach the startup, accuracy and memory stages' configs, $STEP_PRESET (default
+# "defaults"; "tiny" on a CPU) the flags and kernels stages' shapes and $PAPER_PRESET the paper
+# stage's: a dry run on a CPU before spending the GPU. Each stage starts from an empty workdir
+# under /tmp/gpu-call, and only result files this call wrote are copied to $OUT.
 set -uo pipefail
 
 if [[ $# -lt 2 ]]; then
@@ -81,8 +85,9 @@ run_stage() {
       # The sweep plans to its own budget: no more than the call has left, less 30 s to report.
       minutes=$(awk -v m="$minutes" -v left=$((deadline - SECONDS - 30)) \
         'BEGIN { left /= 60; print (m < left ? m : left) }')
-      within_deadline python -m experiments.paper --budget-minutes "$minutes" --data-dir "$data_dir" \
-        --workdir /tmp/gpu-call/paper --out "$results/paper_gpu"
+      within_deadline python -m experiments.paper "${PAPER_PRESET:---gpu}" --min-epochs 8 \
+        --budget-minutes "$minutes" --data-dir "$data_dir" --workdir /tmp/gpu-call/paper \
+        --out "$results/paper_gpu"
       ;;
     recipe)
       # K = 2: every candidate compiles cold twice (its probe, its run) inside the call; lines
@@ -105,7 +110,8 @@ run_stage() {
           "train": json.load(open(sys.argv[2])), "test": json.load(open(sys.argv[3]))},
           open(sys.argv[4], "w"), indent=2)' \
           "$config ${overrides[*]}" "$workdir.train.json" "$workdir.test.json" \
-          "$results/accuracy_gpu.json"
+          "$results/accuracy_gpu.json" &&
+        cp "$workdir/metrics.jsonl" "$results/accuracy_gpu_metrics.jsonl"
       ;;
     flags)
       within_deadline python -m experiments.benchmark_step --preset "${STEP_PRESET:-defaults}" \

@@ -1,14 +1,17 @@
 """The paper's table: wall time, epochs and validation loss for no bucketing against K buckets.
 
     python -m experiments.paper --data-dir ~/tensorflow_datasets          # full: IAM-OnDB, a GPU
+    python -m experiments.paper --gpu --budget-minutes 9 --min-epochs 8 --data-dir DIR  # a GPU call
     python -m experiments.paper --quick --out experiments/results/paper_quick_cpu   # minutes, CPU
     python -m experiments.paper --tiny --workdir /tmp/paper-tiny          # seconds; for the tests
 
 Every run is `train.train_and_evaluate` with the same seed, model and optimiser; only the bucket
 plan differs: `none` (the baseline, one bucket), `quantile` and `optimal` at each K of `--buckets`
 (K = 1 of either is the baseline itself, so it is not run twice), and `auto` with the largest K.
-Full runs stop early on the validation loss (`config.patience`); `--quick` and `--tiny` train a
-fixed number of epochs, so that all runs see the same number of updates.
+Full runs stop early on the validation loss (`config.patience`); `--gpu`, `--quick` and `--tiny`
+train a fixed number of epochs, so that all runs see the same number of updates. `--gpu` is the
+table within one GPU call: IAM-OnDB lines resampled as `experiments/iam.py:gpu`'s, iam.py's model
+and batch, K = 1, 2, 4, at most 30 epochs, made to fit with `--budget-minutes`.
 
 Device counts (`--devices`, default: 1, 2, 4, ... up to the devices there are) each run in a
 process of their own, because the device count is fixed when JAX starts: on a CPU the process gets
@@ -80,7 +83,7 @@ from experiments import cli, common, iam, reporting, synthetic
 from handwriting import dataset as dataset_lib
 
 DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
-PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "quick": (1, 2, 4), "tiny": (1, 2)}
+PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "gpu": (1, 2, 4), "quick": (1, 2, 4), "tiny": (1, 2)}
 STRATEGIES = ("none", "quantile", "optimal", "auto")
 COLUMNS = (
   "devices",
@@ -109,7 +112,7 @@ def make_config(
   epochs: int = 0,
   cost: str | None = None,
 ) -> ml_collections.ConfigDict:
-  """The experiment config of a preset (`full`, `quick`, `tiny`) with command-line overrides.
+  """The experiment config of a preset (`full`, `gpu`, `quick`, `tiny`) with command-line overrides.
 
   `dataset="auto"` takes IAM-OnDB when `data_dir` holds it or `IAM_ONDB_DIR` is set (the
   download, built on first use: into `data_dir` when given), else the synthetic set. A `data_dir`
@@ -127,6 +130,16 @@ def make_config(
   config.progress_bar = False
   if preset == "tiny":
     config = common.tiny(config)
+    config.patience = config.num_epochs
+  elif preset == "gpu":
+    # One 10-minute call on one GPU (`gpu_call.sh paper:M`), where the full preset does not fit:
+    # on an H200 its probe alone (raw points, compiled cold) took 5.4 of 8 minutes. iam.py's
+    # model and batch of 32 lines on lines resampled as iam.py:gpu's (whose epoch, under its token
+    # budget at K = 8, took 0.7 s there), no test split, fixed epochs that a budget shortens equally. K up to 4: every
+    # run compiles cold, and iam.py:gpu's 17 steps took 112 s to compile there.
+    config.data.features.resample_spacing = 0.2
+    config.data.test_split = None
+    config.num_epochs = 30
     config.patience = config.num_epochs
   elif preset == "quick":
     # About two minutes per run on a 2-core CPU, and it learns (optimal K = 4 alone: val CER
@@ -146,6 +159,8 @@ def make_config(
     config.num_epochs = 12
     config.patience = config.num_epochs
   if epochs:
+    if config.patience == config.num_epochs:  # a preset of fixed epochs keeps them fixed
+      config.patience = epochs
     config.num_epochs = epochs
   if cost:
     alpha, beta, kappa, gamma = [*(float(value) for value in cost.split(",")), 0.0][:4]
@@ -839,6 +854,7 @@ def budget_lines(budget: dict | None, unfinished: list[str]) -> list[str]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = cli_errors.ArgumentParser(description=__doc__)
   preset = parser.add_mutually_exclusive_group()
+  preset.add_argument("--gpu", action="store_true", help="IAM-OnDB in one 10-minute GPU call")
   preset.add_argument("--quick", action="store_true", help="a few minutes on a CPU")
   preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")
   parser.add_argument("--workdir", default="/tmp/paper")
@@ -864,7 +880,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  args.preset = "quick" if args.quick else "tiny" if args.tiny else "full"
+  args.preset = next(
+    (preset for preset in ("gpu", "quick", "tiny") if getattr(args, preset)), "full"
+  )
   default_buckets = PRESET_BUCKETS[args.preset]
   args.buckets = args.buckets or default_buckets
   args.strategies = args.strategies.split(",")

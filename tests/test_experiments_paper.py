@@ -17,7 +17,8 @@ import pytest
 from hypothesis import strategies as st
 
 import cli_errors
-from experiments import paper
+import train
+from experiments import iam, paper
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -133,6 +134,21 @@ def test_cost_takes_gamma_as_a_fourth_number():
   assert (four.alpha, four.beta, four.kappa, four.gamma) == (0.01, 2e-7, 5.0, 3e-5)
   with pytest.raises(cli_errors.UsageError, match="three or four numbers"):
     paper.parse_args(["--cost", "1,2"])
+
+
+def test_the_gpu_preset_compares_equal_epochs_of_iam_gpus_features_up_to_four_buckets():
+  args = paper.parse_args(["--gpu", "--dataset", "synthetic", "--budget-minutes", "9"])
+  config = paper.args_config(args)
+  assert args.preset == "gpu" and args.buckets == (1, 2, 4)
+  assert config.patience == config.num_epochs  # no early stopping: every run trains as many
+  assert config.data.features == iam.get_config("gpu").data.features
+  assert config.bucketing.batch_size == iam.get_config().bucketing.batch_size  # the paper's batch
+  assert config.data.test_split is None  # no run spends the call on the test split
+  train.validate_config(config, num_devices=1)
+  shortened = paper.make_config("gpu", "synthetic", epochs=3)
+  assert shortened.num_epochs == shortened.patience == 3
+  with pytest.raises(cli_errors.UsageError, match="not allowed with"):
+    paper.parse_args(["--gpu", "--quick"])
 
 
 # ---------------------------------------------------------------------------------------------
