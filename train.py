@@ -884,7 +884,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains until early stopping, `num_epochs`, `max_steps`, `max_minutes`, SIGINT or SIGTERM,
   resuming from `workdir` when it holds a run. Training starts once the first scheduled bucket is
   compiled; the other buckets compile in the background. Returns the summary also written to
-  `workdir/summary.json` (`stopped_by` says whether a signal or the time cap cut it short).
+  `workdir/summary.json` (`ended_by` says why it ended: `num_epochs`, `patience`, `max_steps`,
+  `max_minutes` or a signal; `stopped_by` whether a signal or the time cap cut it short).
   """
   stop = StopRequest(config.max_minutes)
   setup_runtime(config)
@@ -929,6 +930,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   summary["cost_model_measure_s"] = measured.report["measure_s"] if measured else 0.0
   summary["measured_cost_model"] = dataclasses.asdict(measured.model) if measured else None
   if jax.process_index() == 0:
+    if summary["ended_by"] == "patience":
+      LOG.info(
+        "early stopping: no epoch better by %s than epoch %d (%.4g) in the %d since (patience)",
+        progress.selection_metric,
+        progress.best_epoch,
+        summary[f"best_{progress.selection_metric}"],
+        progress.epoch - 1 - progress.best_epoch,
+      )
     log_compile_accounting(summary)
     if stop.reason:
       LOG.warning(
@@ -1260,9 +1269,27 @@ def describe_implementations(config: ml_collections.ConfigDict) -> str:
 def finished(run: Run, progress: Progress, global_step: int) -> bool:
   """The run is over: all epochs done, early-stopped on patience, or cut short (`cut_short`)."""
   config = run.config
-  stalled = progress.best_epoch >= 0 and progress.epoch - 1 - progress.best_epoch >= config.patience
   # The time cap is checked after steps only, so that every start takes at least one.
-  return progress.epoch >= config.num_epochs or stalled or cut_short(run, global_step, False)
+  return (
+    progress.epoch >= config.num_epochs
+    or stalled(config, progress)
+    or cut_short(run, global_step, False)
+  )
+
+
+def stalled(config: ml_collections.ConfigDict, progress: Progress) -> bool:
+  """`patience` epochs have passed without a better `selection_metric`: early stopping."""
+  return progress.best_epoch >= 0 and progress.epoch - 1 - progress.best_epoch >= config.patience
+
+
+def ended_by(run: Run, progress: Progress) -> str:
+  """Why a finished run ended: its stop's reason (a signal, `max_minutes`), `num_epochs`,
+  `patience` (early stopping) or `max_steps`."""
+  if run.stop.reason:
+    return run.stop.reason
+  if progress.epoch >= run.config.num_epochs:
+    return "num_epochs"
+  return "patience" if stalled(run.config, progress) else "max_steps"
 
 
 def cut_short(run: Run, global_step: int, check_time_cap: bool = True) -> bool:
@@ -1523,6 +1550,7 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
     "best_val_loss": best.get("val_loss"),
     "best_val_cer": best.get("val_cer"),
     "efficiency": run.plan.summary()["efficiency_with_filler"],
+    "ended_by": ended_by(run, progress),
     "stopped_by": run.stop.reason,
     "num_skipped_examples": len(skipped),
     "skipped_examples": skipped,

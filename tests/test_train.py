@@ -4,6 +4,7 @@ resume, errors, end to end."""
 import contextlib
 import errno
 import json
+import logging
 import os
 import pathlib
 import re
@@ -159,14 +160,18 @@ def test_starting_a_finished_run_again_trains_no_further(uninterrupted):
   jax.tree.map(np.testing.assert_array_equal, latest_params(tiny_config(), workdir), params)
 
 
-def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path):
-  summary = train.train_and_evaluate(
-    tiny_config(num_epochs=6, patience=1, **{"optimizer.learning_rate": 0.0}), tmp_path
-  )
+def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path, caplog):
+  with caplog.at_level(logging.INFO, logger="train"):
+    summary = train.train_and_evaluate(
+      tiny_config(num_epochs=6, patience=1, **{"optimizer.learning_rate": 0.0}), tmp_path
+    )
   rows = read_rows(tmp_path)
   # With a zero learning rate the validation loss never improves after epoch 0.
   assert summary["best_epoch"] == 0
   assert [row["epoch"] for row in rows] == [0, 1]
+  assert summary["ended_by"] == "patience" and summary["stopped_by"] is None
+  assert "early stopping: no epoch better by val_loss than epoch 0 (" in caplog.text
+  assert "in the 1 since (patience)" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -221,7 +226,7 @@ def test_resume_after_a_kill_ends_with_the_uninterrupted_parameters(uninterrupte
   reference_dir, reference_summary = uninterrupted
   # Stop after 6 global steps (mid-epoch; checkpoints at steps 4 and 6), then lose the last
   # checkpoint, as if the process died between checkpoints: the restart replays steps 5 and 6.
-  train.train_and_evaluate(tiny_config(max_steps=6), tmp_path)
+  assert train.train_and_evaluate(tiny_config(max_steps=6), tmp_path)["ended_by"] == "max_steps"
   assert (tmp_path / "checkpoints" / "train" / "6").is_dir()
   shutil.rmtree(tmp_path / "checkpoints" / "train" / "6")
   resumed_summary = train.train_and_evaluate(tiny_config(), tmp_path)
@@ -800,16 +805,19 @@ def test_metrics_jsonl_stays_strict_json(tmp_path):
 
 
 def test_the_time_cap_stops_with_a_checkpoint_and_the_same_command_continues(
-  uninterrupted, tmp_path
+  uninterrupted, tmp_path, caplog
 ):
+  caplog.set_level(logging.INFO, logger="train")
   capped = tiny_config(max_minutes=1e-9)  # passed before the first step: one step per start
   first = train.train_and_evaluate(capped, tmp_path)
-  assert first["stopped_by"] == "max_minutes" and "test_loss" not in first
+  assert first["stopped_by"] == first["ended_by"] == "max_minutes" and "test_loss" not in first
   assert sorted(p.name for p in (tmp_path / "checkpoints" / "train").iterdir()) == ["1"]
   again = train.train_and_evaluate(capped, tmp_path)
   assert again["stopped_by"] == "max_minutes"
   assert sorted(p.name for p in (tmp_path / "checkpoints" / "train").iterdir()) == ["1", "2"]
-  assert train.train_and_evaluate(tiny_config(), tmp_path)["stopped_by"] is None
+  finished = train.train_and_evaluate(tiny_config(), tmp_path)
+  assert finished["stopped_by"] is None and finished["ended_by"] == "num_epochs"
+  assert "early stopping" not in caplog.text
   assert_resumed_like(uninterrupted[0], tmp_path)
 
 
