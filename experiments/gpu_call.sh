@@ -27,8 +27,10 @@
 #                  iam.py:gpu's, at K = 2; 2 candidates at M = 2.5: perhaps 8 minutes)
 #                                                                 -> recipe_full_gpu.{md,csv,png}
 #   accuracy:M     `experiments/iam.py:gpu` ($ACCURACY_CONFIG: another, e.g. experiments/iam.py:cpu)
-#                  trained for at most M minutes, then its best checkpoint's test CER (testset_f)
-#                                                 -> accuracy_gpu.json, accuracy_gpu_metrics.jsonl
+#                  trained for at most M minutes, then its best checkpoint's test CER (testset_f);
+#                  $ACCURACY_TAG names a variant's files (e.g. dropout04 with CONFIG_OVERRIDES=
+#                  --config.model.dropout_rate=0.4)
+#                               -> accuracy_gpu[_TAG].json, accuracy_gpu[_TAG]_metrics.jsonl
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
 #                  (perhaps 3 minutes)                          -> benchmark_step_gpu_flags.md
 #   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
@@ -100,6 +102,7 @@ run_stage() {
       ;;
     accuracy)
       local workdir=/tmp/gpu-call/accuracy config=${ACCURACY_CONFIG:-experiments/iam.py:gpu}
+      local name=accuracy_gpu${ACCURACY_TAG:+_$ACCURACY_TAG}
       within_deadline python train.py --config="$config" --workdir="$workdir" \
         --config.data.data_dir="$data_dir" --config.max_minutes="$minutes" \
         --config.progress_bar=False "${overrides[@]}" >"$workdir.train.json" &&
@@ -110,8 +113,8 @@ run_stage() {
           "train": json.load(open(sys.argv[2])), "test": json.load(open(sys.argv[3]))},
           open(sys.argv[4], "w"), indent=2)' \
           "$config ${overrides[*]}" "$workdir.train.json" "$workdir.test.json" \
-          "$results/accuracy_gpu.json" &&
-        cp "$workdir/metrics.jsonl" "$results/accuracy_gpu_metrics.jsonl"
+          "$results/$name.json" &&
+        cp "$workdir/metrics.jsonl" "$results/${name}_metrics.jsonl"
       ;;
     flags)
       within_deadline python -m experiments.benchmark_step --preset "${STEP_PRESET:-defaults}" \
