@@ -109,9 +109,9 @@ run_stage() {
         within_deadline python train.py --config="$config" --workdir="$workdir" \
           --config.data.data_dir="$data_dir" --mode=evaluate --split=test "${overrides[@]}" \
           >"$workdir.test.json" &&
-        python -c 'import json, sys; json.dump({"config": sys.argv[1],
-          "train": json.load(open(sys.argv[2])), "test": json.load(open(sys.argv[3]))},
-          open(sys.argv[4], "w"), indent=2)' \
+        python -c 'import json, os, sys; json.dump({"config": sys.argv[1],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), "train": json.load(open(sys.argv[2])),
+          "test": json.load(open(sys.argv[3]))}, open(sys.argv[4], "w"), indent=2)' \
           "$config ${overrides[*]}" "$workdir.train.json" "$workdir.test.json" \
           "$results/$name.json" &&
         cp "$workdir/metrics.jsonl" "$results/${name}_metrics.jsonl"

@@ -54,6 +54,8 @@ class RunRecord:
 
   def __init__(self, module: str, argv: list[str], versions: str):
     self.command = " ".join([f"python -m {module}", *argv])
+    if os.environ.get("XLA_FLAGS"):  # they change what is measured, so they are part of it
+      self.command = f"XLA_FLAGS='{os.environ['XLA_FLAGS']}' {self.command}"
     self.versions = versions
     self.load_before = os.getloadavg()[0]
     self.started = time.perf_counter()

@@ -8,7 +8,7 @@ import pytest
 
 import bucketing
 import train
-from experiments import benchmark, paper
+from experiments import benchmark, paper, reporting
 
 
 def run_as_a_user(module: str, argv: list[str]) -> None:
@@ -73,3 +73,16 @@ def test_torch_rows_are_skipped_without_torch(monkeypatch):
   config = paper.make_config("tiny", "synthetic")
   data = train.load_split(config, "train", 8)
   assert "not installed" in benchmark.torch_contenders(config, data, 1)
+
+
+def test_a_results_header_names_the_xla_flags_it_ran_under(monkeypatch):
+  def command() -> str:
+    header = reporting.RunRecord("experiments.benchmark", ["--quick"], "jax").header()
+    return next(line for line in header if "Command:" in line)
+
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
+  assert "`XLA_FLAGS='--xla_gpu_autotune_level=0' python -m experiments.benchmark --quick`" in (
+    command()
+  )
+  monkeypatch.delenv("XLA_FLAGS")
+  assert "Command: `python -m experiments.benchmark --quick`." in command()
