@@ -920,12 +920,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
           if stop.reason:  # no more steps: compile nothing more, not even while saving
             steps.cancel_queued()
           run.save_latest(state, progress)
+      ending = ended_by(run, progress)  # not a signal that comes after the last step
       if stop.reason:  # a signal or the time cap: only the compiles already running
         steps.close()
       else:
         steps.wait()
     test_scores = {} if stop.reason else evaluate_test_split(run, state.params)
-  summary = _summary(run, progress, skipped) | test_scores
+  summary = _summary(run, progress, skipped) | {"ended_by": ending} | test_scores
   # What measuring auto's cost model took, in this start or the one that measured it.
   summary["cost_model_measure_s"] = measured.report["measure_s"] if measured else 0.0
   summary["measured_cost_model"] = dataclasses.asdict(measured.model) if measured else None
@@ -1283,8 +1284,8 @@ def stalled(config: ml_collections.ConfigDict, progress: Progress) -> bool:
 
 
 def ended_by(run: Run, progress: Progress) -> str:
-  """Why a finished run ended: its stop's reason (a signal, `max_minutes`), `num_epochs`,
-  `patience` (early stopping) or `max_steps`."""
+  """Why a finished run ended: its stop's reason (a signal, `max_minutes`, a stop on another
+  process), `num_epochs`, `patience` (early stopping) or `max_steps`."""
   if run.stop.reason:
     return run.stop.reason
   if progress.epoch >= run.config.num_epochs:
@@ -1550,7 +1551,6 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
     "best_val_loss": best.get("val_loss"),
     "best_val_cer": best.get("val_cer"),
     "efficiency": run.plan.summary()["efficiency_with_filler"],
-    "ended_by": ended_by(run, progress),
     "stopped_by": run.stop.reason,
     "num_skipped_examples": len(skipped),
     "skipped_examples": skipped,

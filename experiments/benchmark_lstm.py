@@ -205,14 +205,14 @@ def main() -> None:
     print(lines[-1], flush=True)
 
   load_after = os.getloadavg()[0]
-  command = "python -m experiments.benchmark_lstm " + " ".join(sys.argv[1:])
+  command = reporting.command_line("experiments.benchmark_lstm", sys.argv[1:])
   report = [
     "# LSTM training-step speed: ours vs Flax's stock cell"
     + (" vs cuDNN" if backend == "gpu" else ""),
     "",
     f"Machine: {reporting.machine_description()}.",
     f"Date: {datetime.date.today().isoformat()}; jax {jax.__version__}, flax {flax.__version__}.",
-    f"Command: `{command.strip()}`.",
+    f"Command: `{command}`.",
     f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the run on "
     f"{os.cpu_count()} cores: a load above the core count means other processes shared the CPU.",
     f"Batch {BATCH}, {FEATURES} input features, {NUM_CLASSES} classes, lengths uniform in "

@@ -8,21 +8,23 @@ bucket plan's largest step takes, and the token budget a device's memory would a
 Every figure is XLA's buffer plan of a compiled train step on one device
 (`training.compilation.StepMemory`: arguments + outputs - the outputs written over donated
 arguments + temporaries); nothing runs, so it leaves out generated code, the batches prefetched
-and the allocator's own overhead. Three parts:
+and the allocator's own overhead. Three parts, written in this order as each is done (cheapest
+first, so that a run a GPU call's deadline stops keeps what it measured):
 
 1. **Shapes**: batches x lengths at the training set's length quantiles, labels as wide as the
    longest among the lines that fit, and a least-squares fit of a step's footprint: a fixed part,
    a part per padded token (batch x length: the LSTM's activations) and a part per cell of the CTC
    lattice (batch x length x (2 x label width + 1)).
-2. **Plans** on the configured training set: one bucket against `optimal` K buckets, with a fixed
-   batch and with a token budget. The peak is what has to fit. With a fixed batch no bucket's
-   step is larger than the one-bucket plan's, and the longest bucket is that step whenever it
-   holds a batch of lines, so bucketing leaves the peak where it is; with a token budget the
-   budget sets the peak, and bucketing fills it with more short lines.
-3. **Budgets**: the padded tokens per step the fit allows in a device of a given size, with labels
+2. **Budgets**: the padded tokens per step the fit allows in a device of a given size, with labels
    as wide as the training set's widest. It extrapolates past the shapes measured, and a GPU's
    XLA fuses differently (and there the CTC loss may be the Pallas kernel, whose lattice is padded
    to a power of two), so a CPU table is no GPU figure: run this on the GPU for its own.
+3. **Plans** on the configured training set: one bucket against `optimal` K buckets, with a fixed
+   batch and with a token budget. The peak is what has to fit. With a fixed batch no bucket's
+   step is larger than the one-bucket plan's, and the longest bucket is that step whenever it
+   holds a batch of lines, so bucketing leaves the peak where it is; with a token budget the
+   budget sets the peak, and bucketing fills it with more short lines. Each plan is written as
+   soon as it is measured.
 
 Writes `experiments/results/benchmark_memory_<backend>.md` (`cpu`, `gpu`).
 """
@@ -138,10 +140,10 @@ def plan_row(name: str, plan: bucketing.BucketPlan, memory: list[StepMemory]) ->
 
 def measure_plans(
   compiler: Compiler, data, config, buckets, budget: int, rows: list[dict], on_row=lambda: None
-) -> list[dict]:
+) -> None:
   """Appends to `rows` the `plan_row`s of one bucket and `optimal` K buckets, at a fixed batch and
   at `budget` padded tokens per step, planned as the trainer plans them (`train.make_train_plan`),
-  each as soon as it is measured, then calls `on_row()`; returns `rows`."""
+  each as soon as it is measured, then calls `on_row()`."""
   batch = config.bucketing.batch_size or FALLBACK_BATCH
   rules = ((f"{batch} lines", batch, 0), (f"{budget:,} tokens", 0, budget))
   for rule, batch_size, max_tokens in rules:
@@ -153,7 +155,6 @@ def measure_plans(
       rows.append(plan_row(f"{strategy}, {rule}", plan, compiler.plan_memory(plan)))
       print(rows[-1], flush=True)
       on_row()
-  return rows
 
 
 def budget_rows(coefficients: np.ndarray, label_width: int) -> list[dict[str, str]]:
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     cut = (
       []
       if len(plans) == planned
-      else [f"Unfinished: {len(plans)} of the {planned} plans measured when this was written."]
+      else ["", f"Unfinished: {len(plans)} of the {planned} plans measured when this was written."]
     )
     return [
       "## Plans",
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   ]
   widest = int(data.label_lengths.max())
   budgets = budget_rows(coefficients, widest)
-  source = (
+  fit_source = (
     "this GPU's buffer plans at the shapes above"
     if jax.default_backend() == "gpu"
     else f"this backend's ({jax.default_backend()}) buffer plans, not a measurement on a GPU, "
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     "",
     f"From the fit, with labels as wide as the widest line's ({widest}): the padded tokens whose "
     f"step fills {USABLE_FRACTION:.0%} of the device (what JAX preallocates for XLA on a GPU by "
-    f"default). An extrapolation from {source}.",
+    f"default). An extrapolation from {fit_source}.",
     "",
   ]
   write()

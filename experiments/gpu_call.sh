@@ -5,11 +5,11 @@
 #   bash experiments/gpu_call.sh .gpu/data paper:9        # one 10-minute call
 #   bash experiments/gpu_call.sh .gpu/data accuracy:7
 #
-# Measured on an H200 (2026-11-26): `accuracy` took 4.2 minutes (early stopping ended it, the
-# 17 steps compiled cold in 112 s), `memory` more than the 3.4 minutes it was given (its shapes
-# took 2.3), and the full-size paper table did not fit: its probe alone took 5.4 minutes, hence
-# the `--gpu` preset below. Other stage times are estimates: the deadline keeps a call inside its
-# limit whatever they turn out to be.
+# Measured on an H200 (2026-11-26): the `accuracy` call took 4.2 minutes, wheels included (early
+# stopping ended it; the 17 steps compiled cold in 112 s), `memory` more than the 3.4 minutes it
+# was given (its shapes took 2.3), and the full-size paper table did not fit: its probe alone took
+# over 5.3 minutes, hence the `--gpu` preset below. Other stage times are estimates: the deadline
+# keeps a call inside its limit whatever they turn out to be.
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
 # "On a GPU machine without TFDS or network"). Each stage writes its results under
@@ -19,17 +19,17 @@
 #                  from the persistent cache (20 steps per run; 5 runs, three of them compiling
 #                  all 15 steps cold: perhaps 5 minutes)              -> benchmark_compile_gpu.md
 #   paper:M        the paper's table within M minutes: `experiments.paper --gpu` (resampled
-#                  lines, K up to 4; $PAPER_PRESET: another, e.g. --tiny for a dry run), a probe,
-#                  then equal epochs, at least 8, for every run that fits
-#                                                                  -> paper_gpu.{md,csv,png}
+#                  lines, K up to 4; $PAPER_PRESET: others, e.g. --tiny for a dry run, empty for
+#                  the full preset), a probe, then equal epochs, at least 8, for every run
+#                  that fits                                         -> paper_gpu.{md,csv,png}
 #   recipe:M       accuracy candidates, M minutes each, by validation CER against wall time
 #                  ($RECIPE_CANDIDATES, default: the base against a token budget as large as
 #                  iam.py:gpu's, at K = 2; 2 candidates at M = 2.5: perhaps 8 minutes)
 #                                                                 -> recipe_full_gpu.{md,csv,png}
 #   accuracy:M     `experiments/iam.py:gpu` ($ACCURACY_CONFIG: another, e.g. experiments/iam.py:cpu)
 #                  trained for at most M minutes, then its best checkpoint's test CER (testset_f);
-#                  $ACCURACY_TAG names a variant's files (e.g. dropout04 with CONFIG_OVERRIDES=
-#                  --config.model.dropout_rate=0.4)
+#                  $ACCURACY_TAG names a variant's files, e.g. dropout04 with
+#                  CONFIG_OVERRIDES=--config.model.dropout_rate=0.4
 #                               -> accuracy_gpu[_TAG].json, accuracy_gpu[_TAG]_metrics.jsonl
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
 #                  (perhaps 3 minutes)                          -> benchmark_step_gpu_flags.md
@@ -87,7 +87,9 @@ run_stage() {
       # The sweep plans to its own budget: no more than the call has left, less 30 s to report.
       minutes=$(awk -v m="$minutes" -v left=$((deadline - SECONDS - 30)) \
         'BEGIN { left /= 60; print (m < left ? m : left) }')
-      within_deadline python -m experiments.paper "${PAPER_PRESET:---gpu}" --min-epochs 8 \
+      local preset
+      read -r -a preset <<<"${PAPER_PRESET---gpu}" # set but empty: the full preset
+      within_deadline python -m experiments.paper "${preset[@]}" --min-epochs 8 \
         --budget-minutes "$minutes" --data-dir "$data_dir" --workdir /tmp/gpu-call/paper \
         --out "$results/paper_gpu"
       ;;
@@ -105,16 +107,20 @@ run_stage() {
       local name=accuracy_gpu${ACCURACY_TAG:+_$ACCURACY_TAG}
       within_deadline python train.py --config="$config" --workdir="$workdir" \
         --config.data.data_dir="$data_dir" --config.max_minutes="$minutes" \
-        --config.progress_bar=False "${overrides[@]}" >"$workdir.train.json" &&
+        --config.progress_bar=False "${overrides[@]}" >"$workdir.train.json"
+      local trained=$?
+      # the epochs come back even when the deadline cut the run short
+      cp "$workdir/metrics.jsonl" "$results/${name}_metrics.jsonl" 2>/dev/null
+      ((trained == 0)) &&
         within_deadline python train.py --config="$config" --workdir="$workdir" \
           --config.data.data_dir="$data_dir" --mode=evaluate --split=test "${overrides[@]}" \
           >"$workdir.test.json" &&
-        python -c 'import json, os, sys; json.dump({"config": sys.argv[1],
-          "xla_flags": os.environ.get("XLA_FLAGS", ""), "train": json.load(open(sys.argv[2])),
-          "test": json.load(open(sys.argv[3]))}, open(sys.argv[4], "w"), indent=2)' \
-          "$config ${overrides[*]}" "$workdir.train.json" "$workdir.test.json" \
-          "$results/$name.json" &&
-        cp "$workdir/metrics.jsonl" "$results/${name}_metrics.jsonl"
+        python -c 'import json, os, sys; json.dump({"config": " ".join(sys.argv[5:]),
+          "max_minutes": float(sys.argv[1]), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+          "train": json.load(open(sys.argv[2])), "test": json.load(open(sys.argv[3]))},
+          open(sys.argv[4], "w"), indent=2)' \
+          "$minutes" "$workdir.train.json" "$workdir.test.json" "$results/$name.json" \
+          "$config" "${overrides[@]}"
       ;;
     flags)
       within_deadline python -m experiments.benchmark_step --preset "${STEP_PRESET:-defaults}" \

@@ -84,6 +84,8 @@ from handwriting import dataset as dataset_lib
 
 DEFAULT_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16)
 PRESET_BUCKETS = {"full": DEFAULT_BUCKETS, "gpu": (1, 2, 4), "quick": (1, 2, 4), "tiny": (1, 2)}
+# Presets whose runs all train their epochs (no early stopping), so that their losses compare.
+FIXED_EPOCH_PRESETS = ("gpu", "quick", "tiny")
 STRATEGIES = ("none", "quantile", "optimal", "auto")
 COLUMNS = (
   "devices",
@@ -133,9 +135,10 @@ def make_config(
     config.patience = config.num_epochs
   elif preset == "gpu":
     # One 10-minute call on one GPU (`gpu_call.sh paper:M`), where the full preset does not fit:
-    # on an H200 its probe alone (raw points, compiled cold) took 5.4 of 8 minutes. iam.py's
-    # model and batch of 32 lines on lines resampled as iam.py:gpu's (whose epoch, under its token
-    # budget at K = 8, took 0.7 s there), no test split, fixed epochs that a budget shortens equally. K up to 4: every
+    # on an H200 its probe alone (raw points, compiled cold) took over 5.3 of 8 minutes, and its
+    # baseline was estimated at 9.7 minutes for 50 epochs. iam.py's model and batch of 32 lines,
+    # on lines resampled as iam.py:gpu's (whose epoch, under its token budget at K = 8, took
+    # 0.7 s there), no test split, fixed epochs that a budget shortens equally. K up to 4: every
     # run compiles cold, and iam.py:gpu's 17 steps took 112 s to compile there.
     config.data.features.resample_spacing = 0.2
     config.data.test_split = None
@@ -159,9 +162,9 @@ def make_config(
     config.num_epochs = 12
     config.patience = config.num_epochs
   if epochs:
-    if config.patience == config.num_epochs:  # a preset of fixed epochs keeps them fixed
-      config.patience = epochs
     config.num_epochs = epochs
+    if preset in FIXED_EPOCH_PRESETS:
+      config.patience = epochs
   if cost:
     alpha, beta, kappa, gamma = [*(float(value) for value in cost.split(",")), 0.0][:4]
     config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = alpha, beta, kappa
@@ -791,7 +794,7 @@ def write_report(
   )
   baseline = runs[device_counts[0], "none", 1]
   model = config.model
-  command = " ".join(["python -m experiments.paper", *argv])
+  command = reporting.command_line("experiments.paper", argv)
   report = [
     "# The paper table: no bucketing against K buckets",
     "",

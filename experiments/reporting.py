@@ -4,6 +4,7 @@ import datetime
 import os
 import pathlib
 import platform
+import shlex
 import time
 
 
@@ -48,14 +49,20 @@ def markdown_table(rows: list[dict[str, str]], columns) -> list[str]:
   return lines + ["| " + " | ".join(row[column] for column in columns) + " |" for row in rows]
 
 
+def command_line(module: str, argv: list[str]) -> str:
+  """`python -m module argv` as a shell would take it, after the `XLA_FLAGS` it ran under when
+  they are set: they change what is measured, so they are part of the command."""
+  command = shlex.join(["python", "-m", module, *argv])
+  flags = os.environ.get("XLA_FLAGS")
+  return f"XLA_FLAGS={shlex.quote(flags)} {command}" if flags else command
+
+
 class RunRecord:
   """When a benchmark run started and how loaded the machine was: every results file opens with
   the lines of `header`, so a reader knows the machine, date, versions, command and load."""
 
   def __init__(self, module: str, argv: list[str], versions: str):
-    self.command = " ".join([f"python -m {module}", *argv])
-    if os.environ.get("XLA_FLAGS"):  # they change what is measured, so they are part of it
-      self.command = f"XLA_FLAGS='{os.environ['XLA_FLAGS']}' {self.command}"
+    self.command = command_line(module, argv)
     self.versions = versions
     self.load_before = os.getloadavg()[0]
     self.started = time.perf_counter()

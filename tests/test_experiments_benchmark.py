@@ -80,9 +80,10 @@ def test_a_results_header_names_the_xla_flags_it_ran_under(monkeypatch):
     header = reporting.RunRecord("experiments.benchmark", ["--quick"], "jax").header()
     return next(line for line in header if "Command:" in line)
 
-  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0")
-  assert "`XLA_FLAGS='--xla_gpu_autotune_level=0' python -m experiments.benchmark --quick`" in (
-    command()
+  monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_autotune_level=0 --xla_dump_to=/tmp/a b")
+  assert (
+    "`XLA_FLAGS='--xla_gpu_autotune_level=0 --xla_dump_to=/tmp/a b' python -m "
+    "experiments.benchmark --quick`" in command()
   )
   monkeypatch.delenv("XLA_FLAGS")
   assert "Command: `python -m experiments.benchmark --quick`." in command()

@@ -137,18 +137,24 @@ def test_cost_takes_gamma_as_a_fourth_number():
 
 
 def test_the_gpu_preset_compares_equal_epochs_of_iam_gpus_features_up_to_four_buckets():
-  args = paper.parse_args(["--gpu", "--dataset", "synthetic", "--budget-minutes", "9"])
-  config = paper.args_config(args)
+  args = paper.parse_args(["--gpu", "--dataset", "iam_ondb", "--budget-minutes", "9"])
+  config = paper.args_config(args)  # IAM-OnDB's config; no data is read
+  full = paper.make_config("full", "iam_ondb")
   assert args.preset == "gpu" and args.buckets == (1, 2, 4)
   assert config.patience == config.num_epochs  # no early stopping: every run trains as many
-  assert config.data.features == iam.get_config("gpu").data.features
-  assert config.bucketing.batch_size == iam.get_config().bucketing.batch_size  # the paper's batch
-  assert config.data.test_split is None  # no run spends the call on the test split
+  assert config.data.features == iam.get_config("gpu").data.features != full.data.features
+  assert config.model == full.model and config.bucketing.batch_size == 32  # the paper's batch
+  assert config.data.test_split is None and full.data.test_split  # no run scores the test split
   train.validate_config(config, num_devices=1)
-  shortened = paper.make_config("gpu", "synthetic", epochs=3)
-  assert shortened.num_epochs == shortened.patience == 3
   with pytest.raises(cli_errors.UsageError, match="not allowed with"):
     paper.parse_args(["--gpu", "--quick"])
+
+
+def test_epochs_keep_a_fixed_epoch_preset_fixed_and_the_full_presets_early_stopping():
+  shortened = paper.make_config("gpu", "synthetic", epochs=3)
+  assert shortened.num_epochs == shortened.patience == 3
+  full = paper.make_config("full", "synthetic", epochs=7)
+  assert full.num_epochs == 7 and full.patience == paper.make_config("full", "synthetic").patience
 
 
 # ---------------------------------------------------------------------------------------------
