@@ -131,6 +131,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(
       f"config.compile_mode={config.compile_mode!r} is not one of {compilation.COMPILE_MODES}"
     )
+  if config.compile_threads < 0:
+    raise ValueError(
+      f"config.compile_threads must be >= 0 (0: one per core), got {config.compile_threads}"
+    )
   if config.data.bad_examples not in dataset_lib.BAD_EXAMPLE_POLICIES:
     raise ValueError(
       f"config.data.bad_examples={config.data.bad_examples!r} is not one of "
@@ -634,15 +638,16 @@ def compile_steps(
   *,
   train_order: list[int] | None = None,
   mode: str = "parallel",
+  threads: int = 0,
 ) -> compilation.CompiledSteps:
   """Starts compiling one train step per training bucket, then one eval step per bucket any eval
   split uses (the eval plans share their shapes, `make_eval_plans`).
 
   Train steps compile in `train_order` (default: bucket order), then the rest. `mode`:
-  "overlap" returns at once and compiles in the background on one thread per CPU core: the first
-  step alone (only it delays training, and compiles beside it would slow it down), then the rest;
-  "parallel" compiles the same way but returns when all are done; "sequential" compiles one at a
-  time and returns when all are done.
+  "overlap" returns at once and compiles in the background on `threads` threads (0: one per CPU
+  core): the first step alone (only it delays training, and compiles beside it would slow it
+  down), then the rest; "parallel" compiles the same way but returns when all are done;
+  "sequential" compiles one at a time and returns when all are done.
   """
   replicated = NamedSharding(mesh, P())
   batch_sharding = NamedSharding(mesh, P("data"))
@@ -665,7 +670,7 @@ def compile_steps(
   jobs |= _eval_jobs(
     state.apply_fn, state.ctc_loss_fn, state.params, eval_plans, mesh, num_features
   )
-  return compilation.submit_compiles(jobs, mode)
+  return compilation.submit_compiles(jobs, mode, threads)
 
 
 def compile_eval_steps(
@@ -987,7 +992,14 @@ def start_compiling(
   """Compiles the steps (`compile_steps`), the buckets the schedule needs first first."""
   order = first_needed_buckets(plan, config.seed, progress.epoch, progress.step_in_epoch)
   steps = compile_steps(
-    state, plan, eval_plans, mesh, num_features(config), train_order=order, mode=config.compile_mode
+    state,
+    plan,
+    eval_plans,
+    mesh,
+    num_features(config),
+    train_order=order,
+    mode=config.compile_mode,
+    threads=config.compile_threads,
   )
   if jax.process_index() == 0:
     LOG.info(
@@ -1104,6 +1116,7 @@ RUN_CONTROL_FIELDS = (
   "max_steps",
   "progress_bar",
   "compile_mode",
+  "compile_threads",
   "compilation_cache_dir",
   "checkpoint_every_steps",
   "data.data_dir",

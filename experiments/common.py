@@ -98,6 +98,9 @@ def base_config() -> ml_collections.ConfigDict:
   # overlap: train once the first scheduled bucket is compiled, the rest compile in the background;
   # parallel: compile every step on a thread pool first; sequential: one at a time first.
   config.compile_mode = "overlap"
+  # Threads compiling the steps (overlap, parallel); 0: one per CPU core. Fewer may compile faster
+  # where each compile is itself parallel or times kernels on the one GPU (XLA's autotuning).
+  config.compile_threads = 0
   # Persistent compilation cache; None: $JAX_COMPILATION_CACHE_DIR or ~/.cache/bucketed-rnn/jax,
   # "": off.
   config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)

@@ -383,6 +383,7 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"bucketing.batch_size": -8}, r"config.bucketing.batch_size must be >= 0, got -8"),
     ({"patience": 0}, r"config.patience must be >= 1, got 0"),
     ({"max_steps": -1}, r"config.max_steps must be >= 0, got -1"),
+    ({"compile_threads": -1}, r"config.compile_threads must be >= 0 \(0: one per core\), got -1"),
     ({"data.train_limit": -1}, r"config.data.train_limit must be >= 0, got -1"),
     ({"bucketing.overflow": "ignore"}, "overflow"),
     ({"eval_batch_size": 4}, "eval_batch_size"),

@@ -140,3 +140,28 @@ def test_an_inline_compile_error_is_what_wait_raises(monkeypatch):
     steps.train_step(0)
   with pytest.raises(ValueError, match="does not compile"):  # not a CancelledError
     steps.wait()
+
+
+@pytest.mark.parametrize(
+  ("threads", "mode", "workers"),
+  [
+    (0, "parallel", 3),
+    (2, "parallel", 2),
+    (2, "overlap", 2),
+    (8, "overlap", 3),
+    (2, "sequential", 1),
+  ],
+)
+def test_compile_threads_size_the_pool_up_to_one_per_step(monkeypatch, threads, mode, workers):
+  monkeypatch.setattr(os, "cpu_count", lambda: 4)  # threads=0: one per core, here 4 > 3 steps
+  mesh = one_device_mesh()
+  jobs = {
+    ("train", bucket): (mesh, jax.jit(lambda x: x + 1.0), jax.ShapeDtypeStruct((bucket + 1,), "f4"))
+    for bucket in range(3)
+  }
+  steps = compilation.submit_compiles(jobs, mode, threads)
+  steps.wait()
+  steps.close()
+  assert steps.workers == workers and steps.accounting()["compile_threads"] == workers
+  with pytest.raises(ValueError, match=r"compile threads must be >= 0 \(0: one per core\), got -1"):
+    compilation.submit_compiles(jobs, mode, -1)

@@ -183,6 +183,7 @@ class CompiledSteps:
     hits, misses = np.subtract(CompileEvents.cache_counts(), self.cache_counts_before).tolist()
     first = self.first_train_step_at
     return {
+      "compile_threads": self.workers,
       "train_compiles": len(compiled["train"]),
       "eval_compiles": len(compiled["eval"]),
       "compiles_dropped": len(self._futures()) - len(spans),
@@ -265,17 +266,22 @@ def _after(first_compiled: threading.Event, job: tuple) -> tuple[Any, float, flo
   return _lower_and_compile(*job)
 
 
-def submit_compiles(jobs: dict[tuple[str, int], tuple], mode: str) -> CompiledSteps:
-  """Submits `jobs` ((kind, bucket) -> (mesh, jitted, *abstract args)) in order to a thread pool.
+def submit_compiles(
+  jobs: dict[tuple[str, int], tuple], mode: str, threads: int = 0
+) -> CompiledSteps:
+  """Submits `jobs` ((kind, bucket) -> (mesh, jitted, *abstract args)) in order to a thread pool
+  of `threads` (0: one per core; never more than the jobs).
 
   "overlap" returns at once, the first job compiling alone and the others after it; "parallel"
-  (one thread per core) and "sequential" (one thread) return when every job is compiled, with the
-  pool shut down.
+  (the pool) and "sequential" (one thread) return when every job is compiled, with the pool shut
+  down.
   """
   if mode not in COMPILE_MODES:
     raise ValueError(f"compile mode {mode!r} is not one of {COMPILE_MODES}")
   CompileEvents.install()
-  workers = 1 if mode == "sequential" else max(1, min(len(jobs), os.cpu_count() or 1))
+  if threads < 0:
+    raise ValueError(f"compile threads must be >= 0 (0: one per core), got {threads}")
+  workers = 1 if mode == "sequential" else max(1, min(len(jobs), threads or os.cpu_count() or 1))
   pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix=COMPILE_THREAD_PREFIX)
   cache_counts_before = CompileEvents.cache_counts()
   started = time.perf_counter()
