@@ -32,6 +32,7 @@ Writes `experiments/results/benchmark_memory_<backend>.md` (`cpu`, `gpu`).
 import argparse
 import pathlib
 import sys
+from collections.abc import Iterator
 
 import jax
 import numpy as np
@@ -138,12 +139,10 @@ def plan_row(name: str, plan: bucketing.BucketPlan, memory: list[StepMemory]) ->
   }
 
 
-def measure_plans(
-  compiler: Compiler, data, config, buckets, budget: int, rows: list[dict], on_row=lambda: None
-) -> None:
-  """Appends to `rows` the `plan_row`s of one bucket and `optimal` K buckets, at a fixed batch and
-  at `budget` padded tokens per step, planned as the trainer plans them (`train.make_train_plan`),
-  each as soon as it is measured, then calls `on_row()`."""
+def measure_plans(compiler: Compiler, data, config, buckets, budget: int) -> Iterator[dict]:
+  """The `plan_row`s of one bucket and `optimal` K buckets, at a fixed batch and at `budget`
+  padded tokens per step, planned as the trainer plans them (`train.make_train_plan`), each
+  yielded as soon as it is measured."""
   batch = config.bucketing.batch_size or FALLBACK_BATCH
   rules = ((f"{batch} lines", batch, 0), (f"{budget:,} tokens", 0, budget))
   for rule, batch_size, max_tokens in rules:
@@ -152,9 +151,9 @@ def measure_plans(
       variant.bucketing.strategy, variant.bucketing.num_buckets = strategy, num_buckets
       variant.bucketing.batch_size, variant.bucketing.max_tokens = batch_size, max_tokens
       plan = train.make_train_plan(variant, data, num_devices=1)
-      rows.append(plan_row(f"{strategy}, {rule}", plan, compiler.plan_memory(plan)))
-      print(rows[-1], flush=True)
-      on_row()
+      row = plan_row(f"{strategy}, {rule}", plan, compiler.plan_memory(plan))
+      print(row, flush=True)
+      yield row
 
 
 def budget_rows(coefficients: np.ndarray, label_width: int) -> list[dict[str, str]]:
@@ -279,7 +278,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   ]
   write()
 
-  measure_plans(compiler, data, config, preset["buckets"], budget, plans, on_row=write)
+  for row in measure_plans(compiler, data, config, preset["buckets"], budget):
+    plans.append(row)
+    write()
   return write(echo=True)
 
 
