@@ -1351,7 +1351,6 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
       ):
         _account(progress, pending, plan, bar)
         pending = None
-        jax.block_until_ready(state)  # the steps still queued are the epoch's, not the save's
         clock.stop()
         run.save_latest(state, progress)
         clock.start()
