@@ -132,7 +132,6 @@ def make_config(
   config.progress_bar = False
   if preset == "tiny":
     config = common.tiny(config)
-    config.patience = config.num_epochs
   elif preset == "gpu":
     # One 10-minute call on one GPU (`gpu_call.sh paper:M`), where the full preset does not fit:
     # on an H200 its probe alone (raw points, compiled cold) took over 5.3 of 8 minutes, and its
@@ -143,7 +142,6 @@ def make_config(
     config.data.features.resample_spacing = 0.2
     config.data.test_split = None
     config.num_epochs = 30
-    config.patience = config.num_epochs
   elif preset == "quick":
     # About two minutes per run on a 2-core CPU, and it learns (optimal K = 4 alone: val CER
     # 0.36 after 12 epochs, 9 s each): a subset, lines resampled to about half the points, a
@@ -160,11 +158,10 @@ def make_config(
     config.optimizer.learning_rate = 6e-3
     config.optimizer.warmup_steps = 20
     config.num_epochs = 12
-    config.patience = config.num_epochs
   if epochs:
     config.num_epochs = epochs
-    if preset in FIXED_EPOCH_PRESETS:
-      config.patience = epochs
+  if preset in FIXED_EPOCH_PRESETS:  # every run trains all its epochs
+    config.patience = config.num_epochs
   if cost:
     alpha, beta, kappa, gamma = [*(float(value) for value in cost.split(",")), 0.0][:4]
     config.bucketing.alpha, config.bucketing.beta, config.bucketing.kappa = alpha, beta, kappa
