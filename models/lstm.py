@@ -137,6 +137,7 @@ def _lstm_recurrence_forward(projected, recurrent_kernel, unroll):
 
 def _lstm_recurrence_backward(unroll, residuals, hidden_cotangents):
   recurrent_kernel, hidden_states, gates, previous_cells = residuals
+  transposed_kernel = jnp.swapaxes(recurrent_kernel, 1, 2)
 
   def step(carry, inputs):
     hidden_cotangent, cell_cotangent = carry
@@ -155,9 +156,9 @@ def _lstm_recurrence_backward(unroll, residuals, hidden_cotangents):
       axis=-1,
     )
     previous_hidden_cotangent = jnp.einsum(
-      "dbg,dhg->dbh",
+      "dbg,dgh->dbh",
       pre_activation_cotangents.astype(recurrent_kernel.dtype),
-      recurrent_kernel,
+      transposed_kernel,
       preferred_element_type=jnp.float32,
     )
     carry = (previous_hidden_cotangent, cell_cotangent * forget_gate)
