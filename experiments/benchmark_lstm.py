@@ -8,7 +8,8 @@ lengths are uniform in [time/2, time] (a bucket's spread), median of `--repeats`
 compiling warm-up, the contenders taking turns. Contenders, all with the same sizes and lengths:
 
 - `flax`: `nn.RNN(nn.OptimizedLSTMCell)` per direction, `nn.Bidirectional` with `seq_lengths`;
-- `ours`: `models.LstmCtcModel` at `unroll=1` and at `--unroll` (default 4);
+- `ours`: the trainer's `models.LstmCtcModel` (`models.factory.make_model`, so with this
+  backend's defaults, e.g. `scan_prefetch`) at `unroll=1` and at `--unroll` (default 4);
 - `cudnn`: `jax.experimental.rnn.lstm`, only when `jax.default_backend() == "gpu"`.
 
 Prints a Markdown table and writes it, with the machine, date, versions and command, to
@@ -31,7 +32,7 @@ import numpy as np
 
 import cli_errors
 from experiments import reporting
-from models.lstm import LstmCtcModel
+from models.factory import make_model
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 BATCH = 32
@@ -151,7 +152,7 @@ def contenders(unroll: int) -> dict[str, Callable[[int, int, bool], nn.Module]]:
   """Column name -> builder(hidden, layers, bidirectional)."""
 
   def ours(unroll_steps):
-    return lambda hidden, layers, bidirectional: LstmCtcModel(
+    return lambda hidden, layers, bidirectional: make_model(
       num_classes=NUM_CLASSES,
       num_layers=layers,
       hidden_size=hidden,

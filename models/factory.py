@@ -23,6 +23,11 @@ MAX_KERNEL_HIDDEN_SIZE = 256
 # faster than 1 for a train step on an H200, 39.7 against 61.3 ms in benchmark_step_gpu.md; 1 is
 # fastest on the CPU, benchmark_lstm_cpu.md).
 DEFAULT_UNROLL = {"gpu": 8}
+# Backends whose scan steps read inputs sliced by the step before (`models.lstm._scan`): on the
+# 2-core CPU a BLSTM 128 recurrence's forward + backward took 0.89-0.92x the time without (B 32,
+# T 300 and 1,200) and a whole train step 0.94-0.95x (2 x BLSTM 128 at B 16, T 224; 3 x at B 32,
+# T 600). Not yet measured on a GPU.
+SCAN_PREFETCH_BACKENDS = ("cpu",)
 
 
 def resolve_lstm_implementation(lstm_impl: str, hidden_size: int, backend: str) -> str:
@@ -54,9 +59,9 @@ def make_model(
 
   `dtype` may be a name ("float32", "bfloat16") so that configs stay plain Python values.
   `lstm_impl` "auto" and `unroll` 0 are resolved for `backend` (default: JAX's default backend):
-  the model's `lstm_implementation` and `unroll` say what was chosen. `kernel` holds
-  `KernelConfig` launch parameters; the kernel runs in the Pallas interpreter on backends other
-  than the GPU (slow: for tests).
+  the model's `lstm_implementation`, `unroll` and `scan_prefetch` (set on the backends in
+  `SCAN_PREFETCH_BACKENDS`) say what was chosen. `kernel` holds `KernelConfig` launch parameters;
+  the kernel runs in the Pallas interpreter on backends other than the GPU (slow: for tests).
   """
   if num_classes < 2:
     raise ValueError(f"num_classes must count the blank plus at least one label, got {num_classes}")
@@ -81,6 +86,7 @@ def make_model(
     input_projection_size=input_projection_size,
     lstm_implementation=implementation,
     unroll=unroll or DEFAULT_UNROLL.get(backend, 1),
+    scan_prefetch=backend in SCAN_PREFETCH_BACKENDS,
     kernel_config=KernelConfig(**(kernel or {}), interpret=backend != "gpu"),
     dtype=jnp.dtype(dtype),
   )

@@ -10,7 +10,7 @@ Why a hand-written layer rather than `nn.RNN(nn.OptimizedLSTMCell)`:
 - no per-step masking: the backward direction reverses each sequence within its own length, so in
   both directions the padded frames come after every valid frame and cannot reach a valid output.
 
-On a 2-core CPU it is level with the stock cell (0.94-1.22x in
+On a 2-core CPU it is level with the stock cell for one layer and faster for three (0.91-1.20x in
 `experiments/results/benchmark_lstm_cpu.md`).
 A first version lost to the stock cell (0.43x at 1,200 steps): reversing the `[batch, time,
 4 * hidden]` projection with a gather (whose autodiff gradient is a scatter-add), a batched
@@ -18,7 +18,8 @@ projection einsum whose output XLA transposed twice, and autodiff of the scan, w
 twice the needed residuals and adds a `[hidden, batch] @ [batch, 4 * hidden]` weight-gradient
 matmul to every backward step. Now: the narrow inputs are reversed instead, and the reversal is
 its own gradient (a gather); each direction's projection is a plain time-major matmul; the
-recurrence has a hand-written gradient (see `lstm_recurrence`). A static flip of the time axis
+recurrence has a hand-written gradient (see `lstm_recurrence`), and on the CPU its scan steps read
+inputs sliced by the step before (`_scan`). A static flip of the time axis
 with a masked carry was slower than reversing within length in one loaded run, so it is not used.
 """
 
@@ -96,9 +97,37 @@ def _initial_state(projected: tuple[jax.Array, ...]) -> jax.Array:
   return jnp.zeros((len(projected), batch, gates // 4), jnp.float32)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _scan(step, init, xs, *, unroll: int, prefetch: bool, reverse: bool = False):
+  """`jax.lax.scan(step, init, xs, reverse=reverse, unroll=unroll)`; with `prefetch`, each step
+  also slices the next step's `xs` into the carry, and `step` reads the ones sliced before it.
+
+  Why: sliced where they are used, XLA's CPU fuses the slice into the step's elementwise work, and
+  on the 2-core CPU that fusion took 53 us a step instead of 7 (one LSTM 128, batch 32, profiled);
+  fed from the carry, the slice is a copy of its own (5 us)."""
+  if not prefetch:
+    return jax.lax.scan(step, init, xs, reverse=reverse, unroll=unroll)
+  length = jax.tree.leaves(xs)[0].shape[0]
+
+  def prefetching_step(carry, index):
+    inner, current = carry
+    next_index = jnp.clip(index - 1 if reverse else index + 1, 0, length - 1)
+    next_inputs = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, next_index, 0, False), xs)
+    inner, outputs = step(inner, current)
+    return (inner, next_inputs), outputs
+
+  first = jax.tree.map(lambda x: x[length - 1 if reverse else 0], xs)
+  (final, _), outputs = jax.lax.scan(
+    prefetching_step, (init, first), jnp.arange(length), reverse=reverse, unroll=unroll
+  )
+  return final, outputs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def lstm_recurrence(
-  projected: tuple[jax.Array, ...], recurrent_kernel: jax.Array, unroll: int
+  projected: tuple[jax.Array, ...],
+  recurrent_kernel: jax.Array,
+  unroll: int,
+  prefetch: bool = False,
 ) -> tuple[jax.Array, ...]:
   """The LSTM recurrence of every direction from zero state, in one scan.
 
@@ -111,6 +140,7 @@ def lstm_recurrence(
   [4 * hidden, hidden]` matmul per step and keeps only the activated gates and the previous state;
   the recurrent kernel's gradient is one matmul over all steps afterwards. Autodiff of the scan
   adds a small weight-gradient matmul to every step and stores about twice the residuals.
+  `unroll` and `prefetch` shape both scans' loops (`_scan`), not what they compute.
   """
 
   def step(carry, projected_step):
@@ -118,10 +148,10 @@ def lstm_recurrence(
     return (cell, hidden), tuple(hidden.astype(recurrent_kernel.dtype))
 
   zeros = _initial_state(projected)
-  return jax.lax.scan(step, (zeros, zeros), projected, unroll=unroll)[1]
+  return _scan(step, (zeros, zeros), projected, unroll=unroll, prefetch=prefetch)[1]
 
 
-def _lstm_recurrence_forward(projected, recurrent_kernel, unroll):
+def _lstm_recurrence_forward(projected, recurrent_kernel, unroll, prefetch):
   def step(carry, projected_step):
     previous_cell, _ = carry
     cell, hidden, gates = _lstm_step(*carry, jnp.stack(projected_step), recurrent_kernel)
@@ -129,13 +159,13 @@ def _lstm_recurrence_forward(projected, recurrent_kernel, unroll):
     return (cell, hidden), (outputs, gates, previous_cell)
 
   zeros = _initial_state(projected)
-  _, (hidden_states, gates, previous_cells) = jax.lax.scan(
-    step, (zeros, zeros), projected, unroll=unroll
+  _, (hidden_states, gates, previous_cells) = _scan(
+    step, (zeros, zeros), projected, unroll=unroll, prefetch=prefetch
   )
   return hidden_states, (recurrent_kernel, hidden_states, gates, previous_cells)
 
 
-def _lstm_recurrence_backward(unroll, residuals, hidden_cotangents):
+def _lstm_recurrence_backward(unroll, prefetch, residuals, hidden_cotangents):
   recurrent_kernel, hidden_states, gates, previous_cells = residuals
   transposed_kernel = jnp.swapaxes(recurrent_kernel, 1, 2)
 
@@ -165,12 +195,13 @@ def _lstm_recurrence_backward(unroll, residuals, hidden_cotangents):
     return carry, tuple(pre_activation_cotangents)
 
   zeros = jnp.zeros_like(previous_cells[0])
-  _, projected_cotangents = jax.lax.scan(
+  _, projected_cotangents = _scan(
     step,
     (zeros, zeros),
     (hidden_cotangents, gates, previous_cells),
-    reverse=True,
     unroll=unroll,
+    prefetch=prefetch,
+    reverse=True,
   )
   # Step t's pre-activations saw the hidden state of step t - 1 (zero at t = 0): the kernel's
   # gradient pairs each step's cotangent with the state before it, a prefix of the saved states.
@@ -220,6 +251,8 @@ class LstmLayer(nn.Module):
       "pallas" (`models.lstm_kernel`, one fused kernel launch per pass; GPU, or the Pallas
       interpreter elsewhere). Both compute the same function and gradient.
     unroll: scan steps unrolled per loop iteration (`jax.lax.scan(unroll=...)`); "scan" only.
+    prefetch: each scan step slices the next step's inputs (see `_scan`; faster on the CPU);
+      "scan" only.
     kernel_config: launch parameters of the "pallas" kernels.
     dtype: computation dtype of the matmuls and of the returned activations.
     param_dtype: storage dtype of the parameters.
@@ -231,6 +264,7 @@ class LstmLayer(nn.Module):
   bidirectional: bool = False
   implementation: str = "scan"
   unroll: int = 1
+  prefetch: bool = False
   kernel_config: KernelConfig = KernelConfig()
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
@@ -280,7 +314,7 @@ class LstmLayer(nn.Module):
     if self.implementation == "pallas":
       time_major_states = lstm_recurrence_kernel(projected, recurrent_kernel, self.kernel_config)
     else:
-      time_major_states = lstm_recurrence(projected, recurrent_kernel, self.unroll)
+      time_major_states = lstm_recurrence(projected, recurrent_kernel, self.unroll, self.prefetch)
     hidden_states = [jnp.swapaxes(states, 0, 1) for states in time_major_states]
     if self.bidirectional:
       hidden_states[1] = reverse_within_length(hidden_states[1], lengths)
@@ -305,6 +339,7 @@ class LstmCtcModel(nn.Module):
     input_projection_size: width of an optional Dense layer applied to the features first.
     lstm_implementation: "scan" or "pallas" (see `LstmLayer`).
     unroll: scan unroll of every LSTM layer.
+    scan_prefetch: every LSTM layer's scan steps slice the next step's inputs (`LstmLayer`).
     kernel_config: launch parameters of the "pallas" recurrence.
     dtype: computation dtype; logits are always returned as float32.
   """
@@ -317,6 +352,7 @@ class LstmCtcModel(nn.Module):
   input_projection_size: int | None = None
   lstm_implementation: str = "scan"
   unroll: int = 1
+  scan_prefetch: bool = False
   kernel_config: KernelConfig = KernelConfig()
   dtype: jnp.dtype = jnp.float32
 
@@ -337,6 +373,7 @@ class LstmCtcModel(nn.Module):
         bidirectional=self.bidirectional,
         implementation=self.lstm_implementation,
         unroll=self.unroll,
+        prefetch=self.scan_prefetch,
         kernel_config=self.kernel_config,
         dtype=self.dtype,
         name=f"lstm_{layer}",

@@ -27,11 +27,13 @@ def test_tiny_run_writes_tuning_and_anatomy_tables(tmp_path):
   assert "Machine:" in text and "python -m experiments.benchmark_step --preset tiny" in text
 
   lstm_rows = table_rows(text[: text.index("## The CTC kernel")], "variant")
-  assert [row[0] for row in lstm_rows[:2]] == ["scan, unroll 8", "scan, unroll 8, bfloat16 weights"]
-  assert len(lstm_rows) == 2 + len(benchmark_step.TUNE_GRID)
+  scan_rows = ["scan, unroll 8", "scan, unroll 8, bfloat16 weights", "scan, unroll 8, prefetch"]
+  assert [row[0] for row in lstm_rows[:3]] == scan_rows
+  assert len(lstm_rows) == 3 + len(benchmark_step.TUNE_GRID)
   for name, ms, error in lstm_rows[2:]:
     assert is_number(ms), name
-    # The interpreter computes exactly what the scan does in float32; bfloat16 weights round.
+    # The prefetching scan and the interpreter compute what the scan does in float32; bfloat16
+    # weights round.
     assert float(error) < (1e-5 if "bfloat16" not in name else 1e-2), name
   assert "the rest of this run uses the fastest: tile 16" in text
 

@@ -74,3 +74,8 @@ def test_lstm_impl_auto_follows_the_measured_backends(monkeypatch):
 def test_unroll_zero_takes_the_backends_measured_default(backend, expected):
   assert make_model(**CONFIG, unroll=0, backend=backend).unroll == expected
   assert make_model(**CONFIG, unroll=3, backend=backend).unroll == 3
+
+
+def test_scan_steps_prefetch_only_where_measured_faster():
+  assert make_model(**CONFIG, backend="cpu").scan_prefetch
+  assert not make_model(**CONFIG, backend="gpu").scan_prefetch

@@ -174,6 +174,25 @@ def test_unroll_does_not_change_outputs():
   np.testing.assert_allclose(rolled, unrolled, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("unroll", [1, 3])
+def test_prefetching_scan_steps_change_no_output_or_gradient(bidirectional, unroll):
+  # Lengths 11 and 1: a loop whose last step has no next step to slice, and unroll 3 that does not
+  # divide the time axis.
+  inputs, paddings = padded_batch(random_sequences([11, 1]), time=11)
+  cotangent = jax.random.normal(jax.random.key(1), (2, 11, 2 * HIDDEN if bidirectional else HIDDEN))
+  variables = LstmLayer(HIDDEN, bidirectional).init(jax.random.key(0), inputs, paddings)
+
+  def outputs_and_gradients(prefetch):
+    layer = LstmLayer(HIDDEN, bidirectional, unroll=unroll, prefetch=prefetch)
+    loss = lambda variables, inputs: jnp.sum(layer.apply(variables, inputs, paddings) * cotangent)
+    return layer.apply(variables, inputs, paddings), jax.grad(loss, (0, 1))(variables, inputs)
+
+  plain, prefetched = outputs_and_gradients(False), outputs_and_gradients(True)
+  for expected, actual in zip(jax.tree.leaves(plain), jax.tree.leaves(prefetched), strict=True):
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+
+
 def small_model(bidirectional=True, dropout_rate=0.0, implementation="scan"):
   return LstmCtcModel(
     num_classes=NUM_CLASSES,
