@@ -26,7 +26,7 @@ each time) and the table gives the median:
 - on a GPU, `jax.experimental.rnn` (cuDNN) in the same bucketed loop.
 
 Writes `experiments/results/benchmark_<machine>.md` (`cpu`, `gpu`) with the machine, date,
-command and load. `--quick` took 2.0 min on a 2-core CPU (`experiments/results/benchmark_cpu.md`).
+command and load. `--quick` took 1.7 min on a 2-core CPU (`experiments/results/benchmark_cpu.md`).
 """
 
 import dataclasses

@@ -39,7 +39,7 @@ base at equal minutes, has not run on a GPU.
 with dropout 0.4, batch 16 at a learning rate of 6e-3 (what learned fastest per CPU-minute in
 results/recipe_quick_cpu.md), a cosine over 70 epochs (what a one-epoch probe said fit 90 minutes
 on a 2-core CPU, 73 s an epoch), a 90-minute cap, no early stopping, the best epoch by validation
-CER. Run on a shared 2-core CPU it trained 52 of the 70 epochs in the 90 minutes; on all of
+CER. Run on a 2-core CPU it trained 52 of the 70 epochs in the 90 minutes; on all of
 testset_f (greedy, no language model) its best epoch by validation CER scored a CER of 0.072 and
 its last state 0.071 (results/iam_cpu_dropout04_*). The same with dropout 0.2 is what
 results/recipe_full_cpu.md ran (`experiments/recipe.py --preset full --minutes-per-run 90` and
