@@ -140,7 +140,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       f"config.data.bad_examples={config.data.bad_examples!r} is not one of "
       f"{dataset_lib.BAD_EXAMPLE_POLICIES}"
     )
-  if config.max_minutes < 0:
+  if not config.max_minutes >= 0:  # NaN too
     raise ValueError(f"config.max_minutes must be >= 0 (0: no cap), got {config.max_minutes}")
   if config.selection_metric not in SELECTION_METRICS:
     raise ValueError(
@@ -148,11 +148,20 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
   if config.optimizer.schedule not in ("cosine", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: cosine|constant")
+  # Positive and finite: a negative rate or clipping norm would ascend the loss, NaN poison it.
+  for field in ("learning_rate", "grad_clip_norm"):
+    value = config.optimizer[field]
+    if not 0 < value < math.inf:
+      raise ValueError(f"config.optimizer.{field} must be a positive number, got {value}")
+  if config.optimizer.warmup_steps < 0:
+    raise ValueError(
+      f"config.optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}"
+    )
   # The model's and the CTC loss's own checks (sizes, implementations), before any data is read.
   for field, build in (("model", build_model), ("ctc", build_ctc_loss)):
     try:
       build(config)
-    except ValueError as error:
+    except (ValueError, TypeError) as error:  # TypeError: e.g. a dtype numpy does not know
       raise ValueError(f"config.{field}: {error}") from None
 
 
@@ -1709,6 +1718,8 @@ if __name__ == "__main__":
       raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
     if _CONFIG.value is None:
       raise cli_errors.UsageError("--config is required, e.g. --config=experiments/synthetic.py")
+    if not _WORKDIR.value.strip():  # else the run would write into the current directory
+      raise cli_errors.UsageError("--workdir is empty; name the run's folder")
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's INFO lines out of the way
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

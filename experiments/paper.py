@@ -883,6 +883,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   args.preset = next(
     (preset for preset in ("gpu", "quick", "tiny") if getattr(args, preset)), "full"
   )
+  for flag, counts in (("--devices", args.devices), ("--buckets", args.buckets)):
+    if counts and min(counts) < 1:  # a worker for 0 devices would be no worker: it would fork
+      parser.error(f"{flag} counts must be >= 1, got {','.join(map(str, counts))}")
+  if not args.budget_minutes >= 0:  # NaN too
+    parser.error(f"--budget-minutes must be > 0 (or 0: no budget), got {args.budget_minutes}")
+  for flag, value in (("--epochs", args.epochs), ("--min-epochs", args.min_epochs)):
+    if value < 0:
+      parser.error(f"{flag} must be >= 0 (0: the preset's), got {value}")
   default_buckets = PRESET_BUCKETS[args.preset]
   args.buckets = args.buckets or default_buckets
   args.strategies = args.strategies.split(",")

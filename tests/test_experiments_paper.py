@@ -136,6 +136,22 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
   assert paper.make_config("tiny", "auto").data.dataset == "synthetic"
 
 
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["--devices", "0"], "--devices counts must be >= 1, got 0"),
+    (["--devices", "1,0"], "--devices counts must be >= 1, got 1,0"),
+    (["--buckets", "2,0"], "--buckets counts must be >= 1, got 2,0"),
+    (["--budget-minutes", "-5"], "--budget-minutes must be > 0"),
+    (["--budget-minutes", "nan"], "--budget-minutes must be > 0"),
+    (["--epochs", "-1"], "--epochs must be >= 0"),
+  ],
+)
+def test_impossible_counts_are_refused_before_anything_runs(argv, message):
+  with pytest.raises(cli_errors.UsageError, match=message):
+    paper.parse_args(["--tiny", *argv])
+
+
 def test_cost_takes_gamma_as_a_fourth_number():
   three = paper.make_config("tiny", "synthetic", cost="0.01,2e-7,5").bucketing
   four = paper.make_config("tiny", "synthetic", cost="0.01,2e-7,5,3e-5").bucketing

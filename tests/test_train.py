@@ -391,6 +391,15 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"model.lstm_impl": "cudnn"}, "lstm_impl must be one of"),
     ({"model.hidden_size": 0}, "hidden_size must be >= 1"),
     ({"selection_metric": "val_wer"}, "selection_metric='val_wer' is not one of"),
+    ({"optimizer.learning_rate": -1e-3}, r"optimizer.learning_rate must be a positive number"),
+    (
+      {"optimizer.learning_rate": float("nan")},
+      r"learning_rate must be a positive number, got nan",
+    ),
+    ({"optimizer.grad_clip_norm": -1.0}, r"optimizer.grad_clip_norm must be a positive number"),
+    ({"optimizer.warmup_steps": -5}, r"config.optimizer.warmup_steps must be >= 0, got -5"),
+    ({"max_minutes": float("nan")}, r"config.max_minutes must be >= 0 \(0: no cap\), got nan"),
+    ({"model.dtype": "float8"}, r"config.model: data type 'float8' not understood"),
   ],
 )
 def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, message):

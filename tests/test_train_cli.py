@@ -25,6 +25,7 @@ TINY = "--config=experiments/synthetic.py:tiny"
     ),
     (["--config=experiments/synthetic.py:nosuchvariant"], "unknown variant 'nosuchvariant'"),
     ([TINY, "extra"], "unexpected arguments: ['extra']"),
+    ([TINY, "--workdir="], "--workdir is empty"),  # else it would train in the current folder
     ([], "--config is required, e.g. --config=experiments/synthetic.py"),
     (["--mode=evaluate"], "--config is required"),
     (
