@@ -68,6 +68,17 @@ class ArgumentParser(argparse.ArgumentParser):
     raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
+def positive_int(text: str) -> int:
+  """An argparse type for a count of at least 1 (`--repeats`): 0 or less is named with its flag."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  return value
+
+
 def int_list(text: str) -> list[int]:
   """An argparse type for comma-separated integers ("2,4,8"): a typo is named with its flag."""
   try:

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     default=None,
     help="K (default: --config.bucketing.num_buckets, else 4)",
   )
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=cli_errors.positive_int, default=3)
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args, overrides = parser.parse_known_args(argv)
   unknown = [argument for argument in overrides if not argument.startswith("--config.")]

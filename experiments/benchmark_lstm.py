@@ -177,7 +177,7 @@ def main() -> None:
   parser.add_argument(
     "--preset", choices=sorted(PRESETS), default=None, help="size grid; defaults to the backend's"
   )
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=cli_errors.positive_int, default=5)
   parser.add_argument("--unroll", type=int, default=4)
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args()

@@ -117,7 +117,7 @@ def auto_against_optimal(
 
 def main() -> None:
   parser = cli_errors.ArgumentParser(description=__doc__)
-  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--repeats", type=cli_errors.positive_int, default=5)
   parser.add_argument(
     "--out", type=pathlib.Path, default=RESULTS / "benchmark_optimal_bounds_cpu.md"
   )

@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     metavar="NAME=FLAGS",
     help="a row of the whole step under these XLA_FLAGS (repeatable)",
   )
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--repeats", type=cli_errors.positive_int, default=10)
   parser.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--settings", type=json.loads, default={}, help=argparse.SUPPRESS)
   parser.add_argument("--out", type=pathlib.Path, default=None)

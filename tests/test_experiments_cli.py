@@ -161,3 +161,12 @@ def test_a_reader_that_goes_away_ends_the_command_quietly():
   worker.stdout.close()
   assert worker.wait(timeout=60) == 128 + 13  # SIGPIPE's
   assert worker.stderr.read() == ""
+
+
+@pytest.mark.parametrize("repeats", ["0", "-3"])
+def test_a_benchmark_refuses_fewer_than_one_repeat_naming_the_flag(repeats):
+  # Before, --repeats 0 ran every compile and then failed on "no median for empty data".
+  from experiments import benchmark_compile
+
+  with pytest.raises(cli_errors.UsageError, match=rf"--repeats: must be >= 1, got {repeats}"):
+    benchmark_compile.main(["--repeats", repeats])
