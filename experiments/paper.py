@@ -891,6 +891,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   for flag, value in (("--epochs", args.epochs), ("--min-epochs", args.min_epochs)):
     if value < 0:
       parser.error(f"{flag} must be >= 0 (0: the preset's), got {value}")
+  if not args.budget_minutes and (args.min_epochs or args.estimates):
+    parser.error("--min-epochs and --estimates plan a budget: give --budget-minutes too")
   default_buckets = PRESET_BUCKETS[args.preset]
   args.buckets = args.buckets or default_buckets
   args.strategies = args.strategies.split(",")

@@ -523,8 +523,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if args.minutes_per_run <= 0:
-    parser.error(f"--minutes-per-run must be > 0, got {args.minutes_per_run:g}")
+  if not 0 < args.minutes_per_run < math.inf:  # NaN too
+    parser.error(f"--minutes-per-run must be a positive number, got {args.minutes_per_run:g}")
   return args
 
 

@@ -145,6 +145,7 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
     (["--budget-minutes", "-5"], "--budget-minutes must be > 0"),
     (["--budget-minutes", "nan"], "--budget-minutes must be > 0"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--min-epochs", "4"], "give --budget-minutes too"),  # else silently ignored
   ],
 )
 def test_impossible_counts_are_refused_before_anything_runs(argv, message):
