@@ -148,11 +148,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
   if config.optimizer.schedule not in ("cosine", "constant"):
     raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: cosine|constant")
-  # Positive and finite: a negative rate or clipping norm would ascend the loss, NaN poison it.
-  for field in ("learning_rate", "grad_clip_norm"):
-    value = config.optimizer[field]
-    if not 0 < value < math.inf:
-      raise ValueError(f"config.optimizer.{field} must be a positive number, got {value}")
+  # Finite and not negative: a negative rate or clipping norm would ascend the loss, NaN poison
+  # it. A rate of 0 trains nothing, which tests and measurements use; a norm of 0 zeroes updates.
+  rate, norm = config.optimizer.learning_rate, config.optimizer.grad_clip_norm
+  if not 0 <= rate < math.inf:
+    raise ValueError(f"config.optimizer.learning_rate must be finite and >= 0, got {rate}")
+  if not 0 < norm < math.inf:
+    raise ValueError(f"config.optimizer.grad_clip_norm must be finite and > 0, got {norm}")
   if config.optimizer.warmup_steps < 0:
     raise ValueError(
       f"config.optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}"
