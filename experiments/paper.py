@@ -491,6 +491,20 @@ def check_probe_settings(args: argparse.Namespace, devices: int, workdir: pathli
   cli.record_settings(path, settings)
 
 
+def read_probe(path: pathlib.Path) -> dict:
+  """A probe's estimates (`probe.json`, or `--estimates`); a file that cannot be read, or holds
+  no probe, is a one-line error naming it."""
+  try:
+    probed = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as error:
+    raise cli_errors.UsageError(f"{path}: not a readable probe file ({error})") from None
+  if not isinstance(probed, dict) or not {"probes", "planned"} <= probed.keys():
+    raise cli_errors.UsageError(
+      f"{path}: not a probe file of experiments.paper (it needs 'probes' and 'planned')"
+    )
+  return probed
+
+
 def plan_sweep(args, argv, device_counts, start: float) -> dict:
   """Probes (or reads `--estimates`) and plans within `--budget-minutes`; a sweep started again
   keeps the epoch count of its workdir's earlier plan (`budget.json`), so that its runs compare."""
@@ -502,7 +516,7 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
     workdir / "probe.json" if (workdir / "probe.json").is_file() else None
   )
   if earlier:  # a sweep started again continues with its own probe's estimates
-    probed = json.loads(pathlib.Path(earlier).read_text())
+    probed = read_probe(pathlib.Path(earlier))
   else:
     probe_start = time.perf_counter()
     if not run_worker_process([*argv, "--probe"], device_counts[0]):

@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,16 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
 def test_impossible_counts_are_refused_before_anything_runs(argv, message):
   with pytest.raises(cli_errors.UsageError, match=message):
     paper.parse_args(["--tiny", *argv])
+
+
+@pytest.mark.parametrize(
+  ("text", "message"), [("{\n", "not a readable probe file"), ("[1, 2]", "not a probe file")]
+)
+def test_a_damaged_or_foreign_estimates_file_is_named(tmp_path, text, message):
+  path = tmp_path / "probe.json"
+  path.write_text(text)
+  with pytest.raises(cli_errors.UsageError, match=rf"{re.escape(str(path))}: {message}"):
+    paper.read_probe(path)
 
 
 def test_cost_takes_gamma_as_a_fourth_number():
