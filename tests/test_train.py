@@ -1035,10 +1035,13 @@ def test_measured_cost_model_times_real_compiles_of_the_planned_shapes(tmp_path,
     (rows, lengths[length]) for rows, length in shapes
   ]
   assert all(step["seconds"] > 0 and step["compile_s"] > 0 for step in steps)
-  assert measured.model.kappa > 0 and measured.model.alpha + measured.model.gamma > 0
+  # A step costs something; the non-negative fit may put all of it on any of the three terms
+  # (with a token budget a noisy fit gave it all to beta), except beta with a fixed batch.
+  model = measured.model
+  assert model.kappa > 0 and model.alpha + model.gamma + model.beta > 0
   assert measured.report["fitted_to"]["num_devices"] == 8
   if "bucketing.max_tokens" not in sizing:
-    assert measured.model.beta == 0.0
+    assert model.beta == 0.0
 
 
 def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
