@@ -62,10 +62,20 @@ class ArgumentParser(argparse.ArgumentParser):
   def __init__(self, *args, description: str | None = None, **kwargs):
     if description:
       description = description.strip().split("\n\n")[0]
+    kwargs.setdefault("prog", main_command())
     super().__init__(*args, description=description, **kwargs)
 
   def error(self, message: str):
     raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def main_command() -> str | None:
+  """How the running command was typed when it is a module run with `-m` ("python -m
+  experiments.paper", not argparse's "paper.py"); None (argparse's own) otherwise."""
+  spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if spec is None or not spec.name:
+    return None
+  return f"python -m {spec.name.removesuffix('.__main__')}"
 
 
 def positive_int(text: str) -> int:
@@ -87,3 +97,11 @@ def int_list(text: str) -> list[int]:
     raise argparse.ArgumentTypeError(
       f"{text!r} is not a comma-separated list of integers"
     ) from None
+
+
+def positive_int_list(text: str) -> list[int]:
+  """`int_list` of counts of at least 1 (`--buckets`, `--devices`)."""
+  values = int_list(text)
+  if min(values) < 1:
+    raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
+  return values

@@ -78,6 +78,7 @@ import time
 import ml_collections
 import numpy as np
 
+import bucketing
 import cli_errors
 from experiments import cli, common, iam, reporting, synthetic
 from handwriting import dataset as dataset_lib
@@ -238,6 +239,21 @@ def check_run_settings(
     cli.check_settings(paths[run], settings[run], "a run", trained_with=TRAINED_WITH_FILE)
   for run in runs:  # all checked: a refused command records nothing
     cli.record_settings(paths[run], settings[run])
+
+
+def check_device_counts(config: ml_collections.ConfigDict, device_counts: list[int]) -> None:
+  """Refuses a device count that does not divide the batch sizes before any worker starts: its
+  worker would refuse it too (`train.validate_config`), but only once the workers for the counts
+  before it had trained. A token budget's batch sizes are made multiples of the devices."""
+  for devices in device_counts:
+    for field, size in (
+      ("bucketing.batch_size", config.bucketing.batch_size),
+      ("eval_batch_size", config.eval_batch_size),
+    ):
+      if size % devices:
+        raise cli_errors.UsageError(
+          f"--devices {devices}: config.{field}={size} is not a multiple of {devices}"
+        )
 
 
 def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, int]]:
@@ -875,9 +891,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--out", default=None, help="path prefix of the table and plots")
   parser.add_argument("--dataset", choices=("auto", "iam_ondb", "synthetic"), default="auto")
   parser.add_argument("--data-dir", default=None, help="holds iam_ondb.npz or the TFDS build")
-  parser.add_argument("--buckets", type=cli_errors.int_list, help="comma-separated K list")
+  parser.add_argument("--buckets", type=cli_errors.positive_int_list, help="comma-separated K list")
   parser.add_argument("--strategies", default=",".join(STRATEGIES))
-  parser.add_argument("--devices", type=cli_errors.int_list, help="comma-separated device counts")
+  parser.add_argument(
+    "--devices", type=cli_errors.positive_int_list, help="comma-separated device counts"
+  )
   parser.add_argument("--epochs", type=int, default=0, help="override config.num_epochs")
   parser.add_argument(
     "--cost",
@@ -897,9 +915,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   args.preset = next(
     (preset for preset in ("gpu", "quick", "tiny") if getattr(args, preset)), "full"
   )
-  for flag, counts in (("--devices", args.devices), ("--buckets", args.buckets)):
-    if counts and min(counts) < 1:  # a worker for 0 devices would be no worker: it would fork
-      parser.error(f"{flag} counts must be >= 1, got {','.join(map(str, counts))}")
   if not args.budget_minutes >= 0:  # NaN too
     parser.error(f"--budget-minutes must be > 0 (or 0: no budget), got {args.budget_minutes}")
   for flag, value in (("--epochs", args.epochs), ("--min-epochs", args.min_epochs)):
@@ -920,6 +935,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
       cost = []
     if len(cost) not in (3, 4):
       parser.error(f"--cost {args.cost!r} is not three or four numbers alpha,beta,kappa[,gamma]")
+    try:
+      bucketing.CostModel(*cost)
+    except ValueError as error:
+      parser.error(f"--cost {args.cost!r}: {error}")
   return args
 
 
@@ -929,12 +948,13 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   if args.worker_devices:
     run_worker(args, args.worker_devices)
     return None
-  args_config(args)  # a --data-dir without IAM-OnDB ends the command before anything runs
+  config = args_config(args)  # a --data-dir without IAM-OnDB ends the command before anything runs
   if args.devices:
     device_counts = args.devices
   else:
     available = available_devices()
     device_counts = [2**i for i in range(available.bit_length()) if 2**i <= available]
+  check_device_counts(config, device_counts)
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
   budget = plan_sweep(args, argv, device_counts, start) if args.budget_minutes else None

@@ -36,7 +36,8 @@ def test_auto_never_models_a_slower_epoch_than_optimal_and_gains_under_a_token_b
   [
     (
       ["--gamma", "x"],
-      "error: benchmark_optimal_bounds.py: argument --gamma: invalid float value: 'x' (see --help)",
+      "error: python -m experiments.benchmark_optimal_bounds: argument --gamma: "
+      "invalid float value: 'x' (see --help)",
     ),
     (["--gamma", "-2"], "error: cost model gamma must be a finite number >= 0, got -2.0"),
     (["--lengths", "no-such-file.txt"], "error: no-such-file.txt: no such file"),

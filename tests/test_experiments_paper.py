@@ -140,9 +140,9 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
 @pytest.mark.parametrize(
   ("argv", "message"),
   [
-    (["--devices", "0"], "--devices counts must be >= 1, got 0"),
-    (["--devices", "1,0"], "--devices counts must be >= 1, got 1,0"),
-    (["--buckets", "2,0"], "--buckets counts must be >= 1, got 2,0"),
+    (["--devices", "0"], "--devices: counts must be >= 1, got '0'"),
+    (["--devices", "1,0"], "--devices: counts must be >= 1, got '1,0'"),
+    (["--buckets", "2,0"], "--buckets: counts must be >= 1, got '2,0'"),
     (["--budget-minutes", "-5"], "--budget-minutes must be > 0"),
     (["--budget-minutes", "nan"], "--budget-minutes must be > 0"),
     (["--epochs", "-1"], "--epochs must be >= 0"),
@@ -171,6 +171,23 @@ def test_cost_takes_gamma_as_a_fourth_number():
   assert (four.alpha, four.beta, four.kappa, four.gamma) == (0.01, 2e-7, 5.0, 3e-5)
   with pytest.raises(cli_errors.UsageError, match="three or four numbers"):
     paper.parse_args(["--cost", "1,2"])
+
+
+def test_a_cost_model_the_planner_would_refuse_is_refused_with_its_flag():
+  with pytest.raises(cli_errors.UsageError, match="--cost '-1,0,0': cost model alpha must be"):
+    paper.parse_args(["--cost=-1,0,0"])
+
+
+def test_a_device_count_the_batch_does_not_divide_is_refused_before_any_worker(tmp_path):
+  workdir = tmp_path / "sweep"
+  with pytest.raises(cli_errors.UsageError, match=r"--devices 3: config\.bucketing\.batch_size=8"):
+    paper.main(["--tiny", "--devices", "1,3", "--workdir", str(workdir)])
+  assert not workdir.exists()  # the one-device worker never started
+  config = paper.make_config("tiny", "synthetic")
+  config.bucketing.batch_size, config.bucketing.max_tokens = 0, 4000
+  paper.check_device_counts(config, [1, 2, 4, 8])  # a token budget's batches follow the devices
+  with pytest.raises(cli_errors.UsageError, match=r"config\.eval_batch_size=8 is not a multiple"):
+    paper.check_device_counts(config, [3])
 
 
 def test_the_gpu_preset_compares_equal_epochs_of_iam_gpus_features_up_to_four_buckets():
