@@ -95,6 +95,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(
       f"config.bucketing.strategy={bucket_config.strategy!r} is not one of {bucketing.STRATEGIES}"
     )
+  if bucket_config.strategy == "fixed" and bucket_config.upper_bounds is None:
+    raise ValueError(
+      "config.bucketing.strategy='fixed' needs config.bucketing.upper_bounds, e.g. "
+      "--config.bucketing.upper_bounds='(400, 800, 1600)'"
+    )
+  if bucket_config.strategy != "fixed" and bucket_config.upper_bounds is not None:
+    raise ValueError(
+      "config.bucketing.upper_bounds are for config.bucketing.strategy='fixed' only, not "
+      f"{bucket_config.strategy!r}"
+    )
   # Counts where 0 means "none" or "all" (see experiments/common.py), and those that must be 1+.
   for field, least in (
     ("bucketing.batch_size", 0),
@@ -106,6 +116,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     ("num_epochs", 1),
     ("patience", 1),
     ("checkpoint_every_steps", 1),
+    ("bucketing.round_to", 1),
   ):
     value = functools.reduce(getattr, field.split("."), config)
     if value < least:
@@ -122,6 +133,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       f"config.eval_batch_size={config.eval_batch_size} is not a positive multiple of the "
       f"{num_devices} devices"
     )
+  try:  # the figures the config gives: a negative or NaN one would plan nonsense
+    cost_model(config)
+  except ValueError as error:
+    raise ValueError(f"config.bucketing: {error}") from None
   if bucket_config.overflow not in bucketing.OVERFLOW_POLICIES:
     raise ValueError(
       f"config.bucketing.overflow={bucket_config.overflow!r} is not one of "
@@ -135,6 +150,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(
       f"config.compile_threads must be >= 0 (0: one per core), got {config.compile_threads}"
     )
+  for field in ("train_split", "eval_split", "test_split"):
+    split = config.data[field]
+    if split not in dataset_lib.SPLITS and not (field == "test_split" and split is None):
+      raise ValueError(f"config.data.{field}={split!r} is not one of {dataset_lib.SPLITS}")
   if config.data.bad_examples not in dataset_lib.BAD_EXAMPLE_POLICIES:
     raise ValueError(
       f"config.data.bad_examples={config.data.bad_examples!r} is not one of "
@@ -903,12 +922,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   `workdir/summary.json` (`ended_by` says why it ended: `num_epochs`, `patience`, `max_steps`,
   `max_minutes` or a signal; `stopped_by` whether a signal or the time cap cut it short).
   """
+  workdir = workdir_path(workdir)
   stop = StopRequest(config.max_minutes)
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
   train_set, eval_sets, skipped = load_data(config)  # before the workdir: bad data leaves none
-  workdir = pathlib.Path(workdir).expanduser()
   workdir.mkdir(parents=True, exist_ok=True)
   measured = auto_cost_model(config, train_set, mesh, workdir)
   plan, eval_plans, plan_summary = plan_buckets(config, train_set, eval_sets, skipped, measured)
@@ -1062,6 +1081,17 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
 
 
 COST_FILE = "cost_model.json"
+
+
+def workdir_path(workdir: str | pathlib.Path) -> pathlib.Path:
+  """`workdir` as a path (`~` expanded). An empty one is refused, since it would be the current
+  folder, and so is an existing file, before anything is loaded or compiled."""
+  if not str(workdir).strip():
+    raise ValueError("the workdir is empty; name the run's folder")
+  path = pathlib.Path(workdir).expanduser()
+  if path.exists() and not path.is_dir():
+    raise NotADirectoryError(f"the workdir {path} is a file, not a folder")
+  return path
 
 
 def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredCost | None:
@@ -1611,7 +1641,7 @@ def _load_params(config, workdir, sharding, checkpoint: str) -> tuple[Any, dict]
   epochs for the latest state, and is the best epoch's index for the best)."""
   if checkpoint not in CHECKPOINTS:
     raise ValueError(f"checkpoint={checkpoint!r} is not one of {CHECKPOINTS}")
-  workdir = pathlib.Path(workdir).expanduser()
+  workdir = workdir_path(workdir)
   check_trained_with(config, workdir)
   state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -1643,10 +1673,10 @@ def evaluate_checkpoint(
   """Loss, CER and WER of the best (or latest) checkpoint in `workdir` on any split of the
   configured data, with the lines scored and those skipped as bad (`config.data.bad_examples`),
   and where the parameters are from (`_load_params`)."""
+  workdir = workdir_path(workdir)
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
-  workdir = pathlib.Path(workdir).expanduser()
   plan_path = workdir / "plan.json"
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
@@ -1705,9 +1735,7 @@ if __name__ == "__main__":
 
   import experiments.cli
 
-  _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "experiment config file", lock_config=True
-  )
+  config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
   _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "train, or evaluate a run")
   _SPLIT = flags.DEFINE_string("split", "test", "the split --mode=evaluate scores")
@@ -1718,10 +1746,7 @@ if __name__ == "__main__":
   def main(argv):
     if len(argv) > 1:
       raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-      raise cli_errors.UsageError("--config is required, e.g. --config=experiments/synthetic.py")
-    if not _WORKDIR.value.strip():  # else the run would write into the current directory
-      raise cli_errors.UsageError("--workdir is empty; name the run's folder")
+    config = experiments.cli.config_value(flags.FLAGS["config"])
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's INFO lines out of the way
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
@@ -1730,9 +1755,9 @@ if __name__ == "__main__":
     logger.setLevel(logging.INFO)
     logger.propagate = False
     if _MODE.value == "train":
-      summary = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+      summary = train_and_evaluate(config, _WORKDIR.value)
     else:
-      summary = evaluate_checkpoint(_CONFIG.value, _WORKDIR.value, _SPLIT.value, _CHECKPOINT.value)
+      summary = evaluate_checkpoint(config, _WORKDIR.value, _SPLIT.value, _CHECKPOINT.value)
     print(json.dumps(_json_safe(summary), indent=2))
     # Stopped by a signal: the shell's code for death by it, so a scheduler sees an unfinished job.
     stopped_by = summary.get("stopped_by")

@@ -279,8 +279,10 @@ def make_plan(
     raise ValueError(f"unknown overflow policy {overflow!r}; expected one of {OVERFLOW_POLICIES}")
   if strategy not in boundaries.STRATEGIES:
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {boundaries.STRATEGIES}")
-  if (upper_bounds is not None) != (strategy == "fixed"):
-    raise ValueError("upper_bounds are given with strategy 'fixed', and only with it")
+  if strategy == "fixed" and upper_bounds is None:
+    raise ValueError("strategy 'fixed' needs upper_bounds")
+  if strategy != "fixed" and upper_bounds is not None:
+    raise ValueError(f"upper_bounds are for strategy 'fixed' only, not {strategy!r}")
   if num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices}")
   if not isinstance(num_buckets, numbers.Integral) or num_buckets < 1:

@@ -59,6 +59,9 @@ def flag_error_message(error: BaseException, argv: list[str]) -> str:
   if "Error whilst parsing config file" in head:  # The config file's get_config raised.
     flag = head.split(": Error whilst parsing config file")[0].removeprefix("flag ")
     return f"{flag}: {one_line(chain[-1])}"
+  if "has no attribute 'get_config'" in head:  # A config file that defines no get_config().
+    files = [argument for argument in argv if re.fullmatch(r"--?\w+=.+\.py(:.*)?", argument)]
+    return f"{files[0] if files else '--config'}: defines no get_config()"
   if "Failed loading config file" in str(error):  # Missing or unreadable config file.
     return f"--config: {str(error).strip().splitlines()[-1].strip()}"
   return one_line(error).removeprefix("flag ")
@@ -112,13 +115,26 @@ def load_config(argv: list[str], name: str = "config") -> ml_collections.ConfigD
   an unknown variant, a missing file, or no `--{name}` at all.
   """
   flag_values = flags.FlagValues()
-  config = config_flags.DEFINE_config_file(
+  config_flags.DEFINE_config_file(
     name, None, "experiment config file", flag_values=flag_values, lock_config=True, sys_argv=argv
   )
   parse_flags(argv, flag_values)
-  if config.value is None:
-    raise UsageError(f"--{name} is required, e.g. --{name}=experiments/synthetic.py")
-  return config.value
+  return config_value(flag_values[name])
+
+
+def config_value(flag: flags.Flag) -> ml_collections.ConfigDict:
+  """The ConfigDict of a parsed `--config=file.py[:variant]` flag. Raises UsageError naming the
+  flag when it was not given, or when the file's `get_config()` returned something else (None:
+  a missing `return`), which config_flags accepts and the program would trip over later."""
+  if not flag.present:
+    raise UsageError(f"--{flag.name} is required, e.g. --{flag.name}=experiments/synthetic.py")
+  if not isinstance(flag.value, ml_collections.ConfigDict):
+    returned = "None" if flag.value is None else f"a {type(flag.value).__name__}"
+    raise UsageError(
+      f"--{flag.name}={config_flags.get_config_filename(flag)}: get_config() returned "
+      f"{returned}, not an ml_collections.ConfigDict"
+    )
+  return flag.value
 
 
 def override(

@@ -40,6 +40,13 @@ def test_optimal_plan_beats_none_on_a_long_tailed_corpus():
   assert summary["ideal_speedup"] > 1.5
 
 
+def test_upper_bounds_go_with_the_fixed_strategy_and_only_with_it():
+  with pytest.raises(ValueError, match=r"^strategy 'fixed' needs upper_bounds$"):
+    plan_lib.make_plan([10, 20], strategy="fixed", batch_size=2)
+  with pytest.raises(ValueError, match=r"upper_bounds are for strategy 'fixed' only, not 'none'"):
+    plan_lib.make_plan([10, 20], strategy="none", upper_bounds=[16, 32], batch_size=2)
+
+
 def test_overflow_error_names_the_example_and_its_length():
   with pytest.raises(ValueError, match=r"line-b \(length 50\).*overflow"):
     plan_lib.make_plan(

@@ -41,6 +41,24 @@ def test_config_flag_mistakes_are_one_line_naming_the_flag(overrides, message):
   assert str(error.value) == message
 
 
+@pytest.mark.parametrize(
+  ("source", "message"),
+  [
+    ("def get_config():\n  return {'seed': 0}\n", "get_config() returned a dict, not an"),
+    ("def get_config():\n  pass\n", "get_config() returned None, not an"),
+    ("seed = 0\n", "defines no get_config()"),
+  ],
+)
+def test_a_config_file_without_a_config_dict_is_named(tmp_path, monkeypatch, source, message):
+  # config_flags loads every file as the module "config_config", into the one loaded before.
+  monkeypatch.delitem(sys.modules, "config_config", raising=False)
+  path = tmp_path / "config.py"
+  path.write_text(source)
+  with pytest.raises(cli_errors.UsageError) as error:
+    cli.load_config(["train.py", f"--config={path}"])
+  assert str(error.value).startswith(f"--config={path}: {message}")
+
+
 def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):
   monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
   argv = ["train.py", "--config=experiments/synthetic.py:tiny"]

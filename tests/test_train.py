@@ -398,12 +398,37 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"optimizer.warmup_steps": -5}, r"config.optimizer.warmup_steps must be >= 0, got -5"),
     ({"max_minutes": float("nan")}, r"config.max_minutes must be >= 0 \(0: no cap\), got nan"),
     ({"model.dtype": "float8"}, r"config.model: data type 'float8' not understood"),
+    ({"bucketing.round_to": 0}, r"config.bucketing.round_to must be >= 1, got 0"),
+    ({"bucketing.alpha": -1.0}, r"config.bucketing: cost model alpha must be a finite number"),
+    ({"bucketing.kappa": float("nan")}, r"config.bucketing: cost model kappa .* got nan"),
+    ({"data.train_split": "training"}, r"config.data.train_split='training' is not one of"),
+    ({"data.eval_split": None}, r"config.data.eval_split=None is not one of"),
+    ({"bucketing.strategy": "fixed"}, r"strategy='fixed' needs config.bucketing.upper_bounds"),
+    ({"bucketing.upper_bounds": (50, 100)}, r"upper_bounds are for .*'fixed' only, not 'optimal'"),
   ],
 )
 def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, message):
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(**overrides), tmp_path)
   assert not (tmp_path / "plan.json").exists()
+
+
+@pytest.mark.parametrize(
+  ("workdir", "message"), [("", "the workdir is empty"), ("file", "is a file, not a folder")]
+)
+def test_a_workdir_that_is_no_folder_is_refused_before_anything_loads(
+  tmp_path, monkeypatch, workdir, message
+):
+  monkeypatch.chdir(tmp_path)  # an empty workdir would otherwise be this folder
+  (tmp_path / "file").write_text("notes")
+  for run in (
+    lambda: train.train_and_evaluate(tiny_config(), workdir),
+    lambda: train.evaluate_checkpoint(tiny_config(), workdir, "validation"),
+    lambda: train.load_params(tiny_config(), workdir),
+  ):
+    with pytest.raises((ValueError, OSError), match=message):
+      run()
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
 
 
 def test_missing_iam_ondb_says_how_to_get_it(tmp_path):
