@@ -2,15 +2,18 @@
 
 Bad data, bad flags and missing files are the user's to fix, so they get `error: <what, where>`
 on stderr and no traceback; `BUCKETED_RNN_DEBUG=1` shows the traceback when the line is not
-enough. Anything else (a bug) keeps its traceback. Standard library only, so the numpy-only
-`bucketing` can use it too.
+enough. Anything else (a bug) keeps its traceback. Standard library only (matplotlib is
+imported by `figure_file` alone, when a command writes a figure), so the numpy-only `bucketing`
+can use it too.
 
     if __name__ == "__main__":
       sys.exit(cli_errors.run(main))
 """
 
 import argparse
+import contextlib
 import os
+import pathlib
 import signal
 import sys
 from collections.abc import Callable
@@ -105,3 +108,39 @@ def positive_int_list(text: str) -> list[int]:
   if min(values) < 1:
     raise argparse.ArgumentTypeError(f"counts must be >= 1, got {text!r}")
   return values
+
+
+def figure_file(flag: str, path: str) -> pathlib.Path:
+  """The file a figure given as `flag path` will be written to, checked before any work.
+
+  matplotlib adds ".png" to a name without a suffix and picks the format from the suffix; saying
+  which file that is, and refusing a folder, a missing folder or a format it cannot write, keeps
+  the printed path and any error about what the user typed.
+  """
+  from matplotlib.backend_bases import FigureCanvasBase
+
+  file = pathlib.Path(path).expanduser()
+  if path.endswith(os.sep) or file.is_dir():
+    example = file / "figure.png"
+    raise UsageError(f"{flag} {path}: names a folder; give a file name, e.g. {example}")
+  if not file.suffix:
+    file = file.with_name(file.name + ".png")
+  formats = FigureCanvasBase.get_supported_filetypes()
+  if file.suffix[1:].lower() not in formats:
+    raise UsageError(
+      f"{flag} {path}: matplotlib cannot write {file.suffix!r} files; use .png or one of "
+      f"{', '.join(sorted(formats))}"
+    )
+  if not file.parent.is_dir():
+    what = "is not a folder" if file.parent.exists() else "does not exist"
+    raise UsageError(f"{flag} {path}: its folder {file.parent} {what}")
+  return file
+
+
+@contextlib.contextmanager
+def naming_write_errors(flag: str, file: pathlib.Path):
+  """A write of `file` that fails anyway (no permission, a full disk) named by its flag."""
+  try:
+    yield
+  except OSError as error:
+    raise OSError(f"{flag} {file}: cannot write it ({error.strerror or error})") from None

@@ -5,6 +5,7 @@ shows the traceback.
 """
 
 import json
+import math
 import pathlib
 import sys
 
@@ -21,8 +22,10 @@ def read_lengths(path: pathlib.Path) -> np.ndarray:
   A bad value in a text file is named by its 1-based line number (`file:line`, as editors count),
   one in a `.npy` array by its index.
   """
-  if not path.is_file():
-    raise ValueError(f"{path}: no such file")
+  if path.is_dir():
+    raise ValueError(f"{path}: is a folder, not a file of lengths (one per line, or .npy)")
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such file")
   if path.suffix == ".npy":
     try:
       values = np.load(path, allow_pickle=False)
@@ -71,8 +74,10 @@ def plot_plan(plan: BucketPlan, path: pathlib.Path) -> None:
   axis.set_xlabel("sequence length")
   axis.set_ylabel("sequences")
   figure.tight_layout()
-  figure.savefig(path, dpi=120)
-  plt.close(figure)
+  try:
+    figure.savefig(path, dpi=120)
+  finally:
+    plt.close(figure)
 
 
 # The cost model's terms, as the report names them.
@@ -92,19 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     "--lengths", type=pathlib.Path, required=True, help="one length per line, or .npy"
   )
   plan.add_argument("--strategy", choices=boundaries.STRATEGIES, default="optimal")
+  count = cli_errors.positive_int
   plan.add_argument(
-    "--num-buckets", type=int, default=8, help="K (the largest K for auto): %(default)s"
+    "--num-buckets", type=count, default=8, help="K (the largest K for auto): %(default)s"
   )
-  plan.add_argument("--bounds", help="comma-separated upper bounds, for --strategy fixed")
-  sizing = plan.add_mutually_exclusive_group()
-  sizing.add_argument("--batch-size", type=int, help="sequences per global batch: 32 by default")
-  sizing.add_argument("--max-tokens", type=int, help="padded-token budget per global batch")
   plan.add_argument(
-    "--devices", type=int, default=1, help="batch sizes are multiples of this: %(default)s"
+    "--bounds", type=cli_errors.int_list, help="comma-separated upper bounds, for --strategy fixed"
+  )
+  sizing = plan.add_mutually_exclusive_group()
+  sizing.add_argument("--batch-size", type=count, help="sequences per global batch: 32 by default")
+  sizing.add_argument("--max-tokens", type=count, help="padded-token budget per global batch")
+  plan.add_argument(
+    "--devices", type=count, default=1, help="batch sizes are multiples of this: %(default)s"
   )
   plan.add_argument(
     "--round-to",
-    type=int,
+    type=count,
     default=1,
     help="bounds are multiples of this: %(default)s (the trainer's: 8)",
   )
@@ -117,21 +125,18 @@ def main(argv: list[str] | None = None) -> int:
     "--epochs", type=float, default=20, help="planned epochs, for auto: %(default)s"
   )
   plan.add_argument("--json", action="store_true", help="print one JSON object")
-  plan.add_argument("--plot", type=pathlib.Path, help="write the length histogram with bounds")
+  plan.add_argument(
+    "--plot",
+    metavar="FILE",
+    help="write the length histogram with bounds to this PNG (.png added if no suffix)",
+  )
   args = parser.parse_args(argv)
 
-  if args.num_buckets < 1:
-    raise ValueError(f"--num-buckets must be >= 1, got {args.num_buckets}")
   if (args.bounds is not None) != (args.strategy == "fixed"):
     raise ValueError("--bounds goes with --strategy fixed, and only with it")
-  bounds = None
-  if args.bounds is not None:
-    try:
-      bounds = [int(value) for value in args.bounds.split(",")]
-    except ValueError:
-      raise ValueError(
-        f"--bounds {args.bounds!r} is not a comma-separated list of integers"
-      ) from None
+  if not (math.isfinite(args.epochs) and args.epochs > 0):
+    plan.error(f"--epochs must be a finite number > 0, got {args.epochs}")
+  plot = cli_errors.figure_file("--plot", args.plot) if args.plot is not None else None
   lengths = read_lengths(args.lengths)
   given = {name: getattr(args, name) for name in COST_TERMS if getattr(args, name) is not None}
   cost_model = cost.CostModel(**given)
@@ -139,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     lengths,
     strategy=args.strategy,
     num_buckets=args.num_buckets,
-    upper_bounds=bounds,
+    upper_bounds=args.bounds,
     batch_size=32 if args.batch_size is None and args.max_tokens is None else args.batch_size,
     max_tokens=args.max_tokens,
     num_devices=args.devices,
@@ -149,12 +154,21 @@ def main(argv: list[str] | None = None) -> int:
     num_epochs=args.epochs,
   )
   summary = result.summary(cost_model)
-  if args.plot is not None:
-    plot_plan(result, args.plot)
+  if plot is not None:
+    with cli_errors.naming_write_errors("--plot", plot):
+      plot_plan(result, plot)
   if args.json:
     print(json.dumps(summary))
-    return 0
-  print(format_report(summary))
+  else:
+    print(format_report(summary))
+    _print_placeholders(cost_model, given)
+  if plot is not None:  # after the report: the file may not be the name typed (".png" added)
+    print(f"wrote {plot}", file=sys.stderr if args.json else sys.stdout)
+  return 0
+
+
+def _print_placeholders(cost_model: cost.CostModel, given: dict[str, float]) -> None:
+  """Say which cost figures of the report are placeholders, not measured or given."""
   placeholders = [
     f"{name} {getattr(cost_model, name):g} {unit}"
     for name, unit in COST_TERMS.items()
@@ -165,7 +179,6 @@ def main(argv: list[str] | None = None) -> int:
       f"placeholder cost figures ({', '.join(placeholders)}): give measured ones with "
       "--alpha/--gamma/--beta/--kappa (the trainer measures its own, README: Bucketing)"
     )
-  return 0
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ import csv
 import dataclasses
 import datetime
 import functools
+import os
 import pathlib
 import sys
 
@@ -49,6 +50,7 @@ import bucketing
 import cli_errors
 from experiments import iam, reporting
 
+BENCHMARK = "experiments.benchmark_step"
 STEP_TIMES = pathlib.Path(__file__).parent / "results" / "benchmark_step_gpu_defaults.md"
 ANATOMY_HEADING = "## Anatomy of one train step (ms, medians)"
 EPOCH_HEADING = "## One IAM-OnDB training epoch (5,364 lines, raw points, batch 32)"
@@ -171,22 +173,88 @@ def scaling_rows(lengths, step_model, gradient_bytes, links=LINKS, device_counts
 
 def read_step_times(path=STEP_TIMES, implementation=DEFAULT_IMPLEMENTATION):
   """(B, T, step ms) of every anatomy row of `implementation` in a benchmark_step results file."""
-  rows = reporting.read_markdown_table(pathlib.Path(path).read_text(), ANATOMY_HEADING)
-  points = [
-    (int(row["B"]), int(row["T"]), float(row["step"]))
-    for row in rows
-    if row["implementation"] == implementation
-  ]
+  rows = _results_rows(path, ANATOMY_HEADING, ("B", "T", "implementation", "step"))
+  chosen = [row for row in rows if row["implementation"] == implementation]
+  try:
+    points = [(int(row["B"]), int(row["T"]), float(row["step"])) for row in chosen]
+  except ValueError as error:
+    raise ValueError(f"{path}: a row under {ANATOMY_HEADING!r} is not numbers ({error})") from None
   if len(points) < 3:
-    raise ValueError(f"{path} has {len(points)} rows of {implementation!r}; the fit needs 3")
+    known = sorted({row["implementation"] for row in rows})
+    raise ValueError(
+      f"{path}: {len(points)} rows of implementation {implementation!r}, the fit needs 3; it has "
+      f"{known}"
+    )
   return points
 
 
 def read_measured_epoch(path=STEP_TIMES) -> tuple[int, float]:
   """(K, epoch seconds) of our trainer's measured one-GPU IAM-OnDB epoch in the same file."""
-  rows = reporting.read_markdown_table(pathlib.Path(path).read_text(), EPOCH_HEADING)
-  ours = next(row for row in rows if row["contender"].startswith("ours"))
-  return int(ours["K"]), float(ours["epoch (s)"])
+  rows = _results_rows(path, EPOCH_HEADING, ("contender", "K", "epoch (s)"))
+  ours = next((row for row in rows if row["contender"].startswith("ours")), None)
+  if ours is None:
+    raise ValueError(f"{path}: no row of ours under {EPOCH_HEADING!r}")
+  try:
+    return int(ours["K"]), float(ours["epoch (s)"])
+  except ValueError as error:
+    raise ValueError(f"{path}: our row under {EPOCH_HEADING!r} is not numbers ({error})") from None
+
+
+def _results_rows(path, heading: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
+  """The rows of the table under `heading` in a benchmark_step results file, which has `columns`.
+
+  Any other file (another Markdown file, a table of other columns, a binary file) is a ValueError
+  that starts with `path` and says what it lacks, where a missing column would be a bare KeyError.
+  """
+  text = pathlib.Path(path).read_text(errors="replace")
+  try:
+    rows = reporting.read_markdown_table(text, heading)
+  except ValueError as error:  # also a row with more or fewer cells than its header
+    raise ValueError(
+      f"{path}: {cli_errors.one_line(error)} (expected a results file of {BENCHMARK}, like "
+      f"{STEP_TIMES.name})"
+    ) from None
+  missing = [column for column in columns if column not in rows[0]]
+  if missing:
+    raise ValueError(f"{path}: the table under {heading!r} has no column {missing}")
+  return rows
+
+
+def _read_steps_file(path: str, implementation: str):
+  """The step times of `implementation` and the measured epoch in the --steps file, read before
+  any work, so that a wrong file is one line naming the flag instead of a late stop."""
+  file = pathlib.Path(path).expanduser()
+  if file.is_dir():
+    raise ValueError(f"--steps {path}: is a folder, not a results file of {BENCHMARK}")
+  if not file.is_file():
+    raise FileNotFoundError(f"--steps {path}: no such file")
+  try:
+    return read_step_times(file, implementation), read_measured_epoch(file)
+  except OSError as error:
+    raise OSError(f"--steps {path}: cannot read it ({error.strerror or error})") from None
+  except ValueError as error:  # its message starts with the file
+    raise ValueError(f"--steps {error}") from None
+
+
+def _output_prefix(out: str) -> pathlib.Path:
+  """--out as a path prefix with its folder made: a folder given as the prefix (which would write
+  `folder.md` beside it) or a folder that cannot be made is named before the work, not after."""
+  prefix = pathlib.Path(out).expanduser()
+  if out.endswith(os.sep) or prefix.is_dir():
+    example = prefix / "projection_multi_gpu"
+    raise cli_errors.UsageError(
+      f"--out {out}: names a folder; --out is a path prefix, e.g. {example} writes "
+      f"{example.name}.md, .csv and .png"
+    )
+  if prefix.parent.exists() and not prefix.parent.is_dir():
+    raise cli_errors.UsageError(f"--out {out}: its folder {prefix.parent} is not a folder")
+  try:
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise OSError(
+      f"--out {out}: cannot make its folder {prefix.parent} ({error.strerror or error})"
+    ) from None
+  return prefix
 
 
 def gradient_bytes(config) -> int:
@@ -239,12 +307,17 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   parser.add_argument("--train-limit", type=int, default=0, help="first N lines (0: all)")
   parser.add_argument("--steps", default=str(STEP_TIMES), help="a benchmark_step results file")
   parser.add_argument("--implementation", default=DEFAULT_IMPLEMENTATION)
-  parser.add_argument("--out", default="/tmp/projection_multi_gpu", help="path prefix")
+  parser.add_argument(
+    "--out", default="/tmp/projection_multi_gpu", help="path prefix of the .md, .csv and .png"
+  )
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+  if args.train_limit < 0:
+    parser.error(f"--train-limit must be >= 0 (0: all lines), got {args.train_limit}")
+  points, (measured_k, measured_epoch) = _read_steps_file(args.steps, args.implementation)
+  prefix = _output_prefix(args.out)
 
   import train
 
-  points = read_step_times(args.steps, args.implementation)
   step_model = fit_step_model(points)
   cost_model = fit_step_model(points, per_timestep=False)
   config = iam.get_config()
@@ -253,8 +326,6 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   num_bytes = gradient_bytes(config)
   rows = scaling_rows(lengths, step_model, num_bytes)
 
-  prefix = pathlib.Path(args.out)
-  prefix.parent.mkdir(parents=True, exist_ok=True)
   with open(f"{prefix}.csv", "w", newline="") as file:
     writer = csv.DictWriter(file, fieldnames=COLUMNS)
     writer.writeheader()
@@ -264,7 +335,6 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   def percent(errors):
     return ", ".join(f"{100 * error:+.1f}%" for error in errors)
 
-  measured_k, measured_epoch = read_measured_epoch(args.steps)
   projected_epoch = project_epoch(lengths, step_model, 1, GLOBAL_BATCH, num_bytes, 1.0)
   where = ", ".join(f"(B {b}, T {t}): {ms:.2f} ms" for b, t, ms in points)
   command = " ".join(["python -m experiments.projection", *(argv or sys.argv[1:])])

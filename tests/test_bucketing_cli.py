@@ -76,8 +76,9 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
   assert cli.main(["plan", "--lengths", str(lengths_file), "--plot", str(plot)]) == 0
   table = capsys.readouterr().out
   assert "bound" in table and "efficiency" in table
-  assert len(table.splitlines()) == 2 + 8 + 5 + 1
-  assert table.splitlines()[-1].startswith(
+  assert len(table.splitlines()) == 2 + 8 + 5 + 1 + 1
+  assert table.splitlines()[-1] == f"wrote {plot}"
+  assert table.splitlines()[-2].startswith(
     "placeholder cost figures (alpha 0.005 s a step, gamma 0 s a padded timestep, beta 5e-07 s a "
     "padded token, kappa 10 s a compile): give measured ones"
   )
@@ -99,11 +100,15 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     ("12\n\n0\n", [], ":3: 0 is not a positive length"),
     ("", [], "holds no lengths"),
     ("12\n", ["--lengths-as-npy"], "not a numpy array file (.npy) of integer lengths"),
-    ("12\n", ["--num-buckets", "0"], "--num-buckets must be >= 1"),
-    ("12\n", ["--batch-size", "0"], "batch_size must be >= 1, got 0"),
-    ("12\n", ["--max-tokens", "0"], "max_tokens must be >= 1, got 0"),
-    ("12\n", ["--strategy", "auto", "--epochs", "nan"], "num_epochs must be a finite number"),
+    ("12\n", ["--num-buckets", "0"], "--num-buckets: must be >= 1, got 0"),
+    ("12\n", ["--batch-size", "0"], "--batch-size: must be >= 1, got 0"),
+    ("12\n", ["--max-tokens", "0"], "--max-tokens: must be >= 1, got 0"),
+    ("12\n", ["--devices", "-2"], "--devices: must be >= 1, got -2"),
+    ("12\n", ["--round-to", "0"], "--round-to: must be >= 1, got 0"),
+    ("12\n", ["--strategy", "auto", "--epochs", "nan"], "--epochs must be a finite number > 0"),
+    ("12\n", ["--epochs", "-1"], "plan: --epochs must be a finite number > 0, got -1.0"),
     ("12\n", ["--strategy", "fixed"], "--bounds"),
+    ("12\n", ["--strategy", "fixed", "--bounds", "20,x"], "--bounds: '20,x' is not a comma-"),
     ("12\n40\n", ["--strategy", "fixed", "--bounds", "20"], "longer than the largest"),
   ],
 )
@@ -118,6 +123,48 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch, content, e
   err = capsys.readouterr().err
   assert message in err
   assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+  ("name", "message"),
+  [
+    ("folder", "--plot {tmp}/folder: names a folder; give a file name, e.g. {tmp}/folder/figure"),
+    ("new/", "--plot {tmp}/new/: names a folder"),
+    ("missing/p.png", "--plot {tmp}/missing/p.png: its folder {tmp}/missing does not exist"),
+    ("file.txt/p.png", "--plot {tmp}/file.txt/p.png: its folder {tmp}/file.txt is not a folder"),
+    ("p.v2", "--plot {tmp}/p.v2: matplotlib cannot write '.v2' files; use .png or one of"),
+  ],
+)
+def test_a_bad_plot_path_is_named_with_its_flag_before_planning(
+  tmp_path, capsys, monkeypatch, name, message
+):
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "file.txt").write_text("")
+  # No lengths file: an error about it would mean the lengths were read before the path checked.
+  argv = ["plan", "--lengths", str(tmp_path / "none.txt"), "--plot", f"{tmp_path}/{name}"]
+  assert cli_errors.run(lambda: cli.main(argv)) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {message.format(tmp=tmp_path)}") and len(err.splitlines()) == 1
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "folder"]
+
+
+def test_a_plot_name_without_suffix_gets_png_and_says_so(lengths_file, tmp_path, capsys):
+  argv = ["plan", "--lengths", str(lengths_file), "--json", "--plot", str(tmp_path / "p")]
+  assert cli.main(argv) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out) and captured.err == f"wrote {tmp_path / 'p.png'}\n"
+  assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_folder_of_lengths_is_not_called_missing(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  for path, message in [
+    (tmp_path, "is a folder, not a file of lengths (one per line, or .npy)"),
+    (tmp_path / "none.txt", "no such file"),
+  ]:
+    assert cli_errors.run(lambda path=path: cli.main(["plan", "--lengths", str(path)])) == 2
+    assert capsys.readouterr().err == f"error: {path}: {message}\n"
 
 
 def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
@@ -151,3 +198,15 @@ def test_cli_on_the_real_iam_ondb_training_lengths(built_data_dir, tmp_path, cap
   assert optimal["upper_bounds"] == boundaries.optimal_bounds(points, 8).tolist()
   quantile = run_json(capsys, "--lengths", path, "--strategy", "quantile", "--num-buckets", 8)
   assert optimal["padded_timesteps"] <= quantile["padded_timesteps"]
+
+
+def test_a_plot_write_that_fails_anyway_is_named_with_its_flag(lengths_file, tmp_path, monkeypatch):
+  from matplotlib.figure import Figure
+
+  def refuse(*args, **kwargs):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(Figure, "savefig", refuse)
+  argv = ["plan", "--lengths", str(lengths_file), "--plot", str(tmp_path / "p.png")]
+  with pytest.raises(OSError, match=r"^--plot .*p\.png: cannot write it \(Permission denied\)$"):
+    cli.main(argv)

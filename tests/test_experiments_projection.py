@@ -1,10 +1,12 @@
 """The multi-GPU projection: its formulas on hand-checkable inputs, and the committed inputs."""
 
 import csv
+import re
 
 import numpy as np
 import pytest
 
+import cli_errors
 from experiments import projection
 
 
@@ -80,3 +82,50 @@ def test_main_writes_a_table_labelled_a_projection(tmp_path):
     rows = list(csv.DictReader(file))
   assert len(rows) == 2 * len(projection.LINKS) * len(projection.DEVICE_COUNTS)
   assert (tmp_path / "projection.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def spoilt_step_times(tmp_path, old: str, new: str) -> str:
+  """A copy of the committed results file with `old` replaced by `new`."""
+  text = projection.STEP_TIMES.read_text()
+  assert old in text
+  path = tmp_path / "steps.md"
+  path.write_text(text.replace(old, new))
+  return str(path)
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["--train-limit", "-5"], "--train-limit must be >= 0 (0: all lines), got -5"),
+    (["--steps", "{tmp}/none.md"], "--steps {tmp}/none.md: no such file"),
+    (["--steps", "{tmp}"], "--steps {tmp}: is a folder, not a results file of"),
+    (["--steps", "{tmp}/notes.md"], "--steps {tmp}/notes.md: no heading '## Anatomy of one train"),
+    (["--implementation", "nope"], "0 rows of implementation 'nope', the fit needs 3; it has"),
+    (["--out", "{tmp}"], "--out {tmp}: names a folder; --out is a path prefix"),
+    (["--out", "{tmp}/notes.md/x"], "--out {tmp}/notes.md/x: its folder {tmp}/notes.md is not a"),
+  ],
+)
+def test_bad_flags_are_one_line_before_anything_runs(tmp_path, capsys, monkeypatch, argv, message):
+  (tmp_path / "notes.md").write_text("# Notes\n\nNot a results file.\n")
+  # The data would come after the flags are checked: none here, so reaching it fails otherwise.
+  monkeypatch.setattr(projection.iam, "get_config", lambda: pytest.fail("read the data"))
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  argv = ["--dataset", "synthetic", *(arg.format(tmp=tmp_path) for arg in argv)]
+  assert cli_errors.run(lambda: projection.main(argv)) == 2
+  err = capsys.readouterr().err
+  assert message.format(tmp=tmp_path) in err and len(err.splitlines()) == 1
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.md"]
+
+
+@pytest.mark.parametrize(
+  ("read", "old", "new", "message"),
+  [
+    (projection.read_step_times, "| step |", "| stepz |", "has no column ['step']"),
+    (projection.read_step_times, "CTC | 25.10 |", "CTC | x |", "is not numbers (could not"),
+    (projection.read_measured_epoch, "| ours, optimal |", "| theirs |", "no row of ours under"),
+  ],
+)
+def test_a_step_table_without_what_the_fit_needs_names_the_file(tmp_path, read, old, new, message):
+  path = spoilt_step_times(tmp_path, old, new)
+  with pytest.raises(ValueError, match=rf"^{path}: .*{re.escape(message)}"):
+    read(path)

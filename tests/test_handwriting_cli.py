@@ -4,10 +4,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import cli_errors
+from handwriting import dataset, report
 from handwriting.__main__ import main
+from handwriting.dataset import SPLITS
+from handwriting.synthetic import generate_examples
 from tests.test_handwriting_iam_ondb import line_path, write_download
 
 
@@ -103,3 +107,115 @@ def test_missing_data_is_one_line_and_debug_shows_the_traceback(tmp_path, capsys
   monkeypatch.setenv(cli_errors.DEBUG_ENV, "1")
   with pytest.raises(FileNotFoundError, match="IAM_ONDB_DIR"):
     cli_errors.run(lambda: main(argv))
+
+
+@pytest.fixture
+def export_with_a_nan(tmp_path):
+  """A small synthetic export whose third training line has one NaN point."""
+  examples = {split: generate_examples(split, 6 if split == "train" else 2) for split in SPLITS}
+  bad = examples["train"][2]
+  bad["points"] = bad["points"].copy()
+  bad["points"][5, 0] = np.nan
+  path = tmp_path / "nan.npz"
+  dataset.write_export(path, examples, {})
+  return path, bad["id"]
+
+
+def one_line_error(argv, capsys, monkeypatch) -> str:
+  """The stderr of `python -m handwriting argv`, which must be one line and exit code 2."""
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  capsys.readouterr()
+  assert cli_errors.run(lambda: main(argv)) == 2
+  captured = capsys.readouterr()
+  assert len(captured.err.splitlines()) == 1 and captured.err.startswith("error: ")
+  return captured.err
+
+
+def test_stats_names_a_line_with_a_nan_point_or_skips_it(export_with_a_nan, capsys, monkeypatch):
+  path, bad_id = export_with_a_nan
+  err = one_line_error(["stats", "--dataset", str(path)], capsys, monkeypatch)
+  assert f"split 'train', line {bad_id}: 1 of" in err and "not finite" in err
+  assert "--bad_examples skip" in err
+  assert main(["stats", "--dataset", str(path), "--bad_examples", "skip", "--json"]) == 0
+  stats = json.loads(capsys.readouterr().out)
+  assert stats["splits"]["train"]["examples"] == 5
+  assert [(line["id"], line["split"]) for line in stats["skipped"]] == [(bad_id, "train")]
+
+
+def test_figures_print_the_file_they_write(tmp_path, capsys):
+  small = ["--dataset", "synthetic", "--num_train", "2", "--num_eval", "1"]
+  assert main(["render", *small, "--id", "syn-train-0000-01", "--out", str(tmp_path / "a")]) == 0
+  assert capsys.readouterr().out == f"wrote {tmp_path / 'a.png'}\n"
+  assert (tmp_path / "a.png").read_bytes()[:4] == b"\x89PNG"
+  assert main(["stats", *small, "--plot", str(tmp_path / "b")]) == 0
+  assert capsys.readouterr().out.endswith(f"\nwrote {tmp_path / 'b.png'}\n")
+  assert main(["stats", *small, "--json", "--plot", str(tmp_path / "c.svg")]) == 0
+  captured = capsys.readouterr()
+  assert json.loads(captured.out) and captured.err == f"wrote {tmp_path / 'c.svg'}\n"
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["a.png", "b.png", "c.svg"]
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--out"])
+@pytest.mark.parametrize(
+  ("name", "message"),
+  [
+    ("folder", "names a folder; give a file name, e.g. {tmp}/folder/figure.png"),
+    ("new/", "names a folder"),
+    ("missing/x.png", "its folder {tmp}/missing does not exist"),
+    ("file.txt/x.png", "its folder {tmp}/file.txt is not a folder"),
+    ("x.v2", "matplotlib cannot write '.v2' files; use .png or one of"),
+  ],
+)
+def test_a_bad_figure_path_is_named_with_its_flag_before_any_work(
+  tmp_path, capsys, monkeypatch, flag, name, message
+):
+  (tmp_path / "folder").mkdir()
+  (tmp_path / "file.txt").write_text("")
+  command = ["stats"] if flag == "--plot" else ["render", "--id", "x"]
+  # No such export: an error about the data would mean the data was read before the path checked.
+  path = f"{tmp_path}/{name}"
+  argv = [*command, "--dataset", str(tmp_path / "none.npz"), flag, path]
+  err = one_line_error(argv, capsys, monkeypatch)
+  assert f"{flag} {path}:" in err
+  assert message.format(tmp=tmp_path) in err
+
+
+def test_a_write_that_fails_anyway_is_named_with_its_flag(tmp_path, capsys, monkeypatch):
+  def refuse(*args):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(report, "render_example", refuse)
+  argv = ["render", "--num_train", "2", "--num_eval", "1", "--id", "syn-train-0000-01", "--out",
+          str(tmp_path / "a.png")]  # fmt: skip
+  err = one_line_error(argv, capsys, monkeypatch)
+  assert err == f"error: --out {tmp_path / 'a.png'}: cannot write it (Permission denied)\n"
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["stats", "--resample_spacing", "nan"], "--resample_spacing: must be a finite number >= 0"),
+    (["stats", "--resample_spacing", "-1"], "--resample_spacing: must be a finite number >= 0"),
+    (["build", "--num_train", "0"], "--num_train: must be >= 1, got 0"),
+    (["render", "--num_eval", "-2", "--id", "x", "--out", "x.png"], "--num_eval: must be >= 1"),
+    (["stats", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (["build", "--dataset", "x.npz"], "--dataset: invalid choice: 'x.npz'"),
+    (["build", "--data_dir", "{tmp}/file.npz"], "--data_dir {tmp}/file.npz: is a file, not a"),
+  ],
+)
+def test_bad_flags_are_named(tmp_path, capsys, monkeypatch, argv, message):
+  (tmp_path / "file.npz").write_text("")
+  argv = [arg.format(tmp=tmp_path) for arg in argv]
+  assert message.format(tmp=tmp_path) in one_line_error(argv, capsys, monkeypatch)
+
+
+def test_build_help_says_what_the_folders_are(capsys):
+  with pytest.raises(SystemExit):
+    main(["build", "--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "--data_dir DIR where to write the build and its export" in text
+  assert "--manual_dir DIR iam_ondb only, and needed for it: the folder with the IAM-OnDB" in text
+  # The download's address in one piece, and what the folder must hold.
+  assert "https://fki.tic.heia-fr.ch/databases/iam-on-line-handwriting-database" in text
+  assert "lineStrokes-all.tar.gz and ascii-all.tar.gz" in text and "testset_f.txt" in text
+  assert "--dataset {iam_ondb,synthetic}" in text  # build takes no .npz
