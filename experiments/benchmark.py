@@ -394,9 +394,13 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   preset.add_argument("--tiny", action="store_true", help="seconds; the tests' preset")
   parser.add_argument("--dataset", choices=("auto", "iam_ondb", "synthetic"), default="auto")
   parser.add_argument("--data-dir", default=None)
-  parser.add_argument("--buckets", type=cli_errors.int_list, help="comma-separated K list")
-  parser.add_argument("--repeats", type=int, default=0, help="default 3 (quick, tiny) or 5")
-  parser.add_argument("--planned-epochs", type=int, default=50, help="run length `auto` plans")
+  parser.add_argument("--buckets", type=cli_errors.positive_int_list, help="comma-separated K list")
+  parser.add_argument(
+    "--repeats", type=cli_errors.positive_int, default=None, help="default 3 (quick, tiny) or 5"
+  )
+  parser.add_argument(
+    "--planned-epochs", type=cli_errors.positive_int, default=50, help="run length `auto` plans"
+  )
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
   preset_name = "quick" if args.quick else "tiny" if args.tiny else "full"

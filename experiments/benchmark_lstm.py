@@ -1,6 +1,6 @@
 """Training-step speed of our LSTM stack against Flax's stock cell (and cuDNN on a GPU).
 
-    python -m experiments.benchmark_lstm [--preset cpu|gpu] [--repeats 5] [--out FILE]
+    python -m experiments.benchmark_lstm [--preset cpu|gpu|tiny] [--repeats 5] [--out FILE]
 
 Each row times one jitted forward + backward pass (`jax.value_and_grad` of a mean-square loss over
 the valid logits) of a stack of LSTM layers plus a Dense head to 80 classes, on a batch whose
@@ -12,12 +12,11 @@ compiling warm-up, the contenders taking turns. Contenders, all with the same si
   backend's defaults, e.g. `scan_prefetch`) at `unroll=1` and at `--unroll` (default 4);
 - `cudnn`: `jax.experimental.rnn.lstm`, only when `jax.default_backend() == "gpu"`.
 
-Prints a Markdown table and writes it, with the machine, date, versions and command, to
+`--preset tiny` times two rows of toy sizes in seconds (the tests'). Prints a Markdown table and
+writes it, with the machine, date, versions and command, to
 `experiments/results/benchmark_lstm_<backend>.md`.
 """
 
-import datetime
-import os
 import pathlib
 import statistics
 import sys
@@ -38,9 +37,12 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 BATCH = 32
 FEATURES = 20
 NUM_CLASSES = 80
+# The table's columns: the shape of a row, each contender's "<name> (ms)", then this speed-up.
+SHAPE_COLUMNS = ["time", "hidden", "layers", "bidirectional"]
+SPEED_UP = "speed-up of best ours vs flax"
 
 # (time, hidden, layers, bidirectional). The CPU preset keeps a full run within a few minutes on
-# a 2-core machine; the GPU preset is the full grid.
+# a 2-core machine; the GPU preset is the full grid; the tiny preset takes seconds (the tests').
 PRESETS = {
   "cpu": [
     (300, 128, 1, True),
@@ -56,6 +58,7 @@ PRESETS = {
     for hidden in (128, 256)
     for layers in (1, 3)
   ],
+  "tiny": [(16, 8, 1, True), (16, 8, 1, False)],
 }
 
 
@@ -172,59 +175,64 @@ def contenders(unroll: int) -> dict[str, Callable[[int, int, bool], nn.Module]]:
   return columns
 
 
-def main() -> None:
+def timing_rows(
+  grid: list[tuple[int, int, int, bool]],
+  columns: dict[str, Callable[[int, int, bool], nn.Module]],
+  repeats: int,
+) -> list[dict[str, str]]:
+  """A row per (time, hidden, layers, bidirectional) of `grid`: each contender's median step in
+  ms (`"<name> (ms)"`) and the flax baseline's time over the fastest of ours (`SPEED_UP`)."""
+  baseline = next(iter(columns))
+  rows = []
+  for time_steps, hidden, layers, bidirectional in grid:
+    steps = {
+      name: compiled_step(build(hidden, layers, bidirectional), time_steps)
+      for name, build in columns.items()
+    }
+    timings = median_step_ms(steps, repeats)
+    best_ours = min(value for name, value in timings.items() if name.startswith("ours"))
+    shape = [str(time_steps), str(hidden), str(layers), "yes" if bidirectional else "no"]
+    row = dict(zip(SHAPE_COLUMNS, shape, strict=True))
+    row |= {f"{name} (ms)": f"{value:.2f}" for name, value in timings.items()}
+    row[SPEED_UP] = f"{timings[baseline] / best_ours:.2f}x"
+    rows.append(row)
+    print(" | ".join(row.values()), flush=True)
+  return rows
+
+
+def main(argv: list[str] | None = None) -> pathlib.Path:
+  argv = sys.argv[1:] if argv is None else argv
   parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument(
     "--preset", choices=sorted(PRESETS), default=None, help="size grid; defaults to the backend's"
   )
   parser.add_argument("--repeats", type=cli_errors.positive_int, default=5)
-  parser.add_argument("--unroll", type=int, default=4)
+  parser.add_argument("--unroll", type=cli_errors.positive_int, default=4)
   parser.add_argument("--out", type=pathlib.Path, default=None)
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
   backend = jax.default_backend()
   preset = args.preset or ("gpu" if backend == "gpu" else "cpu")
   out = args.out or RESULTS / f"benchmark_lstm_{backend}.md"
 
-  load_before = os.getloadavg()[0]
+  versions = f"jax {jax.__version__}, flax {flax.__version__}"
+  record = reporting.RunRecord("experiments.benchmark_lstm", argv, versions)
   columns = contenders(args.unroll)
-  baseline = next(iter(columns))
-  header = ["time", "hidden", "layers", "bidirectional", *(f"{name} (ms)" for name in columns)]
-  header.append("speed-up of best ours vs flax")
-  lines = ["| " + " | ".join(header) + " |", "|" + " ---: |" * len(header)]
-  print(lines[0], lines[1], sep="\n", flush=True)
-  for time_steps, hidden, layers, bidirectional in PRESETS[preset]:
-    steps = {
-      name: compiled_step(build(hidden, layers, bidirectional), time_steps)
-      for name, build in columns.items()
-    }
-    timings = median_step_ms(steps, args.repeats)
-    best_ours = min(value for name, value in timings.items() if name.startswith("ours"))
-    cells = [str(time_steps), str(hidden), str(layers), "yes" if bidirectional else "no"]
-    cells += [f"{value:.1f}" for value in timings.values()]
-    cells.append(f"{timings[baseline] / best_ours:.2f}x")
-    lines.append("| " + " | ".join(cells) + " |")
-    print(lines[-1], flush=True)
-
-  load_after = os.getloadavg()[0]
-  command = reporting.command_line("experiments.benchmark_lstm", sys.argv[1:])
+  header = [*SHAPE_COLUMNS, *(f"{name} (ms)" for name in columns), SPEED_UP]
+  rows = timing_rows(PRESETS[preset], columns, args.repeats)
   report = [
     "# LSTM training-step speed: ours vs Flax's stock cell"
     + (" vs cuDNN" if backend == "gpu" else ""),
     "",
-    f"Machine: {reporting.machine_description()}.",
-    f"Date: {datetime.date.today().isoformat()}; jax {jax.__version__}, flax {flax.__version__}.",
-    f"Command: `{command}`.",
-    f"1-minute load average {load_before:.1f} before and {load_after:.1f} after the run on "
-    f"{os.cpu_count()} cores: a load above the core count means other processes shared the CPU.",
+    *record.header(),
     f"Batch {BATCH}, {FEATURES} input features, {NUM_CLASSES} classes, lengths uniform in "
     "[time/2, time]. Each cell is the median wall time of one jitted forward + backward step "
     f"over {args.repeats} runs after a compiling warm-up; the contenders take turns within each "
     "run, so load from other processes on the machine falls on all of them alike.",
     "",
-    *lines,
+    *reporting.markdown_table(rows, header),
     "",
   ]
-  reporting.write_report(out, report)
+  return reporting.write_report(out, report, echo=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ or optax on the device) and runs the rest with the fastest; `--xla-flags NAME=FL
 step in a child process under those `XLA_FLAGS`, beside a child with none; `--epoch` times one
 epoch of the IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps)
 against PyTorch cuDNN on random batches padded per batch (needs `--data-dir` with `iam_ondb.npz`).
-Writes `experiments/results/benchmark_step_<backend>.md` with the device named.
+Writes `experiments/results/benchmark_step_<backend>.md` with the device named. A measurement that
+fails is a "failed" cell, the others are still written, and the command exits 1 naming it.
 """
 
 import argparse
@@ -47,6 +48,7 @@ import cli_errors
 import train
 from experiments import benchmark, iam
 from experiments.reporting import RunRecord, markdown_table, versions, write_report
+from handwriting import dataset as dataset_lib
 from models.ctc_kernel import ctc_loss_kernel
 from models.lstm import lstm_recurrence
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
@@ -106,6 +108,12 @@ TUNE_GRID = [
 # (batch_tile, num_warps): the first H200 sweep over tiles 1-8 and 1-4 warps found these fastest.
 CTC_TUNE_GRID = [(1, 2), (1, 4), (2, 4)]
 TUNE_SECONDS = 120  # each kernel's sweep stops starting variants after this long
+# Our strategies in the epoch table (`--epoch-strategies`) -> their bucket count K.
+EPOCH_BUCKETS = {"optimal": 8, "none": 1}
+EPOCH_LINES = {"tiny": 64}  # the preset -> the first lines of the training set it times (0: all)
+# Exit code of a run whose tables are written but some measurement in them failed (a usage error
+# is cli_errors' 2).
+MEASUREMENT_FAILED = 1
 
 
 def median_ms(run: Callable[[], object], repeats: int) -> float:
@@ -407,17 +415,27 @@ def step_only(preset: str, settings: dict, repeats: int) -> dict[str, float]:
   return timings
 
 
+def load_epoch_data(preset: str, data_dir: str) -> dataset_lib.SequenceSet:
+  """The IAM-OnDB training lines `epoch_rows` times, loaded before anything is timed: a missing
+  or damaged export in `data_dir` is an error at once, not after minutes of other tables."""
+  config = make_config(preset, {"data.data_dir": data_dir})
+  return train.load_split(config, "train", EPOCH_LINES.get(preset, 0))
+
+
 def epoch_rows(
-  preset: str, data_dir: str, settings: dict, strategies: list[str], repeats: int
-) -> tuple[int, list[dict[str, str]]]:
-  """One IAM-OnDB training epoch: our trainer (`optimal` K = 8, `none`) against PyTorch cuDNN
-  (the tiny preset: its model on the first 64 lines). Returns the line count and the rows."""
-  config = make_config(preset, settings, {"data.data_dir": data_dir})
-  data = train.load_split(config, "train", 64 if preset == "tiny" else 0)
+  preset: str,
+  data: dataset_lib.SequenceSet,
+  settings: dict,
+  strategies: list[str],
+  repeats: int,
+) -> list[dict[str, str]]:
+  """One IAM-OnDB training epoch of `data` (`load_epoch_data`): our trainer (`optimal` K = 8,
+  `none`) against PyTorch cuDNN (the tiny preset: its model). Returns the rows."""
+  config = make_config(preset, settings)
   bench = benchmark.Bench(config, data, repeats)
-  num_buckets = {"optimal": 8, "none": 1}
   measurements = [
-    bench.contender("ours", bench.plan(strategy, num_buckets[strategy])) for strategy in strategies
+    bench.contender("ours", bench.plan(strategy, EPOCH_BUCKETS[strategy]))
+    for strategy in strategies
   ]
   torch_results = benchmark.torch_contenders(config, data, repeats)
   if not isinstance(torch_results, str):
@@ -437,7 +455,19 @@ def epoch_rows(
       }
     )
     print(" | ".join(rows[-1].values()), flush=True)
-  return len(data), rows
+  return rows
+
+
+def epoch_strategies(text: str) -> list[str]:
+  """An argparse type for `--epoch-strategies`: comma-separated names of `EPOCH_BUCKETS`."""
+  strategies = text.split(",")
+  unknown = [strategy for strategy in strategies if strategy not in EPOCH_BUCKETS]
+  if unknown:
+    raise argparse.ArgumentTypeError(
+      f"unknown strategy {', '.join(map(repr, unknown))}; expected a comma-separated list of "
+      f"{', '.join(EPOCH_BUCKETS)}"
+    )
+  return strategies
 
 
 def named_flags(text: str) -> str:
@@ -448,7 +478,9 @@ def named_flags(text: str) -> str:
   return text
 
 
-def main(argv: list[str] | None = None) -> pathlib.Path | None:
+def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
+  """Writes the report and returns its path, or `MEASUREMENT_FAILED` (the report still written,
+  the failed cells marked) when some measurement failed."""
   argv = sys.argv[1:] if argv is None else argv
   parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument(
@@ -461,7 +493,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   parser.add_argument("--tune", action="store_true", help="time the kernel's launch variants")
   parser.add_argument("--epoch", action="store_true", help="one IAM-OnDB epoch against PyTorch")
   parser.add_argument(
-    "--epoch-strategies", default="optimal,none", help="ours: optimal (K = 8) and/or none"
+    "--epoch-strategies",
+    type=epoch_strategies,
+    default="optimal,none",
+    help="ours: optimal (K = 8) and/or none",
   )
   parser.add_argument("--data-dir", default=None, help="folder of iam_ondb.npz, for --epoch")
   parser.add_argument(
@@ -482,6 +517,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     return None
   if args.epoch and not args.data_dir:
     parser.error("--epoch needs --data-dir (the folder of iam_ondb.npz)")
+  epoch_data = load_epoch_data(args.preset, args.data_dir) if args.epoch else None
   preset_name = args.preset
   backend = jax.default_backend()
   out = args.out or RESULTS / f"benchmark_step_{backend}.md"
@@ -503,6 +539,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     write_report(out, report)
 
   settings = {}  # dotted config overrides every measurement uses: the tuned launch parameters
+  failed_measurements = []  # each is a "failed" cell, and makes the exit code MEASUREMENT_FAILED
   failed = {}  # kernel -> why it is left out of the rest of the run
   if args.tune:
     best, rows = tune_kernel(args.repeats, interpret=backend != "gpu")
@@ -561,6 +598,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
         row |= {part: f"{timings[part]:.2f}" for part in columns[3:8]}
       except Exception as error:  # one failing contender must not lose the others' rows
         print(name, "failed:", error, flush=True)
+        failed_measurements.append(
+          f"{name} at B = {batch_size}, T = {time_steps}: {first_line(error)}"
+        )
         row |= {part: "failed" for part in columns[3:8]}
       row["PyTorch cuDNN step"] = "-" if torch_ms is None else f"{torch_ms:.2f}"
       anatomy_rows.append(row)
@@ -577,18 +617,20 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     fallbacks = {"model.lstm_impl": "scan", "ctc.impl": "optax"}
     epoch_settings = settings | {field: fallbacks[field] for field in failed}
     try:
-      lines, rows = epoch_rows(
+      rows = epoch_rows(
         preset_name,
-        args.data_dir,
+        epoch_data,
         epoch_settings,
-        args.epoch_strategies.split(","),
+        args.epoch_strategies,
         max(2, args.repeats // 5),
       )
     except Exception as error:  # keep the sections measured so far, and the flags' section
       print("epoch failed:", error, flush=True)
-      lines, rows = 0, [{"contender": "failed", "error": first_line(error)}]
+      failed_measurements.append(f"the epoch: {first_line(error)}")
+      rows = [{"contender": "failed", "error": first_line(error)}]
     sections += [
-      f"## One IAM-OnDB training epoch ({lines:,} lines, raw points, batch 32)",
+      f"## One IAM-OnDB training epoch ({len(epoch_data):,} lines, raw points, batch "
+      f"{make_config(preset_name).bucketing.batch_size})",
       "",
       "Median of the timed epochs after one warm-up epoch, contenders taking turns; ours through "
       "`train.compile_steps` (the trainer's executables) with the default implementations "
@@ -600,6 +642,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     write_so_far()
   if args.xla_flags:
     flag_rows = flag_variants(args.xla_flags, preset_name, settings, args.repeats)
+    failed_measurements += [
+      f"XLA flags {row['XLA_FLAGS']}: {row['result']}"
+      for row in flag_rows
+      if row["result"].startswith("failed")
+    ]
     (batch_size, time_steps), _ = next(iter(PRESETS[preset_name].items()))
     sections += [
       f"## XLA flags (B = {batch_size}, T = {time_steps}, the whole step, each in its own process)",
@@ -608,6 +655,13 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
       "",
     ]
   write_so_far()
+  if failed_measurements:
+    print(
+      f"error: {len(failed_measurements)} measurement(s) failed, the rest are in {out}: "
+      + cli_errors.one_line("; ".join(failed_measurements)),
+      file=sys.stderr,
+    )
+    return MEASUREMENT_FAILED
   return out
 
 

@@ -1,12 +1,14 @@
 """The benchmark driver: every contender has a row, the timestep counts match the plans."""
 
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
 import bucketing
+import cli_errors
 import train
 from experiments import benchmark, paper, reporting
 
@@ -87,3 +89,23 @@ def test_a_results_header_names_the_xla_flags_it_ran_under(monkeypatch):
   )
   monkeypatch.delenv("XLA_FLAGS")
   assert command() == "python -m experiments.benchmark --quick"
+
+
+@pytest.mark.parametrize(
+  ("flag", "value", "message"),
+  [
+    ("--planned-epochs", "0", "--planned-epochs: must be >= 1, got 0"),
+    ("--repeats", "0", "--repeats: must be >= 1, got 0"),
+    ("--repeats", "-1", "--repeats: must be >= 1, got -1"),
+    ("--buckets", "2,0", "--buckets: counts must be >= 1, got '2,0'"),
+  ],
+)
+def test_counts_below_one_are_refused_naming_the_flag(monkeypatch, flag, value, message):
+  # Before, each started the benchmark: 0 repeats silently meant the preset's default, 0 planned
+  # epochs planned a run of none, and -1 repeats or K = 0 failed only after timing had begun.
+  def never_run(*args, **kwargs):
+    pytest.fail("the benchmark started before its flags were checked")
+
+  monkeypatch.setattr(benchmark.paper, "make_config", never_run)
+  with pytest.raises(cli_errors.UsageError, match=re.escape(message)):
+    benchmark.main(["--tiny", flag, value])

@@ -5,6 +5,7 @@ import re
 import jax.numpy as jnp
 import pytest
 
+import cli_errors
 from experiments import benchmark_step
 from models.lstm_kernel import KernelConfig
 from tests.test_experiments_benchmark import run_as_a_user, table_rows
@@ -85,3 +86,59 @@ def test_xla_flag_variants_run_in_their_own_process_beside_a_baseline(tmp_path, 
     assert [name for name, _ in timed] == list(implementations), row
   assert rows[1]["result"].startswith("failed:") and "xla_no_such_flag_at_all" in rows[1]["result"]
   assert any(dump.iterdir())  # the flags reached the child's backend
+
+
+def never_time(*args, **kwargs):
+  pytest.fail("a measurement started before the command line and the data were checked")
+
+
+def test_a_missing_export_is_refused_before_anything_is_timed(tmp_path, monkeypatch, capsys):
+  # Before, the anatomy was timed first and the run ended "epoch failed", exit code 0.
+  monkeypatch.delenv("IAM_ONDB_DIR", raising=False)  # else the data would be built from it
+  monkeypatch.setattr(benchmark_step, "torch_step_ms", never_time)
+  out = tmp_path / "step.md"
+  argv = ["--preset", "tiny", "--epoch", "--data-dir", str(tmp_path), "--out", str(out)]
+  assert cli_errors.run(lambda: benchmark_step.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("error: IAM-OnDB is not built") and str(tmp_path / "iam_ondb.npz") in line
+  assert not out.exists()
+
+
+def test_a_mistyped_epoch_strategy_names_the_flag(tmp_path, monkeypatch):
+  monkeypatch.setattr(benchmark_step, "load_epoch_data", never_time)
+  argv = ["--preset", "tiny", "--epoch", "--data-dir", str(tmp_path), "--epoch-strategies"]
+  with pytest.raises(cli_errors.UsageError, match="--epoch-strategies: unknown strategy 'nonee'"):
+    benchmark_step.main([*argv, "optimal,nonee"])
+
+
+def test_a_failed_measurement_keeps_the_other_rows_and_exits_non_zero(
+  tmp_path, monkeypatch, capsys
+):
+  # Before, a failed anatomy row or epoch only printed "failed" and the command exited 0.
+  def anatomy(config, batch, repeats):
+    if config.model.lstm_impl == "pallas":
+      raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+    return {"step": 5.0, "forward": 1.0, "backward": 2.0, "ctc": 0.5, "optimizer": 0.25}
+
+  def epoch_rows(*args):
+    raise RuntimeError("the device went away")
+
+  monkeypatch.setattr(benchmark_step, "anatomy", anatomy)
+  monkeypatch.setattr(benchmark_step, "load_epoch_data", lambda preset, data_dir: [None] * 64)
+  monkeypatch.setattr(benchmark_step, "epoch_rows", epoch_rows)
+  out = tmp_path / "step.md"
+  argv = ["--preset", "tiny", "--epoch", "--data-dir", str(tmp_path), "--out", str(out)]
+  assert cli_errors.run(lambda: benchmark_step.main(argv)) == benchmark_step.MEASUREMENT_FAILED != 0
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith(f"error: 2 measurement(s) failed, the rest are in {out}: ")
+  assert "pallas LSTM, pallas CTC at B = 8, T = 24: RESOURCE_EXHAUSTED" in line
+  assert "the epoch: the device went away" in line
+
+  text = out.read_text()
+  anatomy_rows = {row[2]: row[3:8] for row in table_rows(text, "B")}
+  assert anatomy_rows == {
+    "scan unroll 1, optax CTC": ["5.00", "1.00", "2.00", "0.50", "0.25"],
+    "pallas LSTM, pallas CTC": ["failed"] * 5,
+  }
+  assert "## One IAM-OnDB training epoch (64 lines, raw points, batch 8)" in text  # the tiny's
+  assert table_rows(text, "contender") == [["failed", "the device went away"]]
