@@ -136,10 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     raise ValueError("--bounds goes with --strategy fixed, and only with it")
   if not (math.isfinite(args.epochs) and args.epochs > 0):
     plan.error(f"--epochs must be a finite number > 0, got {args.epochs}")
+  given = {name: getattr(args, name) for name in COST_TERMS if getattr(args, name) is not None}
+  for name, value in given.items():  # one at a time, so that the error names its flag
+    try:
+      cost.CostModel(**{name: value})
+    except ValueError as error:
+      plan.error(f"--{name}: {error}")
+  cost_model = cost.CostModel(**given)
   plot = cli_errors.figure_file("--plot", args.plot) if args.plot is not None else None
   lengths = read_lengths(args.lengths)
-  given = {name: getattr(args, name) for name in COST_TERMS if getattr(args, name) is not None}
-  cost_model = cost.CostModel(**given)
   result = make_plan(
     lengths,
     strategy=args.strategy,

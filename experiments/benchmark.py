@@ -403,6 +403,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   )
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
+  if args.buckets and 1 in args.buckets:  # it would replace the baseline's point in kappa's fit
+    parser.error("--buckets: K = 1 is the `none` baseline, measured in every run; give K > 1")
   preset_name = "quick" if args.quick else "tiny" if args.tiny else "full"
   config = paper.make_config(preset_name, args.dataset, args.data_dir)
   default_buckets = {"full": [2, 4, 8, 16], "quick": [2, 4], "tiny": [2]}[preset_name]

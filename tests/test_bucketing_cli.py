@@ -107,6 +107,8 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     ("12\n", ["--round-to", "0"], "--round-to: must be >= 1, got 0"),
     ("12\n", ["--strategy", "auto", "--epochs", "nan"], "--epochs must be a finite number > 0"),
     ("12\n", ["--epochs", "-1"], "plan: --epochs must be a finite number > 0, got -1.0"),
+    ("12\n", ["--alpha", "nan"], "--alpha: cost model alpha must be a finite number >= 0"),
+    ("12\n", ["--kappa=-1"], "--kappa: cost model kappa must be a finite number >= 0, got -1"),
     ("12\n", ["--strategy", "fixed"], "--bounds"),
     ("12\n", ["--strategy", "fixed", "--bounds", "20,x"], "--bounds: '20,x' is not a comma-"),
     ("12\n40\n", ["--strategy", "fixed", "--bounds", "20"], "longer than the largest"),
