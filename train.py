@@ -95,16 +95,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     raise ValueError(
       f"config.bucketing.strategy={bucket_config.strategy!r} is not one of {bucketing.STRATEGIES}"
     )
-  if bucket_config.strategy == "fixed" and bucket_config.upper_bounds is None:
-    raise ValueError(
-      "config.bucketing.strategy='fixed' needs config.bucketing.upper_bounds, e.g. "
-      "--config.bucketing.upper_bounds='(400, 800, 1600)'"
-    )
-  if bucket_config.strategy != "fixed" and bucket_config.upper_bounds is not None:
-    raise ValueError(
-      "config.bucketing.upper_bounds are for config.bucketing.strategy='fixed' only, not "
-      f"{bucket_config.strategy!r}"
-    )
+  bucketing.check_upper_bounds(
+    bucket_config.strategy,
+    bucket_config.upper_bounds,
+    ("config.bucketing.strategy", "config.bucketing.upper_bounds"),
+  )
   # Counts where 0 means "none" or "all" (see experiments/common.py), and those that must be 1+.
   for field, least in (
     ("bucketing.batch_size", 0),
@@ -152,7 +147,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     )
   for field in ("train_split", "eval_split", "test_split"):
     split = config.data[field]
-    if split not in dataset_lib.SPLITS and not (field == "test_split" and split is None):
+    if split not in dataset_lib.SPLITS and not (field == "test_split" and not split):  # none
       raise ValueError(f"config.data.{field}={split!r} is not one of {dataset_lib.SPLITS}")
   if config.data.bad_examples not in dataset_lib.BAD_EXAMPLE_POLICIES:
     raise ValueError(
@@ -1087,10 +1082,10 @@ def workdir_path(workdir: str | pathlib.Path) -> pathlib.Path:
   """`workdir` as a path (`~` expanded). An empty one is refused, since it would be the current
   folder, and so is an existing file, before anything is loaded or compiled."""
   if not str(workdir).strip():
-    raise ValueError("the workdir is empty; name the run's folder")
+    raise ValueError("the workdir (--workdir) is empty; name the run's folder")
   path = pathlib.Path(workdir).expanduser()
   if path.exists() and not path.is_dir():
-    raise NotADirectoryError(f"the workdir {path} is a file, not a folder")
+    raise NotADirectoryError(f"the workdir (--workdir) {path} is a file, not a folder")
   return path
 
 

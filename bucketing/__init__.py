@@ -14,7 +14,13 @@ from bucketing.cost import (
   fastest_bounds_per_count,
   fit_step_model,
 )
-from bucketing.plan import OVERFLOW_POLICIES, BucketPlan, format_report, make_plan
+from bucketing.plan import (
+  OVERFLOW_POLICIES,
+  BucketPlan,
+  check_upper_bounds,
+  format_report,
+  make_plan,
+)
 from bucketing.schedule import FILLER, ScheduledBatch, epoch_batches, iterate, process_slice
 
 __all__ = [
@@ -26,6 +32,7 @@ __all__ = [
   "ScheduledBatch",
   "assemble_batch",
   "batch_sizes",
+  "check_upper_bounds",
   "choose_num_buckets",
   "epoch_batches",
   "fastest_bounds_per_count",

@@ -13,7 +13,13 @@ import numpy as np
 
 import cli_errors
 from bucketing import boundaries, cost
-from bucketing.plan import OVERFLOW_POLICIES, BucketPlan, format_report, make_plan
+from bucketing.plan import (
+  OVERFLOW_POLICIES,
+  BucketPlan,
+  check_upper_bounds,
+  format_report,
+  make_plan,
+)
 
 
 def read_lengths(path: pathlib.Path) -> np.ndarray:
@@ -132,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
   )
   args = parser.parse_args(argv)
 
-  if (args.bounds is not None) != (args.strategy == "fixed"):
-    raise ValueError("--bounds goes with --strategy fixed, and only with it")
+  check_upper_bounds(args.strategy, args.bounds, ("--strategy", "--bounds"))
   if not (math.isfinite(args.epochs) and args.epochs > 0):
     plan.error(f"--epochs must be a finite number > 0, got {args.epochs}")
   given = {name: getattr(args, name) for name in COST_TERMS if getattr(args, name) is not None}

@@ -237,6 +237,18 @@ def format_report(summary: dict) -> str:
   return "\n".join(lines)
 
 
+def check_upper_bounds(
+  strategy: str, upper_bounds, names: tuple[str, str] = ("strategy", "upper_bounds")
+) -> None:
+  """Upper bounds are given with the `fixed` strategy, and only with it; the error calls them by
+  `names` (the caller's: a flag or a config field)."""
+  strategy_name, bounds_name = names
+  if strategy == "fixed" and upper_bounds is None:
+    raise ValueError(f"{strategy_name}='fixed' needs {bounds_name}")
+  if strategy != "fixed" and upper_bounds is not None:
+    raise ValueError(f"{bounds_name} are for {strategy_name}='fixed' only, not {strategy!r}")
+
+
 def make_plan(
   lengths: Sequence[int] | np.ndarray,
   *,
@@ -279,10 +291,7 @@ def make_plan(
     raise ValueError(f"unknown overflow policy {overflow!r}; expected one of {OVERFLOW_POLICIES}")
   if strategy not in boundaries.STRATEGIES:
     raise ValueError(f"unknown strategy {strategy!r}; expected one of {boundaries.STRATEGIES}")
-  if strategy == "fixed" and upper_bounds is None:
-    raise ValueError("strategy 'fixed' needs upper_bounds")
-  if strategy != "fixed" and upper_bounds is not None:
-    raise ValueError(f"upper_bounds are for strategy 'fixed' only, not {strategy!r}")
+  check_upper_bounds(strategy, upper_bounds)
   if num_devices < 1:
     raise ValueError(f"num_devices must be >= 1, got {num_devices}")
   if not isinstance(num_buckets, numbers.Integral) or num_buckets < 1:

@@ -109,7 +109,8 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     ("12\n", ["--epochs", "-1"], "plan: --epochs must be a finite number > 0, got -1.0"),
     ("12\n", ["--alpha", "nan"], "--alpha: cost model alpha must be a finite number >= 0"),
     ("12\n", ["--kappa=-1"], "--kappa: cost model kappa must be a finite number >= 0, got -1"),
-    ("12\n", ["--strategy", "fixed"], "--bounds"),
+    ("12\n", ["--strategy", "fixed"], "--strategy='fixed' needs --bounds"),
+    ("12\n", ["--bounds", "20"], "--bounds are for --strategy='fixed' only, not 'optimal'"),
     ("12\n", ["--strategy", "fixed", "--bounds", "20,x"], "--bounds: '20,x' is not a comma-"),
     ("12\n40\n", ["--strategy", "fixed", "--bounds", "20"], "longer than the largest"),
   ],
@@ -130,7 +131,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, monkeypatch, content, e
 @pytest.mark.parametrize(
   ("name", "message"),
   [
-    ("folder", "--plot {tmp}/folder: names a folder; give a file name, e.g. {tmp}/folder/figure"),
+    ("folder", "--plot {tmp}/folder: names a folder; name a file in it"),
     ("new/", "--plot {tmp}/new/: names a folder"),
     ("missing/p.png", "--plot {tmp}/missing/p.png: its folder {tmp}/missing does not exist"),
     ("file.txt/p.png", "--plot {tmp}/file.txt/p.png: its folder {tmp}/file.txt is not a folder"),

@@ -41,9 +41,9 @@ def test_optimal_plan_beats_none_on_a_long_tailed_corpus():
 
 
 def test_upper_bounds_go_with_the_fixed_strategy_and_only_with_it():
-  with pytest.raises(ValueError, match=r"^strategy 'fixed' needs upper_bounds$"):
+  with pytest.raises(ValueError, match=r"^strategy='fixed' needs upper_bounds$"):
     plan_lib.make_plan([10, 20], strategy="fixed", batch_size=2)
-  with pytest.raises(ValueError, match=r"upper_bounds are for strategy 'fixed' only, not 'none'"):
+  with pytest.raises(ValueError, match=r"upper_bounds are for strategy='fixed' only, not 'none'"):
     plan_lib.make_plan([10, 20], strategy="none", upper_bounds=[16, 32], batch_size=2)
 
 

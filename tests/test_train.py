@@ -414,7 +414,7 @@ def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, messa
 
 
 @pytest.mark.parametrize(
-  ("workdir", "message"), [("", "the workdir is empty"), ("file", "is a file, not a folder")]
+  ("workdir", "message"), [("", r"the workdir \(--workdir\) is empty"), ("file", "is a file, not")]
 )
 def test_a_workdir_that_is_no_folder_is_refused_before_anything_loads(
   tmp_path, monkeypatch, workdir, message

@@ -25,9 +25,9 @@ TINY = "--config=experiments/synthetic.py:tiny"
     ),
     (["--config=experiments/synthetic.py:nosuchvariant"], "unknown variant 'nosuchvariant'"),
     ([TINY, "extra"], "unexpected arguments: ['extra']"),
-    ([TINY, "--workdir="], "the workdir is empty"),  # else it would train in the current folder
-    ([TINY, "--workdir=README.md"], "the workdir README.md is a file, not a folder"),
-    ([TINY, "--workdir=README.md", "--mode=evaluate"], "the workdir README.md is a file"),
+    ([TINY, "--workdir="], "the workdir (--workdir) is empty"),  # else: the current folder
+    ([TINY, "--workdir=README.md"], "the workdir (--workdir) README.md is a file, not a folder"),
+    ([TINY, "--workdir=README.md", "--mode=evaluate"], "(--workdir) README.md is a file"),
     ([], "--config is required, e.g. --config=experiments/synthetic.py"),
     (["--mode=evaluate"], "--config is required"),
     (
