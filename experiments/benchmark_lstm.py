@@ -218,6 +218,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   record = reporting.RunRecord("experiments.benchmark_lstm", argv, versions)
   columns = contenders(args.unroll)
   header = [*SHAPE_COLUMNS, *(f"{name} (ms)" for name in columns), SPEED_UP]
+  print(" | ".join(header), flush=True)  # each row follows as it is timed
   rows = timing_rows(PRESETS[preset], columns, args.repeats)
   report = [
     "# LSTM training-step speed: ours vs Flax's stock cell"

@@ -539,13 +539,13 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     write_report(out, report)
 
   settings = {}  # dotted config overrides every measurement uses: the tuned launch parameters
-  failed_measurements = []  # each is a "failed" cell, and makes the exit code MEASUREMENT_FAILED
-  failed = {}  # kernel -> why it is left out of the rest of the run
+  failed_measurements = []  # each makes the exit code MEASUREMENT_FAILED
+  left_out = {}  # kernel -> why no variant of it is tuned, and it is left out of the rest
   if args.tune:
     best, rows = tune_kernel(args.repeats, interpret=backend != "gpu")
     if best is None:
-      failed["model.lstm_impl"] = "no LSTM kernel variant compiled and matched the scan"
-      chosen = failed["model.lstm_impl"]
+      left_out["model.lstm_impl"] = "no LSTM kernel variant compiled and matched the scan"
+      chosen = left_out["model.lstm_impl"]
     else:
       settings |= {
         f"model.kernel.{field}": getattr(best, field)
@@ -565,8 +565,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     write_so_far()
     ctc_settings, rows = tune_ctc(args.repeats, interpret=backend != "gpu")
     if ctc_settings is None:
-      failed["ctc.impl"] = "no CTC kernel variant compiled, matched optax and repeated itself"
-      chosen = failed["ctc.impl"]
+      left_out["ctc.impl"] = "no CTC kernel variant compiled, matched optax and repeated itself"
+      chosen = left_out["ctc.impl"]
     else:
       settings |= ctc_settings
       chosen = f"the rest of this run uses the fastest: {ctc_settings}"
@@ -590,7 +590,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     torch_ms = torch_step_ms(make_config(preset_name), batch_size, time_steps, args.repeats)
     for name in names:
       overrides = IMPLEMENTATIONS[name]
-      if any(overrides.get(field) == "pallas" for field in failed):
+      if any(overrides.get(field) == "pallas" for field in left_out):
         continue
       row = {"B": str(batch_size), "T": str(time_steps), "implementation": name}
       try:
@@ -615,7 +615,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
 
   if args.epoch:
     fallbacks = {"model.lstm_impl": "scan", "ctc.impl": "optax"}
-    epoch_settings = settings | {field: fallbacks[field] for field in failed}
+    epoch_settings = settings | {field: fallbacks[field] for field in left_out}
     try:
       rows = epoch_rows(
         preset_name,
@@ -634,7 +634,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       "",
       "Median of the timed epochs after one warm-up epoch, contenders taking turns; ours through "
       "`train.compile_steps` (the trainer's executables) with the default implementations "
-      f"(`auto`){' except ' + str(failed) if failed else ''}.",
+      f"(`auto`){' except ' + str(left_out) if left_out else ''}.",
       "",
       *markdown_table(rows, list(rows[0])),
       "",
@@ -655,6 +655,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       "",
     ]
   write_so_far()
+  failed_measurements += [f"tuning {field}: {why}" for field, why in left_out.items()]
   if failed_measurements:
     print(
       f"error: {len(failed_measurements)} measurement(s) failed, the rest are in {out}: "

@@ -241,19 +241,30 @@ def check_run_settings(
     cli.record_settings(paths[run], settings[run])
 
 
-def check_device_counts(config: ml_collections.ConfigDict, device_counts: list[int]) -> None:
-  """Refuses a device count that does not divide the batch sizes before any worker starts: its
-  worker would refuse it too (`train.validate_config`), but only once the workers for the counts
-  before it had trained. A token budget's batch sizes are made multiples of the devices."""
-  for devices in device_counts:
-    for field, size in (
-      ("bucketing.batch_size", config.bucketing.batch_size),
-      ("eval_batch_size", config.eval_batch_size),
-    ):
-      if size % devices:
-        raise cli_errors.UsageError(
-          f"--devices {devices}: config.{field}={size} is not a multiple of {devices}"
-        )
+def batch_mismatch(config: ml_collections.ConfigDict, devices: int) -> str | None:
+  """Why the worker for `devices` would refuse the config (`train.validate_config`: a batch size
+  that is no multiple of them), asked before any worker starts, so that the workers for the
+  counts before it do not train first; None when it would not. A token budget's batch sizes are
+  made multiples of the devices."""
+  for field, size in (
+    ("bucketing.batch_size", config.bucketing.batch_size),
+    ("eval_batch_size", config.eval_batch_size),
+  ):
+    if size % devices:
+      return f"config.{field}={size} is not a multiple of {devices}"
+  return None
+
+
+def default_device_counts(config: ml_collections.ConfigDict, available: int) -> list[int]:
+  """1, 2, 4, ... up to the `available` devices, less those the batch sizes do not allow (each
+  left out with a line saying why)."""
+  counts = []
+  for devices in (2**i for i in range(available.bit_length())):
+    if why := batch_mismatch(config, devices):
+      print(f"left out {devices} devices: {why}", flush=True)
+    else:
+      counts.append(devices)
+  return counts
 
 
 def planned_runs(buckets: list[int], strategies: list[str]) -> list[tuple[str, int]]:
@@ -951,10 +962,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   config = args_config(args)  # a --data-dir without IAM-OnDB ends the command before anything runs
   if args.devices:
     device_counts = args.devices
+    for devices in device_counts:
+      if why := batch_mismatch(config, devices):
+        raise cli_errors.UsageError(f"--devices {devices}: {why}")
   else:
-    available = available_devices()
-    device_counts = [2**i for i in range(available.bit_length()) if 2**i <= available]
-  check_device_counts(config, device_counts)
+    device_counts = default_device_counts(config, available_devices())
   load_before = os.getloadavg()[0]
   start = time.perf_counter()
   budget = plan_sweep(args, argv, device_counts, start) if args.budget_minutes else None

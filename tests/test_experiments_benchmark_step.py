@@ -142,3 +142,23 @@ def test_a_failed_measurement_keeps_the_other_rows_and_exits_non_zero(
   }
   assert "## One IAM-OnDB training epoch (64 lines, raw points, batch 8)" in text  # the tiny's
   assert table_rows(text, "contender") == [["failed", "the device went away"]]
+
+
+def test_a_kernel_no_variant_of_which_works_is_left_out_and_exits_non_zero(
+  tmp_path, monkeypatch, capsys
+):
+  def anatomy(config, batch, repeats):
+    assert config.model.lstm_impl != "pallas"  # left out once its tuning found no variant
+    return {"step": 5.0, "forward": 1.0, "backward": 2.0, "ctc": 0.5, "optimizer": 0.25}
+
+  failed_row = [{"variant": "tile 16", "ms": "failed", "error": "-"}]
+  for tune in ("tune_kernel", "tune_ctc"):
+    monkeypatch.setattr(benchmark_step, tune, lambda *args, **kwargs: (None, failed_row))
+  monkeypatch.setattr(benchmark_step, "anatomy", anatomy)
+  out = tmp_path / "step.md"
+  argv = ["--preset", "tiny", "--tune", "--out", str(out)]
+  assert cli_errors.run(lambda: benchmark_step.main(argv)) == benchmark_step.MEASUREMENT_FAILED
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("error: 2 measurement(s) failed")
+  assert "tuning model.lstm_impl: no LSTM kernel variant compiled and matched the scan" in line
+  assert "tuning ctc.impl: no CTC kernel variant compiled" in line

@@ -185,9 +185,21 @@ def test_a_device_count_the_batch_does_not_divide_is_refused_before_any_worker(t
   assert not workdir.exists()  # the one-device worker never started
   config = paper.make_config("tiny", "synthetic")
   config.bucketing.batch_size, config.bucketing.max_tokens = 0, 4000
-  paper.check_device_counts(config, [1, 2, 4, 8])  # a token budget's batches follow the devices
-  with pytest.raises(cli_errors.UsageError, match=r"config\.eval_batch_size=8 is not a multiple"):
-    paper.check_device_counts(config, [3])
+  for devices in (1, 2, 4, 8):  # a token budget's batch sizes follow the devices
+    assert paper.batch_mismatch(config, devices) is None
+  assert paper.batch_mismatch(config, 3) == "config.eval_batch_size=8 is not a multiple of 3"
+
+
+def test_device_counts_left_to_the_sweep_are_those_the_batch_allows(capsys):
+  config = paper.make_config("quick", "synthetic")  # 16 lines a step, 40 an evaluation step
+  assert paper.default_device_counts(config, 1) == [1]
+  assert paper.default_device_counts(config, 7) == [1, 2, 4]
+  capsys.readouterr()
+  assert paper.default_device_counts(config, 32) == [1, 2, 4, 8]
+  assert capsys.readouterr().out.splitlines() == [
+    "left out 16 devices: config.eval_batch_size=40 is not a multiple of 16",
+    "left out 32 devices: config.bucketing.batch_size=16 is not a multiple of 32",
+  ]
 
 
 def test_the_gpu_preset_compares_equal_epochs_of_iam_gpus_features_up_to_four_buckets():
