@@ -119,10 +119,7 @@ def figure_file(flag: str, path: str) -> pathlib.Path:
   """
   from matplotlib.backend_bases import FigureCanvasBase
 
-  file = pathlib.Path(path).expanduser()
-  if path.endswith(os.sep) or file.is_dir():
-    example = file / "figure.png"
-    raise UsageError(f"{flag} {path}: names a folder; give a file name, e.g. {example}")
+  file = output_path(flag, path)
   if not file.suffix:
     file = file.with_name(file.name + ".png")
   formats = FigureCanvasBase.get_supported_filetypes()
@@ -131,9 +128,22 @@ def figure_file(flag: str, path: str) -> pathlib.Path:
       f"{flag} {path}: matplotlib cannot write {file.suffix!r} files; use .png or one of "
       f"{', '.join(sorted(formats))}"
     )
-  if not file.parent.is_dir():
-    what = "is not a folder" if file.parent.exists() else "does not exist"
-    raise UsageError(f"{flag} {path}: its folder {file.parent} {what}")
+  return file
+
+
+def output_path(flag: str, path: str, make_folder: bool = False) -> pathlib.Path:
+  """The file (or path prefix) `flag path` names for writing, checked before any work: not a
+  folder, in a folder that exists, or that `make_folder` makes."""
+  file = pathlib.Path(path).expanduser()
+  if path.endswith(os.sep) or file.is_dir():
+    raise UsageError(f"{flag} {path}: names a folder; name a file in it")
+  if file.parent.exists() and not file.parent.is_dir():
+    raise UsageError(f"{flag} {path}: its folder {file.parent} is not a folder")
+  if make_folder:
+    with naming_write_errors(flag, file.parent):
+      file.parent.mkdir(parents=True, exist_ok=True)
+  elif not file.parent.is_dir():
+    raise UsageError(f"{flag} {path}: its folder {file.parent} does not exist")
   return file
 
 

@@ -42,6 +42,16 @@ def _flag_of(argv: list[str], field: str) -> str:
   return f"--config.*.{field}"
 
 
+def _config_file_flag(argv: list[str]) -> str:
+  """`--name=file.py[:variant]`: the config file flag of argv (also given as `--name file.py`)."""
+  for argument, following in zip(argv, [*argv[1:], ""], strict=True):
+    flag, _, value = argument.partition("=")
+    value = value or following
+    if re.fullmatch(r"--?\w+", flag) and value.split(":")[0].endswith(".py"):
+      return f"{flag}={value}"
+  return "--config"
+
+
 def flag_error_message(error: BaseException, argv: list[str]) -> str:
   """One line for an error raised while parsing `argv` or reading a config flag's value."""
   chain = _chain(error)
@@ -60,8 +70,7 @@ def flag_error_message(error: BaseException, argv: list[str]) -> str:
     flag = head.split(": Error whilst parsing config file")[0].removeprefix("flag ")
     return f"{flag}: {one_line(chain[-1])}"
   if "has no attribute 'get_config'" in head:  # A config file that defines no get_config().
-    files = [argument for argument in argv if re.fullmatch(r"--?\w+=.+\.py(:.*)?", argument)]
-    return f"{files[0] if files else '--config'}: defines no get_config()"
+    return f"{_config_file_flag(argv)}: defines no get_config()"
   if "Failed loading config file" in str(error):  # Missing or unreadable config file.
     return f"--config: {str(error).strip().splitlines()[-1].strip()}"
   return one_line(error).removeprefix("flag ")

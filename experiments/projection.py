@@ -40,7 +40,6 @@ import csv
 import dataclasses
 import datetime
 import functools
-import os
 import pathlib
 import sys
 
@@ -236,27 +235,6 @@ def _read_steps_file(path: str, implementation: str):
     raise ValueError(f"--steps {error}") from None
 
 
-def _output_prefix(out: str) -> pathlib.Path:
-  """--out as a path prefix with its folder made: a folder given as the prefix (which would write
-  `folder.md` beside it) or a folder that cannot be made is named before the work, not after."""
-  prefix = pathlib.Path(out).expanduser()
-  if out.endswith(os.sep) or prefix.is_dir():
-    example = prefix / "projection_multi_gpu"
-    raise cli_errors.UsageError(
-      f"--out {out}: names a folder; --out is a path prefix, e.g. {example} writes "
-      f"{example.name}.md, .csv and .png"
-    )
-  if prefix.parent.exists() and not prefix.parent.is_dir():
-    raise cli_errors.UsageError(f"--out {out}: its folder {prefix.parent} is not a folder")
-  try:
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-  except OSError as error:
-    raise OSError(
-      f"--out {out}: cannot make its folder {prefix.parent} ({error.strerror or error})"
-    ) from None
-  return prefix
-
-
 def gradient_bytes(config) -> int:
   """Bytes of the model's float32 gradients (its parameter count times 4), from shapes only."""
   import jax
@@ -314,7 +292,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   if args.train_limit < 0:
     parser.error(f"--train-limit must be >= 0 (0: all lines), got {args.train_limit}")
   points, (measured_k, measured_epoch) = _read_steps_file(args.steps, args.implementation)
-  prefix = _output_prefix(args.out)
+  prefix = cli_errors.output_path("--out", args.out, make_folder=True)
 
   import train
 

@@ -42,39 +42,22 @@ def _add_data_flags(parser: argparse.ArgumentParser, build: bool) -> None:
   """The flags that say which dataset, where it is, and how the synthetic one is generated; what
   --data_dir and --manual_dir mean differs between writing a build and reading one."""
   if build:
-    parser.add_argument(
-      "--dataset",
-      choices=dataset.DATASETS,
-      default="synthetic",
-      help="what to build (default: %(default)s)",
-    )
-    parser.add_argument(
-      "--data_dir",
-      metavar="DIR",
-      help=f"where to write the build and its export (default: {DEFAULT_DATA_DIR})",
-    )
-    parser.add_argument(
-      "--manual_dir",
-      metavar="DIR",
-      help="iam_ondb only, and needed for it: the folder with the IAM-OnDB download (below)",
-    )
+    dataset_help = "what to build (default: %(default)s)"
+    data_dir_help = "where to write the build and its export"
+    manual_dir_help = "iam_ondb only, and needed: the folder with the IAM-OnDB download (below)"
   else:
-    parser.add_argument(
-      "--dataset",
-      default="synthetic",
-      help="iam_ondb, synthetic or the path of a .npz export (default: %(default)s)",
+    dataset_help = "iam_ondb, synthetic or the path of a .npz export (default: %(default)s)"
+    data_dir_help = "where `build` wrote iam_ondb"
+    manual_dir_help = (
+      "iam_ondb only: the folder with the IAM-OnDB download, to build it first when --data_dir "
+      "has no build (see build --help)"
     )
-    parser.add_argument(
-      "--data_dir",
-      metavar="DIR",
-      help=f"where `build` wrote iam_ondb (default: {DEFAULT_DATA_DIR})",
-    )
-    parser.add_argument(
-      "--manual_dir",
-      metavar="DIR",
-      help="iam_ondb only: the folder with the IAM-OnDB download, to build it first when "
-      "--data_dir has no build (see build --help)",
-    )
+  choices = dataset.DATASETS if build else None  # reading also takes a .npz export's path
+  parser.add_argument("--dataset", choices=choices, default="synthetic", help=dataset_help)
+  parser.add_argument(
+    "--data_dir", metavar="DIR", help=f"{data_dir_help} (default: {DEFAULT_DATA_DIR})"
+  )
+  parser.add_argument("--manual_dir", metavar="DIR", help=manual_dir_help)
   parser.add_argument(
     "--seed", type=int, default=0, help="synthetic only: generator seed, >= 0 (default: 0)"
   )
@@ -132,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     "--bad_examples",
     choices=dataset.BAD_EXAMPLE_POLICIES,
     default="error",
-    help="a line train.py would refuse (NaN points, no ink, a character outside the alphabet): "
+    help="a line whose ink or text train.py would refuse (NaN points, no ink, a character "
+    "outside the alphabet): "
     "stop naming it (error, the default, as train.py's config.data.bad_examples) or leave it "
     "out and list it under skipped (skip)",
   )

@@ -54,9 +54,10 @@ def test_a_config_file_without_a_config_dict_is_named(tmp_path, monkeypatch, sou
   monkeypatch.delitem(sys.modules, "config_config", raising=False)
   path = tmp_path / "config.py"
   path.write_text(source)
-  with pytest.raises(cli_errors.UsageError) as error:
-    cli.load_config(["train.py", f"--config={path}"])
-  assert str(error.value).startswith(f"--config={path}: {message}")
+  for argv in (["train.py", f"--config={path}"], ["train.py", "--config", str(path)]):
+    with pytest.raises(cli_errors.UsageError) as error:
+      cli.load_config(argv)
+    assert str(error.value).startswith(f"--config={path}: {message}")
 
 
 def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):

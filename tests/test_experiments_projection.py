@@ -101,7 +101,7 @@ def spoilt_step_times(tmp_path, old: str, new: str) -> str:
     (["--steps", "{tmp}"], "--steps {tmp}: is a folder, not a results file of"),
     (["--steps", "{tmp}/notes.md"], "--steps {tmp}/notes.md: no heading '## Anatomy of one train"),
     (["--implementation", "nope"], "0 rows of implementation 'nope', the fit needs 3; it has"),
-    (["--out", "{tmp}"], "--out {tmp}: names a folder; --out is a path prefix"),
+    (["--out", "{tmp}"], "--out {tmp}: names a folder; name a file in it"),
     (["--out", "{tmp}/notes.md/x"], "--out {tmp}/notes.md/x: its folder {tmp}/notes.md is not a"),
   ],
 )

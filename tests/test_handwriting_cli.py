@@ -159,7 +159,7 @@ def test_figures_print_the_file_they_write(tmp_path, capsys):
 @pytest.mark.parametrize(
   ("name", "message"),
   [
-    ("folder", "names a folder; give a file name, e.g. {tmp}/folder/figure.png"),
+    ("folder", "names a folder; name a file in it"),
     ("new/", "names a folder"),
     ("missing/x.png", "its folder {tmp}/missing does not exist"),
     ("file.txt/x.png", "its folder {tmp}/file.txt is not a folder"),
@@ -209,12 +209,13 @@ def test_bad_flags_are_named(tmp_path, capsys, monkeypatch, argv, message):
   assert message.format(tmp=tmp_path) in one_line_error(argv, capsys, monkeypatch)
 
 
-def test_build_help_says_what_the_folders_are(capsys):
+def test_build_help_says_what_the_folders_are(capsys, monkeypatch):
+  monkeypatch.setenv("COLUMNS", "200")  # argparse wraps help to the terminal; one line each here
   with pytest.raises(SystemExit):
     main(["build", "--help"])
   text = " ".join(capsys.readouterr().out.split())
   assert "--data_dir DIR where to write the build and its export" in text
-  assert "--manual_dir DIR iam_ondb only, and needed for it: the folder with the IAM-OnDB" in text
+  assert "--manual_dir DIR iam_ondb only, and needed: the folder with the IAM-OnDB download" in text
   # The download's address in one piece, and what the folder must hold.
   assert "https://fki.tic.heia-fr.ch/databases/iam-on-line-handwriting-database" in text
   assert "lineStrokes-all.tar.gz and ascii-all.tar.gz" in text and "testset_f.txt" in text
