@@ -83,12 +83,21 @@ def main_command() -> str | None:
 
 def positive_int(text: str) -> int:
   """An argparse type for a count of at least 1 (`--repeats`): 0 or less is named with its flag."""
+  return _int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+  """An argparse type for an integer of at least 0 (a seed)."""
+  return _int_at_least(text, 0)
+
+
+def _int_at_least(text: str, least: int) -> int:
   try:
     value = int(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+  if value < least:
+    raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
   return value
 
 

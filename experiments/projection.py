@@ -282,15 +282,15 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--data-dir", default=None, help="holds iam_ondb.npz or the TFDS build")
   parser.add_argument("--dataset", default="iam_ondb", help="iam_ondb (the paper) or synthetic")
-  parser.add_argument("--train-limit", type=int, default=0, help="first N lines (0: all)")
+  parser.add_argument(
+    "--train-limit", type=cli_errors.non_negative_int, default=0, help="first N lines (0: all)"
+  )
   parser.add_argument("--steps", default=str(STEP_TIMES), help="a benchmark_step results file")
   parser.add_argument("--implementation", default=DEFAULT_IMPLEMENTATION)
   parser.add_argument(
     "--out", default="/tmp/projection_multi_gpu", help="path prefix of the .md, .csv and .png"
   )
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-  if args.train_limit < 0:
-    parser.error(f"--train-limit must be >= 0 (0: all lines), got {args.train_limit}")
   points, (measured_k, measured_epoch) = _read_steps_file(args.steps, args.implementation)
   prefix = cli_errors.output_path("--out", args.out, make_folder=True)
 

@@ -59,7 +59,10 @@ def _add_data_flags(parser: argparse.ArgumentParser, build: bool) -> None:
   )
   parser.add_argument("--manual_dir", metavar="DIR", help=manual_dir_help)
   parser.add_argument(
-    "--seed", type=int, default=0, help="synthetic only: generator seed, >= 0 (default: 0)"
+    "--seed",
+    type=cli_errors.non_negative_int,
+    default=0,
+    help="synthetic only: generator seed, >= 0 (default: 0)",
   )
   parser.add_argument(
     "--num_train",
@@ -182,8 +185,6 @@ def _check_data_dir(data_dir: str | None) -> None:
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
-  if args.seed < 0:
-    parser.error(f"--seed must be >= 0, got {args.seed}")
   _check_data_dir(args.data_dir)
   if args.command == "build":
     start = time.perf_counter()

@@ -96,7 +96,7 @@ def spoilt_step_times(tmp_path, old: str, new: str) -> str:
 @pytest.mark.parametrize(
   ("argv", "message"),
   [
-    (["--train-limit", "-5"], "--train-limit must be >= 0 (0: all lines), got -5"),
+    (["--train-limit", "-5"], "argument --train-limit: must be >= 0, got -5"),
     (["--steps", "{tmp}/none.md"], "--steps {tmp}/none.md: no such file"),
     (["--steps", "{tmp}"], "--steps {tmp}: is a folder, not a results file of"),
     (["--steps", "{tmp}/notes.md"], "--steps {tmp}/notes.md: no heading '## Anatomy of one train"),

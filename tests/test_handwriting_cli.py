@@ -198,7 +198,10 @@ def test_a_write_that_fails_anyway_is_named_with_its_flag(tmp_path, capsys, monk
     (["stats", "--resample_spacing", "-1"], "--resample_spacing: must be a finite number >= 0"),
     (["build", "--num_train", "0"], "--num_train: must be >= 1, got 0"),
     (["render", "--num_eval", "-2", "--id", "x", "--out", "x.png"], "--num_eval: must be >= 1"),
-    (["stats", "--seed", "-1"], "--seed must be >= 0, got -1"),
+    (
+      ["stats", "--seed", "-1"],
+      "python -m handwriting stats: argument --seed: must be >= 0, got -1",
+    ),
     (["build", "--dataset", "x.npz"], "--dataset: invalid choice: 'x.npz'"),
     (["build", "--data_dir", "{tmp}/file.npz"], "--data_dir {tmp}/file.npz: is a file, not a"),
   ],
