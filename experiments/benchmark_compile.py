@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   parser.add_argument("--config", default="experiments/synthetic.py:tiny")
   parser.add_argument(
     "--num-buckets",
-    type=int,
+    type=cli_errors.positive_int,
     default=None,
     help="K (default: --config.bucketing.num_buckets, else 4)",
   )

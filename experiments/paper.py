@@ -907,7 +907,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument(
     "--devices", type=cli_errors.positive_int_list, help="comma-separated device counts"
   )
-  parser.add_argument("--epochs", type=int, default=0, help="override config.num_epochs")
+  parser.add_argument(
+    "--epochs", type=cli_errors.non_negative_int, default=0, help="override config.num_epochs"
+  )
   parser.add_argument(
     "--cost",
     default=None,
@@ -917,7 +919,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     "--budget-minutes", type=float, default=0, help="plan the sweep to fit this wall time"
   )
   parser.add_argument(
-    "--min-epochs", type=int, default=0, help="with a budget: fewest epochs (default: all)"
+    "--min-epochs",
+    type=cli_errors.non_negative_int,
+    default=0,
+    help="with a budget: fewest epochs (default: all)",
   )
   parser.add_argument("--estimates", default=None, help="with a budget: an earlier probe.json")
   parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
@@ -928,9 +933,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   )
   if not args.budget_minutes >= 0:  # NaN too
     parser.error(f"--budget-minutes must be > 0 (or 0: no budget), got {args.budget_minutes}")
-  for flag, value in (("--epochs", args.epochs), ("--min-epochs", args.min_epochs)):
-    if value < 0:
-      parser.error(f"{flag} must be >= 0 (0: the preset's), got {value}")
   if not args.budget_minutes and (args.min_epochs or args.estimates):
     parser.error("--min-epochs and --estimates plan a budget: give --budget-minutes too")
   default_buckets = PRESET_BUCKETS[args.preset]

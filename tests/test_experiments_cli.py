@@ -130,6 +130,7 @@ def test_parse_flags_fills_absl_flags_and_keeps_the_rest():
     ("experiments.paper", ["--buckets", "2,x"], "argument --buckets: '2,x' is not a comma"),
     ("experiments.paper", ["--cost", "1,2"], "--cost '1,2' is not three or four numbers"),
     ("experiments.benchmark", ["--tiny", "--dataset", "iam_ondb"], "holds no IAM-OnDB"),
+    ("experiments.benchmark_compile", ["--num-buckets", "0"], "--num-buckets: must be >= 1"),
   ],
 )
 def test_experiment_drivers_end_bad_input_in_one_line(tmp_path, module, args, last_line):

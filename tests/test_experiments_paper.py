@@ -145,7 +145,8 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
     (["--buckets", "2,0"], "--buckets: counts must be >= 1, got '2,0'"),
     (["--budget-minutes", "-5"], "--budget-minutes must be > 0"),
     (["--budget-minutes", "nan"], "--budget-minutes must be > 0"),
-    (["--epochs", "-1"], "--epochs must be >= 0"),
+    (["--epochs", "-1"], "--epochs: must be >= 0, got -1"),
+    (["--min-epochs", "-2"], "--min-epochs: must be >= 0, got -2"),
     (["--min-epochs", "4"], "give --budget-minutes too"),  # else silently ignored
   ],
 )
