@@ -26,6 +26,10 @@ class UsageError(Exception):
   """An expected error whose message is already the one line to print."""
 
 
+class AlreadyReported(UsageError):
+  """An expected error a child process has already printed as its one line: `run` adds none."""
+
+
 # What bad input raises: ValueError (bad values, bad data, IamOnDbError, BadExampleError) and
 # OSError (missing or unreadable files, a full disk).
 EXPECTED_ERRORS = (UsageError, ValueError, OSError)
@@ -52,6 +56,8 @@ def run(main: Callable[[], int | None]) -> int:
   except EXPECTED_ERRORS as error:
     if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
       raise
+    if isinstance(error, AlreadyReported):
+      return USAGE_EXIT_CODE
     print(f"error: {one_line(error)}", file=sys.stderr)
     return USAGE_EXIT_CODE
   return code if isinstance(code, int) else 0

@@ -611,7 +611,8 @@ def run_worker_command(command: list[str], env: dict[str, str], what: str, **pop
   SIGINT (Ctrl-C, or a deadline's `timeout --signal=INT`) reaches the worker as well, and its
   training stops at a step boundary with a checkpoint: this waits for that, where
   `subprocess.run` would kill the worker mid-write. A worker that fails otherwise has printed its
-  error (one line, or a bug's traceback); that is a UsageError naming `what`.
+  error: one line with exit code 2, which `cli_errors.run` then ends on (AlreadyReported), or a
+  bug's traceback, followed by a line naming `what`.
   """
   worker = subprocess.Popen(command, env=env, **popen_args)
   try:
@@ -619,6 +620,8 @@ def run_worker_command(command: list[str], env: dict[str, str], what: str, **pop
   except KeyboardInterrupt:
     worker.wait()
     return False
+  if returncode == cli_errors.USAGE_EXIT_CODE:  # the worker printed its one line
+    raise cli_errors.AlreadyReported(f"{what} failed with exit code {returncode}")
   if returncode:
     raise cli_errors.UsageError(f"{what} failed with exit code {returncode}")
   return True

@@ -4,6 +4,7 @@ One test (one sweep, ~40 s on 2 cores), so that pytest-xdist workers do not each
 """
 
 import csv
+import functools
 import json
 import os
 import pathlib
@@ -201,6 +202,20 @@ def test_device_counts_left_to_the_sweep_are_those_the_batch_allows(capsys):
     "left out 16 devices: config.eval_batch_size=40 is not a multiple of 16",
     "left out 32 devices: config.bucketing.batch_size=16 is not a multiple of 32",
   ]
+
+
+@pytest.mark.parametrize(
+  ("code", "own_line"), [(2, []), (1, ["error: the worker failed with exit code 1"])]
+)
+def test_a_failed_worker_is_reported_once(capfd, monkeypatch, code, own_line):
+  # An expected error is the worker's one line (exit code 2); after anything else, such as a
+  # bug's traceback, the parent adds a line naming the worker.
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  child = f"import sys; print('worker', file=sys.stderr); sys.exit({code})"
+  command = [sys.executable, "-c", child]
+  run = functools.partial(paper.run_worker_command, command, dict(os.environ), "the worker")
+  assert cli_errors.run(run) == 2
+  assert capfd.readouterr().err.splitlines() == ["worker", *own_line]
 
 
 def test_the_gpu_preset_compares_equal_epochs_of_iam_gpus_features_up_to_four_buckets():
