@@ -13,11 +13,12 @@ train a fixed number of epochs, so that all runs see the same number of updates.
 table within one GPU call: IAM-OnDB lines resampled as `experiments/iam.py:gpu`'s, iam.py's model
 and batch, K = 1, 2, 4, at most 30 epochs, made to fit with `--budget-minutes`.
 
-Device counts (`--devices`, default: 1, 2, 4, ... up to the devices there are) each run in a
-process of their own, because the device count is fixed when JAX starts: on a CPU the process gets
-`--xla_force_host_platform_device_count=N` (simulated devices share the same cores, so this checks
-the data-parallel path and its overhead, not a speed-up), on GPUs the first N of
-`CUDA_VISIBLE_DEVICES`. This process never starts JAX itself, so it holds no GPU memory.
+Device counts (`--devices`, default: 1, 2, 4, ... up to the devices there are, less those the
+batch sizes are no multiple of) each run in a process of their own, because the device count is
+fixed when JAX starts: on a CPU the process gets `--xla_force_host_platform_device_count=N`
+(simulated devices share the same cores, so this checks the data-parallel path and its overhead,
+not a speed-up), on GPUs the first N of `CUDA_VISIBLE_DEVICES`. This process never starts JAX
+itself, so it holds no GPU memory.
 
 Writes, next to `--out` (default `<workdir>/paper_table`): `.md` and `.csv` (one row per run),
 `_val_loss.png` (validation loss against wall time, the paper's key figure) and `_speedup.png`
