@@ -28,6 +28,7 @@ import collections.abc
 import concurrent.futures
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -100,6 +101,8 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     bucket_config.upper_bounds,
     ("config.bucketing.strategy", "config.bucketing.upper_bounds"),
   )
+  if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+    raise ValueError(f"config.seed must be an integer in [0, 2**32), got {config.seed!r}")
   # Counts where 0 means "none" or "all" (see experiments/common.py), and those that must be 1+.
   for field, least in (
     ("bucketing.batch_size", 0),
@@ -174,7 +177,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
       f"config.optimizer.warmup_steps must be >= 0, got {config.optimizer.warmup_steps}"
     )
   # The model's and the CTC loss's own checks (sizes, implementations), before any data is read.
-  for field, build in (("model", build_model), ("ctc", build_ctc_loss)):
+  for field, build in (
+    ("data.features", feature_config),
+    ("model", build_model),
+    ("ctc", build_ctc_loss),
+  ):
     try:
       build(config)
     except (ValueError, TypeError) as error:  # TypeError: e.g. a dtype numpy does not know
@@ -924,6 +931,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   validate_config(config, jax.device_count())
   train_set, eval_sets, skipped = load_data(config)  # before the workdir: bad data leaves none
   workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_lock(workdir):
+    return _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped)
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: pathlib.Path) -> Iterator[None]:
+  """Holds `workdir/train.lock` (process 0) while a run trains there: a second trainer started in
+  the same workdir is refused, where both would resume the same checkpoint and write the same
+  epochs. The operating system lets the lock go when its process ends, however it ends."""
+  if jax.process_index():
+    yield
+    return
+  path = workdir / "train.lock"
+  with open(path, "a") as file:
+    try:
+      fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      raise ValueError(
+        f"another trainer is running in {workdir} (it holds {path}); wait for it to end, or use "
+        "another workdir"
+      ) from None
+    yield
+
+
+def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dict:
+  """`train_and_evaluate` once the data is loaded and the workdir is this run's."""
   measured = auto_cost_model(config, train_set, mesh, workdir)
   plan, eval_plans, plan_summary = plan_buckets(config, train_set, eval_sets, skipped, measured)
   with (
@@ -933,6 +966,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
     state, progress = restore(
       checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
     )
+    if not int(jax.device_get(state.step)):
+      check_fresh_start(checkpoints, workdir)
     if jax.process_index() == 0:  # only now: a resume refused leaves the run's own files
       _write_atomically(workdir / "plan.json", json.dumps(plan_summary, indent=2))
       record_config(config, workdir, resumed=bool(int(jax.device_get(state.step))))
@@ -982,6 +1017,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
       )
     (workdir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
   return summary
+
+
+def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
+  """A start with no training checkpoint to resume, in a workdir an earlier run left its files in
+  (its training checkpoints removed or all damaged): its best checkpoints would pass for this
+  run's (saving a best epoch skips one that exists), so they are refused; its metrics are
+  replaced, with a warning. Decided by process 0, which writes the metrics, for all."""
+  best = checkpoints.best.latest_step() is not None
+  metrics = workdir / "metrics.jsonl"
+  epochs = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+  if jax.process_count() > 1:
+    best, epochs = (int(v) for v in multihost_utils.broadcast_one_to_all(np.array([best, epochs])))
+  if best:
+    raise ValueError(
+      f"{checkpoints.best.directory} holds an earlier run's best parameters, and there is no "
+      "training checkpoint to resume that run from: a new run would be scored with them; use a "
+      f"new workdir, or remove {checkpoints.best.directory}"
+    )
+  if epochs and jax.process_index() == 0:
+    LOG.warning(
+      "no training checkpoint to resume in %s: starting afresh, replacing the %d epoch(s) of %s",
+      workdir,
+      epochs,
+      metrics,
+    )
 
 
 def restore(
@@ -1103,7 +1163,7 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
   if len(_padded_lengths(config, train_set)) < 2:
     return None
   path = workdir / COST_FILE
-  saved = _read_json(path) if path.exists() else None
+  saved = _read_cost_file(path) if path.exists() else None
   with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
     resuming = checkpoints.latest.latest_step() is not None
   same = saved is not None and saved["report"]["fitted_to"] == _cost_fingerprint(config)
@@ -1176,12 +1236,32 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _json_safe(flatten(config.to_dict(), ""))
 
 
-def _read_json(path: pathlib.Path) -> Any:
-  """A JSON file the run wrote; a damaged one is a one-line error naming it."""
+def _read_json(path: pathlib.Path, keys: tuple[str, ...] = ()) -> dict:
+  """A JSON object the run wrote, with `keys`; a damaged or foreign file is a one-line error
+  naming it, not a KeyError later."""
   try:
-    return json.loads(path.read_text())
+    value = json.loads(path.read_text())
   except json.JSONDecodeError as error:
     raise ValueError(f"{path}: not valid JSON ({error})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: not a JSON object, so not the file this trainer writes there")
+  missing = [key for key in keys if key not in value]
+  if missing:
+    raise ValueError(f"{path}: no {', '.join(missing)}, so not the file this trainer writes there")
+  return value
+
+
+def _read_cost_file(path: pathlib.Path) -> dict:
+  """`cost_model.json` as `auto_cost_model` wrote it; anything else is an error naming it."""
+  saved = _read_json(path, ("cost_model", "report"))
+  report, figures = saved["report"], saved["cost_model"]
+  if not (isinstance(report, dict) and {"steps", "fitted_to", "measure_s"} <= report.keys()):
+    raise ValueError(f"{path}: its report lacks the steps, fitted_to or measure_s written there")
+  try:
+    bucketing.CostModel(**figures)
+  except (TypeError, ValueError) as error:  # other fields, or figures no cost can have
+    raise ValueError(f"{path}: not the cost model written there ({error})") from None
+  return saved
 
 
 def check_trained_with(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
@@ -1675,7 +1755,9 @@ def evaluate_checkpoint(
   plan_path = workdir / "plan.json"
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
-  train_bounds = np.array(_read_json(plan_path)["upper_bounds"])
+  train_bounds = np.array(_read_json(plan_path, ("upper_bounds",))["upper_bounds"])
+  if train_bounds.ndim != 1 or not train_bounds.size:
+    raise ValueError(f"{plan_path}: upper_bounds {train_bounds.tolist()} are no bucket bounds")
   source = data_source(config)
   data, skipped = _load_checked(config, split, config.data.eval_limit, str(source))
   plan = make_eval_plans(
@@ -1689,6 +1771,11 @@ def evaluate_checkpoint(
   if jax.process_index() == 0:  # after the parameters: a damaged checkpoint is a one-line error
     LOG.info("data: %s", source)
     log_skipped(skipped)
+    limit = config.data.eval_limit
+    if limit and len(data) + len(skipped) == limit:  # perhaps the split has more
+      LOG.warning(
+        "scoring the first %d lines of %r only (config.data.eval_limit; 0: all)", limit, split
+      )
   eval_steps = compile_eval_steps(
     build_model(config).apply,
     build_ctc_loss(config),
@@ -1733,7 +1820,9 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "experiment config file", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and logs go", required=True)
   _MODE = flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "train, or evaluate a run")
-  _SPLIT = flags.DEFINE_string("split", "test", "the split --mode=evaluate scores")
+  _SPLIT = flags.DEFINE_enum(
+    "split", "test", list(dataset_lib.SPLITS), "the split --mode=evaluate scores"
+  )
   _CHECKPOINT = flags.DEFINE_enum(
     "checkpoint", "best", list(CHECKPOINTS), "the parameters --mode=evaluate scores"
   )

@@ -3,6 +3,7 @@ resume, errors, end to end."""
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -399,6 +400,9 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"max_minutes": float("nan")}, r"config.max_minutes must be >= 0 \(0: no cap\), got nan"),
     ({"model.dtype": "float8"}, r"config.model: data type 'float8' not understood"),
     ({"bucketing.round_to": 0}, r"config.bucketing.round_to must be >= 1, got 0"),
+    ({"seed": -1}, r"config.seed must be an integer in \[0, 2\*\*32\), got -1"),
+    ({"seed": 2**70}, r"config.seed must be an integer in"),
+    ({"data.features.resample_spacing": 0.0}, r"config.data.features: resample_spacing"),
     ({"bucketing.alpha": -1.0}, r"config.bucketing: cost model alpha must be a finite number"),
     ({"bucketing.kappa": float("nan")}, r"config.bucketing: cost model kappa .* got nan"),
     ({"data.train_split": "training"}, r"config.data.train_split='training' is not one of"),
@@ -429,6 +433,48 @@ def test_a_workdir_that_is_no_folder_is_refused_before_anything_loads(
     with pytest.raises((ValueError, OSError), match=message):
       run()
   assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
+
+
+def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
+  with open(tmp_path / "train.lock", "a") as held:  # as the first trainer holds it
+    fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    with pytest.raises(ValueError, match=r"another trainer is running in .*train.lock"):
+      train.train_and_evaluate(tiny_config(), tmp_path)
+  assert sorted(path.name for path in tmp_path.iterdir()) == ["train.lock"]
+
+
+def test_a_fresh_start_beside_an_earlier_runs_best_parameters_is_refused(
+  uninterrupted, tmp_path, caplog
+):
+  # Its training checkpoints gone, a new run would have been scored, by the test split and by
+  # --mode=evaluate, with the earlier run's best parameters (saving its best skips their epoch).
+  workdir = tmp_path / "run"
+  shutil.copytree(uninterrupted[0], workdir)
+  shutil.rmtree(workdir / "checkpoints" / "train")
+  with pytest.raises(ValueError, match=r"checkpoints/best holds an earlier run's best parameters"):
+    train.train_and_evaluate(tiny_config(), workdir)
+  shutil.rmtree(workdir / "checkpoints")  # nothing of the earlier run's parameters: it may start
+  train.train_and_evaluate(tiny_config(max_steps=1), workdir)
+  assert "starting afresh, replacing the 2 epoch(s) of" in caplog.text
+
+
+@pytest.mark.parametrize(
+  ("saved", "message"),
+  [
+    ([], "not a JSON object"),
+    ({"report": {}}, "no cost_model"),
+    ({"cost_model": {}, "report": {"steps": []}}, "its report lacks the steps, fitted_to"),
+    (
+      {"cost_model": {"alpha": -1.0}, "report": {"steps": [], "fitted_to": {}, "measure_s": 1}},
+      "not the cost model written there",
+    ),
+  ],
+)
+def test_a_cost_file_the_trainer_did_not_write_is_named(tmp_path, saved, message):
+  path = tmp_path / train.COST_FILE
+  path.write_text(json.dumps(saved))
+  with pytest.raises(ValueError, match=rf"{train.COST_FILE}: {message}"):
+    train._read_cost_file(path)
 
 
 def test_missing_iam_ondb_says_how_to_get_it(tmp_path):
@@ -542,9 +588,15 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   (tmp_path / "config.json").write_text(json.dumps(recorded))
   train.load_params(changed, tmp_path)
   plan = tmp_path / "plan.json"
-  plan.write_text(plan.read_text()[:-20])
-  with pytest.raises(ValueError, match=r"plan.json: not valid JSON"):
-    train.evaluate_checkpoint(config, tmp_path, "validation")
+  for text, message in (
+    ("[]", "not a JSON object"),
+    ("{}", "no upper_bounds"),
+    ('{"upper_bounds": []}', "are no bucket bounds"),
+    (plan.read_text()[:-20], "not valid JSON"),
+  ):
+    plan.write_text(text)
+    with pytest.raises(ValueError, match=rf"plan.json: {message}"):
+      train.evaluate_checkpoint(config, tmp_path, "validation")
   # Reading creates nothing: a mistyped workdir stays absent.
   for checkpoint in train.CHECKPOINTS:
     with pytest.raises(FileNotFoundError, match=f"no {checkpoint} checkpoint under .*typo"):
@@ -552,10 +604,11 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   assert not (tmp_path / "typo").exists()
 
 
-def test_evaluate_checkpoint_and_transcribe(uninterrupted):
+def test_evaluate_checkpoint_and_transcribe(uninterrupted, caplog):
   workdir, summary = uninterrupted
   config = tiny_config()
   scores = train.evaluate_checkpoint(config, workdir, "validation")
+  assert "scoring the first 16 lines of 'validation' only (config.data.eval_limit" in caplog.text
   assert scores["loss"] == pytest.approx(summary["best_val_loss"], rel=1e-5)
   example = train.dataset_lib.load_examples("synthetic", "validation", limit=1)[0]
   params = train.load_params(config, workdir)
