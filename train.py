@@ -63,6 +63,7 @@ from models import ctc, metrics
 from models.factory import make_model
 from training import compilation
 from training.checkpoints import (
+  CheckpointMismatchError,
   Checkpoints,
   Progress,
   abstract_on,
@@ -963,9 +964,12 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
     contextlib.closing(Checkpoints(workdir, _shape_config(config), config.seed)) as checkpoints,
     stop.on_signals(),
   ):
-    state, progress = restore(
-      checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
-    )
+    try:
+      state, progress = restore(
+        checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
+      )
+    except CheckpointMismatchError as error:  # the checkpoint says what differs, config.json why
+      raise CheckpointMismatchError(f"{error}{schedule_changes(config, workdir)}") from None
     if not int(jax.device_get(state.step)):
       check_fresh_start(checkpoints, workdir)
     if jax.process_index() == 0:  # only now: a resume refused leaves the run's own files
@@ -1287,6 +1291,23 @@ def check_trained_with(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     )
 
 
+def schedule_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> str:
+  """The fields that fix a run's schedule (data, bucketing, seed) that its config.json, its last
+  start's, has otherwise, as a clause to end an error with; "" without that file or such fields."""
+  path = workdir / CONFIG_FILE
+  if not path.is_file():
+    return ""
+  before, current = _read_json(path), flat_config(config)
+  changed = [
+    f"config.{field}={before.get(field)!r} there, {current.get(field)!r} here"
+    for field in sorted(before.keys() | current.keys())
+    if field.startswith(("data.", "bucketing.", "seed"))
+    and not field.startswith(RUN_CONTROL_FIELDS)
+    and before.get(field) != current.get(field)
+  ]
+  return f"; its {path} differs in {'; '.join(changed)}" if changed else ""
+
+
 def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resumed: bool) -> None:
   """Writes the start's config to `workdir/config.json`; a resume first warns of the fields it
   changes that change what the run computes (the learning rate's horizon with `num_epochs`, the
@@ -1557,8 +1578,16 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
 def evaluate_test_split(run: Run, params: Any) -> dict[str, float]:
   """Loss, CER and WER of the best parameters on the test split, when one is configured."""
   split = run.config.data.test_split
-  best_params = run.checkpoints.restore_best(params) if split else None
-  if best_params is None:
+  if not split:
+    return {}
+  best_params = run.checkpoints.restore_best(params)
+  if best_params is None:  # no epoch ended, or its checkpoint was removed
+    if jax.process_index() == 0:
+      LOG.warning(
+        "the test split %r is not scored: no best checkpoint in %s",
+        split,
+        run.checkpoints.best.directory,
+      )
     return {}
   test = evaluate(
     best_params, run.eval_sets[split], run.eval_plans[split], run.steps.eval_steps, run.mesh

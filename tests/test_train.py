@@ -784,10 +784,24 @@ def test_resuming_with_another_schedule_is_refused(stopped_at_step_6, tmp_path, 
   # Each would continue epoch 0 at step 6 of another order of batches.
   workdir = tmp_path / "run"
   shutil.copytree(stopped_at_step_6, workdir)
-  with pytest.raises(CheckpointMismatchError, match=message):
+  with pytest.raises(CheckpointMismatchError, match=message) as error:
     train.train_and_evaluate(tiny_config(**override), workdir)
+  # The field that changed, from the run's config.json: the checkpoint only knows the effect.
+  (field, value), *_ = override.items()
+  assert f"config.json differs in config.{field}=" in str(error.value)
+  assert f"there, {value!r} here" in str(error.value)
   # The run's plan.json still describes its checkpoints.
   assert (workdir / "plan.json").read_text() == (stopped_at_step_6 / "plan.json").read_text()
+
+
+def test_a_test_split_with_no_best_checkpoint_to_score_says_so(stopped_at_step_6, tmp_path, caplog):
+  workdir = tmp_path / "run"  # stopped within its first epoch: no best epoch yet
+  shutil.copytree(stopped_at_step_6, workdir)
+  summary = train.train_and_evaluate(
+    tiny_config(max_steps=6, **{"data.test_split": "test"}), workdir
+  )
+  assert summary["ended_by"] == "max_steps" and "test_cer" not in summary
+  assert "the test split 'test' is not scored: no best checkpoint in" in caplog.text
 
 
 def test_a_resume_that_changes_what_the_run_computes_says_so(stopped_at_step_6, tmp_path, caplog):
