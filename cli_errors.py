@@ -48,6 +48,13 @@ def run(main: Callable[[], int | None]) -> int:
   try:
     code = main()
     sys.stdout.flush()  # here, so that a reader gone by now is caught below, not at exit
+  except KeyboardInterrupt:
+    # Ctrl-C where the program does not stop cleanly itself (loading data, measuring, compiling;
+    # training checkpoints and returns): one line and the shell's code for death by SIGINT.
+    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+      raise
+    print("interrupted", file=sys.stderr)
+    return 128 + signal.SIGINT
   except BrokenPipeError:
     # The reader went away (`| head`): end quietly, as a shell tool killed by SIGPIPE does, and
     # keep Python from reporting the same when it flushes stdout at exit.

@@ -1008,6 +1008,14 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         summary[f"best_{progress.selection_metric}"],
         progress.epoch - 1 - progress.best_epoch,
       )
+    if summary["ended_by"] == "max_steps":
+      LOG.info(
+        "stopped at config.max_steps=%d (epoch %d, step %d of the schedule); a larger max_steps "
+        "resumes from there",
+        config.max_steps,
+        progress.epoch,
+        progress.step_in_epoch,
+      )
     log_compile_accounting(summary)
     if stop.reason:
       LOG.warning(

@@ -169,6 +169,16 @@ def test_a_flag_argparse_refuses_is_one_line_too(command):
   assert re.fullmatch(r"error: .+: .+ \(see --help\)\n", done.stderr)
 
 
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_code_130(capsys, monkeypatch):
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+
+  def measuring():
+    raise KeyboardInterrupt
+
+  assert cli_errors.run(measuring) == 130
+  assert capsys.readouterr().err == "interrupted\n"
+
+
 def test_a_reader_that_goes_away_ends_the_command_quietly():
   # `python -m bucketing plan ... | head -1`: no "error: [Errno 32] Broken pipe".
   code = (
