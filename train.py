@@ -996,6 +996,7 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         steps.wait()
     test_scores = {} if stop.reason else evaluate_test_split(run, state.params)
   summary = _summary(run, progress, skipped) | {"ended_by": ending} | test_scores
+  summary["global_step"] = int(jax.device_get(state.step))  # where a resume continues
   # What measuring auto's cost model took, in this start or the one that measured it.
   summary["cost_model_measure_s"] = measured.report["measure_s"] if measured else 0.0
   summary["measured_cost_model"] = dataclasses.asdict(measured.model) if measured else None
@@ -1017,7 +1018,13 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         progress.step_in_epoch,
       )
     log_compile_accounting(summary)
-    if stop.reason:
+    if stop.reason and not int(jax.device_get(state.step)):
+      LOG.warning(
+        "stopped by %s before the first train step: nothing to checkpoint; the same command "
+        "starts the run",
+        stop.reason,
+      )
+    elif stop.reason:
       LOG.warning(
         "stopped by %s at global step %d (epoch %d, step %d of the schedule), checkpointed in %s; "
         "run the same command to resume",
@@ -1868,6 +1875,10 @@ if __name__ == "__main__":
     if len(argv) > 1:
       raise cli_errors.UsageError(f"unexpected arguments: {argv[1:]}")
     config = experiments.cli.config_value(flags.FLAGS["config"])
+    given = [f"--{name}" for name in ("split", "checkpoint") if flags.FLAGS[name].present]
+    if given and _MODE.value == "train":  # else silently ignored
+      verb = "go" if len(given) > 1 else "goes"
+      raise cli_errors.UsageError(f"{' and '.join(given)} {verb} with --mode=evaluate")
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's INFO lines out of the way
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))

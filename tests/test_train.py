@@ -43,6 +43,7 @@ REQUIRED_ROW_KEYS = {
 REQUIRED_SUMMARY_KEYS = {
   "num_buckets",
   "upper_bounds",
+  "global_step",
   "num_devices",
   "train_compiles",
   "eval_compiles",
@@ -102,6 +103,8 @@ def test_tiny_run_writes_everything_a_user_reads(uninterrupted):
   workdir, summary = uninterrupted
   assert set(summary) >= REQUIRED_SUMMARY_KEYS
   assert summary == json.loads((workdir / "summary.json").read_text())
+  steps_per_epoch = sum(json.loads((workdir / "plan.json").read_text())["steps_per_epoch"])
+  assert summary["global_step"] == summary["epochs"] * steps_per_epoch
   rows = read_rows(workdir)
   assert [row["epoch"] for row in rows] == [0, 1]
   for row in rows:
@@ -919,6 +922,21 @@ def test_the_time_cap_stops_with_a_checkpoint_and_the_same_command_continues(
   assert finished["stopped_by"] is None and finished["ended_by"] == "num_epochs"
   assert "early stopping" not in caplog.text
   assert_resumed_like(uninterrupted[0], tmp_path)
+
+
+def test_a_signal_before_the_first_step_says_there_is_nothing_to_resume(
+  tmp_path, monkeypatch, caplog
+):
+  class SignalledAtOnce(train.StopRequest):
+    def __init__(self, max_minutes):
+      super().__init__(max_minutes)
+      self.reason = "SIGTERM"  # as if it came while the data loaded
+
+  monkeypatch.setattr(train, "StopRequest", SignalledAtOnce)
+  summary = train.train_and_evaluate(tiny_config(), tmp_path)
+  assert summary["stopped_by"] == "SIGTERM" and summary["global_step"] == 0
+  assert "stopped by SIGTERM before the first train step: nothing to checkpoint" in caplog.text
+  assert "checkpointed in" not in caplog.text
 
 
 def test_a_stop_compiles_nothing_more(tmp_path, monkeypatch):

@@ -29,6 +29,7 @@ TINY = "--config=experiments/synthetic.py:tiny"
     ([TINY, "--workdir=README.md"], "the workdir (--workdir) README.md is a file, not a folder"),
     ([TINY, "--workdir=README.md", "--mode=evaluate"], "(--workdir) README.md is a file"),
     ([TINY, "--mode=evaluate", "--split=testing"], "--split=testing: value should be one of"),
+    ([TINY, "--split=validation"], "--split goes with --mode=evaluate"),
     ([], "--config is required, e.g. --config=experiments/synthetic.py"),
     (["--mode=evaluate"], "--config is required"),
     (
