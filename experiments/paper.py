@@ -44,7 +44,8 @@ runs as fit at `--min-epochs` (default: the preset's epochs) in the order of `bu
 count (at most the preset's) that fits, without early stopping. A worker skips a run that its
 estimate says would end past the deadline, and a run slower than its estimate stops at the deadline
 with a checkpoint (`config.max_minutes`); the table and plots cover the runs that finished and name
-those left out. A run whose `summary.json` says it finished is reused, so an interrupted sweep
+those left out. Interrupted (Ctrl-C), the sweep writes the report of the runs that finished and
+exits with code 130. A run whose `summary.json` says it finished is reused, so an interrupted sweep
 continues where it stopped (a run the deadline cut short resumes from its checkpoint; started again,
 a budget sweep keeps its first plan's epoch count). Each run's folder keeps the settings it was
 trained with (`settings.json`: its config, less where the data lies, the time cap and, but for
@@ -71,6 +72,7 @@ import math
 import os
 import pathlib
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -959,7 +961,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def main(argv: list[str] | None = None) -> pathlib.Path | None:
+def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   if args.worker_devices:
@@ -984,14 +986,16 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   check_run_settings(args, device_counts, budget)  # finished runs are reused
   if budget:
     (pathlib.Path(args.workdir) / "budget.json").write_text(json.dumps(budget, indent=2))
+  interrupted = False
   for devices in device_counts:
     if not run_worker_process(worker_argv, devices):
       print("interrupted: the report covers the runs that finished", flush=True)
+      interrupted = True
       break
   loads = (load_before, os.getloadavg()[0])
   path = write_report(args, argv, device_counts, loads, time.perf_counter() - start, budget)
   print(f"wrote {path}")
-  return path
+  return 128 + signal.SIGINT if interrupted else path  # a scheduler sees the sweep unfinished
 
 
 if __name__ == "__main__":

@@ -406,6 +406,15 @@ def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):
   assert not paper.finished_run(tmp_path / "never started")
 
 
+def test_an_interrupted_sweep_reports_the_finished_runs_and_exits_130(tmp_path, monkeypatch):
+  reported = []
+  monkeypatch.setattr(paper, "run_worker_process", lambda argv, devices: False)  # Ctrl-C
+  monkeypatch.setattr(paper, "write_report", lambda *args: reported.append(args) or "report.md")
+  argv = ["--tiny", "--devices", "1", "--workdir", str(tmp_path / "sweep")]
+  assert cli_errors.run(lambda: paper.main(argv)) == 128 + signal.SIGINT
+  assert len(reported) == 1
+
+
 def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
   # SIGINT to the whole process group, as Ctrl-C or `timeout --signal=INT` sends it: the parent
   # must let the worker finish its clean stop (train.py's checkpoint) instead of killing it.
