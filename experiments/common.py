@@ -89,8 +89,8 @@ def base_config() -> ml_collections.ConfigDict:
   # parameters) and that patience waits on: val_loss (the paper's) | val_cer.
   config.selection_metric = "val_loss"
   config.max_steps = 0  # stop after this many global steps (0 = no cap)
-  # Stop at the next step boundary with a checkpoint after this many minutes of wall time
-  # (0 = no cap); the same command resumes.
+  # Stop at the next step boundary with a checkpoint after this many minutes of wall time since
+  # the start (0 = no cap); the same command resumes, with the clock started again.
   config.max_minutes = 0.0
   config.checkpoint_every_steps = 200  # global steps between mid-epoch checkpoints
   config.eval_batch_size = 64
