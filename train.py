@@ -854,7 +854,16 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
       process_id=config.distributed.process_id,
     )
   path = config.compilation_cache_dir
-  path = default_compilation_cache_dir() if path is None else os.path.expanduser(path)
+  if path:  # one the user chose: JAX would only warn and compile everything
+    path = os.path.expanduser(path)
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as error:
+      raise ValueError(
+        f"config.compilation_cache_dir={path!r}: cannot make it ({error.strerror or error}); "
+        "'' turns the cache off"
+      ) from None
+  path = default_compilation_cache_dir() if path is None else path
   wanted = (bool(path), path or jax.config.jax_compilation_cache_dir)
   if wanted != (jax.config.jax_enable_compilation_cache, jax.config.jax_compilation_cache_dir):
     jax.config.update("jax_enable_compilation_cache", bool(path))

@@ -438,6 +438,14 @@ def test_a_workdir_that_is_no_folder_is_refused_before_anything_loads(
   assert sorted(path.name for path in tmp_path.iterdir()) == ["file"]
 
 
+def test_a_compilation_cache_dir_that_cannot_be_made_is_named(tmp_path):
+  (tmp_path / "file").write_text("")
+  config = tiny_config(compilation_cache_dir=str(tmp_path / "file" / "cache"))
+  with pytest.raises(ValueError, match=r"config.compilation_cache_dir=.*file/cache': cannot make"):
+    train.train_and_evaluate(config, tmp_path / "run")
+  assert not (tmp_path / "run").exists()
+
+
 def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   with open(tmp_path / "train.lock", "a") as held:  # as the first trainer holds it
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
