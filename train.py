@@ -1319,9 +1319,11 @@ def schedule_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   """The fields that fix a run's schedule (data, bucketing, seed) that its config.json, its last
   start's, has otherwise, as a clause to end an error with; "" without that file or such fields."""
   path = workdir / CONFIG_FILE
-  if not path.is_file():
+  try:
+    before = _read_json(path) if path.is_file() else {}
+  except ValueError:  # damaged: the error this clause ends says enough without it
     return ""
-  before, current = _read_json(path), flat_config(config)
+  current = flat_config(config)
   changed = [
     f"config.{field}={before.get(field)!r} there, {current.get(field)!r} here"
     for field in sorted(before.keys() | current.keys())
@@ -1339,7 +1341,11 @@ def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resu
   path = workdir / CONFIG_FILE
   current = flat_config(config)
   if resumed and path.is_file():
-    before = _read_json(path)
+    try:
+      before = _read_json(path)
+    except ValueError as error:  # a record, rewritten below: what it held is lost, not the run
+      LOG.warning("%s; the resume cannot say which fields it changes, and rewrites it", error)
+      before = current
     changed = [
       f"{field} {before.get(field)!r} -> {current.get(field)!r}"
       for field in sorted(before.keys() | current.keys())

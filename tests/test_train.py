@@ -831,6 +831,17 @@ def test_a_resume_that_changes_what_the_run_computes_says_so(stopped_at_step_6, 
   assert "resuming with another config" not in caplog.text
 
 
+def test_a_damaged_config_record_is_rewritten_on_resume(stopped_at_step_6, tmp_path, caplog):
+  # config.json records each start; damaged, it no longer blocks the run it describes.
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  (workdir / "config.json").write_text("{")
+  config = tiny_config(max_steps=7)
+  train.train_and_evaluate(config, workdir)
+  assert "config.json: not valid JSON" in caplog.text and "rewrites it" in caplog.text
+  assert json.loads((workdir / "config.json").read_text()) == train.flat_config(config)
+
+
 def test_a_run_without_a_finished_epoch_has_no_best_but_a_latest_checkpoint(stopped_at_step_6):
   with pytest.raises(FileNotFoundError, match=r"none until an epoch ends\); --checkpoint=latest"):
     train.load_params(tiny_config(), stopped_at_step_6)
