@@ -962,6 +962,8 @@ def workdir_lock(workdir: pathlib.Path) -> Iterator[None]:
         f"another trainer is running in {workdir} (it holds {path}); wait for it to end, or use "
         "another workdir"
       ) from None
+    except OSError as error:  # a file system without locks: train, unguarded
+      LOG.warning("cannot lock %s (%s): a second trainer there would not be refused", path, error)
     yield
 
 

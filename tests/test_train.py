@@ -454,6 +454,15 @@ def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   assert sorted(path.name for path in tmp_path.iterdir()) == ["train.lock"]
 
 
+def test_a_workdir_that_cannot_be_locked_still_trains_and_says_so(tmp_path, monkeypatch, caplog):
+  def no_locks(file, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(train.fcntl, "flock", no_locks)
+  assert train.train_and_evaluate(tiny_config(max_steps=1), tmp_path)["global_step"] == 1
+  assert "cannot lock" in caplog.text and "No locks available" in caplog.text
+
+
 def test_a_fresh_start_beside_an_earlier_runs_best_parameters_is_refused(
   uninterrupted, tmp_path, caplog
 ):
