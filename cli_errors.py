@@ -51,7 +51,7 @@ def run(main: Callable[[], int | None]) -> int:
   except KeyboardInterrupt:
     # Ctrl-C where the program does not stop cleanly itself (loading data, measuring, compiling;
     # training checkpoints and returns): one line and the shell's code for death by SIGINT.
-    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    if _debugging():
       raise
     print("interrupted", file=sys.stderr)
     return 128 + signal.SIGINT
@@ -61,13 +61,18 @@ def run(main: Callable[[], int | None]) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 128 + signal.SIGPIPE
   except EXPECTED_ERRORS as error:
-    if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+    if _debugging():
       raise
     if isinstance(error, AlreadyReported):
       return USAGE_EXIT_CODE
     print(f"error: {one_line(error)}", file=sys.stderr)
     return USAGE_EXIT_CODE
   return code if isinstance(code, int) else 0
+
+
+def _debugging() -> bool:
+  """Whether `DEBUG_ENV` asks for tracebacks instead of one line."""
+  return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
 class ArgumentParser(argparse.ArgumentParser):
