@@ -54,6 +54,8 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
     plan = json.loads((run_dir / "plan.json").read_text())
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["num_devices"] == 2  # the worker really ran on 2 devices
+    # compiled cold, not loaded from the steps of the same shapes that the baseline compiled
+    assert summary["compilation_cache_hits"] == 0
     assert row["padding efficiency"] == f"{plan['efficiency_with_filler']:.4f}"
     ideal = baseline_plan["padded_timesteps_with_filler"] / plan["padded_timesteps_with_filler"]
     assert row["ideal speed-up"] == f"{ideal:.3f}"
