@@ -19,7 +19,8 @@ Implementations: the LSTM as a `lax.scan` (unroll 1 and 8) or the fused Pallas k
 (`models.lstm_kernel`), the CTC loss as `optax.ctc_loss` or its Pallas kernel
 (`models.ctc_kernel`). The parts are jitted apart, so they need not add up to the step (XLA fuses
 across them). `--tune` first times both kernels' launch variants (checking each against the scan
-or optax on the device) and runs the rest with the fastest; `--xla-flags NAME=FLAGS` reruns the
+or optax on the device) and runs the rest with the fastest (a bfloat16 model's step with the
+fastest variant for bfloat16 weights); `--xla-flags NAME=FLAGS` reruns the
 step in a child process under those `XLA_FLAGS`, beside a child with none; `--epoch` times one
 epoch of the IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps)
 against PyTorch cuDNN on random batches padded per batch (needs `--data-dir` with `iam_ondb.npz`).
@@ -62,6 +63,12 @@ IMPLEMENTATIONS = {
   "scan unroll 1, optax CTC": SCAN | {"model.unroll": 1},
   "scan unroll 8, optax CTC": SCAN | {"model.unroll": 8},
   "scan unroll 8, pallas CTC": {"model.lstm_impl": "scan", "model.unroll": 8, "ctc.impl": "pallas"},
+  "scan unroll 8, pallas CTC, bfloat16": {
+    "model.lstm_impl": "scan",
+    "model.unroll": 8,
+    "ctc.impl": "pallas",
+    "model.dtype": "bfloat16",
+  },
   "pallas LSTM, optax CTC": {"model.lstm_impl": "pallas", "ctc.impl": "optax"},
   "pallas LSTM, pallas CTC": KERNELS,
   "pallas LSTM, pallas CTC, bfloat16": KERNELS | {"model.dtype": "bfloat16"},
@@ -78,9 +85,16 @@ PRESETS = {
     (32, 1544): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
     (128, 608): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
   },
-  # The defaults beside the step they replace, at every quick shape (one GPU, about a minute).
+  # The defaults beside the step they replace, at every quick shape (one GPU, about a minute),
+  # and a bfloat16 model's step with the scan and with the LSTM kernel (its fastest bfloat16
+  # variant: on an H200 the only kernel faster than the scan, benchmark_step_gpu_kernels.md).
   "defaults": {
-    (32, 608): ("scan unroll 8, optax CTC", "scan unroll 8, pallas CTC"),
+    (32, 608): (
+      "scan unroll 8, optax CTC",
+      "scan unroll 8, pallas CTC",
+      "scan unroll 8, pallas CTC, bfloat16",
+      "pallas LSTM, pallas CTC, bfloat16",
+    ),
     (32, 152): ("scan unroll 8, pallas CTC",),
     (32, 1544): ("scan unroll 8, pallas CTC",),
     (128, 608): ("scan unroll 8, pallas CTC",),
@@ -94,7 +108,10 @@ PRESETS = {
 # 32 slower than 16. The second (results/benchmark_step_gpu_defaults.md) found 16 warps slower
 # than 8 for float32 (28.4 against 16.6 ms), and bfloat16 weights kept on chip level with the
 # scan (7.0-7.1 against 7.9 ms in float32, 7.1 in bfloat16): kernel and scan alike spend about
-# 6 us per frame and pass. Prefetching the next frame's inputs is what is left to learn. Only
+# 6 us per frame and pass. The third (results/benchmark_step_gpu_kernels.md): prefetching the
+# next frame's inputs made bfloat16 weights on chip the first variant faster than the scan
+# (5.08 against 7.48 ms; 6.66 without prefetch) and float32 re-read weights slower (40.8 against
+# 38.6, where the second sweep had 16.6 before the loop was reshaped for prefetching). Only
 # float32 rows can become the default (the model's dtype); bfloat16 rows say what a bfloat16
 # model would get.
 TUNE_GRID = [
@@ -223,10 +240,13 @@ def torch_step_ms(config, batch: int, time_steps: int, repeats: int) -> float | 
   return median_ms(run, repeats)
 
 
-def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, list[dict[str, str]]]:
+def tune_kernel(
+  repeats: int, interpret: bool
+) -> tuple[dict[str, KernelConfig], list[dict[str, str]]]:
   """Times each launch variant on one BLSTM layer's recurrence (forward + backward, B = 32,
   T = 608, hidden 128), checked against the float32 scan on this device; returns the fastest
-  float32 variant that matches (None if none compiled) and the table's rows."""
+  variant that matches for each weight dtype ("float32", "bfloat16": those of which some variant
+  compiled and matched) and the table's rows."""
   time_steps, batch, hidden = (24, 16, 16) if interpret else (608, 32, 128)
   rng = np.random.default_rng(0)
   projected = tuple(
@@ -274,8 +294,8 @@ def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, lis
     error = relative_error(result, reference)
     rows.append({"variant": name, "ms": f"{ms:.2f}", "max relative error": f"{error:.1e}"})
     print(" | ".join(rows[-1].values()), flush=True)
-    if dtype == jnp.float32 and error < 1e-2:
-      timings[variant] = ms
+    if error < 1e-2:  # bfloat16 weights round to about 2.5e-3
+      timings[jnp.dtype(dtype).name, variant] = ms
 
   deadline = time.perf_counter() + TUNE_SECONDS
   for variant, dtype in TUNE_GRID:
@@ -283,9 +303,10 @@ def tune_kernel(repeats: int, interpret: bool) -> tuple[KernelConfig | None, lis
       rows.append({"variant": describe(variant), "ms": "not run", "max relative error": "time"})
       continue
     measure(dataclasses.replace(variant, interpret=interpret), dtype)
-  if not timings:
-    return None, rows
-  return min(timings, key=timings.get), rows
+  fastest = {}
+  for dtype, variant in sorted(timings, key=timings.get):
+    fastest.setdefault(dtype, variant)
+  return fastest, rows
 
 
 def tune_ctc(repeats: int, interpret: bool) -> tuple[dict | None, list[dict[str, str]]]:
@@ -539,19 +560,26 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     write_report(out, report)
 
   settings = {}  # dotted config overrides every measurement uses: the tuned launch parameters
+  dtype_settings = {}  # model dtype -> the LSTM kernel's launch parameters tuned for it
   failed_measurements = []  # each makes the exit code MEASUREMENT_FAILED
   left_out = {}  # kernel -> why no variant of it is tuned, and it is left out of the rest
   if args.tune:
     best, rows = tune_kernel(args.repeats, interpret=backend != "gpu")
-    if best is None:
+    if not best:
       left_out["model.lstm_impl"] = "no LSTM kernel variant compiled and matched the scan"
       chosen = left_out["model.lstm_impl"]
     else:
-      settings |= {
-        f"model.kernel.{field}": getattr(best, field)
-        for field in ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
+      dtype_settings = {
+        dtype: {
+          f"model.kernel.{field}": getattr(variant, field)
+          for field in ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
+        }
+        for dtype, variant in best.items()
       }
-      chosen = f"the rest of this run uses the fastest: {describe(best)}"
+      settings |= dtype_settings.get("float32", {})
+      chosen = "the rest of this run uses the fastest: " + "; ".join(
+        f"{describe(variant)} for {dtype} models" for dtype, variant in best.items()
+      )
     sections += [
       "## The LSTM kernel's launch variants",
       "",
@@ -594,7 +622,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
         continue
       row = {"B": str(batch_size), "T": str(time_steps), "implementation": name}
       try:
-        timings = anatomy(make_config(preset_name, overrides, settings), batch, args.repeats)
+        tuned = dtype_settings.get(overrides.get("model.dtype", "float32"), {})
+        config = make_config(preset_name, overrides, settings, tuned)
+        timings = anatomy(config, batch, args.repeats)
         row |= {part: f"{timings[part]:.2f}" for part in columns[3:8]}
       except Exception as error:  # one failing contender must not lose the others' rows
         print(name, "failed:", error, flush=True)

@@ -8,8 +8,9 @@
 # Measured on an H200 (2026-11-26): the `accuracy` call took 4.2 minutes, wheels included (early
 # stopping ended it; the 17 steps compiled cold in 112 s), `memory` more than the 3.4 minutes it
 # was given (its shapes took 2.3), and the full-size paper table did not fit: its probe alone took
-# over 5.3 minutes, hence the `--gpu` preset below. Other stage times are estimates: the deadline
-# keeps a call inside its limit whatever they turn out to be.
+# over 5.3 minutes, hence the `--gpu` preset below. On 2026-11-27 `paper:9` (the `--gpu` preset)
+# took 7.9 minutes, its probe 2.5 of them, and `kernels` 3.3. Other stage times are estimates: the
+# deadline keeps a call inside its limit whatever they turn out to be.
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
 # "On a GPU machine without TFDS or network"). Each stage writes its results under
@@ -21,7 +22,9 @@
 #   paper:M        the paper's table within M minutes: `experiments.paper --gpu` (resampled
 #                  lines, K up to 4; $PAPER_PRESET: others, e.g. --tiny for a dry run, empty for
 #                  the full preset), a probe, then equal epochs, at least 8, for every run
-#                  that fits                                         -> paper_gpu.{md,csv,png}
+#                  that fits; the probe is kept (paper_gpu_probe.json), and a later call on the
+#                  same kind of GPU can skip it with PAPER_PRESET="--gpu --estimates FILE"
+#                                        -> paper_gpu.{md,csv,png}, paper_gpu_probe.json
 #   recipe:M       accuracy candidates, M minutes each, by validation CER against wall time
 #                  ($RECIPE_CANDIDATES, default: the base against a token budget as large as
 #                  iam.py:gpu's, at K = 2; 2 candidates at M = 2.5: perhaps 8 minutes)
@@ -34,7 +37,7 @@
 #   flags          the default step beside XLA flags that might cut its per-iteration launches
 #                  (perhaps 3 minutes)                          -> benchmark_step_gpu_flags.md
 #   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
-#                  scan, then the step's anatomy with the fastest (perhaps 4 minutes)
+#                  scan, then the step's anatomy with the fastest (3.3 minutes on an H200)
 #                                                               -> benchmark_step_gpu_kernels.md
 #   memory         XLA's buffer plan of `experiments/iam.py:gpu`'s train step on the GPU: 6 shapes,
 #                  one bucket against K = 4 at 32 lines and at its token budget (16 compiles, no
@@ -92,6 +95,9 @@ run_stage() {
       within_deadline python -m experiments.paper "${preset[@]}" --min-epochs 8 \
         --budget-minutes "$minutes" --data-dir "$data_dir" --workdir /tmp/gpu-call/paper \
         --out "$results/paper_gpu"
+      local swept=$?
+      cp /tmp/gpu-call/paper/probe.json "$results/paper_gpu_probe.json" 2>/dev/null
+      return $swept
       ;;
     recipe)
       # K = 2: every candidate compiles cold twice (its probe, its run) inside the call; lines

@@ -64,7 +64,7 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_chosen(monkeypatc
 
   monkeypatch.setattr(benchmark_step, "lstm_recurrence_kernel", kernel)
   best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
-  assert best.num_warps == 8 and best.interpret
+  assert list(best) == ["float32"] and best["float32"].num_warps == 8 and best["float32"].interpret
   failed = [row for row in rows if row["ms"] == "failed"]
   assert len(failed) == 1 and "Shared memory" in failed[0]["max relative error"]
 
@@ -152,8 +152,8 @@ def test_a_kernel_no_variant_of_which_works_is_left_out_and_exits_non_zero(
     return {"step": 5.0, "forward": 1.0, "backward": 2.0, "ctc": 0.5, "optimizer": 0.25}
 
   failed_row = [{"variant": "tile 16", "ms": "failed", "error": "-"}]
-  for tune in ("tune_kernel", "tune_ctc"):
-    monkeypatch.setattr(benchmark_step, tune, lambda *args, **kwargs: (None, failed_row))
+  monkeypatch.setattr(benchmark_step, "tune_kernel", lambda *args, **kwargs: ({}, failed_row))
+  monkeypatch.setattr(benchmark_step, "tune_ctc", lambda *args, **kwargs: (None, failed_row))
   monkeypatch.setattr(benchmark_step, "anatomy", anatomy)
   out = tmp_path / "step.md"
   argv = ["--preset", "tiny", "--tune", "--out", str(out)]
@@ -162,3 +162,38 @@ def test_a_kernel_no_variant_of_which_works_is_left_out_and_exits_non_zero(
   assert line.startswith("error: 2 measurement(s) failed")
   assert "tuning model.lstm_impl: no LSTM kernel variant compiled and matched the scan" in line
   assert "tuning ctc.impl: no CTC kernel variant compiled" in line
+
+
+def test_a_bfloat16_models_step_runs_the_fastest_variant_for_bfloat16_weights(
+  tmp_path, monkeypatch
+):
+  fastest = {
+    "float32": KernelConfig(num_warps=8, weights_resident=False),
+    "bfloat16": KernelConfig(num_warps=16, weights_resident=True, prefetch=True),
+  }
+  lstm_rows = [{"variant": "tile 16", "ms": "1.00", "max relative error": "0"}]
+  ctc_rows = [{"variant": "tile 1, 2 warps", "ms": "1.00", "deviation from optax": "0"}]
+  monkeypatch.setattr(benchmark_step, "tune_kernel", lambda *args, **kwargs: (fastest, lstm_rows))
+  monkeypatch.setattr(
+    benchmark_step,
+    "tune_ctc",
+    lambda *args, **kwargs: ({"ctc.batch_tile": 1, "ctc.num_warps": 2}, ctc_rows),
+  )
+  launched = {}
+
+  def anatomy(config, batch, repeats):
+    launched[config.model.dtype] = config.model.kernel.to_dict()
+    return {"step": 5.0, "forward": 1.0, "backward": 2.0, "ctc": 0.5, "optimizer": 0.25}
+
+  monkeypatch.setattr(benchmark_step, "anatomy", anatomy)
+  implementations = ("pallas LSTM, pallas CTC", "pallas LSTM, pallas CTC, bfloat16")
+  monkeypatch.setitem(benchmark_step.PRESETS, "tiny", {(8, 24): implementations})
+  out = tmp_path / "step.md"
+  benchmark_step.main(["--preset", "tiny", "--tune", "--out", str(out)])
+
+  for dtype, variant in fastest.items():
+    assert launched[dtype] == {
+      field: getattr(variant, field)
+      for field in ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
+    }
+  assert "weights resident, 1 stage(s), prefetch for bfloat16 models" in out.read_text()
