@@ -59,7 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
   # Scan steps per loop iteration; 0 = the backend's measured best (8 on a GPU, 1 on the CPU).
   config.model.unroll = 0
   # Launch parameters of the Pallas recurrence (models.lstm_kernel.KernelConfig), the fastest
-  # float32 variant measured on an H200 (prefetch: not yet measured there).
+  # float32 variant measured on an H200 (results/benchmark_step_gpu_defaults.md; prefetch was
+  # slower there in float32, faster with bfloat16 weights held on chip: weights_resident=True,
+  # prefetch=True took 5.08 ms against 6.66 without, benchmark_step_gpu_kernels.md).
   config.model.kernel = ml_collections.ConfigDict(
     {
       "batch_tile": 16,

@@ -13,9 +13,12 @@ from models.lstm_kernel import KernelConfig, padded_hidden_size
 
 LSTM_IMPLEMENTATIONS = ("auto", "scan", "pallas")
 # Backends on which `auto` takes the fused kernel: none yet. On an H200 the kernel's recurrence
-# (forward + backward of one BLSTM layer, B = 32, T = 608, float32) took 16.2 ms against the
-# scan's 7.5 at unroll 8 (experiments/results/benchmark_step_gpu.md): with a batch tile per
-# program only 4 of 132 multiprocessors work, and float32 weights do not fit on chip.
+# (forward + backward of one BLSTM layer, B = 32, T = 608) in float32 took 16.2 ms against the
+# scan's 7.5 at unroll 8 (experiments/results/benchmark_step_gpu.md), and 38.6 in a later run
+# (benchmark_step_gpu_kernels.md): float32 weights do not fit on chip. With bfloat16 weights
+# held on chip and the next frame prefetched it took 5.08 against the scan's 7.48 (6.90 with
+# bfloat16 weights), but the model is float32 unless `dtype` says otherwise, and a bfloat16
+# model with the kernel is yet to be timed as a whole step and trained.
 KERNEL_BACKENDS = ()
 # The largest (padded) hidden size `auto` would give the kernel.
 MAX_KERNEL_HIDDEN_SIZE = 256
@@ -26,7 +29,8 @@ DEFAULT_UNROLL = {"gpu": 8}
 # Backends whose scan steps read inputs sliced by the step before (`models.lstm._scan`): on the
 # 2-core CPU a BLSTM 128 recurrence's forward + backward took 0.89-0.92x the time without (B 32,
 # T 300 and 1,200) and a whole train step 0.94-0.95x (2 x BLSTM 128 at B 16, T 224; 3 x at B 32,
-# T 600). Not yet measured on a GPU.
+# T 600). On an H200 it made the recurrence slower: 8.26 against 7.48 ms at unroll 8 (one BLSTM
+# 128 layer's forward + backward, B 32, T 608; experiments/results/benchmark_step_gpu_kernels.md).
 SCAN_PREFETCH_BACKENDS = ("cpu",)
 
 
