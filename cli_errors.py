@@ -12,6 +12,8 @@ can use it too.
 
 import argparse
 import contextlib
+import json
+import math
 import os
 import pathlib
 import signal
@@ -107,6 +109,49 @@ def positive_int(text: str) -> int:
 def non_negative_int(text: str) -> int:
   """An argparse type for an integer of at least 0 (a seed)."""
   return _int_at_least(text, 0)
+
+
+def read_json_object(
+  path: pathlib.Path, keys: tuple[str, ...] = (), writer: str = "the file this trainer writes there"
+) -> dict:
+  """A JSON object a command of this project wrote, with `keys`: a file that cannot be read, is
+  damaged or is another's is a ValueError naming it and what it is not (`writer`), not a KeyError
+  later."""
+  try:
+    value = json.loads(path.read_text())
+  except OSError as error:
+    raise ValueError(f"{path}: cannot be read ({error.strerror or error})") from None
+  except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{path}: not valid JSON ({error})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: not a JSON object, so not {writer}")
+  missing = [key for key in keys if key not in value]
+  if missing:
+    raise ValueError(f"{path}: no {', '.join(missing)}, so not {writer}")
+  return value
+
+
+def positive_float(text: str) -> float:
+  """An argparse type for a finite number above 0 (minutes, epochs): NaN, infinities and 0 or
+  less are named with their flag."""
+  return _finite_float(text, above=True)
+
+
+def non_negative_float(text: str) -> float:
+  """An argparse type for a finite number of at least 0 (where 0 means none)."""
+  return _finite_float(text, above=False)
+
+
+def _finite_float(text: str, above: bool) -> float:
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+  if not (math.isfinite(value) and (value > 0 if above else value >= 0)):
+    raise argparse.ArgumentTypeError(
+      f"must be a finite number {'>' if above else '>='} 0, got {text!r}"
+    )
+  return value
 
 
 def _int_at_least(text: str, least: int) -> int:

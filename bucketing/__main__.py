@@ -5,7 +5,6 @@ shows the traceback.
 """
 
 import json
-import math
 import pathlib
 import sys
 
@@ -128,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     placeholder = getattr(cost.CostModel, name)
     plan.add_argument(f"--{name}", type=float, help=f"{unit}; a placeholder {placeholder} if unset")
   plan.add_argument(
-    "--epochs", type=float, default=20, help="planned epochs, for auto: %(default)s"
+    "--epochs",
+    type=cli_errors.positive_float,
+    default=20,
+    help="planned epochs, for auto: %(default)s",
   )
   plan.add_argument("--json", action="store_true", help="print one JSON object")
   plan.add_argument(
@@ -139,8 +141,6 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   check_upper_bounds(args.strategy, args.bounds, ("--strategy", "--bounds"))
-  if not (math.isfinite(args.epochs) and args.epochs > 0):
-    plan.error(f"--epochs must be a finite number > 0, got {args.epochs}")
   given = {name: getattr(args, name) for name in COST_TERMS if getattr(args, name) is not None}
   for name, value in given.items():  # one at a time, so that the error names its flag
     try:

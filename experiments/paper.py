@@ -529,14 +529,9 @@ def read_probe(path: pathlib.Path) -> dict:
   """A probe's estimates (`probe.json`, or `--estimates`); a file that cannot be read, or holds
   no probe, is a one-line error naming it."""
   try:
-    probed = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as error:
-    raise cli_errors.UsageError(f"{path}: not a readable probe file ({error})") from None
-  if not isinstance(probed, dict) or not {"probes", "planned"} <= probed.keys():
-    raise cli_errors.UsageError(
-      f"{path}: not a probe file of experiments.paper (it needs 'probes' and 'planned')"
-    )
-  return probed
+    return cli_errors.read_json_object(path, ("probes", "planned"), "a probe of experiments.paper")
+  except ValueError as error:
+    raise cli_errors.UsageError(str(error)) from None
 
 
 def plan_sweep(args, argv, device_counts, start: float) -> dict:
@@ -926,7 +921,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     help="alpha,beta,kappa[,gamma] for auto, in seconds (gamma 0 when left out; default: measured)",
   )
   parser.add_argument(
-    "--budget-minutes", type=float, default=0, help="plan the sweep to fit this wall time"
+    "--budget-minutes",
+    type=cli_errors.non_negative_float,
+    default=0,
+    help="plan the sweep to fit this wall time (0: no budget)",
   )
   parser.add_argument(
     "--min-epochs",
@@ -941,8 +939,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   args.preset = next(
     (preset for preset in ("gpu", "quick", "tiny") if getattr(args, preset)), "full"
   )
-  if not args.budget_minutes >= 0:  # NaN too
-    parser.error(f"--budget-minutes must be > 0 (or 0: no budget), got {args.budget_minutes}")
   if not args.budget_minutes and (args.min_epochs or args.estimates):
     parser.error("--min-epochs and --estimates plan a budget: give --budget-minutes too")
   default_buckets = PRESET_BUCKETS[args.preset]

@@ -508,7 +508,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument(
     "--set", action="append", default=[], metavar="NAME:FIELD=VALUE,...", help="a candidate"
   )
-  parser.add_argument("--minutes-per-run", type=float, required=True, help="each run's budget")
+  parser.add_argument(
+    "--minutes-per-run", type=cli_errors.positive_float, required=True, help="each run's budget"
+  )
   parser.add_argument("--preset", choices=PRESETS, default="full")
   parser.add_argument(
     "--base", default="", metavar="FIELD=VALUE,...", help="change the preset for every candidate"
@@ -523,8 +525,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--json", action="store_true", help="print only JSON on stdout")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
-  if not 0 < args.minutes_per_run < math.inf:  # NaN too
-    parser.error(f"--minutes-per-run must be a positive number, got {args.minutes_per_run:g}")
   return args
 
 

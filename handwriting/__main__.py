@@ -11,7 +11,6 @@ Bad data, a broken download or a missing file ends with one line and exit code 2
 
 import argparse
 import json
-import math
 import sys
 import time
 
@@ -80,17 +79,6 @@ def _add_data_flags(parser: argparse.ArgumentParser, build: bool) -> None:
   )
 
 
-def _spacing(text: str) -> float:
-  """An argparse type for --resample_spacing: a finite number >= 0 (0: no resampling)."""
-  try:
-    value = float(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-  if not 0 <= value < math.inf:  # NaN too
-    raise argparse.ArgumentTypeError(f"must be a finite number >= 0 (0: none), got {text!r}")
-  return value
-
-
 def _parser() -> argparse.ArgumentParser:
   parser = cli_errors.ArgumentParser(prog="python -m handwriting", description=__doc__)
   commands = parser.add_subparsers(dest="command", required=True)
@@ -110,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
   )
   stats.add_argument(
     "--resample_spacing",
-    type=_spacing,
+    type=cli_errors.non_negative_float,
     default=0.1,
     help="feature lengths are reported for this resampling (0: none; default: %(default)s)",
   )

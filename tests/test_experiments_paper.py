@@ -146,8 +146,8 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
     (["--devices", "0"], "--devices: counts must be >= 1, got '0'"),
     (["--devices", "1,0"], "--devices: counts must be >= 1, got '1,0'"),
     (["--buckets", "2,0"], "--buckets: counts must be >= 1, got '2,0'"),
-    (["--budget-minutes", "-5"], "--budget-minutes must be > 0"),
-    (["--budget-minutes", "nan"], "--budget-minutes must be > 0"),
+    (["--budget-minutes", "-5"], "--budget-minutes: must be a finite number >= 0, got '-5'"),
+    (["--budget-minutes", "nan"], "--budget-minutes: must be a finite number >= 0, got 'nan'"),
     (["--epochs", "-1"], "--epochs: must be >= 0, got -1"),
     (["--min-epochs", "-2"], "--min-epochs: must be >= 0, got -2"),
     (["--min-epochs", "4"], "give --budget-minutes too"),  # else silently ignored
@@ -159,11 +159,18 @@ def test_impossible_counts_are_refused_before_anything_runs(argv, message):
 
 
 @pytest.mark.parametrize(
-  ("text", "message"), [("{\n", "not a readable probe file"), ("[1, 2]", "not a probe file")]
+  ("text", "message"),
+  [
+    (None, "cannot be read"),
+    ("{\n", "not valid JSON"),
+    ("[1, 2]", "not a JSON object, so not a probe of experiments.paper"),
+    ('{"probes": []}', "no planned, so not a probe of experiments.paper"),
+  ],
 )
 def test_a_damaged_or_foreign_estimates_file_is_named(tmp_path, text, message):
   path = tmp_path / "probe.json"
-  path.write_text(text)
+  if text is not None:
+    path.write_text(text)
   with pytest.raises(cli_errors.UsageError, match=rf"{re.escape(str(path))}: {message}"):
     paper.read_probe(path)
 

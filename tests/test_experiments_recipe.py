@@ -238,5 +238,7 @@ def test_a_study_writes_table_and_plot_from_its_run_and_a_restart_reuses_it(tmp_
 @pytest.mark.parametrize("minutes", ["0", "-1", "nan"])
 def test_a_run_budget_must_be_a_positive_number(tmp_path, minutes):
   argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
-  with pytest.raises(cli_errors.UsageError, match=r"--minutes-per-run must be a positive number"):
+  with pytest.raises(
+    cli_errors.UsageError, match=r"--minutes-per-run: must be a finite number > 0"
+  ):
     recipe.parse_args([*argv, "--minutes-per-run", minutes])
