@@ -932,7 +932,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   resuming from `workdir` when it holds a run. Training starts once the first scheduled bucket is
   compiled; the other buckets compile in the background. Returns the summary also written to
   `workdir/summary.json` (`ended_by` says why it ended: `num_epochs`, `patience`, `max_steps`,
-  `max_minutes` or a signal; `stopped_by` whether a signal or the time cap cut it short).
+  `max_minutes` or a signal; `stopped_by` whether a signal or the time cap cut it short). A run
+  that an earlier start finished is not compiled or trained again: its `summary.json` is returned.
   """
   workdir = workdir_path(workdir)
   stop = StopRequest(config.max_minutes)
@@ -984,8 +985,11 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
     if not int(jax.device_get(state.step)):
       check_fresh_start(checkpoints, workdir)
     if jax.process_index() == 0:  # only now: a resume refused leaves the run's own files
-      _write_atomically(workdir / "plan.json", json.dumps(plan_summary, indent=2))
+      _write_atomically(workdir / PLAN_FILE, json.dumps(plan_summary, indent=2))
       record_config(config, workdir, resumed=bool(int(jax.device_get(state.step))))
+    earlier = finished_earlier(config, workdir, progress, int(jax.device_get(state.step)))
+    if earlier is not None:  # nothing to compile, train or score
+      return earlier
     steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
     with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
       run = Run(
@@ -1045,7 +1049,7 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         progress.step_in_epoch,
         checkpoints.directory,
       )
-    (workdir / "summary.json").write_text(json.dumps(_json_safe(summary), indent=2))
+    (workdir / SUMMARY_FILE).write_text(json.dumps(_json_safe(summary), indent=2))
   return summary
 
 
@@ -1166,6 +1170,7 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
 
 
 COST_FILE = "cost_model.json"
+PLAN_FILE = "plan.json"
 
 
 def workdir_path(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -1184,9 +1189,11 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
 
   Kept in `workdir/cost_model.json`. A run with a checkpoint plans with the figures it started
   with, whatever changed since: new figures could plan other buckets, and the resume would be
-  refused. A fresh run reuses the file's figures when they were measured for this model, CTC
-  loss, batch rule and devices, and measures (`measure_cost_model`) otherwise. None when
-  measuring cannot matter: a corpus of one padded length has one bucket whatever the costs.
+  refused (without the file, with the copy its `plan.json` keeps, which writes the file again;
+  with neither, it measures again and says so). A fresh run reuses the file's figures when they
+  were measured for this model, CTC loss, batch rule and devices, and measures
+  (`measure_cost_model`) otherwise. None when measuring cannot matter: a corpus of one padded
+  length has one bucket whatever the costs.
   """
   if not measures_cost_model(config):
     return None
@@ -1196,6 +1203,18 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
   saved = _read_cost_file(path) if path.exists() else None
   with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
     resuming = checkpoints.latest.latest_step() is not None
+  if saved is None and resuming:
+    saved = _planned_cost(workdir / PLAN_FILE)
+    if jax.process_index() == 0 and saved is not None:
+      LOG.warning("%s is missing: the resumed run plans with the copy in %s", path, PLAN_FILE)
+      _write_atomically(path, json.dumps(saved, indent=2))
+    elif jax.process_index() == 0:
+      LOG.warning(
+        "%s is missing and %s keeps no copy: measuring the cost model again; figures that plan "
+        "other buckets than the run's will have the resume refused",
+        path,
+        PLAN_FILE,
+      )
   same = saved is not None and saved["report"]["fitted_to"] == _cost_fingerprint(config)
   reuse = saved is not None and (resuming or same)
   if jax.process_count() > 1:  # one decision for all: the measuring steps are collective
@@ -1226,6 +1245,7 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 
 
 CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
 # Fields that choose how, not what, the model computes: implementations, loop unrolling, kernel
 # launches, the evaluation's batch.
 HOW_NOT_WHAT_FIELDS = (
@@ -1266,24 +1286,23 @@ def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return _json_safe(flatten(config.to_dict(), ""))
 
 
-def _read_json(path: pathlib.Path, keys: tuple[str, ...] = ()) -> dict:
-  """A JSON object the run wrote, with `keys`; a damaged or foreign file is a one-line error
-  naming it, not a KeyError later."""
+def _planned_cost(path: pathlib.Path) -> dict | None:
+  """The measured cost model a run planned with, as its `plan.json` keeps it (`cost_model` and
+  `report` of its `measured_cost`); None if the file is missing, damaged or keeps none."""
   try:
-    value = json.loads(path.read_text())
-  except json.JSONDecodeError as error:
-    raise ValueError(f"{path}: not valid JSON ({error})") from None
-  if not isinstance(value, dict):
-    raise ValueError(f"{path}: not a JSON object, so not the file this trainer writes there")
-  missing = [key for key in keys if key not in value]
-  if missing:
-    raise ValueError(f"{path}: no {', '.join(missing)}, so not the file this trainer writes there")
-  return value
+    return _read_cost_file(path, within="measured_cost")
+  except (OSError, ValueError):
+    return None
 
 
-def _read_cost_file(path: pathlib.Path) -> dict:
-  """`cost_model.json` as `auto_cost_model` wrote it; anything else is an error naming it."""
-  saved = _read_json(path, ("cost_model", "report"))
+def _read_cost_file(path: pathlib.Path, within: str | None = None) -> dict:
+  """`cost_model.json` as `auto_cost_model` wrote it, or the copy in the file's `within` field;
+  anything else is an error naming the file."""
+  saved = cli_errors.read_json_object(path, (within,) if within else ("cost_model", "report"))
+  saved = saved[within] if within else saved
+  if not (isinstance(saved, dict) and {"cost_model", "report"} <= saved.keys()):
+    raise ValueError(f"{path}: its {within} is not a cost model with its report")
+  saved = {"cost_model": saved["cost_model"], "report": saved["report"]}
   report, figures = saved["report"], saved["cost_model"]
   if not (isinstance(report, dict) and {"steps", "fitted_to", "measure_s"} <= report.keys()):
     raise ValueError(f"{path}: its report lacks the steps, fitted_to or measure_s written there")
@@ -1302,7 +1321,7 @@ def check_trained_with(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   path = workdir / CONFIG_FILE
   if not path.is_file():
     return
-  trained, current = _read_json(path), flat_config(config)
+  trained, current = cli_errors.read_json_object(path), flat_config(config)
   differ = [
     f"config.{field}={current[field]!r} here, {trained[field]!r} there"
     for field in sorted(trained.keys() & current.keys())
@@ -1322,7 +1341,7 @@ def schedule_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   start's, has otherwise, as a clause to end an error with; "" without that file or such fields."""
   path = workdir / CONFIG_FILE
   try:
-    before = _read_json(path) if path.is_file() else {}
+    before = cli_errors.read_json_object(path) if path.is_file() else {}
   except ValueError:  # damaged: the error this clause ends says enough without it
     return ""
   current = flat_config(config)
@@ -1344,7 +1363,7 @@ def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resu
   current = flat_config(config)
   if resumed and path.is_file():
     try:
-      before = _read_json(path)
+      before = cli_errors.read_json_object(path)
     except ValueError as error:  # a record, rewritten below: what it held is lost, not the run
       LOG.warning("%s; the resume cannot say which fields it changes, and rewrites it", error)
       before = current
@@ -1450,14 +1469,57 @@ def describe_implementations(config: ml_collections.ConfigDict) -> str:
 
 
 def finished(run: Run, progress: Progress, global_step: int) -> bool:
-  """The run is over: all epochs done, early-stopped on patience, or cut short (`cut_short`)."""
-  config = run.config
+  """The run is over: its schedule is done (`schedule_done`) or a stop was asked for."""
   # The time cap is checked after steps only, so that every start takes at least one.
+  return schedule_done(run.config, progress, global_step) or run.stop.requested(False)
+
+
+def schedule_done(config: ml_collections.ConfigDict, progress: Progress, global_step: int) -> bool:
+  """All epochs trained, early-stopped on patience, or `max_steps` taken."""
   return (
     progress.epoch >= config.num_epochs
     or stalled(config, progress)
-    or cut_short(run, global_step, False)
+    or (bool(config.max_steps) and global_step >= config.max_steps)
   )
+
+
+def finished_earlier(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, progress: Progress, global_step: int
+) -> dict | None:
+  """The `summary.json` of a run that an earlier start finished, when this start has nothing to
+  do: its schedule is done and process 0 holds the summary written at this global step by a
+  start that was not stopped (one that was, or none, and this start goes on: it compiles and
+  scores the test split, which a stopped start leaves out). None otherwise."""
+  if not schedule_done(config, progress, global_step):
+    return None
+  summary = None
+  if jax.process_index() == 0:
+    try:
+      summary = json.loads((workdir / SUMMARY_FILE).read_text())
+    except (OSError, ValueError):  # none, or damaged: this start writes it
+      summary = None
+    if not (
+      isinstance(summary, dict)
+      and summary.get("global_step") == global_step
+      and summary.get("stopped_by") is None
+    ):
+      summary = None
+  found = summary is not None
+  if jax.process_count() > 1:  # every process takes process 0's decision
+    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
+  if not found:
+    return None
+  if jax.process_index() == 0:
+    LOG.info(
+      "this run already ended (%s) at global step %d after %d epoch(s): nothing to train; %s "
+      "stands (--mode=evaluate scores a checkpoint)",
+      summary.get("ended_by", "finished"),
+      global_step,
+      progress.epoch,
+      workdir / SUMMARY_FILE,
+    )
+    return summary
+  return {"global_step": global_step, "ended_by": "finished earlier"}
 
 
 def stalled(config: ml_collections.ConfigDict, progress: Progress) -> bool:
@@ -1816,7 +1878,7 @@ def evaluate_checkpoint(
   plan_path = workdir / "plan.json"
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
-  train_bounds = np.array(_read_json(plan_path, ("upper_bounds",))["upper_bounds"])
+  train_bounds = np.array(cli_errors.read_json_object(plan_path, ("upper_bounds",))["upper_bounds"])
   if train_bounds.ndim != 1 or not train_bounds.size:
     raise ValueError(f"{plan_path}: upper_bounds {train_bounds.tolist()} are no bucket bounds")
   source = data_source(config)

@@ -150,11 +150,20 @@ def test_step_memory_is_per_device_a_sharded_batch_takes_less_of_each(tmp_path):
   assert temporaries[1] < temporaries[0] / 4
 
 
-def test_starting_a_finished_run_again_trains_no_further(uninterrupted):
+def test_starting_a_finished_run_again_trains_no_further(uninterrupted, monkeypatch, caplog):
   workdir, summary = uninterrupted
   rows = read_rows(workdir)
   params = latest_params(tiny_config(), workdir)
-  again = train.train_and_evaluate(tiny_config(), workdir)
+  written = (workdir / "summary.json").read_text()
+
+  def compile_nothing(*args, **kwargs):
+    raise AssertionError("a finished run compiled its steps again")
+
+  monkeypatch.setattr(train, "start_compiling", compile_nothing)
+  with caplog.at_level(logging.INFO, logger=train.LOG.name):
+    again = train.train_and_evaluate(tiny_config(), workdir)
+  assert "this run already ended (num_epochs) at global step" in caplog.text
+  assert again == summary and (workdir / "summary.json").read_text() == written
   assert read_rows(workdir) == rows
   # One TensorBoard stream, each epoch once: a second file would plot replayed epochs twice.
   scalars, num_files = tensorboard_scalars(workdir)
@@ -162,6 +171,17 @@ def test_starting_a_finished_run_again_trains_no_further(uninterrupted):
   assert sorted(step for tag, step in scalars if tag == "val_loss") == [0, 1]
   assert again["best_val_loss"] == summary["best_val_loss"]
   jax.tree.map(np.testing.assert_array_equal, latest_params(tiny_config(), workdir), params)
+
+
+def test_a_finished_run_without_its_summary_writes_it_again(uninterrupted, tmp_path):
+  workdir, summary = uninterrupted
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  (copy / "summary.json").unlink()  # as if the start that finished was killed before writing it
+  again = train.train_and_evaluate(tiny_config(), copy)
+  assert json.loads((copy / "summary.json").read_text()) == again
+  assert again["global_step"] == summary["global_step"] and again["train_compiles"] > 0
+  assert read_rows(copy) == read_rows(workdir)
 
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path, caplog):
@@ -1196,6 +1216,8 @@ def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(tmp_path, 
   monkeypatch.setattr(train, "measure_cost_model", measure_again)
   # Resumed with a setting its figures were not measured for: it keeps them, so that it plans
   # the buckets it started with (new figures could plan others, and the resume be refused).
+  # Without its cost_model.json, it plans with the copy in plan.json and writes the file again.
+  (tmp_path / train.COST_FILE).unlink()
   resumed = train.train_and_evaluate(_auto_config(**{"model.dropout_rate": 0.5}), tmp_path)
   assert resumed["stopped_by"] is None
   assert json.loads((tmp_path / train.COST_FILE).read_text()) == saved
