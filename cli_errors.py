@@ -182,6 +182,17 @@ def positive_int_list(text: str) -> list[int]:
   return values
 
 
+def input_file(path: pathlib.Path, name: str, what: str) -> pathlib.Path:
+  """`path`, checked to be a file before it is read: a folder (`is a folder, not {what}`) or
+  nothing there (`no such file`) is an error that starts with `name` (the path, or the flag and
+  the path as typed)."""
+  if path.is_dir():
+    raise ValueError(f"{name}: is a folder, not {what}")
+  if not path.exists():
+    raise FileNotFoundError(f"{name}: no such file")
+  return path
+
+
 def figure_file(flag: str, path: str) -> pathlib.Path:
   """The file a figure given as `flag path` will be written to, checked before any work.
 

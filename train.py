@@ -1488,8 +1488,9 @@ def finished_earlier(
 ) -> dict | None:
   """The `summary.json` of a run that an earlier start finished, when this start has nothing to
   do: its schedule is done and process 0 holds the summary written at this global step by a
-  start that was not stopped (one that was, or none, and this start goes on: it compiles and
-  scores the test split, which a stopped start leaves out). None otherwise."""
+  start that was not stopped, with scores of this config's test split if it has one. Else (no
+  such summary, a stopped start's, or a test split it did not score) this start goes on: it
+  compiles, and scores the test split. None otherwise."""
   if not schedule_done(config, progress, global_step):
     return None
   summary = None
@@ -1498,10 +1499,12 @@ def finished_earlier(
       summary = json.loads((workdir / SUMMARY_FILE).read_text())
     except (OSError, ValueError):  # none, or damaged: this start writes it
       summary = None
+    split = config.data.test_split
     if not (
       isinstance(summary, dict)
       and summary.get("global_step") == global_step
       and summary.get("stopped_by") is None
+      and (not split or summary.get("test_split") == split)
     ):
       summary = None
   found = summary is not None
@@ -1686,7 +1689,12 @@ def evaluate_test_split(run: Run, params: Any) -> dict[str, float]:
   test = evaluate(
     best_params, run.eval_sets[split], run.eval_plans[split], run.steps.eval_steps, run.mesh
   )
-  return {"test_loss": test["loss"], "test_cer": test["cer"], "test_wer": test["wer"]}
+  return {
+    "test_split": split,
+    "test_loss": test["loss"],
+    "test_cer": test["cer"],
+    "test_wer": test["wer"],
+  }
 
 
 def log_compile_accounting(summary: dict) -> None:

@@ -27,10 +27,7 @@ def read_lengths(path: pathlib.Path) -> np.ndarray:
   A bad value in a text file is named by its 1-based line number (`file:line`, as editors count),
   one in a `.npy` array by its index.
   """
-  if path.is_dir():
-    raise ValueError(f"{path}: is a folder, not a file of lengths (one per line, or .npy)")
-  if not path.exists():
-    raise FileNotFoundError(f"{path}: no such file")
+  cli_errors.input_file(path, str(path), "a file of lengths (one per line, or .npy)")
   if path.suffix == ".npy":
     try:
       values = np.load(path, allow_pickle=False)

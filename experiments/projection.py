@@ -223,10 +223,7 @@ def _read_steps_file(path: str, implementation: str):
   """The step times of `implementation` and the measured epoch in the --steps file, read before
   any work, so that a wrong file is one line naming the flag instead of a late stop."""
   file = pathlib.Path(path).expanduser()
-  if file.is_dir():
-    raise ValueError(f"--steps {path}: is a folder, not a results file of {BENCHMARK}")
-  if not file.is_file():
-    raise FileNotFoundError(f"--steps {path}: no such file")
+  cli_errors.input_file(file, f"--steps {path}", f"a results file of {BENCHMARK}")
   try:
     return read_step_times(file, implementation), read_measured_epoch(file)
   except OSError as error:

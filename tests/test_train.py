@@ -184,6 +184,24 @@ def test_a_finished_run_without_its_summary_writes_it_again(uninterrupted, tmp_p
   assert read_rows(copy) == read_rows(workdir)
 
 
+def test_a_finished_run_started_again_with_a_test_split_scores_it_once(
+  uninterrupted, tmp_path, monkeypatch
+):
+  workdir, _ = uninterrupted
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  config = tiny_config(**{"data.test_split": "test"})
+  scored = train.train_and_evaluate(config, copy)  # nothing to train, a split to score
+  assert scored["test_split"] == "test" and scored["test_cer"] >= 0
+  assert read_rows(copy) == read_rows(workdir)
+
+  def compile_nothing(*args, **kwargs):
+    raise AssertionError("a finished run compiled its steps again")
+
+  monkeypatch.setattr(train, "start_compiling", compile_nothing)
+  assert train.train_and_evaluate(config, copy) == scored
+
+
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path, caplog):
   with caplog.at_level(logging.INFO, logger="train"):
     summary = train.train_and_evaluate(
