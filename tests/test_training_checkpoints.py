@@ -17,15 +17,19 @@ from training.checkpoints import CheckpointMismatchError, Checkpoints, Progress
 
 
 def damage(step_dir, how):
-  """Truncates, zeroes (same size) or deletes the largest file of a checkpoint step: its arrays."""
-  largest = max((p for p in step_dir.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
-  size = largest.stat().st_size
-  if how == "truncate":
-    largest.write_bytes(largest.read_bytes()[: size // 2])
-  elif how == "zero":
-    largest.write_bytes(bytes(size))
-  else:
-    largest.unlink()
+  """Truncates, zeroes (same size) or deletes every data file of a checkpoint step (the files of
+  its OCDBT `d/` folders, which hold the arrays). Damaging only the largest file once left a step
+  that still read back (one full-suite run, the machine loaded): its arrays span several files."""
+  files = [p for p in step_dir.rglob("*") if p.is_file()]
+  data = [p for p in files if p.parent.name == "d"]
+  for path in data or [max(files, key=lambda p: p.stat().st_size)]:
+    size = path.stat().st_size
+    if how == "truncate":
+      path.write_bytes(path.read_bytes()[: size // 2])
+    elif how == "zero":
+      path.write_bytes(bytes(size))
+    else:
+      path.unlink()
 
 
 def saved_best(workdir, params):
