@@ -439,7 +439,10 @@ def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
     "time.sleep(60)\n"
   )
   parent = (
-    "import sys\n"
+    "import signal, sys\n"
+    # SIGINT as a terminal leaves it: a pytest started as a background job of a non-interactive
+    # shell passes it on ignored, and the parent would never see the interruption.
+    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
     "from experiments import paper\n"
     f"command = [sys.executable, '-c', {worker!r}, sys.argv[1]]\n"
     "print(paper.run_worker_command(command, None, 'the worker'))\n"
