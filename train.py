@@ -1298,11 +1298,13 @@ def _planned_cost(path: pathlib.Path) -> dict | None:
 def _read_cost_file(path: pathlib.Path, within: str | None = None) -> dict:
   """`cost_model.json` as `auto_cost_model` wrote it, or the copy in the file's `within` field;
   anything else is an error naming the file."""
-  saved = cli_errors.read_json_object(path, (within,) if within else ("cost_model", "report"))
-  saved = saved[within] if within else saved
-  if not (isinstance(saved, dict) and {"cost_model", "report"} <= saved.keys()):
-    raise ValueError(f"{path}: its {within} is not a cost model with its report")
-  saved = {"cost_model": saved["cost_model"], "report": saved["report"]}
+  keys = ("cost_model", "report")
+  saved = cli_errors.read_json_object(path, (within,) if within else keys)
+  if within:
+    saved = saved[within]
+    if not (isinstance(saved, dict) and set(keys) <= saved.keys()):
+      raise ValueError(f"{path}: its {within} is not a cost model with its report")
+  saved = {key: saved[key] for key in keys}  # the file's own fields, without a copy's others
   report, figures = saved["report"], saved["cost_model"]
   if not (isinstance(report, dict) and {"steps", "fitted_to", "measure_s"} <= report.keys()):
     raise ValueError(f"{path}: its report lacks the steps, fitted_to or measure_s written there")
@@ -1479,8 +1481,13 @@ def schedule_done(config: ml_collections.ConfigDict, progress: Progress, global_
   return (
     progress.epoch >= config.num_epochs
     or stalled(config, progress)
-    or (bool(config.max_steps) and global_step >= config.max_steps)
+    or out_of_steps(config, global_step)
   )
+
+
+def out_of_steps(config: ml_collections.ConfigDict, global_step: int) -> bool:
+  """`config.max_steps` (0: no limit) taken."""
+  return bool(config.max_steps) and global_step >= config.max_steps
 
 
 def finished_earlier(
@@ -1496,12 +1503,12 @@ def finished_earlier(
   summary = None
   if jax.process_index() == 0:
     try:
-      summary = json.loads((workdir / SUMMARY_FILE).read_text())
-    except (OSError, ValueError):  # none, or damaged: this start writes it
+      summary = cli_errors.read_json_object(workdir / SUMMARY_FILE)
+    except ValueError:  # none, or damaged: this start writes it
       summary = None
     split = config.data.test_split
     if not (
-      isinstance(summary, dict)
+      summary is not None
       and summary.get("global_step") == global_step
       and summary.get("stopped_by") is None
       and (not split or summary.get("test_split") == split)
@@ -1542,8 +1549,7 @@ def ended_by(run: Run, progress: Progress) -> str:
 
 def cut_short(run: Run, global_step: int, check_time_cap: bool = True) -> bool:
   """`max_steps` taken, or a stop requested (a signal, the time cap): checked at every step."""
-  out_of_steps = bool(run.config.max_steps) and global_step >= run.config.max_steps
-  return out_of_steps or run.stop.requested(check_time_cap)
+  return out_of_steps(run.config, global_step) or run.stop.requested(check_time_cap)
 
 
 def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainState:
@@ -1883,7 +1889,7 @@ def evaluate_checkpoint(
   setup_runtime(config)
   mesh = make_data_mesh()
   validate_config(config, jax.device_count())
-  plan_path = workdir / "plan.json"
+  plan_path = workdir / PLAN_FILE
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
   train_bounds = np.array(cli_errors.read_json_object(plan_path, ("upper_bounds",))["upper_bounds"])
