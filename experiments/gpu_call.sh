@@ -23,7 +23,11 @@
 #                  lines, K up to 4; $PAPER_PRESET: others, e.g. --tiny for a dry run, empty for
 #                  the full preset), a probe, then equal epochs, at least 8, for every run
 #                  that fits; the probe is kept (paper_gpu_probe.json), and a later call on the
-#                  same kind of GPU can skip it with PAPER_PRESET="--gpu --estimates FILE"
+#                  same kind of GPU can skip it with PAPER_PRESET="--gpu --estimates FILE".
+#                  $PAPER_WORKDIR (default: a new /tmp/gpu-call/paper) in an ignored folder of
+#                  the checkout, e.g. .gpu/paper, outlives the call on a machine still warm: the
+#                  same stage in the next call finishes the sweep (its finished runs reused, the
+#                  rest at the first call's epoch count)
 #                                        -> paper_gpu.{md,csv,png}, paper_gpu_probe.json
 #   recipe:M       accuracy candidates, M minutes each, by validation CER against wall time
 #                  ($RECIPE_CANDIDATES, default: the base against a token budget as large as
@@ -92,11 +96,12 @@ run_stage() {
         'BEGIN { left /= 60; print (m < left ? m : left) }')
       local preset
       read -r -a preset <<<"${PAPER_PRESET---gpu}" # set but empty: the full preset
+      local workdir=${PAPER_WORKDIR:-/tmp/gpu-call/paper}
       within_deadline python -m experiments.paper "${preset[@]}" --min-epochs 8 \
-        --budget-minutes "$minutes" --data-dir "$data_dir" --workdir /tmp/gpu-call/paper \
+        --budget-minutes "$minutes" --data-dir "$data_dir" --workdir "$workdir" \
         --out "$results/paper_gpu"
       local swept=$?
-      cp /tmp/gpu-call/paper/probe.json "$results/paper_gpu_probe.json" 2>/dev/null
+      cp "$workdir/probe.json" "$results/paper_gpu_probe.json" 2>/dev/null
       return $swept
       ;;
     recipe)

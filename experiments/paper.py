@@ -47,8 +47,10 @@ estimate says would end past the deadline, and a run slower than its estimate st
 with a checkpoint (`config.max_minutes`); the table and plots cover the runs that finished and name
 those left out. Interrupted (Ctrl-C), the sweep writes the report of the runs that finished and
 exits with code 130. A run whose `summary.json` says it finished is reused, so an interrupted sweep
-continues where it stopped (a run the deadline cut short resumes from its checkpoint; started again,
-a budget sweep keeps its first plan's epoch count). Each run's folder keeps the settings it was
+continues where it stopped (a run the deadline cut short resumes from its checkpoint). Started
+again, a budget sweep plans only what is left: its finished runs cost nothing, and every other run
+gets the epoch count of its first plan or is left out, so that a sweep can be finished in a second
+GPU call. Each run's folder keeps the settings it was
 trained with (`settings.json`: its config, less where the data lies, the time cap and, but for
 `auto`, the `--cost` model; a run from before that file is checked against the trainer's
 `config.json`); a command that would reuse it under others (another dataset, preset, epoch count,
@@ -536,7 +538,8 @@ def read_probe(path: pathlib.Path) -> dict:
 
 def plan_sweep(args, argv, device_counts, start: float) -> dict:
   """Probes (or reads `--estimates`) and plans within `--budget-minutes`; a sweep started again
-  keeps the epoch count of its workdir's earlier plan (`budget.json`), so that its runs compare."""
+  plans the runs it has not finished, at the epoch count of its workdir's earlier plan
+  (`budget.json`), so that its runs compare."""
   workdir = pathlib.Path(args.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if not args.estimates:  # the workdir's own probe: measured with this command's settings
@@ -554,22 +557,32 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
     # The worker's own start-up (Python, JAX) is paid once per device count.
     worker_start_s = time.perf_counter() - probe_start - sum(p["wall_s"] for p in probed["probes"])
     probed["worker_start_s"] = max(0.0, worker_start_s)
+    probed["probe_s"] = time.perf_counter() - start
     (workdir / "probe.json").write_text(json.dumps(probed, indent=2))
-  estimates = []
+  estimates, reused = [], []
   for devices in device_counts:
     per_device = estimate_runs(probed["probes"], probed["planned"], devices)
-    per_device[0] = dataclasses.replace(
-      per_device[0], fixed_s=per_device[0].fixed_s + probed.get("worker_start_s", 0.0)
-    )
+    # A run an earlier start finished costs nothing now; the worker's own start-up is paid by
+    # the first run it still trains.
+    starts_worker = True
+    for i, estimate in enumerate(per_device):
+      name = run_name(devices, estimate.strategy, estimate.num_buckets)
+      if finished_run(workdir / name):
+        per_device[i] = dataclasses.replace(estimate, fixed_s=0.0, epoch_s=0.0)
+        reused.append(name)
+      elif starts_worker:
+        starts_worker = False
+        start_s = estimate.fixed_s + probed.get("worker_start_s", 0.0)
+        per_device[i] = dataclasses.replace(estimate, fixed_s=start_s)
     estimates += per_device
   by_key = {(e.devices, e.strategy, e.num_buckets): e for e in estimates}
   ordered = [by_key[key] for key in budget_priority(list(by_key))]
   spent = time.perf_counter() - start
   budget_s = args.budget_minutes * 60 - spent - REPORT_RESERVE_S
   max_epochs = args_config(args).num_epochs
-  if (workdir / "budget.json").is_file():
-    max_epochs = min(max_epochs, read_budget(workdir)["epochs"])
   min_epochs = min(args.min_epochs or max_epochs, max_epochs)
+  if (workdir / "budget.json").is_file():  # its runs trained this many: the rest must too
+    max_epochs = min_epochs = read_budget(workdir)["epochs"]
   kept, epochs = plan_budget(ordered, budget_s, max_epochs, min_epochs)
   if not kept:
     first = ordered[0].seconds(min_epochs) / 60
@@ -581,6 +594,8 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
     "budget_minutes": args.budget_minutes,
     "probe_s": spent,
     "estimates_from": str(earlier) if earlier else None,
+    "probed_by_earlier_start_s": probed.get("probe_s") if earlier and not args.estimates else None,
+    "reused": reused,
     "epochs": epochs,
     "deadline": time.time() + budget_s,
     "runs": [(e.devices, e.strategy, e.num_buckets) for e in kept],
@@ -881,19 +896,23 @@ def budget_lines(budget: dict | None, unfinished: list[str]) -> list[str]:
   if budget is None:
     return []
   planned = sum(budget["estimates"][run_name(*run)] for run in budget["runs"])
-  measured = (
-    f"Estimates from an earlier probe (`{budget['estimates_from']}`)"
-    if budget.get("estimates_from")
-    else f"Probing the baseline and the largest K for {PROBE_EPOCHS} epochs each took "
-    f"{budget['probe_s'] / 60:.1f} min"
-  )
+  probing = f"Probing the baseline and the largest K for {PROBE_EPOCHS} epochs each took"
+  if budget.get("probed_by_earlier_start_s") is not None:
+    measured = f"{probing} {budget['probed_by_earlier_start_s'] / 60:.1f} min (an earlier start)"
+  elif budget.get("estimates_from"):
+    measured = f"Estimates from an earlier probe (`{budget['estimates_from']}`)"
+  else:
+    measured = f"{probing} {budget['probe_s'] / 60:.1f} min"
+  reused = budget.get("reused") or []
+  still = f" for the {len(budget['runs']) - len(reused)} still to train" if reused else ""
+  earlier = f" Finished by an earlier start and reused: {', '.join(reused)}." if reused else ""
   return [
     "",
     f"Time budget: {budget['budget_minutes']:g} min (`--budget-minutes`). {measured}; "
     f"the plan kept {len(budget['runs'])} run(s) of {budget['epochs']} epochs each, estimated at "
-    f"{planned / 60:.1f} min. Left out by the plan (priority order: baseline, `optimal` by K, "
-    f"`auto`, `quantile` by K): {', '.join(budget['left_out']) or 'none'}. Left out when the "
-    f"time ran short: {', '.join(unfinished) or 'none'}.",
+    f"{planned / 60:.1f} min{still}.{earlier} Left out by the plan (priority order: baseline, "
+    f"`optimal` by K, `auto`, `quantile` by K): {', '.join(budget['left_out']) or 'none'}. Left "
+    f"out when the time ran short: {', '.join(unfinished) or 'none'}.",
   ]
 
 

@@ -461,3 +461,39 @@ def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
   output, _ = process.communicate(timeout=60)
   assert output.strip() == "False"
   assert (tmp_path / "stopped cleanly").exists()
+
+
+def test_a_budget_sweep_started_again_plans_only_what_is_left_at_its_first_epochs(tmp_path):
+  """A second GPU call finishes a sweep: runs the first start finished cost nothing in the new
+  plan, and the rest train the first plan's epochs or not at all, so that the table compares."""
+  probed = json.loads(json.dumps(PROBED))
+  probed["planned"].append(
+    {"strategy": "quantile", "requested_buckets": 2, "num_buckets": 2, "padded": 900}
+  )
+  (tmp_path / "estimates.json").write_text(json.dumps(probed))
+  # At 2 epochs: none 20 + 20 = 40 s, optimal and quantile 30 + 20 = 50 s each.
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
+  argv += ["--buckets", "2", "--strategies", "none,optimal,quantile", "--epochs", "2"]
+  argv += ["--min-epochs", "1", "--estimates", str(tmp_path / "estimates.json")]
+  paper.main([*argv, "--budget-minutes", str(110 / 60)])  # 95 s: none and optimal
+  finished = [tmp_path / f"devices1/{run}/summary.json" for run in ("none_k1", "optimal_k2")]
+  before = [path.stat().st_mtime_ns for path in finished]
+  quantile = tmp_path / "devices1/quantile_k2"
+  assert not quantile.exists()
+  # 45 s: quantile alone fits 1 epoch, not the 2 the others trained: it stays out.
+  text = paper.main([*argv, "--budget-minutes", str(60 / 60)]).read_text()
+  assert not quantile.exists()
+  assert "run(s) of 2 epochs each" in text and "Left out by the plan" in text
+  # 60 s: the whole sweep (140 s) would not fit, what is left of it does.
+  text = paper.main([*argv, "--budget-minutes", str(75 / 60)]).read_text()
+  assert [path.stat().st_mtime_ns for path in finished] == before
+  assert json.loads((quantile / "summary.json").read_text())["epochs"] == 2
+  with open(tmp_path / "paper_table.csv", newline="") as file:
+    rows = list(csv.DictReader(file))
+  assert [(row["strategy"], row["epochs run"]) for row in rows] == [
+    ("none", "2"),
+    ("optimal", "2"),
+    ("quantile", "2"),
+  ]
+  assert "estimated at 0.8 min for the 1 still to train" in text
+  assert "reused: devices1/none_k1, devices1/optimal_k2" in text
