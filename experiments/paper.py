@@ -10,13 +10,16 @@ plan differs: `none` (the baseline, one bucket), `quantile` and `optimal` at eac
 (K = 1 of either is the baseline itself, so it is not run twice), and `auto` with the largest K.
 Full runs stop early on the validation loss (`config.patience`); `--gpu`, `--quick` and `--tiny`
 train a fixed number of epochs, so that all runs see the same number of updates. Every run
-compiles cold (persistent compilation cache off), as a first run on a fresh machine does.
+compiles cold, as a first run on a fresh machine does: the persistent compilation cache is off, and
+each run trains in a worker process of its own, since XLA keeps what it compiled and autotuned for
+the life of a process (on an H200, sharing one process, `auto`'s plan of two buckets compiled in
+13.0 s after `optimal`'s identical one had taken 25.3 s).
 `--gpu` is the table within one GPU call: IAM-OnDB lines resampled as `experiments/iam.py:gpu`'s,
 iam.py's model and batch, K = 1, 2, 4, at most 30 epochs, made to fit with `--budget-minutes`.
 
 Device counts (`--devices`, default: 1, 2, 4, ... up to the devices there are, less those the
-batch sizes are no multiple of) each run in a process of their own, because the device count is
-fixed when JAX starts: on a CPU the process gets `--xla_force_host_platform_device_count=N`
+batch sizes are no multiple of) need those processes too, because the device count is fixed when
+JAX starts: on a CPU a worker gets `--xla_force_host_platform_device_count=N`
 (simulated devices share the same cores, so this checks the data-parallel path and its overhead,
 not a speed-up), on GPUs the first N of `CUDA_VISIBLE_DEVICES`. This process never starts JAX
 itself, so it holds no GPU memory.
@@ -392,8 +395,9 @@ def estimate_runs(probes: list[dict], planned: list[dict], devices: int) -> list
 # The worker: one process per device count.
 
 
-def run_worker(args: argparse.Namespace, devices: int) -> None:
-  """Trains every planned run on `devices` devices (this process was started with them)."""
+def run_worker(args: argparse.Namespace, devices: int) -> int:
+  """Trains one run (`--worker-run STRATEGY:K`) on `devices` devices: this process was started
+  with them, and for it alone, so that it compiles as cold as the run's own `train.py` would."""
   import jax
   from absl import logging as absl_logging
 
@@ -407,36 +411,30 @@ def run_worker(args: argparse.Namespace, devices: int) -> None:
   (workdir / f"devices{devices}" / "machine.json").write_text(
     json.dumps({"machine": reporting.machine_description(), "jax": jax.__version__})
   )
+  strategy, num_buckets = args.worker_run
   if args.probe:
-    probe(args, devices, workdir)
-    return
-  budget = read_budget(workdir) if args.budget_minutes else None
-  for strategy, num_buckets in worker_runs(args, devices, budget):
-    run_dir = workdir / run_name(devices, strategy, num_buckets)
-    if finished_run(run_dir):
-      continue
-    config = run_config(args, strategy, num_buckets)
-    if budget:
-      estimate = budget["estimates"][run_name(devices, strategy, num_buckets)]
-      if time.time() + estimate > budget["deadline"]:
-        print(f"{run_name(devices, strategy, num_buckets)}: left out, out of time", flush=True)
-        continue
-      # A run slower than its estimate stops at the deadline with a checkpoint (train.py's time
-      # cap); the same command, given more time, continues it.
-      config.max_minutes = (budget["deadline"] - time.time()) / 60
-    summary = train.train_and_evaluate(config, run_dir)
-    if summary["stopped_by"] in ("SIGINT", "SIGTERM"):  # checkpointed; the same command resumes
-      print(f"{run_name(devices, strategy, num_buckets)}: stopped by {summary['stopped_by']}")
-      return
-    if summary["stopped_by"]:
-      print(f"{run_name(devices, strategy, num_buckets)}: stopped by the deadline", flush=True)
-      continue
+    probe(args, devices, workdir, strategy, num_buckets)
+    return 0
+  name = run_name(devices, strategy, num_buckets)
+  config = run_config(args, strategy, num_buckets)
+  if args.budget_minutes:
+    # A run slower than its estimate stops at the deadline with a checkpoint (train.py's time
+    # cap); the same command, given more time, continues it.
+    config.max_minutes = (read_budget(workdir)["deadline"] - time.time()) / 60
+  summary = train.train_and_evaluate(config, workdir / name)
+  if summary["stopped_by"] in ("SIGINT", "SIGTERM"):  # checkpointed; the same command resumes
+    print(f"{name}: stopped by {summary['stopped_by']}", flush=True)
+    return 128 + getattr(signal, summary["stopped_by"])  # the parent stops the sweep
+  if summary["stopped_by"]:
+    print(f"{name}: stopped by the deadline", flush=True)
+  else:
     print(
-      f"{run_name(devices, strategy, num_buckets)}: {summary['num_buckets']} bucket(s), "
-      f"{summary['epochs']} epochs, best val loss {summary['best_val_loss']:.3f}, "
-      f"train {summary['train_time_s']:.1f} s, compile {summary['compile_wall_s']:.1f} s",
+      f"{name}: {summary['num_buckets']} bucket(s), {summary['epochs']} epochs, best val loss "
+      f"{summary['best_val_loss']:.3f}, train {summary['train_time_s']:.1f} s, compile "
+      f"{summary['compile_wall_s']:.1f} s",
       flush=True,
     )
+  return 0
 
 
 def finished_run(run_dir: pathlib.Path) -> bool:
@@ -446,63 +444,97 @@ def finished_run(run_dir: pathlib.Path) -> bool:
 
 
 def worker_runs(args: argparse.Namespace, devices: int, budget: dict | None):
-  """(strategy, K) of the runs this worker trains: all planned, or those the budget kept."""
+  """(strategy, K) of the runs to train on `devices`: all planned, or those the budget kept."""
   if budget is None:
     return planned_runs(args.buckets, args.strategies)
   return [(strategy, k) for d, strategy, k in budget["runs"] if d == devices]
+
+
+def train_runs(args, worker_argv, device_counts, budget: dict | None) -> bool:
+  """Trains every run not finished yet, each in a worker process of its own; False when
+  interrupted. With a budget, a run whose estimate would end past the deadline is left out."""
+  workdir = pathlib.Path(args.workdir)
+  for devices in device_counts:
+    for strategy, num_buckets in worker_runs(args, devices, budget):
+      name = run_name(devices, strategy, num_buckets)
+      if finished_run(workdir / name):
+        continue
+      if budget and time.time() + budget["estimates"][name] > budget["deadline"]:
+        print(f"{name}: left out, out of time", flush=True)
+        continue
+      run = [*worker_argv, "--worker-run", f"{strategy}:{num_buckets}"]
+      if not run_worker_process(run, devices):
+        return False
+  return True
 
 
 def read_budget(workdir: pathlib.Path) -> dict:
   return json.loads((workdir / "budget.json").read_text())
 
 
-def probe(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None:
-  """Trains the baseline and `optimal` at the largest K for `PROBE_EPOCHS` epochs each, and
-  writes `probe.json`: their times, and the plan (K, padded timesteps) of every planned run."""
+def probe_runs(args: argparse.Namespace) -> list[tuple[str, int]]:
+  """(strategy, K) of the probe's runs: the baseline and `optimal` at the largest K."""
+  return sorted({("none", 1), ("optimal", max(args.buckets))})
+
+
+def probe(
+  args: argparse.Namespace, devices: int, workdir: pathlib.Path, strategy: str, num_buckets: int
+) -> None:
+  """Trains one of the probe's runs for `PROBE_EPOCHS` epochs and writes its times and plan next
+  to it (`probe/<run>.json`); the last one's worker also writes `probe/planned.json`, the plan
+  (K, padded timesteps) of every planned run, `auto`'s measured as its run will measure it."""
   import train
 
-  base_config = args_config(args)
-  base_config.num_epochs = base_config.patience = PROBE_EPOCHS
-  train_set = train.load_data(base_config)[0]
-
-  @functools.cache
-  def auto_cost() -> train.MeasuredCost | None:
-    """auto's cost model, measured once as its run will measure it."""
-    config = args_config(args)
-    config.bucketing.strategy = "auto"
-    return train.auto_cost_model(config, train_set, train.make_data_mesh(), workdir / "probe")
+  config = args_config(args)
+  config.num_epochs = config.patience = PROBE_EPOCHS
+  config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
+  run_dir = workdir / "probe" / f"{strategy}_k{num_buckets}"
+  start = time.perf_counter()
+  summary = train.train_and_evaluate(config, run_dir)
+  wall = time.perf_counter() - start
+  if summary["stopped_by"]:  # a signal: the parent reports the interruption
+    raise cli_errors.UsageError(f"the probe was stopped by {summary['stopped_by']}")
+  run = read_run(run_dir)
+  last = run["history"][-1]
+  times = {
+    "strategy": strategy,
+    "requested_buckets": num_buckets,
+    "num_buckets": run["plan"]["num_buckets"],
+    "padded": int(run["plan"]["padded_timesteps_with_filler"]),
+    "measure_s": 0.0,
+    "wall_s": wall,
+    "time_to_first_step_s": summary["time_to_first_step_s"],
+    "compile_wall_s": summary["compile_wall_s"],
+    "epoch_s": last["epoch_time_s"] + last["eval_time_s"],
+  }
+  run_dir.with_suffix(".json").write_text(json.dumps(times, indent=2))
+  if (strategy, num_buckets) != probe_runs(args)[-1]:
+    return
+  planning_start = time.perf_counter()
+  train_set = train.load_data(args_config(args))[0]
+  cost = None
+  if "auto" in args.strategies:  # measured once, as its run will measure it
+    auto = run_config(args, "auto", max(args.buckets))
+    cost = train.auto_cost_model(auto, train_set, train.make_data_mesh(), workdir / "probe")
 
   def plan_of(strategy, num_buckets):
     config = run_config(args, strategy, num_buckets)
-    cost = auto_cost() if strategy == "auto" else None
-    plan = train.make_train_plan(config, train_set, devices, cost.model if cost else None)
+    model = cost.model if strategy == "auto" and cost else None
+    plan = train.make_train_plan(config, train_set, devices, model)
     padded = plan.summary()["padded_timesteps_with_filler"]
-    return {"strategy": strategy, "requested_buckets": num_buckets,
-            "num_buckets": plan.num_buckets, "padded": int(padded),
-            "measure_s": cost.report["measure_s"] if cost else 0.0}  # fmt: skip
+    measure_s = cost.report["measure_s"] if strategy == "auto" and cost else 0.0
+    return {
+      "strategy": strategy,
+      "requested_buckets": num_buckets,
+      "num_buckets": plan.num_buckets,
+      "padded": int(padded),
+      "measure_s": measure_s,
+    }
 
-  probes = []
-  for strategy, num_buckets in sorted({("none", 1), ("optimal", max(args.buckets))}):
-    config = base_config.copy_and_resolve_references()
-    config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
-    start = time.perf_counter()
-    summary = train.train_and_evaluate(config, workdir / "probe" / f"{strategy}_k{num_buckets}")
-    wall = time.perf_counter() - start
-    if summary["stopped_by"]:  # a signal: the parent reports the interruption
-      raise cli_errors.UsageError(f"the probe was stopped by {summary['stopped_by']}")
-    last = read_run(workdir / "probe" / f"{strategy}_k{num_buckets}")["history"][-1]
-    probes.append(
-      plan_of(strategy, num_buckets)
-      | {
-        "wall_s": wall,
-        "time_to_first_step_s": summary["time_to_first_step_s"],
-        "compile_wall_s": summary["compile_wall_s"],
-        "epoch_s": last["epoch_time_s"] + last["eval_time_s"],
-      }
-    )
   planned = [plan_of(*run) for run in planned_runs(args.buckets, args.strategies)]
-  (workdir / "probe.json").write_text(
-    json.dumps({"devices": devices, "probes": probes, "planned": planned}, indent=2)
+  planning_s = time.perf_counter() - planning_start
+  (workdir / "probe" / "planned.json").write_text(
+    json.dumps({"planned": planned, "planning_s": planning_s}, indent=2)
   )
 
 
@@ -551,30 +583,35 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
     probed = read_probe(pathlib.Path(earlier))
   else:
     probe_start = time.perf_counter()
-    if not run_worker_process([*argv, "--probe"], device_counts[0]):
-      raise cli_errors.UsageError("interrupted while probing: no run to report")
-    probed = json.loads((workdir / "probe.json").read_text())
-    # The worker's own start-up (Python, JAX) is paid once per device count.
-    worker_start_s = time.perf_counter() - probe_start - sum(p["wall_s"] for p in probed["probes"])
-    probed["worker_start_s"] = max(0.0, worker_start_s)
+    for strategy, num_buckets in probe_runs(args):
+      run = [*argv, "--probe", "--worker-run", f"{strategy}:{num_buckets}"]
+      if not run_worker_process(run, device_counts[0]):
+        raise cli_errors.UsageError("interrupted while probing: no run to report")
+    folder = workdir / "probe"
+    planned = json.loads((folder / "planned.json").read_text())
+    probed = {
+      "devices": device_counts[0],
+      "probes": [json.loads((folder / f"{s}_k{k}.json").read_text()) for s, k in probe_runs(args)],
+      "planned": planned["planned"],
+    }
+    # What the probe's workers spent outside their runs and the planning: starting Python and
+    # JAX, which every run's worker will spend again.
+    probing_s = time.perf_counter() - probe_start - planned["planning_s"]
+    unaccounted = probing_s - sum(p["wall_s"] for p in probed["probes"])
+    probed["worker_start_s"] = max(0.0, unaccounted / len(probe_runs(args)))
     probed["probe_s"] = time.perf_counter() - start
     (workdir / "probe.json").write_text(json.dumps(probed, indent=2))
   estimates, reused = [], []
   for devices in device_counts:
     per_device = estimate_runs(probed["probes"], probed["planned"], devices)
-    # A run an earlier start finished costs nothing now; the worker's own start-up is paid by
-    # the first run it still trains.
-    starts_worker = True
-    for i, estimate in enumerate(per_device):
+    for estimate in per_device:
       name = run_name(devices, estimate.strategy, estimate.num_buckets)
-      if finished_run(workdir / name):
-        per_device[i] = dataclasses.replace(estimate, fixed_s=0.0, epoch_s=0.0)
+      if finished_run(workdir / name):  # an earlier start trained it: it costs nothing now
+        estimates.append(dataclasses.replace(estimate, fixed_s=0.0, epoch_s=0.0))
         reused.append(name)
-      elif starts_worker:
-        starts_worker = False
+      else:  # its worker process starts first
         start_s = estimate.fixed_s + probed.get("worker_start_s", 0.0)
-        per_device[i] = dataclasses.replace(estimate, fixed_s=start_s)
-    estimates += per_device
+        estimates.append(dataclasses.replace(estimate, fixed_s=start_s))
   by_key = {(e.devices, e.strategy, e.num_buckets): e for e in estimates}
   ordered = [by_key[key] for key in budget_priority(list(by_key))]
   spent = time.perf_counter() - start
@@ -636,6 +673,8 @@ def run_worker_command(command: list[str], env: dict[str, str], what: str, **pop
     returncode = worker.wait()
   except KeyboardInterrupt:
     worker.wait()
+    return False
+  if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # it stopped cleanly
     return False
   if returncode == cli_errors.USAGE_EXIT_CODE:  # the worker printed its one line
     raise cli_errors.AlreadyReported(f"{what} failed with exit code {returncode}")
@@ -916,6 +955,12 @@ def budget_lines(budget: dict | None, unfinished: list[str]) -> list[str]:
   ]
 
 
+def strategy_and_buckets(text: str) -> tuple[str, int]:
+  """A worker's run, `STRATEGY:K`."""
+  strategy, num_buckets = text.split(":")
+  return strategy, int(num_buckets)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = cli_errors.ArgumentParser(description=__doc__)
   preset = parser.add_mutually_exclusive_group()
@@ -954,6 +999,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument("--estimates", default=None, help="with a budget: an earlier probe.json")
   parser.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--worker-devices", type=int, default=0, help=argparse.SUPPRESS)
+  parser.add_argument("--worker-run", type=strategy_and_buckets, help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.preset = next(
     (preset for preset in ("gpu", "quick", "tiny") if getattr(args, preset)), "full"
@@ -984,8 +1030,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   if args.worker_devices:
-    run_worker(args, args.worker_devices)
-    return None
+    return run_worker(args, args.worker_devices)
   config = args_config(args)  # a --data-dir without IAM-OnDB ends the command before anything runs
   if args.devices:
     device_counts = args.devices
@@ -1005,12 +1050,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   check_run_settings(args, device_counts, budget)  # finished runs are reused
   if budget:
     (pathlib.Path(args.workdir) / "budget.json").write_text(json.dumps(budget, indent=2))
-  interrupted = False
-  for devices in device_counts:
-    if not run_worker_process(worker_argv, devices):
-      print("interrupted: the report covers the runs that finished", flush=True)
-      interrupted = True
-      break
+  interrupted = not train_runs(args, worker_argv, device_counts, budget)
+  if interrupted:
+    print("interrupted: the report covers the runs that finished", flush=True)
   loads = (load_before, os.getloadavg()[0])
   path = write_report(args, argv, device_counts, loads, time.perf_counter() - start, budget)
   print(f"wrote {path}")

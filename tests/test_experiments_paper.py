@@ -25,10 +25,21 @@ from experiments import iam, paper
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
+def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path, monkeypatch):
+  workers = []  # the runs of each worker process started
+
+  def spy(argv, devices):
+    workers.append((devices, [argv[i + 1] for i, arg in enumerate(argv) if arg == "--worker-run"]))
+    return run_worker_process(argv, devices)
+
+  run_worker_process = paper.run_worker_process
+  monkeypatch.setattr(paper, "run_worker_process", spy)
   argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
   argv += ["--buckets", "2", "--strategies", "none,optimal,auto", "--devices", "2"]
-  markdown_path = paper.main(argv)  # one worker process, on 2 simulated devices
+  markdown_path = paper.main(argv)
+  # One fresh process per run (on 2 simulated devices), lest a run compile what an earlier one
+  # left in the process faster.
+  assert workers == [(2, ["none:1"]), (2, ["optimal:2"]), (2, ["auto:2"])]
   with open(tmp_path / "paper_table.csv", newline="") as file:
     rows = list(csv.DictReader(file))
 
@@ -85,6 +96,7 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path):
   before = summary_path.stat().st_mtime_ns
   paper.main(argv)
   assert summary_path.stat().st_mtime_ns == before
+  assert len(workers) == 3  # no process started for a finished run
   # ...but only under the settings they were trained with: a run of 2 epochs is no run of 3, and
   # the refusal names the run and what differs, and records nothing (quantile_k2 is new).
   more = [*argv, "--strategies", "none,optimal,auto,quantile"]
@@ -384,6 +396,37 @@ def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_p
   with open(tmp_path / "paper_table.csv", newline="") as file:
     assert [row["epochs run"] for row in csv.DictReader(file)] == ["2", "2"]
   assert "2 epochs at most" in text and "run(s) of 2 epochs each" in text
+
+
+def test_the_probe_trains_each_run_in_a_worker_of_its_own_and_times_their_start(
+  tmp_path, monkeypatch
+):
+  """Each probe run in a fresh process; the seconds outside the runs and the planning are the
+  workers' start-up, which every run of the sweep pays once."""
+  clock, started = [0.0], []
+  monkeypatch.setattr(paper.time, "perf_counter", lambda: clock[0])
+
+  def worker(argv, devices):  # 3 s to start, then the probe run (40 s), then the planning
+    strategy, k = argv[argv.index("--worker-run") + 1].split(":")
+    started.append(("--probe" in argv, devices, strategy, int(k)))
+    times = next(p for p in PROBED["probes"] if p["strategy"] == strategy)
+    (tmp_path / "probe" / f"{strategy}_k{k}.json").write_text(json.dumps(times))
+    clock[0] += 3 + times["wall_s"]
+    if strategy == "optimal":  # the last probe run's worker plans every run: 10 s
+      planned = {"planned": PROBED["planned"], "planning_s": 10.0}
+      (tmp_path / "probe" / "planned.json").write_text(json.dumps(planned))
+      clock[0] += 10
+    return True
+
+  monkeypatch.setattr(paper, "run_worker_process", worker)
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
+  argv += ["--buckets", "2", "--strategies", "none,optimal", "--budget-minutes", "1"]
+  with pytest.raises(cli_errors.UsageError, match="the baseline alone needs"):
+    paper.main(argv)  # 60 s less 96 of probing leaves nothing to train
+  assert started == [(True, 1, "none", 1), (True, 1, "optimal", 2)]
+  probed = json.loads((tmp_path / "probe.json").read_text())
+  assert probed["worker_start_s"] == pytest.approx(3.0)
+  assert probed["probes"] == PROBED["probes"] and probed["planned"] == PROBED["planned"]
 
 
 def test_a_sweep_started_again_reuses_its_probe_only_under_the_same_settings(tmp_path):
