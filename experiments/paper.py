@@ -392,7 +392,7 @@ def estimate_runs(probes: list[dict], planned: list[dict], devices: int) -> list
 
 
 # ---------------------------------------------------------------------------------------------
-# The worker: one process per device count.
+# The worker: one process per run.
 
 
 def run_worker(args: argparse.Namespace, devices: int) -> int:

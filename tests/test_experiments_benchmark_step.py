@@ -48,6 +48,31 @@ def test_tiny_run_writes_tuning_and_anatomy_tables(tmp_path):
   assert all(is_number(cell) for row in anatomy for cell in row[3:8])
 
 
+def test_the_backward_column_times_the_models_gradient_alone():
+  """The backward pass from saved residuals is the model's gradient, so the column times the real
+  thing (it was forward + backward less forward, which noise could make negative)."""
+  import jax
+  import numpy as np
+
+  import train
+  from experiments import synthetic
+
+  config = synthetic.get_config("tiny")
+  state = train.create_train_state(config, benchmark_step.NUM_FEATURES, 10)
+  batch = benchmark_step.random_batch(2, 12)
+  inputs, paddings = batch["inputs"], batch["input_paddings"]
+
+  def forward(params):
+    return state.apply_fn({"params": params}, inputs, paddings)
+
+  cotangent = jnp.asarray(np.random.default_rng(0).normal(size=forward(state.params).shape))
+  residuals, backward = benchmark_step.model_backward(forward, state.params)
+  (grads,) = backward(residuals, cotangent)
+  expected = jax.grad(lambda params: jnp.sum(forward(params) * cotangent))(state.params)
+  for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_a_variant_that_fails_is_reported_and_the_others_still_chosen(monkeypatch):
   broken = KernelConfig(batch_tile=16, num_warps=3)
   monkeypatch.setattr(
