@@ -60,12 +60,13 @@ trained with (`settings.json`: its config, less where the data lies, the time ca
 `auto`'s cost model...) is refused, naming the run and what differs, before any run of the sweep
 trains: use a new workdir for it.
 
-Measured: `--quick --budget-minutes 12` on IAM-OnDB on a 2-core CPU (`experiments/results/
-paper_quick_cpu.md`, 11.2 min, all six planned runs kept): every run learns (validation CER
-0.32-0.36 after 12 epochs); optimal K = 4 cut the median epoch 1.66x (ideal 1.64x), and every
-bucketed run but `auto` reached the baseline's best loss at its 9th epoch, in a little over half
-its wall time; `auto` measured its cost model and chose K = 4 with bounds of its own, the fastest
-epoch (5.75 s), but its loss lagged the others' (one seed).
+Measured: `--quick --budget-minutes 12` on IAM-OnDB on a 2-core CPU, then the same with
+`--budget-minutes 6` (`experiments/results/paper_quick_cpu.md`; 11.7 min for the probe and four
+runs, 5.1 for the two `quantile` runs the first start left out): every run learns (validation CER
+0.33-0.35 after 12 epochs); optimal K = 2 reached the baseline's best loss at its 9th epoch
+instead of the 11th, 1.39x sooner in wall time; the epochs gained 86-90% of their ideal
+speed-up; `auto` measured its cost model and chose K = 4 with bounds of its own, the fastest
+epoch (8.46 s), but its loss lagged the other bucketed runs' (one seed).
 """
 
 import argparse
