@@ -478,6 +478,11 @@ def probe_runs(args: argparse.Namespace) -> list[tuple[str, int]]:
   return sorted({("none", 1), ("optimal", max(args.buckets))})
 
 
+def probe_run_dir(workdir: pathlib.Path, strategy: str, num_buckets: int) -> pathlib.Path:
+  """Where a probe run trains; its times go beside it, in the same name with `.json`."""
+  return workdir / "probe" / f"{strategy}_k{num_buckets}"
+
+
 def probe(
   args: argparse.Namespace, devices: int, workdir: pathlib.Path, strategy: str, num_buckets: int
 ) -> None:
@@ -486,10 +491,9 @@ def probe(
   (K, padded timesteps) of every planned run, `auto`'s measured as its run will measure it."""
   import train
 
-  config = args_config(args)
+  config = run_config(args, strategy, num_buckets)
   config.num_epochs = config.patience = PROBE_EPOCHS
-  config.bucketing.strategy, config.bucketing.num_buckets = strategy, num_buckets
-  run_dir = workdir / "probe" / f"{strategy}_k{num_buckets}"
+  run_dir = probe_run_dir(workdir, strategy, num_buckets)
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, run_dir)
   wall = time.perf_counter() - start
@@ -520,16 +524,14 @@ def probe(
 
   def plan_of(strategy, num_buckets):
     config = run_config(args, strategy, num_buckets)
-    model = cost.model if strategy == "auto" and cost else None
-    plan = train.make_train_plan(config, train_set, devices, model)
-    padded = plan.summary()["padded_timesteps_with_filler"]
-    measure_s = cost.report["measure_s"] if strategy == "auto" and cost else 0.0
+    measured = cost if strategy == "auto" else None
+    plan = train.make_train_plan(config, train_set, devices, measured.model if measured else None)
     return {
       "strategy": strategy,
       "requested_buckets": num_buckets,
       "num_buckets": plan.num_buckets,
-      "padded": int(padded),
-      "measure_s": measure_s,
+      "padded": int(plan.summary()["padded_timesteps_with_filler"]),
+      "measure_s": measured.report["measure_s"] if measured else 0.0,
     }
 
   planned = [plan_of(*run) for run in planned_runs(args.buckets, args.strategies)]
@@ -588,11 +590,11 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
       run = [*argv, "--probe", "--worker-run", f"{strategy}:{num_buckets}"]
       if not run_worker_process(run, device_counts[0]):
         raise cli_errors.UsageError("interrupted while probing: no run to report")
-    folder = workdir / "probe"
-    planned = json.loads((folder / "planned.json").read_text())
+    planned = json.loads((workdir / "probe" / "planned.json").read_text())
+    times = [probe_run_dir(workdir, *run).with_suffix(".json") for run in probe_runs(args)]
     probed = {
       "devices": device_counts[0],
-      "probes": [json.loads((folder / f"{s}_k{k}.json").read_text()) for s, k in probe_runs(args)],
+      "probes": [json.loads(path.read_text()) for path in times],
       "planned": planned["planned"],
     }
     # What the probe's workers spent outside their runs and the planning: starting Python and
