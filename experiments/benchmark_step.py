@@ -112,7 +112,8 @@ PRESETS = {
 # 6 us per frame and pass. The third (results/benchmark_step_gpu_kernels.md): prefetching the
 # next frame's inputs made bfloat16 weights on chip the first variant faster than the scan
 # (5.08 against 7.48 ms; 6.66 without prefetch) and float32 re-read weights slower (40.8 against
-# 38.6, where the second sweep had 16.6 before the loop was reshaped for prefetching). Only
+# 38.6, where the second sweep had 16.6 before the loop was reshaped for prefetching; without
+# prefetch the loop reads where it uses again, as it did for the 16.6, untimed since). Only
 # float32 rows can become the default (the model's dtype); bfloat16 rows say what a bfloat16
 # model would get.
 TUNE_GRID = [

@@ -89,23 +89,43 @@ def _gate_weights(kernel_ref, hidden: int) -> list:
   return [kernel_ref[:, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)]
 
 
+def _gate_block(ref, t: int, gate: int) -> jax.Array:
+  """Frame t's block of one gate in `ref [time, tile, 4 * hidden]`: `[tile, hidden]`."""
+  hidden = ref.shape[-1] // NUM_GATES
+  return ref[t, :, gate * hidden : (gate + 1) * hidden]
+
+
 def _time_loop(time: int, read, body, init, *, reverse: bool, prefetch: bool) -> None:
-  """`carry = body(t, read(t), carry)` for every frame t, in reverse if asked; with `prefetch`
-  frame t's `read` is issued at the start of the frame before it, carried to t's `body`."""
+  """`carry = body(t, loads, carry)` for every frame t, in reverse if asked, where `read(t)` is
+  the frame's input loads as functions of no arguments and `loads` returns them by index.
+
+  Without `prefetch` a load runs where `body` asks for it, in the order the kernel is written in:
+  on one H200 the float32 kernel that re-reads its weights ran a layer in 16.6 ms so, and in 38.6
+  ms the next day with every frame read first, the only change to what Triton was given. With
+  `prefetch`, frame t's loads run at the start of the frame before it, carried to t's `body`."""
 
   def frame(i):
     return time - 1 - i if reverse else i
 
   if not prefetch:
-    jax.lax.fori_loop(0, time, lambda i, carry: body(frame(i), read(frame(i)), carry), init)
+
+    def step(i, carry):
+      t = frame(i)
+      loads = read(t)
+      return body(t, lambda part: loads[part](), carry)
+
+    jax.lax.fori_loop(0, time, step, init)
     return
 
-  def step(i, carry):
-    state, inputs = carry
-    upcoming = read(frame(jnp.minimum(i + 1, time - 1)))  # the last frame reads itself again
-    return body(frame(i), inputs, state), upcoming
+  def load_all(t):
+    return [load() for load in read(t)]
 
-  jax.lax.fori_loop(0, time, step, (init, read(frame(0))))
+  def prefetching_step(i, carry):
+    state, inputs = carry
+    upcoming = load_all(frame(jnp.minimum(i + 1, time - 1)))  # the last frame reads itself again
+    return body(frame(i), inputs.__getitem__, state), upcoming
+
+  jax.lax.fori_loop(0, time, prefetching_step, (init, load_all(frame(0))))
 
 
 def _forward_kernel(
@@ -117,15 +137,14 @@ def _forward_kernel(
   resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
 
   def read(t):
-    return [projected_ref[t, :, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)]
+    return [functools.partial(_gate_block, projected_ref, t, gate) for gate in range(NUM_GATES)]
 
-  def step(t, projections, carry):
+  def step(t, projection, carry):
     cell, hidden_state = carry
     weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
     recurrent_input = hidden_state.astype(kernel_ref.dtype)
     pre_activations = [
-      projection + plgpu.dot(recurrent_input, weights[gate])
-      for gate, projection in enumerate(projections)
+      projection(gate) + plgpu.dot(recurrent_input, weights[gate]) for gate in range(NUM_GATES)
     ]
     input_gate = jax.nn.sigmoid(pre_activations[0])
     forget_gate = jax.nn.sigmoid(pre_activations[1])
@@ -159,15 +178,16 @@ def _backward_kernel(
   resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
 
   def read(t):
-    gates = [gates_ref[t, :, gate * hidden : (gate + 1) * hidden] for gate in range(NUM_GATES)]
-    return gates, previous_cell_ref[t], hidden_cotangent_ref[t]
+    gates = [functools.partial(_gate_block, gates_ref, t, gate) for gate in range(NUM_GATES)]
+    return [*gates, lambda: previous_cell_ref[t], lambda: hidden_cotangent_ref[t]]
 
-  def step(t, inputs, carry):
-    (input_gate, forget_gate, cell_input, output_gate), previous_cell, output_cotangent = inputs
+  def step(t, load, carry):
     hidden_cotangent, cell_cotangent = carry
     weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
+    input_gate, forget_gate, cell_input, output_gate = (load(gate) for gate in range(NUM_GATES))
+    previous_cell = load(NUM_GATES)
     tanh_cell = jnp.tanh(forget_gate * previous_cell + input_gate * cell_input)
-    hidden_cotangent = hidden_cotangent + output_cotangent.astype(jnp.float32)
+    hidden_cotangent = hidden_cotangent + load(NUM_GATES + 1).astype(jnp.float32)
     cell_cotangent = cell_cotangent + hidden_cotangent * output_gate * (1 - tanh_cell * tanh_cell)
     pre_activation_cotangents = (
       cell_cotangent * cell_input * input_gate * (1 - input_gate),
