@@ -59,3 +59,21 @@ def built_data_dir(iam_ondb_dir, tmp_path_factory, worker_id):
     if not (data_dir / "iam_ondb.npz").is_file():
       dataset.build_iam_ondb(iam_ondb_dir, data_dir)
   return data_dir
+
+
+@pytest.fixture(autouse=True)
+def restore_the_compilation_cache():
+  """Puts the persistent compilation cache back as the session set it after each test: a test whose
+  config turns it off or moves it (`train.setup_runtime`) would otherwise leave every later test
+  of its worker compiling cold."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+
+  settings = ("jax_enable_compilation_cache", "jax_compilation_cache_dir")
+  before = [getattr(jax.config, name) for name in settings]
+  yield
+  if [getattr(jax.config, name) for name in settings] != before:
+    for name, value in zip(settings, before, strict=True):
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+

@@ -185,6 +185,7 @@ def test_module_entry_point_exits_non_zero_without_traceback(tmp_path):
   assert result.stderr == f"error: {path}:2: -3 is not a positive length\n"
 
 
+@pytest.mark.slow
 def test_cli_on_the_real_iam_ondb_training_lengths(built_data_dir, tmp_path, capsys):
   from handwriting import dataset
 

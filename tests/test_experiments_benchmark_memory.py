@@ -67,6 +67,7 @@ def test_with_a_fixed_batch_no_bucket_needs_more_than_one_bucket_does(compiler):
   assert plans[1].batch_sizes[-1] == 8 and bucketed[-1] == none
 
 
+@pytest.mark.slow
 def test_the_report_has_every_table_and_its_fit_matches_its_shapes(report):
   shapes = reporting.read_markdown_table(report, "## Shapes")
   for row in shapes:

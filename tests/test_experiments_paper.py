@@ -25,6 +25,7 @@ from experiments import iam, paper
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path, monkeypatch):
   workers = []  # the runs of each worker process started
 
@@ -323,6 +324,7 @@ def test_estimates_interpolate_between_the_probes():
   assert (estimate.devices, estimate.num_buckets) == (2, 3)
 
 
+@pytest.mark.slow
 def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_path):
   """With estimates given (no probe), a budget for two of three runs: the table has two rows,
   both of the planned epochs, and the report names the run left out."""
@@ -378,6 +380,7 @@ PROBED = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_path):
   """Given more time, the same budget sweep would plan more epochs (at most --epochs 4); it keeps
   the 2 its finished runs trained, so that the table compares equal epochs and says so."""
@@ -506,6 +509,7 @@ def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
   assert (tmp_path / "stopped cleanly").exists()
 
 
+@pytest.mark.slow
 def test_a_budget_sweep_started_again_plans_only_what_is_left_at_its_first_epochs(tmp_path):
   """A second GPU call finishes a sweep: runs the first start finished cost nothing in the new
   plan, and the rest train the first plan's epochs or not at all, so that the table compares."""

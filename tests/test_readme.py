@@ -4,6 +4,7 @@ import pathlib
 import re
 
 import numpy as np
+import pytest
 
 import bucketing
 
@@ -48,6 +49,7 @@ def test_bucketing_snippet_batches_every_sequence_once(monkeypatch):
   assert sum(int(batch["weights"].sum()) for batch in batches) == len(lengths)
 
 
+@pytest.mark.slow
 def test_data_snippet_gives_the_documented_features():
   namespace = {}
   exec(compile(snippet("load_examples("), str(README), "exec"), namespace)

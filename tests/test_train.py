@@ -1220,6 +1220,7 @@ def test_measured_cost_model_times_real_compiles_of_the_planned_shapes(tmp_path,
     assert model.beta == 0.0
 
 
+@pytest.mark.slow
 def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
   first = train.train_and_evaluate(_auto_config(max_steps=3), tmp_path)  # stops mid-epoch
   saved = json.loads((tmp_path / train.COST_FILE).read_text())
@@ -1247,6 +1248,7 @@ def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(tmp_path, 
   assert not (tmp_path / "given" / train.COST_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch):
   train.train_and_evaluate(_auto_config(num_epochs=1), tmp_path / "a")
   shutil.rmtree(tmp_path / "a" / "checkpoints")  # the same workdir, nothing to resume
