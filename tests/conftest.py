@@ -76,4 +76,3 @@ def restore_the_compilation_cache():
     for name, value in zip(settings, before, strict=True):
       jax.config.update(name, value)
     compilation_cache.reset_cache()
-
