@@ -54,27 +54,43 @@ def resample_strokes(
   Each stroke keeps its first and last point, so pen-ups stay where they were; a stroke shorter
   than `spacing` becomes its two ends (one point if it has no length). Time is interpolated; the
   dtype of `points` is kept.
+
+  Per stroke this is `np.interp` at `np.linspace(0, length, count)` of the arc length, to the
+  bit, but done for all strokes of a line at once: an IAM-OnDB line has 26 strokes (median), and
+  with a loop over them loading its training split resampled took 10.2 s instead of 3.8 (median
+  of 3, a 2-core CPU), paid by every run's start.
   """
   ends = np.flatnonzero(stroke_end) + 1
   if ends.size == 0 or ends[-1] != len(points):
     ends = np.append(ends, len(points))
-  starts = np.concatenate([[0], ends[:-1]])
-  new_points, new_ends = [], []
-  for start, end in zip(starts, ends, strict=True):
-    stroke = points[start:end].astype(np.float64)
-    steps = np.hypot(*np.diff(stroke[:, :2], axis=0).T)
-    arc = np.concatenate([[0.0], np.cumsum(steps)])
-    if arc[-1] == 0.0:
-      samples = stroke[:1]
-    else:
-      count = max(int(np.ceil(arc[-1] / spacing)), 1) + 1
-      targets = np.linspace(0.0, arc[-1], count)
-      samples = np.stack([np.interp(targets, arc, stroke[:, k]) for k in range(3)], axis=1)
-    new_points.append(samples)
-    is_end = np.zeros(len(samples), dtype=np.bool_)
-    is_end[-1] = True
-    new_ends.append(is_end)
-  return np.concatenate(new_points).astype(points.dtype), np.concatenate(new_ends)
+  sizes = np.diff(ends, prepend=0)
+  strokes = np.arange(len(sizes))
+  # [stroke, point of the stroke] tables; arc: each stroke's running path length, summed in the
+  # order np.cumsum sums one stroke, +inf past the stroke's last point.
+  point_stroke = np.repeat(strokes, sizes)
+  point_index = np.arange(len(points)) - (ends - sizes)[point_stroke]
+  values = np.zeros((len(sizes), sizes.max(), 3))
+  values[point_stroke, point_index] = points
+  steps = np.hypot(*np.diff(values[:, :, :2], axis=1).transpose(2, 0, 1))
+  arc = np.concatenate([np.zeros((len(sizes), 1)), np.cumsum(steps, axis=1)], axis=1)
+  arc[np.arange(sizes.max()) >= sizes[:, None]] = np.inf
+  length = arc[strokes, sizes - 1]
+  # The samples: per stroke np.linspace(0, length, count), one for a stroke without length.
+  counts = np.where(length > 0, np.maximum(np.ceil(length / spacing).astype(np.int64), 1) + 1, 1)
+  stroke = np.repeat(strokes, counts)
+  index = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+  last = index == counts[stroke] - 1
+  targets = np.where(last, length[stroke], index * (length / np.maximum(counts - 1, 1))[stroke])
+  # np.interp: the last knot j with arc[j] <= target; a target on a knot takes its value (so a
+  # stroke without length its first point), one between knots j and j + 1 their line's.
+  knot = np.where(length[stroke] > 0, np.sum(arc[stroke] <= targets[:, None], axis=1) - 1, 0)
+  following = np.minimum(knot + 1, sizes[stroke] - 1)
+  x0, x1 = arc[stroke, knot], arc[stroke, following]
+  y0, y1 = values[stroke, knot], values[stroke, following]
+  on_knot = (knot == sizes[stroke] - 1) | (x0 == targets)
+  with np.errstate(divide="ignore", invalid="ignore"):  # x1 == x0 only where on_knot
+    between = (y1 - y0) / (x1 - x0)[:, None] * (targets - x0)[:, None] + y0
+  return np.where(on_knot[:, None], y0, between).astype(points.dtype), last
 
 
 def ink_to_features(

@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from handwriting import synthetic
 from handwriting.features import FeatureConfig, ink_to_features, resample_strokes
@@ -79,6 +81,63 @@ def test_resampling_keeps_the_path_and_spacing(line):
       steps = np.hypot(*np.diff(new, axis=0).T)
       assert steps.max() <= spacing + 1e-6
   assert len(resampled) < len(points)
+
+
+def resample_each_stroke(points, stroke_end, spacing):
+  """`resample_strokes` by its definition, a stroke at a time: np.interp at np.linspace."""
+  ends = np.flatnonzero(stroke_end) + 1
+  if ends.size == 0 or ends[-1] != len(points):
+    ends = np.append(ends, len(points))
+  samples, sample_ends = [], []
+  for stroke in np.split(points.astype(np.float64), ends[:-1]):
+    arc = np.concatenate([[0.0], np.cumsum(np.hypot(*np.diff(stroke[:, :2], axis=0).T))])
+    if arc[-1] == 0.0:
+      stroke_samples = stroke[:1]
+    else:
+      targets = np.linspace(0.0, arc[-1], max(int(np.ceil(arc[-1] / spacing)), 1) + 1)
+      stroke_samples = np.stack([np.interp(targets, arc, column) for column in stroke.T], axis=1)
+    samples.append(stroke_samples)
+    sample_ends.append(np.arange(len(stroke_samples)) == len(stroke_samples) - 1)
+  return np.concatenate(samples).astype(points.dtype), np.concatenate(sample_ends)
+
+
+def assert_resampled_as_each_stroke(points, stroke_end, spacing):
+  resampled, resampled_end = resample_strokes(points, stroke_end, spacing)
+  expected, expected_end = resample_each_stroke(points, stroke_end, spacing)
+  assert resampled.dtype == points.dtype
+  np.testing.assert_array_equal(resampled, expected)  # to the bit
+  np.testing.assert_array_equal(resampled_end, expected_end)
+
+
+# Strokes of 1-6 points on a coarse grid, so that points repeat (steps of length 0) and whole
+# strokes have no length; the last point need not end a stroke.
+@settings(max_examples=300, deadline=None)
+@given(
+  strokes=st.lists(
+    st.lists(st.tuples(*[st.integers(-3, 3)] * 3), min_size=1, max_size=6), min_size=1, max_size=6
+  ),
+  last_ends_a_stroke=st.booleans(),
+  spacing=st.sampled_from([0.3, 1.0, 2.5, 7.0]),
+  dtype=st.sampled_from([np.float32, np.float64]),
+)
+def test_resampling_all_strokes_at_once_is_resampling_each(
+  strokes, last_ends_a_stroke, spacing, dtype
+):
+  points = np.array([point for stroke in strokes for point in stroke], dtype) * 0.7
+  stroke_end = np.zeros(len(points), bool)
+  stroke_end[np.cumsum([len(stroke) for stroke in strokes]) - 1] = True
+  stroke_end[-1] = last_ends_a_stroke
+  assert_resampled_as_each_stroke(points, stroke_end, spacing)
+
+
+def test_resampling_real_lines_is_resampling_each_stroke(built_data_dir):
+  from handwriting import dataset
+
+  for example in dataset.load_examples("iam_ondb", "train", data_dir=built_data_dir, limit=300):
+    points = example["points"].astype(np.float64)
+    points = (points - points[0]) / np.array([50.0, 50.0, 1.0])  # near the IAM presets' scale
+    for spacing in (0.05, 0.2, 1.0):
+      assert_resampled_as_each_stroke(points, example["stroke_end"], spacing)
 
 
 def test_time_deltas_are_clipped():
