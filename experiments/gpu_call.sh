@@ -23,8 +23,10 @@
 #   paper:M        the paper's table within M minutes: `experiments.paper --gpu` (resampled
 #                  lines, K up to 4; $PAPER_PRESET: others, e.g. --tiny for a dry run, empty for
 #                  the full preset), a probe, then equal epochs, at least 8, for every run
-#                  that fits; the probe is kept (paper_gpu_probe.json), and a later call on the
-#                  same kind of GPU can skip it with PAPER_PRESET="--gpu --estimates FILE".
+#                  that fits ($PAPER_MIN_EPOCHS: another least count); the probe is kept
+#                  (paper_gpu_probe.json), and a later call on the same kind of GPU can skip it
+#                  with PAPER_PRESET="--gpu --estimates FILE" (with "--epochs 12" and
+#                  PAPER_MIN_EPOCHS=12: exactly 12 epochs a run, or the run left out).
 #                  $PAPER_WORKDIR (default: a new /tmp/gpu-call/paper) in an ignored folder of
 #                  the checkout, e.g. .gpu/paper, outlives the call on a machine still warm: the
 #                  same stage in the next call finishes the sweep (its finished runs reused, the
@@ -98,7 +100,7 @@ run_stage() {
       local preset
       read -r -a preset <<<"${PAPER_PRESET---gpu}" # set but empty: the full preset
       local workdir=${PAPER_WORKDIR:-/tmp/gpu-call/paper}
-      within_deadline python -m experiments.paper "${preset[@]}" --min-epochs 8 \
+      within_deadline python -m experiments.paper "${preset[@]}" --min-epochs "${PAPER_MIN_EPOCHS:-8}" \
         --budget-minutes "$minutes" --data-dir "$data_dir" --workdir "$workdir" \
         --out "$results/paper_gpu"
       local swept=$?
