@@ -181,20 +181,18 @@ def loop_loads_and_dots(config: KernelConfig) -> dict[str, str]:
   def total(projected, kernel):
     return sum(jnp.sum(states) for states in lstm_recurrence_kernel(projected, kernel, config))
 
+  def letter(equation) -> str:
+    if equation.primitive.name == "get":  # the recurrent kernel is the one 2-D operand
+      return "W" if equation.invars[0].aval.ndim == 2 else "F"
+    return "D" if equation.primitive.name == "dot_general" else ""
+
   orders = {}
 
   def visit(jaxpr):
     for equation in jaxpr.eqns:
       if equation.primitive.name == "pallas_call":
         (loop,) = (e for e in equation.params["jaxpr"].eqns if e.primitive.name == "scan")
-        orders[equation.params["name"]] = "".join(
-          ("W" if e.invars[0].aval.ndim == 2 else "F")
-          if e.primitive.name == "get"
-          else "D"
-          if e.primitive.name == "dot_general"
-          else ""
-          for e in loop.params["jaxpr"].eqns
-        )
+        orders[equation.params["name"]] = "".join(map(letter, loop.params["jaxpr"].eqns))
       for param in equation.params.values():
         inner = getattr(param, "jaxpr", param)
         if hasattr(inner, "eqns"):
