@@ -1049,7 +1049,7 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         progress.step_in_epoch,
         checkpoints.directory,
       )
-    (workdir / SUMMARY_FILE).write_text(json.dumps(_json_safe(summary), indent=2))
+    _write_atomically(workdir / SUMMARY_FILE, json.dumps(_json_safe(summary), indent=2))
   return summary
 
 

@@ -20,7 +20,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cli_errors import UsageError, one_line
+from cli_errors import UsageError, one_line, read_json_object
 
 _HINT = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
 
@@ -196,10 +196,10 @@ def check_settings(
   """
   now = _flat(json.loads(json.dumps(settings)))
   if path.is_file():
-    source, before = path, _flat(json.loads(path.read_text()))
+    source, before = path, _flat(read_json_object(path))
   elif trained_with and path.parent.is_dir() and any(path.parent.iterdir()):
     source = path.parent / trained_with
-    recorded = json.loads(source.read_text()) if source.is_file() else {}
+    recorded = read_json_object(source) if source.is_file() else {}
     now = {
       key: value
       for key, value in now.items()

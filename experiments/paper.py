@@ -441,7 +441,7 @@ def run_worker(args: argparse.Namespace, devices: int) -> int:
 def finished_run(run_dir: pathlib.Path) -> bool:
   """Whether the run in `run_dir` trained to its end (not cut short by the deadline)."""
   summary_path = run_dir / "summary.json"
-  return summary_path.is_file() and not json.loads(summary_path.read_text()).get("stopped_by")
+  return summary_path.is_file() and not cli_errors.read_json_object(summary_path).get("stopped_by")
 
 
 def worker_runs(args: argparse.Namespace, devices: int, budget: dict | None):
@@ -470,7 +470,7 @@ def train_runs(args, worker_argv, device_counts, budget: dict | None) -> bool:
 
 
 def read_budget(workdir: pathlib.Path) -> dict:
-  return json.loads((workdir / "budget.json").read_text())
+  return cli_errors.read_json_object(workdir / "budget.json")
 
 
 def probe_runs(args: argparse.Namespace) -> list[tuple[str, int]]:
@@ -590,11 +590,11 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
       run = [*argv, "--probe", "--worker-run", f"{strategy}:{num_buckets}"]
       if not run_worker_process(run, device_counts[0]):
         raise cli_errors.UsageError("interrupted while probing: no run to report")
-    planned = json.loads((workdir / "probe" / "planned.json").read_text())
+    planned = cli_errors.read_json_object(workdir / "probe" / "planned.json")
     times = [probe_run_dir(workdir, *run).with_suffix(".json") for run in probe_runs(args)]
     probed = {
       "devices": device_counts[0],
-      "probes": [json.loads(path.read_text()) for path in times],
+      "probes": [cli_errors.read_json_object(path) for path in times],
       "planned": planned["planned"],
     }
     # What the probe's workers spent outside their runs and the planning: starting Python and
@@ -711,10 +711,26 @@ def available_devices() -> int:
 
 
 def read_run(run_dir: pathlib.Path) -> dict:
-  summary = json.loads((run_dir / "summary.json").read_text())
-  plan = json.loads((run_dir / "plan.json").read_text())
-  history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-  return {"summary": summary, "plan": plan, "history": history}
+  """A finished run's summary, plan and per-epoch metrics, as the trainer wrote them; a damaged
+  or missing file is an error naming it."""
+  summary = cli_errors.read_json_object(run_dir / "summary.json")
+  plan = cli_errors.read_json_object(run_dir / "plan.json")
+  return {"summary": summary, "plan": plan, "history": read_metrics(run_dir / "metrics.jsonl")}
+
+
+def read_metrics(path: pathlib.Path) -> list[dict]:
+  """The rows of a run's `metrics.jsonl`, one per epoch; a row that is not a JSON object is an
+  error naming the file and line."""
+  rows = []
+  for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+      row = json.loads(line)
+    except ValueError as error:
+      raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+    if not isinstance(row, dict):
+      raise ValueError(f"{path}, line {number}: not a JSON object, so not an epoch's metrics")
+    rows.append(row)
+  return rows
 
 
 def auto_cost_text(runs: dict) -> str:

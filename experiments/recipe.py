@@ -273,7 +273,7 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> None:
   if not schedule_path.is_file():
     schedule = probe(args, base, candidate, config, candidate_dir / "probe")
     schedule_path.write_text(json.dumps(schedule, indent=2))
-  schedule = json.loads(schedule_path.read_text())
+  schedule = cli_errors.read_json_object(schedule_path)
   config.num_epochs = config.patience = schedule["planned_epochs"]
   config.optimizer.learning_rate = schedule["learning_rate"]
   config.max_minutes = args.minutes_per_run
@@ -366,9 +366,9 @@ def wall_clock(run: dict) -> np.ndarray:
 
 def candidate_row(candidate_dir: pathlib.Path, budget_s: float) -> dict:
   """One table row, every number read from the candidate's files."""
-  settings = json.loads((candidate_dir / CANDIDATE_FILE).read_text())
-  schedule = json.loads((candidate_dir / "schedule.json").read_text())
-  result = json.loads((candidate_dir / "result.json").read_text())
+  settings = cli_errors.read_json_object(candidate_dir / CANDIDATE_FILE)
+  schedule = cli_errors.read_json_object(candidate_dir / "schedule.json")
+  result = cli_errors.read_json_object(candidate_dir / "result.json")
   run = paper.read_run(candidate_dir / "train")
   cer = np.array([row["val_cer"] for row in run["history"]], float)
   clock = wall_clock(run)
@@ -386,7 +386,9 @@ def candidate_row(candidate_dir: pathlib.Path, budget_s: float) -> dict:
     "best val CER": "-",
     "at (s)": "-",
     "best val loss": "-",
-    "test CER": (f"{json.loads(test_path.read_text())['cer']:.4f}" if test_path.is_file() else "-"),
+    "test CER": (
+      f"{cli_errors.read_json_object(test_path)['cer']:.4f}" if test_path.is_file() else "-"
+    ),
   }
   for fraction in BUDGET_FRACTIONS:
     reached = cer[clock <= fraction * budget_s]

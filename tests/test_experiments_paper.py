@@ -461,6 +461,24 @@ def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):
   assert not paper.finished_run(tmp_path / "never started")
 
 
+@pytest.mark.parametrize(
+  "name, text, message",
+  [
+    ("summary.json", '{"stopped_by": nu', r"summary.json: not valid JSON"),
+    ("plan.json", "[]", r"plan.json: not a JSON object"),
+    ("metrics.jsonl", '{"epoch": 1}\n{"epoch": 2', r"metrics.jsonl, line 2: not valid JSON"),
+    ("metrics.jsonl", '{"epoch": 1}\n3\n', r"metrics.jsonl, line 2: not a JSON object"),
+  ],
+)
+def test_a_damaged_run_file_is_named(tmp_path, name, text, message):
+  files = {"summary.json": "{}", "plan.json": "{}", "metrics.jsonl": '{"epoch": 1}\n'}
+  for file_name, file_text in (files | {name: text}).items():
+    (tmp_path / file_name).write_text(file_text)
+  with pytest.raises(ValueError, match=message):
+    paper.finished_run(tmp_path)
+    paper.read_run(tmp_path)
+
+
 def test_an_interrupted_sweep_reports_the_finished_runs_and_exits_130(tmp_path, monkeypatch):
   reported = []
   monkeypatch.setattr(paper, "run_worker_process", lambda argv, devices: False)  # Ctrl-C
