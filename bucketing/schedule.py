@@ -33,11 +33,6 @@ class ScheduledBatch:
   bucket: int
   indices: np.ndarray
 
-  @property
-  def weights(self) -> np.ndarray:
-    """[rows] 1.0 for a real sequence, 0.0 for a filler row."""
-    return (self.indices != FILLER).astype(np.float32)
-
 
 def epoch_batches(plan: BucketPlan, seed: int, epoch: int) -> list[tuple[int, np.ndarray]]:
   """The global batches of one epoch, in order: (bucket, [batch_size] example indices)."""

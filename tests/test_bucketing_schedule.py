@@ -38,11 +38,6 @@ def test_filler_rows_complete_only_the_last_batch_of_a_bucket():
     assert sum(f > 0 for f in fillers) <= 1
 
 
-def test_filler_rows_have_zero_weight():
-  step = next(b for b in schedule.iterate(PLAN, 0, num_epochs=1) if np.any(b.indices < 0))
-  np.testing.assert_array_equal(step.weights, (step.indices >= 0).astype(np.float32))
-
-
 def test_schedule_is_a_pure_function_of_seed_and_epoch():
   first = schedule.epoch_batches(PLAN, seed=3, epoch=2)
   again = schedule.epoch_batches(PLAN, seed=3, epoch=2)
