@@ -48,7 +48,10 @@ def ctc_loss(
     gradient, however many a bucket holds. A target that cannot be aligned (too long for its
     frames) costs about `-log_epsilon` = 1e5 instead of infinity, as in `optax.ctc_loss`.
   """
-  per_example_loss = ctc_loss_kernel if implementation == "pallas" else optax.ctc_loss
+  implementations = {"optax": optax.ctc_loss, "pallas": ctc_loss_kernel}
+  if implementation not in implementations:
+    raise ValueError(f"implementation must be 'optax' or 'pallas', got {implementation!r}")
+  per_example_loss = implementations[implementation]
   per_example = per_example_loss(
     logits.astype(jnp.float32),
     logit_paddings,

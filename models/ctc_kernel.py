@@ -330,7 +330,7 @@ def ctc_loss_kernel(
   the batch is padded to a multiple of the tile. `interpret=True` runs on any backend (tests).
   Under a mesh (`jax.set_mesh`) each device computes its own rows (`models.batch_sharding`).
   """
-  if batch_tile & (batch_tile - 1):
+  if batch_tile < 1 or batch_tile & (batch_tile - 1):
     raise ValueError(f"batch_tile must be a power of two, got {batch_tile}")
   per_example_loss = over_batch_shards(
     functools.partial(

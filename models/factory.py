@@ -65,7 +65,8 @@ def make_model(
   `lstm_impl` "auto" and `unroll` 0 are resolved for `backend` (default: JAX's default backend):
   the model's `lstm_implementation`, `unroll` and `scan_prefetch` (set on the backends in
   `SCAN_PREFETCH_BACKENDS`) say what was chosen. `kernel` holds `KernelConfig` launch parameters;
-  the kernel runs in the Pallas interpreter on backends other than the GPU (slow: for tests).
+  the kernel runs in the Pallas interpreter on backends other than the GPU (slow: for tests)
+  unless `kernel` says otherwise (`interpret`).
   """
   if num_classes < 2:
     raise ValueError(f"num_classes must count the blank plus at least one label, got {num_classes}")
@@ -91,6 +92,6 @@ def make_model(
     lstm_implementation=implementation,
     unroll=unroll or DEFAULT_UNROLL.get(backend, 1),
     scan_prefetch=backend in SCAN_PREFETCH_BACKENDS,
-    kernel_config=KernelConfig(**(kernel or {}), interpret=backend != "gpu"),
+    kernel_config=KernelConfig(**{"interpret": backend != "gpu"} | (kernel or {})),
     dtype=jnp.dtype(dtype),
   )

@@ -256,8 +256,11 @@ class LstmLayer(nn.Module):
     kernel_config: launch parameters of the "pallas" kernels.
     dtype: computation dtype of the matmuls and of the returned activations.
     param_dtype: storage dtype of the parameters.
-    kernel_init, recurrent_kernel_init, bias_init: per-direction initialisers, defaulting to
-      `nn.OptimizedLSTMCell`'s (lecun normal, orthogonal, zeros).
+    kernel_init, recurrent_kernel_init, bias_init: per-direction initialisers: lecun normal,
+      orthogonal and zeros. Orthogonal applies to a direction's whole `[hidden, 4 * hidden]`
+      recurrent kernel, whose rows come out orthonormal (Keras's LSTM does the same); every
+      committed result trained from it. `nn.OptimizedLSTMCell` instead makes each gate's
+      `[hidden, hidden]` block orthogonal, entries twice as large.
   """
 
   hidden_size: int

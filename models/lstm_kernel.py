@@ -58,6 +58,11 @@ class KernelConfig:
   prefetch: bool = False
   interpret: bool = False
 
+  def __post_init__(self):
+    tile = self.batch_tile
+    if tile < 16 or tile & (tile - 1):
+      raise ValueError(f"kernel batch_tile must be a power of two of at least 16, got {tile}")
+
 
 def _next_power_of_two(value: int) -> int:
   return 1 << max(value - 1, 0).bit_length()

@@ -153,6 +153,14 @@ def test_make_ctc_loss_takes_the_kernel_on_a_gpu_only(impl, backend, expected):
     assert loss_fn.keywords["interpret"] == (backend != "gpu")
 
 
+@pytest.mark.parametrize("implementation", ["auto", "Pallas", "cudnn"])
+def test_ctc_loss_refuses_an_implementation_it_does_not_have(implementation):
+  logits = jnp.zeros((1, 3, NUM_CLASSES))
+  labels, label_paddings = labels_batch([[1]], 1)
+  with pytest.raises(ValueError, match="implementation must be 'optax' or 'pallas'"):
+    ctc_loss(logits, paddings_for([3], 3), labels, label_paddings, jnp.ones(1), implementation)
+
+
 def test_kernel_loss_equals_optax_loss_with_filler_rows():
   logits = np.random.default_rng(4).normal(size=(3, 6, NUM_CLASSES)).astype(np.float32)
   paddings = paddings_for([6, 4, 5], 6)

@@ -220,7 +220,8 @@ def cuda_lowering(traced) -> str:
     raise
 
 
-def test_rejects_a_batch_tile_that_is_not_a_power_of_two():
+@pytest.mark.parametrize("batch_tile", [3, 0])
+def test_rejects_a_batch_tile_that_is_not_a_power_of_two(batch_tile):
   args = awkward_batch(np.random.default_rng(5))
   with pytest.raises(ValueError, match="power of two"):
-    ctc_loss_kernel(*args, batch_tile=3, interpret=True)
+    ctc_loss_kernel(*args, batch_tile=batch_tile, interpret=True)

@@ -33,11 +33,21 @@ def test_builds_the_configured_model_with_the_right_logit_shape():
     {"input_projection_size": 0},
     {"unroll": -1},
     {"lstm_impl": "cudnn"},
+    {"kernel": {"batch_tile": 24}},  # Triton's dots want powers of two
+    {"kernel": {"batch_tile": 8}},  # and at least 16 rows
+    {"kernel": {"batch_tile": 0}},
   ],
 )
 def test_out_of_range_values_are_refused(override):
   with pytest.raises(ValueError):
     make_model(**{**CONFIG, **override})
+
+
+def test_the_kernel_runs_interpreted_off_the_gpu_unless_told_otherwise():
+  assert make_model(**CONFIG, backend="cpu").kernel_config.interpret
+  assert not make_model(**CONFIG, backend="gpu").kernel_config.interpret
+  told = make_model(**CONFIG, backend="cpu", kernel={"interpret": False, "batch_tile": 32})
+  assert not told.kernel_config.interpret and told.kernel_config.batch_tile == 32
 
 
 def test_unknown_keys_are_refused():

@@ -78,6 +78,17 @@ def test_layer_output_shape_and_zeroed_padding(bidirectional):
   assert np.all(np.abs(outputs[paddings == 0]) > 0)
 
 
+def test_each_direction_starts_from_its_own_orthogonal_recurrent_kernel():
+  hidden = 32
+  inputs, paddings = padded_batch(random_sequences([4]), time=4)
+  params = LstmLayer(hidden, bidirectional=True).init(jax.random.key(0), inputs, paddings)["params"]
+  recurrent = np.asarray(params["recurrent_kernel"])  # [directions, hidden, 4 * hidden]
+  for kernel in recurrent:  # orthonormal rows over all four gates, as the docstring says
+    np.testing.assert_allclose(kernel @ kernel.T, np.eye(hidden), atol=1e-5)
+  assert not np.allclose(recurrent[0], recurrent[1])
+  np.testing.assert_array_equal(params["bias"], 0.0)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_layer_matches_flax_optimized_lstm_cell(bidirectional):
   """Same weights, same valid outputs as Flax's stock cell run by `nn.RNN` with `seq_lengths`

@@ -78,7 +78,6 @@ def test_kernel_matches_scan_values_and_gradients(time, batch, hidden, direction
   [
     KernelConfig(batch_tile=32, interpret=True),
     KernelConfig(weights_resident=True, interpret=True),
-    KernelConfig(num_warps=4, num_stages=2, interpret=True),
     KernelConfig(prefetch=True, interpret=True),
     KernelConfig(prefetch=True, weights_resident=True, interpret=True),
   ],
@@ -155,8 +154,9 @@ def test_kernel_on_a_mesh_matches_the_unsharded_kernel_and_the_scan(num_devices)
     KernelConfig(weights_resident=True),
     KernelConfig(prefetch=True),
     KernelConfig(prefetch=True, weights_resident=True),
+    KernelConfig(num_warps=4, num_stages=2),  # the interpreter ignores both: lowered only
   ],
-  ids=["default", "resident", "prefetch", "prefetch, resident"],
+  ids=["default", "resident", "prefetch", "prefetch, resident", "4 warps, 2 stages"],
 )
 def test_every_launch_variant_lowers_to_two_triton_calls_per_pass(config):
   """What the GPU compiles: a variant the Triton lowering rejects fails here, not on a lent GPU."""
@@ -171,6 +171,8 @@ def test_every_launch_variant_lowers_to_two_triton_calls_per_pass(config):
     "lstm_forward",
     "lstm_backward",
   ]
+  launches = {f"num_warps = {config.num_warps}", f"num_stages = {config.num_stages}"}
+  assert set(re.findall(r"num_warps = \d+|num_stages = \d+", text)) == launches
 
 
 def loop_loads_and_dots(config: KernelConfig) -> dict[str, str]:
