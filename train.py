@@ -673,8 +673,9 @@ def compile_steps(
   mode: str = "parallel",
   threads: int = 0,
 ) -> compilation.CompiledSteps:
-  """Starts compiling one train step per training bucket, then one eval step per bucket any eval
-  split uses (the eval plans share their shapes, `make_eval_plans`).
+  """Starts compiling one train step per training bucket that holds lines (fixed bounds can leave
+  one empty), then one eval step per bucket any eval split uses (the eval plans share their
+  shapes, `make_eval_plans`).
 
   Train steps compile in `train_order` (default: bucket order), then the rest. `mode`:
   "overlap" returns at once and compiles in the background on `threads` threads (0: one per CPU
@@ -699,6 +700,7 @@ def compile_steps(
       batch_spec(train_plan, bucket, num_features, batch_sharding),
     )
     for bucket in dict.fromkeys([*(train_order or []), *range(train_plan.num_buckets)])
+    if train_plan.bucket_sizes[bucket] > 0
   }
   jobs |= _eval_jobs(
     state.apply_fn, state.ctc_loss_fn, state.params, eval_plans, mesh, num_features
@@ -1766,30 +1768,39 @@ def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
 
 
 def step_memory_mb(
-  memory: list[compilation.StepMemory], plan: bucketing.BucketPlan
+  memory: dict[int, compilation.StepMemory], plan: bucketing.BucketPlan
 ) -> tuple[np.ndarray, int, float]:
-  """Each bucket's train-step footprint in MB, the bucket of the largest among those an epoch
-  uses, and the mean over an epoch's steps."""
-  megabytes = np.array([step.total for step in memory]) / 1e6
+  """Each bucket's train-step footprint in MB (NaN for a bucket that holds no line, so has no
+  step), the bucket of the largest among those an epoch uses, and the mean over an epoch's
+  steps."""
+  totals = [
+    memory[bucket].total if bucket in memory else np.nan for bucket in range(plan.num_buckets)
+  ]
+  megabytes = np.array(totals) / 1e6
   steps = plan.steps_per_epoch
-  peak = int(np.argmax(np.where(steps > 0, megabytes, -np.inf)))
-  return megabytes, peak, float(np.average(megabytes, weights=steps))
+  used = steps > 0
+  peak = int(np.argmax(np.where(used, megabytes, -np.inf)))
+  return megabytes, peak, float(np.average(megabytes[used], weights=steps[used]))
 
 
 def _step_memory(run: Run) -> dict:
   """XLA's planned footprint of each bucket's train step per device (`step_memory_mb`), rounded
-  to 0.1 MB; None where the backend gives no memory analysis, or for a step a stop left
-  uncompiled (and then for the peak and the mean)."""
+  to 0.1 MB; None for a bucket that holds no line, where the backend gives no memory analysis,
+  or for a step a stop left uncompiled (and then for the peak and the mean)."""
   memory = run.steps.train_memory()
-  if None in memory:
-    known = [None if step is None else round(step.total / 1e6, 1) for step in memory]
+  if None in memory.values():
+    known = [
+      None if memory.get(bucket) is None else round(memory[bucket].total / 1e6, 1)
+      for bucket in range(run.plan.num_buckets)
+    ]
     return {
       "train_step_memory_mb": None if known.count(None) == len(known) else known,
       **dict.fromkeys(("peak_step_memory_mb", "peak_step_bucket", "mean_step_memory_mb")),
     }
   megabytes, peak, mean = step_memory_mb(memory, run.plan)
   return {
-    "train_step_memory_mb": megabytes.round(1).tolist(),  # numpy's rounding for all three
+    # numpy's rounding for all three
+    "train_step_memory_mb": [None if np.isnan(mb) else mb for mb in megabytes.round(1).tolist()],
     "peak_step_memory_mb": float(megabytes[peak].round(1)),
     "peak_step_bucket": peak,
     "mean_step_memory_mb": float(np.round(mean, 1)),

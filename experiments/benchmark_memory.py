@@ -68,10 +68,10 @@ class Compiler:
     self.num_features = train.num_features(config)
     self.state = train.replicated_state(config, self.mesh, total_steps=1)
 
-  def plan_memory(self, plan: bucketing.BucketPlan) -> list[StepMemory]:
+  def plan_memory(self, plan: bucketing.BucketPlan) -> dict[int, StepMemory]:
     """Every bucket's train step, compiled in parallel."""
     memory = train.compile_steps(self.state, plan, {}, self.mesh, self.num_features).train_memory()
-    if None in memory:
+    if None in memory.values():
       raise RuntimeError(f"the {jax.default_backend()} backend gives no memory analysis")
     return memory
 
@@ -123,7 +123,9 @@ def shape_row(shape: tuple, coefficients: np.ndarray) -> dict[str, str]:
   }
 
 
-def plan_row(name: str, plan: bucketing.BucketPlan, memory: list[StepMemory]) -> dict[str, str]:
+def plan_row(
+  name: str, plan: bucketing.BucketPlan, memory: dict[int, StepMemory]
+) -> dict[str, str]:
   """A plan's steps per epoch, its largest step among the buckets an epoch uses, and the mean
   over an epoch's steps."""
   megabytes, peak, mean = train.step_memory_mb(memory, plan)

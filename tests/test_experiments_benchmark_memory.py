@@ -61,7 +61,7 @@ def test_with_a_fixed_batch_no_bucket_needs_more_than_one_bucket_does(compiler):
     )
     for strategy, k in (("none", 1), ("optimal", 4))
   ]
-  (none,), bucketed = (compiler.plan_memory(plan) for plan in plans)
+  (none,), bucketed = (list(compiler.plan_memory(plan).values()) for plan in plans)
   assert max(step.total for step in bucketed) <= none.total
   # The longest bucket holds a full batch here: it is the one-bucket plan's very step.
   assert plans[1].batch_sizes[-1] == 8 and bucketed[-1] == none

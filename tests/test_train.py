@@ -150,6 +150,29 @@ def test_step_memory_is_per_device_a_sharded_batch_takes_less_of_each(tmp_path):
   assert temporaries[1] < temporaries[0] / 4
 
 
+def test_a_bucket_no_line_falls_in_compiles_no_train_step():
+  config = tiny_config()
+  lengths = np.array([20, 24, 90, 96])  # nothing between 32 and 64
+  plan = bucketing.make_plan(
+    lengths,
+    strategy="fixed",
+    upper_bounds=[32, 64, 96],
+    batch_size=8,
+    num_devices=8,
+    label_lengths=np.full(4, 3),
+  )
+  assert plan.bucket_sizes.tolist() == [2, 0, 2]
+  mesh = train.make_data_mesh()
+  state = train.replicated_state(config, mesh, total_steps=1)
+  steps = train.compile_steps(state, plan, {}, mesh, train.num_features(config), mode="sequential")
+  assert steps.accounting()["train_compiles"] == 2
+  memory = steps.train_memory()
+  assert sorted(memory) == [0, 2]
+  megabytes, peak, mean = train.step_memory_mb(memory, plan)
+  assert np.isnan(megabytes[1]) and peak == 2
+  assert mean == pytest.approx((megabytes[0] + megabytes[2]) / 2)
+
+
 def test_starting_a_finished_run_again_trains_no_further(uninterrupted, monkeypatch, caplog):
   workdir, summary = uninterrupted
   rows = read_rows(workdir)

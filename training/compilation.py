@@ -194,16 +194,16 @@ class CompiledSteps:
       "compilation_cache_misses": misses,
     }
 
-  def train_memory(self) -> list[StepMemory | None]:
-    """Each bucket's train step's buffer plan (waits for its compile; None for one `close`
-    dropped): for a train step, the arguments are the state and the batch, the outputs the new
-    state (donated, so aliased), and the temporaries mostly what the backward pass keeps of the
-    forward's activations."""
+  def train_memory(self) -> dict[int, StepMemory | None]:
+    """Each compiled bucket's train step's buffer plan (waits for its compile; None for one
+    `close` dropped): for a train step, the arguments are the state and the batch, the outputs
+    the new state (donated, so aliased), and the temporaries mostly what the backward pass keeps
+    of the forward's activations."""
     futures = self.train_steps.futures
-    return [
-      None if futures[bucket].cancelled() else StepMemory.of(self.train_steps[bucket])
+    return {
+      bucket: None if futures[bucket].cancelled() else StepMemory.of(self.train_steps[bucket])
       for bucket in sorted(futures)
-    ]
+    }
 
   def _futures(self) -> list[concurrent.futures.Future]:
     return [*self.train_steps.futures.values(), *self.eval_steps.futures.values()]
