@@ -262,6 +262,38 @@ def test_model_padding_invariance_of_logits_loss_and_gradients(bidirectional, im
   )
 
 
+@pytest.mark.parametrize("implementation", ["scan", "pallas"])
+def test_filler_rows_change_no_loss_logit_or_gradient(implementation):
+  """A bucket's last batch completed by filler rows (one valid frame of garbage, an empty label,
+  weight 0) trains exactly as the real rows alone would."""
+  sequences = random_sequences([7, 4, 2], seed=6)
+  label_lists = [[1, 2], [3], [4, 4]]
+  model = small_model(implementation=implementation)
+  real_inputs, real_paddings = padded_batch(sequences, time=7, seed=3)
+  filler_inputs = np.random.default_rng(4).normal(0.0, 100.0, (2, 7, FEATURES))
+  inputs = jnp.concatenate([real_inputs, filler_inputs.astype(np.float32)])
+  paddings = jnp.concatenate([real_paddings, paddings_for([1, 1], 7)])
+  params = model.init(jax.random.key(0), real_inputs, real_paddings)["params"]
+
+  def loss_fn(params, inputs, paddings, label_lists, weights):
+    labels, label_paddings = labels_batch(label_lists, 2)
+    logits = model.apply({"params": params}, inputs, paddings)
+    return ctc_loss(logits, paddings, labels, label_paddings, weights)[0], logits
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  (real_loss, real_logits), real_grads = grad_fn(
+    params, real_inputs, real_paddings, label_lists, jnp.ones(3)
+  )
+  (loss, logits), grads = grad_fn(
+    params, inputs, paddings, [*label_lists, [], []], jnp.array([1.0, 1.0, 1.0, 0.0, 0.0])
+  )
+  np.testing.assert_allclose(loss, real_loss, rtol=1e-6)
+  np.testing.assert_allclose(logits[:3], real_logits, rtol=1e-5, atol=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads, real_grads
+  )
+
+
 def test_one_gradient_step_changes_every_parameter():
   model = small_model(dropout_rate=0.1)
   inputs, paddings = padded_batch(random_sequences([8, 5]), time=8)
