@@ -36,8 +36,9 @@ Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
 
 
 def lengths_from_paddings(paddings: jax.Array) -> jax.Array:
-  """Number of valid frames per row: `paddings [batch, time]` -> `[batch]` int32."""
-  return jnp.sum(1.0 - paddings, axis=-1).astype(jnp.int32)
+  """Number of valid frames per row: `paddings [batch, time]` -> `[batch]` int32, counted in
+  int32 whatever the paddings' dtype (bfloat16 cannot hold a count above 256 exactly)."""
+  return jnp.sum(paddings == 0, axis=-1, dtype=jnp.int32)
 
 
 @jax.custom_vjp

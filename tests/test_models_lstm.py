@@ -356,7 +356,8 @@ def test_bfloat16_gradients_stay_close_to_float32():
     np.testing.assert_allclose(got, want, atol=5e-2 * scale, err_msg=str(path))
 
 
-def test_lengths_from_paddings():
-  np.testing.assert_array_equal(
-    lengths_from_paddings(jnp.asarray(paddings_for([3, 0, 5], 5))), [3, 0, 5]
-  )
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_lengths_from_paddings(dtype):
+  lengths = [3, 0, 5, 299, 1000]
+  paddings = jnp.asarray(paddings_for(lengths, 1000), dtype)
+  np.testing.assert_array_equal(lengths_from_paddings(paddings), lengths)
