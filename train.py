@@ -1087,7 +1087,8 @@ def restore(
   selection_metric: str,
 ) -> tuple[TrainState, Progress]:
   """The newest intact checkpoint's state and progress (else `fresh`), saying where it resumes.
-  A run resumes only with the selection metric it started with: its best epoch was chosen by it."""
+  A run resumes only with the selection metric it started with: its best epoch was chosen by it.
+  Best parameters saved for epochs the resume trains again are deleted (`forget_best_after`)."""
   state, progress = checkpoints.restore_latest(fresh, plan)
   global_step = int(jax.device_get(state.step))
   if not global_step:
@@ -1097,6 +1098,8 @@ def restore(
       f"config.selection_metric={selection_metric!r}, but the run in {checkpoints.directory} "
       f"chose its best epoch by {progress.selection_metric!r}; use that or a new workdir"
     )
+  else:
+    checkpoints.forget_best_after(progress.best_epoch)
   if global_step and jax.process_index() == 0:
     LOG.info(
       "resumed from checkpoint at global step %d: epoch %d, step %d of the schedule",

@@ -931,6 +931,28 @@ def test_a_damaged_latest_checkpoint_falls_back_to_the_step_before(
   assert_resumed_like(uninterrupted[0], workdir)
 
 
+def test_a_resume_that_trains_a_best_epoch_again_forgets_its_old_best(
+  uninterrupted, tmp_path, monkeypatch, caplog
+):
+  """Falling back from the finished run's last state (epoch 1's end) to the step before (in
+  epoch 1), the resume trains epoch 1 again; here it validates worse, so the best parameters
+  must be epoch 0's again, not those the first start saved for epoch 1."""
+  reference_dir, reference_summary = uninterrupted
+  assert reference_summary["best_epoch"] == 1
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_dir, workdir)
+  (workdir / "summary.json").unlink()
+  steps = sorted(int(path.name) for path in (workdir / "checkpoints" / "train").iterdir())
+  damage(workdir / "checkpoints" / "train" / str(steps[-1]), "delete")
+  monkeypatch.setattr(train, "evaluate", lambda *args: {"loss": 1e9, "cer": 1.0, "wer": 1.0})
+  summary = train.train_and_evaluate(tiny_config(), workdir)
+  assert f"resuming from step {steps[-2]} instead" in caplog.text
+  assert "deleted the best parameters of epoch 1" in caplog.text
+  assert (summary["best_epoch"], summary["epochs"]) == (0, 2)
+  assert sorted(path.name for path in (workdir / "checkpoints" / "best").iterdir()) == ["0"]
+  assert train._load_params(tiny_config(), workdir, None, "best")[1]["epoch"] == 0
+
+
 def test_a_checkpoint_whose_values_changed_is_caught_by_its_checksum(
   uninterrupted, stopped_at_step_6, tmp_path, caplog
 ):

@@ -73,8 +73,9 @@ class Checkpoints:
     self.latest = ocp.CheckpointManager(
       self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
     )
+    # Two: a resume that falls back past a best epoch (`forget_best_after`) keeps the one before.
     self.best = ocp.CheckpointManager(
-      self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=create)
+      self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
     )
 
   def save_latest(self, state: TrainState, progress: Progress, plan: bucketing.BucketPlan) -> None:
@@ -204,18 +205,32 @@ class Checkpoints:
     )
 
   def save_best(self, epoch: int, params: Any, selected_by: str) -> None:
-    if epoch not in self.best.all_steps():  # a resumed run may have saved it already
-      integrity = {
-        "shapes": _shapes(params),
-        "sha256": _fingerprint(params),
-        "selected_by": selected_by,
-      }
-      self.best.save(
-        epoch,
-        args=ocp.args.Composite(
-          params=ocp.args.StandardSave(params), integrity=ocp.args.JsonSave(integrity)
-        ),
-      )
+    integrity = {
+      "shapes": _shapes(params),
+      "sha256": _fingerprint(params),
+      "selected_by": selected_by,
+    }
+    self.best.save(
+      epoch,
+      args=ocp.args.Composite(
+        params=ocp.args.StandardSave(params), integrity=ocp.args.JsonSave(integrity)
+      ),
+    )
+
+  def forget_best_after(self, best_epoch: int) -> None:
+    """Deletes the best parameters of epochs after `best_epoch`, the best of the progress a run
+    resumes from: those epochs are trained again (a kill between saving an epoch's best and its
+    state, a damaged newest state), and may not end as they did; kept, they would pass for the
+    run's best. Every process calls it (deleting is collective)."""
+    self.best.wait_until_finished()
+    for step in self.best.all_steps():
+      if step > best_epoch:
+        self.best.delete(step)
+        LOG.warning(
+          "deleted the best parameters of epoch %d in %s: the resumed run trains it again",
+          step,
+          self.best.directory,
+        )
 
   def restore_best(self, target: Any) -> Any | None:
     """The best parameters, shaped and placed like `target` (arrays or abstract); None if none.
