@@ -986,12 +986,14 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
       raise CheckpointMismatchError(f"{error}{schedule_changes(config, workdir)}") from None
     if not int(jax.device_get(state.step)):
       check_fresh_start(checkpoints, workdir)
-    if jax.process_index() == 0:  # only now: a resume refused leaves the run's own files
-      _write_atomically(workdir / PLAN_FILE, json.dumps(plan_summary, indent=2))
-      record_config(config, workdir, resumed=bool(int(jax.device_get(state.step))))
     earlier = finished_earlier(config, workdir, progress, int(jax.device_get(state.step)))
     if earlier is not None:  # nothing to compile, train or score
       return earlier
+    # Only now: a start refused, or one with nothing to do, leaves the run's records as they were
+    # (`--mode=evaluate` checks its config against config.json).
+    if jax.process_index() == 0:
+      _write_atomically(workdir / PLAN_FILE, json.dumps(plan_summary, indent=2))
+      record_config(config, workdir, resumed=bool(int(jax.device_get(state.step))))
     steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
     with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
       run = Run(

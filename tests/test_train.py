@@ -196,6 +196,17 @@ def test_starting_a_finished_run_again_trains_no_further(uninterrupted, monkeypa
   jax.tree.map(np.testing.assert_array_equal, latest_params(tiny_config(), workdir), params)
 
 
+def test_starting_a_finished_run_with_another_config_leaves_its_records(uninterrupted, tmp_path):
+  """Nothing is trained, so config.json still names what was: --mode=evaluate with the run's own
+  config is not refused for the dtype the idle start was given."""
+  copy = tmp_path / "run"
+  shutil.copytree(uninterrupted[0], copy)
+  records = {name: (copy / name).read_text() for name in ("config.json", "plan.json")}
+  train.train_and_evaluate(tiny_config(**{"model.dtype": "bfloat16"}), copy)
+  assert {name: (copy / name).read_text() for name in records} == records
+  train.load_params(tiny_config(), copy)
+
+
 def test_a_finished_run_without_its_summary_writes_it_again(uninterrupted, tmp_path):
   workdir, summary = uninterrupted
   copy = tmp_path / "run"
