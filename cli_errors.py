@@ -32,6 +32,11 @@ class AlreadyReported(UsageError):
   """An expected error a child process has already printed as its one line: `run` adds none."""
 
 
+class Interrupted(Exception):
+  """A command stopped by SIGINT before it had anything to show: `run` prints the message (what
+  was kept, what was not) and returns the shell's code for death by SIGINT, as for Ctrl-C."""
+
+
 # What bad input raises: ValueError (bad values, bad data, IamOnDbError, BadExampleError) and
 # OSError (missing or unreadable files, a full disk).
 EXPECTED_ERRORS = (UsageError, ValueError, OSError)
@@ -50,12 +55,12 @@ def run(main: Callable[[], int | None]) -> int:
   try:
     code = main()
     sys.stdout.flush()  # here, so that a reader gone by now is caught below, not at exit
-  except KeyboardInterrupt:
+  except (KeyboardInterrupt, Interrupted) as interruption:
     # Ctrl-C where the program does not stop cleanly itself (loading data, measuring, compiling;
     # training checkpoints and returns): one line and the shell's code for death by SIGINT.
     if _debugging():
       raise
-    print("interrupted", file=sys.stderr)
+    print(one_line(interruption) or "interrupted", file=sys.stderr)
     return 128 + signal.SIGINT
   except BrokenPipeError:
     # The reader went away (`| head`): end quietly, as a shell tool killed by SIGPIPE does, and

@@ -48,13 +48,13 @@ runs as fit at `--min-epochs` (default: the preset's epochs) in the order of `bu
 count (at most the preset's) that fits, without early stopping. A worker skips a run that its
 estimate says would end past the deadline, and a run slower than its estimate stops at the deadline
 with a checkpoint (`config.max_minutes`); the table and plots cover the runs that finished and name
-those left out. Interrupted (Ctrl-C), the sweep writes the report of the runs that finished and
-exits with code 130. A run whose `summary.json` says it finished is reused, so an interrupted sweep
-continues where it stopped (a run the deadline cut short resumes from its checkpoint). Started
-again, a budget sweep plans only what is left: its finished runs cost nothing, and every other run
-gets the epoch count of its first plan or is left out, so that a sweep can be finished in a second
-GPU call. Each run's folder keeps the settings it was
-trained with (`settings.json`: its config, less where the data lies, the time cap and, but for
+those left out. Interrupted (Ctrl-C), the sweep writes the report of the runs that finished (none
+before the baseline has: one line says so) and exits with code 130. A run whose `summary.json` says
+it finished is reused, so an interrupted sweep continues where it stopped (a run the deadline cut
+short resumes from its checkpoint). Started again, a budget sweep plans only what is left: its
+finished runs cost nothing, and every other run gets the epoch count of its first plan or is left
+out, so that a sweep can be finished in a second GPU call. Each run's folder keeps the settings it
+was trained with (`settings.json`: its config, less where the data lies, the time cap and, but for
 `auto`, the `--cost` model; a run from before that file is checked against the trainer's
 `config.json`); a command that would reuse it under others (another dataset, preset, epoch count,
 `auto`'s cost model...) is refused, naming the run and what differs, before any run of the sweep
@@ -84,6 +84,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import ml_collections
 import numpy as np
@@ -414,8 +415,7 @@ def run_worker(args: argparse.Namespace, devices: int) -> int:
   )
   strategy, num_buckets = args.worker_run
   if args.probe:
-    probe(args, devices, workdir, strategy, num_buckets)
-    return 0
+    return probe(args, devices, workdir, strategy, num_buckets)
   name = run_name(devices, strategy, num_buckets)
   config = run_config(args, strategy, num_buckets)
   if args.budget_minutes:
@@ -423,9 +423,8 @@ def run_worker(args: argparse.Namespace, devices: int) -> int:
     # cap); the same command, given more time, continues it.
     config.max_minutes = (read_budget(workdir)["deadline"] - time.time()) / 60
   summary = train.train_and_evaluate(config, workdir / name)
-  if summary["stopped_by"] in ("SIGINT", "SIGTERM"):  # checkpointed; the same command resumes
-    print(f"{name}: stopped by {summary['stopped_by']}", flush=True)
-    return 128 + getattr(signal, summary["stopped_by"])  # the parent stops the sweep
+  if code := signal_exit_code(name, summary):  # checkpointed; the same command resumes
+    return code
   if summary["stopped_by"]:
     print(f"{name}: stopped by the deadline", flush=True)
   else:
@@ -436,6 +435,15 @@ def run_worker(args: argparse.Namespace, devices: int) -> int:
       flush=True,
     )
   return 0
+
+
+def signal_exit_code(name: str, summary: dict, say: Callable[[str], None] = print) -> int | None:
+  """A worker's exit code when a signal stopped its run named `name`, 128 + the signal, after
+  `say`ing so (the parent, stopped by the same Ctrl-C, reports); None otherwise."""
+  if summary["stopped_by"] not in ("SIGINT", "SIGTERM"):
+    return None
+  say(f"{name}: stopped by {summary['stopped_by']}")
+  return 128 + getattr(signal, summary["stopped_by"])
 
 
 def finished_run(run_dir: pathlib.Path) -> bool:
@@ -485,10 +493,11 @@ def probe_run_dir(workdir: pathlib.Path, strategy: str, num_buckets: int) -> pat
 
 def probe(
   args: argparse.Namespace, devices: int, workdir: pathlib.Path, strategy: str, num_buckets: int
-) -> None:
+) -> int:
   """Trains one of the probe's runs for `PROBE_EPOCHS` epochs and writes its times and plan next
   to it (`probe/<run>.json`); the last one's worker also writes `probe/planned.json`, the plan
-  (K, padded timesteps) of every planned run, `auto`'s measured as its run will measure it."""
+  (K, padded timesteps) of every planned run, `auto`'s measured as its run will measure it. The
+  worker's exit code (`signal_exit_code`)."""
   import train
 
   config = run_config(args, strategy, num_buckets)
@@ -497,8 +506,8 @@ def probe(
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, run_dir)
   wall = time.perf_counter() - start
-  if summary["stopped_by"]:  # a signal: the parent reports the interruption
-    raise cli_errors.UsageError(f"the probe was stopped by {summary['stopped_by']}")
+  if code := signal_exit_code(f"the probe's {strategy}:{num_buckets}", summary):
+    return code  # the parent reports the interruption
   run = read_run(run_dir)
   last = run["history"][-1]
   times = {
@@ -514,7 +523,7 @@ def probe(
   }
   run_dir.with_suffix(".json").write_text(json.dumps(times, indent=2))
   if (strategy, num_buckets) != probe_runs(args)[-1]:
-    return
+    return 0
   planning_start = time.perf_counter()
   train_set = train.load_data(args_config(args))[0]
   cost = None
@@ -539,6 +548,7 @@ def probe(
   (workdir / "probe" / "planned.json").write_text(
     json.dumps({"planned": planned, "planning_s": planning_s}, indent=2)
   )
+  return 0
 
 
 def check_probe_settings(args: argparse.Namespace, devices: int, workdir: pathlib.Path) -> None:
@@ -589,7 +599,7 @@ def plan_sweep(args, argv, device_counts, start: float) -> dict:
     for strategy, num_buckets in probe_runs(args):
       run = [*argv, "--probe", "--worker-run", f"{strategy}:{num_buckets}"]
       if not run_worker_process(run, device_counts[0]):
-        raise cli_errors.UsageError("interrupted while probing: no run to report")
+        raise cli_errors.Interrupted("interrupted while probing: no run to report")
     planned = cli_errors.read_json_object(workdir / "probe" / "planned.json")
     times = [probe_run_dir(workdir, *run).with_suffix(".json") for run in probe_runs(args)]
     probed = {
@@ -1071,6 +1081,12 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     (pathlib.Path(args.workdir) / "budget.json").write_text(json.dumps(budget, indent=2))
   interrupted = not train_runs(args, worker_argv, device_counts, budget)
   if interrupted:
+    workdir = pathlib.Path(args.workdir)
+    if not all(finished_run(workdir / run_name(devices, "none", 1)) for devices in device_counts):
+      raise cli_errors.Interrupted(
+        "interrupted before the baseline (no bucketing) finished: no report; the same command "
+        "resumes the sweep"
+      )
     print("interrupted: the report covers the runs that finished", flush=True)
   loads = (load_before, os.getloadavg()[0])
   path = write_report(args, argv, device_counts, loads, time.perf_counter() - start, budget)

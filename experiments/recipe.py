@@ -50,8 +50,9 @@ and `_val_cer.png` (validation CER against wall time). Wall time is the run's cl
 of compiling to the end of each epoch's validation (data loading and checkpoint writes are left
 out; they are in the run's total, its own column). A finished run is reused when the same command
 is started again in the same workdir; one cut short (a kill, Ctrl-C) is trained again from the
-start, since its budget cannot be split across starts. A workdir holding a candidate of the same
-name with other settings is refused: use a new workdir after changing any setting.
+start, since its budget cannot be split across starts. Interrupted, the study reports the
+candidates that finished (none: one line) and exits with code 130. A workdir holding a candidate
+of the same name with other settings is refused: use a new workdir after changing any setting.
 
 Measured: the first command above on IAM-OnDB on a 2-core CPU with nothing else running
 (`experiments/results/recipe_quick_cpu.md`): the same configuration twice (`base`,
@@ -82,6 +83,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -253,7 +255,9 @@ def planned_epochs(fixed_s: float, epoch_s: float, budget_s: float) -> int:
 # The workers: a candidate's probe and run, or its test score, in a process of their own.
 
 
-def run_worker(args: argparse.Namespace, phase: str, name: str) -> None:
+def run_worker(args: argparse.Namespace, phase: str, name: str) -> int:
+  """Trains (`phase` "train": probe, then the run) or tests one candidate; the exit code, 130 or
+  143 when SIGINT or SIGTERM stopped its training, for the parent to stop and report."""
   from absl import logging as absl_logging
 
   import train
@@ -268,10 +272,12 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> None:
     scores = train.evaluate_checkpoint(config, candidate_dir / "train", TEST_SPLIT)
     (candidate_dir / "test.json").write_text(json.dumps(scores, indent=2))
     log(f"{name}: test CER {scores['cer']:.4f} on {TEST_SPLIT}")
-    return
+    return 0
   schedule_path = candidate_dir / "schedule.json"
   if not schedule_path.is_file():
     schedule = probe(args, base, candidate, config, candidate_dir / "probe")
+    if isinstance(schedule, int):  # stopped by a signal
+      return schedule
     schedule_path.write_text(json.dumps(schedule, indent=2))
   schedule = cli_errors.read_json_object(schedule_path)
   config.num_epochs = config.patience = schedule["planned_epochs"]
@@ -282,8 +288,8 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> None:
   load_before, start = os.getloadavg()[0], time.perf_counter()
   summary = train.train_and_evaluate(config, run_dir)
   wall = time.perf_counter() - start
-  if summary["stopped_by"] not in (None, "max_minutes"):
-    raise cli_errors.UsageError(f"{name}: stopped by {summary['stopped_by']}")
+  if code := paper.signal_exit_code(name, summary, log):  # trained again from its start
+    return code
   ended_by = "budget" if summary["stopped_by"] else "epochs"
   result = {"wall_s": wall, "ended_by": ended_by, "load": [load_before, os.getloadavg()[0]]}
   (candidate_dir / "result.json").write_text(json.dumps(result))
@@ -291,10 +297,12 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> None:
     f"{name}: {summary['epochs']} epochs in {wall:.0f} s (ended by {ended_by}), best val CER "
     f"{min((row['val_cer'] for row in paper.read_run(run_dir)['history']), default=math.nan):.4f}"
   )
+  return 0
 
 
-def probe(args, base, candidate: Candidate, config, probe_dir: pathlib.Path) -> dict:
-  """One epoch of the candidate: the fixed cost and epoch time that plan its run."""
+def probe(args, base, candidate: Candidate, config, probe_dir: pathlib.Path) -> dict | int:
+  """One epoch of the candidate: the fixed cost and epoch time that plan its run (the exit code
+  instead when a signal stopped it, `paper.signal_exit_code`)."""
   import train
 
   config = config.copy_and_resolve_references()
@@ -305,6 +313,8 @@ def probe(args, base, candidate: Candidate, config, probe_dir: pathlib.Path) -> 
   start = time.perf_counter()
   summary = train.train_and_evaluate(config, probe_dir)
   wall = time.perf_counter() - start
+  if code := paper.signal_exit_code(candidate.name, summary, log):
+    return code
   run = paper.read_run(probe_dir)
   if summary["stopped_by"] or not run["history"]:
     raise cli_errors.UsageError(
@@ -535,7 +545,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
   args = parse_args(argv)
   if args.worker:
     phase, _, name = args.worker.partition(":")
-    run_worker(args, phase, name)
+    return run_worker(args, phase, name)
     return None
   jax_version = importlib.metadata.version("jax")  # not importing JAX: the workers hold devices
   record = reporting.RunRecord("experiments.recipe", argv, f"jax {jax_version}")
@@ -568,7 +578,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
       break
   finished = [c for c in candidates if (workdir / c.name / "result.json").is_file()]
   if not finished:
-    raise cli_errors.UsageError("interrupted before any candidate finished: nothing to report")
+    raise cli_errors.Interrupted("interrupted before any candidate finished: nothing to report")
   rows = [candidate_row(workdir / c.name, args.minutes_per_run * 60) for c in finished]
   best = winner(rows)
   tested = {"winner": [best] if best else [], "all": [c.name for c in finished], "none": []}
@@ -584,7 +594,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | None:
     print(json.dumps({"report": str(path), "winner": best, "rows": rows}, indent=2))
   else:
     print(f"wrote {path}; lowest validation CER: {best}")
-  return path
+  return 128 + signal.SIGINT if interrupted else path  # a scheduler sees the recipe unfinished
 
 
 if __name__ == "__main__":

@@ -479,13 +479,27 @@ def test_a_damaged_run_file_is_named(tmp_path, name, text, message):
     paper.read_run(tmp_path)
 
 
-def test_an_interrupted_sweep_reports_the_finished_runs_and_exits_130(tmp_path, monkeypatch):
+@pytest.mark.parametrize("baseline_finished", [True, False])
+def test_an_interrupted_sweep_reports_the_finished_runs_and_exits_130(
+  tmp_path, monkeypatch, capsys, baseline_finished
+):
   reported = []
   monkeypatch.setattr(paper, "run_worker_process", lambda argv, devices: False)  # Ctrl-C
   monkeypatch.setattr(paper, "write_report", lambda *args: reported.append(args) or "report.md")
+  monkeypatch.setattr(
+    paper, "finished_run", lambda run_dir: baseline_finished and "none" in str(run_dir)
+  )
   argv = ["--tiny", "--devices", "1", "--workdir", str(tmp_path / "sweep")]
   assert cli_errors.run(lambda: paper.main(argv)) == 128 + signal.SIGINT
-  assert len(reported) == 1
+  output = capsys.readouterr()
+  # A report of the runs that finished, which must include the baseline every row compares to.
+  assert len(reported) == int(baseline_finished)
+  if not baseline_finished:
+    assert output.err == (
+      "interrupted before the baseline (no bucketing) finished: no report; the same command "
+      "resumes the sweep\n"
+    )
+  assert "error" not in output.err
 
 
 def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):

@@ -114,6 +114,30 @@ def test_a_mistake_is_one_line_exit_2_before_anything_runs(tmp_path, capsys, ext
   assert not (tmp_path / "study").exists()
 
 
+def test_an_interrupted_study_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
+  monkeypatch.setattr(recipe, "run_worker_process", lambda *args: False)  # Ctrl-C
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--minutes-per-run", "0.75", "--candidates", "base"]
+  assert cli_errors.run(lambda: recipe.main(argv)) == 130
+  assert capsys.readouterr().err == "interrupted before any candidate finished: nothing to report\n"
+
+
+@pytest.mark.parametrize(("signal_name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_worker_stopped_by_a_signal_exits_with_its_code(tmp_path, monkeypatch, signal_name, code):
+  """Not 'error: stopped by SIGINT' and exit 2: the parent, stopped by the same Ctrl-C, reports."""
+  import train
+
+  stopped = {"stopped_by": signal_name}
+  monkeypatch.setattr(train, "train_and_evaluate", lambda config, workdir: stopped)
+  args = tiny_args(tmp_path, "--candidates", "base")
+  assert recipe.run_worker(args, "train", "base") == code  # in its probe
+  (tmp_path / "base").mkdir()
+  schedule = {"planned_epochs": 2, "learning_rate": 1e-3}
+  (tmp_path / "base" / "schedule.json").write_text(json.dumps(schedule))
+  assert recipe.run_worker(args, "train", "base") == code  # in its run
+  assert not (tmp_path / "base" / "result.json").exists()
+
+
 def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
   tmp_path, capsys, monkeypatch
 ):
