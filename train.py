@@ -78,6 +78,11 @@ ALPHABET = alphabet_lib.Alphabet()
 SELECTION_METRICS = ("val_loss", "val_cer")  # what picks the best epoch and drives patience
 
 
+class LossNotFinite(FloatingPointError, ValueError):
+  """The training loss became NaN or inf: the model diverged, mostly from its config (the learning
+  rate), so the command line ends it in one line as a bad value (`cli_errors`)."""
+
+
 class TrainState(train_state_lib.TrainState):
   """Parameters, optimiser state and step, plus the key dropout is folded from each step and the
   configured CTC loss (`models.ctc.make_ctc_loss`; static, like `apply_fn`)."""
@@ -1743,9 +1748,11 @@ def _account(progress: Progress, pending, plan: bucketing.BucketPlan, bar) -> No
   step_info, step_metrics = pending
   values = jax.device_get(step_metrics)
   if not np.isfinite(values["loss"]):
-    raise FloatingPointError(
+    raise LossNotFinite(
       f"loss is {values['loss']} at epoch {step_info.epoch}, step {step_info.step} "
-      f"(bucket {step_info.bucket}, length bound {plan.upper_bounds[step_info.bucket]})"
+      f"(bucket {step_info.bucket}, length bound {plan.upper_bounds[step_info.bucket]}); the "
+      "latest checkpoint precedes it: run again with a lower config.optimizer.learning_rate (or "
+      "config.optimizer.grad_clip_norm) to resume from it"
     )
   progress.epoch_train_loss_sum += float(values["loss_sum"])
   progress.epoch_train_weight += float(values["weight"])

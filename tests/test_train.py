@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import bucketing
+import cli_errors
 import train
 from experiments import iam, synthetic
 from tests.test_models_batch_sharding import assert_kernels_run_per_device
@@ -632,8 +633,10 @@ def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
     return data, skipped
 
   monkeypatch.setattr(train, "_load_checked", poisoned)
-  with pytest.raises(FloatingPointError, match=r"at epoch 0, step \d+ \(bucket \d, length bound"):
+  with pytest.raises(train.LossNotFinite, match=r"at epoch 0, step \d+ \(bucket \d, length bound"):
     train.train_and_evaluate(tiny_config(checkpoint_every_steps=1), tmp_path)
+  # A diverged run is the config's doing: the command line ends it in one line, exit code 2.
+  assert issubclass(train.LossNotFinite, cli_errors.EXPECTED_ERRORS)
   # The save in flight when it failed was finished, not left half-written.
   assert not list((tmp_path / "checkpoints").rglob("*tmp*"))
 
