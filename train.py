@@ -1722,7 +1722,7 @@ def log_compile_accounting(summary: dict) -> None:
     "compiled %d train steps %s and %d eval steps %s: first train step after %s, %.1f s wall, "
     "%.1f s summed over steps; persistent cache %d hits, %d misses",
     summary["train_compiles"],
-    "before the stop" if dropped else "(one per bucket)",
+    "before the stop" if dropped else "(one per bucket the training lines use)",
     summary["eval_compiles"],
     f"({dropped} more left for the next start)"
     if dropped
