@@ -540,13 +540,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   return args
 
 
-def main(argv: list[str] | None = None) -> pathlib.Path | None:
+def main(argv: list[str] | None = None) -> pathlib.Path | int:
   argv = sys.argv[1:] if argv is None else argv
   args = parse_args(argv)
   if args.worker:
     phase, _, name = args.worker.partition(":")
-    return run_worker(args, phase, name)
-    return None
+    try:
+      return run_worker(args, phase, name)
+    except cli_errors.EXPECTED_ERRORS as error:  # its one line names the candidate
+      raise cli_errors.UsageError(f"candidate {name!r}: {cli_errors.one_line(error)}") from error
   jax_version = importlib.metadata.version("jax")  # not importing JAX: the workers hold devices
   record = reporting.RunRecord("experiments.recipe", argv, f"jax {jax_version}")
   candidates = resolve_candidates(args)

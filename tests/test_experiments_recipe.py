@@ -138,6 +138,15 @@ def test_a_worker_stopped_by_a_signal_exits_with_its_code(tmp_path, monkeypatch,
   assert not (tmp_path / "base" / "result.json").exists()
 
 
+def test_a_workers_error_names_its_candidate(tmp_path, capsys):
+  """Found by the worker (the parent does not import JAX), so its one line must say whose."""
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--minutes-per-run", "0.75", "--candidates", "hidden_-5", "--worker", "train:hidden_-5"]
+  assert cli_errors.run(lambda: recipe.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith("error: candidate 'hidden_-5': config.model: hidden_size must be >= 1")
+
+
 def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
   tmp_path, capsys, monkeypatch
 ):
