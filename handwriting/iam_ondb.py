@@ -23,6 +23,7 @@ Known quirks, handled on purpose:
 
 import collections
 import dataclasses
+import gzip
 import os
 import pathlib
 import re
@@ -143,12 +144,43 @@ def _iter_members(manual_dir: pathlib.Path, folder: str, archive: str, suffix: s
   if not archive_path.is_file():
     raise IamOnDbError(f"{manual_dir}: neither {archive} nor an extracted {folder}/ folder found")
   try:
-    with tarfile.open(archive_path, mode="r|gz") as tar:
-      for member in tar:
-        if member.isfile() and member.name.endswith(suffix):
-          yield f"{archive}:{member.name}", tar.extractfile(member).read()
+    with gzip.open(archive_path) as stream:
+      reader = _TailKeepingReader(stream)
+      with tarfile.open(fileobj=reader, mode="r|") as tar:
+        for member in tar:
+          if member.isfile() and member.name.endswith(suffix):
+            yield f"{archive}:{member.name}", tar.extractfile(member).read()
+        # tarfile ends quietly at the first header it cannot read, as if the archive ended
+        # there: from that header on, all must be the end-of-archive zeros, up to the gzip
+        # stream's checked end (a download cut short raises EOFError), or lines would be lost.
+        if reader.read_since(tar.offset).strip(b"\0"):
+          raise tarfile.ReadError(f"a member header at byte {tar.offset} cannot be read")
+        while block := stream.read(1 << 20):
+          if block.strip(b"\0"):
+            raise tarfile.ReadError(f"a member header at byte {tar.offset} cannot be read")
   except (tarfile.TarError, EOFError, OSError) as error:
     raise IamOnDbError(f"{archive_path}: unreadable or truncated archive ({error})") from None
+
+
+class _TailKeepingReader:
+  """Reads a file, keeping its last bytes read: what tarfile, which reads ahead in records, had
+  read past the header where it stopped."""
+
+  def __init__(self, file, keep: int = 1 << 16):
+    self.file, self.keep = file, keep
+    self.position, self.tail = 0, b""
+
+  def read(self, size: int = -1) -> bytes:
+    data = self.file.read(size)
+    self.position += len(data)
+    self.tail = (self.tail + data)[-self.keep :]
+    return data
+
+  def read_since(self, offset: int) -> bytes:
+    """The bytes read from `offset` on (within the last `keep`)."""
+    if not 0 <= self.position - offset <= len(self.tail):
+      raise ValueError(f"offset {offset} is not within the last {len(self.tail)} bytes read")
+    return self.tail[len(self.tail) - (self.position - offset) :]
 
 
 def check_manual_dir(manual_dir: str | os.PathLike) -> pathlib.Path:

@@ -3,9 +3,11 @@
 Every bad-input case is a small download this test writes, in the real layout.
 """
 
+import gzip
 import io
 import pathlib
 import tarfile
+import zlib
 
 import numpy as np
 import pytest
@@ -189,10 +191,35 @@ def test_missing_split_file_and_archive_fail(tmp_path):
     iam_ondb.read_iam_ondb(root, progress=False)
 
 
-def test_truncated_archive_fails_naming_it(tmp_path):
+def last_member_cut(archive: pathlib.Path, how: str) -> None:
+  """Rewrites a .tar.gz with its last member's header damaged: one flipped bit ("flip"), or the
+  download cut short just past the start of that header ("cut")."""
+  tar_bytes = bytearray(gzip.decompress(archive.read_bytes()))
+  with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+    header = tar.getmembers()[-1].offset
+  if how == "flip":
+    tar_bytes[header + 100] ^= 1  # the mode field: the header's checksum no longer matches
+    archive.write_bytes(gzip.compress(bytes(tar_bytes)))
+    return
+  compressed = gzip.compress(bytes(tar_bytes))
+  decompressor, size = zlib.decompressobj(31), 0
+  for end in range(len(compressed)):  # the shortest prefix that gets past the header's start
+    size += len(decompressor.decompress(compressed[end : end + 1]))
+    if size > header:
+      break
+  archive.write_bytes(compressed[: end + 1])
+
+
+@pytest.mark.parametrize("how", ["head", "cut", "flip"])
+def test_truncated_archive_fails_naming_it(tmp_path, how):
+  """tarfile takes a header it cannot read for the archive's end: cut just there, or damaged,
+  the lines after it would be missing from a build that otherwise succeeds."""
   root = write_download(tmp_path, archives=True)
   archive = root / iam_ondb.STROKES_ARCHIVE
-  archive.write_bytes(archive.read_bytes()[:300])
+  if how == "head":
+    archive.write_bytes(archive.read_bytes()[:300])
+  else:
+    last_member_cut(archive, how)
   with pytest.raises(IamOnDbError, match=r"lineStrokes-all\.tar\.gz: unreadable or truncated"):
     iam_ondb.read_iam_ondb(root, progress=False)
 
