@@ -35,7 +35,10 @@ _TEXT_FIELDS = ("id", "form_id", "writer_id", "text")
 
 def default_data_dir() -> pathlib.Path:
   """`$HANDWRITING_DATA_DIR`, else TFDS's default `~/tensorflow_datasets`."""
-  return pathlib.Path(os.environ.get("HANDWRITING_DATA_DIR", "~/tensorflow_datasets")).expanduser()
+  # Set but empty is unset, as in `user_path`: not the current folder.
+  return pathlib.Path(
+    os.environ.get("HANDWRITING_DATA_DIR") or "~/tensorflow_datasets"
+  ).expanduser()
 
 
 def user_path(path: str | os.PathLike | None) -> pathlib.Path | None:
@@ -166,9 +169,12 @@ def read_export_metadata(path: str | os.PathLike) -> dict:
   with _open_export(path) as export:
     text = str(_read_field(export, path, "metadata"))
   try:
-    return json.loads(text)
+    metadata = json.loads(text)
   except json.JSONDecodeError as error:
     raise ValueError(f"{path}: field 'metadata' is not JSON ({error})") from error
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{path}: field 'metadata' is not a JSON object")
+  return metadata
 
 
 def iam_ondb_builder(data_dir: str | os.PathLike | None = None):

@@ -65,7 +65,7 @@ def parse_line_strokes(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray
   """
   try:
     root = ET.fromstring(data)
-  except ET.ParseError as error:
+  except (ET.ParseError, ValueError, LookupError) as error:  # the latter two: its encoding
     raise IamOnDbError(f"{source}: malformed or truncated XML ({error})") from None
   stroke_set = root.find("StrokeSet")
   if stroke_set is None:
@@ -287,5 +287,12 @@ def read_iam_ondb(
           "points": points,
           "stroke_end": stroke_end,
         }
+      )
+  for split, split_examples in examples.items():
+    if not split_examples:  # a split of skipped lines only: nothing to train or score on
+      first = next(line for line in skipped if line["split"] == split)
+      raise IamOnDbError(
+        f"{manual_dir}: every line of split {split} ({SPLIT_FILES[split]}) is unusable; the "
+        f"first, {first['id']}: {first['reason']}"
       )
   return ParsedSplits(examples=examples, skipped=skipped)

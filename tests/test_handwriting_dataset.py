@@ -1,5 +1,6 @@
 """Tests for handwriting.dataset: the loading API the trainer imports, and the .npz export."""
 
+import pathlib
 import re
 
 import numpy as np
@@ -98,6 +99,7 @@ def read_train(path):
     (drop("train/points"), read_train, r"the export has no field 'train/points'"),
     (drop("metadata"), dataset.read_export_metadata, r"the export has no field 'metadata'"),
     (replace("metadata", np.array("{")), dataset.read_export_metadata, r"'metadata' is not JSON"),
+    (replace("metadata", np.array("[]")), dataset.read_export_metadata, r"not a JSON object"),
     (replace("train/offsets", np.array([0.0, 1.0])), read_train, r"offsets must be non-decr"),
     (replace("train/offsets", np.array([0, 5, 2, 9])), read_train, r"offsets must be non-decr"),
     (replace("train/stroke_end", np.zeros(2, bool)), read_train, r"stroke_end has shape \(2,\)"),
@@ -236,6 +238,11 @@ def test_validation_counts_every_bad_line_and_keeps_good_splits_whole():
   assert len(kept) == len(examples) and skipped == []
   with pytest.raises(ValueError, match="unknown bad-example policy 'drop'"):
     dataset.validate_examples(examples, "validation", Alphabet(), policy="drop")
+
+
+def test_an_empty_data_dir_variable_is_unset_not_the_current_folder(monkeypatch):
+  monkeypatch.setenv("HANDWRITING_DATA_DIR", "")
+  assert dataset.default_data_dir() == pathlib.Path("~/tensorflow_datasets").expanduser()
 
 
 def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):

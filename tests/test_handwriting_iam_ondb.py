@@ -113,10 +113,18 @@ def test_archives_give_the_same_examples(tmp_path):
       np.testing.assert_array_equal(a["points"], b["points"])
 
 
-def test_truncated_xml_fails_naming_the_file(tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "unknown encoding", "multi-byte encoding"])
+def test_truncated_xml_fails_naming_the_file(tmp_path, damage):
   root = write_download(tmp_path)
   path = line_path(root, "b02-010-01")
-  path.write_bytes(path.read_bytes()[:200])
+  data = path.read_bytes()
+  path.write_bytes(
+    {
+      "truncate": data[:200],
+      "unknown encoding": data.replace(b"ISO-8859-1", b"ISO-8859-Q"),
+      "multi-byte encoding": data.replace(b"ISO-8859-1", b"EUC-JP"),
+    }[damage]
+  )
   with pytest.raises(IamOnDbError, match=r"b02-010-01\.xml: malformed or truncated XML"):
     iam_ondb.read_iam_ondb(root, progress=False)
 
@@ -164,11 +172,17 @@ def test_missing_transcription_fails_naming_the_file(tmp_path):
 
 
 def test_character_outside_alphabet_skips_the_line(tmp_path):
-  forms = dict(FORMS, **{"b02-010": ("validation", ["price: 5 @ 3"])})
+  forms = dict(FORMS, **{"b02-010": ("validation", ["price: 5 @ 3", "from nominating"])})
   parsed = iam_ondb.read_iam_ondb(write_download(tmp_path, forms), progress=False)
-  assert parsed.examples["validation"] == []
+  assert [example["id"] for example in parsed.examples["validation"]] == ["b02-010-02"]
   assert parsed.skipped[0]["id"] == "b02-010-01"
   assert "'@'" in parsed.skipped[0]["reason"]
+
+
+def test_a_split_with_every_line_skipped_fails_naming_it(tmp_path):
+  forms = dict(FORMS, **{"b02-010": ("validation", ["price: 5 @ 3"])})
+  with pytest.raises(IamOnDbError, match=r"every line of split validation \(testset_v\.txt\) is "):
+    iam_ondb.read_iam_ondb(write_download(tmp_path, forms), progress=False)
 
 
 @pytest.mark.parametrize("make", ["missing", "empty"])
@@ -232,10 +246,10 @@ def test_form_without_line_files_fails(tmp_path):
 
 
 def test_line_count_mismatch_skips_the_form(tmp_path):
-  root = write_download(tmp_path)
+  root = write_download(tmp_path, dict(FORMS, **{"e05-040": ("test", ["another form"])}))
   (root / "ascii/d04/d04-030/d04-030z.txt").write_text("CSR:\n\nonly one line\n")
   parsed = iam_ondb.read_iam_ondb(root, progress=False)
-  assert parsed.examples["test"] == []
+  assert [example["id"] for example in parsed.examples["test"]] == ["e05-040-01"]
   assert [s["id"] for s in parsed.skipped] == ["d04-030z-01", "d04-030z-02"]
   assert "1 CSR transcription lines for 2 line files" in parsed.skipped[0]["reason"]
 
