@@ -221,19 +221,30 @@ def build_iam_ondb(
 
 
 def _read_tfds(builder, split: str, limit: int | None = None) -> list[dict]:
-  source = builder.as_data_source(split=split)
-  count = len(source) if limit is None else min(limit, len(source))
-  examples = []
-  for i in range(count):
-    record = source[i]
-    examples.append(
-      {
-        **{field: record[field].decode("utf-8") for field in _TEXT_FIELDS},
-        "points": record["points"],
-        "stroke_end": record["stroke_end"],
-      }
-    )
-  return examples
+  """The examples of a TFDS build's `split`; a build whose files cannot be read (ArrayRecord's
+  RuntimeError for a damaged file, or records of missing fields from a cut one) is an error
+  naming its folder."""
+  fields = (*_TEXT_FIELDS, "points", "stroke_end")
+  try:
+    source = builder.as_data_source(split=split)
+    count = len(source) if limit is None else min(limit, len(source))
+    records = [source[i] for i in range(count)]
+    for index, record in enumerate(records):
+      if record is None or any(record.get(field) is None for field in fields):
+        raise ValueError(f"record {index} of {count} has lost its fields")
+  except (RuntimeError, OSError, ValueError) as error:
+    raise ValueError(
+      f"{builder.data_dir}: the {split} split of this TFDS build cannot be read ({error}); "
+      "delete the folder and build it again"
+    ) from None
+  return [
+    {
+      **{field: record[field].decode("utf-8") for field in _TEXT_FIELDS},
+      "points": record["points"],
+      "stroke_end": record["stroke_end"],
+    }
+    for record in records
+  ]
 
 
 @dataclasses.dataclass(frozen=True)

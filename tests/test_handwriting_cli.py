@@ -1,6 +1,7 @@
 """Tests for `python -m handwriting` (handwriting/__main__.py) on a tiny written download."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -37,6 +38,19 @@ def test_build_then_stats_json(built, capsys):
     "test": 2,
   }
   assert stats["skipped"] == []
+
+
+def test_a_damaged_tfds_build_is_one_line_naming_it(built, tmp_path, capsys):
+  data_dir = tmp_path / "data"
+  shutil.copytree(built, data_dir)
+  (data_dir / "iam_ondb.npz").unlink()  # read the TFDS build itself
+  (records,) = data_dir.glob("iam_ondb/*/iam_ondb-validation.array_record-*")
+  records.write_bytes(records.read_bytes()[: records.stat().st_size // 2])
+  argv = ["stats", "--dataset", "iam_ondb", "--data_dir", str(data_dir)]
+  assert cli_errors.run(lambda: main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith(f"error: {data_dir}/iam_ondb/") and error.count("\n") == 1
+  assert "the validation split of this TFDS build cannot be read" in error
 
 
 def test_stats_plot_and_render(built, tmp_path, capsys):
