@@ -209,6 +209,13 @@ def build_iam_ondb(
   manual_dir = user_path(manual_dir)
   iam_ondb.check_manual_dir(manual_dir)  # Our message names what is missing; TFDS's does not.
   builder = iam_ondb_builder(data_dir)
+  built_from = builder.info.metadata.get("manual_dir") if _is_prepared(builder) else None
+  if built_from is not None and os.path.realpath(built_from) != os.path.realpath(manual_dir):
+    # TFDS would keep the build there: a download fixed or moved would not be read again.
+    raise ValueError(
+      f"{builder.data_dir} already holds iam_ondb built from {built_from}, not from "
+      f"{manual_dir}; delete {builder.data_dir} to build it from there"
+    )
   # TFDS prints "Downloading and preparing dataset ..." on stdout; stdout is for results (`--json`).
   with contextlib.redirect_stdout(sys.stderr):
     builder.download_and_prepare(

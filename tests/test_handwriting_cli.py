@@ -81,6 +81,18 @@ def test_build_synthetic_as_a_module(tmp_path):
   assert json.loads(stats.stdout)["splits"]["train"]["examples"] == 16
 
 
+def test_a_build_from_another_download_is_not_taken_for_this_ones(built, tmp_path):
+  """TFDS keeps a finished build: building again from a download fixed or moved would silently
+  give the old lines. The same download, by another path, is the same build."""
+  manual_dir = built.parent / "manual"
+  (tmp_path / "link").symlink_to(manual_dir)
+  main(["build", "--dataset", "iam_ondb", "--manual_dir", str(tmp_path / "link"),
+        "--data_dir", str(built)])  # fmt: skip
+  other = write_download(tmp_path / "other", archives=True)
+  with pytest.raises(ValueError, match=rf"already holds iam_ondb built from {manual_dir}, not"):
+    main(["build", "--dataset", "iam_ondb", "--manual_dir", str(other), "--data_dir", str(built)])
+
+
 def test_build_iam_ondb_needs_manual_dir(tmp_path, capsys):
   with pytest.raises(cli_errors.UsageError, match=r"needs --manual_dir \(the IAM-OnDB download\)"):
     main(["build", "--dataset", "iam_ondb", "--data_dir", str(tmp_path)])
