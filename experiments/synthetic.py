@@ -17,7 +17,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.data.dataset = "synthetic"
   config.data.synthetic.num_train = 2000
   config.data.synthetic.num_eval = 200
-  # Equidistant points 0.2 writing-heights apart halve the synthetic lines (median 607 -> 331
+  # Equidistant points 0.2 writing-heights apart halve the synthetic lines (median 615 -> 331
   # steps), which a 2-core CPU needs.
   config.data.features.resample_spacing = 0.2
   config.model.num_layers = 2
