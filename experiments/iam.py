@@ -27,13 +27,13 @@ warm-up: the run ends at the time cap, not after a planned number of epochs that
 decay over (a constant rate did as well as the cosine in results/recipe_quick_cpu.md). The best
 epoch and early stopping go by validation CER, not loss: on the full training set a CPU run's
 validation loss was lowest after 8 epochs (13.2, CER 0.125) and rose to 23.2 by its 62nd while its
-CER fell to 0.112 (results/recipe_full_cpu.md). On one H200 (`experiments/gpu_call.sh`'s `accuracy`
-stage, results/accuracy_gpu.json) an epoch took 0.69 s, against 4.61 s for the base on raw points
-(results/benchmark_step_gpu_defaults.md); early stopping ended the run after 63 epochs, the whole
-call, wheels included, took 4.2 minutes, and its best epoch by validation CER (0.108, the 48th)
-scored a test CER of 0.071. With dropout 0.2 (the base's) its validation loss rose after the 21st
-epoch; 0.4, as `cpu`'s, is untried on a GPU. The `recipe` stage, the same token budget against the
-base at equal minutes, has not run on a GPU.
+CER fell to 0.112 at its 52nd (results/recipe_full_cpu.md). On one H200 (`experiments/gpu_call.sh`'s
+`accuracy` stage, results/accuracy_gpu.json) an epoch took 0.69 s, against 4.61 s for the base on
+raw points (results/benchmark_step_gpu_defaults.md); early stopping ended the run after 63 epochs,
+the whole call, wheels included, took 4.2 minutes, and its best epoch by validation CER (0.108, the
+48th) scored a test CER of 0.071. With dropout 0.2 (the base's) its validation loss rose after the
+21st epoch; 0.4, as `cpu`'s, is untried on a GPU. The `recipe` stage, the same token budget against
+the base at equal minutes, has not run on a GPU.
 
 `cpu`: the IAM-OnDB-t1 recipe for a CPU, 90 minutes: lines resampled as `gpu`'s, 2 x BLSTM 128
 with dropout 0.4, batch 16 at a learning rate of 6e-3 (what learned fastest per CPU-minute in
