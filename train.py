@@ -1095,7 +1095,7 @@ def restore(
 ) -> tuple[TrainState, Progress]:
   """The newest intact checkpoint's state and progress (else `fresh`), saying where it resumes.
   A run resumes only with the selection metric it started with: its best epoch was chosen by it.
-  Best parameters saved for epochs the resume trains again are deleted (`forget_best_after`)."""
+  `checkpoints/best` is made to agree with the restored progress (`Checkpoints.align_best`)."""
   state, progress = checkpoints.restore_latest(fresh, plan)
   global_step = int(jax.device_get(state.step))
   if not global_step:
@@ -1106,7 +1106,7 @@ def restore(
       f"chose its best epoch by {progress.selection_metric!r}; use that or a new workdir"
     )
   else:
-    checkpoints.forget_best_after(progress.best_epoch)
+    checkpoints.align_best(progress, state.params)
   if global_step and jax.process_index() == 0:
     LOG.info(
       "resumed from checkpoint at global step %d: epoch %d, step %d of the schedule",
@@ -1662,9 +1662,9 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
   def score(scores: dict) -> tuple[float, float]:
     return scores[progress.selection_metric], scores["val_loss"]
 
-  if progress.best_epoch < 0 or score(row) < score(progress.history[progress.best_epoch]):
+  improved = progress.best_epoch < 0 or score(row) < score(progress.history[progress.best_epoch])
+  if improved:
     progress.best_epoch = epoch
-    run.save_best(epoch, state.params, progress.selection_metric)
   progress.history.append(row | {"best_epoch": progress.best_epoch})
   run.logger.write(progress.history[-1])
   if jax.process_index() == 0:
@@ -1686,6 +1686,8 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     epoch_compile_wait_seconds=0.0,
   )
   run.save_latest(state, progress)
+  if improved:  # after the state that names it best (`Checkpoints.save_best`)
+    run.save_best(epoch, state.params, progress.selection_metric)
   run.check_no_recompile(lambda: f"while evaluating epoch {epoch}")
   return progress
 

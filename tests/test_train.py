@@ -967,6 +967,24 @@ def test_a_resume_that_trains_a_best_epoch_again_forgets_its_old_best(
   assert train._load_params(tiny_config(), workdir, None, "best")[1]["epoch"] == 0
 
 
+def test_best_parameters_a_kill_left_unsaved_are_saved_from_the_state_at_their_epochs_end(
+  uninterrupted, tmp_path, caplog
+):
+  """Killed after the last epoch's state was saved, before its best parameters were (saved in
+  that order), the next start saves them from that state: they are exactly its parameters."""
+  reference_dir, reference_summary = uninterrupted
+  assert reference_summary["best_epoch"] == 1
+  workdir = tmp_path / "run"
+  shutil.copytree(reference_dir, workdir)
+  shutil.rmtree(workdir / "checkpoints" / "best" / "1")
+  train.train_and_evaluate(tiny_config(), workdir)
+  assert "saved the best parameters of epoch 1 again" in caplog.text
+  best, origin = train._load_params(tiny_config(), workdir, None, "best")
+  assert origin["epoch"] == 1
+  latest = train.load_params(tiny_config(), workdir, checkpoint="latest")
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(best), jax.device_get(latest))
+
+
 def test_a_checkpoint_whose_values_changed_is_caught_by_its_checksum(
   uninterrupted, stopped_at_step_6, tmp_path, caplog
 ):

@@ -73,7 +73,7 @@ class Checkpoints:
     self.latest = ocp.CheckpointManager(
       self.directory / "train", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
     )
-    # Two: a resume that falls back past a best epoch (`forget_best_after`) keeps the one before.
+    # Two: a resume that falls back past a best epoch (`align_best`) keeps the one before.
     self.best = ocp.CheckpointManager(
       self.directory / "best", options=ocp.CheckpointManagerOptions(max_to_keep=2, create=create)
     )
@@ -205,6 +205,10 @@ class Checkpoints:
     )
 
   def save_best(self, epoch: int, params: Any, selected_by: str) -> None:
+    """Saves the best epoch's parameters once the latest state in flight is on disk: call it after
+    `save_latest` of the state that names the epoch best, so that a kill between the two leaves a
+    state whose best `align_best` can save again, never best parameters with no state."""
+    self.latest.wait_until_finished()
     integrity = {
       "shapes": _shapes(params),
       "sha256": _fingerprint(params),
@@ -217,20 +221,31 @@ class Checkpoints:
       ),
     )
 
-  def forget_best_after(self, best_epoch: int) -> None:
-    """Deletes the best parameters of epochs after `best_epoch`, the best of the progress a run
-    resumes from: those epochs are trained again (a kill between saving an epoch's best and its
-    state, a damaged newest state), and may not end as they did; kept, they would pass for the
-    run's best. Every process calls it (deleting is collective)."""
+  def align_best(self, progress: Progress, params: Any) -> None:
+    """Makes `checkpoints/best` agree with the `progress` a run resumes from, whose state holds
+    `params`. Deletes the best parameters of epochs after its best epoch: the resume trains them
+    again (its newest state was damaged, or older checkpoints were written in the other order),
+    and they may not end as they did; kept, they would pass for the run's best. Saves the best
+    epoch's parameters again when they are missing and the resume starts at that epoch's end
+    (killed between `save_latest` and `save_best`): `params` are then exactly them. Every process
+    calls it (saving and deleting are collective)."""
     self.best.wait_until_finished()
     for step in self.best.all_steps():
-      if step > best_epoch:
+      if step > progress.best_epoch:
         self.best.delete(step)
         LOG.warning(
           "deleted the best parameters of epoch %d in %s: the resumed run trains it again",
           step,
           self.best.directory,
         )
+    at_its_end = progress.epoch == progress.best_epoch + 1 and progress.step_in_epoch == 0
+    if progress.best_epoch >= 0 and progress.best_epoch not in self.best.all_steps() and at_its_end:
+      self.save_best(progress.best_epoch, params, progress.selection_metric)
+      LOG.warning(
+        "saved the best parameters of epoch %d again in %s, from the state at its end",
+        progress.best_epoch,
+        self.best.directory,
+      )
 
   def restore_best(self, target: Any) -> Any | None:
     """The best parameters, shaped and placed like `target` (arrays or abstract); None if none.
