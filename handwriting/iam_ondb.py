@@ -153,34 +153,35 @@ def _iter_members(manual_dir: pathlib.Path, folder: str, archive: str, suffix: s
         # tarfile ends quietly at the first header it cannot read, as if the archive ended
         # there: from that header on, all must be the end-of-archive zeros, up to the gzip
         # stream's checked end (a download cut short raises EOFError), or lines would be lost.
-        if reader.read_since(tar.offset).strip(b"\0"):
+        rest = iter(lambda: stream.read(1 << 20), b"")
+        if any(block.strip(b"\0") for block in (reader.read_since(tar.offset), *rest)):
           raise tarfile.ReadError(f"a member header at byte {tar.offset} cannot be read")
-        while block := stream.read(1 << 20):
-          if block.strip(b"\0"):
-            raise tarfile.ReadError(f"a member header at byte {tar.offset} cannot be read")
   except (tarfile.TarError, EOFError, OSError) as error:
     raise IamOnDbError(f"{archive_path}: unreadable or truncated archive ({error})") from None
 
 
 class _TailKeepingReader:
-  """Reads a file, keeping its last bytes read: what tarfile, which reads ahead in records, had
-  read past the header where it stopped."""
+  """Reads a file, keeping the chunks of its last `keep` bytes read (or more; not copied): what
+  tarfile, which reads ahead in records, had read past the header where it stopped."""
 
   def __init__(self, file, keep: int = 1 << 16):
     self.file, self.keep = file, keep
-    self.position, self.tail = 0, b""
+    self.position, self.chunks, self.kept = 0, collections.deque(), 0
 
   def read(self, size: int = -1) -> bytes:
     data = self.file.read(size)
     self.position += len(data)
-    self.tail = (self.tail + data)[-self.keep :]
+    self.chunks.append(data)
+    self.kept += len(data)
+    while self.kept - len(self.chunks[0]) >= self.keep:
+      self.kept -= len(self.chunks.popleft())
     return data
 
   def read_since(self, offset: int) -> bytes:
-    """The bytes read from `offset` on (within the last `keep`)."""
-    if not 0 <= self.position - offset <= len(self.tail):
-      raise ValueError(f"offset {offset} is not within the last {len(self.tail)} bytes read")
-    return self.tail[len(self.tail) - (self.position - offset) :]
+    """The bytes read from `offset` on (within those kept)."""
+    if not 0 <= self.position - offset <= self.kept:
+      raise ValueError(f"offset {offset} is not within the last {self.kept} bytes read")
+    return b"".join(self.chunks)[self.kept - (self.position - offset) :]
 
 
 def check_manual_dir(manual_dir: str | os.PathLike) -> pathlib.Path:
