@@ -10,7 +10,8 @@
 # was given (its shapes took 2.3), and the full-size paper table did not fit: its probe alone took
 # over 5.3 minutes, hence the `--gpu` preset below. On 2026-11-27 `paper:9` (the `--gpu` preset)
 # took 7.9 minutes, its probe 2.3-2.5 of them, a second call finishing its sweep 2.8 (see
-# PAPER_WORKDIR), and `kernels` 3.3. Other stage times are estimates: the
+# PAPER_WORKDIR), and `kernels` 3.3; with every run in a process of its own and the committed
+# probe's estimates, 6.5 and 3.1 minutes. Other stage times are estimates: the
 # deadline keeps a call inside its limit whatever they turn out to be.
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
