@@ -88,7 +88,8 @@ PRESETS = {
   },
   # The defaults beside the step they replace, at every quick shape (one GPU, about a minute),
   # and a bfloat16 model's step with the scan and with the LSTM kernel (its fastest bfloat16
-  # variant: on an H200 the only kernel faster than the scan, benchmark_step_gpu_kernels.md).
+  # variant: on an H200 the only kernel faster than the scan, benchmark_step_gpu_kernels.md, and
+  # so `auto`'s for bfloat16 models).
   "defaults": {
     (32, 608): (
       "scan unroll 8, optax CTC",
@@ -109,13 +110,13 @@ PRESETS = {
 # 32 slower than 16. The second (results/benchmark_step_gpu_defaults.md) found 16 warps slower
 # than 8 for float32 (28.4 against 16.6 ms), and bfloat16 weights kept on chip level with the
 # scan (7.0-7.1 against 7.9 ms in float32, 7.1 in bfloat16): kernel and scan alike spend about
-# 6 us per frame and pass. The third (results/benchmark_step_gpu_kernels.md): prefetching the
+# 6 us per frame and pass. The third (results/benchmark_step_gpu_anatomy.md): prefetching the
 # next frame's inputs made bfloat16 weights on chip the first variant faster than the scan
 # (5.08 against 7.48 ms; 6.66 without prefetch) and float32 re-read weights slower (40.8 against
-# 38.6, where the second sweep had 16.6 before the loop was reshaped for prefetching; without
-# prefetch the loop reads where it uses again, as it did for the 16.6, untimed since). Only
-# float32 rows can become the default (the model's dtype); bfloat16 rows say what a bfloat16
-# model would get.
+# 38.6, where the second sweep had 16.6 before the loop was reshaped for prefetching). The
+# fourth (results/benchmark_step_gpu_kernels.md), the loop reading where it uses again without
+# prefetch: float32 re-read back at 16.5, bfloat16 on chip with prefetch 5.07-5.15. The fastest
+# of each dtype are `models.factory.KERNEL_LAUNCH`'s (the config's defaults for that dtype).
 TUNE_GRID = [
   (KernelConfig(num_warps=8, weights_resident=False), jnp.float32),
   (KernelConfig(num_warps=8, weights_resident=False, prefetch=True), jnp.float32),
@@ -230,7 +231,7 @@ def torch_step_ms(config, batch: int, time_steps: int, repeats: int) -> float | 
     [row[:length] for row, length in zip(numpy_batch["labels"], label_lengths, strict=True)]
   )
   arguments = (
-    torch.from_numpy(numpy_batch["inputs"]).cuda(),
+    torch.tensor(numpy_batch["inputs"]).cuda(),  # a copy: device_get's arrays are read-only
     torch.from_numpy(lengths),
     torch.from_numpy(labels).cuda(),
     torch.from_numpy(label_lengths),
@@ -549,8 +550,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   sections = []
   record = RunRecord("experiments.benchmark_step", argv, versions())
 
-  def write_so_far() -> None:
-    """Writes what is measured so far: a run cut short still leaves its finished sections."""
+  def write_so_far(unfinished: list[str] = ()) -> None:
+    """Writes what is measured so far, `unfinished` the section still measuring: a run cut short
+    (a GPU call's deadline) still leaves its finished sections and rows."""
     report = [
       "# The train step's anatomy, per LSTM implementation",
       "",
@@ -559,6 +561,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       f"{args.repeats} runs after a warm-up, compiles outside the timings.",
       "",
       *sections,
+      *unfinished,
     ]
     write_report(out, report)
 
@@ -616,6 +619,17 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   columns = ["B", "T", "implementation", "step", "forward", "backward", "ctc", "optimizer"]
   columns.append("PyTorch cuDNN step")
   anatomy_rows = []
+
+  def anatomy_section(complete: bool) -> list[str]:
+    stopped = "" if complete else "The rows measured before the run stopped (it had more to time)."
+    return [
+      "## Anatomy of one train step (ms, medians)",
+      "",
+      *([stopped, ""] if stopped else []),
+      *markdown_table(anatomy_rows, columns),
+      "",
+    ]
+
   for (batch_size, time_steps), names in PRESETS[preset_name].items():
     batch = random_batch(batch_size, time_steps)
     torch_ms = torch_step_ms(make_config(preset_name), batch_size, time_steps, args.repeats)
@@ -638,12 +652,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       row["PyTorch cuDNN step"] = "-" if torch_ms is None else f"{torch_ms:.2f}"
       anatomy_rows.append(row)
       print(" | ".join(row.values()), flush=True)
-  sections += [
-    "## Anatomy of one train step (ms, medians)",
-    "",
-    *markdown_table(anatomy_rows, columns),
-    "",
-  ]
+      write_so_far(anatomy_section(complete=False))
+  sections += anatomy_section(complete=True)
   write_so_far()
 
   if args.epoch:

@@ -169,6 +169,31 @@ def test_a_failed_measurement_keeps_the_other_rows_and_exits_non_zero(
   assert table_rows(text, "contender") == [["failed", "the device went away"]]
 
 
+def test_a_run_stopped_while_timing_steps_keeps_the_rows_it_measured(tmp_path, monkeypatch):
+  # A GPU call's deadline stopped the anatomy after five of its rows, and the file kept none.
+  def anatomy(config, batch, repeats):
+    if config.model.lstm_impl == "pallas":
+      raise KeyboardInterrupt  # the SIGINT of gpu_call.sh's deadline
+    return {"step": 5.0, "forward": 1.0, "backward": 2.0, "ctc": 0.5, "optimizer": 0.25}
+
+  monkeypatch.setattr(benchmark_step, "anatomy", anatomy)
+  out = tmp_path / "step.md"
+  with pytest.raises(KeyboardInterrupt):
+    benchmark_step.main(["--preset", "tiny", "--out", str(out)])
+  text = out.read_text()
+  stopped = "The rows measured before the run stopped (it had more to time)."
+  assert stopped in text
+  rows = table_rows(text, "B")
+  assert [row[2:8] for row in rows] == [
+    ["scan unroll 1, optax CTC", "5.00", "1.00", "2.00", "0.50", "0.25"]
+  ]
+
+  # A run that finishes says nothing of stopping.
+  monkeypatch.setitem(benchmark_step.PRESETS, "tiny", {(8, 24): ("scan unroll 1, optax CTC",)})
+  benchmark_step.main(["--preset", "tiny", "--out", str(out)])
+  assert stopped not in out.read_text()
+
+
 def test_a_kernel_no_variant_of_which_works_is_left_out_and_exits_non_zero(
   tmp_path, monkeypatch, capsys
 ):
