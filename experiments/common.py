@@ -53,22 +53,21 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.bidirectional = True
   config.model.dropout_rate = 0.2
   config.model.input_projection_size = ml_collections.FieldReference(None, field_type=int)
-  # auto (the scan everywhere, for now: the Pallas recurrence measured 2.2x slower on an H200,
-  # results/benchmark_step_gpu.md) | scan | pallas
+  # auto (the fused Pallas kernel for bfloat16 models on a GPU, where it measured faster; the scan
+  # elsewhere: models.factory.KERNEL_DTYPES) | scan | pallas
   config.model.lstm_impl = "auto"
   # Scan steps per loop iteration; 0 = the backend's measured best (8 on a GPU, 1 on the CPU).
   config.model.unroll = 0
-  # Launch parameters of the Pallas recurrence (models.lstm_kernel.KernelConfig), the fastest
-  # float32 variant measured on an H200 (results/benchmark_step_gpu_defaults.md; prefetch was
-  # slower there in float32, faster with bfloat16 weights held on chip: weights_resident=True,
-  # prefetch=True took 5.08 ms against 6.66 without, benchmark_step_gpu_kernels.md).
+  # Launch parameters of the Pallas recurrence (models.lstm_kernel.KernelConfig); None = the
+  # fastest measured on an H200 for the model's dtype (models.factory.KERNEL_LAUNCH: float32
+  # weights re-read at every frame, bfloat16 ones held on chip with the next frame prefetched).
   config.model.kernel = ml_collections.ConfigDict(
     {
-      "batch_tile": 16,
-      "num_warps": 8,
-      "weights_resident": False,
-      "num_stages": 1,
-      "prefetch": False,
+      "batch_tile": ml_collections.FieldReference(None, field_type=int),
+      "num_warps": ml_collections.FieldReference(None, field_type=int),
+      "weights_resident": ml_collections.FieldReference(None, field_type=bool),
+      "num_stages": ml_collections.FieldReference(None, field_type=int),
+      "prefetch": ml_collections.FieldReference(None, field_type=bool),
     }
   )
   config.model.dtype = "float32"

@@ -12,14 +12,17 @@ from models.lstm import LstmCtcModel
 from models.lstm_kernel import KernelConfig, padded_hidden_size
 
 LSTM_IMPLEMENTATIONS = ("auto", "scan", "pallas")
-# Backends on which `auto` takes the fused kernel: none yet. On an H200 the kernel's recurrence
-# (forward + backward of one BLSTM layer, B = 32, T = 608) in float32 took 16.2 ms against the
-# scan's 7.5 at unroll 8 (experiments/results/benchmark_step_gpu.md), and 38.6 in a later run
-# (benchmark_step_gpu_kernels.md): float32 weights do not fit on chip. With bfloat16 weights
-# held on chip and the next frame prefetched it took 5.08 against the scan's 7.48 (6.90 with
-# bfloat16 weights), but the model is float32 unless `dtype` says otherwise, and a bfloat16
-# model with the kernel is yet to be timed as a whole step and trained.
-KERNEL_BACKENDS = ()
+# Backend -> the model dtypes for which `auto` takes the fused kernel. On an H200 (B = 32, T = 608,
+# experiments/results/benchmark_step_gpu_kernels.md and .log): a bfloat16 model's whole train step
+# took 16.52 ms with the kernel (its weights held on chip, the next frame prefetched) against
+# 22.61 with the scan at unroll 8; float32 weights do not fit on chip, and re-reading them at every
+# frame took 16.52 ms for one BLSTM layer's recurrence against the scan's 7.48.
+KERNEL_DTYPES = {"gpu": ("bfloat16",)}
+# The kernel's launch parameters per model dtype, where they differ from `KernelConfig`'s (the
+# float32 variant measured fastest): on an H200 bfloat16 weights held on chip with the next frame
+# prefetched took 5.07-5.22 ms at 8 or 16 warps (two runs, neither faster in both), 6.66-6.87
+# without the prefetch, against the scan's 7.48 (benchmark_step_gpu_anatomy.md, _kernels.md).
+KERNEL_LAUNCH = {"bfloat16": {"weights_resident": True, "prefetch": True}}
 # The largest (padded) hidden size `auto` would give the kernel.
 MAX_KERNEL_HIDDEN_SIZE = 256
 # Scan unroll per backend when `unroll=0`: measured fastest for the scan (unroll 8 was 1.54x
@@ -29,20 +32,24 @@ DEFAULT_UNROLL = {"gpu": 8}
 # Backends whose scan steps read inputs sliced by the step before (`models.lstm._scan`): on the
 # 2-core CPU a BLSTM 128 recurrence's forward + backward took 0.89-0.92x the time without (B 32,
 # T 300 and 1,200) and a whole train step 0.94-0.95x (2 x BLSTM 128 at B 16, T 224; 3 x at B 32,
-# T 600). On an H200 it made the recurrence slower: 8.26 against 7.48 ms at unroll 8 (one BLSTM
-# 128 layer's forward + backward, B 32, T 608; experiments/results/benchmark_step_gpu_kernels.md).
+# T 600). On an H200 it made the recurrence slower: 8.26-8.29 against 7.48 ms at unroll 8 (one
+# BLSTM 128 layer's forward + backward, B 32, T 608; experiments/results/
+# benchmark_step_gpu_anatomy.md and _kernels.md).
 SCAN_PREFETCH_BACKENDS = ("cpu",)
 
 
-def resolve_lstm_implementation(lstm_impl: str, hidden_size: int, backend: str) -> str:
-  """ "scan" or "pallas": `auto` takes the fused kernel on the backends in `KERNEL_BACKENDS` (none
-  yet: the scan measured faster on an H200) for the sizes it holds on chip, the scan elsewhere."""
+def resolve_lstm_implementation(
+  lstm_impl: str, hidden_size: int, backend: str, dtype: str | jnp.dtype = "float32"
+) -> str:
+  """ "scan" or "pallas": `auto` takes the fused kernel where `KERNEL_DTYPES` says it measured
+  faster (bfloat16 models on a GPU) for the sizes it holds on chip, the scan elsewhere."""
   if lstm_impl not in LSTM_IMPLEMENTATIONS:
     raise ValueError(f"lstm_impl must be one of {LSTM_IMPLEMENTATIONS}, got {lstm_impl!r}")
   if lstm_impl != "auto":
     return lstm_impl
   supported = padded_hidden_size(hidden_size) <= MAX_KERNEL_HIDDEN_SIZE
-  return "pallas" if backend in KERNEL_BACKENDS and supported else "scan"
+  faster = jnp.dtype(dtype).name in KERNEL_DTYPES.get(backend, ())
+  return "pallas" if faster and supported else "scan"
 
 
 def make_model(
@@ -64,7 +71,8 @@ def make_model(
   `dtype` may be a name ("float32", "bfloat16") so that configs stay plain Python values.
   `lstm_impl` "auto" and `unroll` 0 are resolved for `backend` (default: JAX's default backend):
   the model's `lstm_implementation`, `unroll` and `scan_prefetch` (set on the backends in
-  `SCAN_PREFETCH_BACKENDS`) say what was chosen. `kernel` holds `KernelConfig` launch parameters;
+  `SCAN_PREFETCH_BACKENDS`) say what was chosen. `kernel` holds `KernelConfig` launch parameters,
+  a None value (or a missing one) standing for the fastest measured for `dtype` (`KERNEL_LAUNCH`);
   the kernel runs in the Pallas interpreter on backends other than the GPU (slow: for tests)
   unless `kernel` says otherwise (`interpret`).
   """
@@ -81,7 +89,10 @@ def make_model(
   if unroll < 0:
     raise ValueError(f"unroll must be >= 1, or 0 for the backend's default, got {unroll}")
   backend = backend or jax.default_backend()
-  implementation = resolve_lstm_implementation(lstm_impl, hidden_size, backend)
+  dtype = jnp.dtype(dtype)
+  implementation = resolve_lstm_implementation(lstm_impl, hidden_size, backend, dtype)
+  told = {field: value for field, value in (kernel or {}).items() if value is not None}
+  launch = {"interpret": backend != "gpu"} | KERNEL_LAUNCH.get(dtype.name, {}) | told
   return LstmCtcModel(
     num_classes=num_classes,
     num_layers=num_layers,
@@ -92,6 +103,6 @@ def make_model(
     lstm_implementation=implementation,
     unroll=unroll or DEFAULT_UNROLL.get(backend, 1),
     scan_prefetch=backend in SCAN_PREFETCH_BACKENDS,
-    kernel_config=KernelConfig(**{"interpret": backend != "gpu"} | (kernel or {})),
-    dtype=jnp.dtype(dtype),
+    kernel_config=KernelConfig(**launch),
+    dtype=dtype,
   )

@@ -7,6 +7,7 @@ import pytest
 from models import factory
 from models.factory import make_model
 from models.lstm import LstmCtcModel
+from models.lstm_kernel import KernelConfig
 
 CONFIG = {"num_classes": 5, "num_layers": 2, "hidden_size": 3}
 
@@ -56,28 +57,47 @@ def test_unknown_keys_are_refused():
 
 
 @pytest.mark.parametrize(
-  "lstm_impl, backend, expected",
+  "lstm_impl, backend, dtype, expected",
   [
-    ("auto", "gpu", "scan"),  # the kernel measured slower on an H200
-    ("auto", "cpu", "scan"),
-    ("scan", "gpu", "scan"),
-    ("pallas", "gpu", "pallas"),
-    ("pallas", "cpu", "pallas"),
+    ("auto", "gpu", "float32", "scan"),  # float32 weights do not fit on chip: slower on an H200
+    ("auto", "gpu", "bfloat16", "pallas"),  # 16.5 against 22.6 ms a train step on an H200
+    ("auto", "cpu", "bfloat16", "scan"),
+    ("auto", "cpu", "float32", "scan"),
+    ("scan", "gpu", "bfloat16", "scan"),
+    ("pallas", "gpu", "float32", "pallas"),
+    ("pallas", "cpu", "float32", "pallas"),
   ],
 )
-def test_lstm_impl_takes_the_kernel_only_where_it_measured_faster(lstm_impl, backend, expected):
-  model = make_model(**CONFIG, lstm_impl=lstm_impl, backend=backend)
+def test_lstm_impl_takes_the_kernel_only_where_it_measured_faster(
+  lstm_impl, backend, dtype, expected
+):
+  model = make_model(**CONFIG, lstm_impl=lstm_impl, backend=backend, dtype=dtype)
   assert model.lstm_implementation == expected
   # Off the GPU the kernel can only run in the Pallas interpreter.
   assert model.kernel_config.interpret == (backend != "gpu")
 
 
-def test_lstm_impl_auto_follows_the_measured_backends(monkeypatch):
-  monkeypatch.setattr(factory, "KERNEL_BACKENDS", ("gpu",))
-  assert make_model(**CONFIG, backend="gpu").lstm_implementation == "pallas"
-  assert make_model(**CONFIG, backend="cpu").lstm_implementation == "scan"
+def test_lstm_impl_auto_follows_the_measured_dtypes_and_sizes(monkeypatch):
+  monkeypatch.setitem(factory.KERNEL_DTYPES, "cpu", ("float32",))
+  assert make_model(**CONFIG, backend="cpu").lstm_implementation == "pallas"
+  assert make_model(**CONFIG, backend="cpu", dtype="bfloat16").lstm_implementation == "scan"
   wide = {**CONFIG, "hidden_size": 512}  # padded past MAX_KERNEL_HIDDEN_SIZE
-  assert make_model(**wide, backend="gpu").lstm_implementation == "scan"
+  assert make_model(**wide, backend="cpu").lstm_implementation == "scan"
+  assert make_model(**wide, backend="gpu", dtype="bfloat16").lstm_implementation == "scan"
+
+
+def test_kernel_launch_parameters_left_unset_are_the_fastest_measured_for_the_dtype():
+  fields = ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
+  unset = dict.fromkeys(fields)  # as experiments/common.py's config gives them
+  float32 = make_model(**CONFIG, backend="gpu", kernel=unset).kernel_config
+  assert float32 == KernelConfig()  # its defaults are float32's fastest
+  bfloat16 = make_model(**CONFIG, backend="gpu", kernel=unset, dtype="bfloat16").kernel_config
+  assert bfloat16 == KernelConfig(weights_resident=True, prefetch=True)
+  # What the config sets wins over the measured defaults, for either dtype.
+  told = {**unset, "prefetch": False, "num_warps": 16}
+  model = make_model(**CONFIG, backend="gpu", kernel=told, dtype="bfloat16")
+  assert model.kernel_config == KernelConfig(num_warps=16, weights_resident=True)
+  assert make_model(**CONFIG, backend="gpu", kernel=told).kernel_config.num_warps == 16
 
 
 @pytest.mark.parametrize("backend, expected", [("gpu", 8), ("cpu", 1)])
