@@ -23,8 +23,9 @@ across them). `--tune` first times both kernels' launch variants (checking each 
 or optax on the device) and runs the rest with the fastest (a bfloat16 model's step with the
 fastest variant for bfloat16 weights); `--xla-flags NAME=FLAGS` reruns the
 step in a child process under those `XLA_FLAGS`, beside a child with none; `--epoch` times one
-epoch of the IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps)
-against PyTorch cuDNN on random batches padded per batch (needs `--data-dir` with `iam_ondb.npz`).
+epoch of the IAM-OnDB training set (`optimal` K = 8 and `none`, our trainer's compiled steps,
+our model in each of `--epoch-dtypes`) against PyTorch cuDNN on random batches padded per batch
+(needs `--data-dir` with `iam_ondb.npz`; `--no-anatomy` leaves the anatomy table out).
 Writes `experiments/results/benchmark_step_<backend>.md` with the device named. A measurement that
 fails is a "failed" cell, the others are still written, and the command exits 1 naming it.
 """
@@ -453,16 +454,22 @@ def epoch_rows(
   settings: dict,
   strategies: list[str],
   repeats: int,
+  dtype_settings: dict[str, dict] | None = None,
 ) -> list[dict[str, str]]:
   """One IAM-OnDB training epoch of `data` (`load_epoch_data`): our trainer (`optimal` K = 8,
-  `none`) against PyTorch cuDNN (the tiny preset: its model). Returns the rows."""
-  config = make_config(preset, settings)
-  bench = benchmark.Bench(config, data, repeats)
-  measurements = [
-    bench.contender("ours", bench.plan(strategy, EPOCH_BUCKETS[strategy]))
-    for strategy in strategies
-  ]
-  torch_results = benchmark.torch_contenders(config, data, repeats)
+  `none`), for each model dtype in `dtype_settings` (dtype -> its config overrides; default:
+  float32 alone) against PyTorch cuDNN (float32; the tiny preset: its model). Returns the rows."""
+  dtype_settings = dtype_settings or {"float32": {}}
+  measurements = []
+  for dtype, overrides in dtype_settings.items():
+    config = make_config(preset, settings, overrides, {"model.dtype": dtype})
+    bench = benchmark.Bench(config, data, repeats)
+    name = "ours" if list(dtype_settings) == ["float32"] else f"ours {dtype}"
+    measurements += [
+      bench.contender(name, bench.plan(strategy, EPOCH_BUCKETS[strategy]))
+      for strategy in strategies
+    ]
+  torch_results = benchmark.torch_contenders(make_config(preset, settings), data, repeats)
   if not isinstance(torch_results, str):
     measurements += [m for m in torch_results if "cuDNN" in m.contender and "padded" in m.strategy]
   benchmark.take_turns(measurements, repeats)
@@ -495,6 +502,18 @@ def epoch_strategies(text: str) -> list[str]:
   return strategies
 
 
+def epoch_dtypes(text: str) -> list[str]:
+  """An argparse type for `--epoch-dtypes`: comma-separated model dtypes."""
+  dtypes = text.split(",")
+  unknown = [dtype for dtype in dtypes if dtype not in ("float32", "bfloat16")]
+  if unknown:
+    raise argparse.ArgumentTypeError(
+      f"unknown dtype {', '.join(map(repr, unknown))}; expected a comma-separated list of "
+      "float32, bfloat16"
+    )
+  return list(dict.fromkeys(dtypes))
+
+
 def named_flags(text: str) -> str:
   """An argparse type for `NAME=XLA_FLAGS`."""
   name, equals, _ = text.partition("=")
@@ -523,7 +542,19 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     default="optimal,none",
     help="ours: optimal (K = 8) and/or none",
   )
+  parser.add_argument(
+    "--epoch-dtypes",
+    type=epoch_dtypes,
+    default="float32",
+    help="our model's dtypes in the epoch table, each with its `auto` implementations",
+  )
   parser.add_argument("--data-dir", default=None, help="folder of iam_ondb.npz, for --epoch")
+  parser.add_argument(
+    "--anatomy",
+    action=argparse.BooleanOptionalAction,
+    default=True,
+    help="the anatomy table at the preset's shapes (--no-anatomy: the other sections alone)",
+  )
   parser.add_argument(
     "--xla-flags",
     action="append",
@@ -630,7 +661,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       "",
     ]
 
-  for (batch_size, time_steps), names in PRESETS[preset_name].items():
+  for (batch_size, time_steps), names in PRESETS[preset_name].items() if args.anatomy else ():
     batch = random_batch(batch_size, time_steps)
     torch_ms = torch_step_ms(make_config(preset_name), batch_size, time_steps, args.repeats)
     for name in names:
@@ -653,8 +684,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       anatomy_rows.append(row)
       print(" | ".join(row.values()), flush=True)
       write_so_far(anatomy_section(complete=False))
-  sections += anatomy_section(complete=True)
-  write_so_far()
+  if args.anatomy:
+    sections += anatomy_section(complete=True)
+    write_so_far()
 
   if args.epoch:
     fallbacks = {"model.lstm_impl": "scan", "ctc.impl": "optax"}
@@ -666,6 +698,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
         epoch_settings,
         args.epoch_strategies,
         max(2, args.repeats // 5),
+        {dtype: dtype_settings.get(dtype, {}) for dtype in args.epoch_dtypes},
       )
     except Exception as error:  # keep the sections measured so far, and the flags' section
       print("epoch failed:", error, flush=True)
@@ -677,7 +710,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       "",
       "Median of the timed epochs after one warm-up epoch, contenders taking turns; ours through "
       "`train.compile_steps` (the trainer's executables) with the default implementations "
-      f"(`auto`){' except ' + str(left_out) if left_out else ''}.",
+      f"(`auto`){' except ' + str(left_out) if left_out else ''}, the model in "
+      f"{' and '.join(args.epoch_dtypes)}; PyTorch's in float32.",
       "",
       *markdown_table(rows, list(rows[0])),
       "",

@@ -1,6 +1,7 @@
 """The step-anatomy driver: the sections and rows it promises, kernels checked on the way."""
 
 import re
+from unittest import mock
 
 import jax.numpy as jnp
 import pytest
@@ -134,6 +135,58 @@ def test_a_mistyped_epoch_strategy_names_the_flag(tmp_path, monkeypatch):
   argv = ["--preset", "tiny", "--epoch", "--data-dir", str(tmp_path), "--epoch-strategies"]
   with pytest.raises(cli_errors.UsageError, match="--epoch-strategies: unknown strategy 'nonee'"):
     benchmark_step.main([*argv, "optimal,nonee"])
+
+
+def test_the_epoch_table_runs_our_model_in_each_dtype_beside_float32_pytorch(tmp_path, monkeypatch):
+  built = []
+
+  class Bench:
+    def __init__(self, config, data, repeats):
+      self.dtype, self.kernel = config.model.dtype, config.model.kernel.to_dict()
+      built.append(self)
+
+    def plan(self, strategy, num_buckets):
+      return (strategy, num_buckets)
+
+    def contender(self, name, plan):
+      measurement = mock.Mock(contender=name, epoch_seconds=2.0, epochs_seconds=[2.0, 2.0])
+      measurement.row.return_value = {
+        "contender": name,
+        "strategy": plan[0],
+        "K": str(plan[1]),
+        "compile (s)": "1.0",
+        "padded/real": "1.100",
+      }
+      return measurement
+
+  torch_configs = []
+  monkeypatch.setattr(benchmark_step.benchmark, "Bench", Bench)
+  monkeypatch.setattr(
+    benchmark_step.benchmark,
+    "torch_contenders",
+    lambda config, data, repeats: torch_configs.append(config.model.dtype) or "no torch",
+  )
+  monkeypatch.setattr(benchmark_step.benchmark, "take_turns", lambda measurements, repeats: None)
+  monkeypatch.setattr(benchmark_step, "load_epoch_data", lambda preset, data_dir: [None] * 64)
+  monkeypatch.setattr(benchmark_step, "anatomy", never_time)  # --no-anatomy
+  out = tmp_path / "epoch.md"
+  argv = ["--preset", "tiny", "--no-anatomy", "--epoch", "--data-dir", str(tmp_path)]
+  argv += ["--epoch-strategies", "optimal", "--epoch-dtypes", "float32,bfloat16"]
+  assert benchmark_step.main([*argv, "--out", str(out)]) == out
+
+  assert [bench.dtype for bench in built] == ["float32", "bfloat16"]
+  assert torch_configs == ["float32"]
+  # Untuned, the kernel's launch stays the config's None: the dtype's measured fastest.
+  assert all(value is None for bench in built for value in bench.kernel.values())
+  text = out.read_text()
+  assert "## Anatomy" not in text and "the model in float32 and bfloat16" in text
+  rows = table_rows(text, "contender")
+  assert [row[:2] for row in rows] == [
+    ["ours float32, optimal", "8"],
+    ["ours bfloat16, optimal", "8"],
+  ]
+  with pytest.raises(cli_errors.UsageError, match="--epoch-dtypes: unknown dtype 'float16'"):
+    benchmark_step.main([*argv[:-1], "float32,float16"])
 
 
 def test_a_failed_measurement_keeps_the_other_rows_and_exits_non_zero(
