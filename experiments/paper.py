@@ -673,20 +673,26 @@ def run_worker_process(argv: list[str], devices: int) -> bool:
 
 
 def run_worker_command(command: list[str], env: dict[str, str], what: str, **popen_args) -> bool:
-  """Runs a worker process to its end; returns False when SIGINT interrupted it.
+  """Runs a worker process to its end; returns False when SIGINT or SIGTERM interrupted it.
 
   SIGINT (Ctrl-C, or a deadline's `timeout --signal=INT`) reaches the worker as well, and its
   training stops at a step boundary with a checkpoint: this waits for that, where
-  `subprocess.run` would kill the worker mid-write. A worker that fails otherwise has printed its
-  error: one line with exit code 2, which `cli_errors.run` then ends on (AlreadyReported), or a
-  bug's traceback, followed by a line naming `what`.
+  `subprocess.run` would kill the worker mid-write. SIGTERM may come to this process alone (a
+  scheduler, `kill PID`), where it would end it and leave the worker training on: it is passed on
+  as SIGINT, which a worker that had SIGTERM too (sent to the whole group) takes as the same
+  request, where a second SIGTERM would end it before its checkpoint. A worker that fails
+  otherwise has printed its error: one line with exit code 2, which `cli_errors.run` then ends on
+  (AlreadyReported), or a bug's traceback, followed by a line naming `what`.
   """
   worker = subprocess.Popen(command, env=env, **popen_args)
+  on_sigterm = signal.signal(signal.SIGTERM, lambda *_: worker.send_signal(signal.SIGINT))
   try:
     returncode = worker.wait()
   except KeyboardInterrupt:
     worker.wait()
     return False
+  finally:
+    signal.signal(signal.SIGTERM, on_sigterm)
   if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # it stopped cleanly
     return False
   if returncode == cli_errors.USAGE_EXIT_CODE:  # the worker printed its one line

@@ -3,6 +3,7 @@
 One test (one sweep, ~40 s on 2 cores), so that pytest-xdist workers do not each run it.
 """
 
+import contextlib
 import csv
 import functools
 import json
@@ -538,6 +539,52 @@ def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
   os.killpg(process.pid, signal.SIGINT)
   output, _ = process.communicate(timeout=60)
   assert output.strip() == "False"
+  assert (tmp_path / "stopped cleanly").exists()
+
+
+@pytest.mark.parametrize("to_the_group", [False, True])
+def test_a_sigterm_stops_the_worker_cleanly_whether_or_not_it_had_one_too(tmp_path, to_the_group):
+  # SIGTERM to the parent alone (a scheduler, `kill PID`) ended it at once and left the worker
+  # training; to the whole group, a forwarded second SIGTERM would end the worker mid-checkpoint.
+  worker = (
+    "import pathlib, signal, sys, time\n"
+    "folder = pathlib.Path(sys.argv[1])\n"
+    "stop = []\n"
+    "def request(signum, _):\n"  # as training/stop.py: once per signal, then its default
+    "  stop.append(signum)\n"
+    "  signal.signal(signum, signal.SIG_DFL)\n"
+    "signal.signal(signal.SIGINT, request)\n"
+    "signal.signal(signal.SIGTERM, request)\n"
+    "(folder / 'started').touch()\n"
+    "while not stop:\n"
+    "  time.sleep(0.05)\n"
+    "time.sleep(1)\n"  # the checkpoint, during which a second SIGTERM would kill it
+    "(folder / 'stopped cleanly').touch()\n"
+    "sys.exit(128 + stop[0])\n"
+  )
+  parent = (
+    "import sys\n"
+    "from experiments import paper\n"
+    f"command = [sys.executable, '-c', {worker!r}, sys.argv[1]]\n"
+    "print(paper.run_worker_command(command, None, 'the worker'))\n"
+  )
+  process = subprocess.Popen(
+    [sys.executable, "-c", parent, str(tmp_path)],
+    cwd=ROOT,
+    stdout=subprocess.PIPE,
+    text=True,
+    start_new_session=True,
+  )
+  deadline = time.monotonic() + 60
+  while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+    time.sleep(0.1)
+  (os.killpg if to_the_group else os.kill)(process.pid, signal.SIGTERM)
+  try:
+    output, _ = process.communicate(timeout=60)
+  finally:
+    with contextlib.suppress(ProcessLookupError):  # a worker left training must not outlive us
+      os.killpg(process.pid, signal.SIGKILL)
+  assert (process.returncode, output.strip()) == (0, "False")
   assert (tmp_path / "stopped cleanly").exists()
 
 
