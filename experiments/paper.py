@@ -83,6 +83,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -678,22 +679,37 @@ def run_worker_command(command: list[str], env: dict[str, str], what: str, **pop
   SIGINT (Ctrl-C, or a deadline's `timeout --signal=INT`) reaches the worker as well, and its
   training stops at a step boundary with a checkpoint: this waits for that, where
   `subprocess.run` would kill the worker mid-write. SIGTERM may come to this process alone (a
-  scheduler, `kill PID`), where it would end it and leave the worker training on: it is passed on
-  as SIGINT, which a worker that had SIGTERM too (sent to the whole group) takes as the same
-  request, where a second SIGTERM would end it before its checkpoint. A worker that fails
-  otherwise has printed its error: one line with exit code 2, which `cli_errors.run` then ends on
-  (AlreadyReported), or a bug's traceback, followed by a line naming `what`.
+  scheduler, `kill PID`), where it would end it and leave the worker training on: on the main
+  thread it is passed on as SIGINT, which a worker that had SIGTERM too (sent to the whole group)
+  takes as the same request, where a second SIGTERM would end it before its checkpoint. A worker
+  that fails otherwise has printed its error: one line with exit code 2, which `cli_errors.run`
+  then ends on (AlreadyReported), or a bug's traceback, followed by a line naming `what`.
   """
-  worker = subprocess.Popen(command, env=env, **popen_args)
-  on_sigterm = signal.signal(signal.SIGTERM, lambda *_: worker.send_signal(signal.SIGINT))
+  worker, terminated = [], []
+
+  def pass_on(*_):
+    terminated.append(True)
+    if worker:
+      worker[0].send_signal(signal.SIGINT)  # nothing, once the worker has ended
+
+  main_thread = threading.current_thread() is threading.main_thread()
+  on_sigterm = signal.signal(signal.SIGTERM, pass_on) if main_thread else None
   try:
-    returncode = worker.wait()
+    worker.append(subprocess.Popen(command, env=env, **popen_args))
+    if terminated:  # before the worker existed
+      worker[0].send_signal(signal.SIGINT)
+    returncode = worker[0].wait()
   except KeyboardInterrupt:
-    worker.wait()
+    if worker:
+      worker[0].wait()
     return False
   finally:
-    signal.signal(signal.SIGTERM, on_sigterm)
-  if returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM):  # it stopped cleanly
+    if main_thread:
+      signal.signal(signal.SIGTERM, on_sigterm)
+  # A worker stops cleanly with 128 + the signal; one killed by a signal before it handles them
+  # (while it starts) has the negative signal.
+  stopped = {code for stop in (signal.SIGINT, signal.SIGTERM) for code in (128 + stop, -stop)}
+  if terminated or returncode in stopped:
     return False
   if returncode == cli_errors.USAGE_EXIT_CODE:  # the worker printed its one line
     raise cli_errors.AlreadyReported(f"{what} failed with exit code {returncode}")

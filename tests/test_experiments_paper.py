@@ -542,10 +542,17 @@ def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
   assert (tmp_path / "stopped cleanly").exists()
 
 
-@pytest.mark.parametrize("to_the_group", [False, True])
-def test_a_sigterm_stops_the_worker_cleanly_whether_or_not_it_had_one_too(tmp_path, to_the_group):
+@pytest.mark.parametrize(
+  "to_the_group, handled",
+  [(False, True), (True, True), (True, False)],
+  ids=["alone", "group", "starting"],
+)
+def test_a_sigterm_stops_the_worker_cleanly_whether_or_not_it_had_one_too(
+  tmp_path, to_the_group, handled
+):
   # SIGTERM to the parent alone (a scheduler, `kill PID`) ended it at once and left the worker
-  # training; to the whole group, a forwarded second SIGTERM would end the worker mid-checkpoint.
+  # training; to the whole group, a forwarded second SIGTERM would end the worker mid-checkpoint,
+  # and a worker still starting (no handler yet) ends by the signal, not as a failed worker.
   worker = (
     "import pathlib, signal, sys, time\n"
     "folder = pathlib.Path(sys.argv[1])\n"
@@ -553,8 +560,9 @@ def test_a_sigterm_stops_the_worker_cleanly_whether_or_not_it_had_one_too(tmp_pa
     "def request(signum, _):\n"  # as training/stop.py: once per signal, then its default
     "  stop.append(signum)\n"
     "  signal.signal(signum, signal.SIG_DFL)\n"
-    "signal.signal(signal.SIGINT, request)\n"
-    "signal.signal(signal.SIGTERM, request)\n"
+    f"if {handled}:\n"
+    "  signal.signal(signal.SIGINT, request)\n"
+    "  signal.signal(signal.SIGTERM, request)\n"
     "(folder / 'started').touch()\n"
     "while not stop:\n"
     "  time.sleep(0.05)\n"
@@ -585,7 +593,7 @@ def test_a_sigterm_stops_the_worker_cleanly_whether_or_not_it_had_one_too(tmp_pa
     with contextlib.suppress(ProcessLookupError):  # a worker left training must not outlive us
       os.killpg(process.pid, signal.SIGKILL)
   assert (process.returncode, output.strip()) == (0, "False")
-  assert (tmp_path / "stopped cleanly").exists()
+  assert (tmp_path / "stopped cleanly").exists() == handled
 
 
 @pytest.mark.slow
