@@ -396,7 +396,7 @@ def describe(variant: KernelConfig) -> str:
 
 
 def flag_variants(
-  arguments: list[str], preset: str, settings: dict, repeats: int
+  arguments: list[str], preset: str, settings: dict, dtype_settings: dict, repeats: int
 ) -> list[dict[str, str]]:
   """The whole step at the preset's first shape, for each of its implementations, in a child
   process per `NAME=XLA_FLAGS` (flags are read once, when the backend starts), after a child with
@@ -406,6 +406,7 @@ def flag_variants(
     name, flags = argument.split("=", 1)
     child = [sys.executable, "-m", "experiments.benchmark_step", "--step-only"]
     child += ["--preset", preset, "--repeats", str(repeats), "--settings", json.dumps(settings)]
+    child += ["--dtype-settings", json.dumps(dtype_settings)]
     # A blank XLA_FLAGS is read as a file name: join only what is there.
     inherited = os.environ.get("XLA_FLAGS", "")
     environment = os.environ | {"XLA_FLAGS": " ".join(part for part in (inherited, flags) if part)}
@@ -421,13 +422,13 @@ def flag_variants(
   return rows
 
 
-def step_only(preset: str, settings: dict, repeats: int) -> dict[str, float]:
+def step_only(preset: str, settings: dict, dtype_settings: dict, repeats: int) -> dict[str, float]:
   """The `--step-only` child: the whole step at the preset's first shape per implementation."""
   (batch_size, time_steps), names = next(iter(PRESETS[preset].items()))
   batch = random_batch(batch_size, time_steps)
   timings = {}
   for name in names:
-    config = make_config(preset, IMPLEMENTATIONS[name], settings)
+    config = make_config(preset, *launch_settings(IMPLEMENTATIONS[name], settings, dtype_settings))
     state = train.create_train_state(config, NUM_FEATURES, 10**6)
     step = jax.jit(train.train_step, donate_argnums=0)
     carried = [state]
@@ -502,6 +503,14 @@ def epoch_strategies(text: str) -> list[str]:
   return strategies
 
 
+def launch_settings(overrides: dict, settings: dict, dtype_settings: dict) -> list[dict]:
+  """The config overrides of one measurement: its implementation's `overrides`, the tuned
+  `settings` every model shares (the CTC kernel's), then the LSTM kernel's tuned for the model's
+  dtype (none for a dtype not tuned: the config's measured defaults for it)."""
+  dtype = overrides.get("model.dtype", "float32")
+  return [overrides, settings, dtype_settings.get(dtype, {})]
+
+
 def epoch_dtypes(text: str) -> list[str]:
   """An argparse type for `--epoch-dtypes`: comma-separated model dtypes."""
   dtypes = text.split(",")
@@ -545,8 +554,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   parser.add_argument(
     "--epoch-dtypes",
     type=epoch_dtypes,
-    default="float32",
-    help="our model's dtypes in the epoch table, each with its `auto` implementations",
+    default=None,
+    help="our model's dtypes in the epoch table, each with its `auto` implementations "
+    "(default: float32)",
   )
   parser.add_argument("--data-dir", default=None, help="folder of iam_ondb.npz, for --epoch")
   parser.add_argument(
@@ -566,13 +576,19 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   parser.add_argument("--repeats", type=cli_errors.positive_int, default=10)
   parser.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--settings", type=json.loads, default={}, help=argparse.SUPPRESS)
+  parser.add_argument("--dtype-settings", type=json.loads, default={}, help=argparse.SUPPRESS)
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
   if args.step_only:
-    print(json.dumps(step_only(args.preset, args.settings, args.repeats)))
+    print(json.dumps(step_only(args.preset, args.settings, args.dtype_settings, args.repeats)))
     return None
   if args.epoch and not args.data_dir:
     parser.error("--epoch needs --data-dir (the folder of iam_ondb.npz)")
+  if args.epoch_dtypes and not args.epoch:
+    parser.error("--epoch-dtypes chooses the epoch table's models: it needs --epoch")
+  args.epoch_dtypes = args.epoch_dtypes or ["float32"]
+  if not (args.anatomy or args.tune or args.epoch or args.xla_flags):
+    parser.error("--no-anatomy leaves nothing to measure without --tune, --epoch or --xla-flags")
   epoch_data = load_epoch_data(args.preset, args.data_dir) if args.epoch else None
   preset_name = args.preset
   backend = jax.default_backend()
@@ -585,7 +601,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     """Writes what is measured so far, `unfinished` the section still measuring: a run cut short
     (a GPU call's deadline) still leaves its finished sections and rows."""
     report = [
-      "# The train step's anatomy, per LSTM implementation",
+      "# The train step's anatomy, per LSTM implementation"
+      if args.anatomy
+      else "# The train step benchmark, without its anatomy table",
       "",
       *record.header(),
       "Model: `experiments/iam.py` (3 x BLSTM 128, CTC, Adam, clipping); medians of "
@@ -596,7 +614,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     ]
     write_report(out, report)
 
-  settings = {}  # dotted config overrides every measurement uses: the tuned launch parameters
+  settings = {}  # dotted config overrides every measurement uses: the CTC kernel's tuned launch
   dtype_settings = {}  # model dtype -> the LSTM kernel's launch parameters tuned for it
   failed_measurements = []  # each makes the exit code MEASUREMENT_FAILED
   left_out = {}  # kernel -> why no variant of it is tuned, and it is left out of the rest
@@ -613,7 +631,6 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
         }
         for dtype, variant in best.items()
       }
-      settings |= dtype_settings.get("float32", {})
       chosen = "the rest of this run uses the fastest: " + "; ".join(
         f"{describe(variant)} for {dtype} models" for dtype, variant in best.items()
       )
@@ -670,8 +687,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
         continue
       row = {"B": str(batch_size), "T": str(time_steps), "implementation": name}
       try:
-        tuned = dtype_settings.get(overrides.get("model.dtype", "float32"), {})
-        config = make_config(preset_name, overrides, settings, tuned)
+        config = make_config(preset_name, *launch_settings(overrides, settings, dtype_settings))
         timings = anatomy(config, batch, args.repeats)
         row |= {part: f"{timings[part]:.2f}" for part in columns[3:8]}
       except Exception as error:  # one failing contender must not lose the others' rows
@@ -718,7 +734,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     ]
     write_so_far()
   if args.xla_flags:
-    flag_rows = flag_variants(args.xla_flags, preset_name, settings, args.repeats)
+    flag_rows = flag_variants(args.xla_flags, preset_name, settings, dtype_settings, args.repeats)
     failed_measurements += [
       f"XLA flags {row['XLA_FLAGS']}: {row['result']}"
       for row in flag_rows

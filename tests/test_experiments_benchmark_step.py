@@ -99,7 +99,7 @@ def test_xla_flag_variants_run_in_their_own_process_beside_a_baseline(tmp_path, 
   monkeypatch.setenv("XLA_FLAGS", "")
   dump = tmp_path / "dump"
   rows = benchmark_step.flag_variants(
-    ["no such flag=--xla_no_such_flag_at_all=1", f"dump=--xla_dump_to={dump}"], "tiny", {}, 1
+    ["no such flag=--xla_no_such_flag_at_all=1", f"dump=--xla_dump_to={dump}"], "tiny", {}, {}, 1
   )
   assert [row["XLA_FLAGS"].split(":")[0] for row in rows] == [
     benchmark_step.NO_EXTRA_FLAGS,
@@ -179,6 +179,7 @@ def test_the_epoch_table_runs_our_model_in_each_dtype_beside_float32_pytorch(tmp
   # Untuned, the kernel's launch stays the config's None: the dtype's measured fastest.
   assert all(value is None for bench in built for value in bench.kernel.values())
   text = out.read_text()
+  assert text.startswith("# The train step benchmark, without its anatomy table\n")
   assert "## Anatomy" not in text and "the model in float32 and bfloat16" in text
   rows = table_rows(text, "contender")
   assert [row[:2] for row in rows] == [
@@ -187,6 +188,10 @@ def test_the_epoch_table_runs_our_model_in_each_dtype_beside_float32_pytorch(tmp
   ]
   with pytest.raises(cli_errors.UsageError, match="--epoch-dtypes: unknown dtype 'float16'"):
     benchmark_step.main([*argv[:-1], "float32,float16"])
+  with pytest.raises(cli_errors.UsageError, match=r"--epoch-dtypes .* needs --epoch"):
+    benchmark_step.main(["--preset", "tiny", "--epoch-dtypes", "bfloat16"])
+  with pytest.raises(cli_errors.UsageError, match="--no-anatomy leaves nothing to measure"):
+    benchmark_step.main(["--preset", "tiny", "--no-anatomy"])
 
 
 def test_a_failed_measurement_keeps_the_other_rows_and_exits_non_zero(
@@ -300,3 +305,23 @@ def test_a_bfloat16_models_step_runs_the_fastest_variant_for_bfloat16_weights(
       for field in ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
     }
   assert "weights resident, 1 stage(s), prefetch for bfloat16 models" in out.read_text()
+
+
+def test_a_dtype_no_variant_was_tuned_for_keeps_its_measured_defaults(tmp_path, monkeypatch):
+  # Float32's tuned launch reached bfloat16 models too when no bfloat16 variant was tuned (each
+  # failed, or the sweep's time ran out before them), overriding the defaults measured for them.
+  fastest = {"float32": KernelConfig(num_warps=4, weights_resident=False)}
+  lstm_rows = [{"variant": "tile 16", "ms": "1.00", "max relative error": "0"}]
+  monkeypatch.setattr(benchmark_step, "tune_kernel", lambda *args, **kwargs: (fastest, lstm_rows))
+  monkeypatch.setattr(benchmark_step, "tune_ctc", lambda *args, **kwargs: ({}, lstm_rows))
+  launched = {}
+
+  def anatomy(config, batch, repeats):
+    launched[config.model.dtype] = config.model.kernel.num_warps
+    return {"step": 5.0, "forward": 1.0, "backward": 2.0, "ctc": 0.5, "optimizer": 0.25}
+
+  monkeypatch.setattr(benchmark_step, "anatomy", anatomy)
+  implementations = ("pallas LSTM, pallas CTC", "pallas LSTM, pallas CTC, bfloat16")
+  monkeypatch.setitem(benchmark_step.PRESETS, "tiny", {(8, 24): implementations})
+  benchmark_step.main(["--preset", "tiny", "--tune", "--out", str(tmp_path / "step.md")])
+  assert launched == {"float32": 4, "bfloat16": None}  # None: models.factory.KERNEL_LAUNCH's
