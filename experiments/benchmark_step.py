@@ -612,7 +612,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       *sections,
       *unfinished,
     ]
-    write_report(out, report)
+    if unfinished:  # one row more: said once its section is done
+      out.write_text("\n".join(report))
+    else:
+      write_report(out, report)
 
   settings = {}  # dotted config overrides every measurement uses: the CTC kernel's tuned launch
   dtype_settings = {}  # model dtype -> the LSTM kernel's launch parameters tuned for it
