@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.ctc import ctc_loss
+from models.factory import make_model
 from models.lstm import LstmCtcModel, lstm_recurrence
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel, padded_hidden_size
 from tests.test_models_batch_sharding import assert_kernels_run_per_device, data_mesh
@@ -252,3 +253,42 @@ def test_model_with_kernel_matches_scan_model_including_filler_rows():
     return jax.value_and_grad(loss_fn)(params)
 
   assert_trees_close(loss_and_grads("pallas"), loss_and_grads("scan"), 1e-4)
+
+
+def test_the_bfloat16_model_auto_runs_on_a_gpu_matches_the_bfloat16_scan_model():
+  """What `auto` now runs for a bfloat16 model on a GPU, the kernel at its measured launch
+  (weights on chip, next frame prefetched), here in the interpreter: a bucket-shaped batch's
+  loss and gradients are the bfloat16 scan model's, to bfloat16's precision."""
+  rng = np.random.default_rng(4)
+  lengths = np.array([10, 3, 8, 12])
+  time, features = 12, 3
+  inputs = jnp.asarray(rng.normal(0.0, 1.0, (4, time, features)), jnp.float32)
+  paddings = jnp.asarray(np.arange(time)[None, :] >= lengths[:, None], jnp.float32)
+  labels = jnp.asarray([[1, 2, 3], [4, 0, 0], [5, 5, 0], [2, 3, 1]], jnp.int32)
+  label_paddings = jnp.asarray(labels == 0, jnp.float32)
+  weights = jnp.ones(4)
+  settings = {"num_classes": 6, "num_layers": 2, "hidden_size": 20, "dtype": "bfloat16"}
+  assert make_model(**settings, backend="gpu").lstm_implementation == "pallas"
+  kernel_model = make_model(**settings, lstm_impl="pallas", backend="cpu")
+  assert kernel_model.kernel_config == KernelConfig(
+    weights_resident=True, prefetch=True, interpret=True
+  )
+  scan_model = make_model(**settings, lstm_impl="scan", backend="cpu")
+  params = scan_model.init(jax.random.key(0), inputs, paddings)["params"]
+
+  def loss_and_grads(model):
+    def loss_fn(params):
+      logits = model.apply({"params": params}, inputs, paddings)
+      return ctc_loss(logits, paddings, labels, label_paddings, weights)[0]
+
+    return jax.value_and_grad(loss_fn)(params)
+
+  (kernel_loss, kernel_grads), (scan_loss, scan_grads) = map(
+    loss_and_grads, (kernel_model, scan_model)
+  )
+  np.testing.assert_allclose(kernel_loss, scan_loss, rtol=1e-2)
+  deviation = max(
+    float(jnp.max(jnp.abs(k - s)) / jnp.max(jnp.abs(s)))
+    for k, s in zip(jax.tree.leaves(kernel_grads), jax.tree.leaves(scan_grads), strict=True)
+  )
+  assert deviation < 1e-2  # the largest gradient deviation, relative to the parameter's largest
