@@ -685,23 +685,24 @@ def run_worker_command(command: list[str], env: dict[str, str], what: str, **pop
   that fails otherwise has printed its error: one line with exit code 2, which `cli_errors.run`
   then ends on (AlreadyReported), or a bug's traceback, followed by a line naming `what`.
   """
-  worker, terminated = [], []
+  worker, terminated = None, False
 
   def pass_on(*_):
-    terminated.append(True)
-    if worker:
-      worker[0].send_signal(signal.SIGINT)  # nothing, once the worker has ended
+    nonlocal terminated
+    terminated = True
+    if worker is not None:
+      worker.send_signal(signal.SIGINT)  # nothing, once the worker has ended
 
   main_thread = threading.current_thread() is threading.main_thread()
   on_sigterm = signal.signal(signal.SIGTERM, pass_on) if main_thread else None
   try:
-    worker.append(subprocess.Popen(command, env=env, **popen_args))
+    worker = subprocess.Popen(command, env=env, **popen_args)
     if terminated:  # before the worker existed
-      worker[0].send_signal(signal.SIGINT)
-    returncode = worker[0].wait()
+      worker.send_signal(signal.SIGINT)
+    returncode = worker.wait()
   except KeyboardInterrupt:
-    if worker:
-      worker[0].wait()
+    if worker is not None:
+      worker.wait()
     return False
   finally:
     if main_thread:

@@ -517,11 +517,22 @@ def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
     "(folder / 'started').touch()\n"
     "time.sleep(60)\n"
   )
+  # SIGINT as a terminal leaves it: a pytest started as a background job of a non-interactive
+  # shell passes it on ignored, and the parent would never see the interruption.
+  restore_sigint = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+  _, output = signal_a_working_worker(
+    tmp_path, worker, lambda pid: os.killpg(pid, signal.SIGINT), restore_sigint
+  )
+  assert output == "False"
+  assert (tmp_path / "stopped cleanly").exists()
+
+
+def signal_a_working_worker(tmp_path, worker: str, send, parent_setup: str = "") -> tuple[int, str]:
+  """Runs `worker` (Python source, given `tmp_path`) through `paper.run_worker_command` in a
+  parent in a session of its own, calls `send(parent's pid)` once the worker has touched
+  `tmp_path / "started"`, and returns the parent's exit code and what it printed."""
   parent = (
-    "import signal, sys\n"
-    # SIGINT as a terminal leaves it: a pytest started as a background job of a non-interactive
-    # shell passes it on ignored, and the parent would never see the interruption.
-    "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+    f"{parent_setup}import sys\n"
     "from experiments import paper\n"
     f"command = [sys.executable, '-c', {worker!r}, sys.argv[1]]\n"
     "print(paper.run_worker_command(command, None, 'the worker'))\n"
@@ -536,10 +547,13 @@ def test_an_interrupted_worker_is_waited_for_while_it_stops_cleanly(tmp_path):
   deadline = time.monotonic() + 60
   while not (tmp_path / "started").exists() and time.monotonic() < deadline:
     time.sleep(0.1)
-  os.killpg(process.pid, signal.SIGINT)
-  output, _ = process.communicate(timeout=60)
-  assert output.strip() == "False"
-  assert (tmp_path / "stopped cleanly").exists()
+  send(process.pid)
+  try:
+    output, _ = process.communicate(timeout=60)
+  finally:
+    with contextlib.suppress(ProcessLookupError):  # a worker left training must not outlive us
+      os.killpg(process.pid, signal.SIGKILL)
+  return process.returncode, output.strip()
 
 
 @pytest.mark.parametrize(
@@ -570,29 +584,9 @@ def test_a_sigterm_stops_the_worker_cleanly_whether_or_not_it_had_one_too(
     "(folder / 'stopped cleanly').touch()\n"
     "sys.exit(128 + stop[0])\n"
   )
-  parent = (
-    "import sys\n"
-    "from experiments import paper\n"
-    f"command = [sys.executable, '-c', {worker!r}, sys.argv[1]]\n"
-    "print(paper.run_worker_command(command, None, 'the worker'))\n"
-  )
-  process = subprocess.Popen(
-    [sys.executable, "-c", parent, str(tmp_path)],
-    cwd=ROOT,
-    stdout=subprocess.PIPE,
-    text=True,
-    start_new_session=True,
-  )
-  deadline = time.monotonic() + 60
-  while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-    time.sleep(0.1)
-  (os.killpg if to_the_group else os.kill)(process.pid, signal.SIGTERM)
-  try:
-    output, _ = process.communicate(timeout=60)
-  finally:
-    with contextlib.suppress(ProcessLookupError):  # a worker left training must not outlive us
-      os.killpg(process.pid, signal.SIGKILL)
-  assert (process.returncode, output.strip()) == (0, "False")
+  send = os.killpg if to_the_group else os.kill
+  done = signal_a_working_worker(tmp_path, worker, lambda pid: send(pid, signal.SIGTERM))
+  assert done == (0, "False")  # the parent's exit code and what it printed
   assert (tmp_path / "stopped cleanly").exists() == handled
 
 
