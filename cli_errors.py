@@ -136,6 +136,16 @@ def read_json_object(
   return value
 
 
+def flat_keys(nested: dict, prefix: str = "") -> dict:
+  """`{"model": {"hidden_size": 128}}` -> `{"model.hidden_size": 128}`: how the records a
+  command writes and checks (`config.json`, a sweep's settings) name a nested field."""
+  flat = {}
+  for key, value in nested.items():
+    name = f"{prefix}{key}"
+    flat |= flat_keys(value, f"{name}.") if isinstance(value, dict) else {name: value}
+  return flat
+
+
 def positive_float(text: str) -> float:
   """An argparse type for a finite number above 0 (minutes, epochs): NaN, infinities and 0 or
   less are named with their flag."""

@@ -1013,13 +1013,22 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
           if stop.reason:  # no more steps: compile nothing more, not even while saving
             steps.cancel_queued()
           run.save_latest(state, progress)
-      ending = ended_by(run, progress)  # not a signal that comes after the last step
-      if stop.reason:  # a signal or the time cap: only the compiles already running
+      # What cut training short. A stop that comes once the schedule is done (a signal during
+      # the last validation, the time cap at the last step) finds the run over: it still scores
+      # its test split. Every process agrees: the schedule is the same on all, and a stop that
+      # ended the loop before it was done was agreed on by `stop.requested`.
+      done = schedule_done(config, progress, int(jax.device_get(state.step)))
+      stopped_by = None if done else stop.reason
+      ending = stopped_by or ended_by(config, progress)
+      if stopped_by:  # a signal or the time cap: only the compiles already running
         steps.close()
       else:
         steps.wait()
-    test_scores = {} if stop.reason else evaluate_test_split(run, state.params)
+    test_scores = {} if stopped_by else evaluate_test_split(run, state.params)
+    if stop.reason and not stopped_by and jax.process_index() == 0:
+      LOG.warning("%s came after the last train step: the run had finished", stop.reason)
   summary = _summary(run, progress, skipped) | {"ended_by": ending} | test_scores
+  summary["stopped_by"] = stopped_by
   summary["global_step"] = int(jax.device_get(state.step))  # where a resume continues
   # What measuring auto's cost model took, in this start or the one that measured it.
   summary["cost_model_measure_s"] = measured.report["measure_s"] if measured else 0.0
@@ -1042,17 +1051,17 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         progress.step_in_epoch,
       )
     log_compile_accounting(summary)
-    if stop.reason and not int(jax.device_get(state.step)):
+    if stopped_by and not int(jax.device_get(state.step)):
       LOG.warning(
         "stopped by %s before the first train step: nothing to checkpoint; the same command "
         "starts the run",
-        stop.reason,
+        stopped_by,
       )
-    elif stop.reason:
+    elif stopped_by:
       LOG.warning(
         "stopped by %s at global step %d (epoch %d, step %d of the schedule), checkpointed in %s; "
         "run the same command to resume",
-        stop.reason,
+        stopped_by,
         int(jax.device_get(state.step)),
         progress.epoch,
         progress.step_in_epoch,
@@ -1285,17 +1294,7 @@ RUN_CONTROL_FIELDS = (
 
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"model.hidden_size": 128, ...}: every field, as JSON values."""
-
-  def flatten(values: dict, prefix: str) -> dict:
-    flat = {}
-    for name, value in values.items():
-      if isinstance(value, dict):
-        flat |= flatten(value, f"{prefix}{name}.")
-      else:
-        flat[prefix + name] = value
-    return flat
-
-  return _json_safe(flatten(config.to_dict(), ""))
+  return _json_safe(cli_errors.flat_keys(config.to_dict()))
 
 
 def _planned_cost(path: pathlib.Path) -> dict | None:
@@ -1549,14 +1548,12 @@ def stalled(config: ml_collections.ConfigDict, progress: Progress) -> bool:
   return progress.best_epoch >= 0 and progress.epoch - 1 - progress.best_epoch >= config.patience
 
 
-def ended_by(run: Run, progress: Progress) -> str:
-  """Why a finished run ended: its stop's reason (a signal, `max_minutes`, a stop on another
-  process), `num_epochs`, `patience` (early stopping) or `max_steps`."""
-  if run.stop.reason:
-    return run.stop.reason
-  if progress.epoch >= run.config.num_epochs:
+def ended_by(config: ml_collections.ConfigDict, progress: Progress) -> str:
+  """Why a run whose schedule is done ended: `num_epochs`, `patience` (early stopping) or
+  `max_steps`."""
+  if progress.epoch >= config.num_epochs:
     return "num_epochs"
-  return "patience" if stalled(run.config, progress) else "max_steps"
+  return "patience" if stalled(config, progress) else "max_steps"
 
 
 def cut_short(run: Run, global_step: int, check_time_cap: bool = True) -> bool:

@@ -20,7 +20,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cli_errors import UsageError, one_line, read_json_object
+from cli_errors import UsageError, flat_keys, one_line, read_json_object
 
 _HINT = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
 
@@ -174,15 +174,6 @@ def override(
   raise UsageError(f"{where}: {message.removeprefix('--config.')}")
 
 
-def _flat(value, prefix: str = "") -> dict:
-  if not isinstance(value, dict):
-    return {prefix: value}
-  flat = {}
-  for key, item in value.items():
-    flat |= _flat(item, f"{prefix}.{key}" if prefix else str(key))
-  return flat
-
-
 def check_settings(
   path: pathlib.Path, settings: dict, what: str, trained_with: str | None = None
 ) -> None:
@@ -194,9 +185,9 @@ def check_settings(
   folder: a folder a run wrote to before `path` existed is checked against the fields of
   `settings["config"]` that record holds, and refused when it has neither file or they share none.
   """
-  now = _flat(json.loads(json.dumps(settings)))
+  now = flat_keys(json.loads(json.dumps(settings)))
   if path.is_file():
-    source, before = path, _flat(read_json_object(path))
+    source, before = path, flat_keys(read_json_object(path))
   elif trained_with and path.parent.is_dir() and any(path.parent.iterdir()):
     source = path.parent / trained_with
     recorded = read_json_object(source) if source.is_file() else {}

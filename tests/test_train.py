@@ -1067,6 +1067,29 @@ def test_the_time_cap_stops_with_a_checkpoint_and_the_same_command_continues(
   assert_resumed_like(uninterrupted[0], tmp_path)
 
 
+def test_a_signal_once_the_schedule_is_done_stops_nothing(
+  uninterrupted, tmp_path, monkeypatch, caplog
+):
+  # SIGTERM arrives during the last epoch's validation: the run is over, as the uninterrupted
+  # one's, and scores its test split (before, it reported itself stopped and left it unscored).
+  config = tiny_config(**{"data.test_split": "test"})
+  end_epoch = train.end_epoch
+
+  def signalled_in_the_last(run, state, progress):
+    if progress.epoch == config.num_epochs - 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return end_epoch(run, state, progress)
+
+  monkeypatch.setattr(train, "end_epoch", signalled_in_the_last)
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["stopped_by"] is None and summary["ended_by"] == "num_epochs"
+  assert summary["best_val_loss"] == pytest.approx(uninterrupted[1]["best_val_loss"], rel=1e-6)
+  assert summary["test_split"] == "test" and np.isfinite(summary["test_loss"])
+  assert "SIGTERM came after the last train step: the run had finished" in caplog.text
+  assert "checkpointed in" not in caplog.text
+  assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] is None
+
+
 def test_a_signal_before_the_first_step_says_there_is_nothing_to_resume(
   tmp_path, monkeypatch, caplog
 ):
