@@ -54,7 +54,7 @@ from experiments.reporting import RunRecord, markdown_table, versions, write_rep
 from handwriting import dataset as dataset_lib
 from models.ctc_kernel import ctc_loss_kernel
 from models.lstm import lstm_recurrence
-from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
+from models.lstm_kernel import LAUNCH_FIELDS, KernelConfig, lstm_recurrence_kernel
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 NUM_FEATURES = 3
@@ -118,6 +118,8 @@ PRESETS = {
 # fourth (results/benchmark_step_gpu_kernels.md), the loop reading where it uses again without
 # prefetch: float32 re-read back at 16.5, bfloat16 on chip with prefetch 5.07-5.15. The fastest
 # of each dtype are `models.factory.KERNEL_LAUNCH`'s (the config's defaults for that dtype).
+# Not yet run on a GPU: the gates' activations through the hardware's tanh.approx
+# (`approx_activations`), fewer instructions on each frame's critical path.
 TUNE_GRID = [
   (KernelConfig(num_warps=8, weights_resident=False), jnp.float32),
   (KernelConfig(num_warps=8, weights_resident=False, prefetch=True), jnp.float32),
@@ -125,6 +127,11 @@ TUNE_GRID = [
   (KernelConfig(num_warps=16, weights_resident=True), jnp.bfloat16),
   (KernelConfig(num_warps=8, weights_resident=True, prefetch=True), jnp.bfloat16),
   (KernelConfig(num_warps=16, weights_resident=True, prefetch=True), jnp.bfloat16),
+  (KernelConfig(weights_resident=True, prefetch=True, approx_activations=True), jnp.bfloat16),
+  (
+    KernelConfig(num_warps=16, weights_resident=True, prefetch=True, approx_activations=True),
+    jnp.bfloat16,
+  ),
 ]
 # (batch_tile, num_warps): the first H200 sweep over tiles 1-8 and 1-4 warps found these fastest.
 CTC_TUNE_GRID = [(1, 2), (1, 4), (2, 4)]
@@ -392,6 +399,7 @@ def describe(variant: KernelConfig) -> str:
   return (
     f"tile {variant.batch_tile}, {variant.num_warps} warps, weights {resident}, "
     f"{variant.num_stages} stage(s){', prefetch' if variant.prefetch else ''}"
+    f"{', approx. activations' if variant.approx_activations else ''}"
   )
 
 
@@ -628,10 +636,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       chosen = left_out["model.lstm_impl"]
     else:
       dtype_settings = {
-        dtype: {
-          f"model.kernel.{field}": getattr(variant, field)
-          for field in ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
-        }
+        dtype: {f"model.kernel.{field}": getattr(variant, field) for field in LAUNCH_FIELDS}
         for dtype, variant in best.items()
       }
       chosen = "the rest of this run uses the fastest: " + "; ".join(
@@ -729,8 +734,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       "",
       "Median of the timed epochs after one warm-up epoch, contenders taking turns; ours through "
       "`train.compile_steps` (the trainer's executables) with the default implementations "
-      f"(`auto`){' except ' + str(left_out) if left_out else ''}, the model in "
-      f"{' and '.join(args.epoch_dtypes)}; PyTorch's in float32.",
+      f"(`auto`){' except ' + str(left_out) if left_out else ''}, "
+      f"{'the kernels launched as the fastest tuned above' if args.tune else 'their defaults'}"
+      f", the model in {' and '.join(args.epoch_dtypes)}; PyTorch's in float32.",
       "",
       *markdown_table(rows, list(rows[0])),
       "",

@@ -68,6 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
       "weights_resident": ml_collections.FieldReference(None, field_type=bool),
       "num_stages": ml_collections.FieldReference(None, field_type=int),
       "prefetch": ml_collections.FieldReference(None, field_type=bool),
+      "approx_activations": ml_collections.FieldReference(None, field_type=bool),
     }
   )
   config.model.dtype = "float32"

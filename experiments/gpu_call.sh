@@ -47,9 +47,11 @@
 #   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
 #                  scan, then the step's anatomy with the fastest (3.3 minutes on an H200)
 #                                                               -> benchmark_step_gpu_kernels.md
-#   epoch          one IAM-OnDB epoch, `optimal` K = 8 with a float32 and a bfloat16 model (the
-#                  LSTM kernel, `auto`'s for bfloat16), against PyTorch cuDNN on random padded
-#                  batches (compiles of 16 steps: perhaps 5 minutes) -> benchmark_epoch_gpu.md
+#   epoch          the kernels' launch variants (as `kernels`, half a minute), then one IAM-OnDB
+#                  epoch, `optimal` K = 8 with a float32 and a bfloat16 model (the LSTM kernel,
+#                  `auto`'s for bfloat16, at the fastest launch), against PyTorch cuDNN on random
+#                  padded batches (compiles of 16 steps: perhaps 5 minutes)
+#                                                                -> benchmark_epoch_gpu.md
 #   memory         XLA's buffer plan of `experiments/iam.py:gpu`'s train step on the GPU: 6 shapes,
 #                  one bucket against K = 4 at 32 lines and at its token budget (16 compiles, no
 #                  step run: more than 3.4 minutes)                 -> benchmark_memory_gpu.md
@@ -152,7 +154,7 @@ run_stage() {
       ;;
     epoch)
       within_deadline python -m experiments.benchmark_step --preset "${STEP_PRESET:-defaults}" \
-        --no-anatomy --epoch --epoch-strategies optimal --epoch-dtypes float32,bfloat16 \
+        --tune --no-anatomy --epoch --epoch-strategies optimal --epoch-dtypes float32,bfloat16 \
         --data-dir "$data_dir" --out "$results/benchmark_epoch_gpu.md"
       ;;
     memory)

@@ -15,6 +15,10 @@ persistent-RNN idea of Diamos et al., ICML 2016, and FlashRNN, Beck et al. 2024)
   `dz @ W^T` per gate. The recurrent kernel's gradient is one matmul over all frames afterwards, as
   in `lstm_recurrence`'s hand-written gradient.
 
+`KernelConfig` holds the launch variants the tuning table times (experiments/benchmark_step.py
+`--tune`): weights held on chip or re-read, the next frame's inputs prefetched, the activations as
+the hardware's approximate tanh.
+
 Shapes Triton cannot tile are padded in the wrapper: the batch to a multiple of the tile, the
 hidden size to a power of two (at least 16). Padded hidden units have zero weights, projections
 and cotangents, so they stay exactly zero and change nothing. On the CPU the kernels run with
@@ -23,6 +27,7 @@ and cotangents, so they stay exactly zero and change nothing. On the CPU the ker
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +53,10 @@ class KernelConfig:
       the start of a frame, so their memory latency overlaps this frame's dots instead of adding
       to every frame's (registers, not Triton's shared-memory stages, which the resident weights
       leave no room for).
+    approx_activations: the gates' sigmoids and tanhs each as one hardware `tanh.approx.f32`
+      (relative error about 2^-11), sigmoid(x) = (1 + tanh(x / 2)) / 2, instead of libdevice's
+      `tanhf` and an exp and an exact division per sigmoid: fewer instructions on every frame's
+      critical path (`_activations`).
     interpret: run the kernels with Pallas's interpreter (CPU tests).
   """
 
@@ -56,12 +65,19 @@ class KernelConfig:
   weights_resident: bool = False
   num_stages: int = 1
   prefetch: bool = False
+  approx_activations: bool = False
   interpret: bool = False
 
   def __post_init__(self):
     tile = self.batch_tile
     if tile < 16 or tile & (tile - 1):
       raise ValueError(f"kernel batch_tile must be a power of two of at least 16, got {tile}")
+
+
+# The fields a config sets (`config.model.kernel`), as against `interpret`, which the backend sets.
+LAUNCH_FIELDS = tuple(
+  field.name for field in dataclasses.fields(KernelConfig) if field.name != "interpret"
+)
 
 
 def _next_power_of_two(value: int) -> int:
@@ -100,6 +116,17 @@ def _gate_block(ref, t: int, gate: int) -> jax.Array:
   return ref[t, :, gate * hidden : (gate + 1) * hidden]
 
 
+def _activations(approx: bool, interpret: bool) -> tuple[Callable, Callable]:
+  """The kernels' (sigmoid, tanh). Pallas lowers `jnp.tanh` to libdevice's `tanhf` and a sigmoid
+  to an exp and an exact division; `approx` computes both through one tanh each, the GPU's
+  `tanh.approx.f32` (the interpreter, which has no PTX, computes the same formulas with
+  `jnp.tanh`)."""
+  if not approx:
+    return jax.nn.sigmoid, jnp.tanh
+  tanh = jnp.tanh if interpret else plgpu.approx_tanh
+  return (lambda x: 0.5 + 0.5 * tanh(0.5 * x)), tanh
+
+
 def _time_loop(time: int, read, body, init, *, reverse: bool, prefetch: bool) -> None:
   """`carry = body(t, loads, carry)` for every frame t, in reverse if asked, where `read(t)` is
   the frame's input loads as functions of no arguments and `loads` returns them by index.
@@ -135,12 +162,21 @@ def _time_loop(time: int, read, body, init, *, reverse: bool, prefetch: bool) ->
 
 
 def _forward_kernel(
-  projected_ref, kernel_ref, hidden_ref, gates_ref, previous_cell_ref, *, weights_resident, prefetch
+  projected_ref,
+  kernel_ref,
+  hidden_ref,
+  gates_ref,
+  previous_cell_ref,
+  *,
+  weights_resident,
+  prefetch,
+  activations,
 ):
   """One (direction, batch tile): `projected_ref [time, tile, 4 * hidden]` -> hidden states
   `[time, tile, hidden]`, activated gates `[time, tile, 4 * hidden]`, previous cells."""
   time, tile, hidden = hidden_ref.shape
   resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
+  sigmoid, tanh = activations
 
   def read(t):
     return [functools.partial(_gate_block, projected_ref, t, gate) for gate in range(NUM_GATES)]
@@ -152,13 +188,13 @@ def _forward_kernel(
     pre_activations = [
       projection(gate) + plgpu.dot(recurrent_input, weights[gate]) for gate in range(NUM_GATES)
     ]
-    input_gate = jax.nn.sigmoid(pre_activations[0])
-    forget_gate = jax.nn.sigmoid(pre_activations[1])
-    cell_input = jnp.tanh(pre_activations[2])
-    output_gate = jax.nn.sigmoid(pre_activations[3])
+    input_gate = sigmoid(pre_activations[0])
+    forget_gate = sigmoid(pre_activations[1])
+    cell_input = tanh(pre_activations[2])
+    output_gate = sigmoid(pre_activations[3])
     previous_cell_ref[t] = cell
     cell = forget_gate * cell + input_gate * cell_input
-    hidden_state = output_gate * jnp.tanh(cell)
+    hidden_state = output_gate * tanh(cell)
     hidden_ref[t] = hidden_state.astype(hidden_ref.dtype)
     for gate, value in enumerate((input_gate, forget_gate, cell_input, output_gate)):
       gates_ref[t, :, gate * hidden : (gate + 1) * hidden] = value
@@ -177,11 +213,13 @@ def _backward_kernel(
   *,
   weights_resident,
   prefetch,
+  activations,
 ):
   """One (direction, batch tile), frames in reverse: -> `[time, tile, 4 * hidden]` cotangents of
   the gate pre-activations (the input projections)."""
   time, tile, hidden = previous_cell_ref.shape
   resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
+  _, tanh = activations
 
   def read(t):
     gates = [functools.partial(_gate_block, gates_ref, t, gate) for gate in range(NUM_GATES)]
@@ -192,7 +230,7 @@ def _backward_kernel(
     weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
     input_gate, forget_gate, cell_input, output_gate = (load(gate) for gate in range(NUM_GATES))
     previous_cell = load(NUM_GATES)
-    tanh_cell = jnp.tanh(forget_gate * previous_cell + input_gate * cell_input)
+    tanh_cell = tanh(forget_gate * previous_cell + input_gate * cell_input)  # as forward's
     hidden_cotangent = hidden_cotangent + load(NUM_GATES + 1).astype(jnp.float32)
     cell_cotangent = cell_cotangent + hidden_cotangent * output_gate * (1 - tanh_cell * tanh_cell)
     pre_activation_cotangents = (
@@ -248,7 +286,10 @@ def _forward(projected, recurrent_kernel, config: KernelConfig):
     jax.ShapeDtypeStruct((directions, time, batch, hidden), jnp.float32),
   )
   kernel = functools.partial(
-    _forward_kernel, weights_resident=config.weights_resident, prefetch=config.prefetch
+    _forward_kernel,
+    weights_resident=config.weights_resident,
+    prefetch=config.prefetch,
+    activations=_activations(config.approx_activations, config.interpret),
   )
   return _call(kernel, (projected, recurrent_kernel), outputs, config, "lstm_forward")
 
@@ -256,7 +297,10 @@ def _forward(projected, recurrent_kernel, config: KernelConfig):
 def _backward(recurrent_kernel, gates, previous_cells, hidden_cotangents, config: KernelConfig):
   outputs = (jax.ShapeDtypeStruct(gates.shape, jnp.float32),)
   kernel = functools.partial(
-    _backward_kernel, weights_resident=config.weights_resident, prefetch=config.prefetch
+    _backward_kernel,
+    weights_resident=config.weights_resident,
+    prefetch=config.prefetch,
+    activations=_activations(config.approx_activations, config.interpret),
   )
   inputs = (recurrent_kernel, gates, previous_cells, hidden_cotangents)
   return _call(kernel, inputs, outputs, config, "lstm_backward")[0]

@@ -8,7 +8,7 @@ import pytest
 
 import cli_errors
 from experiments import benchmark_step
-from models.lstm_kernel import KernelConfig
+from models.lstm_kernel import LAUNCH_FIELDS, KernelConfig
 from tests.test_experiments_benchmark import run_as_a_user, table_rows
 
 
@@ -300,10 +300,7 @@ def test_a_bfloat16_models_step_runs_the_fastest_variant_for_bfloat16_weights(
   benchmark_step.main(["--preset", "tiny", "--tune", "--out", str(out)])
 
   for dtype, variant in fastest.items():
-    assert launched[dtype] == {
-      field: getattr(variant, field)
-      for field in ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
-    }
+    assert launched[dtype] == {field: getattr(variant, field) for field in LAUNCH_FIELDS}
   assert "weights resident, 1 stage(s), prefetch for bfloat16 models" in out.read_text()
 
 

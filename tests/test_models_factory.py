@@ -4,10 +4,11 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from experiments import common
 from models import factory
 from models.factory import make_model
 from models.lstm import LstmCtcModel
-from models.lstm_kernel import KernelConfig
+from models.lstm_kernel import LAUNCH_FIELDS, KernelConfig
 
 CONFIG = {"num_classes": 5, "num_layers": 2, "hidden_size": 3}
 
@@ -87,8 +88,8 @@ def test_lstm_impl_auto_follows_the_measured_dtypes_and_sizes(monkeypatch):
 
 
 def test_kernel_launch_parameters_left_unset_are_the_fastest_measured_for_the_dtype():
-  fields = ("batch_tile", "num_warps", "weights_resident", "num_stages", "prefetch")
-  unset = dict.fromkeys(fields)  # as experiments/common.py's config gives them
+  unset = common.base_config().model.kernel.to_dict()
+  assert unset == dict.fromkeys(LAUNCH_FIELDS)  # the config names every launch field, unset
   float32 = make_model(**CONFIG, backend="gpu", kernel=unset).kernel_config
   assert float32 == KernelConfig()  # its defaults are float32's fastest
   bfloat16 = make_model(**CONFIG, backend="gpu", kernel=unset, dtype="bfloat16").kernel_config

@@ -81,6 +81,8 @@ def test_kernel_matches_scan_values_and_gradients(time, batch, hidden, direction
     KernelConfig(weights_resident=True, interpret=True),
     KernelConfig(prefetch=True, interpret=True),
     KernelConfig(prefetch=True, weights_resident=True, interpret=True),
+    # sigmoid(x) = (1 + tanh(x / 2)) / 2; the GPU's tanh.approx is what the tuning table measures
+    KernelConfig(approx_activations=True, interpret=True),
   ],
 )
 @pytest.mark.parametrize("time", [1, 2, 7])
@@ -156,8 +158,9 @@ def test_kernel_on_a_mesh_matches_the_unsharded_kernel_and_the_scan(num_devices)
     KernelConfig(prefetch=True),
     KernelConfig(prefetch=True, weights_resident=True),
     KernelConfig(num_warps=4, num_stages=2),  # the interpreter ignores both: lowered only
+    KernelConfig(prefetch=True, weights_resident=True, approx_activations=True),
   ],
-  ids=["default", "resident", "prefetch", "prefetch, resident", "4 warps, 2 stages"],
+  ids=["default", "resident", "prefetch", "prefetch, resident", "4 warps, 2 stages", "approx"],
 )
 def test_every_launch_variant_lowers_to_two_triton_calls_per_pass(config):
   """What the GPU compiles: a variant the Triton lowering rejects fails here, not on a lent GPU."""
@@ -174,6 +177,12 @@ def test_every_launch_variant_lowers_to_two_triton_calls_per_pass(config):
   ]
   launches = {f"num_warps = {config.num_warps}", f"num_stages = {config.num_stages}"}
   assert set(re.findall(r"num_warps = \d+|num_stages = \d+", text)) == launches
+  # approximate activations: the hardware's tanh, libdevice's tanhf and expf gone from the kernels
+  libdevice = {"__nv_tanhf", "__nv_expf"} & set(re.findall(r"__nv_\w+", text))
+  if config.approx_activations:
+    assert "tanh.approx.f32" in text and not libdevice
+  else:
+    assert "tanh.approx" not in text and libdevice == {"__nv_tanhf", "__nv_expf"}
 
 
 def loop_loads_and_dots(config: KernelConfig) -> dict[str, str]:
