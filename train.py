@@ -1013,20 +1013,30 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
           if stop.reason:  # no more steps: compile nothing more, not even while saving
             steps.cancel_queued()
           run.save_latest(state, progress)
-      # What cut training short. A stop that comes once the schedule is done (a signal during
-      # the last validation, the time cap at the last step) finds the run over: it still scores
-      # its test split. Every process agrees: the schedule is the same on all, and a stop that
-      # ended the loop before it was done was agreed on by `stop.requested`.
+      # A stop that comes once the schedule is done (the time cap at the last step, a signal
+      # during the last validation) finds training over: `ended_by` says how it ended. A signal
+      # still skips what is left, the test split's scoring, which the same command then does.
+      # Every process agrees: the schedule is the same on all, a stop that ended the loop before
+      # it was done was agreed on by `stop.requested`, and `stop.signalled` is collective.
       done = schedule_done(config, progress, int(jax.device_get(state.step)))
       stopped_by = None if done else stop.reason
       ending = stopped_by or ended_by(config, progress)
+      late_signal = stop.signalled() if done else None
+      if late_signal and config.data.test_split:
+        stopped_by = late_signal
       if stopped_by:  # a signal or the time cap: only the compiles already running
         steps.close()
       else:
         steps.wait()
     test_scores = {} if stopped_by else evaluate_test_split(run, state.params)
-    if stop.reason and not stopped_by and jax.process_index() == 0:
-      LOG.warning("%s came after the last train step: the run had finished", stop.reason)
+    if late_signal and jax.process_index() == 0:
+      LOG.warning(
+        "%s came after the last train step: training had finished%s",
+        late_signal,
+        f"; the test split {config.data.test_split!r} is not scored, the same command scores it"
+        if stopped_by
+        else "",
+      )
   summary = _summary(run, progress, skipped) | {"ended_by": ending} | test_scores
   summary["stopped_by"] = stopped_by
   summary["global_step"] = int(jax.device_get(state.step))  # where a resume continues
@@ -1057,7 +1067,7 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         "starts the run",
         stopped_by,
       )
-    elif stopped_by:
+    elif stopped_by and not late_signal:
       LOG.warning(
         "stopped by %s at global step %d (epoch %d, step %d of the schedule), checkpointed in %s; "
         "run the same command to resume",

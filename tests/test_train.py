@@ -1067,11 +1067,11 @@ def test_the_time_cap_stops_with_a_checkpoint_and_the_same_command_continues(
   assert_resumed_like(uninterrupted[0], tmp_path)
 
 
-def test_a_signal_once_the_schedule_is_done_stops_nothing(
+def test_a_signal_once_the_schedule_is_done_skips_only_the_test_split(
   uninterrupted, tmp_path, monkeypatch, caplog
 ):
-  # SIGTERM arrives during the last epoch's validation: the run is over, as the uninterrupted
-  # one's, and scores its test split (before, it reported itself stopped and left it unscored).
+  # SIGTERM during the last epoch's validation: training is over (before, it was reported stopped
+  # at step 0 of a next epoch), the test split is left for the same command, which only scores it.
   config = tiny_config(**{"data.test_split": "test"})
   end_epoch = train.end_epoch
 
@@ -1082,12 +1082,42 @@ def test_a_signal_once_the_schedule_is_done_stops_nothing(
 
   monkeypatch.setattr(train, "end_epoch", signalled_in_the_last)
   summary = train.train_and_evaluate(config, tmp_path)
-  assert summary["stopped_by"] is None and summary["ended_by"] == "num_epochs"
+  assert summary["stopped_by"] == "SIGTERM" and summary["ended_by"] == "num_epochs"
+  assert "test_cer" not in summary
   assert summary["best_val_loss"] == pytest.approx(uninterrupted[1]["best_val_loss"], rel=1e-6)
-  assert summary["test_split"] == "test" and np.isfinite(summary["test_loss"])
-  assert "SIGTERM came after the last train step: the run had finished" in caplog.text
+  assert (
+    "SIGTERM came after the last train step: training had finished; the test split 'test' is "
+    "not scored, the same command scores it" in caplog.text
+  )
   assert "checkpointed in" not in caplog.text
-  assert json.loads((tmp_path / "summary.json").read_text())["stopped_by"] is None
+  monkeypatch.setattr(train, "end_epoch", end_epoch)
+  scored = train.train_and_evaluate(config, tmp_path)
+  assert scored["stopped_by"] is None and np.isfinite(scored["test_loss"])
+  assert scored["global_step"] == summary["global_step"] and scored["epochs"] == config.num_epochs
+
+  # Without a test split nothing is left to skip: the run is finished.
+  caplog.clear()
+  monkeypatch.setattr(train, "end_epoch", signalled_in_the_last)
+  summary = train.train_and_evaluate(tiny_config(), tmp_path / "no-test-split")
+  assert summary["stopped_by"] is None and summary["ended_by"] == "num_epochs"
+  assert "SIGTERM came after the last train step: training had finished\n" in caplog.text
+
+
+def test_the_time_cap_at_the_last_step_leaves_a_finished_run_that_scores_its_test_split(
+  uninterrupted, tmp_path, monkeypatch
+):
+  last_step = uninterrupted[1]["global_step"]
+  cut_short = train.cut_short
+
+  def capped_at_the_last_step(run, global_step, check_time_cap=True):
+    if global_step == last_step:
+      run.stop.deadline = 0.0  # passed
+    return cut_short(run, global_step, check_time_cap)
+
+  monkeypatch.setattr(train, "cut_short", capped_at_the_last_step)
+  summary = train.train_and_evaluate(tiny_config(**{"data.test_split": "test"}), tmp_path)
+  assert summary["stopped_by"] is None and summary["ended_by"] == "num_epochs"
+  assert summary["global_step"] == last_step and np.isfinite(summary["test_loss"])
 
 
 def test_a_signal_before_the_first_step_says_there_is_nothing_to_resume(

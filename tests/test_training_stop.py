@@ -13,6 +13,7 @@ def test_the_time_cap_asks_to_stop_once_it_has_passed_and_only_where_it_is_check
   time.sleep(0.6)
   assert not stop.requested(check_time_cap=False) and stop.reason is None
   assert stop.requested() and stop.reason == "max_minutes"
+  assert stop.signalled() is None  # the time cap is no signal
 
 
 def test_no_cap_never_asks_to_stop():
@@ -30,6 +31,7 @@ def test_a_signal_asks_to_stop_and_the_same_signal_again_acts_as_before():
       assert signal.getsignal(signal.SIGINT) is not sigint_before
       os.kill(os.getpid(), signal.SIGTERM)
       assert stop.requested() and stop.reason == "SIGTERM" and received == []
+      assert stop.signalled() == "SIGTERM"
       os.kill(os.getpid(), signal.SIGTERM)  # the handler from before the block: quit now
       assert received == [signal.SIGTERM]
     # The block leaves the handlers as it found them, the one whose signal never came too.

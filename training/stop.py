@@ -26,6 +26,7 @@ class StopRequest:
 
   def __init__(self, max_minutes: float = 0.0):
     self.reason: str | None = None
+    self.signal_name: str | None = None  # the signal this process received, if any
     self.deadline = time.monotonic() + 60 * max_minutes if max_minutes else math.inf
     self._previous_handlers = {}
 
@@ -48,6 +49,7 @@ class StopRequest:
     del frame
     name = signal.Signals(signum).name
     self.reason = self.reason or name
+    self.signal_name = self.signal_name or name
     signal.signal(signum, self._previous_handlers[signum])
     LOG.warning("%s: stopping at the next step boundary with a checkpoint (again: quit now)", name)
 
@@ -60,3 +62,12 @@ class StopRequest:
       anyone = multihost_utils.process_allgather(np.int32(self.reason is not None)).max()
       self.reason = self.reason or ("a stop on another process" if anyone else None)
     return self.reason is not None
+
+  def signalled(self) -> str | None:
+    """The signal this process received, "a signal on another process" where only another did,
+    None where none did: unlike `reason`, not the time cap. Collective, as `requested`."""
+    name = self.signal_name
+    if jax.process_count() > 1:
+      anyone = multihost_utils.process_allgather(np.int32(name is not None)).max()
+      name = name or ("a signal on another process" if anyone else None)
+    return name
