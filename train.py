@@ -939,8 +939,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   resuming from `workdir` when it holds a run. Training starts once the first scheduled bucket is
   compiled; the other buckets compile in the background. Returns the summary also written to
   `workdir/summary.json` (`ended_by` says why it ended: `num_epochs`, `patience`, `max_steps`,
-  `max_minutes` or a signal; `stopped_by` whether a signal or the time cap cut it short). A run
-  that an earlier start finished is not compiled or trained again: its `summary.json` is returned.
+  `max_minutes` or a signal; `stopped_by` the signal or time cap that cut it short, or the signal
+  that came once training was done and left the test split unscored). A run that an earlier start
+  finished is not compiled or trained again: its `summary.json` is returned.
   """
   workdir = workdir_path(workdir)
   stop = StopRequest(config.max_minutes)
@@ -1024,8 +1025,8 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
       late_signal = stop.signalled() if done else None
       if late_signal and config.data.test_split:
         stopped_by = late_signal
-      if stopped_by:  # a signal or the time cap: only the compiles already running
-        steps.close()
+      if stop.reason:  # a signal or the time cap: only the compiles already running (a step
+        steps.close()  # the test split needs compiles when it is looked up)
       else:
         steps.wait()
     test_scores = {} if stopped_by else evaluate_test_split(run, state.params)

@@ -47,7 +47,8 @@
 #   kernels        the LSTM and CTC kernels' launch variants (prefetch among them) against the
 #                  scan, then the step's anatomy with the fastest (3.3 minutes on an H200)
 #                                                               -> benchmark_step_gpu_kernels.md
-#   epoch          the kernels' launch variants (as `kernels`, half a minute), then one IAM-OnDB
+#   epoch          the kernels' launch variants (as `kernels`: 0.5 minutes on an H200, two variants
+#                  fewer, benchmark_step_gpu_kernels.md), then one IAM-OnDB
 #                  epoch, `optimal` K = 8 with a float32 and a bfloat16 model (the LSTM kernel,
 #                  `auto`'s for bfloat16, at the fastest launch), against PyTorch cuDNN on random
 #                  padded batches (compiles of 16 steps: perhaps 5 minutes)

@@ -54,9 +54,9 @@ class KernelConfig:
       to every frame's (registers, not Triton's shared-memory stages, which the resident weights
       leave no room for).
     approx_activations: the gates' sigmoids and tanhs each as one hardware `tanh.approx.f32`
-      (relative error about 2^-11), sigmoid(x) = (1 + tanh(x / 2)) / 2, instead of libdevice's
-      `tanhf` and an exp and an exact division per sigmoid: fewer instructions on every frame's
-      critical path (`_activations`).
+      (relative error about 2^-11; the sigmoid's, sigmoid(x) = (1 + tanh(x / 2)) / 2, about
+      2^-12 absolute), instead of libdevice's `tanhf` and an exp and an exact division per
+      sigmoid: fewer instructions on every frame's critical path (`_activations`).
     interpret: run the kernels with Pallas's interpreter (CPU tests).
   """
 

@@ -1120,6 +1120,27 @@ def test_the_time_cap_at_the_last_step_leaves_a_finished_run_that_scores_its_tes
   assert summary["global_step"] == last_step and np.isfinite(summary["test_loss"])
 
 
+@pytest.mark.parametrize("test_split", [None, "test"])
+def test_a_signal_at_the_last_of_max_steps_ends_the_run_cleanly(tmp_path, monkeypatch, test_split):
+  # The signal drops the compiles still queued (one thread, four buckets): the run, whose schedule
+  # is done, must not then wait for them (it raised CancelledError).
+  cut_short = train.cut_short
+
+  def signalled_at_the_last_step(run, global_step, check_time_cap=True):
+    if global_step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return cut_short(run, global_step, check_time_cap)
+
+  monkeypatch.setattr(train, "cut_short", signalled_at_the_last_step)
+  config = tiny_config(
+    max_steps=2, compile_threads=1, **{"bucketing.num_buckets": 4, "data.test_split": test_split}
+  )
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["ended_by"] == "max_steps" and summary["global_step"] == 2
+  assert summary["stopped_by"] == ("SIGTERM" if test_split else None)
+  assert "test_loss" not in summary
+
+
 def test_a_signal_before_the_first_step_says_there_is_nothing_to_resume(
   tmp_path, monkeypatch, caplog
 ):
