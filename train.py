@@ -770,15 +770,16 @@ def evaluate(
   eval_steps: collections.abc.Mapping[int, Any],
   mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-  """Mean CTC loss, CER and WER of a split (every process returns the same numbers)."""
+  """Mean CTC loss, CER and WER of a split (every process returns the same numbers). A batch's
+  outputs are read once the next batch is dispatched, so that the host's work (reading, decoding,
+  making the next batch) overlaps the device's."""
   batch_sharding = NamedSharding(mesh, P("data"))
   loss_sum = weight = 0.0
   references, hypotheses = [], []
-  for bucket, indices in bucketing.epoch_batches(plan, seed=0, epoch=0):
-    local = bucketing.process_slice(indices, jax.process_index(), jax.process_count())
-    outputs = jax.device_get(
-      eval_steps[bucket](params, make_batch(split, plan, bucket, local, batch_sharding))
-    )
+
+  def read(indices: np.ndarray, outputs: dict[str, jax.Array]) -> None:
+    nonlocal loss_sum, weight
+    outputs = jax.device_get(outputs)
     loss_sum += float(outputs["loss_sum"])
     weight += float(outputs["weight"])
     for position, index in enumerate(indices):
@@ -787,6 +788,16 @@ def evaluate(
       ids = outputs["decoded"][position, : outputs["decoded_lengths"][position]]
       references.append(split.texts[index])
       hypotheses.append(ALPHABET.decode(ids))
+
+  pending = None
+  for bucket, indices in bucketing.epoch_batches(plan, seed=0, epoch=0):
+    local = bucketing.process_slice(indices, jax.process_index(), jax.process_count())
+    outputs = eval_steps[bucket](params, make_batch(split, plan, bucket, local, batch_sharding))
+    if pending is not None:
+      read(*pending)
+    pending = indices, outputs
+  if pending is not None:
+    read(*pending)
   return {
     "loss": loss_sum / weight,
     "cer": metrics.cer(references, hypotheses),

@@ -4,11 +4,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from models import metrics
 from models.metrics import (
   ErrorCounts,
   cer,
   char_error_counts,
   edit_distance,
+  edit_distances,
   wer,
   word_error_counts,
 )
@@ -41,6 +43,22 @@ def test_edit_distance_matches_textbook_on_random_strings(reference, hypothesis)
 )
 def test_edit_distance_matches_textbook_on_word_lists(reference, hypothesis):
   assert edit_distance(reference, hypothesis) == textbook_edit_distance(reference, hypothesis)
+
+
+@given(
+  st.lists(
+    st.tuples(st.text(alphabet="abc ", max_size=9), st.text(alphabet="abcd", max_size=9)),
+    max_size=12,
+  )
+)
+def test_a_corpus_at_once_gives_each_pairs_distance(pairs):
+  """All pairs in one pass, their lengths mixed, taken 3 at a time so that chunks of different
+  lengths and the order they are sorted in are exercised too."""
+  references, hypotheses = [ref for ref, _ in pairs], [hyp for _, hyp in pairs]
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(metrics, "CHUNK", 3)
+    distances = edit_distances(references, hypotheses)
+  assert distances.tolist() == [textbook_edit_distance(ref, hyp) for ref, hyp in pairs]
 
 
 @pytest.mark.parametrize(
