@@ -1494,7 +1494,9 @@ def describe_implementations(config: ml_collections.ConfigDict) -> str:
   model = build_model(config)
   kernel = "the fused Pallas kernel"
   recurrence = (
-    kernel if model.lstm_implementation == "pallas" else f"lax.scan, unroll {model.unroll}"
+    f"{kernel} ({model.kernel_config.describe()})"
+    if model.lstm_implementation == "pallas"
+    else f"lax.scan, unroll {model.unroll}"
   )
   ctc_loss = kernel if build_ctc_loss(config).keywords["implementation"] == "pallas" else "optax"
   return (

@@ -296,7 +296,7 @@ def tune_kernel(
   timings = {}
 
   def measure(variant, dtype=jnp.float32):
-    name = describe(variant) + ("" if dtype == jnp.float32 else ", bfloat16 weights")
+    name = variant.describe() + ("" if dtype == jnp.float32 else ", bfloat16 weights")
     try:
       result, ms = timed(lambda p, k: lstm_recurrence_kernel(p, k, variant), dtype)
     except Exception as error:  # a variant Triton cannot compile is reported, not fatal
@@ -312,7 +312,7 @@ def tune_kernel(
   deadline = time.perf_counter() + TUNE_SECONDS
   for variant, dtype in TUNE_GRID:
     if time.perf_counter() > deadline:
-      rows.append({"variant": describe(variant), "ms": "not run", "max relative error": "time"})
+      rows.append({"variant": variant.describe(), "ms": "not run", "max relative error": "time"})
       continue
     measure(dataclasses.replace(variant, interpret=interpret), dtype)
   fastest = {}
@@ -392,15 +392,6 @@ def relative_error(result, reference) -> float:
 def first_line(error: Exception) -> str:
   text = str(error).strip()
   return text.splitlines()[0][:120] if text else repr(error)
-
-
-def describe(variant: KernelConfig) -> str:
-  resident = "resident" if variant.weights_resident else "re-read"
-  return (
-    f"tile {variant.batch_tile}, {variant.num_warps} warps, weights {resident}, "
-    f"{variant.num_stages} stage(s){', prefetch' if variant.prefetch else ''}"
-    f"{', approx. activations' if variant.approx_activations else ''}"
-  )
 
 
 def flag_variants(
@@ -640,7 +631,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
         for dtype, variant in best.items()
       }
       chosen = "the rest of this run uses the fastest: " + "; ".join(
-        f"{describe(variant)} for {dtype} models" for dtype, variant in best.items()
+        f"{variant.describe()} for {dtype} models" for dtype, variant in best.items()
       )
     sections += [
       "## The LSTM kernel's launch variants",

@@ -68,6 +68,15 @@ class KernelConfig:
   approx_activations: bool = False
   interpret: bool = False
 
+  def describe(self) -> str:
+    """The launch in words, as the tuning table and the trainer's plan print name it."""
+    return (
+      f"tile {self.batch_tile}, {self.num_warps} warps, weights "
+      f"{'resident' if self.weights_resident else 're-read'}, {self.num_stages} stage(s)"
+      f"{', prefetch' if self.prefetch else ''}"
+      f"{', approx. activations' if self.approx_activations else ''}"
+    )
+
   def __post_init__(self):
     tile = self.batch_tile
     if tile < 16 or tile & (tile - 1):

@@ -1462,6 +1462,11 @@ def test_the_run_says_which_implementations_auto_chose():
   )
   kernels = tiny_config(**KERNELS)
   assert train.describe_implementations(kernels).count("the fused Pallas kernel") == 2
+  launch = tiny_config(**KERNELS, **{"model.kernel.approx_activations": True})
+  assert (
+    "LSTM recurrence the fused Pallas kernel (tile 16, 8 warps, weights re-read, 1 stage(s), "
+    "approx. activations)" in train.describe_implementations(launch)
+  )
 
 
 def test_a_full_disk_ends_the_run_with_its_own_error_and_a_restart_continues(tmp_path, monkeypatch):
