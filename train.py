@@ -1049,8 +1049,7 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
         if stopped_by
         else "",
       )
-  summary = _summary(run, progress, skipped) | {"ended_by": ending} | test_scores
-  summary["stopped_by"] = stopped_by
+  summary = _summary(run, progress, skipped, stopped_by) | {"ended_by": ending} | test_scores
   summary["global_step"] = int(jax.device_get(state.step))  # where a resume continues
   # What measuring auto's cost model took, in this start or the one that measured it.
   summary["cost_model_measure_s"] = measured.report["measure_s"] if measured else 0.0
@@ -1842,7 +1841,7 @@ def _step_memory(run: Run) -> dict:
   }
 
 
-def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
+def _summary(run: Run, progress: Progress, skipped: list[dict], stopped_by: str | None) -> dict:
   best = progress.history[progress.best_epoch] if progress.best_epoch >= 0 else {}
   return {
     "num_buckets": run.plan.num_buckets,
@@ -1862,7 +1861,7 @@ def _summary(run: Run, progress: Progress, skipped: list[dict]) -> dict:
     "best_val_loss": best.get("val_loss"),
     "best_val_cer": best.get("val_cer"),
     "efficiency": run.plan.summary()["efficiency_with_filler"],
-    "stopped_by": run.stop.reason,
+    "stopped_by": stopped_by,
     "num_skipped_examples": len(skipped),
     "skipped_examples": skipped,
     # Lines longer than the last bound (config.bucketing.overflow "drop" or "truncate").

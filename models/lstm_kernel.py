@@ -125,14 +125,14 @@ def _gate_block(ref, t: int, gate: int) -> jax.Array:
   return ref[t, :, gate * hidden : (gate + 1) * hidden]
 
 
-def _activations(approx: bool, interpret: bool) -> tuple[Callable, Callable]:
+def _activations(config: KernelConfig) -> tuple[Callable, Callable]:
   """The kernels' (sigmoid, tanh). Pallas lowers `jnp.tanh` to libdevice's `tanhf` and a sigmoid
-  to an exp and an exact division; `approx` computes both through one tanh each, the GPU's
-  `tanh.approx.f32` (the interpreter, which has no PTX, computes the same formulas with
+  to an exp and an exact division; `approx_activations` computes both through one tanh each, the
+  GPU's `tanh.approx.f32` (the interpreter, which has no PTX, computes the same formulas with
   `jnp.tanh`)."""
-  if not approx:
+  if not config.approx_activations:
     return jax.nn.sigmoid, jnp.tanh
-  tanh = jnp.tanh if interpret else plgpu.approx_tanh
+  tanh = jnp.tanh if config.interpret else plgpu.approx_tanh
   return (lambda x: 0.5 + 0.5 * tanh(0.5 * x)), tanh
 
 
@@ -177,22 +177,20 @@ def _forward_kernel(
   gates_ref,
   previous_cell_ref,
   *,
-  weights_resident,
-  prefetch,
-  activations,
+  config: KernelConfig,
 ):
   """One (direction, batch tile): `projected_ref [time, tile, 4 * hidden]` -> hidden states
   `[time, tile, hidden]`, activated gates `[time, tile, 4 * hidden]`, previous cells."""
   time, tile, hidden = hidden_ref.shape
-  resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
-  sigmoid, tanh = activations
+  resident = _gate_weights(kernel_ref, hidden) if config.weights_resident else None
+  sigmoid, tanh = _activations(config)
 
   def read(t):
     return [functools.partial(_gate_block, projected_ref, t, gate) for gate in range(NUM_GATES)]
 
   def step(t, projection, carry):
     cell, hidden_state = carry
-    weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
+    weights = resident if config.weights_resident else _gate_weights(kernel_ref, hidden)
     recurrent_input = hidden_state.astype(kernel_ref.dtype)
     pre_activations = [
       projection(gate) + plgpu.dot(recurrent_input, weights[gate]) for gate in range(NUM_GATES)
@@ -210,7 +208,7 @@ def _forward_kernel(
     return cell, hidden_state
 
   zeros = jnp.zeros((tile, hidden), jnp.float32)
-  _time_loop(time, read, step, (zeros, zeros), reverse=False, prefetch=prefetch)
+  _time_loop(time, read, step, (zeros, zeros), reverse=False, prefetch=config.prefetch)
 
 
 def _backward_kernel(
@@ -220,15 +218,13 @@ def _backward_kernel(
   hidden_cotangent_ref,
   projected_cotangent_ref,
   *,
-  weights_resident,
-  prefetch,
-  activations,
+  config: KernelConfig,
 ):
   """One (direction, batch tile), frames in reverse: -> `[time, tile, 4 * hidden]` cotangents of
   the gate pre-activations (the input projections)."""
   time, tile, hidden = previous_cell_ref.shape
-  resident = _gate_weights(kernel_ref, hidden) if weights_resident else None
-  _, tanh = activations
+  resident = _gate_weights(kernel_ref, hidden) if config.weights_resident else None
+  _, tanh = _activations(config)
 
   def read(t):
     gates = [functools.partial(_gate_block, gates_ref, t, gate) for gate in range(NUM_GATES)]
@@ -236,7 +232,7 @@ def _backward_kernel(
 
   def step(t, load, carry):
     hidden_cotangent, cell_cotangent = carry
-    weights = resident if weights_resident else _gate_weights(kernel_ref, hidden)
+    weights = resident if config.weights_resident else _gate_weights(kernel_ref, hidden)
     input_gate, forget_gate, cell_input, output_gate = (load(gate) for gate in range(NUM_GATES))
     previous_cell = load(NUM_GATES)
     tanh_cell = tanh(forget_gate * previous_cell + input_gate * cell_input)  # as forward's
@@ -257,7 +253,7 @@ def _backward_kernel(
     return previous_hidden_cotangent, cell_cotangent * forget_gate
 
   zeros = jnp.zeros((tile, hidden), jnp.float32)
-  _time_loop(time, read, step, (zeros, zeros), reverse=True, prefetch=prefetch)
+  _time_loop(time, read, step, (zeros, zeros), reverse=True, prefetch=config.prefetch)
 
 
 def _call(kernel, inputs, outputs, config: KernelConfig, name: str):
@@ -294,23 +290,13 @@ def _forward(projected, recurrent_kernel, config: KernelConfig):
     jax.ShapeDtypeStruct((directions, time, batch, gates), jnp.float32),
     jax.ShapeDtypeStruct((directions, time, batch, hidden), jnp.float32),
   )
-  kernel = functools.partial(
-    _forward_kernel,
-    weights_resident=config.weights_resident,
-    prefetch=config.prefetch,
-    activations=_activations(config.approx_activations, config.interpret),
-  )
+  kernel = functools.partial(_forward_kernel, config=config)
   return _call(kernel, (projected, recurrent_kernel), outputs, config, "lstm_forward")
 
 
 def _backward(recurrent_kernel, gates, previous_cells, hidden_cotangents, config: KernelConfig):
   outputs = (jax.ShapeDtypeStruct(gates.shape, jnp.float32),)
-  kernel = functools.partial(
-    _backward_kernel,
-    weights_resident=config.weights_resident,
-    prefetch=config.prefetch,
-    activations=_activations(config.approx_activations, config.interpret),
-  )
+  kernel = functools.partial(_backward_kernel, config=config)
   inputs = (recurrent_kernel, gates, previous_cells, hidden_cotangents)
   return _call(kernel, inputs, outputs, config, "lstm_backward")[0]
 

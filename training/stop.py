@@ -58,16 +58,19 @@ class StopRequest:
     (a collective per call: every process calls this at the same points)."""
     if self.reason is None and check_time_cap and time.monotonic() >= self.deadline:
       self.reason = "max_minutes"
-    if jax.process_count() > 1:
-      anyone = multihost_utils.process_allgather(np.int32(self.reason is not None)).max()
-      self.reason = self.reason or ("a stop on another process" if anyone else None)
+    self.reason = _on_any_process(self.reason, "a stop on another process")
     return self.reason is not None
 
   def signalled(self) -> str | None:
     """The signal this process received, "a signal on another process" where only another did,
     None where none did: unlike `reason`, not the time cap. Collective, as `requested`."""
-    name = self.signal_name
-    if jax.process_count() > 1:
-      anyone = multihost_utils.process_allgather(np.int32(name is not None)).max()
-      name = name or ("a signal on another process" if anyone else None)
-    return name
+    return _on_any_process(self.signal_name, "a signal on another process")
+
+
+def _on_any_process(name: str | None, elsewhere: str) -> str | None:
+  """`name`, or `elsewhere` where only another process has one: every process then agrees
+  whether any has (a collective with several processes)."""
+  if jax.process_count() > 1:
+    anyone = multihost_utils.process_allgather(np.int32(name is not None)).max()
+    name = name or (elsewhere if anyone else None)
+  return name
