@@ -995,101 +995,121 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
     contextlib.closing(Checkpoints(workdir, _shape_config(config), config.seed)) as checkpoints,
     stop.on_signals(),
   ):
-    try:
-      state, progress = restore(
-        checkpoints, initial_state(config, plan, mesh), plan, config.selection_metric
-      )
-    except CheckpointMismatchError as error:  # the checkpoint says what differs, config.json why
-      raise CheckpointMismatchError(f"{error}{schedule_changes(config, workdir)}") from None
-    if not int(jax.device_get(state.step)):
-      check_fresh_start(checkpoints, workdir)
-    earlier = finished_earlier(config, workdir, progress, int(jax.device_get(state.step)))
+    state, progress = restore(config, workdir, checkpoints, initial_state(config, plan, mesh), plan)
+    global_step = int(jax.device_get(state.step))
+    earlier = finished_earlier(config, workdir, progress, global_step)
     if earlier is not None:  # nothing to compile, train or score
       return earlier
     # Only now: a start refused, or one with nothing to do, leaves the run's records as they were
     # (`--mode=evaluate` checks its config against config.json).
     if jax.process_index() == 0:
       _write_atomically(workdir / PLAN_FILE, json.dumps(plan_summary, indent=2))
-      record_config(config, workdir, resumed=bool(int(jax.device_get(state.step))))
+      record_config(config, workdir, resumed=bool(global_step))
     steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
     with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
       run = Run(
         config, mesh, train_set, eval_sets, plan, eval_plans, steps, checkpoints, logger, stop
       )
-      run.start_watching_compiles()
-      while not finished(run, progress, int(jax.device_get(state.step))):
-        state = train_one_epoch(run, state, progress)
-        if progress.step_in_epoch == plan.num_steps:
-          progress = end_epoch(run, state, progress)
-        else:  # stopped within the epoch: max_steps, a signal or the time cap
-          if stop.reason:  # no more steps: compile nothing more, not even while saving
-            steps.cancel_queued()
-          run.save_latest(state, progress)
-      # A stop that comes once the schedule is done (the time cap at the last step, a signal
-      # during the last validation) finds training over: `ended_by` says how it ended. A signal
-      # still skips what is left, the test split's scoring, which the same command then does.
-      # Every process agrees: the schedule is the same on all, a stop that ended the loop before
-      # it was done was agreed on by `stop.requested`, and `stop.signalled` is collective.
-      done = schedule_done(config, progress, int(jax.device_get(state.step)))
-      stopped_by = None if done else stop.reason
-      ending = stopped_by or ended_by(config, progress)
-      late_signal = stop.signalled() if done else None
-      if late_signal and config.data.test_split:
-        stopped_by = late_signal
+      state, progress = train_epochs(run, state, progress)
+      ending = how_training_ended(run, progress, int(jax.device_get(state.step)))
       if stop.reason:  # a signal or the time cap: only the compiles already running (a step
         steps.close()  # the test split needs compiles when it is looked up)
       else:
         steps.wait()
-    test_scores = {} if stopped_by else evaluate_test_split(run, state.params)
-    if late_signal and jax.process_index() == 0:
-      LOG.warning(
-        "%s came after the last train step: training had finished%s",
-        late_signal,
-        f"; the test split {config.data.test_split!r} is not scored, the same command scores it"
-        if stopped_by
-        else "",
-      )
-  summary = _summary(run, progress, skipped, stopped_by) | {"ended_by": ending} | test_scores
-  summary["global_step"] = int(jax.device_get(state.step))  # where a resume continues
-  # What measuring auto's cost model took, in this start or the one that measured it.
-  summary["cost_model_measure_s"] = measured.report["measure_s"] if measured else 0.0
-  summary["measured_cost_model"] = dataclasses.asdict(measured.model) if measured else None
+    test_scores = {} if ending.stopped_by else evaluate_test_split(run, state.params)
+  summary = _summary(run, state, progress, skipped, ending, measured) | test_scores
   if jax.process_index() == 0:
-    if summary["ended_by"] == "patience":
-      LOG.info(
-        "early stopping: no epoch better by %s than epoch %d (%.4g) in the %d since (patience)",
-        progress.selection_metric,
-        progress.best_epoch,
-        summary[f"best_{progress.selection_metric}"],
-        progress.epoch - 1 - progress.best_epoch,
-      )
-    if summary["ended_by"] == "max_steps":
-      LOG.info(
-        "stopped at config.max_steps=%d (epoch %d, step %d of the schedule); a larger max_steps "
-        "resumes from there",
-        config.max_steps,
-        progress.epoch,
-        progress.step_in_epoch,
-      )
-    log_compile_accounting(summary)
-    if stopped_by and not int(jax.device_get(state.step)):
-      LOG.warning(
-        "stopped by %s before the first train step: nothing to checkpoint; the same command "
-        "starts the run",
-        stopped_by,
-      )
-    elif stopped_by and not late_signal:
-      LOG.warning(
-        "stopped by %s at global step %d (epoch %d, step %d of the schedule), checkpointed in %s; "
-        "run the same command to resume",
-        stopped_by,
-        int(jax.device_get(state.step)),
-        progress.epoch,
-        progress.step_in_epoch,
-        checkpoints.directory,
-      )
+    log_ending(run, progress, summary, ending)
     _write_atomically(workdir / SUMMARY_FILE, json.dumps(_json_safe(summary), indent=2))
   return summary
+
+
+def train_epochs(run: Run, state: TrainState, progress: Progress) -> tuple[TrainState, Progress]:
+  """Trains until the run is `finished`: an epoch trained to its end is evaluated
+  (`end_epoch`), one cut short is checkpointed where it stopped."""
+  run.start_watching_compiles()
+  while not finished(run, progress, int(jax.device_get(state.step))):
+    state = train_one_epoch(run, state, progress)
+    if progress.step_in_epoch == run.plan.num_steps:
+      progress = end_epoch(run, state, progress)
+    else:  # stopped within the epoch: max_steps, a signal or the time cap
+      if run.stop.reason:  # no more steps: compile nothing more, not even while saving
+        run.steps.cancel_queued()
+      run.save_latest(state, progress)
+  return state, progress
+
+
+@dataclasses.dataclass(frozen=True)
+class Ending:
+  """How training ended. `ended_by`: `num_epochs`, `patience`, `max_steps`, or the signal or
+  time cap that cut the schedule short. `stopped_by`: the stop that left work for the same
+  command to do (the rest of the schedule, or the test split's scoring), else None.
+  `late_signal`: a signal that came once the schedule was done, else None."""
+
+  ended_by: str
+  stopped_by: str | None
+  late_signal: str | None
+
+
+def how_training_ended(run: Run, progress: Progress, global_step: int) -> Ending:
+  """A stop that comes once the schedule is done (the time cap at the last step, a signal during
+  the last validation) finds training over. A signal still skips what is left, the test split's
+  scoring, which the same command then does. Every process agrees: the schedule is the same on
+  all, a stop that ended the loop before it was done was agreed on by `stop.requested`, and
+  `stop.signalled` is collective."""
+  done = schedule_done(run.config, progress, global_step)
+  stopped_by = None if done else run.stop.reason
+  late_signal = run.stop.signalled() if done else None
+  reason = stopped_by or ended_by(run.config, progress)
+  if late_signal and run.config.data.test_split:
+    stopped_by = late_signal
+  return Ending(reason, stopped_by, late_signal)
+
+
+def log_ending(run: Run, progress: Progress, summary: dict, ending: Ending) -> None:
+  """Says how the run ended, what it compiled, and what the same command would do next."""
+  config, global_step = run.config, summary["global_step"]
+  if ending.late_signal:
+    LOG.warning(
+      "%s came after the last train step: training had finished%s",
+      ending.late_signal,
+      f"; the test split {config.data.test_split!r} is not scored, the same command scores it"
+      if ending.stopped_by
+      else "",
+    )
+  if ending.ended_by == "patience":
+    LOG.info(
+      "early stopping: no epoch better by %s than epoch %d (%.4g) in the %d since (patience)",
+      progress.selection_metric,
+      progress.best_epoch,
+      summary[f"best_{progress.selection_metric}"],
+      progress.epoch - 1 - progress.best_epoch,
+    )
+  if ending.ended_by == "max_steps":
+    LOG.info(
+      "stopped at config.max_steps=%d (epoch %d, step %d of the schedule); a larger max_steps "
+      "resumes from there",
+      config.max_steps,
+      progress.epoch,
+      progress.step_in_epoch,
+    )
+  log_compile_accounting(summary)
+  if ending.stopped_by and not global_step:
+    LOG.warning(
+      "stopped by %s before the first train step: nothing to checkpoint; the same command "
+      "starts the run",
+      ending.stopped_by,
+    )
+  elif ending.stopped_by and not ending.late_signal:
+    LOG.warning(
+      "stopped by %s at global step %d (epoch %d, step %d of the schedule), checkpointed in %s; "
+      "run the same command to resume",
+      ending.stopped_by,
+      global_step,
+      progress.epoch,
+      progress.step_in_epoch,
+      run.checkpoints.directory,
+    )
 
 
 def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
@@ -1118,17 +1138,24 @@ def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
 
 
 def restore(
+  config: ml_collections.ConfigDict,
+  workdir: pathlib.Path,
   checkpoints: Checkpoints,
   fresh: TrainState,
   plan: bucketing.BucketPlan,
-  selection_metric: str,
 ) -> tuple[TrainState, Progress]:
-  """The newest intact checkpoint's state and progress (else `fresh`), saying where it resumes.
-  A run resumes only with the selection metric it started with: its best epoch was chosen by it.
-  `checkpoints/best` is made to agree with the restored progress (`Checkpoints.align_best`)."""
-  state, progress = checkpoints.restore_latest(fresh, plan)
+  """The newest intact checkpoint's state and progress (else `fresh`, in a workdir that
+  `check_fresh_start` accepts), saying where it resumes. A run resumes only with the selection
+  metric it started with: its best epoch was chosen by it. `checkpoints/best` is made to agree
+  with the restored progress (`Checkpoints.align_best`)."""
+  try:
+    state, progress = checkpoints.restore_latest(fresh, plan)
+  except CheckpointMismatchError as error:  # the checkpoint says what differs, config.json why
+    raise CheckpointMismatchError(f"{error}{schedule_changes(config, workdir)}") from None
   global_step = int(jax.device_get(state.step))
+  selection_metric = config.selection_metric
   if not global_step:
+    check_fresh_start(checkpoints, workdir)
     progress = dataclasses.replace(progress, selection_metric=selection_metric)
   elif progress.selection_metric != selection_metric:
     raise ValueError(
@@ -1841,7 +1868,15 @@ def _step_memory(run: Run) -> dict:
   }
 
 
-def _summary(run: Run, progress: Progress, skipped: list[dict], stopped_by: str | None) -> dict:
+def _summary(
+  run: Run,
+  state: TrainState,
+  progress: Progress,
+  skipped: list[dict],
+  ending: Ending,
+  measured: MeasuredCost | None,
+) -> dict:
+  """What `train_and_evaluate` returns and writes to `summary.json`, less the test scores."""
   best = progress.history[progress.best_epoch] if progress.best_epoch >= 0 else {}
   return {
     "num_buckets": run.plan.num_buckets,
@@ -1861,12 +1896,17 @@ def _summary(run: Run, progress: Progress, skipped: list[dict], stopped_by: str 
     "best_val_loss": best.get("val_loss"),
     "best_val_cer": best.get("val_cer"),
     "efficiency": run.plan.summary()["efficiency_with_filler"],
-    "stopped_by": stopped_by,
+    "stopped_by": ending.stopped_by,
     "num_skipped_examples": len(skipped),
     "skipped_examples": skipped,
     # Lines longer than the last bound (config.bucketing.overflow "drop" or "truncate").
     "num_dropped_examples": len(run.plan.dropped),
     "num_truncated_examples": len(run.plan.truncated),
+    "ended_by": ending.ended_by,
+    "global_step": int(jax.device_get(state.step)),  # where a resume continues
+    # What measuring auto's cost model took, in this start or the one that measured it.
+    "cost_model_measure_s": measured.report["measure_s"] if measured else 0.0,
+    "measured_cost_model": dataclasses.asdict(measured.model) if measured else None,
   }
 
 
