@@ -275,10 +275,9 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> int:
     return 0
   schedule_path = candidate_dir / "schedule.json"
   if not schedule_path.is_file():
-    schedule = probe(args, base, candidate, config, candidate_dir / "probe")
-    if isinstance(schedule, int):  # stopped by a signal
-      return schedule
-    schedule_path.write_text(json.dumps(schedule, indent=2))
+    code = probe(args, base, candidate, config, candidate_dir / "probe", schedule_path)
+    if code is not None:  # stopped by a signal
+      return code
   schedule = cli_errors.read_json_object(schedule_path)
   config.num_epochs = config.patience = schedule["planned_epochs"]
   config.optimizer.learning_rate = schedule["learning_rate"]
@@ -300,9 +299,12 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> int:
   return 0
 
 
-def probe(args, base, candidate: Candidate, config, probe_dir: pathlib.Path) -> dict | int:
-  """One epoch of the candidate: the fixed cost and epoch time that plan its run (the exit code
-  instead when a signal stopped it, `paper.signal_exit_code`)."""
+def probe(
+  args, base, candidate: Candidate, config, probe_dir: pathlib.Path, schedule_path: pathlib.Path
+) -> int | None:
+  """Trains one epoch of the candidate and writes to `schedule_path` the fixed cost and epoch
+  time that plan its run; the exit code instead when a signal stopped it
+  (`paper.signal_exit_code`)."""
   import train
 
   config = config.copy_and_resolve_references()
@@ -335,7 +337,7 @@ def probe(args, base, candidate: Candidate, config, probe_dir: pathlib.Path) -> 
     f"{candidate.name}: probe {wall:.0f} s: set-up {fixed_s:.0f} s, epoch {epoch_s:.1f} s; "
     f"{epochs} epochs planned, lr {learning_rate:.3g}"
   )
-  return {
+  schedule = {
     "probe_wall_s": wall,
     "fixed_s": fixed_s,
     "epoch_s": epoch_s,
@@ -343,6 +345,8 @@ def probe(args, base, candidate: Candidate, config, probe_dir: pathlib.Path) -> 
     "sequences_per_step": sequences_per_step(run["plan"]),
     "learning_rate": learning_rate,
   }
+  schedule_path.write_text(json.dumps(schedule, indent=2))
+  return None
 
 
 def log(line: str) -> None:
