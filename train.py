@@ -1273,17 +1273,21 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
   with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
     resuming = checkpoints.latest.latest_step() is not None
   if saved is None and resuming:
-    saved = _planned_cost(workdir / PLAN_FILE)
-    if jax.process_index() == 0 and saved is not None:
-      LOG.warning("%s is missing: the resumed run plans with the copy in %s", path, PLAN_FILE)
-      _write_atomically(path, json.dumps(saved, indent=2))
-    elif jax.process_index() == 0:
-      LOG.warning(
-        "%s is missing and %s keeps no copy: measuring the cost model again; figures that plan "
-        "other buckets than the run's will have the resume refused",
-        path,
-        PLAN_FILE,
-      )
+    try:
+      saved = _read_cost_file(workdir / PLAN_FILE, within="measured_cost")
+    except ValueError as error:  # missing, damaged, or planned without a measured cost model
+      if jax.process_index() == 0:
+        LOG.warning(
+          "%s is missing, and its copy in %s cannot be used (%s): measuring the cost model "
+          "again; figures that plan other buckets than the run's will have the resume refused",
+          path,
+          PLAN_FILE,
+          error,
+        )
+    else:
+      if jax.process_index() == 0:
+        LOG.warning("%s is missing: the resumed run plans with the copy in %s", path, PLAN_FILE)
+        _write_atomically(path, json.dumps(saved, indent=2))
   same = saved is not None and saved["report"]["fitted_to"] == _cost_fingerprint(config)
   reuse = saved is not None and (resuming or same)
   if jax.process_count() > 1:  # one decision for all: the measuring steps are collective
@@ -1343,15 +1347,6 @@ RUN_CONTROL_FIELDS = (
 def flat_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """{"model.hidden_size": 128, ...}: every field, as JSON values."""
   return _json_safe(cli_errors.flat_keys(config.to_dict()))
-
-
-def _planned_cost(path: pathlib.Path) -> dict | None:
-  """The measured cost model a run planned with, as its `plan.json` keeps it (`cost_model` and
-  `report` of its `measured_cost`); None if the file is missing, damaged or keeps none."""
-  try:
-    return _read_cost_file(path, within="measured_cost")
-  except (OSError, ValueError):
-    return None
 
 
 def _read_cost_file(path: pathlib.Path, within: str | None = None) -> dict:

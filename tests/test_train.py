@@ -1399,7 +1399,9 @@ def test_measured_cost_model_times_real_compiles_of_the_planned_shapes(tmp_path,
 
 
 @pytest.mark.slow
-def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(tmp_path, monkeypatch):
+def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(
+  tmp_path, monkeypatch, caplog
+):
   first = train.train_and_evaluate(_auto_config(max_steps=3), tmp_path)  # stops mid-epoch
   saved = json.loads((tmp_path / train.COST_FILE).read_text())
   plan = json.loads((tmp_path / "plan.json").read_text())
@@ -1419,6 +1421,16 @@ def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(tmp_path, 
   assert resumed["stopped_by"] is None
   assert json.loads((tmp_path / train.COST_FILE).read_text()) == saved
   assert json.loads((tmp_path / "plan.json").read_text())["measured_cost"]["reused"]
+  # Without the file and with a damaged plan.json, it says why it measures again.
+  (tmp_path / train.COST_FILE).unlink()
+  (tmp_path / "plan.json").write_text("{")
+  remeasured = train.MeasuredCost(bucketing.CostModel(**saved["cost_model"]), saved["report"])
+  monkeypatch.setattr(train, "measure_cost_model", lambda *args: remeasured)
+  with caplog.at_level(logging.WARNING, logger="train"):
+    train.train_and_evaluate(_auto_config(**{"model.dropout_rate": 0.5}), tmp_path)
+  assert f"its copy in plan.json cannot be used ({tmp_path / 'plan.json'}: not valid JSON" in (
+    caplog.text
+  )
   # Given every figure, nothing is measured.
   given = {f"bucketing.{field}": 1e-3 for field in train.COST_FIELDS}
   summary = train.train_and_evaluate(_auto_config(**given), tmp_path / "given")
