@@ -103,8 +103,8 @@ def base_config() -> ml_collections.ConfigDict:
   # Threads compiling the steps (overlap, parallel); 0: one per CPU core. Fewer may compile faster
   # where each compile is itself parallel or times kernels on the one GPU (XLA's autotuning).
   config.compile_threads = 0
-  # Persistent compilation cache; None: $JAX_COMPILATION_CACHE_DIR or ~/.cache/bucketed-rnn/jax,
-  # "": off.
+  # Persistent compilation cache; None: $JAX_COMPILATION_CACHE_DIR, else bucketed-rnn/jax in
+  # $XDG_CACHE_HOME or ~/.cache; "": off.
   config.compilation_cache_dir = ml_collections.FieldReference(None, field_type=str)
 
   # Multi-host: jax.distributed.initialize() arguments; leave empty on one host.
