@@ -46,7 +46,7 @@ import bucketing
 import cli_errors
 import train
 from experiments import paper
-from experiments.reporting import RunRecord, markdown_table, versions, write_report
+from experiments.reporting import RunRecord, markdown_table, results_path, versions, write_report
 from handwriting import dataset as dataset_lib
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   parser.add_argument(
     "--planned-epochs", type=cli_errors.positive_int, default=50, help="run length `auto` plans"
   )
-  parser.add_argument("--out", type=pathlib.Path, default=None)
+  parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   if args.buckets and max(args.buckets) == 1:
     parser.error("--buckets: give a K above 1 (K = 1, the `none` baseline, is always measured)")
@@ -418,7 +418,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     # The 1 x 32 BLSTM that results/benchmark_cpu.md measured (paper's --quick grew to learn).
     config.model.num_layers, config.model.hidden_size = 1, 32
   backend = jax.default_backend()
-  out = args.out or RESULTS / f"benchmark_{backend}.md"
+  out = results_path(args.out, RESULTS / f"benchmark_{backend}.md")
 
   record = RunRecord("experiments.benchmark", argv, versions())
   data = train.load_split(config, config.data.train_split, limit)

@@ -27,7 +27,7 @@ import jax
 import cli_errors
 import train
 from experiments import cli
-from experiments.reporting import RunRecord, markdown_table, write_report
+from experiments.reporting import RunRecord, markdown_table, results_path, write_report
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 RUNS = ("sequential", "parallel", "overlap", "overlap, cold cache", "overlap, warm cache")
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     help="K (default: --config.bucketing.num_buckets, else 4)",
   )
   parser.add_argument("--repeats", type=cli_errors.positive_int, default=3)
-  parser.add_argument("--out", type=pathlib.Path, default=None)
+  parser.add_argument("--out", default=None)
   args, overrides = parser.parse_known_args(argv)
   unknown = [argument for argument in overrides if not argument.startswith("--config.")]
   if unknown:
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     config.bucketing.num_buckets = args.num_buckets
   elif not any(argument.startswith("--config.bucketing.num_buckets") for argument in overrides):
     config.bucketing.num_buckets = 4
-  out = args.out or RESULTS / f"benchmark_compile_{jax.default_backend()}.md"
+  out = results_path(args.out, RESULTS / f"benchmark_compile_{jax.default_backend()}.md")
 
   record = RunRecord("experiments.benchmark_compile", argv, f"jax {jax.__version__}")
   summaries = {run: [] for run in RUNS}

@@ -208,11 +208,11 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   )
   parser.add_argument("--repeats", type=cli_errors.positive_int, default=5)
   parser.add_argument("--unroll", type=cli_errors.positive_int, default=4)
-  parser.add_argument("--out", type=pathlib.Path, default=None)
+  parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   backend = jax.default_backend()
   preset = args.preset or ("gpu" if backend == "gpu" else "cpu")
-  out = args.out or RESULTS / f"benchmark_lstm_{backend}.md"
+  out = reporting.results_path(args.out, RESULTS / f"benchmark_lstm_{backend}.md")
 
   versions = f"jax {jax.__version__}, flax {flax.__version__}"
   record = reporting.RunRecord("experiments.benchmark_lstm", argv, versions)

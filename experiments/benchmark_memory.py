@@ -41,7 +41,7 @@ import bucketing
 import cli_errors
 import train
 from experiments import cli
-from experiments.reporting import RunRecord, markdown_table, versions, write_report
+from experiments.reporting import RunRecord, markdown_table, results_path, versions, write_report
 from training.compilation import StepMemory
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -179,7 +179,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
   parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--config", default="experiments/iam.py")
   parser.add_argument("--quick", action="store_true", help="fewer shapes and plans")
-  parser.add_argument("--out", type=pathlib.Path, default=None)
+  parser.add_argument("--out", default=None)
   args, overrides = parser.parse_known_args(argv)
   unknown = [argument for argument in overrides if not argument.startswith("--config.")]
   if unknown:
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   args, config_argv = parse_args(argv)
   config = cli.load_config(config_argv)
   preset = PRESETS["quick" if args.quick else "full"]
-  out = args.out or RESULTS / f"benchmark_memory_{jax.default_backend()}.md"
+  out = results_path(args.out, RESULTS / f"benchmark_memory_{jax.default_backend()}.md")
   record = RunRecord("experiments.benchmark_memory", argv, versions())
   data = train.load_split(config, config.data.train_split, config.data.train_limit)
   model = config.model

@@ -115,12 +115,11 @@ def auto_against_optimal(
   return rows
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+  argv = sys.argv[1:] if argv is None else argv
   parser = cli_errors.ArgumentParser(description=__doc__)
   parser.add_argument("--repeats", type=cli_errors.positive_int, default=5)
-  parser.add_argument(
-    "--out", type=pathlib.Path, default=RESULTS / "benchmark_optimal_bounds_cpu.md"
-  )
+  parser.add_argument("--out", default=None)
   parser.add_argument(
     "--lengths", type=pathlib.Path, help="lengths for auto against optimal (one per line, .npy)"
   )
@@ -129,9 +128,10 @@ def main() -> None:
   )
   parser.add_argument("--gamma", type=float, help="seconds per padded timestep (default: fitted)")
   parser.add_argument("--beta", type=float, help="seconds per padded token (default: fitted)")
-  args = parser.parse_args()
+  args = parser.parse_args(argv)
+  out = reporting.results_path(args.out, RESULTS / "benchmark_optimal_bounds_cpu.md")
   record = reporting.RunRecord(
-    "experiments.benchmark_optimal_bounds", sys.argv[1:], f"numpy {np.__version__}"
+    "experiments.benchmark_optimal_bounds", argv, f"numpy {np.__version__}"
   )
   fitted, cost_source = step_cost_on_the_gpu()
   given = {name: getattr(args, name) for name in ("alpha", "gamma", "beta")}
@@ -196,7 +196,7 @@ def main() -> None:
     *reporting.markdown_table(comparison, list(comparison[0])),
     "",
   ]
-  reporting.write_report(args.out, report, echo=True)
+  reporting.write_report(out, report, echo=True)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ import optax
 import cli_errors
 import train
 from experiments import benchmark, iam
-from experiments.reporting import RunRecord, markdown_table, versions, write_report
+from experiments.reporting import RunRecord, markdown_table, results_path, versions, write_report
 from handwriting import dataset as dataset_lib
 from models.ctc_kernel import ctc_loss_kernel
 from models.lstm import lstm_recurrence
@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   parser.add_argument("--step-only", action="store_true", help=argparse.SUPPRESS)
   parser.add_argument("--settings", type=json.loads, default={}, help=argparse.SUPPRESS)
   parser.add_argument("--dtype-settings", type=json.loads, default={}, help=argparse.SUPPRESS)
-  parser.add_argument("--out", type=pathlib.Path, default=None)
+  parser.add_argument("--out", default=None)
   args = parser.parse_args(argv)
   if args.step_only:
     print(json.dumps(step_only(args.preset, args.settings, args.dtype_settings, args.repeats)))
@@ -588,11 +588,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   args.epoch_dtypes = args.epoch_dtypes or ["float32"]
   if not (args.anatomy or args.tune or args.epoch or args.xla_flags):
     parser.error("--no-anatomy leaves nothing to measure without --tune, --epoch or --xla-flags")
+  backend = jax.default_backend()
+  out = results_path(args.out, RESULTS / f"benchmark_step_{backend}.md")
   epoch_data = load_epoch_data(args.preset, args.data_dir) if args.epoch else None
   preset_name = args.preset
-  backend = jax.default_backend()
-  out = args.out or RESULTS / f"benchmark_step_{backend}.md"
-  out.parent.mkdir(parents=True, exist_ok=True)  # before minutes of measuring, not after
   sections = []
   record = RunRecord("experiments.benchmark_step", argv, versions())
 

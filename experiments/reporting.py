@@ -7,6 +7,8 @@ import platform
 import shlex
 import time
 
+import cli_errors
+
 
 def machine_description() -> str:
   """CPU, core count and JAX devices (JAX is imported here, so call it only where JAX may start)."""
@@ -41,6 +43,12 @@ def write_report(path: pathlib.Path, lines: list[str], echo: bool = False) -> pa
   path.write_text(text)
   print(f"wrote {path}", flush=True)
   return path
+
+
+def results_path(out: str | None, default: pathlib.Path) -> pathlib.Path:
+  """Where a benchmark writes its report: `--out`, else `default`, checked before minutes of
+  measuring (`cli_errors.output_path`) instead of failing when the report is done."""
+  return cli_errors.output_path("--out", out or str(default), make_folder=True)
 
 
 def markdown_table(rows: list[dict[str, str]], columns) -> list[str]:

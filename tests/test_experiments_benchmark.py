@@ -1,5 +1,6 @@
 """The benchmark driver: every contender has a row, the timestep counts match the plans."""
 
+import importlib
 import pathlib
 import re
 import subprocess
@@ -111,3 +112,21 @@ def test_counts_it_cannot_use_are_refused_naming_the_flag(monkeypatch, flag, val
   monkeypatch.setattr(benchmark.paper, "make_config", never_run)
   with pytest.raises(cli_errors.UsageError, match=re.escape(message)):
     benchmark.main(["--tiny", flag, value])
+
+
+@pytest.mark.parametrize(
+  "module, argv",
+  [
+    ("benchmark", ["--tiny"]),
+    ("benchmark_compile", ["--config=experiments/synthetic.py:tiny"]),
+    ("benchmark_lstm", ["--preset", "tiny"]),
+    ("benchmark_memory", ["--config=experiments/synthetic.py:tiny", "--quick"]),
+    ("benchmark_optimal_bounds", []),
+    ("benchmark_step", ["--preset", "tiny"]),
+  ],
+)
+def test_an_out_that_names_a_folder_is_refused_before_measuring(module, argv, tmp_path):
+  # Before, each found out only when writing its report, after minutes of measuring.
+  main = importlib.import_module(f"experiments.{module}").main
+  with pytest.raises(cli_errors.UsageError, match=re.escape(f"--out {tmp_path}: names a folder")):
+    main([*argv, "--out", str(tmp_path)])
