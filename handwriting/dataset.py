@@ -178,10 +178,33 @@ def read_export_metadata(path: str | os.PathLike) -> dict:
 
 
 def iam_ondb_builder(data_dir: str | os.PathLike | None = None):
-  """The TFDS builder of `iam_ondb` at `data_dir` (imports TFDS, so only when needed)."""
+  """The TFDS builder of `iam_ondb` at `data_dir` (imports TFDS, so only when needed). A build
+  there whose `dataset_info.json` is damaged is an error naming its folder."""
+  from google.protobuf import json_format  # TFDS's dataset_info.json parser
+
   from handwriting.builder import IamOndb  # Imported here so that .npz users need no TFDS.
 
-  return IamOndb(data_dir=os.fspath(user_path(data_dir) or default_data_dir()))
+  root = user_path(data_dir) or default_data_dir()
+  try:
+    return IamOndb(data_dir=os.fspath(root))
+  except (ValueError, json_format.Error) as error:  # JSONDecodeError is a ValueError
+    folder = root / IamOndb.name / str(IamOndb.VERSION)
+    raise ValueError(
+      f"{folder}: this TFDS build's dataset_info.json cannot be read ({error}); delete the folder "
+      "and build it again"
+    ) from None
+
+
+def build_metadata(builder) -> dict:
+  """What the build recorded (`manual_dir`, `built_at`, the lines it skipped); a damaged
+  `metadata.json`, which TFDS reads only now, is an error naming its folder."""
+  try:
+    return dict(builder.info.metadata)
+  except ValueError as error:  # JSONDecodeError
+    raise ValueError(
+      f"{builder.data_dir}: this TFDS build's metadata.json cannot be read ({error}); delete the "
+      "folder and build it again"
+    ) from None
 
 
 def _is_prepared(builder) -> bool:
@@ -209,7 +232,7 @@ def build_iam_ondb(
   manual_dir = user_path(manual_dir)
   iam_ondb.check_manual_dir(manual_dir)  # Our message names what is missing; TFDS's does not.
   builder = iam_ondb_builder(data_dir)
-  built_from = builder.info.metadata.get("manual_dir") if _is_prepared(builder) else None
+  built_from = build_metadata(builder).get("manual_dir") if _is_prepared(builder) else None
   if built_from is not None and os.path.realpath(built_from) != os.path.realpath(manual_dir):
     # TFDS would keep the build there: a download fixed or moved would not be read again.
     raise ValueError(
@@ -223,7 +246,7 @@ def build_iam_ondb(
     )
   if export:
     examples = {split: _read_tfds(builder, split) for split in SPLITS}
-    write_export(export_path("iam_ondb", data_dir), examples, dict(builder.info.metadata))
+    write_export(export_path("iam_ondb", data_dir), examples, build_metadata(builder))
   return builder
 
 
@@ -324,7 +347,7 @@ def data_source(
   builder = iam_ondb_builder(data_dir)
   if _is_prepared(builder):
     path = pathlib.Path(builder.data_dir)
-    return DataSource("tfds", path, _origin(dict(builder.info.metadata)), default_location)
+    return DataSource("tfds", path, _origin(build_metadata(builder)), default_location)
   if manual_dir is None:
     raise FileNotFoundError(
       f"IAM-OnDB is not built in {builder.data_dir} and there is no export {export}; point "
@@ -561,4 +584,4 @@ def skipped_examples(dataset: str, data_dir: str | os.PathLike | None = None) ->
   path = user_path(dataset) if dataset.endswith(".npz") else export_path(dataset, data_dir)
   if path.is_file():
     return read_export_metadata(path).get("skipped", [])
-  return list(iam_ondb_builder(data_dir).info.metadata.get("skipped", []))
+  return list(build_metadata(iam_ondb_builder(data_dir)).get("skipped", []))

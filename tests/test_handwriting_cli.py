@@ -40,17 +40,29 @@ def test_build_then_stats_json(built, capsys):
   assert stats["skipped"] == []
 
 
-def test_a_damaged_tfds_build_is_one_line_naming_it(built, tmp_path, capsys):
+@pytest.mark.parametrize(
+  "damaged, message",
+  [
+    (
+      "iam_ondb-validation.array_record-*",
+      "the validation split of this TFDS build cannot be read",
+    ),
+    # Before, a traceback (protobuf's ParseError) and a JSON error that named no file.
+    ("dataset_info.json", "this TFDS build's dataset_info.json cannot be read"),
+    ("metadata.json", "this TFDS build's metadata.json cannot be read"),
+  ],
+)
+def test_a_damaged_tfds_build_is_one_line_naming_it(built, tmp_path, capsys, damaged, message):
   data_dir = tmp_path / "data"
   shutil.copytree(built, data_dir)
   (data_dir / "iam_ondb.npz").unlink()  # read the TFDS build itself
-  (records,) = data_dir.glob("iam_ondb/*/iam_ondb-validation.array_record-*")
-  records.write_bytes(records.read_bytes()[: records.stat().st_size // 2])
+  (path,) = data_dir.glob(f"iam_ondb/*/{damaged}")
+  path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
   argv = ["stats", "--dataset", "iam_ondb", "--data_dir", str(data_dir)]
   assert cli_errors.run(lambda: main(argv)) == cli_errors.USAGE_EXIT_CODE
   error = capsys.readouterr().err
-  assert error.startswith(f"error: {data_dir}/iam_ondb/") and error.count("\n") == 1
-  assert "the validation split of this TFDS build cannot be read" in error
+  assert error.startswith(f"error: {data_dir}/iam_ondb/1.0.0: ") and error.count("\n") == 1
+  assert message in error
 
 
 def test_stats_plot_and_render(built, tmp_path, capsys):
