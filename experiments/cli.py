@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from cli_errors import UsageError, flat_keys, one_line, read_json_object
+from experiments import common
 
 _HINT = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
 
@@ -137,11 +138,20 @@ def config_value(flag: flags.Flag) -> ml_collections.ConfigDict:
   a missing `return`), which config_flags accepts and the program would trip over later."""
   if not flag.present:
     raise UsageError(f"--{flag.name} is required, e.g. --{flag.name}=experiments/synthetic.py")
+  where = f"--{flag.name}={config_flags.get_config_filename(flag)}"
   if not isinstance(flag.value, ml_collections.ConfigDict):
     returned = "None" if flag.value is None else f"a {type(flag.value).__name__}"
+    raise UsageError(f"{where}: get_config() returned {returned}, not an ml_collections.ConfigDict")
+  # A config built from scratch would end in an AttributeError wherever the trainer first reads a
+  # field it lacks.
+  missing = sorted(
+    flat_keys(common.base_config().to_dict()).keys() - flat_keys(flag.value.to_dict())
+  )
+  if missing:
     raise UsageError(
-      f"--{flag.name}={config_flags.get_config_filename(flag)}: get_config() returned "
-      f"{returned}, not an ml_collections.ConfigDict"
+      f"{where}: get_config() lacks {len(missing)} of the trainer's fields "
+      f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); build it on "
+      "experiments.common.base_config()"
     )
   return flag.value
 

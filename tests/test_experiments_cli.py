@@ -47,6 +47,11 @@ def test_config_flag_mistakes_are_one_line_naming_the_flag(overrides, message):
     ("def get_config():\n  return {'seed': 0}\n", "get_config() returned a dict, not an"),
     ("def get_config():\n  pass\n", "get_config() returned None, not an"),
     ("seed = 0\n", "defines no get_config()"),
+    # Before, an AttributeError traceback where the trainer first read a missing field.
+    (
+      "import ml_collections as mlc\n\ndef get_config():\n  return mlc.ConfigDict({'seed': 0})\n",
+      "get_config() lacks",
+    ),
   ],
 )
 def test_a_config_file_without_a_config_dict_is_named(tmp_path, monkeypatch, source, message):
