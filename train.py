@@ -107,8 +107,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     bucket_config.upper_bounds,
     ("config.bucketing.strategy", "config.bucketing.upper_bounds"),
   )
-  if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
-    raise ValueError(f"config.seed must be an integer in [0, 2**32), got {config.seed!r}")
+  for field in ("seed", "data.synthetic.seed"):  # seeds as JAX and numpy take them: 32 bits
+    value = functools.reduce(getattr, field.split("."), config)
+    if not isinstance(value, int) or not 0 <= value < 2**32:
+      raise ValueError(f"config.{field} must be an integer in [0, 2**32), got {value!r}")
   # Counts where 0 means "none" or "all" (see experiments/common.py), and those that must be 1+.
   for field, least in (
     ("bucketing.batch_size", 0),
@@ -1558,10 +1560,12 @@ def finished_earlier(
     return None
   summary = None
   if jax.process_index() == 0:
+    path = workdir / SUMMARY_FILE
     try:
-      summary = cli_errors.read_json_object(workdir / SUMMARY_FILE)
-    except ValueError:  # none, or damaged: this start writes it
-      summary = None
+      summary = cli_errors.read_json_object(path)
+    except ValueError as error:  # none, or damaged: this start writes it
+      if path.exists():
+        LOG.warning("%s; this start compiles and writes it again", error)
     split = config.data.test_split
     if not (
       summary is not None

@@ -209,12 +209,20 @@ def test_starting_a_finished_run_with_another_config_leaves_its_records(uninterr
   train.load_params(tiny_config(), copy)
 
 
-def test_a_finished_run_without_its_summary_writes_it_again(uninterrupted, tmp_path):
+@pytest.mark.parametrize("damaged", [False, True])
+def test_a_finished_run_without_its_summary_writes_it_again(
+  uninterrupted, tmp_path, caplog, damaged
+):
   workdir, summary = uninterrupted
   copy = tmp_path / "run"
   shutil.copytree(workdir, copy)
-  (copy / "summary.json").unlink()  # as if the start that finished was killed before writing it
-  again = train.train_and_evaluate(tiny_config(), copy)
+  if damaged:  # before, replaced without a word
+    (copy / "summary.json").write_text("{")
+  else:  # as if the start that finished was killed before writing it
+    (copy / "summary.json").unlink()
+  with caplog.at_level(logging.WARNING, logger="train"):
+    again = train.train_and_evaluate(tiny_config(), copy)
+  assert (f"{copy / 'summary.json'}: not valid JSON" in caplog.text) == damaged
   assert json.loads((copy / "summary.json").read_text()) == again
   assert again["global_step"] == summary["global_step"] and again["train_compiles"] > 0
   assert read_rows(copy) == read_rows(workdir)
@@ -505,6 +513,7 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"bucketing.round_to": 0}, r"config.bucketing.round_to must be >= 1, got 0"),
     ({"seed": -1}, r"config.seed must be an integer in \[0, 2\*\*32\), got -1"),
     ({"seed": 2**70}, r"config.seed must be an integer in"),
+    ({"data.synthetic.seed": -1}, r"config.data.synthetic.seed must be an integer in .* got -1"),
     ({"data.features.resample_spacing": 0.0}, r"config.data.features: resample_spacing"),
     ({"bucketing.alpha": -1.0}, r"config.bucketing: cost model alpha must be a finite number"),
     ({"bucketing.kappa": float("nan")}, r"config.bucketing: cost model kappa .* got nan"),
