@@ -4,9 +4,11 @@ Bad input ends with one line naming the file (and line) and exit code 2; `BUCKET
 shows the traceback.
 """
 
+import argparse
 import json
 import pathlib
 import sys
+from collections.abc import Callable
 
 import numpy as np
 
@@ -38,8 +40,14 @@ def read_lengths(path: pathlib.Path) -> np.ndarray:
     if values.size and not np.issubdtype(values.dtype, np.integer):
       raise ValueError(f"{path}: expected integer lengths, got dtype {values.dtype}")
   else:
+    try:
+      text = path.read_text()
+    except UnicodeDecodeError as error:
+      raise ValueError(
+        f"{path}: not a text file of lengths ({error}); a numpy array file needs the .npy suffix"
+      ) from None
     values = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
       if not line.strip():
         continue
       try:
@@ -48,6 +56,11 @@ def read_lengths(path: pathlib.Path) -> np.ndarray:
         raise ValueError(f"{path}:{number}: {line.strip()!r} is not an integer length") from None
       if value < 1:
         raise ValueError(f"{path}:{number}: {value} is not a positive length")
+      if value > boundaries.MAX_LENGTH:  # here, named by its line, before int64 cannot hold it
+        raise ValueError(
+          f"{path}:{number}: {value} is longer than the longest length allowed, "
+          f"{boundaries.MAX_LENGTH:,}"
+        )
       values.append(value)
     values = np.array(values, np.int64)
   if values.size == 0:
@@ -56,6 +69,30 @@ def read_lengths(path: pathlib.Path) -> np.ndarray:
     return boundaries.validate_lengths(values)
   except ValueError as error:
     raise ValueError(f"{path}: {error}") from None
+
+
+def count_up_to(largest: int) -> Callable[[str], int]:
+  """An argparse type for a count of 1..`largest`: a larger one would wrap the plan's int64 sums
+  (or not fit int64 at all), so it is named with its flag."""
+
+  def count(text: str) -> int:
+    value = cli_errors.positive_int(text)
+    if value > largest:
+      raise argparse.ArgumentTypeError(f"must be <= {largest:,}, got {value}")
+    return value
+
+  return count
+
+
+def check_rounding(lengths: np.ndarray, round_to: int, path: pathlib.Path) -> None:
+  """The longest length rounded up to `round_to` is a bound, so it must be a length too."""
+  longest = int(lengths.max())
+  rounded = -(-longest // round_to) * round_to
+  if rounded > boundaries.MAX_LENGTH:
+    raise ValueError(
+      f"--round-to {round_to}: rounds the longest length of {path}, {longest:,}, up to "
+      f"{rounded:,}, longer than the longest length allowed, {boundaries.MAX_LENGTH:,}"
+    )
 
 
 def plot_plan(plan: BucketPlan, path: pathlib.Path) -> None:
@@ -100,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
   )
   plan.add_argument("--strategy", choices=boundaries.STRATEGIES, default="optimal")
   count = cli_errors.positive_int
+  # Bounds and devices multiply the plan's sums; a batch size or token budget only caps a batch.
+  length_count = count_up_to(boundaries.MAX_LENGTH)
+  int64_count = count_up_to(int(np.iinfo(np.int64).max))
   plan.add_argument(
     "--num-buckets", type=count, default=8, help="K (the largest K for auto): %(default)s"
   )
@@ -107,14 +147,16 @@ def main(argv: list[str] | None = None) -> int:
     "--bounds", type=cli_errors.int_list, help="comma-separated upper bounds, for --strategy fixed"
   )
   sizing = plan.add_mutually_exclusive_group()
-  sizing.add_argument("--batch-size", type=count, help="sequences per global batch: 32 by default")
-  sizing.add_argument("--max-tokens", type=count, help="padded-token budget per global batch")
+  sizing.add_argument(
+    "--batch-size", type=int64_count, help="sequences per global batch: 32 by default"
+  )
+  sizing.add_argument("--max-tokens", type=int64_count, help="padded-token budget per global batch")
   plan.add_argument(
-    "--devices", type=count, default=1, help="batch sizes are multiples of this: %(default)s"
+    "--devices", type=length_count, default=1, help="batch sizes are multiples of this: %(default)s"
   )
   plan.add_argument(
     "--round-to",
-    type=count,
+    type=length_count,
     default=1,
     help="bounds are multiples of this: %(default)s (the trainer's: 8)",
   )
@@ -147,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
   cost_model = cost.CostModel(**given)
   plot = cli_errors.figure_file("--plot", args.plot) if args.plot is not None else None
   lengths = read_lengths(args.lengths)
+  check_rounding(lengths, args.round_to, args.lengths)
   result = make_plan(
     lengths,
     strategy=args.strategy,

@@ -21,9 +21,18 @@ import numpy as np
 
 STRATEGIES = ("none", "uniform", "quantile", "fixed", "optimal", "auto")
 
+# The longest sequence, and the largest fixed bound, a plan takes: int32's largest, the dtype of
+# the trainer's lengths, so no real length is refused. It keeps the planner's int64 sums exact:
+# a bound is at most this rounded up to `round_to` (no more than this either), so below 2**32;
+# padded timesteps and token budgets are bounds times rows (the sequences, plus under a batch of
+# filler rows a bucket), so they reach 2**63 only past 2**31 rows: a billion sequences, or buckets
+# times devices past that.
+MAX_LENGTH = 2**31 - 1
+
 
 def validate_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
-  """Returns `lengths` as a 1-D int64 array; raises ValueError unless all are positive integers."""
+  """Returns `lengths` as a 1-D int64 array; raises ValueError unless all are integers in
+  1..`MAX_LENGTH` (checked before the cast, which would wrap a larger one silently)."""
   array = np.asarray(lengths)
   if array.ndim != 1 or array.size == 0:
     raise ValueError(f"lengths must be a non-empty 1-D sequence, got shape {array.shape}")
@@ -33,11 +42,11 @@ def validate_lengths(lengths: Sequence[int] | np.ndarray) -> np.ndarray:
     if np.any(array != np.round(array)):
       bad = int(np.flatnonzero(array != np.round(array))[0])
       raise ValueError(f"lengths must be integers, got {array[bad]} at index {bad}")
-  array = array.astype(np.int64)
-  if np.any(array < 1):
-    bad = int(np.flatnonzero(array < 1)[0])
-    raise ValueError(f"lengths must be positive, got {array[bad]} at index {bad}")
-  return array
+  for wrong, must in [(array < 1, "positive"), (array > MAX_LENGTH, f"at most {MAX_LENGTH:,}")]:
+    if np.any(wrong):
+      bad = int(np.flatnonzero(wrong)[0])
+      raise ValueError(f"lengths must be {must}, got {array[bad]} at index {bad}")
+  return array.astype(np.int64)
 
 
 def round_up(values: np.ndarray, multiple: int) -> np.ndarray:
@@ -93,6 +102,8 @@ def fixed_bounds(upper_bounds: Sequence[int]) -> np.ndarray:
     raise ValueError(f"fixed bounds must be integers, got {upper_bounds!r}")
   if np.any(bounds < 1) or np.any(np.diff(bounds) <= 0):
     raise ValueError(f"fixed bounds must be positive and strictly increasing, got {upper_bounds!r}")
+  if np.any(bounds > MAX_LENGTH):
+    raise ValueError(f"fixed bounds must be at most {MAX_LENGTH:,}, got {upper_bounds!r}")
   return bounds.astype(np.int64)
 
 

@@ -126,7 +126,7 @@ def test_rounded_lengths_give_the_exact_optimum_among_multiples(lengths, num_buc
 
 def test_fixed_bounds_are_validated():
   np.testing.assert_array_equal(boundaries.fixed_bounds([8, 16, 32]), [8, 16, 32])
-  for bad in ([], [16, 8], [8, 8], [0, 4], [1.5, 3]):
+  for bad in ([], [16, 8], [8, 8], [0, 4], [1.5, 3], [8, boundaries.MAX_LENGTH + 1]):
     with pytest.raises(ValueError, match="fixed bounds"):
       boundaries.fixed_bounds(bad)
 
@@ -139,11 +139,21 @@ def test_fixed_bounds_are_validated():
     ([3, -2], "positive"),
     ([1.5], "integers"),
     ([[1, 2]], "1-D"),
+    # Past MAX_LENGTH, the checks come before the int64 cast would wrap them negative.
+    ([3, 2**31], "at most 2,147,483,647, got 2147483648 at index 1"),
+    (np.array([1, 2**63 + 5], np.uint64), "at most 2,147,483,647, got 9223372036854775813"),
+    ([1.0, 1e19], "at most 2,147,483,647, got 1e\\+19 at index 1"),
   ],
 )
 def test_bad_lengths_are_rejected(lengths, message):
   with pytest.raises(ValueError, match=message):
     boundaries.validate_lengths(lengths)
+
+
+def test_the_longest_allowed_length_is_taken():
+  longest = np.array([1, boundaries.MAX_LENGTH], np.int32)
+  np.testing.assert_array_equal(boundaries.validate_lengths(longest), longest)
+  assert boundaries.validate_lengths(longest).dtype == np.int64
 
 
 @pytest.mark.parametrize("num_buckets", [0, -1, 2.5])

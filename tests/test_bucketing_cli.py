@@ -98,6 +98,11 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     (None, [], "no such file"),
     ("12\nabc\n", [], ":2: 'abc' is not an integer"),
     ("12\n\n0\n", [], ":3: 0 is not a positive length"),
+    (
+      "3\n" + "9" * 23,
+      [],
+      f":2: {'9' * 23} is longer than the longest length allowed, 2,147,483,647",
+    ),
     ("", [], "holds no lengths"),
     ("12\n", ["--lengths-as-npy"], "not a numpy array file (.npy) of integer lengths"),
     ("12\n", ["--num-buckets", "0"], "--num-buckets: must be >= 1, got 0"),
@@ -105,6 +110,12 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     ("12\n", ["--max-tokens", "0"], "--max-tokens: must be >= 1, got 0"),
     ("12\n", ["--devices", "-2"], "--devices: must be >= 1, got -2"),
     ("12\n", ["--round-to", "0"], "--round-to: must be >= 1, got 0"),
+    ("12\n", ["--round-to", str(2**31)], "--round-to: must be <= 2,147,483,647, got 2147483648"),
+    ("12\n", ["--devices", str(2**62)], "--devices: must be <= 2,147,483,647, got 4611686018"),
+    ("12\n", ["--batch-size", str(2**63)], "--batch-size: must be <= 9,223,372,036,854,775,807"),
+    ("12\n", ["--max-tokens", str(2**70)], "--max-tokens: must be <= 9,223,372,036,854,775,807"),
+    (f"{2**31 - 1}\n", ["--round-to", "8"], "--round-to 8: rounds the longest length of"),
+    ("12\n", ["--strategy", "fixed", "--bounds", f"12,{2**62}"], "bounds must be at most 2,147,"),
     ("12\n", ["--strategy", "auto", "--epochs", "nan"], "--epochs: must be a finite number > 0"),
     ("12\n", ["--epochs", "-1"], "--epochs: must be a finite number > 0, got '-1'"),
     ("12\n", ["--epochs", "x"], "--epochs: 'x' is not a number"),
@@ -151,6 +162,45 @@ def test_a_bad_plot_path_is_named_with_its_flag_before_planning(
   err = capsys.readouterr().err
   assert err.startswith(f"error: {message.format(tmp=tmp_path)}") and len(err.splitlines()) == 1
   assert sorted(path.name for path in tmp_path.iterdir()) == ["file.txt", "folder"]
+
+
+def test_a_lengths_file_that_is_not_text_is_named(tmp_path, capsys, monkeypatch):
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  path = tmp_path / "lengths.bin"
+  path.write_bytes(b"\xff\xfe1\x002\x00")  # UTF-16, say
+  assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path)])) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {path}: not a text file of lengths ('utf-8' codec can't decode")
+  assert err.endswith("; a numpy array file needs the .npy suffix\n") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+  ("lengths", "shown"),
+  [(np.array([1, 2**62]), "4611686018427387904"), (np.array([1, 2**63 + 5], np.uint64), "92233")],
+)
+def test_npy_lengths_past_the_longest_allowed_are_refused(
+  tmp_path, capsys, monkeypatch, lengths, shown
+):
+  # [1, 2**62] once planned as padded timesteps -2**63 and efficiency -50%; uint64 wrapped.
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  path = tmp_path / "lengths.npy"
+  np.save(path, lengths)
+  assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path)])) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"error: {path}: lengths must be at most 2,147,483,647, got {shown}")
+  assert err.endswith(" at index 1\n")
+
+
+def test_the_longest_allowed_length_plans_with_exact_sums(tmp_path, capsys):
+  longest = boundaries.MAX_LENGTH
+  path = tmp_path / "lengths.npy"
+  np.save(path, np.array([1, longest]))
+  summary = run_json(capsys, "--lengths", path, "--devices", 8, "--max-tokens", 2**62)
+  assert summary["upper_bounds"] == [1, longest] and summary["batch_sizes"] == [8, 8]
+  assert summary["real_timesteps"] == summary["padded_timesteps"] == 1 + longest
+  assert summary["padded_timesteps_with_filler"] == 8 * (1 + longest)
+  assert summary["tokens_per_step"] == [8, 8 * longest]
+  assert summary["ideal_speedup"] == longest / (1 + longest)  # baseline: 8 rows at longest
 
 
 def test_a_plot_name_without_suffix_gets_png_and_says_so(lengths_file, tmp_path, capsys):
