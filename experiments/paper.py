@@ -743,17 +743,24 @@ def available_devices() -> int:
 # Collecting the runs into the table and plots.
 
 
-def read_run(run_dir: pathlib.Path) -> dict:
-  """A finished run's summary, plan and per-epoch metrics, as the trainer wrote them; a damaged
-  or missing file is an error naming it."""
-  summary = cli_errors.read_json_object(run_dir / "summary.json")
-  plan = cli_errors.read_json_object(run_dir / "plan.json")
-  return {"summary": summary, "plan": plan, "history": read_metrics(run_dir / "metrics.jsonl")}
+def read_run(
+  run_dir: pathlib.Path,
+  summary_keys: tuple[str, ...] = (),
+  plan_keys: tuple[str, ...] = (),
+  epoch_numbers: tuple[str, ...] = (),
+) -> dict:
+  """A finished run's summary, plan and per-epoch metrics, as the trainer wrote them, with the
+  fields the caller reads (`epoch_numbers`: numbers in every epoch's row); a damaged or missing
+  file, or one without them, is an error naming it, not a KeyError where they are used."""
+  summary = cli_errors.read_json_object(run_dir / "summary.json", summary_keys)
+  plan = cli_errors.read_json_object(run_dir / "plan.json", plan_keys)
+  history = read_metrics(run_dir / "metrics.jsonl", epoch_numbers)
+  return {"summary": summary, "plan": plan, "history": history}
 
 
-def read_metrics(path: pathlib.Path) -> list[dict]:
-  """The rows of a run's `metrics.jsonl`, one per epoch; a row that is not a JSON object is an
-  error naming the file and line."""
+def read_metrics(path: pathlib.Path, numbers: tuple[str, ...] = ()) -> list[dict]:
+  """The rows of a run's `metrics.jsonl`, one per epoch; a row that is not a JSON object, or
+  lacks one of the `numbers`, is an error naming the file and line."""
   rows = []
   for number, line in enumerate(path.read_text().splitlines(), 1):
     try:
@@ -762,8 +769,64 @@ def read_metrics(path: pathlib.Path) -> list[dict]:
       raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
     if not isinstance(row, dict):
       raise ValueError(f"{path}, line {number}: not a JSON object, so not an epoch's metrics")
-    rows.append(row)
+    rows.append(check_numbers(f"{path}, line {number}", row, numbers))
   return rows
+
+
+def is_number(value: object, kind: type | tuple[type, ...] = (int, float)) -> bool:
+  """Whether `value`, read from JSON, is a `kind` of number (JSON's true and false are not)."""
+  return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def check_numbers(
+  where: str | pathlib.Path,
+  record: dict,
+  keys: tuple[str, ...],
+  kind: type | tuple[type, ...] = (int, float),
+) -> dict:
+  """`record` if each of its `keys` holds a `kind` of number (`is_number`); else a ValueError
+  naming `where` (its file) and the keys, not a TypeError where a number is computed with."""
+  what = "an integer" if kind is int else "a number"
+  wrong = [
+    f"{key} is {json.dumps(record[key])}, not {what}" if key in record else f"no {key}"
+    for key in keys
+    if not is_number(record.get(key), kind)
+  ]
+  if wrong:
+    raise ValueError(f"{where}: {'; '.join(wrong)}")
+  return record
+
+
+# What the table reads of a finished run: numbers it computes with, and fields it shows as they
+# are (train.py writes them all).
+SUMMARY_NUMBERS = (
+  "best_val_loss",
+  "best_val_cer",
+  "compile_wall_s",
+  "efficiency",
+  "time_to_first_step_s",
+)
+SUMMARY_KEYS = ("best_epoch", *SUMMARY_NUMBERS, "num_buckets", "upper_bounds", "epochs")
+PLAN_NUMBERS = ("num_examples", "padded_timesteps_with_filler")
+EPOCH_NUMBERS = ("epoch", "epoch_time_s", "val_loss")
+
+
+def read_table_run(run_dir: pathlib.Path, strategy: str) -> dict:
+  """A finished run (`read_run`) with what its row, the plots and the report read, numbers where
+  they compute, and a `best_epoch` that is one of its epochs (its row sums the epochs up to it);
+  else a one-line error naming the file."""
+  plan_keys = (*PLAN_NUMBERS, "cost_model") if strategy == "auto" else PLAN_NUMBERS
+  run = read_run(run_dir, SUMMARY_KEYS, plan_keys, EPOCH_NUMBERS)
+  summary_path = run_dir / "summary.json"
+  check_numbers(summary_path, run["summary"], SUMMARY_NUMBERS)
+  check_numbers(run_dir / "plan.json", run["plan"], PLAN_NUMBERS)
+  best, epochs = run["summary"]["best_epoch"], len(run["history"])
+  if not (is_number(best, int) and 0 <= best < epochs):
+    raise ValueError(
+      f"{summary_path}: best_epoch {json.dumps(best)} is not one of the {epochs} epoch(s) of "
+      "metrics.jsonl"
+    )
+  return run
 
 
 def auto_cost_text(runs: dict) -> str:
@@ -849,7 +912,7 @@ def collect(
     for strategy, num_buckets in wanted:
       run_dir = workdir / run_name(devices, strategy, num_buckets)
       if finished_run(run_dir):
-        runs[devices, strategy, num_buckets] = read_run(run_dir)
+        runs[devices, strategy, num_buckets] = read_table_run(run_dir, strategy)
       else:
         unfinished.append(run_name(devices, strategy, num_buckets))
     if (devices, "none", 1) not in runs:
@@ -927,19 +990,15 @@ def write_report(
   seconds: float,
   budget: dict | None = None,
 ) -> pathlib.Path:
-  """Writes the `.md`, `.csv` and PNGs next to `args.out`; returns the Markdown path."""
+  """Writes the `.md`, `.csv` and PNGs next to `args.out`, once every file they come from has
+  been read: a damaged one leaves no report half written; returns the Markdown path."""
   rows, runs, unfinished = collect(args, device_counts, budget)
   prefix = pathlib.Path(args.out) if args.out else pathlib.Path(args.workdir) / "paper_table"
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  with open(f"{prefix}.csv", "w", newline="") as file:
-    writer = csv.DictWriter(file, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  plot(runs, rows, prefix)
-
   config = args_config(args)
-  machine = json.loads(
-    (pathlib.Path(args.workdir) / f"devices{device_counts[0]}" / "machine.json").read_text()
+  machine = cli_errors.read_json_object(
+    pathlib.Path(args.workdir) / f"devices{device_counts[0]}" / "machine.json",
+    ("machine", "jax"),
+    "the record a worker of experiments.paper writes there",
   )
   baseline = runs[device_counts[0], "none", 1]
   model = config.model
@@ -977,6 +1036,12 @@ def write_report(
     f"![epoch time and speed-up against K]({prefix.name}_speedup.png)",
     "",
   ]
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{prefix}.csv", "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  plot(runs, rows, prefix)
   path = pathlib.Path(f"{prefix}.md")
   path.write_text("\n".join(report))
   return path

@@ -150,8 +150,19 @@ class Candidate:
     return "; ".join(part for part in (text, rule) if part) or "none (the preset)"
 
 
+def check_folder_name(name: str, flag: str) -> None:
+  """Refuses a candidate name that is not a plain folder name (letters, digits and `_.+-`, not
+  `.` or `..`): its files go in `<workdir>/<name>/`, which must stay inside the workdir."""
+  if name in (".", "..") or not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
+    raise cli_errors.UsageError(
+      f"{flag}: candidate name {name!r} is not a folder name; use letters, digits and _.+- "
+      "(not . or .. alone)"
+    )
+
+
 def named_candidate(name: str) -> Candidate:
   """A candidate by name: one of `FIXED_CANDIDATES`, or `<family>_<value>` of `FAMILIES`."""
+  check_folder_name(name, "--candidates")
   if name in FIXED_CANDIDATES:
     return Candidate(name, FIXED_CANDIDATES[name])
   family, _, value = name.rpartition("_")
@@ -183,6 +194,7 @@ def parse_set(text: str) -> Candidate:
   name, colon, assignments = text.partition(":")
   if not colon or not name or not assignments:
     raise cli_errors.UsageError(f"--set {text!r}: expected NAME:field=value[,field=value...]")
+  check_folder_name(name, f"--set {text!r}")
   return Candidate(name, {}, parse_assignments(assignments, f"--set {text!r}"))
 
 
@@ -202,8 +214,6 @@ def resolve_candidates(args: argparse.Namespace) -> list[Candidate]:
   for name in names:
     if names.count(name) > 1:
       raise cli_errors.UsageError(f"candidate {name!r} is given twice")
-    if not re.fullmatch(r"[A-Za-z0-9_.+-]+", name):
-      raise cli_errors.UsageError(f"candidate name {name!r}: use letters, digits and _.+-")
   return candidates
 
 
@@ -278,7 +288,7 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> int:
     code = probe(args, base, candidate, config, candidate_dir / "probe", schedule_path)
     if code is not None:  # stopped by a signal
       return code
-  schedule = cli_errors.read_json_object(schedule_path)
+  schedule = read_schedule(schedule_path)
   config.num_epochs = config.patience = schedule["planned_epochs"]
   config.optimizer.learning_rate = schedule["learning_rate"]
   config.max_minutes = args.minutes_per_run
@@ -294,7 +304,7 @@ def run_worker(args: argparse.Namespace, phase: str, name: str) -> int:
   (candidate_dir / "result.json").write_text(json.dumps(result))
   log(
     f"{name}: {summary['epochs']} epochs in {wall:.0f} s (ended by {ended_by}), best val CER "
-    f"{min((row['val_cer'] for row in paper.read_run(run_dir)['history']), default=math.nan):.4f}"
+    f"{min((row['val_cer'] for row in read_run(run_dir)['history']), default=math.nan):.4f}"
   )
   return 0
 
@@ -317,7 +327,7 @@ def probe(
   wall = time.perf_counter() - start
   if code := paper.signal_exit_code(candidate.name, summary, log):
     return code
-  run = paper.read_run(probe_dir)
+  run = read_run(probe_dir)
   if summary["stopped_by"] or not run["history"]:
     raise cli_errors.UsageError(
       f"{candidate.name}: one epoch does not fit in --minutes-per-run {args.minutes_per_run:g}"
@@ -365,6 +375,48 @@ def run_worker_process(argv: list[str], phase: str, name: str) -> bool:
 
 
 CANDIDATE_FILE = "candidate.json"  # a candidate's settings, in its folder
+# What the recipe reads back of the files its workers wrote: a damaged or foreign one is a
+# one-line error naming it, not a KeyError or TypeError where a field is used.
+SCHEDULE_NUMBERS = ("planned_epochs", "learning_rate", "sequences_per_step", "epoch_s")
+RESULT_KEYS = ("wall_s", "ended_by", "load")
+RUN_SUMMARY_NUMBERS = ("time_to_first_step_s",)
+RUN_PLAN_KEYS = ("num_examples", "steps_per_epoch")
+EPOCH_NUMBERS = ("epoch_time_s", "eval_time_s", "val_loss", "val_cer")
+
+
+def read_run(run_dir: pathlib.Path) -> dict:
+  """A candidate's probe or run (`paper.read_run`) with what the recipe reads of it: its clock's
+  start, its plan's size and every epoch's times and scores."""
+  run = paper.read_run(run_dir, RUN_SUMMARY_NUMBERS, RUN_PLAN_KEYS, EPOCH_NUMBERS)
+  paper.check_numbers(run_dir / "summary.json", run["summary"], RUN_SUMMARY_NUMBERS)
+  return run
+
+
+def read_schedule(path: pathlib.Path) -> dict:
+  """A candidate's `schedule.json` (`probe` wrote it), whose numbers plan its run and fill its
+  row; its epochs a whole number, as the config's `num_epochs` must be."""
+  schedule = cli_errors.read_json_object(path, SCHEDULE_NUMBERS, "a recipe probe's schedule")
+  paper.check_numbers(path, schedule, SCHEDULE_NUMBERS)
+  return paper.check_numbers(path, schedule, ("planned_epochs",), int)
+
+
+def read_result(path: pathlib.Path) -> dict:
+  """A finished candidate's `result.json` (`run_worker` wrote it): its wall time, how it ended
+  and the load averages at its start and end."""
+  result = cli_errors.read_json_object(path, RESULT_KEYS, "a recipe run's result")
+  paper.check_numbers(path, result, ("wall_s",))
+  load = result["load"]
+  if not (isinstance(load, list) and len(load) == 2 and all(map(paper.is_number, load))):
+    raise ValueError(
+      f"{path}: load is {json.dumps(load)}, not the load averages at the run's start and end"
+    )
+  return result
+
+
+def read_test_cer(path: pathlib.Path) -> float:
+  """A candidate's test CER, from the `test.json` its test worker wrote."""
+  scores = cli_errors.read_json_object(path, ("cer",), "a recipe candidate's test scores")
+  return paper.check_numbers(path, scores, ("cer",))["cer"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,10 +432,12 @@ def wall_clock(run: dict) -> np.ndarray:
 
 def candidate_row(candidate_dir: pathlib.Path, budget_s: float) -> dict:
   """One table row, every number read from the candidate's files."""
-  settings = cli_errors.read_json_object(candidate_dir / CANDIDATE_FILE)
-  schedule = cli_errors.read_json_object(candidate_dir / "schedule.json")
-  result = cli_errors.read_json_object(candidate_dir / "result.json")
-  run = paper.read_run(candidate_dir / "train")
+  settings = cli_errors.read_json_object(
+    candidate_dir / CANDIDATE_FILE, ("changes",), "a recipe candidate's settings"
+  )
+  schedule = read_schedule(candidate_dir / "schedule.json")
+  result = read_result(candidate_dir / "result.json")
+  run = read_run(candidate_dir / "train")
   cer = np.array([row["val_cer"] for row in run["history"]], float)
   clock = wall_clock(run)
   test_path = candidate_dir / "test.json"
@@ -400,9 +454,7 @@ def candidate_row(candidate_dir: pathlib.Path, budget_s: float) -> dict:
     "best val CER": "-",
     "at (s)": "-",
     "best val loss": "-",
-    "test CER": (
-      f"{cli_errors.read_json_object(test_path)['cer']:.4f}" if test_path.is_file() else "-"
-    ),
+    "test CER": f"{read_test_cer(test_path):.4f}" if test_path.is_file() else "-",
   }
   for fraction in BUDGET_FRACTIONS:
     reached = cer[clock <= fraction * budget_s]
@@ -428,7 +480,7 @@ def plot(workdir: pathlib.Path, names: list[str], budget_s: float, path: str) ->
 
   figure, axes = plt.subplots(figsize=(8, 5))
   for name in names:
-    run = paper.read_run(workdir / name / "train")
+    run = read_run(workdir / name / "train")
     cer = [row["val_cer"] for row in run["history"]]
     axes.plot(wall_clock(run), cer, marker="o", markersize=3, label=name)
   axes.axvline(budget_s, color="gray", linestyle="--", label="budget")
@@ -449,22 +501,16 @@ def write_report(
   record: reporting.RunRecord,
   best: str | None,
 ) -> tuple[pathlib.Path, list[dict]]:
-  """Writes the `.md`, `.csv` and PNG next to `args.out`; returns the Markdown path and rows."""
+  """Writes the `.md`, `.csv` and PNG next to `args.out`, once every file they come from has been
+  read: a damaged one leaves no report half written; returns the Markdown path and rows."""
   workdir = pathlib.Path(args.workdir)
   budget_s = args.minutes_per_run * 60
   names = [candidate.name for candidate in candidates]
   rows = [candidate_row(workdir / name, budget_s) for name in names]
   prefix = pathlib.Path(args.out) if args.out else workdir / "recipe"
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  with open(f"{prefix}.csv", "w", newline="") as file:
-    writer = csv.DictWriter(file, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
-  plot(workdir, names, budget_s, f"{prefix}_val_cer.png")
-
   config = base_config(args)
   model = config.model
-  plan = paper.read_run(workdir / names[0] / "train")["plan"]
+  plan = read_run(workdir / names[0] / "train")["plan"]
   tested = [row["candidate"] for row in rows if row["test CER"] != "-"]
   report = [
     "# The accuracy recipe: candidates at equal wall time",
@@ -509,6 +555,12 @@ def write_report(
     f"![validation CER against wall time]({prefix.name}_val_cer.png)",
     "",
   ]
+  prefix.parent.mkdir(parents=True, exist_ok=True)
+  with open(f"{prefix}.csv", "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+  plot(workdir, names, budget_s, f"{prefix}_val_cer.png")
   path = pathlib.Path(f"{prefix}.md")
   path.write_text("\n".join(report))
   return path, rows

@@ -480,6 +480,89 @@ def test_a_damaged_run_file_is_named(tmp_path, name, text, message):
     paper.read_run(tmp_path)
 
 
+FINISHED_SUMMARY = {
+  "best_epoch": 1,
+  "best_val_loss": 2.0,
+  "best_val_cer": 0.5,
+  "compile_wall_s": 3.0,
+  "efficiency": 0.9,
+  "time_to_first_step_s": 2.0,
+  "num_buckets": 1,
+  "upper_bounds": [100],
+  "epochs": 2,
+  "stopped_by": None,
+}
+
+
+def finished_sweep(workdir) -> list[str]:
+  """The argv of a one-run sweep whose run, settings and machine record are on file: the same
+  command only writes the report."""
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(workdir)]
+  argv += ["--strategies", "none", "--devices", "1"]
+  paper.check_run_settings(paper.parse_args(argv), [1], None)  # as the sweep's first start did
+  run_dir = workdir / "devices1" / "none_k1"
+  (run_dir / "summary.json").write_text(json.dumps(FINISHED_SUMMARY))
+  (run_dir / "plan.json").write_text(
+    json.dumps({"num_examples": 48, "padded_timesteps_with_filler": 4800})
+  )
+  rows = [
+    {"epoch": i, "epoch_time_s": 1.0, "eval_time_s": 0.5, "val_loss": 3.0 - i} for i in (0, 1)
+  ]
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+  (workdir / "devices1" / "machine.json").write_text(json.dumps({"machine": "a box", "jax": "0"}))
+  return argv
+
+
+@pytest.mark.parametrize(
+  ("name", "text", "message"),
+  [
+    ("none_k1/summary.json", {}, "summary.json: no best_epoch, best_val_loss, best_val_cer"),
+    (
+      "none_k1/summary.json",
+      FINISHED_SUMMARY | {"best_epoch": "1"},
+      'summary.json: best_epoch "1" is not one of the 2 epoch(s) of metrics.jsonl',
+    ),
+    (
+      "none_k1/summary.json",
+      FINISHED_SUMMARY | {"best_epoch": 2},
+      "summary.json: best_epoch 2 is not one of the 2 epoch(s) of metrics.jsonl",
+    ),
+    (
+      "none_k1/summary.json",
+      FINISHED_SUMMARY | {"best_val_loss": None},
+      "summary.json: best_val_loss is null, not a number",
+    ),
+    ("none_k1/plan.json", {}, "plan.json: no num_examples, padded_timesteps_with_filler"),
+    ("none_k1/metrics.jsonl", '{"epoch": 0}\n', "metrics.jsonl, line 1: no epoch_time_s; no"),
+    ("machine.json", {}, "machine.json: no machine, jax, so not the record a worker"),
+    ("machine.json", "[1", "machine.json: not valid JSON (Expecting ',' delimiter"),
+  ],
+)
+def test_a_damaged_file_of_a_finished_sweep_is_named_and_no_report_is_written(
+  tmp_path, capsys, name, text, message
+):
+  """Were KeyErrors and TypeErrors, or a JSON error naming no file after the CSV and plots."""
+  argv = finished_sweep(tmp_path)
+  (tmp_path / "devices1" / name).write_text(text if isinstance(text, str) else json.dumps(text))
+  assert cli_errors.run(lambda: paper.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith(f"error: {tmp_path / 'devices1'}/") and message in error, error
+  assert error.count("\n") == 1
+  assert not list(tmp_path.glob("paper_table*"))  # every file is read before any is written
+
+
+def test_a_finished_sweeps_files_make_the_report(tmp_path):
+  """The files `finished_sweep` fakes are whole: each damaged one above is the error."""
+  markdown_path = paper.main(finished_sweep(tmp_path))
+  assert "Machine: a box; jax 0." in markdown_path.read_text()
+  assert sorted(path.name for path in tmp_path.glob("paper_table*")) == [
+    "paper_table.csv",
+    "paper_table.md",
+    "paper_table_speedup.png",
+    "paper_table_val_loss.png",
+  ]
+
+
 @pytest.mark.parametrize("baseline_finished", [True, False])
 def test_an_interrupted_sweep_reports_the_finished_runs_and_exits_130(
   tmp_path, monkeypatch, capsys, baseline_finished

@@ -114,6 +114,32 @@ def test_a_mistake_is_one_line_exit_2_before_anything_runs(tmp_path, capsys, ext
   assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.parametrize(
+  ("name", "message"),
+  [
+    ("..", "--set '..:model.hidden_size=8': candidate name '..' is not a folder name"),
+    (".", "--set '.:model.hidden_size=8': candidate name '.' is not a folder name"),
+    ("a/b", "--set 'a/b:model.hidden_size=8': candidate name 'a/b' is not a folder name"),
+  ],
+)
+def test_a_candidate_name_must_be_a_folder_in_the_workdir(
+  tmp_path, capsys, monkeypatch, name, message
+):
+  """`..` named the workdir's parent: its candidate.json and probe/ were written outside it."""
+  monkeypatch.setattr(recipe, "run_worker_process", lambda *args: False)  # would have trained
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path / "inner")]
+  argv += ["--minutes-per-run", "0.75", "--set", f"{name}:model.hidden_size=8"]
+  assert cli_errors.run(lambda: recipe.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith(f"error: {message}") and error.count("\n") == 1, error
+  assert not list(tmp_path.iterdir())
+
+
+def test_a_family_value_that_makes_no_folder_name_is_named_with_its_flag(tmp_path):
+  with pytest.raises(cli_errors.UsageError, match="--candidates: candidate name 'hidden_ 8' is"):
+    recipe.resolve_candidates(tiny_args(tmp_path, "--candidates", "base,hidden_ 8"))
+
+
 def test_an_interrupted_study_exits_130_with_one_line(tmp_path, capsys, monkeypatch):
   monkeypatch.setattr(recipe, "run_worker_process", lambda *args: False)  # Ctrl-C
   argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
@@ -132,7 +158,7 @@ def test_a_worker_stopped_by_a_signal_exits_with_its_code(tmp_path, monkeypatch,
   args = tiny_args(tmp_path, "--candidates", "base")
   assert recipe.run_worker(args, "train", "base") == code  # in its probe
   (tmp_path / "base").mkdir()
-  schedule = {"planned_epochs": 2, "learning_rate": 1e-3}
+  schedule = {"planned_epochs": 2, "learning_rate": 1e-3, "sequences_per_step": 8, "epoch_s": 1}
   (tmp_path / "base" / "schedule.json").write_text(json.dumps(schedule))
   assert recipe.run_worker(args, "train", "base") == code  # in its run
   assert not (tmp_path / "base" / "result.json").exists()
@@ -164,7 +190,7 @@ def write_run(candidate_dir, epochs: list[tuple[float, float, float, float]], **
   run_dir = candidate_dir / "train"
   run_dir.mkdir(parents=True)
   (run_dir / "summary.json").write_text(json.dumps({"time_to_first_step_s": 10.0}))
-  (run_dir / "plan.json").write_text(json.dumps({"num_examples": 48}))
+  (run_dir / "plan.json").write_text(json.dumps({"num_examples": 48, "steps_per_epoch": [6]}))
   rows = [
     {"epoch": i, "epoch_time_s": t, "eval_time_s": e, "val_loss": loss, "val_cer": cer}
     for i, (t, e, loss, cer) in enumerate(epochs)
@@ -217,6 +243,68 @@ def test_rows_compare_at_equal_wall_time_from_the_metrics(tmp_path):
     "1.0-2.5",
   )
   assert recipe.winner([slow, fast]) == "fast"
+
+
+def write_finished_candidate(candidate_dir) -> None:
+  """A candidate whose run, schedule, result and test score are on file: the study reports it."""
+  write_run(
+    candidate_dir,
+    [(8, 2, 50.0, 0.8), (8, 2, 30.0, 0.4)],
+    schedule={"learning_rate": 3e-3, "sequences_per_step": 8.0, "epoch_s": 10, "planned_epochs": 2},
+    result={"wall_s": 40.0, "ended_by": "epochs", "load": [1.0, 1.5]},
+    test={"cer": 0.45},
+  )
+
+
+@pytest.mark.parametrize(
+  ("name", "text", "message"),
+  [
+    ("result.json", "{}", "result.json: no wall_s, ended_by, load, so not a recipe run's result"),
+    ("result.json", '{"wall_s": 1, "ended_by": "epochs", "load": 2}', "result.json: load is 2,"),
+    ("test.json", "{}", "test.json: no cer, so not a recipe candidate's test scores"),
+    ("test.json", '{"cer": null}', "test.json: cer is null, not a number"),
+    ("schedule.json", "{}", "schedule.json: no planned_epochs, learning_rate, sequences_per_step"),
+    (
+      "schedule.json",
+      '{"learning_rate": 1, "sequences_per_step": 8, "epoch_s": 1, "planned_epochs": 2.5}',
+      "schedule.json: planned_epochs is 2.5, not an integer",
+    ),
+    ("train/summary.json", "{}", "summary.json: no time_to_first_step_s, so not the file this"),
+    ("train/summary.json", '{"time_to_first_step_s": "10"}', 'time_to_first_step_s is "10", not'),
+    ("train/plan.json", "{}", "plan.json: no num_examples, steps_per_epoch, so not the file"),
+    ("train/metrics.jsonl", '{"epoch": 0}\n', "metrics.jsonl, line 1: no epoch_time_s; no eval"),
+  ],
+)
+def test_a_damaged_file_of_a_finished_candidate_is_named_and_nothing_is_written(
+  tmp_path, capsys, name, text, message
+):
+  """Valid JSON without the fields the table reads was a KeyError's traceback."""
+  write_finished_candidate(tmp_path / "base")
+  (tmp_path / "base" / name).write_text(text)
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--minutes-per-run", "0.75", "--candidates", "base", "--json"]
+  assert cli_errors.run(lambda: recipe.main(argv)) == cli_errors.USAGE_EXIT_CODE
+  error = capsys.readouterr().err
+  assert error.startswith(f"error: {tmp_path / 'base'}/") and message in error, error
+  assert error.count("\n") == 1
+  assert not list(tmp_path.glob("recipe*"))  # every file is read before any is written
+
+
+def test_a_finished_candidates_files_make_the_report(tmp_path, capsys):
+  """The files `write_finished_candidate` fakes are whole: each damaged one above is the error."""
+  write_finished_candidate(tmp_path / "base")
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  recipe.main([*argv, "--minutes-per-run", "0.75", "--candidates", "base", "--json"])
+  (row,) = json.loads(capsys.readouterr().out)["rows"]
+  assert (row["best val CER"], row["test CER"], row["load"]) == ("0.4000", "0.4500", "1.0-1.5")
+  assert (tmp_path / "recipe.md").is_file()
+
+
+def test_a_candidate_file_without_its_changes_is_named(tmp_path):
+  write_finished_candidate(tmp_path / "base")
+  (tmp_path / "base" / "candidate.json").write_text("{}")
+  with pytest.raises(ValueError, match=r"candidate.json: no changes, so not a recipe candidate's"):
+    recipe.candidate_row(tmp_path / "base", 100.0)
 
 
 @pytest.mark.slow
