@@ -58,7 +58,7 @@ def run(main: Callable[[], int | None]) -> int:
   except (KeyboardInterrupt, Interrupted) as interruption:
     # Ctrl-C where the program does not stop cleanly itself (loading data, measuring, compiling;
     # training checkpoints and returns): one line and the shell's code for death by SIGINT.
-    if _debugging():
+    if debugging():
       raise
     print(one_line(interruption) or "interrupted", file=sys.stderr)
     return 128 + signal.SIGINT
@@ -68,7 +68,7 @@ def run(main: Callable[[], int | None]) -> int:
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 128 + signal.SIGPIPE
   except EXPECTED_ERRORS as error:
-    if _debugging():
+    if debugging():
       raise
     if isinstance(error, AlreadyReported):
       return USAGE_EXIT_CODE
@@ -77,7 +77,7 @@ def run(main: Callable[[], int | None]) -> int:
   return code if isinstance(code, int) else 0
 
 
-def _debugging() -> bool:
+def debugging() -> bool:
   """Whether `DEBUG_ENV` asks for tracebacks instead of one line."""
   return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 

@@ -2072,6 +2072,17 @@ if __name__ == "__main__":
     stopped_by = summary.get("stopped_by")
     return 128 + signal.Signals[stopped_by] if stopped_by in ("SIGINT", "SIGTERM") else 0
 
+  def quit_now(signum: int, frame) -> None:
+    """Ctrl-C where training does not stop cleanly itself (loading, measuring, compiling), or a
+    second one once a stop is under way (`StopRequest`): the process ends at once, as a kill
+    would (the checkpoints survive one). A KeyboardInterrupt instead waited for compiles running
+    on other threads, or, raised inside a callback of XLA's, aborted the process."""
+    del frame
+    print("interrupted", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+  if not cli_errors.debugging():  # there, KeyboardInterrupt's traceback
+    signal.signal(signal.SIGINT, quit_now)
   sys.unraisablehook = unless_orbax_read_noise(sys.unraisablehook)
   logging.getLogger("asyncio").addFilter(not_orbax_read_noise)
   sys.exit(cli_errors.run(lambda: app.run(main, flags_parser=experiments.cli.parse_flags)))

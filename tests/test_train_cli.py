@@ -3,8 +3,10 @@
 import os
 import pathlib
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -67,3 +69,32 @@ def test_a_damaged_best_checkpoint_is_an_error_naming_the_file(tmp_path):
   assert len(lines) == 1, result.stderr
   (line,) = lines
   assert re.match(r"error: the best checkpoint .*best/\d+ is damaged: .*params", line), line
+
+
+def test_ctrl_c_twice_quits_at_once_while_the_first_step_compiles(tmp_path):
+  # The first Ctrl-C asks for a stop at the next step boundary; the second, with the first step
+  # still compiling, ends the process at once. Before, its KeyboardInterrupt waited for the
+  # compile threads, or aborted the process from inside XLA (exit 134, "Fatal Python error").
+  command = [
+    sys.executable,
+    "train.py",
+    "--config=experiments/synthetic.py",
+    f"--workdir={tmp_path / 'run'}",
+    "--config.compilation_cache_dir=",  # a compile long enough to interrupt
+    "--config.data.synthetic.num_train=64",
+    "--config.data.synthetic.num_eval=16",
+  ]
+  process = subprocess.Popen(command, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+  try:
+    lines = iter(process.stderr.readline, "")
+    next(line for line in lines if line.startswith("compiling "))
+    process.send_signal(signal.SIGINT)
+    next(line for line in lines if "stopping at the next step boundary" in line)
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 128 + signal.SIGINT, rest
+    assert time.monotonic() - started < 5, "the second Ctrl-C waited for the compile"
+  finally:
+    process.kill()
+  assert rest.splitlines()[-1] == "interrupted" and "Fatal" not in rest, rest
