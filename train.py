@@ -127,6 +127,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     value = functools.reduce(getattr, field.split("."), config)
     if value < least:
       raise ValueError(f"config.{field} must be >= {least}, got {value}")
+  if bucket_config.round_to > bucketing.boundaries.MAX_LENGTH:  # a bound must be a length too
+    raise ValueError(
+      f"config.bucketing.round_to must be <= {bucketing.boundaries.MAX_LENGTH}, got "
+      f"{bucket_config.round_to}"
+    )
   if bool(bucket_config.batch_size) == bool(bucket_config.max_tokens):
     raise ValueError("set exactly one of config.bucketing.batch_size and .max_tokens (other 0)")
   if bucket_config.batch_size and bucket_config.batch_size % num_devices:

@@ -547,8 +547,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   parser.add_argument(
     "--epoch-strategies",
     type=epoch_strategies,
-    default="optimal,none",
-    help="ours: optimal (K = 8) and/or none",
+    default=None,
+    help="ours: optimal (K = 8) and/or none (default: both)",
   )
   parser.add_argument(
     "--epoch-dtypes",
@@ -583,8 +583,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
     return None
   if args.epoch and not args.data_dir:
     parser.error("--epoch needs --data-dir (the folder of iam_ondb.npz)")
-  if args.epoch_dtypes and not args.epoch:
-    parser.error("--epoch-dtypes chooses the epoch table's models: it needs --epoch")
+  if not args.epoch and (args.epoch_strategies or args.epoch_dtypes):  # else silently ignored
+    flag = "--epoch-strategies" if args.epoch_strategies else "--epoch-dtypes"
+    parser.error(f"{flag} chooses the epoch table's models: it needs --epoch")
+  args.epoch_strategies = args.epoch_strategies or list(EPOCH_BUCKETS)
   args.epoch_dtypes = args.epoch_dtypes or ["float32"]
   if not (args.anatomy or args.tune or args.epoch or args.xla_flags):
     parser.error("--no-anatomy leaves nothing to measure without --tune, --epoch or --xla-flags")

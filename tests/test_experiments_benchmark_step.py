@@ -190,6 +190,8 @@ def test_the_epoch_table_runs_our_model_in_each_dtype_beside_float32_pytorch(tmp
     benchmark_step.main([*argv[:-1], "float32,float16"])
   with pytest.raises(cli_errors.UsageError, match=r"--epoch-dtypes .* needs --epoch"):
     benchmark_step.main(["--preset", "tiny", "--epoch-dtypes", "bfloat16"])
+  with pytest.raises(cli_errors.UsageError, match=r"--epoch-strategies .* needs --epoch"):
+    benchmark_step.main(["--preset", "tiny", "--epoch-strategies", "none"])
   with pytest.raises(cli_errors.UsageError, match="--no-anatomy leaves nothing to measure"):
     benchmark_step.main(["--preset", "tiny", "--no-anatomy"])
 

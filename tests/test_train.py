@@ -511,6 +511,7 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"max_minutes": float("nan")}, r"config.max_minutes must be >= 0 \(0: no cap\), got nan"),
     ({"model.dtype": "float8"}, r"config.model: data type 'float8' not understood"),
     ({"bucketing.round_to": 0}, r"config.bucketing.round_to must be >= 1, got 0"),
+    ({"bucketing.round_to": 2**31}, r"config.bucketing.round_to must be <= 2147483647, got"),
     ({"seed": -1}, r"config.seed must be an integer in \[0, 2\*\*32\), got -1"),
     ({"seed": 2**70}, r"config.seed must be an integer in"),
     ({"data.synthetic.seed": -1}, r"config.data.synthetic.seed must be an integer in .* got -1"),
