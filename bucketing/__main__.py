@@ -87,7 +87,7 @@ def count_up_to(largest: int) -> Callable[[str], int]:
 def check_rounding(lengths: np.ndarray, round_to: int, path: pathlib.Path) -> None:
   """The longest length rounded up to `round_to` is a bound, so it must be a length too."""
   longest = int(lengths.max())
-  rounded = -(-longest // round_to) * round_to
+  rounded = int(boundaries.round_up(longest, round_to))
   if rounded > boundaries.MAX_LENGTH:
     raise ValueError(
       f"--round-to {round_to}: rounds the longest length of {path}, {longest:,}, up to "
