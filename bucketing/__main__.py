@@ -180,6 +180,11 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   check_upper_bounds(args.strategy, args.bounds, ("--strategy", "--bounds"))
+  if args.bounds is not None:
+    try:
+      boundaries.fixed_bounds(args.bounds)
+    except ValueError as error:
+      plan.error(f"--bounds: {error}")
   given = {name: getattr(args, name) for name in COST_TERMS if getattr(args, name) is not None}
   for name, value in given.items():  # one at a time, so that the error names its flag
     try:

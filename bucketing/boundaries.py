@@ -77,6 +77,7 @@ def uniform_bounds(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
   """
   check_num_buckets(num_buckets)
   low, high = int(lengths.min()), int(lengths.max())
+  num_buckets = min(num_buckets, high - low + 1)  # one range per length already: more are alike
   edges = np.ceil(np.linspace(low - 1, high, num_buckets + 1)[1:]).astype(np.int64)
   edges[-1] = high
   return _tighten(lengths, np.unique(edges))
@@ -89,6 +90,7 @@ def quantile_bounds(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
   """
   check_num_buckets(num_buckets)
   ordered = np.sort(lengths)
+  num_buckets = min(num_buckets, ordered.size)  # one sequence per range already: more are alike
   ends = np.ceil(np.arange(1, num_buckets + 1) * ordered.size / num_buckets).astype(np.int64) - 1
   return np.unique(ordered[ends])
 
@@ -116,7 +118,7 @@ def optimal_bounds_per_count(lengths: np.ndarray, max_buckets: int) -> list[np.n
   """Exact optimal bounds for every bucket count 1..max_buckets, from one dynamic programme.
 
   Entry k-1 holds the optimum for k buckets. Once every distinct length has its own bucket more
-  buckets cannot help, so later entries repeat that zero-padding solution.
+  buckets cannot help, so the list stops there: it has min(max_buckets, distinct lengths) entries.
   """
   check_num_buckets(max_buckets)
   values, counts = np.unique(validate_lengths(lengths), return_counts=True)
@@ -131,16 +133,16 @@ def optimal_bounds_per_count(lengths: np.ndarray, max_buckets: int) -> list[np.n
     cost, split = _next_layer(cost, cumulative, values)
     split_points.append(split)
 
-  return bounds_from_split_points(values, split_points, max_buckets)
+  return bounds_from_split_points(values, split_points)
 
 
 def bounds_from_split_points(
-  values: np.ndarray, split_points: list[np.ndarray], max_buckets: int
+  values: np.ndarray, split_points: list[np.ndarray]
 ) -> list[np.ndarray]:
-  """Each K's bounds, 1..max_buckets, traced back through a bucket programme's split points.
+  """Each K's bounds, 1..len(split_points), traced back through a bucket programme's split points.
 
   `split_points[k][j]` is where the last of k+1 buckets covering the j smallest distinct
-  `values` starts (0: it is the only one). K past the programme's layers repeats its last answer.
+  `values` starts (0: it is the only one).
   """
   solutions = []
   for num in range(1, len(split_points) + 1):
@@ -151,7 +153,6 @@ def bounds_from_split_points(
       if end == 0:
         break
     solutions.append(np.array(bounds[::-1], np.int64))
-  solutions += [solutions[-1]] * (max_buckets - len(split_points))
   return solutions
 
 

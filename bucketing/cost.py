@@ -157,7 +157,8 @@ def fastest_bounds_per_count(
   num_devices: int = 1,
 ) -> list[np.ndarray]:
   """For every K in 1..max_buckets, the bounds of at most K buckets whose epoch takes the least
-  modelled time, exactly, among bounds at the corpus's lengths.
+  modelled time, exactly, among bounds at the corpus's lengths. The list stops at one bucket per
+  distinct length, as `boundaries.optimal_bounds_per_count`'s does.
 
   The dynamic programme of `boundaries.optimal_bounds_per_count`, with a bucket's cost its
   modelled seconds an epoch rather than its padded timesteps: `ceil(n / B) * step_seconds(B, L)`
@@ -201,7 +202,7 @@ def fastest_bounds_per_count(
       split[end_lo:end_hi] = start
     if layer:
       split_points.append(split)
-  return boundaries.bounds_from_split_points(values, split_points, max_buckets)
+  return boundaries.bounds_from_split_points(values, split_points)
 
 
 def plan_seconds(
@@ -228,7 +229,7 @@ class AutoChoice:
 
   num_buckets: int
   upper_bounds: np.ndarray
-  seconds_per_count: np.ndarray  # [max_buckets]; entry k-1 is for k buckets.
+  seconds_per_count: np.ndarray  # [min(max_buckets, distinct lengths)]; k-1 is for k buckets.
   bounds_minimise: str = "run time"
 
 

@@ -343,6 +343,14 @@ def make_plan(
   batch = cost.batch_sizes(
     bounds, sizes, batch_size=batch_size, max_tokens=max_tokens, num_devices=num_devices
   )
+  # An epoch's padded timesteps (filler rows included) are summed in int64: counted exactly here.
+  rows = -(-sizes // batch) * batch
+  padded = sum(int(row) * int(bound) for row, bound in zip(rows, bounds, strict=True))
+  if padded >= 2**63:
+    raise ValueError(
+      f"{len(bounds)} bucket(s) of batches of up to {int(batch.max()):,} rows pad an epoch to "
+      f"{padded:,} timesteps, more than int64 counts: use fewer devices"
+    )
   label_bounds = None
   if label_lengths is not None:
     label_lengths = np.asarray(label_lengths, np.int64)

@@ -99,8 +99,9 @@ def auto_against_optimal(
     least_padding = boundaries.optimal_bounds_per_count(lengths, max(bucket_counts))
     no_compiles = dataclasses.replace(cost_model, kappa=0)  # one epoch's steps alone
     for num in bucket_counts:
-      padding_s = cost.plan_seconds(no_compiles, lengths, least_padding[num - 1], **sizing)
-      time_s = cost.plan_seconds(no_compiles, lengths, fastest[num - 1], **sizing)
+      used = min(num, len(fastest))  # the lists stop at one bucket per distinct length
+      padding_s = cost.plan_seconds(no_compiles, lengths, least_padding[used - 1], **sizing)
+      time_s = cost.plan_seconds(no_compiles, lengths, fastest[used - 1], **sizing)
       rows.append(
         {
           "batch": name,
@@ -108,7 +109,7 @@ def auto_against_optimal(
           "optimal (s)": f"{padding_s:.2f}",
           "auto (s)": f"{time_s:.2f}",
           "saved": f"{1 - time_s / padding_s:.1%}",
-          "auto's bounds": " ".join(str(bound) for bound in fastest[num - 1]),
+          "auto's bounds": " ".join(str(bound) for bound in fastest[used - 1]),
           "solve (s)": f"{solve_s:.2f}",
         }
       )

@@ -62,7 +62,7 @@ def test_optimal_never_worse_than_heuristics_and_monotone_in_k(lengths, num_buck
 )
 def test_per_count_solutions_match_single_solves(lengths, max_buckets):
   solutions = boundaries.optimal_bounds_per_count(lengths, max_buckets)
-  assert len(solutions) == max_buckets
+  assert len(solutions) == min(max_buckets, np.unique(lengths).size)
   for num, bounds in enumerate(solutions, start=1):
     single = boundaries.optimal_bounds(lengths, num)
     assert boundaries.padded_timesteps(lengths, bounds) == boundaries.padded_timesteps(
@@ -106,6 +106,17 @@ def test_uniform_ranges_have_equal_width():
 def test_uniform_drops_empty_ranges_and_tightens_bounds():
   lengths = np.array([1, 2, 3, 97, 100])
   np.testing.assert_array_equal(boundaries.uniform_bounds(lengths, 4), [3, 100])
+
+
+@settings(max_examples=100, deadline=None)
+@given(lengths=small_lengths)
+def test_more_buckets_than_lengths_give_what_one_per_length_gives_at_once(lengths):
+  # A billion buckets must neither hang nor take memory per bucket (a list, a linspace).
+  enough = int(max(lengths.max(), lengths.size))  # a range per length, or per sequence
+  strategies = (boundaries.uniform_bounds, boundaries.quantile_bounds, boundaries.optimal_bounds)
+  for strategy in strategies:
+    np.testing.assert_array_equal(strategy(lengths, 10**9), strategy(lengths, enough))
+  assert len(boundaries.optimal_bounds_per_count(lengths, 10**9)) == np.unique(lengths).size
 
 
 def test_quantile_gives_equal_counts_on_distinct_lengths():

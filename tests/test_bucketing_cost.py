@@ -100,7 +100,8 @@ def test_fastest_bounds_match_brute_force(
   with pytest.MonkeyPatch.context() as patch:
     patch.setattr(cost, "COSTS_PER_CHUNK", costs_per_chunk)
     found = cost.fastest_bounds_per_count(lengths, max_buckets, cost_model=model, **sizing)
-  for num in range(1, max_buckets + 1):
+  assert len(found) == min(max_buckets, values.size)  # more buckets than lengths cannot help
+  for num in range(1, len(found) + 1):
     fastest = min(
       modelled_seconds(lengths, np.array([*inner, values[-1]]), model, 1, **sizing)
       for size in range(min(num, values.size))

@@ -159,3 +159,13 @@ def test_a_cost_model_that_costs_nothing_per_step_predicts_nothing():
 def test_bad_plans_are_rejected(kwargs, message):
   with pytest.raises(ValueError, match=message):
     plan_lib.make_plan([3, 4, 5], batch_size=2, **kwargs)
+
+
+def test_a_plan_whose_padded_timesteps_int64_cannot_count_is_refused():
+  longest = boundaries.MAX_LENGTH
+  lengths = [longest - 2, longest - 1, longest]
+  with pytest.raises(ValueError, match=r"3 bucket\(s\) .* more than int64 counts: use fewer dev"):
+    plan_lib.make_plan(lengths, num_buckets=3, batch_size=8, num_devices=2**31 - 1)
+  # Half the devices: just countable, and counted exactly.
+  summary = plan_lib.make_plan(lengths, num_buckets=3, batch_size=8, num_devices=2**30).summary()
+  assert summary["padded_timesteps_with_filler"] == 2**30 * (3 * longest - 3)

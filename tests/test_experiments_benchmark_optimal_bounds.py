@@ -48,3 +48,11 @@ def test_bad_flags_are_one_line_and_exit_code_2(argv, message):
   result = subprocess.run(command, capture_output=True, text=True)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [message]
+
+
+def test_a_corpus_of_fewer_lengths_than_buckets_compares_its_one_bucket_per_length():
+  lengths = np.array([40, 40, 90, 300])  # 3 distinct lengths: K = 8 is K = 3
+  model = cost.CostModel(alpha=6e-3, gamma=3.6e-4, beta=0.0)
+  rows = benchmark_optimal_bounds.auto_against_optimal(lengths, model, (3, 8))
+  by_k = {k: [{**row, "K": None} for row in rows if row["K"] == k] for k in ("3", "8")}
+  assert by_k["8"] and by_k["8"] == by_k["3"]
