@@ -1251,12 +1251,16 @@ PLAN_FILE = "plan.json"
 
 def workdir_path(workdir: str | pathlib.Path) -> pathlib.Path:
   """`workdir` as a path (`~` expanded). An empty one is refused, since it would be the current
-  folder, and so is an existing file, before anything is loaded or compiled."""
+  folder, and so is an existing file or a path inside one, before anything is loaded or
+  compiled."""
   if not str(workdir).strip():
     raise ValueError("the workdir (--workdir) is empty; name the run's folder")
   path = pathlib.Path(workdir).expanduser()
   if path.exists() and not path.is_dir():
     raise NotADirectoryError(f"the workdir (--workdir) {path} is a file, not a folder")
+  for parent in path.parents:
+    if parent.exists() and not parent.is_dir():
+      raise NotADirectoryError(f"the workdir (--workdir) {path} is inside {parent}, a file")
   return path
 
 

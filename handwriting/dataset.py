@@ -73,7 +73,11 @@ def write_export(path: str | os.PathLike, examples: dict[str, list[dict]], metad
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   temporary = path.with_suffix(".tmp.npz")
-  np.savez_compressed(temporary, **arrays)
+  try:
+    np.savez_compressed(temporary, **arrays)
+  except BaseException:  # a full disk, Ctrl-C: no half-written file left beside the export
+    temporary.unlink(missing_ok=True)
+    raise
   temporary.replace(path)
 
 

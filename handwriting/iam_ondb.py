@@ -187,6 +187,8 @@ class _TailKeepingReader:
 def check_manual_dir(manual_dir: str | os.PathLike) -> pathlib.Path:
   """Fail early, naming what is missing, unless `manual_dir` has the split files and the data."""
   path = pathlib.Path(manual_dir)
+  if path.exists() and not path.is_dir():
+    raise IamOnDbError(f"{path}: the manual dir is a file; name the folder of the IAM-OnDB files")
   if not path.is_dir() or not any(path.iterdir()):
     raise IamOnDbError(
       f"{path}: the manual dir is missing or empty; put the IAM-OnDB files there "

@@ -72,6 +72,25 @@ def test_export_round_trip(tmp_path):
     load_examples(str(path), "validation")
 
 
+def test_an_interrupted_export_leaves_neither_a_temporary_file_nor_a_changed_export(
+  tmp_path, monkeypatch
+):
+  path = tmp_path / "synthetic.npz"
+  examples = {"train": load_examples("synthetic", "train", limit=3)}
+  dataset.write_export(path, examples, {})
+  before = path.read_bytes()
+
+  def interrupted(file, **arrays):
+    pathlib.Path(file).write_bytes(b"PK half a zip")
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(np, "savez_compressed", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    dataset.write_export(path, examples, {})
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic.npz"]
+  assert path.read_bytes() == before
+
+
 def spoilt_export(path, change):
   """A 3-line synthetic export, its arrays then changed by `change(arrays)` and saved again."""
   dataset.write_export(path, {"train": load_examples("synthetic", "train", limit=3)}, {})

@@ -194,6 +194,13 @@ def test_missing_or_empty_manual_dir_fails(tmp_path, make):
     iam_ondb.read_iam_ondb(root, progress=False)
 
 
+def test_a_manual_dir_that_is_a_file_is_called_a_file(tmp_path):
+  root = tmp_path / "manual"
+  root.write_text("")
+  with pytest.raises(IamOnDbError, match=r"manual: the manual dir is a file; name the folder"):
+    iam_ondb.read_iam_ondb(root, progress=False)
+
+
 def test_missing_split_file_and_archive_fail(tmp_path):
   root = write_download(tmp_path)
   (root / "testset_t.txt").unlink()

@@ -30,6 +30,7 @@ TINY = "--config=experiments/synthetic.py:tiny"
     ([TINY, "--workdir="], "the workdir (--workdir) is empty"),  # else: the current folder
     ([TINY, "--workdir=README.md"], "the workdir (--workdir) README.md is a file, not a folder"),
     ([TINY, "--workdir=README.md", "--mode=evaluate"], "(--workdir) README.md is a file"),
+    ([TINY, "--workdir=README.md/run"], "(--workdir) README.md/run is inside README.md, a file"),
     ([TINY, "--mode=evaluate", "--split=testing"], "--split=testing: value should be one of"),
     ([TINY, "--split=validation"], "--split goes with --mode=evaluate"),
     ([], "--config is required, e.g. --config=experiments/synthetic.py"),
