@@ -157,11 +157,24 @@ def non_negative_float(text: str) -> float:
   return _finite_float(text, above=False)
 
 
-def _finite_float(text: str, above: bool) -> float:
+def number(text: str) -> float:
+  """An argparse type for any number (NaN and infinities too: a config checks its own)."""
   try:
-    value = float(text)
+    return float(text)
   except ValueError:
     raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def integer(text: str) -> int:
+  """An argparse type for any integer, named with its flag when it is not one."""
+  try:
+    return int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _finite_float(text: str, above: bool) -> float:
+  value = number(text)
   if not (math.isfinite(value) and (value > 0 if above else value >= 0)):
     raise argparse.ArgumentTypeError(
       f"must be a finite number {'>' if above else '>='} 0, got {text!r}"
@@ -170,10 +183,7 @@ def _finite_float(text: str, above: bool) -> float:
 
 
 def _int_at_least(text: str, least: int) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  value = integer(text)
   if value < least:
     raise argparse.ArgumentTypeError(f"must be >= {least}, got {value}")
   return value

@@ -51,8 +51,10 @@ of compiling to the end of each epoch's validation (data loading and checkpoint 
 out; they are in the run's total, its own column). A finished run is reused when the same command
 is started again in the same workdir; one cut short (a kill, Ctrl-C) is trained again from the
 start, since its budget cannot be split across starts. Interrupted, the study reports the
-candidates that finished (none: one line) and exits with code 130. A workdir holding a candidate
-of the same name with other settings is refused: use a new workdir after changing any setting.
+candidates that finished (none: one line) and exits with code 130. A workdir holding a finished
+candidate of the same name with other settings is refused: use a new workdir after changing any
+setting. An unfinished one (cut short, or refused because one epoch did not fit its budget) starts
+over with the new settings, so a larger `--minutes-per-run` needs no new workdir.
 
 Measured: the first command above on IAM-OnDB on a 2-core CPU with nothing else running
 (`experiments/results/recipe_quick_cpu.md`): the same configuration twice (`base`,
@@ -105,14 +107,15 @@ FIXED_CANDIDATES = {
   "constant_lr": {"optimizer.schedule": "constant"},
 }
 # `<family>_<value>`: the fields a value sets.
+_integer, _number = cli_errors.integer, cli_errors.number
 FAMILIES = {
-  "resample": lambda value: {"data.features.resample_spacing": float(value)},
-  "hidden": lambda value: {"model.hidden_size": int(value)},
-  "layers": lambda value: {"model.num_layers": int(value)},
-  "dropout": lambda value: {"model.dropout_rate": float(value)},
-  "lr": lambda value: {"optimizer.learning_rate": float(value)},
-  "batch": lambda value: {"bucketing.batch_size": int(value), "bucketing.max_tokens": 0},
-  "tokens": lambda value: {"bucketing.max_tokens": int(value), "bucketing.batch_size": 0},
+  "resample": lambda value: {"data.features.resample_spacing": _number(value)},
+  "hidden": lambda value: {"model.hidden_size": _integer(value)},
+  "layers": lambda value: {"model.num_layers": _integer(value)},
+  "dropout": lambda value: {"model.dropout_rate": _number(value)},
+  "lr": lambda value: {"optimizer.learning_rate": _number(value)},
+  "batch": lambda value: {"bucketing.batch_size": _integer(value), "bucketing.max_tokens": 0},
+  "tokens": lambda value: {"bucketing.max_tokens": _integer(value), "bucketing.batch_size": 0},
 }
 LR_SCALED_FAMILIES = ("batch", "tokens")  # the square-root rule
 COLUMNS = (
@@ -173,8 +176,8 @@ def named_candidate(name: str) -> Candidate:
     )
   try:
     overrides = FAMILIES[family](value)
-  except ValueError:
-    raise cli_errors.UsageError(f"candidate {name!r}: {value!r} is not a number") from None
+  except argparse.ArgumentTypeError as error:
+    raise cli_errors.UsageError(f"candidate {name!r}: {error}") from None
   return Candidate(name, overrides, scale_lr=family in LR_SCALED_FAMILIES)
 
 
@@ -624,9 +627,20 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int:
     }
     for candidate in candidates
   }
+  # A finished run is reused, so its settings must be these; an unfinished one (a probe that
+  # found its budget too short, a kill) starts over with them.
+  restarted = []
   for name, candidate_settings in settings.items():
-    cli.check_settings(workdir / name / CANDIDATE_FILE, candidate_settings, f"a run of {name!r}")
+    try:
+      cli.check_settings(workdir / name / CANDIDATE_FILE, candidate_settings, f"a run of {name!r}")
+    except cli_errors.UsageError:
+      if (workdir / name / "result.json").is_file():
+        raise
+      restarted.append(name)
   for name, candidate_settings in settings.items():  # all checked: a refusal records nothing
+    if name in restarted:
+      log(f"{name}: unfinished, with other settings before: starting it over with these")
+      shutil.rmtree(workdir / name)
     cli.record_settings(workdir / name / CANDIDATE_FILE, candidate_settings)
   interrupted = False
   for candidate in candidates:

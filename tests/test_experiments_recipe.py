@@ -87,7 +87,9 @@ def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
     ),
     (["--set", "bad:model.hidden_size"], "--set 'bad:model.hidden_size': 'model.hidden_size' is"),
     (["--candidates", "base,widest_2"], "unknown candidate 'widest_2'; known: base, "),
-    (["--candidates", "hidden_x"], "candidate 'hidden_x': 'x' is not a number"),
+    (["--candidates", "hidden_x"], "candidate 'hidden_x': 'x' is not an integer"),
+    (["--candidates", "layers_1.5"], "candidate 'layers_1.5': '1.5' is not an integer"),
+    (["--candidates", "lr_fast"], "candidate 'lr_fast': 'fast' is not a number"),
     (["--set", "base:seed=1"], "--set base: the name of a built-in"),
     (["--set", "nofields"], "--set 'nofields': expected NAME:field=value"),
     (
@@ -298,6 +300,34 @@ def test_a_finished_candidates_files_make_the_report(tmp_path, capsys):
   (row,) = json.loads(capsys.readouterr().out)["rows"]
   assert (row["best val CER"], row["test CER"], row["load"]) == ("0.4000", "0.4500", "1.0-1.5")
   assert (tmp_path / "recipe.md").is_file()
+
+
+def test_a_refused_candidate_starts_over_with_a_larger_budget_and_a_finished_one_is_kept(
+  tmp_path, capsys, monkeypatch
+):
+  def refused(argv, phase, name):  # its probe found one epoch longer than the budget
+    (tmp_path / name / "probe").mkdir()
+    raise cli_errors.UsageError(f"candidate {name!r}: base: one epoch does not fit")
+
+  def finished(argv, phase, name):
+    write_finished_candidate(tmp_path / name)
+    return True
+
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--candidates", "base", "--test", "none"]
+  monkeypatch.setattr(recipe, "run_worker_process", refused)
+  assert cli_errors.run(lambda: recipe.main([*argv, "--minutes-per-run", "0.1"])) == 2
+  monkeypatch.setattr(recipe, "run_worker_process", finished)
+  capsys.readouterr()
+  recipe.main([*argv, "--minutes-per-run", "0.75"])
+  assert "base: unfinished, with other settings before: starting it over" in capsys.readouterr().err
+  assert not (tmp_path / "base" / "probe").exists()
+  settings = json.loads((tmp_path / "base" / recipe.CANDIDATE_FILE).read_text())
+  assert settings["minutes_per_run"] == 0.75
+
+  # Finished, it is reused, so other settings are refused.
+  assert cli_errors.run(lambda: recipe.main([*argv, "--minutes-per-run", "1"])) == 2
+  assert "holds a run of 'base' with other settings" in capsys.readouterr().err
 
 
 def test_a_candidate_file_without_its_changes_is_named(tmp_path):
