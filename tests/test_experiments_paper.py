@@ -325,10 +325,55 @@ def test_estimates_interpolate_between_the_probes():
   assert (estimate.devices, estimate.num_buckets) == (2, 3)
 
 
-@pytest.mark.slow
-def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_path):
+FINISHED_SUMMARY = {
+  "best_epoch": 1,
+  "best_val_loss": 2.0,
+  "best_val_cer": 0.5,
+  "compile_wall_s": 3.0,
+  "efficiency": 0.9,
+  "time_to_first_step_s": 2.0,
+  "num_buckets": 1,
+  "upper_bounds": [100],
+  "epochs": 2,
+  "stopped_by": None,
+}
+
+
+def write_finished_run(run_dir: pathlib.Path, epochs: int = 2, num_buckets: int = 1) -> None:
+  """The files a worker leaves of a finished run, and its machine record beside them."""
+  run_dir.mkdir(parents=True, exist_ok=True)
+  summary = FINISHED_SUMMARY | {"epochs": epochs, "best_epoch": epochs - 1}
+  (run_dir / "summary.json").write_text(json.dumps(summary | {"num_buckets": num_buckets}))
+  plan = {"num_examples": 48, "padded_timesteps_with_filler": 4800}
+  (run_dir / "plan.json").write_text(json.dumps(plan))
+  rows = [
+    {"epoch": i, "epoch_time_s": 1.0, "eval_time_s": 0.5, "val_loss": 3.0 - i}
+    for i in range(epochs)
+  ]
+  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+  (run_dir.parent / "machine.json").write_text(json.dumps({"machine": "a box", "jax": "0"}))
+
+
+def train_at_once(monkeypatch) -> None:
+  """The sweep's runs, trained by a stand-in for its worker processes that writes at once the files
+  of a finished run of the epochs its config asks for: for what a sweep plans, trains and reuses,
+  which `test_sweep_writes_a_complete_table_that_agrees_with_its_runs` checks on real runs."""
+
+  def run_worker_process(argv, devices):
+    args = paper.parse_args(argv)
+    strategy, num_buckets = args.worker_run
+    epochs = paper.run_config(args, strategy, num_buckets).num_epochs
+    run_dir = pathlib.Path(args.workdir) / paper.run_name(devices, strategy, num_buckets)
+    write_finished_run(run_dir, epochs, num_buckets)
+    return True
+
+  monkeypatch.setattr(paper, "run_worker_process", run_worker_process)
+
+
+def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_path, monkeypatch):
   """With estimates given (no probe), a budget for two of three runs: the table has two rows,
   both of the planned epochs, and the report names the run left out."""
+  train_at_once(monkeypatch)
   probe = {"none": (1, 1000), "optimal": (2, 800)}
   probed = {
     "devices": 1,
@@ -381,10 +426,10 @@ PROBED = {
 }  # fmt: skip
 
 
-@pytest.mark.slow
-def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_path):
+def test_a_budget_sweep_started_again_keeps_its_epochs_and_reuses_its_runs(tmp_path, monkeypatch):
   """Given more time, the same budget sweep would plan more epochs (at most --epochs 4); it keeps
   the 2 its finished runs trained, so that the table compares equal epochs and says so."""
+  train_at_once(monkeypatch)
   (tmp_path / "estimates.json").write_text(json.dumps(PROBED))
   # Set-up 40 - 10 - 20 = 10 s: none 20 s and optimal 30 s, plus 10 s per epoch each; 115 s less
   # the 15 s reserve fits both at 2 epochs (90 s), not 3.
@@ -480,36 +525,13 @@ def test_a_damaged_run_file_is_named(tmp_path, name, text, message):
     paper.read_run(tmp_path)
 
 
-FINISHED_SUMMARY = {
-  "best_epoch": 1,
-  "best_val_loss": 2.0,
-  "best_val_cer": 0.5,
-  "compile_wall_s": 3.0,
-  "efficiency": 0.9,
-  "time_to_first_step_s": 2.0,
-  "num_buckets": 1,
-  "upper_bounds": [100],
-  "epochs": 2,
-  "stopped_by": None,
-}
-
-
 def finished_sweep(workdir) -> list[str]:
   """The argv of a one-run sweep whose run, settings and machine record are on file: the same
   command only writes the report."""
   argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(workdir)]
   argv += ["--strategies", "none", "--devices", "1"]
   paper.check_run_settings(paper.parse_args(argv), [1], None)  # as the sweep's first start did
-  run_dir = workdir / "devices1" / "none_k1"
-  (run_dir / "summary.json").write_text(json.dumps(FINISHED_SUMMARY))
-  (run_dir / "plan.json").write_text(
-    json.dumps({"num_examples": 48, "padded_timesteps_with_filler": 4800})
-  )
-  rows = [
-    {"epoch": i, "epoch_time_s": 1.0, "eval_time_s": 0.5, "val_loss": 3.0 - i} for i in (0, 1)
-  ]
-  (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-  (workdir / "devices1" / "machine.json").write_text(json.dumps({"machine": "a box", "jax": "0"}))
+  write_finished_run(workdir / "devices1" / "none_k1")
   return argv
 
 
@@ -673,10 +695,12 @@ def test_a_sigterm_stops_the_worker_cleanly_whether_or_not_it_had_one_too(
   assert (tmp_path / "stopped cleanly").exists() == handled
 
 
-@pytest.mark.slow
-def test_a_budget_sweep_started_again_plans_only_what_is_left_at_its_first_epochs(tmp_path):
+def test_a_budget_sweep_started_again_plans_only_what_is_left_at_its_first_epochs(
+  tmp_path, monkeypatch
+):
   """A second GPU call finishes a sweep: runs the first start finished cost nothing in the new
   plan, and the rest train the first plan's epochs or not at all, so that the table compares."""
+  train_at_once(monkeypatch)
   probed = json.loads(json.dumps(PROBED))
   probed["planned"].append(
     {"strategy": "quantile", "requested_buckets": 2, "num_buckets": 2, "padded": 900}
