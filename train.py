@@ -2026,18 +2026,31 @@ def _inference_apply(model: nn.Module) -> Callable:
   return jax.jit(functools.partial(model.apply, train=False))
 
 
+def inference_length(length: int, round_to: int) -> int:
+  """`length` rounded up to a multiple of `round_to` that is one of four an octave: less than a
+  quarter more timesteps than `round_to` alone pads to, in shapes as many as the log of the
+  length."""
+  multiples = -(-length // round_to)
+  step = max(1, 2 ** (multiples.bit_length() - 3))  # 4 steps from 2**k to 2**(k+1) multiples
+  return -(-multiples // step) * step * round_to
+
+
 def transcribe(
   params: Any, config: ml_collections.ConfigDict, points: np.ndarray, stroke_end: np.ndarray
 ) -> str:
-  """The greedy transcription of one line of ink: `points [N, 3]` (x, y, t), `stroke_end [N]`."""
+  """The greedy transcription of one line of ink: `points [N, 3]` (x, y, t), `stroke_end [N]`.
+
+  The line is padded to one of four lengths an octave (multiples of `round_to`), so that
+  transcribing line after line compiles a few programs, not one per length.
+  """
   features = features_lib.ink_to_features(points, stroke_end, feature_config(config))
-  length = int(bucketing.boundaries.round_up(len(features), config.bucketing.round_to))
+  length = inference_length(len(features), config.bucketing.round_to)
   inputs = np.zeros((1, length, features.shape[1]), np.float32)
   inputs[0, : len(features)] = features
   paddings = (np.arange(length) >= len(features)).astype(np.float32)[None]
   logits = _inference_apply(build_model(config))({"params": params}, inputs, paddings)
-  ids, lengths = ctc.greedy_decode(logits, paddings)
-  return ALPHABET.decode(np.asarray(ids[0, : int(lengths[0])]))
+  ids, lengths = jax.device_get(ctc.greedy_decode(logits, paddings))  # slicing: no compile
+  return ALPHABET.decode(ids[0, : int(lengths[0])])
 
 
 if __name__ == "__main__":

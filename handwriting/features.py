@@ -103,10 +103,18 @@ def ink_to_features(
   """
   points = np.asarray(points, dtype=np.float64)
   stroke_end = np.asarray(stroke_end, dtype=np.bool_)
-  if points.ndim != 2 or points.shape[1] != 3 or len(points) != len(stroke_end) or not len(points):
+  if (
+    points.ndim != 2
+    or points.shape[1] != 3
+    or stroke_end.shape != (len(points),)
+    or not len(points)
+  ):
     raise ValueError(
       f"expected points [N>0, 3] and stroke_end [N], got {points.shape} and {stroke_end.shape}"
     )
+  if not np.all(np.isfinite(points)):  # NaN would reach the model as NaN features, silently
+    row = int(np.flatnonzero(~np.isfinite(points).all(axis=1))[0])
+    raise ValueError(f"points must be finite numbers; point {row} is {points[row].tolist()}")
   if config.normalize:
     scale = writing_height(points[:, 1])
     points = np.concatenate([(points[:, :2] - points[0, :2]) / scale, points[:, 2:]], axis=1)

@@ -736,6 +736,17 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   assert not (tmp_path / "typo").exists()
 
 
+@pytest.mark.parametrize("round_to", [1, 6, 8])
+def test_inference_lengths_are_few_an_octave_and_pad_by_less_than_a_quarter(round_to):
+  rounded = bucketing.boundaries.round_up(np.arange(1, 5001), round_to)
+  padded = np.array([train.inference_length(n, round_to) for n in range(1, 5001)])
+  assert np.all(padded % round_to == 0) and np.all(padded >= rounded)
+  assert np.all(padded < 1.25 * rounded)
+  for octave in range(2, 12):  # round_to multiples in (2**octave, 2**(octave + 1)]
+    multiples = np.arange(2**octave + 1, 2 ** (octave + 1) + 1) * round_to
+    assert len({train.inference_length(int(n), round_to) for n in multiples}) <= 4
+
+
 def test_evaluate_checkpoint_and_transcribe(uninterrupted, caplog):
   workdir, summary = uninterrupted
   config = tiny_config()
@@ -749,6 +760,14 @@ def test_evaluate_checkpoint_and_transcribe(uninterrupted, caplog):
   compiles = compilation.CompileEvents.outside_steps()
   again = train.transcribe(params, tiny_config(), example["points"], example["stroke_end"])
   assert again == text and compilation.CompileEvents.outside_steps() == compiles
+  # Lines of other lengths in the same quarter-octave reuse that program too.
+  for cut in (1, 2, 3):
+    train.transcribe(params, config, example["points"][:-cut], example["stroke_end"][:-cut])
+  assert compilation.CompileEvents.outside_steps() == compiles
+  with pytest.raises(ValueError, match=r"points must be finite numbers; point 2 is \[nan, "):
+    points = example["points"].copy()
+    points[2, 0] = np.nan
+    train.transcribe(params, config, points, example["stroke_end"])
 
   # The same line inside a batch padded far past its length decodes to the same text.
   data = train.load_split(config, "validation", 1)
