@@ -95,6 +95,15 @@ class TrainState(train_state_lib.TrainState):
 # Configuration checks, data and plans.
 
 
+def check_is_config(config: Any) -> None:
+  """The public entry points' first check: a dict instead would fail on its first field read."""
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise TypeError(
+      f"the config must be an ml_collections.ConfigDict (an experiments/*.py get_config()), "
+      f"not a {type(config).__name__}"
+    )
+
+
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails before any data is read or anything compiled, naming the field that is wrong."""
   bucket_config = config.bucketing
@@ -961,6 +970,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   that came once training was done and left the test split unscored). A run that an earlier start
   finished is not compiled or trained again: its `summary.json` is returned.
   """
+  check_is_config(config)
   workdir = workdir_path(workdir)
   stop = StopRequest(config.max_minutes)
   setup_runtime(config)
@@ -1937,6 +1947,7 @@ def load_params(
 
   The default sharding is this process's first device, whatever topology the run trained on.
   """
+  check_is_config(config)
   return _load_params(config, workdir, sharding, checkpoint)[0]
 
 
@@ -1978,6 +1989,7 @@ def evaluate_checkpoint(
   """Loss, CER and WER of the best (or latest) checkpoint in `workdir` on any split of the
   configured data, with the lines scored and those skipped as bad (`config.data.bad_examples`),
   and where the parameters are from (`_load_params`)."""
+  check_is_config(config)
   workdir = workdir_path(workdir)
   setup_runtime(config)
   mesh = make_data_mesh()

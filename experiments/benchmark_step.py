@@ -157,8 +157,7 @@ def median_ms(run: Callable[[], object], repeats: int) -> float:
 
 def make_config(preset: str, *overrides: dict):
   """`experiments/iam.py` (its tiny variant for the tiny preset) with dotted overrides."""
-  config = iam.get_config("tiny" if preset == "tiny" else None)
-  config.lock()  # a misspelt override fails instead of adding a field
+  config = iam.get_config("tiny" if preset == "tiny" else None)  # locked: a misspelt field fails
   for override in overrides:
     config.update_from_flattened_dict(override)
   return config

@@ -113,6 +113,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.distributed.coordinator_address = ml_collections.FieldReference(None, field_type=str)
   config.distributed.num_processes = ml_collections.FieldReference(None, field_type=int)
   config.distributed.process_id = ml_collections.FieldReference(None, field_type=int)
+  # Locked, as `--config` locks it: a misspelt field set from Python (`config.max_step = 3`) is
+  # an error naming the field it meant, not a field the trainer never reads.
+  config.lock()
   return config
 
 

@@ -4,6 +4,7 @@ resume, errors, end to end."""
 import contextlib
 import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -65,8 +66,7 @@ REQUIRED_SUMMARY_KEYS = {
 
 
 def tiny_config(**overrides):
-  config = synthetic.get_config("tiny")
-  config.lock()  # a misspelt override fails instead of adding a field
+  config = synthetic.get_config("tiny")  # locked: a misspelt override fails
   config.update_from_flattened_dict(overrides)
   return config
 
@@ -528,6 +528,23 @@ def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, messa
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(**overrides), tmp_path)
   assert not (tmp_path / "plan.json").exists()
+
+
+def test_a_config_from_python_refuses_a_misspelt_field_and_is_a_config_dict(tmp_path):
+  """`--config` locks its ConfigDict; a notebook's `get_config()` is locked alike."""
+  config = synthetic.get_config("tiny")
+  with pytest.raises(AttributeError, match='Did you mean "max_steps" instead of "max_step"'):
+    config.max_step = 3
+  with pytest.raises(AttributeError, match='Did you mean "num_buckets"'):
+    config.bucketing.num_bucket = 1
+  for entry_point in (
+    train.train_and_evaluate,
+    functools.partial(train.evaluate_checkpoint, split="test"),
+    train.load_params,
+  ):
+    with pytest.raises(TypeError, match=r"must be an ml_collections\.ConfigDict .* not a dict"):
+      entry_point(config.to_dict(), tmp_path)
+  assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
