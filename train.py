@@ -37,6 +37,7 @@ import os
 import pathlib
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -932,6 +933,7 @@ class Run:
   checkpoints: Checkpoints
   logger: Logger
   stop: StopRequest
+  training_thread: int | None = None  # `threading.get_ident()` of the thread that trains
   compiles_expected: int = 0
 
   @property
@@ -939,14 +941,16 @@ class Run:
     return NamedSharding(self.mesh, P("data"))
 
   def start_watching_compiles(self) -> None:
-    """From here on the steps, batches and evaluation must compile nothing (checkpointing may,
-    inside `save_latest` and `save_best`: `compilation.CompileEvents.allowed`)."""
-    self.compiles_expected = compilation.CompileEvents.outside_steps()
+    """From here on the steps, batches and evaluation, which run on this thread, must compile
+    nothing (checkpointing may, inside `save_latest` and `save_best`:
+    `compilation.CompileEvents.allowed`); other threads of the process are not watched."""
+    self.training_thread = threading.get_ident()
+    self.compiles_expected = compilation.CompileEvents.outside_steps(self.training_thread)
 
   def check_no_recompile(self, where: Callable[[], str]) -> None:
-    """Raises if anything compiled since `start_watching_compiles`; `where()` (formatted only
-    then, since this runs at every step) says when."""
-    if compilation.CompileEvents.outside_steps() != self.compiles_expected:
+    """Raises if this thread compiled anything since `start_watching_compiles`; `where()`
+    (formatted only then, since this runs at every step) says when."""
+    if compilation.CompileEvents.outside_steps(self.training_thread) != self.compiles_expected:
       raise RuntimeError(
         f"a compilation happened {where()}: every train and eval step must reuse its bucket's "
         "ahead-of-time executable"

@@ -676,6 +676,33 @@ def test_a_compile_in_evaluation_is_an_error(tmp_path, monkeypatch):
     train.train_and_evaluate(tiny_config(), tmp_path)
 
 
+def test_another_threads_compiles_while_a_run_trains_are_not_its_recompiles(tmp_path):
+  """A notebook keeps working (and compiling) while a run trains on a thread of its own."""
+  done, compiled = threading.Event(), []
+
+  def notebook():
+    for size in range(2000, 3000):  # shapes no run uses
+      if done.is_set():
+        return
+      jax.jit(lambda x: x + 1.0)(np.ones(size, np.float32))
+      compiled.append(time.monotonic())
+
+  summary = {}
+  trainer = threading.Thread(
+    target=lambda: summary.update(train.train_and_evaluate(tiny_config(), tmp_path))
+  )
+  other = threading.Thread(target=notebook)
+  other.start()
+  start = time.monotonic()
+  trainer.start()
+  trainer.join()
+  end = time.monotonic()
+  done.set()
+  other.join()
+  assert summary["epochs"] == 2  # trained to its end, no RuntimeError on its thread
+  assert any(start < moment < end for moment in compiled)
+
+
 def test_nan_loss_stops_with_step_and_bucket(tmp_path, monkeypatch):
   # Bad lines are refused at load; this NaN stands for a diverging model.
   load = train._load_checked

@@ -35,7 +35,9 @@ class CompileEvents:
   """Counts XLA compilations and persistent-cache hits and misses by what made them: the step
   compiles (`_lower_and_compile`, on the pool or inline), whose counts are the run's compile
   accounting; helpers the caller allows (`allowed`: checkpointing compiles small ones of its
-  own); and anything else, which while training is a recompile (an error)."""
+  own); and anything else, which while training is a recompile (an error) when the training
+  thread made it: another thread of the process (a notebook's, while a run trains in the
+  background) may compile what it likes."""
 
   _lock = threading.Lock()
   _counts: ClassVar[collections.Counter] = collections.Counter()
@@ -74,18 +76,26 @@ class CompileEvents:
     del args, kwargs
     kind = getattr(cls._compiling, "kind", None)
     with cls._lock:
-      cls._counts[event, kind] += 1
+      cls._counts[event, kind, threading.get_ident()] += 1
 
   @classmethod
-  def count(cls, event: str, in_steps: bool) -> int:
-    """The `event`s of the step compiles (`in_steps`), or of everything unmarked."""
+  def count(cls, event: str, in_steps: bool, thread: int | None = None) -> int:
+    """The `event`s of the step compiles (`in_steps`), or of everything unmarked; of every
+    thread, or of the one whose `threading.get_ident()` is `thread`."""
+    kind = "step" if in_steps else None
     with cls._lock:
-      return cls._counts[event, "step" if in_steps else None]
+      return sum(
+        number
+        for (name, marked, made_by), number in cls._counts.items()
+        if name == event and marked == kind and thread in (None, made_by)
+      )
 
   @classmethod
-  def outside_steps(cls) -> int:
-    """Compilations neither a step's nor allowed, from the backend or the persistent cache."""
-    return cls.count(BACKEND_COMPILE_EVENT, False) + cls.count(CACHE_HIT_EVENT, False)
+  def outside_steps(cls, thread: int | None = None) -> int:
+    """Compilations neither a step's nor allowed, from the backend or the persistent cache; of
+    every thread, or of `thread` alone."""
+    compiled = (BACKEND_COMPILE_EVENT, CACHE_HIT_EVENT)
+    return sum(cls.count(event, False, thread) for event in compiled)
 
   @classmethod
   def cache_counts(cls) -> tuple[int, int]:
