@@ -1020,6 +1020,8 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
     global_step = int(jax.device_get(state.step))
     earlier = finished_earlier(config, workdir, progress, global_step)
     if earlier is not None:  # nothing to compile, train or score
+      if jax.process_index() == 0:
+        repair_records(config, workdir, plan_summary)
       return earlier
     # Only now: a start refused, or one with nothing to do, leaves the run's records as they were
     # (`--mode=evaluate` checks its config against config.json).
@@ -1401,6 +1403,9 @@ def check_trained_with(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   differ (`HOW_NOT_WHAT_FIELDS`), and dropout, which inference leaves out."""
   path = workdir / CONFIG_FILE
   if not path.is_file():
+    LOG.warning(
+      "%s is missing: the config's model and features cannot be checked against the run's", path
+    )
     return
   trained, current = cli_errors.read_json_object(path), flat_config(config)
   differ = [
@@ -1434,6 +1439,18 @@ def schedule_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
     and before.get(field) != current.get(field)
   ]
   return f"; its {path} differs in {'; '.join(changed)}" if changed else ""
+
+
+def repair_records(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan: dict) -> None:
+  """Writes again the `plan.json` and `config.json` of a finished run that lost them or has them
+  damaged, which `--mode=evaluate` needs; a start with nothing to do leaves sound ones as they
+  were."""
+  for path, record in ((workdir / PLAN_FILE, plan), (workdir / CONFIG_FILE, flat_config(config))):
+    try:
+      cli_errors.read_json_object(path)
+    except ValueError as error:
+      LOG.warning("%s; written again from this start", error)
+      _write_atomically(path, json.dumps(record, indent=2))
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resumed: bool) -> None:

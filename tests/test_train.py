@@ -228,6 +228,36 @@ def test_a_finished_run_without_its_summary_writes_it_again(
   assert read_rows(copy) == read_rows(workdir)
 
 
+def test_a_finished_run_started_again_repairs_a_lost_plan_and_a_damaged_config_record(
+  uninterrupted, tmp_path, monkeypatch, caplog
+):
+  """--mode=evaluate needs both; a sound one is left as it was."""
+  workdir, _ = uninterrupted
+  copy = tmp_path / "run"
+  shutil.copytree(workdir, copy)
+  (copy / "plan.json").unlink()
+  (copy / "config.json").write_text("[]")
+  with pytest.raises(FileNotFoundError, match=r"plan\.json is missing"):
+    train.evaluate_checkpoint(tiny_config(), copy, "validation")
+  monkeypatch.setattr(train, "start_compiling", None)  # nothing to compile: a finished run
+  with caplog.at_level(logging.WARNING, logger=train.LOG.name):
+    train.train_and_evaluate(tiny_config(), copy)
+  assert "plan.json: cannot be read (No such file or directory); written again" in caplog.text
+  assert "config.json: not a JSON object, so not the file this trainer writes there; written" in (
+    caplog.text
+  )
+  for name in ("plan.json", "config.json"):
+    assert (copy / name).read_text() == (workdir / name).read_text()
+  scores = train.evaluate_checkpoint(tiny_config(), copy, "validation")
+  assert scores == train.evaluate_checkpoint(tiny_config(), workdir, "validation")
+  # Without the record, parameters still load, but not silently unchecked.
+  (copy / "config.json").unlink()
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger=train.LOG.name):
+    train.load_params(tiny_config(), copy)
+  assert "config.json is missing: the config's model and features cannot be checked" in caplog.text
+
+
 def test_a_finished_run_started_again_with_a_test_split_scores_it_once(
   uninterrupted, tmp_path, monkeypatch
 ):
