@@ -77,6 +77,12 @@ def run(main: Callable[[], int | None]) -> int:
   return code if isinstance(code, int) else 0
 
 
+def shows_progress_bars() -> bool:
+  """Whether stderr is a terminal or a notebook's, where a progress bar redraws in place; in a
+  file or a pipe each redraw would be one more line of the log."""
+  return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
 def debugging() -> bool:
   """Whether `DEBUG_ENV` asks for tracebacks instead of one line."""
   return os.environ.get(DEBUG_ENV, "") not in ("", "0")

@@ -911,7 +911,7 @@ def setup_runtime(config: ml_collections.ConfigDict) -> None:
 def progress_bar(total: int, initial: int, description: str, enabled: bool):
   """A tqdm bar on a terminal or in a notebook; none when off, or when stderr goes to a file or a
   pipe (a log full of redraws)."""
-  if not (enabled and (sys.stderr.isatty() or "ipykernel" in sys.modules)):
+  if not (enabled and cli_errors.shows_progress_bars()):
     return contextlib.nullcontext()
   from tqdm import tqdm
 

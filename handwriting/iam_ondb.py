@@ -33,6 +33,7 @@ import xml.etree.ElementTree as ET
 import numpy as np
 import tqdm
 
+import cli_errors
 from handwriting.alphabet import Alphabet
 
 # Split name -> the official IAM-OnDB-t1 file listing its form ids.
@@ -215,7 +216,8 @@ def read_iam_ondb(
 ) -> ParsedSplits:
   """Parse the download in `manual_dir` into examples of the four t1 splits.
 
-  One pass over each archive. Errors and skips follow the module's bad-input policy.
+  One pass over each archive, with a progress bar (`progress`) where stderr is a terminal or a
+  notebook's. Errors and skips follow the module's bad-input policy.
   """
   manual_dir = check_manual_dir(manual_dir)
   alphabet = alphabet or Alphabet()
@@ -245,7 +247,7 @@ def read_iam_ondb(
     _iter_members(manual_dir, "lineStrokes", STROKES_ARCHIVE, ".xml"),
     desc="Parsing IAM-OnDB line files",
     unit=" files",
-    disable=not progress,
+    disable=not (progress and cli_errors.shows_progress_bars()),
   )
   for source, data in files:
     line_id = pathlib.PurePosixPath(source).stem

@@ -194,6 +194,13 @@ def test_missing_or_empty_manual_dir_fails(tmp_path, make):
     iam_ondb.read_iam_ondb(root, progress=False)
 
 
+def test_parsing_into_a_log_file_draws_no_progress_bar(tmp_path, capfd):
+  """stderr captured, as in a log file: no redraws of the bar, one line each."""
+  parsed = iam_ondb.read_iam_ondb(write_download(tmp_path), progress=True)
+  assert parsed.examples["train"]
+  assert "Parsing IAM-OnDB" not in capfd.readouterr().err
+
+
 def test_a_manual_dir_that_is_a_file_is_called_a_file(tmp_path):
   root = tmp_path / "manual"
   root.write_text("")
