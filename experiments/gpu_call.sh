@@ -16,8 +16,9 @@
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
 # "On a GPU machine without TFDS or network"). Each stage writes its results under
-# $RESULTS_DIR (default experiments/results/) with the device named, then copies them to $OUT
-# when that is set:
+# $RESULTS_DIR (default experiments/results/ on a GPU machine; elsewhere it must be set, so that
+# a dry run leaves the committed GPU results alone) with the device named, then copies them to
+# $OUT when that is set:
 #   startup        compiling `experiments/iam.py` K = 8 sequentially, in parallel, overlapped and
 #                  from the persistent cache (20 steps per run; 5 runs, three of them compiling
 #                  all 15 steps cold: perhaps 5 minutes)              -> benchmark_compile_gpu.md
@@ -38,7 +39,8 @@
 #                  iam.py:gpu's, at K = 2; 2 candidates at M = 2.5: perhaps 8 minutes)
 #                                                                 -> recipe_full_gpu.{md,csv,png}
 #   accuracy:M     `experiments/iam.py:gpu` ($ACCURACY_CONFIG: another, e.g. experiments/iam.py:cpu)
-#                  trained for at most M minutes, then its best checkpoint's test CER (testset_f);
+#                  trained for at most M minutes (less where the call would have under 90 s
+#                  left for the test split), then its best checkpoint's test CER (testset_f);
 #                  $ACCURACY_TAG names a variant's files, e.g. dropout04 with
 #                  CONFIG_OVERRIDES=--config.model.dropout_rate=0.4
 #                               -> accuracy_gpu[_TAG].json, accuracy_gpu[_TAG]_metrics.jsonl
@@ -59,7 +61,8 @@
 # Stages run in the order given; a stage that fails is reported and the next one still runs. All
 # of them end by $DEADLINE_S seconds (default 570, inside a 10-minute call): a command still
 # running then gets SIGINT (train.py checkpoints and stops), and each stage's results are copied
-# to $OUT as soon as it ends, so what finished comes back even if the call is cut short.
+# to $OUT as soon as it ends, so what finished comes back even if the call is cut short. Ctrl-C
+# or SIGTERM does the same at once to the running stage, then ends the call (exit code 130).
 # $CONFIG_OVERRIDES (e.g. "--config.data.train_limit=64 --config.model.hidden_size=16", values
 # without spaces) reach the startup, accuracy and memory stages' configs, $STEP_PRESET (default
 # "defaults"; "tiny" on a CPU) the flags and kernels stages' shapes and $PAPER_PRESET the paper
@@ -73,7 +76,23 @@ if [[ $# -lt 2 ]]; then
 fi
 data_dir=$1
 shift
+for spec in "$@"; do
+  stage=${spec%%:*}
+  if [[ ! $stage =~ ^(startup|paper|recipe|accuracy|flags|kernels|epoch|memory)$ ]]; then
+    echo "error: unknown stage $stage (startup, paper:M, recipe:M, accuracy:M, flags, kernels, epoch, memory)" >&2
+    exit 2
+  fi
+  if [[ $stage =~ ^(paper|recipe|accuracy)$ && ! $spec =~ ^[a-z]+:([0-9]+\.?[0-9]*|\.[0-9]+)$ ]]; then
+    echo "error: $spec: the $stage stage needs its minutes, e.g. $stage:4" >&2
+    exit 2
+  fi
+done
 read -r -a overrides <<<"${CONFIG_OVERRIDES:-}"
+# The committed *_gpu results are a GPU's: a dry run elsewhere writes to a scratch folder.
+if [[ -z ${RESULTS_DIR:-} ]] && ! nvidia-smi -L >/dev/null 2>&1; then
+  echo "error: no GPU here (nvidia-smi): set RESULTS_DIR to a scratch folder for a dry run" >&2
+  exit 2
+fi
 results=${RESULTS_DIR:-experiments/results}
 mkdir -p "$results" /tmp/gpu-call
 stamp=/tmp/gpu-call/started
@@ -82,14 +101,42 @@ deadline=${DEADLINE_S:-570}
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 failed=()
 
-# Runs a command with what is left until the deadline (status 124 if nothing is left).
+# Ctrl-C or SIGTERM: the running command gets SIGINT, as at the deadline (train.py checkpoints
+# and stops, a sweep reports what finished), then the call ends with what it has.
+interrupted=0
+command_pid=
+stop_command() {
+  interrupted=1
+  [[ -n $command_pid ]] && kill -INT -- -"$command_pid" 2>/dev/null
+}
+trap stop_command INT TERM
+
+# Runs a command with what is left until the deadline (status 124 if nothing is left). `timeout`
+# runs it in a process group of its own, which the deadline's SIGINT and stop_command's reach
+# whole (a sweep's workers too).
 within_deadline() {
   local left=$((deadline - SECONDS))
   if ((left <= 0)); then
     echo "no time left for: $*" >&2
     return 124
   fi
-  timeout --signal=INT --kill-after=15 "$left" "$@"
+  timeout --signal=INT --kill-after=15 "$left" "$@" &
+  command_pid=$!
+  local status
+  wait "$command_pid"
+  status=$?
+  while kill -0 "$command_pid" 2>/dev/null; do # a trapped signal ended the wait, not the command
+    wait "$command_pid"
+    status=$?
+  done
+  command_pid=
+  return "$status"
+}
+
+# M minutes, or what the call has left after `reserve` seconds if that is less (none: 0).
+minutes_left() {
+  awk -v m="$1" -v left=$((deadline - SECONDS - $2)) \
+    'BEGIN { left /= 60; m = m < left ? m : left; print (m > 0 ? m : 0) }'
 }
 
 run_stage() {
@@ -102,8 +149,8 @@ run_stage() {
       ;;
     paper)
       # The sweep plans to its own budget: no more than the call has left, less 30 s to report.
-      minutes=$(awk -v m="$minutes" -v left=$((deadline - SECONDS - 30)) \
-        'BEGIN { left /= 60; print (m < left ? m : left) }')
+      minutes=$(minutes_left "$minutes" 30)
+      [[ $minutes == 0 ]] && echo "no time left for the paper stage" >&2 && return 124
       local preset
       read -r -a preset <<<"${PAPER_PRESET---gpu}" # set but empty: the full preset
       local workdir=${PAPER_WORKDIR:-/tmp/gpu-call/paper}
@@ -126,6 +173,9 @@ run_stage() {
     accuracy)
       local workdir=/tmp/gpu-call/accuracy config=${ACCURACY_CONFIG:-experiments/iam.py:gpu}
       local name=accuracy_gpu${ACCURACY_TAG:+_$ACCURACY_TAG}
+      # Training ends in time for the test split: 90 s kept to load, compile and score it.
+      minutes=$(minutes_left "$minutes" 90)
+      [[ $minutes == 0 ]] && echo "no time left for the accuracy stage" >&2 && return 124
       within_deadline python train.py --config="$config" --workdir="$workdir" \
         --config.data.data_dir="$data_dir" --config.max_minutes="$minutes" \
         --config.progress_bar=False "${overrides[@]}" >"$workdir.train.json"
@@ -166,12 +216,6 @@ run_stage() {
 }
 
 for spec in "$@"; do
-  if [[ ! ${spec%%:*} =~ ^(startup|paper|recipe|accuracy|flags|kernels|epoch|memory)$ ]]; then
-    echo "error: unknown stage ${spec%%:*} (startup, paper:M, recipe:M, accuracy:M, flags, kernels, epoch, memory)" >&2
-    exit 2
-  fi
-done
-for spec in "$@"; do
   stage=${spec%%:*}
   minutes=${spec#*:}
   [[ $minutes == "$spec" ]] && minutes=0
@@ -180,6 +224,10 @@ for spec in "$@"; do
   run_stage "$stage" "$minutes" || failed+=("$stage")
   if [[ -n ${OUT:-} ]]; then
     find "$results" -maxdepth 1 -name '*gpu*' -newer "$stamp" -exec cp {} "$OUT"/ \;
+  fi
+  if ((interrupted)); then
+    echo "interrupted during $stage: the stages after it did not run" >&2
+    exit 130
   fi
 done
 if [[ ${#failed[@]} -gt 0 ]]; then
