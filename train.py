@@ -1927,8 +1927,12 @@ def _summary(
     "compile_mode": run.config.compile_mode,
     **run.steps.accounting(),
     **_step_memory(run),
-    "train_time_s": sum(row["epoch_time_s"] for row in progress.history),
-    "compile_wait_s": sum(row.get("compile_wait_s", 0.0) for row in progress.history),
+    # The epochs', and that of an epoch a stop cut short (max_steps, a signal, the time cap).
+    "train_time_s": sum(row["epoch_time_s"] for row in progress.history) + progress.epoch_seconds,
+    "compile_wait_s": (
+      sum(row.get("compile_wait_s", 0.0) for row in progress.history)
+      + progress.epoch_compile_wait_seconds
+    ),
     "epochs": len(progress.history),
     "selection_metric": progress.selection_metric,
     "best_epoch": progress.best_epoch,

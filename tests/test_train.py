@@ -620,6 +620,12 @@ def test_a_workdir_that_cannot_be_locked_still_trains_and_says_so(tmp_path, monk
   assert "cannot lock" in caplog.text and "No locks available" in caplog.text
 
 
+def test_a_run_stopped_before_its_first_epoch_ended_counts_the_steps_it_trained(tmp_path):
+  summary = train.train_and_evaluate(tiny_config(max_steps=3), tmp_path)
+  assert summary["epochs"] == 0 and summary["global_step"] == 3
+  assert summary["train_time_s"] > 0  # was 0: only ended epochs counted
+
+
 def test_a_fresh_start_beside_an_earlier_runs_best_parameters_is_refused(
   uninterrupted, tmp_path, caplog
 ):
