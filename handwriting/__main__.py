@@ -37,6 +37,9 @@ README: Getting IAM-OnDB. synthetic needs no download.
   python -m handwriting build --dataset synthetic --data_dir data"""
 
 
+SYNTHETIC_DEFAULTS = {"seed": 0, "num_train": 5000, "num_eval": 500}
+
+
 def _add_data_flags(parser: argparse.ArgumentParser, build: bool) -> None:
   """The flags that say which dataset, where it is, and how the synthetic one is generated; what
   --data_dir and --manual_dir mean differs between writing a build and reading one."""
@@ -60,21 +63,21 @@ def _add_data_flags(parser: argparse.ArgumentParser, build: bool) -> None:
   parser.add_argument(
     "--seed",
     type=cli_errors.non_negative_int,
-    default=0,
-    help="synthetic only: generator seed, >= 0 (default: 0)",
+    default=SYNTHETIC_DEFAULTS["seed"],
+    help="synthetic only: generator seed, >= 0 (default: %(default)s)",
   )
   parser.add_argument(
     "--num_train",
     type=cli_errors.positive_int,
     metavar="N",
-    default=5000,
+    default=SYNTHETIC_DEFAULTS["num_train"],
     help="synthetic only: lines in train (default: %(default)s)",
   )
   parser.add_argument(
     "--num_eval",
     type=cli_errors.positive_int,
     metavar="N",
-    default=500,
+    default=SYNTHETIC_DEFAULTS["num_eval"],
     help="synthetic only: lines in each of validation, validation2 and test (default: %(default)s)",
   )
 
@@ -170,10 +173,28 @@ def _check_data_dir(data_dir: str | None) -> None:
     )
 
 
+def _check_flags_fit_the_dataset(args, parser: argparse.ArgumentParser) -> None:
+  """A flag the dataset does not read is an error, not silently another dataset's report (the
+  default `--dataset synthetic` with an IAM-OnDB `--data_dir`)."""
+  if args.dataset == "synthetic" and args.command == "build":
+    unread, why = ["--manual_dir"], "the synthetic set is generated, not built from a download"
+  elif args.dataset == "synthetic":
+    unread = ["--data_dir", "--manual_dir"]
+    why = "the synthetic set is generated; name the data to read with --dataset (iam_ondb, or a "
+    why += ".npz export's path)"
+  else:
+    unread = [f"--{name}" for name in SYNTHETIC_DEFAULTS]
+    why = "only the synthetic set's generator reads it"
+  given = [flag for flag in unread if getattr(args, flag[2:]) != SYNTHETIC_DEFAULTS.get(flag[2:])]
+  if given:
+    parser.error(f"{' and '.join(given)} with --dataset {args.dataset}: {why}")
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = _parser()
   args = parser.parse_args(argv)
   _check_data_dir(args.data_dir)
+  _check_flags_fit_the_dataset(args, parser)
   if args.command == "build":
     start = time.perf_counter()
     if args.dataset == "iam_ondb":

@@ -242,6 +242,13 @@ def test_a_write_that_fails_anyway_is_named_with_its_flag(tmp_path, capsys, monk
     ),
     (["build", "--dataset", "x.npz"], "--dataset: invalid choice: 'x.npz'"),
     (["build", "--data_dir", "{tmp}/file.npz"], "--data_dir {tmp}/file.npz: is a file, not a"),
+    # Flags the dataset would not read: the default synthetic set reported for IAM-OnDB's folder.
+    (["stats", "--data_dir", "{tmp}"], "--data_dir with --dataset synthetic: the synthetic set is"),
+    (["build", "--manual_dir", "{tmp}"], "--manual_dir with --dataset synthetic: the synthetic"),
+    (
+      ["stats", "--dataset", "{tmp}/file.npz", "--seed", "3", "--num_eval", "9"],
+      "--seed and --num_eval with --dataset {tmp}/file.npz: only the synthetic set's generator",
+    ),
   ],
 )
 def test_bad_flags_are_named(tmp_path, capsys, monkeypatch, argv, message):
