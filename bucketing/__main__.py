@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
   length_count = count_up_to(boundaries.MAX_LENGTH)
   int64_count = count_up_to(int(np.iinfo(np.int64).max))
   plan.add_argument(
-    "--num-buckets", type=count, default=8, help="K (the largest K for auto): %(default)s"
+    "--num-buckets", type=count, help="K (the largest K for auto; not for fixed): 8 by default"
   )
   plan.add_argument(
     "--bounds", type=cli_errors.int_list, help="comma-separated upper bounds, for --strategy fixed"
@@ -180,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
 
   check_upper_bounds(args.strategy, args.bounds, ("--strategy", "--bounds"))
+  if args.num_buckets is not None and args.strategy in ("fixed", "none"):
+    plan.error(f"--num-buckets is not for --strategy {args.strategy}, which sets its own bounds")
   if args.bounds is not None:
     try:
       boundaries.fixed_bounds(args.bounds)
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
   result = make_plan(
     lengths,
     strategy=args.strategy,
-    num_buckets=args.num_buckets,
+    num_buckets=8 if args.num_buckets is None else args.num_buckets,
     upper_bounds=args.bounds,
     batch_size=32 if args.batch_size is None and args.max_tokens is None else args.batch_size,
     max_tokens=args.max_tokens,

@@ -132,10 +132,16 @@ def make_config(
   `dataset="auto"` takes IAM-OnDB when `data_dir` holds it or `IAM_ONDB_DIR` is set (the
   download, built on first use: into `data_dir` when given), else the synthetic set. A `data_dir`
   given for IAM-OnDB (`auto` or `iam_ondb`) that holds neither its export nor a TFDS build, with
-  no `IAM_ONDB_DIR` to build one from, is an error, not the synthetic set. `cost` is
+  no `IAM_ONDB_DIR` to build one from, is an error, not the synthetic set, and so is one given
+  with `dataset="synthetic"`, which would read nothing from it. `cost` is
   "alpha,beta,kappa[,gamma]" for `auto`, in seconds (gamma 0 when left out); without it `auto`
   measures its cost model.
   """
+  if dataset == "synthetic" and data_dir:  # else silently another dataset's table
+    raise cli_errors.UsageError(
+      f"--data-dir {data_dir} with --dataset synthetic: the synthetic set is generated; leave "
+      "one of them out"
+    )
   if dataset in ("auto", "iam_ondb") and data_dir:
     check_data_dir(data_dir)
   if dataset == "auto":

@@ -117,6 +117,8 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     (f"{2**31 - 1}\n", ["--round-to", "8"], "--round-to 8: rounds the longest length of"),
     ("12\n", ["--strategy", "fixed", "--bounds", f"12,{2**62}"], "--bounds: fixed bounds must be"),
     ("12\n", ["--strategy", "fixed", "--bounds", "20,12"], "--bounds: fixed bounds must be posi"),
+    ("12\n", ["--strategy", "fixed", "--bounds", "20", "--num-buckets", "4"], "--num-buckets is"),
+    ("12\n", ["--strategy", "none", "--num-buckets", "4"], "not for --strategy none, which sets"),
     ("12\n", ["--strategy", "auto", "--epochs", "nan"], "--epochs: must be a finite number > 0"),
     ("12\n", ["--epochs", "-1"], "--epochs: must be a finite number > 0, got '-1'"),
     ("12\n", ["--epochs", "x"], "--epochs: 'x' is not a number"),

@@ -145,7 +145,8 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
   (tmp_path / "built" / "iam_ondb").mkdir(parents=True)
   for folder in ("exported", "built"):
     assert paper.make_config("tiny", "auto", str(tmp_path / folder)).data.dataset == "iam_ondb"
-  assert paper.make_config("tiny", "synthetic", empty).data.dataset == "synthetic"
+  with pytest.raises(cli_errors.UsageError, match="with --dataset synthetic: the synthetic set"):
+    paper.make_config("tiny", "synthetic", empty)
   monkeypatch.setenv("IAM_ONDB_DIR", str(tmp_path / "download"))
   assert paper.make_config("tiny", "auto", empty).data.dataset == "iam_ondb"
   # Without --data-dir, `auto` takes IAM-OnDB only when IAM_ONDB_DIR is set.
