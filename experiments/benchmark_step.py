@@ -457,7 +457,8 @@ def epoch_rows(
 ) -> list[dict[str, str]]:
   """One IAM-OnDB training epoch of `data` (`load_epoch_data`): our trainer (`optimal` K = 8,
   `none`), for each model dtype in `dtype_settings` (dtype -> its config overrides; default:
-  float32 alone) against PyTorch cuDNN (float32; the tiny preset: its model). Returns the rows."""
+  float32 alone) against PyTorch cuDNN (float32; the tiny preset: its model). Returns the rows,
+  and why PyTorch has none ("" when it has)."""
   dtype_settings = dtype_settings or {"float32": {}}
   measurements = []
   for dtype, overrides in dtype_settings.items():
@@ -469,8 +470,11 @@ def epoch_rows(
       for strategy in strategies
     ]
   torch_results = benchmark.torch_contenders(make_config(preset, settings), data, repeats)
-  if not isinstance(torch_results, str):
+  no_torch = torch_results if isinstance(torch_results, str) else ""
+  if not no_torch:
     measurements += [m for m in torch_results if "cuDNN" in m.contender and "padded" in m.strategy]
+    if not any("cuDNN" in m.contender for m in measurements):
+      no_torch = "torch sees no GPU, so no cuDNN"
   benchmark.take_turns(measurements, repeats)
   rows = []
   for measurement in measurements:
@@ -486,7 +490,7 @@ def epoch_rows(
       }
     )
     print(" | ".join(rows[-1].values()), flush=True)
-  return rows
+  return rows, no_torch
 
 
 def epoch_strategies(text: str) -> list[str]:
@@ -593,6 +597,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   out = results_path(args.out, RESULTS / f"benchmark_step_{backend}.md")
   epoch_data = load_epoch_data(args.preset, args.data_dir) if args.epoch else None
   preset_name = args.preset
+  model = make_config(preset_name).model
   sections = []
   record = RunRecord("experiments.benchmark_step", argv, versions())
 
@@ -605,7 +610,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       else "# The train step benchmark, without its anatomy table",
       "",
       *record.header(),
-      "Model: `experiments/iam.py` (3 x BLSTM 128, CTC, Adam, clipping); medians of "
+      f"Model: `experiments/iam.py{':tiny' if preset_name == 'tiny' else ''}` ("
+      f"{model.num_layers} x BLSTM {model.hidden_size}, CTC, Adam, clipping); medians of "
       f"{args.repeats} runs after a warm-up, compiles outside the timings.",
       "",
       *sections,
@@ -706,8 +712,9 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   if args.epoch:
     fallbacks = {"model.lstm_impl": "scan", "ctc.impl": "optax"}
     epoch_settings = settings | {field: fallbacks[field] for field in left_out}
+    no_torch = ""
     try:
-      rows = epoch_rows(
+      rows, no_torch = epoch_rows(
         preset_name,
         epoch_data,
         epoch_settings,
@@ -727,7 +734,8 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
       "`train.compile_steps` (the trainer's executables) with the default implementations "
       f"(`auto`){' except ' + str(left_out) if left_out else ''}, "
       f"{'the kernels launched as the fastest tuned above' if args.tune else 'their defaults'}"
-      f", the model in {' and '.join(args.epoch_dtypes)}; PyTorch's in float32.",
+      f", the model in {' and '.join(args.epoch_dtypes)}; PyTorch's in float32"
+      f"{f' (no PyTorch row: {no_torch})' if no_torch else ''}.",
       "",
       *markdown_table(rows, list(rows[0])),
       "",

@@ -181,6 +181,8 @@ def test_the_epoch_table_runs_our_model_in_each_dtype_beside_float32_pytorch(tmp
   text = out.read_text()
   assert text.startswith("# The train step benchmark, without its anatomy table\n")
   assert "## Anatomy" not in text and "the model in float32 and bfloat16" in text
+  assert "PyTorch's in float32 (no PyTorch row: no torch)." in text  # not left out unsaid
+  assert "Model: `experiments/iam.py:tiny` (1 x BLSTM 16, CTC" in text
   rows = table_rows(text, "contender")
   assert [row[:2] for row in rows] == [
     ["ours float32, optimal", "8"],
