@@ -78,6 +78,9 @@ def test_main_writes_a_table_labelled_a_projection(tmp_path):
   argv = ["--dataset", "synthetic", "--train-limit", "100", "--out", str(out)]
   text = projection.main(argv).read_text()
   assert "PROJECTION" in text and "2 (n - 1) / n" in text
+  # 100 synthetic lines are not the measured epoch's data: no side-by-side check is claimed.
+  assert "measured on all of IAM-OnDB's training lines, compares only with a projection" in text
+  assert "(not `synthetic`'s 100 here)" in text
   with open(f"{out}.csv", newline="") as file:
     rows = list(csv.DictReader(file))
   assert len(rows) == 2 * len(projection.LINKS) * len(projection.DEVICE_COUNTS)
