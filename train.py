@@ -838,12 +838,17 @@ def _json_safe(value: Any) -> Any:
   return value
 
 
+def metrics_line(row: dict) -> str:
+  """An epoch's row as a line of `metrics.jsonl`."""
+  return json.dumps(_json_safe(row), allow_nan=False) + "\n"
+
+
 class Logger:
   """metrics.jsonl and TensorBoard in the workdir, written by process 0 only."""
 
   def __init__(self, workdir: pathlib.Path, history: list):
     self.enabled = jax.process_index() == 0
-    self.path = workdir / "metrics.jsonl"
+    self.path = workdir / METRICS_FILE
     self.writer = None
     if self.enabled:
       # Both rewritten from the checkpoint's history, so a resumed run never repeats or loses an
@@ -861,7 +866,7 @@ class Logger:
     if not self.enabled:
       return
     with self.path.open("a") as file:
-      file.write(json.dumps(_json_safe(row), allow_nan=False) + "\n")
+      file.write(metrics_line(row))
     for key, value in row.items():
       if isinstance(value, (int, float)) and key != "epoch":
         self.writer.add_scalar(key, value, row["epoch"])
@@ -1021,7 +1026,7 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
     earlier = finished_earlier(config, workdir, progress, global_step)
     if earlier is not None:  # nothing to compile, train or score
       if jax.process_index() == 0:
-        repair_records(config, workdir, plan_summary)
+        repair_records(config, workdir, plan_summary, progress.history)
       return earlier
     # Only now: a start refused, or one with nothing to do, leaves the run's records as they were
     # (`--mode=evaluate` checks its config against config.json).
@@ -1141,7 +1146,7 @@ def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
   run's (saving a best epoch skips one that exists), so they are refused; its metrics are
   replaced, with a warning. Decided by process 0, which writes the metrics, for all."""
   best = checkpoints.best.latest_step() is not None
-  metrics = workdir / "metrics.jsonl"
+  metrics = workdir / METRICS_FILE
   epochs = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
   if jax.process_count() > 1:
     best, epochs = (int(v) for v in multihost_utils.broadcast_one_to_all(np.array([best, epochs])))
@@ -1346,6 +1351,7 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
 
 CONFIG_FILE = "config.json"
 SUMMARY_FILE = "summary.json"
+METRICS_FILE = "metrics.jsonl"
 # Fields that choose how, not what, the model computes: implementations, loop unrolling, kernel
 # launches, the evaluation's batch.
 HOW_NOT_WHAT_FIELDS = (
@@ -1441,16 +1447,27 @@ def schedule_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   return f"; its {path} differs in {'; '.join(changed)}" if changed else ""
 
 
-def repair_records(config: ml_collections.ConfigDict, workdir: pathlib.Path, plan: dict) -> None:
+def repair_records(
+  config: ml_collections.ConfigDict, workdir: pathlib.Path, plan: dict, history: list[dict]
+) -> None:
   """Writes again the `plan.json` and `config.json` of a finished run that lost them or has them
-  damaged, which `--mode=evaluate` needs; a start with nothing to do leaves sound ones as they
-  were."""
+  damaged, which `--mode=evaluate` needs, and its `metrics.jsonl` (from the checkpoint's
+  history) when it no longer holds a row per epoch; a start with nothing to do leaves sound ones
+  as they were."""
   for path, record in ((workdir / PLAN_FILE, plan), (workdir / CONFIG_FILE, flat_config(config))):
     try:
       cli_errors.read_json_object(path)
     except ValueError as error:
       LOG.warning("%s; written again from this start", error)
       _write_atomically(path, json.dumps(record, indent=2))
+  metrics = workdir / METRICS_FILE
+  try:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+  except (OSError, ValueError):  # missing, unreadable, a line cut short
+    rows = None
+  if rows is None or len(rows) != len(history):
+    LOG.warning("%s does not hold the run's %d epochs; written again", metrics, len(history))
+    _write_atomically(metrics, "".join(metrics_line(row) for row in history))
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resumed: bool) -> None:

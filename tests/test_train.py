@@ -228,7 +228,7 @@ def test_a_finished_run_without_its_summary_writes_it_again(
   assert read_rows(copy) == read_rows(workdir)
 
 
-def test_a_finished_run_started_again_repairs_a_lost_plan_and_a_damaged_config_record(
+def test_a_finished_run_started_again_repairs_its_lost_or_damaged_records(
   uninterrupted, tmp_path, monkeypatch, caplog
 ):
   """--mode=evaluate needs both; a sound one is left as it was."""
@@ -237,6 +237,8 @@ def test_a_finished_run_started_again_repairs_a_lost_plan_and_a_damaged_config_r
   shutil.copytree(workdir, copy)
   (copy / "plan.json").unlink()
   (copy / "config.json").write_text("[]")
+  rows = (copy / "metrics.jsonl").read_text()
+  (copy / "metrics.jsonl").write_text(rows[: len(rows) // 2])  # its last line cut short
   with pytest.raises(FileNotFoundError, match=r"plan\.json is missing"):
     train.evaluate_checkpoint(tiny_config(), copy, "validation")
   monkeypatch.setattr(train, "start_compiling", None)  # nothing to compile: a finished run
@@ -246,7 +248,8 @@ def test_a_finished_run_started_again_repairs_a_lost_plan_and_a_damaged_config_r
   assert "config.json: not a JSON object, so not the file this trainer writes there; written" in (
     caplog.text
   )
-  for name in ("plan.json", "config.json"):
+  assert "metrics.jsonl does not hold the run's 2 epochs; written again" in caplog.text
+  for name in ("plan.json", "config.json", "metrics.jsonl"):
     assert (copy / name).read_text() == (workdir / name).read_text()
   scores = train.evaluate_checkpoint(tiny_config(), copy, "validation")
   assert scores == train.evaluate_checkpoint(tiny_config(), workdir, "validation")
