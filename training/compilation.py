@@ -75,20 +75,16 @@ class CompileEvents:
   def _record(cls, event: str, *args, **kwargs) -> None:
     del args, kwargs
     kind = getattr(cls._compiling, "kind", None)
-    with cls._lock:
+    with cls._lock:  # of every thread (None), and of this one: each count is one lookup
+      cls._counts[event, kind, None] += 1
       cls._counts[event, kind, threading.get_ident()] += 1
 
   @classmethod
   def count(cls, event: str, in_steps: bool, thread: int | None = None) -> int:
     """The `event`s of the step compiles (`in_steps`), or of everything unmarked; of every
     thread, or of the one whose `threading.get_ident()` is `thread`."""
-    kind = "step" if in_steps else None
     with cls._lock:
-      return sum(
-        number
-        for (name, marked, made_by), number in cls._counts.items()
-        if name == event and marked == kind and thread in (None, made_by)
-      )
+      return cls._counts[event, "step" if in_steps else None, thread]
 
   @classmethod
   def outside_steps(cls, thread: int | None = None) -> int:
