@@ -1550,18 +1550,30 @@ def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(
   assert not (tmp_path / "given" / train.COST_FILE).exists()
 
 
-@pytest.mark.slow
 def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch):
-  train.train_and_evaluate(_auto_config(num_epochs=1), tmp_path / "a")
-  shutil.rmtree(tmp_path / "a" / "checkpoints")  # the same workdir, nothing to resume
   measured = []
-  measure = train.measure_cost_model
-  monkeypatch.setattr(train, "measure_cost_model", lambda *a: measured.append(1) or measure(*a))
-  train.train_and_evaluate(_auto_config(num_epochs=1), tmp_path / "a")
-  assert not measured  # the same settings: the workdir's figures hold
-  shutil.rmtree(tmp_path / "a" / "checkpoints")
-  train.train_and_evaluate(_auto_config(num_epochs=1, **{"ctc.impl": "optax"}), tmp_path / "a")
-  assert measured == [1]
+
+  def stand_in(config, *args):  # the decision is under test, not the timing
+    measured.append(config.ctc.impl)
+    fitted_to = train._cost_fingerprint(config)
+    return train.MeasuredCost(
+      bucketing.CostModel(alpha=1e-3, beta=1e-9, gamma=1e-6, kappa=1.0),
+      {"steps": [], "measure_s": 0.5, "fitted_to": fitted_to},
+    )
+
+  monkeypatch.setattr(train, "measure_cost_model", stand_in)
+  config = _auto_config()
+  data = train.load_split(config, "train", 48)
+  mesh = train.make_data_mesh()
+  first = train.auto_cost_model(config, data, mesh, tmp_path)
+  again = train.auto_cost_model(config, data, mesh, tmp_path)
+  assert measured == ["auto"]  # the same settings: the workdir's figures hold
+  assert (again.model, again.report, again.reused) == (first.model, first.report, True)
+  other = _auto_config(**{"ctc.impl": "optax"})
+  assert not train.auto_cost_model(other, data, mesh, tmp_path).reused
+  assert measured == ["auto", "optax"]
+  saved = json.loads((tmp_path / train.COST_FILE).read_text())
+  assert saved["report"]["fitted_to"] == train._cost_fingerprint(other)
 
 
 def _auto_config(**overrides):
