@@ -23,8 +23,11 @@ KERNEL_DTYPES = {"gpu": ("bfloat16",)}
 # prefetched took 5.07-5.22 ms at 8 or 16 warps (two runs, neither faster in both), 6.66-6.87
 # without the prefetch, against the scan's 7.48 (benchmark_step_gpu_anatomy.md, _kernels.md).
 KERNEL_LAUNCH = {"bfloat16": {"weights_resident": True, "prefetch": True}}
-# The largest (padded) hidden size `auto` would give the kernel.
-MAX_KERNEL_HIDDEN_SIZE = 256
+# The largest (padded) hidden size `auto` gives the kernel: the only one measured. Held on chip, a
+# direction's bfloat16 gate weights take 4 x 128 x 128 x 2 bytes = 128 KiB per program there; at
+# 256 (any hidden size from 129 up) they would take 512 KiB, twice an H100's or H200's register
+# file per SM and more than its shared memory.
+MAX_KERNEL_HIDDEN_SIZE = 128
 # Scan unroll per backend when `unroll=0`: measured fastest for the scan (unroll 8 was 1.54x
 # faster than 1 for a train step on an H200, 39.7 against 61.3 ms in benchmark_step_gpu.md; 1 is
 # fastest on the CPU, benchmark_lstm_cpu.md).
@@ -42,7 +45,8 @@ def resolve_lstm_implementation(
   lstm_impl: str, hidden_size: int, backend: str, dtype: str | jnp.dtype = "float32"
 ) -> str:
   """ "scan" or "pallas": `auto` takes the fused kernel where `KERNEL_DTYPES` says it measured
-  faster (bfloat16 models on a GPU) for the sizes it holds on chip, the scan elsewhere."""
+  faster (bfloat16 models on a GPU) at the hidden sizes measured (`MAX_KERNEL_HIDDEN_SIZE`), the
+  scan elsewhere."""
   if lstm_impl not in LSTM_IMPLEMENTATIONS:
     raise ValueError(f"lstm_impl must be one of {LSTM_IMPLEMENTATIONS}, got {lstm_impl!r}")
   if lstm_impl != "auto":

@@ -82,9 +82,11 @@ def test_lstm_impl_auto_follows_the_measured_dtypes_and_sizes(monkeypatch):
   monkeypatch.setitem(factory.KERNEL_DTYPES, "cpu", ("float32",))
   assert make_model(**CONFIG, backend="cpu").lstm_implementation == "pallas"
   assert make_model(**CONFIG, backend="cpu", dtype="bfloat16").lstm_implementation == "scan"
-  wide = {**CONFIG, "hidden_size": 512}  # padded past MAX_KERNEL_HIDDEN_SIZE
-  assert make_model(**wide, backend="cpu").lstm_implementation == "scan"
-  assert make_model(**wide, backend="gpu", dtype="bfloat16").lstm_implementation == "scan"
+  # Up to the size measured (padded to a power of two), not past it: its weights would not fit.
+  for hidden_size, expected in [(100, "pallas"), (128, "pallas"), (129, "scan"), (256, "scan")]:
+    sized = {**CONFIG, "hidden_size": hidden_size}
+    assert make_model(**sized, backend="cpu").lstm_implementation == expected
+    assert make_model(**sized, backend="gpu", dtype="bfloat16").lstm_implementation == expected
 
 
 def test_kernel_launch_parameters_left_unset_are_the_fastest_measured_for_the_dtype():
