@@ -144,12 +144,8 @@ def lstm_recurrence(
   `unroll` and `prefetch` shape both scans' loops (`_scan`), not what they compute.
   """
 
-  def step(carry, projected_step):
-    cell, hidden, _ = _lstm_step(*carry, jnp.stack(projected_step), recurrent_kernel)
-    return (cell, hidden), tuple(hidden.astype(recurrent_kernel.dtype))
-
-  zeros = _initial_state(projected)
-  return _scan(step, (zeros, zeros), projected, unroll=unroll, prefetch=prefetch)[1]
+  # Undifferentiated, XLA drops the residuals the forward pass also returns.
+  return _lstm_recurrence_forward(projected, recurrent_kernel, unroll, prefetch)[0]
 
 
 def _lstm_recurrence_forward(projected, recurrent_kernel, unroll, prefetch):
@@ -317,8 +313,10 @@ class LstmLayer(nn.Module):
     recurrent_kernel = recurrent_kernel.astype(self.dtype)
     if self.implementation == "pallas":
       time_major_states = lstm_recurrence_kernel(projected, recurrent_kernel, self.kernel_config)
-    else:
+    elif self.implementation == "scan":
       time_major_states = lstm_recurrence(projected, recurrent_kernel, self.unroll, self.prefetch)
+    else:
+      raise ValueError(f'implementation must be "scan" or "pallas", got {self.implementation!r}')
     hidden_states = [jnp.swapaxes(states, 0, 1) for states in time_major_states]
     if self.bidirectional:
       hidden_states[1] = reverse_within_length(hidden_states[1], lengths)

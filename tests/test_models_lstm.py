@@ -66,6 +66,12 @@ def test_reverse_within_length_keeps_padding_in_place():
   np.testing.assert_array_equal(reverse_within_length(reversed_, jnp.array([3, 4, 1])), sequences)
 
 
+def test_an_unknown_implementation_is_an_error_not_the_scan():
+  inputs, paddings = padded_batch(random_sequences([2]), time=2)
+  with pytest.raises(ValueError, match='implementation must be "scan" or "pallas", got \'Pallas\''):
+    LstmLayer(HIDDEN, implementation="Pallas").init(jax.random.key(0), inputs, paddings)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_layer_output_shape_and_zeroed_padding(bidirectional):
   inputs, paddings = padded_batch(random_sequences([8, 3, 1]), time=8)
