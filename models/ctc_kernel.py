@@ -23,6 +23,7 @@ of forbidding it, and passes alpha through padded frames unchanged.
 """
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -177,7 +178,6 @@ def _compiler_params(num_warps: int):
 
 def _alpha_call(emissions, frame_paddings, tables, *, batch_tile, num_warps, interpret):
   batch, time, states = emissions.shape
-  initial, from_previous, from_second_previous, final, _, _ = tables
   return pl.pallas_call(
     functools.partial(_alpha_kernel, synchronise=not interpret),
     grid=(batch // batch_tile,),
@@ -190,14 +190,20 @@ def _alpha_call(emissions, frame_paddings, tables, *, batch_tile, num_warps, int
     compiler_params=_compiler_params(num_warps),
     interpret=interpret,
     name="ctc_alpha",
-  )(emissions, frame_paddings, initial, from_previous, from_second_previous, final)
+  )(
+    emissions,
+    frame_paddings,
+    tables.initial,
+    tables.from_previous,
+    tables.from_second_previous,
+    tables.final,
+  )
 
 
 def _beta_call(
   emissions, frame_paddings, alpha, tables, loglik, cotangent, *, batch_tile, num_warps, interpret
 ):
   batch, time, states = emissions.shape
-  _, _, _, final, to_next, to_second_next = tables
   emissions_grad, _ = pl.pallas_call(
     functools.partial(_beta_kernel, synchronise=not interpret),
     grid=(batch // batch_tile,),
@@ -218,7 +224,16 @@ def _beta_call(
     compiler_params=_compiler_params(num_warps),
     interpret=interpret,
     name="ctc_beta",
-  )(emissions, frame_paddings, alpha, to_next, to_second_next, final, loglik, cotangent)
+  )(
+    emissions,
+    frame_paddings,
+    alpha,
+    tables.to_next,
+    tables.to_second_next,
+    tables.final,
+    loglik,
+    cotangent,
+  )
   return emissions_grad
 
 
@@ -259,14 +274,19 @@ def _loglik_bwd(batch_tile, num_warps, interpret, residuals, cotangent):
 _loglik.defvjp(_loglik_fwd, _loglik_bwd)
 
 
-def _transition_tables(labels, label_paddings, states, log_epsilon):
-  """Per-row, per-state log weights of the CTC graph, each `[batch, states]`.
+class _Transitions(NamedTuple):
+  """Per-row, per-state log weights of the CTC graph, each `[batch, states]`."""
 
-  Returns `(initial, from_previous, from_second_previous, final, to_next, to_second_next)`:
-  alpha before the first frame; the weight of the move into state s from s - 1 and from s - 2;
-  0 where a path may end, `_NEG` elsewhere; and the weights of the moves out of s to s + 1 and
-  s + 2 (the same moves, indexed by where they start, for the beta recursion).
-  """
+  initial: jax.Array  # alpha before the first frame
+  from_previous: jax.Array  # the move into state s from s - 1
+  from_second_previous: jax.Array  # ... and from s - 2
+  final: jax.Array  # 0 where a path may end, `_NEG` elsewhere
+  to_next: jax.Array  # the move out of s to s + 1 (from_previous indexed by where it starts)
+  to_second_next: jax.Array  # ... and to s + 2: the beta recursion's view of the same moves
+
+
+def _transition_tables(labels, label_paddings, states, log_epsilon) -> _Transitions:
+  """The CTC graph's `_Transitions` for these labels, as `optax.ctc_loss` weighs its moves."""
   batch, label_time = labels.shape
   label_lengths = label_time - jnp.sum(label_paddings, axis=1).astype(jnp.int32)
   state = jnp.arange(states)[None, :]
@@ -287,13 +307,13 @@ def _transition_tables(labels, label_paddings, states, log_epsilon):
   def moved_back(table):
     return jnp.pad(table[:, 1:], ((0, 0), (0, 1)), constant_values=_NEG)
 
-  return (
-    initial,
-    from_previous,
-    from_second_previous,
-    final,
-    moved_back(from_previous),
-    moved_back(moved_back(from_second_previous)),
+  return _Transitions(
+    initial=initial,
+    from_previous=from_previous,
+    from_second_previous=from_second_previous,
+    final=final,
+    to_next=moved_back(from_previous),
+    to_second_next=moved_back(moved_back(from_second_previous)),
   )
 
 
