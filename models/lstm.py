@@ -141,6 +141,7 @@ def lstm_recurrence(
   [4 * hidden, hidden]` matmul per step and keeps only the activated gates and the previous state;
   the recurrent kernel's gradient is one matmul over all steps afterwards. Autodiff of the scan
   adds a small weight-gradient matmul to every step and stores about twice the residuals.
+  Being a `custom_vjp`, it has no forward-mode derivative (`jax.jvp`, Hessian-vector products).
   `unroll` and `prefetch` shape both scans' loops (`_scan`), not what they compute.
   """
 

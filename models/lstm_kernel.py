@@ -323,6 +323,7 @@ def lstm_recurrence_kernel(
   `recurrent_kernel [directions, hidden, 4 * hidden]` -> per direction `[time, batch, hidden]`
   in the kernel's dtype. Under a mesh (`jax.set_mesh`) each device runs both passes on its own
   rows (`models.batch_sharding`), and the recurrent kernel's gradient is summed over devices.
+  Reverse-mode only, as `lstm_recurrence`: a `custom_vjp` has no `jax.jvp`.
   """
   batch_dims = (1,) * len(projected)  # time-major
   recurrence = over_batch_shards(
