@@ -584,22 +584,30 @@ def batch_spec(plan: bucketing.BucketPlan, bucket: int, num_features: int, shard
 # Model, state and the step functions.
 
 
-def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+def learning_rate_schedule(config: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """A linear warm-up over `warmup_steps` from rate / warmup_steps (> 0: the first step already
+  learns) to the rate, then a cosine decay to 0 at `total_steps`, or the rate held constant."""
   opt = config.optimizer
-  first = opt.learning_rate / max(opt.warmup_steps, 1)  # > 0: the first step already learns
+  first = opt.learning_rate / max(opt.warmup_steps, 1)
   if opt.schedule == "cosine":
-    schedule = optax.warmup_cosine_decay_schedule(
+    return optax.warmup_cosine_decay_schedule(
       first, opt.learning_rate, opt.warmup_steps, max(total_steps, opt.warmup_steps + 1)
     )
-  else:
-    schedule = optax.join_schedules(
-      [
-        optax.linear_schedule(first, opt.learning_rate, opt.warmup_steps),
-        optax.constant_schedule(opt.learning_rate),
-      ],
-      [opt.warmup_steps],
-    )
-  return optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm), optax.adam(schedule))
+  return optax.join_schedules(
+    [
+      optax.linear_schedule(first, opt.learning_rate, opt.warmup_steps),
+      optax.constant_schedule(opt.learning_rate),
+    ],
+    [opt.warmup_steps],
+  )
+
+
+def make_optimizer(config: ml_collections.ConfigDict, total_steps: int):
+  """Adam on the `learning_rate_schedule`, the gradient clipped to `grad_clip_norm` first."""
+  return optax.chain(
+    optax.clip_by_global_norm(config.optimizer.grad_clip_norm),
+    optax.adam(learning_rate_schedule(config, total_steps)),
+  )
 
 
 def build_model(config: ml_collections.ConfigDict):

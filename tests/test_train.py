@@ -20,6 +20,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -371,31 +372,125 @@ def one_bucket_plan(train_set, batch_size):
 
 
 def one_step(devices, config, train_set, plan, indices):
-  """One train step traced as the trainer traces it, with the mesh in context."""
+  """One train step traced as the trainer traces it, with the mesh in context: the new
+  parameters and the step's metrics, on the host."""
   mesh, state = mesh_and_state(config, devices)
   batch = train.make_batch(train_set, plan, 0, indices, NamedSharding(mesh, P("data")))
   step = jax.jit(train.train_step, out_shardings=NamedSharding(mesh, P()))
   with jax.set_mesh(mesh):
     new_state, metrics = step(state, batch)
-  return jax.device_get(new_state.params), float(metrics["loss"])
+  return jax.device_get(new_state.params), jax.device_get(metrics)
 
 
 KERNELS = {"model.lstm_impl": "pallas", "ctc.impl": "pallas"}
 
 
+def with_filler(plan, rows):
+  """The plan's first bucket's lines, then filler rows up to `rows`."""
+  members = plan.members(0)
+  return np.concatenate([members, np.full(rows - len(members), bucketing.FILLER)])
+
+
 @pytest.mark.parametrize("overrides", [{}, KERNELS], ids=["scan", "kernels"])
 def test_one_device_and_eight_devices_take_the_same_step(overrides):
-  """With the kernels, each of the eight devices runs them on its own 2 rows."""
+  """With the kernels, each of the eight devices runs them on its own 2 rows; the last two
+  devices hold filler rows only. The first Adam step moves each parameter by about the
+  learning rate whatever its gradient's size, so the gradient's norm is compared too: a sum over
+  devices where a mean is due would show there, not in the parameters."""
   config = tiny_config(**overrides)
-  train_set = train.load_split(config, "train", 16)
+  train_set = train.load_split(config, "train", 12)
   plan = one_bucket_plan(train_set, 16)
-  indices = plan.members(0)
-  params_1, loss_1 = one_step(jax.devices()[:1], config, train_set, plan, indices)
-  params_8, loss_8 = one_step(jax.devices(), config, train_set, plan, indices)
-  assert loss_1 == pytest.approx(loss_8, rel=1e-5)
+  indices = with_filler(plan, 16)
+  params_1, metrics_1 = one_step(jax.devices()[:1], config, train_set, plan, indices)
+  params_8, metrics_8 = one_step(jax.devices(), config, train_set, plan, indices)
+  assert metrics_1["weight"] == metrics_8["weight"] == 12
+  for name in ("loss", "loss_sum", "grad_norm"):
+    assert metrics_1[name] == pytest.approx(metrics_8[name], rel=1e-5), name
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params_1, params_8
   )
+
+
+def test_the_train_steps_loss_and_gradient_are_those_of_its_real_lines():
+  """Against optax's CTC loss on the real rows alone, outside the trainer's loss function:
+  filler rows add nothing to the loss, its weight or its gradient."""
+  config = tiny_config(**{"model.dropout_rate": 0.0})  # so that train=True is deterministic
+  train_set = train.load_split(config, "train", 12)
+  plan = one_bucket_plan(train_set, 16)
+  indices = with_filler(plan, 16)
+  mesh, state = mesh_and_state(config, jax.devices()[:1])
+  batch = train.make_batch(train_set, plan, 0, indices, NamedSharding(mesh, P("data")))
+  _, metrics = jax.jit(train.train_step)(state, batch)
+  real = {name: value[:12] for name, value in batch.items()}
+
+  def per_line_losses(params):
+    logits = state.apply_fn({"params": params}, real["inputs"], real["input_paddings"])
+    return optax.ctc_loss(logits, real["input_paddings"], real["labels"], real["label_paddings"])
+
+  losses = per_line_losses(state.params)
+  gradient = jax.grad(lambda params: jnp.mean(per_line_losses(params)))(state.params)
+  assert float(metrics["weight"]) == 12
+  assert float(metrics["loss_sum"]) == pytest.approx(float(jnp.sum(losses)), rel=1e-5)
+  assert float(metrics["loss"]) == pytest.approx(float(jnp.mean(losses)), rel=1e-5)
+  assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(gradient)), rel=1e-4)
+
+
+def test_each_step_draws_its_own_dropout_mask_and_a_repeated_step_the_same():
+  config = tiny_config(**{"model.dropout_rate": 0.5})
+  train_set = train.load_split(config, "train", 8)
+  plan = one_bucket_plan(train_set, 8)
+  mesh, state = mesh_and_state(config, jax.devices()[:1])
+  batch = train.make_batch(train_set, plan, 0, plan.members(0), NamedSharding(mesh, P("data")))
+  step = jax.jit(train.train_step)
+
+  def loss_at(step_number):
+    return float(step(state.replace(step=jnp.asarray(step_number)), batch)[1]["loss"])
+
+  assert loss_at(3) == loss_at(3)  # resumable: the mask is a function of the step
+  assert loss_at(3) != loss_at(4)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_the_learning_rate_warms_up_linearly_then_decays_or_holds(schedule):
+  config = tiny_config(
+    **{
+      "optimizer.learning_rate": 1e-2,
+      "optimizer.warmup_steps": 10,
+      "optimizer.schedule": schedule,
+    }
+  )
+  rate = train.learning_rate_schedule(config, total_steps=110)
+  assert float(rate(0)) == pytest.approx(1e-3)  # a tenth: the first step already learns
+  assert float(rate(5)) == pytest.approx(1e-3 + 5 / 10 * 9e-3)
+  assert float(rate(10)) == pytest.approx(1e-2)
+  if schedule == "cosine":  # half-way down the cosine, then at 0
+    assert float(rate(60)) == pytest.approx(5e-3)
+    assert float(rate(110)) == pytest.approx(0.0, abs=1e-9)
+  else:
+    assert float(rate(60)) == float(rate(110)) == pytest.approx(1e-2)
+
+
+def test_the_optimizer_clips_the_gradient_to_its_global_norm_before_adam():
+  """Adam's first update hardly depends on the gradient's scale, so the clip shows in the second:
+  a first gradient above the clip norm and ten times that leave the same state after clipping."""
+  config = tiny_config(**{"optimizer.grad_clip_norm": 1.0})
+  tx = train.make_optimizer(config, total_steps=100)
+  params = {"w": jnp.zeros(3)}
+  first, second = {"w": jnp.array([3.0, -4.0, 0.0])}, {"w": jnp.array([1.0, 2.0, -0.5])}
+  # Adam's first step moves each weight against its gradient's sign by the scheduled rate.
+  rate = float(train.learning_rate_schedule(config, total_steps=100)(0))
+  update = tx.update(first, tx.init(params), params)[0]["w"]
+  np.testing.assert_allclose(update, [-rate, rate, 0.0], rtol=1e-5)
+
+  def second_update(scale):
+    state = tx.init(params)
+    _, state = tx.update(jax.tree.map(lambda g: scale * g, first), state, params)
+    return tx.update(second, state, params)[0]["w"]
+
+  np.testing.assert_allclose(second_update(1.0), second_update(10.0), rtol=1e-6)
+  unclipped = tiny_config(**{"optimizer.grad_clip_norm": 1e6})
+  tx = train.make_optimizer(unclipped, total_steps=100)
+  assert not np.allclose(second_update(1.0), second_update(10.0), rtol=1e-3)
 
 
 def test_the_traced_train_step_runs_the_kernels_per_device():
