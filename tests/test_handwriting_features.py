@@ -140,6 +140,19 @@ def test_resampling_real_lines_is_resampling_each_stroke(built_data_dir):
       assert_resampled_as_each_stroke(points, example["stroke_end"], spacing)
 
 
+def test_a_row_is_the_step_from_the_previous_point_and_whether_the_pen_lifts_after_it():
+  points = np.array([[10, 20, 0.0], [13, 24, 0.1], [13, 20, 0.2], [20, 21, 0.5]], np.float32)
+  stroke_end = np.array([False, True, False, True])
+  raw = ink_to_features(points, stroke_end, FeatureConfig(normalize=False, time_deltas=True))
+  expected = [[0, 0, 0, 0], [3, 4, 1, 0.1], [0, -4, 0, 0.1], [7, 1, 1, 0.3]]
+  np.testing.assert_allclose(raw, expected, rtol=1e-6, atol=1e-6)
+  # Normalised: the same steps over the writing's height, the 5th..95th percentile range of y.
+  height = np.percentile([20, 24, 20, 21], 95) - np.percentile([20, 24, 20, 21], 5)
+  normalised = ink_to_features(points, stroke_end, FeatureConfig())
+  np.testing.assert_allclose(normalised[:, :2], raw[:, :2] / height, rtol=1e-6)
+  np.testing.assert_array_equal(normalised[:, 2], raw[:, 2])
+
+
 def test_time_deltas_are_clipped():
   points = np.array([[0, 0, 0], [1, 0, 5.0], [2, 0, 4.0]], dtype=np.float32)
   features = ink_to_features(
