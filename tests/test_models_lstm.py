@@ -183,12 +183,24 @@ def test_backward_direction_equals_forward_pass_over_reversed_sequence():
     np.testing.assert_allclose(backward_half[row, : lengths[row]], expected, rtol=1e-5, atol=1e-5)
 
 
-def test_unroll_does_not_change_outputs():
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("unroll", [3, 8])
+def test_unroll_changes_no_output_or_gradient(bidirectional, unroll):
+  """The GPU trains at unroll 8 (`models.factory.DEFAULT_UNROLL`); the hand-written gradient is
+  checked against Flax's cell at unroll 1. Neither 3 nor 8 divides the 11 frames."""
   inputs, paddings = padded_batch(random_sequences([11, 6]), time=11)
-  variables = LstmLayer(HIDDEN, bidirectional=True).init(jax.random.key(0), inputs, paddings)
-  rolled = LstmLayer(HIDDEN, bidirectional=True, unroll=1).apply(variables, inputs, paddings)
-  unrolled = LstmLayer(HIDDEN, bidirectional=True, unroll=4).apply(variables, inputs, paddings)
-  np.testing.assert_allclose(rolled, unrolled, rtol=1e-6, atol=1e-6)
+  width = 2 * HIDDEN if bidirectional else HIDDEN
+  cotangent = jax.random.normal(jax.random.key(1), (2, 11, width))
+  variables = LstmLayer(HIDDEN, bidirectional).init(jax.random.key(0), inputs, paddings)
+
+  def outputs_and_gradients(unroll):
+    layer = LstmLayer(HIDDEN, bidirectional, unroll=unroll)
+    loss = lambda variables, inputs: jnp.sum(layer.apply(variables, inputs, paddings) * cotangent)
+    return layer.apply(variables, inputs, paddings), jax.grad(loss, (0, 1))(variables, inputs)
+
+  rolled, unrolled = outputs_and_gradients(1), outputs_and_gradients(unroll)
+  for expected, actual in zip(jax.tree.leaves(rolled), jax.tree.leaves(unrolled), strict=True):
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
