@@ -26,22 +26,23 @@ def test_builds_the_configured_model_with_the_right_logit_shape():
 
 
 @pytest.mark.parametrize(
-  "override",
+  "override, message",
   [
-    {"num_classes": 1},
-    {"num_layers": 0},
-    {"hidden_size": 0},
-    {"dropout_rate": 1.0},
-    {"input_projection_size": 0},
-    {"unroll": -1},
-    {"lstm_impl": "cudnn"},
-    {"kernel": {"batch_tile": 24}},  # Triton's dots want powers of two
-    {"kernel": {"batch_tile": 8}},  # and at least 16 rows
-    {"kernel": {"batch_tile": 0}},
+    ({"num_classes": 1}, "num_classes must count the blank plus at least one label, got 1"),
+    ({"num_layers": 0}, "num_layers must be >= 1, got 0"),
+    ({"hidden_size": 0}, "hidden_size must be >= 1, got 0"),
+    ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), got 1.0"),
+    ({"input_projection_size": 0}, "input_projection_size must be None or >= 1, got 0"),
+    ({"unroll": -1}, "unroll must be >= 1, or 0 for the backend's default, got -1"),
+    ({"lstm_impl": "cudnn"}, "lstm_impl must be one of .*, got 'cudnn'"),
+    # Triton's dots want powers of two, of at least 16 rows.
+    ({"kernel": {"batch_tile": 24}}, "batch_tile must be a power of two of at least 16, got 24"),
+    ({"kernel": {"batch_tile": 8}}, "batch_tile must be a power of two of at least 16, got 8"),
+    ({"kernel": {"batch_tile": 0}}, "batch_tile must be a power of two of at least 16, got 0"),
   ],
 )
-def test_out_of_range_values_are_refused(override):
-  with pytest.raises(ValueError):
+def test_out_of_range_values_are_refused(override, message):
+  with pytest.raises(ValueError, match=message):
     make_model(**{**CONFIG, **override})
 
 
