@@ -83,6 +83,20 @@ def test_rates_are_corpus_level_not_a_mean_of_line_rates():
   assert wer(["a b", "c d e f"], ["a x", "c d e f"]) == pytest.approx(1 / 6)
 
 
+def test_rates_divide_by_the_references_length_not_the_hypothesis():
+  assert cer(["ab"], ["abcd"]) == pytest.approx(1.0)  # two insertions in two characters
+  assert cer(["abcd"], ["ab"]) == pytest.approx(0.5)
+  assert wer(["a"], ["a b c"]) == pytest.approx(2.0)
+  assert wer(["a b c"], ["a"]) == pytest.approx(2 / 3)
+
+
+def test_cer_counts_spaces_and_wer_splits_on_any_whitespace():
+  assert cer(["ab"], ["a b"]) == pytest.approx(0.5)  # an inserted space is an edit
+  assert cer(["a b"], ["ab"]) == pytest.approx(1 / 3)
+  assert wer([" the  cat "], ["the cat"]) == 0.0
+  assert wer(["the cat"], ["the\tcat\n"]) == 0.0
+
+
 def test_error_counts_add_up_and_handle_empty_references():
   total = sum([ErrorCounts(1, 4), ErrorCounts(2, 6)], ErrorCounts())
   assert total == ErrorCounts(3, 10)

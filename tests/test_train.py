@@ -29,6 +29,8 @@ import bucketing
 import cli_errors
 import train
 from experiments import iam, synthetic
+from models import ctc
+from models import metrics as metrics_lib
 from tests.test_models_batch_sharding import assert_kernels_run_per_device
 from tests.test_training_checkpoints import damage
 from tests.test_training_compilation import Held
@@ -40,6 +42,7 @@ REQUIRED_ROW_KEYS = {
   "train_loss",
   "val_loss",
   "val_cer",
+  "val_wer",
   "epoch_time_s",
   "real_timesteps",
   "padded_timesteps",
@@ -252,6 +255,10 @@ def test_a_finished_run_started_again_repairs_its_lost_or_damaged_records(
   assert "metrics.jsonl does not hold the run's 2 epochs; written again" in caplog.text
   for name in ("plan.json", "config.json", "metrics.jsonl"):
     assert (copy / name).read_text() == (workdir / name).read_text()
+  # Rows past the run's epochs (a row written twice) are as wrong as rows missing.
+  (copy / "metrics.jsonl").write_text(rows + rows.splitlines(keepends=True)[-1])
+  train.train_and_evaluate(tiny_config(), copy)
+  assert (copy / "metrics.jsonl").read_text() == rows
   scores = train.evaluate_checkpoint(tiny_config(), copy, "validation")
   assert scores == train.evaluate_checkpoint(tiny_config(), workdir, "validation")
   # Without the record, parameters still load, but not silently unchecked.
@@ -567,9 +574,12 @@ def test_bucketed_and_unbucketed_evaluation_agree():
   assert bucketed["cer"] == pytest.approx(unbucketed["cer"])
 
 
-def test_evaluation_reads_each_batchs_outputs_with_its_own_lines():
-  # Outputs are read one batch late (the next batch already dispatched): a step that "decodes" its
-  # batch's own labels must give CER 0 over several buckets and filler rows, and every line once.
+@pytest.mark.parametrize("keep", [None, 1], ids=["whole", "first label"])
+def test_evaluation_reads_each_batchs_outputs_with_its_own_lines(keep):
+  """Outputs are read one batch late (the next batch already dispatched): a step that "decodes"
+  its batch's own labels must give CER 0 over several buckets and filler rows, and every line
+  once. Decoding only each line's first label, the rates divide the edits by the references'
+  characters and words (each reference loses all but its first character)."""
   config = tiny_config()
   data = train.load_split(config, "validation", 21)
   mesh = train.make_data_mesh(jax.devices()[:1])
@@ -581,16 +591,57 @@ def test_evaluation_reads_each_batchs_outputs_with_its_own_lines():
 
   def echo(params, batch):
     weights = batch["weights"]
+    lengths = jnp.sum(batch["label_paddings"] == 0, axis=-1)
     return {
       "loss_sum": jnp.sum(weights),
       "weight": jnp.sum(weights),
       "decoded": batch["labels"],
-      "decoded_lengths": jnp.sum(batch["label_paddings"] == 0, axis=-1),
+      "decoded_lengths": lengths if keep is None else jnp.minimum(lengths, keep),
     }
 
   steps = {bucket: jax.jit(echo) for bucket in range(plan.num_buckets)}
   scores = train.evaluate(None, data, plan, steps, mesh)
-  assert scores["cer"] == scores["wer"] == 0.0 and scores["examples"] == len(data)
+  assert scores["examples"] == len(data)
+  if keep is None:
+    assert scores["cer"] == scores["wer"] == 0.0
+  else:
+    texts = list(data.texts)
+    assert scores["cer"] == pytest.approx(
+      sum(len(text) - 1 for text in texts) / sum(len(text) for text in texts)
+    )
+    word_edits = [metrics_lib.edit_distance(text.split(), text[0].split()) for text in texts]
+    assert scores["wer"] == pytest.approx(
+      sum(word_edits) / sum(len(text.split()) for text in texts)
+    )
+
+
+def test_the_eval_step_decodes_valid_frames_only():
+  """Logits at padded frames are the output bias alone (the LSTM zeroes its padded outputs):
+  biased towards a class the last valid frame does not end on, they must not reach the
+  transcription."""
+  config = tiny_config()
+  data = train.load_split(config, "validation", 1)
+  state = train.create_train_state(config, 3, 1)
+  length = int(data.lengths[0])
+  batch = bucketing.assemble_batch(
+    data.features, data.labels, np.array([0]), length + 37, int(data.label_lengths[0])
+  )
+  logits = state.apply_fn({"params": state.params}, batch["inputs"], batch["input_paddings"])
+  last = int(jnp.argmax(logits[0, length - 1]))
+  biased = 1 if last != 1 else 2
+  bias = state.params["output_projection"]["bias"]
+  params = jax.tree.map(lambda x: x, state.params)
+  # Just enough to win where the LSTM's output is zero, too little to matter where it is not.
+  params["output_projection"]["bias"] = bias.at[biased].set(jnp.max(bias) + 1e-3)
+  outputs = jax.jit(train.eval_step, static_argnums=(0, 1))(
+    state.apply_fn, state.ctc_loss_fn, params, batch
+  )
+  logits = state.apply_fn({"params": params}, batch["inputs"], batch["input_paddings"])
+  valid, valid_length = ctc.greedy_decode(logits[:, :length], batch["input_paddings"][:, :length])
+  every, every_length = ctc.greedy_decode(logits, jnp.zeros_like(batch["input_paddings"]))
+  decoded = outputs["decoded"][0, : int(outputs["decoded_lengths"][0])].tolist()
+  assert decoded == valid[0, : int(valid_length[0])].tolist()
+  assert every[0, : int(every_length[0])].tolist() == [*decoded, biased]  # what reading them gives
 
 
 def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
@@ -912,6 +963,54 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=f"no {checkpoint} checkpoint under .*typo"):
       train.load_params(config, tmp_path / "typo", checkpoint=checkpoint)
   assert not (tmp_path / "typo").exists()
+
+
+def test_the_test_split_is_scored_with_the_best_parameters_and_rows_hold_each_rate(
+  tmp_path, monkeypatch
+):
+  """Validation scripted so that the first of two epochs is the best; the test split, scored
+  for real, must be that epoch's parameters' score on the test lines, not the last epoch's, and
+  not the validation lines'."""
+  scripted = iter([{"loss": 1.0, "cer": 0.5, "wer": 0.7}, {"loss": 2.0, "cer": 0.6, "wer": 0.8}])
+  evaluate = train.evaluate
+  monkeypatch.setattr(train, "evaluate", lambda *args: next(scripted, None) or evaluate(*args))
+  config = tiny_config(**{"data.test_split": "test"})
+  summary = train.train_and_evaluate(config, tmp_path)
+  rows = read_rows(tmp_path)
+  assert [(row["val_loss"], row["val_cer"], row["val_wer"]) for row in rows] == [
+    (1.0, 0.5, 0.7),
+    (2.0, 0.6, 0.8),
+  ]
+  assert summary["best_epoch"] == 0
+  best = train.evaluate_checkpoint(config, tmp_path, "test")
+  latest = train.evaluate_checkpoint(config, tmp_path, "test", checkpoint="latest")
+  validation = train.evaluate_checkpoint(config, tmp_path, "validation")
+  assert summary["test_loss"] == pytest.approx(best["loss"], rel=1e-6)
+  assert (summary["test_cer"], summary["test_wer"]) == (best["cer"], best["wer"])
+  assert best["loss"] != pytest.approx(latest["loss"], rel=1e-4)
+  assert best["loss"] != pytest.approx(validation["loss"], rel=1e-4)
+
+
+def test_an_epochs_train_loss_is_the_mean_over_its_lines_not_over_its_batches(tmp_path):
+  """At a zero learning rate and no dropout the parameters stay the initial ones, so the epoch's
+  train loss is their CTC loss averaged over every training line, here computed in one batch
+  of all the lines: bucketed batches hold unequal numbers of real lines (and filler rows)."""
+  overrides = {"optimizer.learning_rate": 0.0, "model.dropout_rate": 0.0, "num_epochs": 1}
+  config = tiny_config(**overrides)
+  train.train_and_evaluate(config, tmp_path)
+  (row,) = read_rows(tmp_path)
+  data = train.load_split(config, "train", config.data.train_limit)
+  batch = bucketing.assemble_batch(
+    data.features,
+    data.labels,
+    np.arange(len(data)),
+    int(data.lengths.max()),
+    int(data.label_lengths.max()),
+  )
+  state = train.create_train_state(config, 3, 1)
+  logits = state.apply_fn({"params": state.params}, batch["inputs"], batch["input_paddings"])
+  losses = optax.ctc_loss(logits, batch["input_paddings"], batch["labels"], batch["label_paddings"])
+  assert row["train_loss"] == pytest.approx(float(jnp.mean(losses)), rel=1e-4)
 
 
 @pytest.mark.parametrize("round_to", [1, 6, 8])

@@ -165,3 +165,28 @@ def test_compile_threads_size_the_pool_up_to_one_per_step(monkeypatch, threads, 
   assert steps.workers == workers and steps.accounting()["compile_threads"] == workers
   with pytest.raises(ValueError, match=r"compile threads must be >= 0 \(0: one per core\), got -1"):
     compilation.submit_compiles(jobs, mode, -1)
+
+
+class Slow:
+  """A jitted function whose tracing takes at least `seconds`."""
+
+  def __init__(self, seconds: float):
+    self.seconds, self.jitted = seconds, jax.jit(lambda x: x + 1.0)
+
+  def trace(self, *abstract_args):
+    time.sleep(self.seconds)
+    return self.jitted.trace(*abstract_args)
+
+
+def test_the_accounting_counts_the_eval_compiles_time_with_the_train_compiles():
+  mesh = one_device_mesh()
+  jobs = {
+    (kind, bucket): (mesh, Slow(0.4 if kind == "eval" else 0.0), jax.ShapeDtypeStruct((3,), "f4"))
+    for kind in ("train", "eval")
+    for bucket in range(2)
+  }
+  steps = compilation.submit_compiles(jobs, "sequential")
+  accounting = steps.accounting()
+  assert (accounting["train_compiles"], accounting["eval_compiles"]) == (2, 2)
+  assert accounting["compile_seconds_sum"] >= 2 * 0.4  # the eval compiles' spans at least
+  assert accounting["compile_wall_s"] >= accounting["compile_seconds_sum"] - 1e-6  # one at a time

@@ -16,6 +16,12 @@ def test_the_time_cap_asks_to_stop_once_it_has_passed_and_only_where_it_is_check
   assert stop.signalled() is None  # the time cap is no signal
 
 
+def test_the_time_cap_is_in_minutes():
+  before = time.monotonic()
+  stop = StopRequest(max_minutes=2.5)
+  assert 150.0 <= stop.deadline - before <= 150.0 + (time.monotonic() - before)
+
+
 def test_no_cap_never_asks_to_stop():
   stop = StopRequest(max_minutes=0)
   assert not stop.requested() and stop.reason is None
