@@ -183,24 +183,30 @@ def test_backward_direction_equals_forward_pass_over_reversed_sequence():
     np.testing.assert_allclose(backward_half[row, : lengths[row]], expected, rtol=1e-5, atol=1e-5)
 
 
+def layer_outputs_and_gradients(lengths, bidirectional, **layer_options):
+  """A layer's outputs and its gradients (parameters, inputs) for a fixed random cotangent, on
+  fixed random sequences of `lengths` padded to the longest: compare them across options that
+  shape the scan's loop, not what it computes."""
+  time = max(lengths)
+  inputs, paddings = padded_batch(random_sequences(lengths), time=time)
+  width = 2 * HIDDEN if bidirectional else HIDDEN
+  cotangent = jax.random.normal(jax.random.key(1), (len(lengths), time, width))
+  variables = LstmLayer(HIDDEN, bidirectional).init(jax.random.key(0), inputs, paddings)
+  layer = LstmLayer(HIDDEN, bidirectional, **layer_options)
+  loss = lambda variables, inputs: jnp.sum(layer.apply(variables, inputs, paddings) * cotangent)
+  return layer.apply(variables, inputs, paddings), jax.grad(loss, (0, 1))(variables, inputs)
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("unroll", [3, 8])
 def test_unroll_changes_no_output_or_gradient(bidirectional, unroll):
   """The GPU trains at unroll 8 (`models.factory.DEFAULT_UNROLL`); the hand-written gradient is
   checked against Flax's cell at unroll 1. Neither 3 nor 8 divides the 11 frames."""
-  inputs, paddings = padded_batch(random_sequences([11, 6]), time=11)
-  width = 2 * HIDDEN if bidirectional else HIDDEN
-  cotangent = jax.random.normal(jax.random.key(1), (2, 11, width))
-  variables = LstmLayer(HIDDEN, bidirectional).init(jax.random.key(0), inputs, paddings)
-
-  def outputs_and_gradients(unroll):
-    layer = LstmLayer(HIDDEN, bidirectional, unroll=unroll)
-    loss = lambda variables, inputs: jnp.sum(layer.apply(variables, inputs, paddings) * cotangent)
-    return layer.apply(variables, inputs, paddings), jax.grad(loss, (0, 1))(variables, inputs)
-
-  rolled, unrolled = outputs_and_gradients(1), outputs_and_gradients(unroll)
-  for expected, actual in zip(jax.tree.leaves(rolled), jax.tree.leaves(unrolled), strict=True):
-    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
+  rolled = layer_outputs_and_gradients([11, 6], bidirectional, unroll=1)
+  unrolled = layer_outputs_and_gradients([11, 6], bidirectional, unroll=unroll)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6), unrolled, rolled
+  )
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -208,18 +214,11 @@ def test_unroll_changes_no_output_or_gradient(bidirectional, unroll):
 def test_prefetching_scan_steps_change_no_output_or_gradient(bidirectional, unroll):
   # Lengths 11 and 1: a loop whose last step has no next step to slice, and unroll 3 that does not
   # divide the time axis.
-  inputs, paddings = padded_batch(random_sequences([11, 1]), time=11)
-  cotangent = jax.random.normal(jax.random.key(1), (2, 11, 2 * HIDDEN if bidirectional else HIDDEN))
-  variables = LstmLayer(HIDDEN, bidirectional).init(jax.random.key(0), inputs, paddings)
-
-  def outputs_and_gradients(prefetch):
-    layer = LstmLayer(HIDDEN, bidirectional, unroll=unroll, prefetch=prefetch)
-    loss = lambda variables, inputs: jnp.sum(layer.apply(variables, inputs, paddings) * cotangent)
-    return layer.apply(variables, inputs, paddings), jax.grad(loss, (0, 1))(variables, inputs)
-
-  plain, prefetched = outputs_and_gradients(False), outputs_and_gradients(True)
-  for expected, actual in zip(jax.tree.leaves(plain), jax.tree.leaves(prefetched), strict=True):
-    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-6)
+  plain = layer_outputs_and_gradients([11, 1], bidirectional, unroll=unroll, prefetch=False)
+  prefetched = layer_outputs_and_gradients([11, 1], bidirectional, unroll=unroll, prefetch=True)
+  jax.tree.map(
+    lambda got, want: np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6), prefetched, plain
+  )
 
 
 def small_model(bidirectional=True, dropout_rate=0.0, implementation="scan"):

@@ -521,7 +521,7 @@ def test_pallas_kernels_give_the_trainers_loss_and_gradients():
   of the scan and optax, through the trainer's state, on a bucket with filler rows."""
   train_set = train.load_split(tiny_config(), "train", 12)
   plan = one_bucket_plan(train_set, 16)
-  indices = np.concatenate([plan.members(0), np.full(4, bucketing.FILLER)])
+  indices = with_filler(plan, 16)
   results = []
   for overrides in ({"model.lstm_impl": "scan", "ctc.impl": "optax"}, KERNELS):
     mesh, state = mesh_and_state(tiny_config(**overrides), jax.devices()[:1])
