@@ -130,3 +130,35 @@ def test_an_out_that_names_a_folder_is_refused_before_measuring(module, argv, tm
   main = importlib.import_module(f"experiments.{module}").main
   with pytest.raises(cli_errors.UsageError, match=re.escape(f"--out {tmp_path}: names a folder")):
     main([*argv, "--out", str(tmp_path)])
+
+
+def test_a_row_gives_medians_of_the_timed_epochs_after_the_warm_up():
+  calls = []
+
+  def run_epoch(repeat):
+    calls.append(repeat)
+    # The warm-up epoch (compiles, caches) is slow; the timed ones are not alike.
+    return ([0.5, 0.002, 0.001, 0.004][repeat], [100.0, 2.0, 1.0, 8.0][repeat])
+
+  measurement = benchmark.Measurement(
+    contender="ours",
+    strategy="optimal",
+    num_buckets="2",
+    batch="4 sequences",
+    steps=50,
+    real_timesteps=3000,
+    padded_timesteps=4500,
+    compile_seconds=None,
+    num_sequences=200,
+    run_epoch=run_epoch,
+  )
+  benchmark.take_turns([measurement], repeats=3)
+  assert calls == [0, 1, 2, 3]
+  row = measurement.row()
+  assert list(row) == list(benchmark.COLUMNS)
+  assert row["sequences/s"] == "100.0"  # 200 sequences in the median epoch, 2 s
+  assert row["device ms/step"] == "40.00"  # 2 s over 50 steps
+  assert row["host ms/step"] == "2.00"
+  assert row["padded/real"] == "1.500"
+  assert (row["real timesteps"], row["padded timesteps"]) == ("3,000", "4,500")
+  assert row["compile (s)"] == "-"

@@ -733,3 +733,59 @@ def test_a_budget_sweep_started_again_plans_only_what_is_left_at_its_first_epoch
   ]
   assert "estimated at 0.8 min for the 1 still to train" in text
   assert "reused: devices1/none_k1, devices1/optimal_k2" in text
+
+
+def table_run(epoch_seconds, val_losses, best_epoch, padded, startup=(0.0, 0.0), wait=0.0):
+  """A finished run's files as `read_table_run` gives them, made by hand."""
+  history = [
+    {"epoch": epoch, "epoch_time_s": seconds, "compile_wait_s": wait, "val_loss": loss}
+    for epoch, (seconds, loss) in enumerate(zip(epoch_seconds, val_losses, strict=True))
+  ]
+  measure, first_step = startup
+  summary = {
+    "best_epoch": best_epoch,
+    "best_val_loss": val_losses[best_epoch],
+    "best_val_cer": 0.25,
+    "epochs": len(history),
+    "num_buckets": 2,
+    "upper_bounds": [40, 90],
+    "compile_wall_s": 7.0,
+    "efficiency": 0.8,
+    "time_to_first_step_s": first_step,
+  }
+  if measure:
+    summary["cost_model_measure_s"] = measure
+  return {"summary": summary, "history": history, "plan": {"padded_timesteps_with_filler": padded}}
+
+
+def test_a_row_reads_medians_the_baselines_loss_and_the_best_epoch_counted_from_one():
+  # The baseline's best loss is 20.0, at its second epoch.
+  baseline = table_run([4.0, 4.0, 4.0], [30.0, 20.0, 25.0], best_epoch=1, padded=1000)
+  # A slow first epoch (the median is 2, the mean 4); the baseline's loss first reached at the
+  # second epoch, the run's own best at the third, and the last epoch not its best.
+  run = table_run(
+    [10.0, 2.0, 2.0, 2.0],
+    [40.0, 19.5, 18.0, 21.0],
+    best_epoch=2,
+    padded=400,
+    startup=(2.0, 3.0),
+    wait=0.5,
+  )
+  row = paper.run_row(run, baseline, devices=2, strategy="optimal")
+  assert list(row) == list(paper.COLUMNS)
+  assert row["median epoch (s)"] == "2.00"
+  assert row["speed-up"] == "2.000"  # the baseline's median epoch over the run's
+  assert row["ideal speed-up"] == "2.500"
+  assert row["epochs to best"] == "3" and row["epochs run"] == "4"
+  assert row["best val loss"] == "18.000"
+  # start-up (2 s measuring the cost model, 3 s to the first step), then epochs and their waits
+  assert row["wall to best (s)"] == f"{5.0 + 10.5 + 2.5 + 2.5:.1f}"
+  assert row["epochs to baseline loss"] == "2"
+  assert row["wall to baseline loss (s)"] == f"{5.0 + 10.5 + 2.5:.1f}"
+  assert (row["buckets"], row["upper bounds"], row["compile (s)"]) == ("2", "40 90", "7.0")
+
+  # A run that never reaches the baseline's loss says so.
+  worse = table_run([1.0, 1.0], [22.0, 21.0], best_epoch=1, padded=500)
+  row = paper.run_row(worse, baseline, devices=2, strategy="quantile")
+  assert row["epochs to baseline loss"] == row["wall to baseline loss (s)"] == "-"
+  assert row["speed-up"] == "4.000"

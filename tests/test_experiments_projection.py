@@ -29,6 +29,30 @@ def test_fit_recovers_an_exact_step_model_and_the_cost_model_is_its_special_case
   assert max(abs(e) for e in projection.relative_errors(cost_model, points)) > 0.1
 
 
+def test_leave_one_out_refits_without_the_point_it_scores():
+  truth = projection.StepTimeModel(constant_ms=1.0, per_timestep_ms=0.04, per_token_ms=2e-4)
+  shapes = [(32, 152), (32, 608), (32, 1544), (128, 608), (64, 304)]
+  points = [(b, t, truth(b, t)) for b, t in shapes]
+  points[2] = (32, 1544, 2 * truth(32, 1544))  # one step measured at twice the model's time
+  in_sample = projection.fit_step_model(points)
+  errors = projection.relative_errors(in_sample, points, leave_one_out=True)
+  # Without it, the other four fit the truth exactly, which predicts half the measured time.
+  assert errors[2] == pytest.approx(-0.5)
+  assert abs(projection.relative_errors(in_sample, points)[2]) < 0.4
+
+
+def test_gradient_bytes_are_four_per_parameter():
+  import jax
+
+  import train
+  from experiments import iam
+
+  config = iam.get_config("tiny")
+  state = train.create_train_state(config, train.num_features(config), 10)
+  parameters = sum(leaf.size for leaf in jax.tree.leaves(state.params))
+  assert projection.gradient_bytes(config) == 4 * parameters
+
+
 def test_strong_scaling_splits_the_batch_weak_scaling_grows_it():
   lengths = np.full(64, 8)  # one bucket of 64 sequences of length 8
   model = projection.StepTimeModel(constant_ms=1.0, per_timestep_ms=0.0, per_token_ms=1.0 / 8)
@@ -62,6 +86,20 @@ def test_scaling_rows_report_speed_up_against_one_gpu():
   # GPU, half as many of them, and the all-reduce is negligible on this link.
   assert 1 < float(rows[1]["speed-up"]) < 1.9
   assert rows[3]["speed-up"] == "2.00"
+
+
+def test_rows_give_the_time_of_one_step_and_of_its_all_reduce():
+  lengths = np.full(64, 8)  # one bucket of 64 sequences of length 8
+  model = projection.StepTimeModel(constant_ms=1.0, per_timestep_ms=0.0, per_token_ms=1.0 / 8)
+  rows = projection.scaling_rows(lengths, model, 1e6, links={"slow": 1e9}, device_counts=(1, 2))
+  per_step = [(row["compute/step (ms)"], row["all-reduce/step (ms)"]) for row in rows]
+  # 1 + B * 8 / 8 ms for B sequences per GPU; 2 * 1/2 * 1 MB at 1 GB/s = 1 ms on 2 GPUs.
+  assert per_step == [
+    ("33.00", "0.0000"),
+    ("17.00", "1.0000"),
+    ("33.00", "0.0000"),
+    ("33.00", "1.0000"),
+  ]
 
 
 def test_reads_the_committed_h200_step_times():

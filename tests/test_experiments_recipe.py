@@ -73,6 +73,14 @@ def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
   assert recipe.scaled_learning_rate(base, plan) == pytest.approx(3e-3 * math.sqrt(2))
 
 
+def test_planned_epochs_fill_the_plan_share_of_the_budget_after_the_fixed_cost():
+  # 95 s of a 100 s budget, 10 s fixed: 85 s hold 21 epochs of 4 s (all 100 s would hold 22).
+  assert recipe.PLAN_SHARE == 0.95
+  assert recipe.planned_epochs(10.0, 4.0, 100.0) == 21
+  assert recipe.planned_epochs(100.0, 4.0, 100.0) == 0  # the fixed cost alone overruns the share
+  assert recipe.planned_epochs(0.0, 1e-6, 1.0) == recipe.MAX_EPOCHS
+
+
 @pytest.mark.parametrize(
   ("extra", "message"),
   [

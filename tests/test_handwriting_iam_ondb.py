@@ -264,7 +264,10 @@ def test_line_count_mismatch_skips_the_form(tmp_path):
   (root / "ascii/d04/d04-030/d04-030z.txt").write_text("CSR:\n\nonly one line\n")
   parsed = iam_ondb.read_iam_ondb(root, progress=False)
   assert [example["id"] for example in parsed.examples["test"]] == ["e05-040-01"]
-  assert [s["id"] for s in parsed.skipped] == ["d04-030z-01", "d04-030z-02"]
+  assert [(s["id"], s["split"]) for s in parsed.skipped] == [
+    ("d04-030z-01", "test"),
+    ("d04-030z-02", "test"),
+  ]
   assert "1 CSR transcription lines for 2 line files" in parsed.skipped[0]["reason"]
 
 

@@ -32,3 +32,17 @@ def test_plots_are_written(tmp_path):
   report.render_example(examples["train"][0], str(tmp_path / "line.png"))
   for name in ("lengths.png", "line.png"):
     assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_length_statistics_on_lengths_made_by_hand():
+  squares = np.arange(201) ** 2  # the 5th, 50th and 95th percentiles fall on entries 10, 100, 190
+  lengths = {"train": {"points": squares}}
+  stats = report.dataset_stats({"train": [{"text": "a"}] * 201}, lengths, [], FeatureConfig())
+  assert stats["splits"]["train"]["points"] == {
+    "min": 0,
+    "p5": 100.0,
+    "median": 10_000.0,
+    "mean": 13_366.7,
+    "p95": 36_100.0,
+    "max": 40_000,
+  }

@@ -1,5 +1,7 @@
 """Tests for handwriting.synthetic: the default data must be deterministic and IAM-OnDB-like."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,29 @@ def test_writers_are_split_specific_and_vary():
   assert len({e["writer_id"] for e in train}) == 16 // synthetic.LINES_PER_FORM
   heights = [np.ptp(e["points"][:, 1]) for e in train]
   assert max(heights) > 1.2 * min(heights)
+
+
+def test_every_split_has_texts_and_ink_of_its_own():
+  splits = {split: synthetic.generate_examples(split, 8) for split in synthetic.SPLIT_CODES}
+  for split, examples in splits.items():
+    for other, others in splits.items():
+      if other != split:
+        assert not {e["text"] for e in examples} & {e["text"] for e in others}, (split, other)
+        for a, b in zip(examples, others, strict=True):
+          assert a["points"].shape != b["points"].shape or not np.allclose(a["points"], b["points"])
+
+
+def test_every_character_of_a_line_leaves_ink():
+  still = synthetic.writer_style(np.random.default_rng(0))
+  still |= {"slant": 0.0, "drift": 0.0, "wobble": 0.0, "jitter": 0.0, "pen_noise": 0.0}
+
+  def width(text):
+    points, _ = synthetic.write_line(text, still, np.random.default_rng(1))
+    return np.ptp(points[:, 0])
+
+  # Each letter added at the end widens the ink by at least a stroke's width.
+  widths = [width("n" * count) for count in range(1, 5)]
+  assert all(later > earlier + still["height"] for earlier, later in itertools.pairwise(widths))
 
 
 def test_texts_use_words_punctuation_and_capitals(train_lines):
