@@ -171,3 +171,13 @@ def test_the_longest_allowed_length_is_taken():
 def test_bad_bucket_counts_are_rejected(num_buckets):
   with pytest.raises(ValueError, match="number of buckets"):
     boundaries.optimal_bounds(np.array([1, 2, 3]), num_buckets)
+
+
+def test_quantile_bucket_b_ends_at_the_ceil_of_b_plus_1_over_k_th_sequence():
+  # 10 sequences in 3 buckets: they end at sequences ceil(10/3) = 4, ceil(20/3) = 7 and 10.
+  np.testing.assert_array_equal(boundaries.quantile_bounds(np.arange(1, 11), 3), [4, 7, 10])
+
+
+def test_optimal_ties_go_to_the_longer_last_bucket():
+  # Both [1, 3] and [2, 3] pad one each of 1, 2, 3 to 7 timesteps; the leftmost start wins.
+  np.testing.assert_array_equal(boundaries.optimal_bounds(np.array([1, 2, 3]), 2), [1, 3])

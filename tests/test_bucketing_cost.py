@@ -229,3 +229,10 @@ def test_fit_step_model_needs_steps_that_determine_it(batches, lengths):
 def test_cost_model_rejects_bad_figures(field, value):
   with pytest.raises(ValueError, match=field):
     cost.CostModel(**{field: value})
+
+
+def test_auto_keeps_the_fewer_buckets_when_more_save_nothing():
+  free = cost.CostModel(alpha=0.0, beta=0.0, gamma=0.0, kappa=0.0)
+  choice = cost.choose_num_buckets(np.array([1, 5, 9, 13]), 4, cost_model=free, batch_size=2)
+  np.testing.assert_array_equal(choice.seconds_per_count, [0, 0, 0, 0])
+  assert choice.num_buckets == 1

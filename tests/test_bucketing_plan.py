@@ -169,3 +169,29 @@ def test_a_plan_whose_padded_timesteps_int64_cannot_count_is_refused():
   # Half the devices: just countable, and counted exactly.
   summary = plan_lib.make_plan(lengths, num_buckets=3, batch_size=8, num_devices=2**30).summary()
   assert summary["padded_timesteps_with_filler"] == 2**30 * (3 * longest - 3)
+
+
+def test_report_figures_on_a_plan_worked_by_hand():
+  # Buckets {1, 1, 1} at batch 2 (2 steps, one filler row) and {10} at batch 1 (1 step).
+  plan = plan_lib.make_plan([1, 10, 1, 1], strategy="optimal", num_buckets=2, batch_size=2)
+  per_step = cost.CostModel(alpha=1.0, beta=0.0, gamma=0.0, kappa=5.0)
+  summary = plan.summary(per_step)
+  assert summary["upper_bounds"] == [1, 10] and summary["batch_sizes"] == [2, 1]
+  assert summary["real_timesteps"] == summary["padded_timesteps"] == 13
+  assert summary["padded_timesteps_with_filler"] == 14
+  assert summary["efficiency_with_filler"] == pytest.approx(13 / 14)
+  # One bucket: 2 steps of 2 rows padded to 10; 1 s a step, 2 steps against 3.
+  assert summary["ideal_speedup"] == pytest.approx(40 / 14)
+  assert summary["predicted_speedup"] == pytest.approx(2 / 3)
+
+
+def test_fixed_bounds_are_rounded_up_to_round_to_and_merged():
+  def bounds(upper_bounds):
+    lengths = [3, 5, 12]
+    plan = plan_lib.make_plan(
+      lengths, strategy="fixed", upper_bounds=upper_bounds, round_to=8, batch_size=2
+    )
+    return plan.upper_bounds.tolist()
+
+  assert bounds([5, 12]) == [8, 16]
+  assert bounds([3, 5, 12]) == [8, 16]

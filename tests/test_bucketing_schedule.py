@@ -91,3 +91,12 @@ def test_bad_positions_are_rejected():
     schedule.process_slice(np.arange(8), 2, 2)
   with pytest.raises(ValueError, match="does not split"):
     schedule.process_slice(np.arange(6), 0, 4)
+
+
+def test_a_buckets_batches_are_drawn_afresh_each_epoch():
+  plan = plan_lib.make_plan([5] * 8, strategy="none", batch_size=2)
+  batchings = {
+    frozenset(frozenset(rows.tolist()) for _, rows in schedule.epoch_batches(plan, 0, epoch))
+    for epoch in range(4)
+  }
+  assert len(batchings) > 1  # not the same pairs in a new order
