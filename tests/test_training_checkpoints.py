@@ -13,6 +13,7 @@ import pytest
 from flax.training.train_state import TrainState
 
 import bucketing
+from training import checkpoints as checkpoints_lib
 from training.checkpoints import CheckpointMismatchError, Checkpoints, Progress
 
 
@@ -110,3 +111,47 @@ def test_the_latest_state_of_another_schedule_is_a_mismatch_not_damage(tmp_path)
     pytest.raises(CheckpointMismatchError, match=r"batches of \[2\] lines .* plans \[3\]"),
   ):
     checkpoints.restore_latest(small_state(0.0), plan_of(3))
+
+
+def test_a_resume_on_another_device_count_keeps_a_small_buckets_batches(tmp_path):
+  # 3 lines in one bucket: 8 devices pad its batch to 8 rows, 4 devices to 4; the same 3 lines.
+  def plan(devices):
+    return bucketing.make_plan([5, 9, 13], strategy="none", batch_size=8, num_devices=devices)
+
+  assert (plan(8).batch_sizes.tolist(), plan(4).batch_sizes.tolist()) == ([8], [4])
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.save_latest(small_state(2.0, step=1), Progress(step_in_epoch=1), plan(8))
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    restored, progress = checkpoints.restore_latest(small_state(0.0), plan(4))
+  assert int(restored.step) == 1 and progress.step_in_epoch == 1
+
+
+def test_the_checksum_covers_every_leaf():
+  state = small_state(2.0)
+  changed = state.replace(params=state.params | {"kernel": state.params["kernel"].at[2, 3].add(1)})
+  assert jax.tree.leaves(state.params)[-1] is state.params["kernel"]  # the last leaf changed
+  assert checkpoints_lib._fingerprint(changed) != checkpoints_lib._fingerprint(state)
+
+
+def test_the_newest_of_the_kept_best_checkpoints_is_restored(tmp_path):
+  params = {"kernel": jnp.zeros((2, 2))}
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.save_best(0, params, "val_loss")
+    checkpoints.save_best(1, jax.tree.map(lambda leaf: leaf + 1, params), "val_cer")
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    restored = checkpoints.restore_best(params)
+    assert checkpoints.best_selected_by == "val_cer"
+  np.testing.assert_array_equal(restored["kernel"], np.ones((2, 2)))
+
+
+@pytest.mark.parametrize(("step_in_epoch", "saved"), [(0, [1]), (3, [])])
+def test_missing_best_parameters_are_saved_again_only_from_the_state_at_their_epochs_end(
+  tmp_path, step_in_epoch, saved
+):
+  # Killed between saving the state at epoch 1's end and saving epoch 1's best parameters: the
+  # state at that end holds them; a state 3 steps into epoch 2 no longer does.
+  progress = Progress(epoch=2, step_in_epoch=step_in_epoch, best_epoch=1)
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.align_best(progress, small_state(2.0).params)
+    checkpoints.best.wait_until_finished()
+    assert checkpoints.best.all_steps() == saved

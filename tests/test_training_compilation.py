@@ -190,3 +190,19 @@ def test_the_accounting_counts_the_eval_compiles_time_with_the_train_compiles():
   assert (accounting["train_compiles"], accounting["eval_compiles"]) == (2, 2)
   assert accounting["compile_seconds_sum"] >= 2 * 0.4  # the eval compiles' spans at least
   assert accounting["compile_wall_s"] >= accounting["compile_seconds_sum"] - 1e-6  # one at a time
+
+
+def test_compile_wall_time_is_first_start_to_last_end_not_the_sum_of_compiles():
+  mesh = one_device_mesh()
+  jobs = {
+    ("train", bucket): (mesh, Slow(0.4), jax.ShapeDtypeStruct((3,), "f4")) for bucket in range(4)
+  }
+  accounting = compilation.submit_compiles(jobs, "parallel", threads=4).accounting()
+  # Four compiles of at least 0.4 s each, side by side on four threads.
+  assert accounting["compile_seconds_sum"] >= 4 * 0.4
+  assert accounting["compile_wall_s"] < accounting["compile_seconds_sum"] - 0.4
+
+
+def test_a_steps_memory_counts_an_output_written_over_a_donated_argument_once():
+  memory = compilation.StepMemory(arguments=100, outputs=60, aliased=50, temporaries=7)
+  assert memory.total == 100 + 60 - 50 + 7
