@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from experiments import benchmark_compile, reporting
+from experiments import benchmark_compile, cli, reporting
 
 
 @pytest.mark.slow
@@ -32,3 +32,76 @@ def test_a_misspelt_config_override_is_one_line_and_exit_code_2():
   assert result.stderr.strip().splitlines() == [
     "error: --config.num_epoch=1: no config field 'num_epoch'; did you mean 'num_epochs'?"
   ]
+
+
+def summary(first_step, wall, summed, train, hits=0, misses=4):
+  """What `one_run` returns for a run of the given seconds and cache hits and misses."""
+  return {
+    "time_to_first_step_s": first_step,
+    "compile_wall_s": wall,
+    "compile_seconds_sum": summed,
+    "train_and_wait_s": train,
+    "compilation_cache_hits": hits,
+    "compilation_cache_misses": misses,
+    "num_buckets": 2,
+    "upper_bounds": [16, 32],
+    "train_compiles": 2,
+    "eval_compiles": 2,
+    "epochs": 1,
+    "num_devices": 1,
+  }
+
+
+def test_cells_are_medians_and_ranges_of_the_repeats_and_ratios_compare_within_a_repeat(
+  tmp_path, monkeypatch
+):
+  # Per repeat, in the order the runs take turns: the numbers of each run.
+  runs = []
+  for sequential, parallel, overlap in ((10, 4, 2), (12, 6, 3), (20, 5, 4)):
+    runs += [
+      ("sequential", summary(sequential, sequential, sequential, 5)),
+      ("parallel", summary(parallel, parallel, 4 * parallel - 1, 5)),
+      ("overlap", summary(overlap, 8, 16, 7)),
+      ("overlap", summary(1, 8, 16, 7)),  # filling the cache
+      ("overlap", summary(1, 2, 2, 7, hits=4, misses=0)),  # reading it
+    ]
+  runs.reverse()
+
+  def one_run(config, mode, cache_dir, workdir):
+    expected_mode, result = runs.pop()
+    assert mode == expected_mode
+    return result
+
+  monkeypatch.setattr(benchmark_compile, "one_run", one_run)
+  out = tmp_path / "compile.md"
+  benchmark_compile.main(["--repeats", "3", "--out", str(out)])
+  assert not runs
+  text = out.read_text()
+  cells = next(line for line in text.splitlines() if line.startswith("Cells:"))
+  rows = {row["compile mode"]: row for row in reporting.read_markdown_table(text, cells)}
+  assert rows["sequential"]["compile wall (s)"] == "12.00 (10.00-20.00)"  # the mean is 14
+  assert rows["parallel"]["compile summed (s)"] == "19.00 (15.00-23.00)"
+  assert rows["parallel"]["parallelism (summed / wall)"] == "3.80 (3.75-3.83)"
+  assert rows["overlap"]["time to first step (s)"] == "3.00 (2.00-4.00)"
+  assert rows["overlap"]["train time (s)"] == "7.00 (7.00-7.00)"
+  assert rows["overlap, cold cache"]["cache hits / misses"] == "0 / 4"
+  assert rows["overlap, warm cache"]["cache hits / misses"] == "4 / 0"
+  # Overlap's first step over the same repeat's sequential compile wall: 2/10, 3/12, 4/20; the
+  # parallel compile wall over it: 4/10, 6/12, 5/20.
+  assert "first train step starts after 0.20 (0.20-0.25) of the sequential compile" in text
+  assert "in parallel takes 0.40 (0.25-0.50) of the sequential compile wall" in text
+
+
+def test_a_runs_train_time_includes_its_waits_for_compiles(monkeypatch):
+  trained = []
+
+  def train_and_evaluate(config, workdir):
+    trained.append((config.compile_mode, config.compilation_cache_dir))
+    return {"train_time_s": 3.0, "compile_wait_s": 0.5}
+
+  monkeypatch.setattr(benchmark_compile.train, "train_and_evaluate", train_and_evaluate)
+  monkeypatch.setattr(benchmark_compile.jax, "clear_caches", lambda: None)
+  config = cli.load_config(["benchmark", "--config=experiments/synthetic.py:tiny"])
+  summary = benchmark_compile.one_run(config, "overlap", "cache", None)
+  assert summary["train_and_wait_s"] == 3.5
+  assert trained == [("overlap", "cache")]

@@ -84,3 +84,47 @@ def test_an_unroll_below_one_is_one_line_and_exit_code_2():
     "error: python -m experiments.benchmark_lstm: argument --unroll: must be >= 1, got 0 "
     "(see --help)"
   ]
+
+
+class StepClock:
+  """A stand-in for the `time` module whose clock moves only when a fake step runs."""
+
+  def __init__(self):
+    self.now = 0.0
+
+  def perf_counter(self):
+    return self.now
+
+  def step(self, seconds):
+    """A step that takes each of `seconds` in turn."""
+    durations = iter(seconds)
+    return lambda: setattr(self, "now", self.now + next(durations))
+
+
+def test_a_cell_is_the_median_of_the_repeats_in_milliseconds(monkeypatch):
+  clock = StepClock()
+  monkeypatch.setattr(benchmark_lstm, "time", clock)
+  steps = {"a": clock.step([0.001, 0.010, 0.002]), "b": clock.step([0.005, 0.004, 0.030])}
+  medians = benchmark_lstm.median_step_ms(steps, repeats=3)
+  assert medians == pytest.approx({"a": 2.0, "b": 5.0})  # means would be 4.33 and 13
+
+
+def test_the_speed_up_is_the_flax_step_over_the_fastest_of_ours(monkeypatch):
+  medians = {"flax": 12.0, "ours unroll=1": 8.0, "ours unroll=4": 3.0, "cudnn": 1.0}
+  monkeypatch.setattr(benchmark_lstm, "compiled_step", lambda model, time_steps: None)
+  monkeypatch.setattr(
+    benchmark_lstm, "median_step_ms", lambda steps, repeats: {name: medians[name] for name in steps}
+  )
+  columns = {name: lambda hidden, layers, bidirectional: None for name in medians}
+  (row,) = benchmark_lstm.timing_rows([(16, 8, 2, False)], columns, repeats=1)
+  assert row == {
+    "time": "16",
+    "hidden": "8",
+    "layers": "2",
+    "bidirectional": "no",
+    "flax (ms)": "12.00",
+    "ours unroll=1 (ms)": "8.00",
+    "ours unroll=4 (ms)": "3.00",
+    "cudnn (ms)": "1.00",
+    benchmark_lstm.SPEED_UP: "4.00x",  # 12 / 3: cuDNN is not ours
+  }

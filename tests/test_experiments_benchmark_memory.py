@@ -106,3 +106,34 @@ def test_a_run_stopped_among_the_plans_keeps_the_fit_and_the_plans_it_measured(
     {key: str(value) for key, value in row.items()} for row in rows
   ]
   assert "Unfinished: 2 of the 4 plans" in text
+
+
+def test_a_budget_is_the_tokens_whose_fitted_step_fills_the_usable_memory():
+  # 910 bytes a token and 10 a lattice cell, 2 x 4 + 1 = 9 cells a token: 1,000 bytes a token,
+  # after a fixed 1 GB. A 16 GB card leaves 12 GB to XLA: 11 GB of tokens.
+  rows = benchmark_memory.budget_rows(np.array([1e9, 910.0, 10.0]), label_width=4)
+  assert list(rows[0]) == ["device memory (GB)", "usable by XLA (GB)", "padded tokens per step"]
+  assert [tuple(row.values()) for row in rows] == [
+    ("16", "12", "11,000,000"),
+    ("40", "30", "29,000,000"),
+    ("80", "60", "59,000,000"),
+    ("141", "105.75", "104,750,000"),
+  ]
+
+
+def test_a_shape_row_gives_the_step_its_parts_and_the_fit_at_that_shape():
+  # 2 x 10 = 20 padded tokens, 20 x (2 x 3 + 1) = 140 lattice cells.
+  memory = StepMemory(
+    arguments=3_000_000, outputs=1_000_000, aliased=1_000_000, temporaries=2_000_000
+  )
+  row = benchmark_memory.shape_row((2, 10, 3, memory), np.array([1e6, 1e5, 1e5]))
+  assert row == {
+    "batch": "2",
+    "length": "10",
+    "label width": "3",
+    "padded tokens": "20",
+    "arguments (MB)": "3.0",
+    "temporaries (MB)": "2.0",
+    "step (MB)": "5.0",
+    "fitted (MB)": "17.0",  # 1 + 20 x 0.1 + 140 x 0.1
+  }

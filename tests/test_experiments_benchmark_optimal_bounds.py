@@ -3,6 +3,7 @@ line."""
 
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -56,3 +57,43 @@ def test_a_corpus_of_fewer_lengths_than_buckets_compares_its_one_bucket_per_leng
   rows = benchmark_optimal_bounds.auto_against_optimal(lengths, model, (3, 8))
   by_k = {k: [{**row, "K": None} for row in rows if row["K"] == k] for k in ("3", "8")}
   assert by_k["8"] and by_k["8"] == by_k["3"]
+
+
+@pytest.mark.parametrize(("num_buckets", "padded"), [(1, 40), (2, 16), (3, 14), (4, 14)])
+def test_the_plain_dp_finds_the_least_padding_for_k_buckets(num_buckets, padded):
+  # One bucket pads all four to 10; two split {1, 1, 2} (to 2) from {10}; three pad nothing.
+  lengths = np.array([10, 1, 2, 1])
+  assert benchmark_optimal_bounds.plain_dp_cost(lengths, num_buckets) == padded
+
+
+def test_a_solve_time_is_the_median_of_the_repeats_after_a_warm_up(monkeypatch):
+  now = [0.0]
+  durations = iter([100.0, 1.0, 9.0, 2.0])  # the first solve (the warm-up) is not timed
+
+  def solve(lengths, num_buckets):
+    now[0] += next(durations)
+
+  monkeypatch.setattr(benchmark_optimal_bounds.boundaries, "optimal_bounds", solve)
+  monkeypatch.setattr(
+    benchmark_optimal_bounds, "time", types.SimpleNamespace(perf_counter=lambda: now[0])
+  )
+  assert benchmark_optimal_bounds.median_seconds(np.array([1, 2]), 2, repeats=3) == 2.0
+
+
+def test_saved_is_the_share_of_optimals_epoch_that_autos_bounds_save(monkeypatch):
+  least_padding = [np.array([900]), np.array([500, 900])]
+  fastest = [np.array([900]), np.array([400, 900])]
+
+  def epoch_seconds(model, lengths, bounds, **sizing):
+    assert model.kappa == 0  # one epoch's steps, no compiles
+    return bounds[0] / 50
+
+  monkeypatch.setattr(cost, "fastest_bounds_per_count", lambda *args, **kwargs: fastest)
+  monkeypatch.setattr(
+    benchmark_optimal_bounds.boundaries, "optimal_bounds_per_count", lambda *args: least_padding
+  )
+  monkeypatch.setattr(cost, "plan_seconds", epoch_seconds)
+  rows = benchmark_optimal_bounds.auto_against_optimal(np.arange(1, 901), cost.CostModel(), (1, 2))
+  cells = [(row["K"], row["optimal (s)"], row["auto (s)"], row["saved"]) for row in rows]
+  assert cells == [("1", "18.00", "18.00", "0.0%"), ("2", "10.00", "8.00", "20.0%")] * 3
+  assert rows[1]["auto's bounds"] == "400 900"

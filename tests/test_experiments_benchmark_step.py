@@ -326,3 +326,60 @@ def test_a_dtype_no_variant_was_tuned_for_keeps_its_measured_defaults(tmp_path, 
   monkeypatch.setitem(benchmark_step.PRESETS, "tiny", {(8, 24): implementations})
   benchmark_step.main(["--preset", "tiny", "--tune", "--out", str(tmp_path / "step.md")])
   assert launched == {"float32": 4, "bfloat16": None}  # None: models.factory.KERNEL_LAUNCH's
+
+
+def test_a_median_leaves_the_warm_up_out(monkeypatch):
+  clock = {"now": 0.0}
+  durations = iter([0.1, 0.001, 0.009, 0.002])  # the first run compiles
+
+  def run():
+    clock["now"] += next(durations)
+
+  monkeypatch.setattr(benchmark_step, "time", mock.Mock(perf_counter=lambda: clock["now"]))
+  assert benchmark_step.median_ms(run, repeats=3) == pytest.approx(2.0)  # not 9 nor 4
+
+
+def test_the_relative_error_is_the_worst_leaf_relative_to_the_references_magnitude():
+  result = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.9])}
+  reference = {"a": jnp.array([1.0, 4.0]), "b": jnp.array([1.0])}
+  # a: 2 off where the reference reaches 4; b: 0.1 off 1.
+  assert benchmark_step.relative_error(result, reference) == pytest.approx(0.5)
+
+
+def scripted_ms(*milliseconds):
+  """A `median_ms` that runs nothing and returns these times in turn."""
+  times = iter(milliseconds)
+  return lambda run, repeats: next(times)
+
+
+def test_tuning_chooses_the_fastest_lstm_variant_that_matches_the_scan(monkeypatch):
+  grid = [KernelConfig(num_warps=n, weights_resident=False) for n in (8, 4, 2)]
+  monkeypatch.setattr(benchmark_step, "TUNE_GRID", [(variant, jnp.float32) for variant in grid])
+
+  def scan(projected, recurrent_kernel, unroll, prefetch=False):  # cheap to compile
+    return tuple(jnp.tanh(p) for p in projected)
+
+  def kernel(projected, recurrent_kernel, config):
+    outputs = scan(projected, recurrent_kernel, 8)
+    return tuple(h + 1 for h in outputs) if config.num_warps == 2 else outputs  # 2: wrong
+
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence", scan)
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence_kernel", kernel)
+  # The three scans, then 8, 4 and 2 warps: the wrong one is the fastest.
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 5.0, 5.0, 3.0, 1.0, 0.5))
+  best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
+  assert list(best) == ["float32"] and best["float32"].num_warps == 4
+  assert [row["ms"] for row in rows[3:]] == ["3.00", "1.00", "0.50"]
+
+
+def test_tuning_chooses_the_fastest_ctc_variant(monkeypatch):
+  def loss(logits, paddings, labels, label_paddings, **launch):  # cheap to compile
+    return jnp.sum(logits**2, axis=(1, 2))
+
+  monkeypatch.setattr(benchmark_step, "optax", mock.Mock(ctc_loss=loss))
+  monkeypatch.setattr(benchmark_step, "ctc_loss_kernel", loss)
+  # optax, then tile 1 with 2 warps, tile 1 with 4 and tile 2 with 4.
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 3.0, 1.0, 2.0))
+  settings, rows = benchmark_step.tune_ctc(repeats=1, interpret=True)
+  assert settings == {"ctc.batch_tile": 1, "ctc.num_warps": 4}
+  assert [row["ms"] for row in rows] == ["5.00", "3.00", "1.00", "2.00"]

@@ -45,3 +45,9 @@ def test_out_of_range_id_is_rejected():
 def test_repeated_characters_are_rejected():
   with pytest.raises(ValueError, match="unique"):
     Alphabet("abca")
+
+
+def test_an_empty_alphabet_is_rejected():
+  # It would have the blank as its only class: a model that can only ever output nothing.
+  with pytest.raises(ValueError, match="at least one character"):
+    Alphabet("")

@@ -268,3 +268,28 @@ def test_build_help_says_what_the_folders_are(capsys, monkeypatch):
   assert "https://fki.tic.heia-fr.ch/databases/iam-on-line-handwriting-database" in text
   assert "lineStrokes-all.tar.gz and ascii-all.tar.gz" in text and "testset_f.txt" in text
   assert "--dataset {iam_ondb,synthetic}" in text  # build takes no .npz
+
+
+def test_build_synthetic_writes_num_train_lines_to_train_and_num_eval_to_the_others(tmp_path):
+  argv = ["build", "--dataset", "synthetic", "--data_dir", str(tmp_path), "--num_train", "3",
+          "--num_eval", "2"]  # fmt: skip
+  assert main(argv) == 0
+  path = tmp_path / "synthetic.npz"
+  sizes = {split: len(dataset.read_export(path, split)) for split in SPLITS}
+  assert sizes == {"train": 3, "validation": 2, "validation2": 2, "test": 2}
+  settings = {"seed": 0, "num_train": 3, "num_eval": 2}
+  assert dataset.read_export_metadata(path) == {"generator": settings}
+
+
+def test_stats_reports_feature_lengths_for_the_resample_spacing_asked(capsys):
+  small = ["stats", "--num_train", "3", "--num_eval", "1", "--json"]
+  assert main([*small, "--resample_spacing", "0"]) == 0
+  raw = json.loads(capsys.readouterr().out)
+  assert raw["feature_config"]["resample_spacing"] is None
+  for info in raw["splits"].values():
+    assert info["features"] == info["points"]  # a row per pen point
+  assert main([*small, "--resample_spacing", "0.5"]) == 0
+  coarse = json.loads(capsys.readouterr().out)
+  assert coarse["feature_config"]["resample_spacing"] == 0.5
+  for split, info in coarse["splits"].items():
+    assert info["features"]["max"] < raw["splits"][split]["features"]["max"], split

@@ -108,6 +108,10 @@ def replace(key, value):
   return lambda arrays: arrays.__setitem__(key, value)
 
 
+def shift(key, by):
+  return lambda arrays: arrays.__setitem__(key, arrays[key] + np.array(by))
+
+
 def read_train(path):
   return load_examples(str(path), "train")
 
@@ -121,6 +125,9 @@ def read_train(path):
     (replace("metadata", np.array("[]")), dataset.read_export_metadata, r"not a JSON object"),
     (replace("train/offsets", np.array([0.0, 1.0])), read_train, r"offsets must be non-decr"),
     (replace("train/offsets", np.array([0, 5, 2, 9])), read_train, r"offsets must be non-decr"),
+    # The last line's end short of the points, the first line's start after 0: lines cut short.
+    (shift("train/offsets", [0, 0, 0, -1]), read_train, r"offsets must be non-decr"),
+    (shift("train/offsets", [1, 0, 0, 0]), read_train, r"offsets must be non-decr"),
     (replace("train/stroke_end", np.zeros(2, bool)), read_train, r"stroke_end has shape \(2,\)"),
     (replace("train/text", np.array(["a", "b"])), read_train, r"text has shape \(2,\), expected"),
   ],
@@ -169,6 +176,7 @@ def test_unknown_dataset_and_split_are_rejected():
   ("change", "message"),
   [
     ({"points": np.zeros((3, 2), np.float32)}, "float32"),
+    ({"points": np.array([[0, 0, 0], [1, 1, 0.02], [2, 2, 0.04]])}, "float32"),  # float64
     ({"stroke_end": np.zeros(3, np.bool_)}, "ending in True"),
     ({"text": ""}, "empty text"),
     ({"points": np.array([[0, 0, 1.0]] * 3, np.float32)}, "start at 0"),
@@ -329,3 +337,12 @@ def test_a_line_ctc_cannot_align_is_named_or_skipped_and_reported():
   assert [(item["id"], item["split"]) for item in skipped] == [("a", "train")]
   kept, skipped = dataset.validate_alignable(kept, "train")
   assert len(kept) == 3 and skipped == []
+
+
+def test_a_data_dir_from_the_environment_is_configured_not_the_default(tmp_path, monkeypatch):
+  monkeypatch.setenv("HANDWRITING_DATA_DIR", str(tmp_path))
+  export = tmp_path / "iam_ondb.npz"
+  dataset.write_export(export, {"train": []}, {})
+  source = dataset.data_source("iam_ondb")
+  assert (source.kind, source.path, source.default_location) == ("export", export, False)
+  assert "nothing configured" not in str(source)

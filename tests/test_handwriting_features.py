@@ -166,3 +166,23 @@ def test_bad_shapes_are_rejected():
     ink_to_features(np.zeros((0, 3), np.float32), np.zeros(0, bool), FeatureConfig())
   with pytest.raises(ValueError, match="resample_spacing"):
     FeatureConfig(resample_spacing=0.0)
+
+
+def test_a_flat_line_keeps_its_offsets_in_sensor_units():
+  # y never changes: the height is 1 (not 0, which would make every offset NaN).
+  points = np.array([[0, 5, 0.0], [3, 5, 0.1], [7, 5, 0.2]], np.float32)
+  features = ink_to_features(points, np.array([False, False, True]), FeatureConfig())
+  np.testing.assert_array_equal(features, [[0, 0, 0], [3, 0, 0], [4, 0, 1]])
+  dot = ink_to_features(np.array([[2, 3, 0.0]], np.float32), np.array([True]), FeatureConfig())
+  np.testing.assert_array_equal(dot, [[0, 0, 1]])
+
+
+def test_resample_spacing_is_in_height_units_when_normalised():
+  # Two vertical strokes 10 sensor units long; the writing's height is 10, so each stroke is 1
+  # height long and a spacing of 0.25 puts 5 points on it (in sensor units it would be 41).
+  points = np.array([[0, 0, 0], [0, 10, 1], [5, 0, 2], [5, 10, 3]], np.float32)
+  stroke_end = np.array([False, True, False, True])
+  features = ink_to_features(points, stroke_end, FeatureConfig(resample_spacing=0.25))
+  up = [0, 0.25, 0]
+  expected = [[0, 0, 0], up, up, up, [0, 0.25, 1], [0.5, -1, 0], up, up, up, [0, 0.25, 1]]
+  np.testing.assert_allclose(features, expected, atol=1e-6)
