@@ -344,7 +344,8 @@ def data_source(
     return DataSource("generator", None, f"generated with {settings}", False)
   if dataset != "iam_ondb":
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS} or a .npz path")
-  default_location = data_dir is None and "HANDWRITING_DATA_DIR" not in os.environ
+  # Nothing configured, where "" counts as unset as in `export_path`: the default folder.
+  default_location = not data_dir and not os.environ.get("HANDWRITING_DATA_DIR")
   export = export_path(dataset, data_dir)
   if export.is_file():
     return DataSource("export", export, _origin(read_export_metadata(export)), default_location)

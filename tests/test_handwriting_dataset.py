@@ -346,3 +346,15 @@ def test_a_data_dir_from_the_environment_is_configured_not_the_default(tmp_path,
   source = dataset.data_source("iam_ondb")
   assert (source.kind, source.path, source.default_location) == ("export", export, False)
   assert "nothing configured" not in str(source)
+
+
+@pytest.mark.parametrize("empty", ["environment", "argument"])
+def test_an_empty_data_dir_setting_is_the_default_location(tmp_path, monkeypatch, empty):
+  monkeypatch.setenv("HOME", str(tmp_path))
+  monkeypatch.delenv("HANDWRITING_DATA_DIR", raising=False)
+  dataset.write_export(dataset.export_path("iam_ondb"), {"train": []}, {})
+  if empty == "environment":
+    monkeypatch.setenv("HANDWRITING_DATA_DIR", "")
+  source = dataset.data_source("iam_ondb", data_dir="" if empty == "argument" else None)
+  assert source.path == tmp_path / "tensorflow_datasets" / "iam_ondb.npz"
+  assert source.default_location
