@@ -50,3 +50,13 @@ def test_long_sequence_is_an_error_unless_truncating():
 def test_label_wider_than_the_bucket_is_an_error():
   with pytest.raises(ValueError, match="label of 3 > bucket label width 2"):
     batching.assemble_batch(FEATURES, LABELS, np.array([2]), 8, 2)
+
+
+def test_a_sequence_and_a_label_exactly_as_long_as_the_bucket_fit_unpadded():
+  # A bucket's bounds are its longest sequence and label: every bucket has rows exactly that long.
+  batch = batching.assemble_batch(FEATURES, LABELS, np.array([1, 2]), 7, 3)
+  np.testing.assert_array_equal(batch["inputs"][0], FEATURES[1])
+  np.testing.assert_array_equal(batch["input_paddings"][0], np.zeros(7))
+  np.testing.assert_array_equal(batch["labels"][1], [4, 5, 6])
+  np.testing.assert_array_equal(batch["label_paddings"][1], np.zeros(3))
+  np.testing.assert_array_equal(batch["weights"], [1, 1])

@@ -268,3 +268,42 @@ def test_a_plot_write_that_fails_anyway_is_named_with_its_flag(lengths_file, tmp
   argv = ["plan", "--lengths", str(lengths_file), "--plot", str(tmp_path / "p.png")]
   with pytest.raises(OSError, match=r"^--plot .*p\.png: cannot write it \(Permission denied\)$"):
     cli.main(argv)
+
+
+def test_the_default_batch_is_32_sequences(tmp_path, capsys):
+  path = tmp_path / "lengths.txt"
+  path.write_text("7\n" * 100)
+  summary = run_json(capsys, "--lengths", path, "--strategy", "none")
+  assert summary["batch_sizes"] == [32] and summary["steps_per_epoch"] == [4]
+  assert summary["filler_rows"] == [28]
+
+
+# 100 lengths of 10 and 100 of 1,000 in batches of 100, at 1e-6 s a padded token and 1 s a
+# compile: one bucket takes 2 x 100 x 1,000 tokens, 0.2 s an epoch; two take 0.101 s.
+AUTO_FLAGS = ["--strategy", "auto", "--num-buckets", 2, "--batch-size", 100]
+COST_FLAGS = ["--alpha", 0, "--gamma", 0, "--beta", 1e-6, "--kappa", 1]
+
+
+@pytest.fixture
+def two_lengths_file(tmp_path):
+  path = tmp_path / "two_lengths.txt"
+  path.write_text("10\n" * 100 + "1000\n" * 100)
+  return path
+
+
+def test_cost_flags_are_the_cost_model_of_the_plan(two_lengths_file, capsys):
+  summary = run_json(capsys, "--lengths", two_lengths_file, *AUTO_FLAGS, *COST_FLAGS)
+  assert summary["cost_model"] == {"alpha": 0.0, "beta": 1e-6, "kappa": 1.0, "gamma": 0.0}
+  # One bucket against two: 0.2 s against 0.101 s an epoch.
+  assert summary["predicted_speedup"] == pytest.approx(0.2 / 0.101)
+
+
+def test_auto_plans_for_20_epochs_unless_told(two_lengths_file, capsys):
+  # 20 epochs: 20 x 0.2 + 1 = 5 s in one bucket, 20 x 0.101 + 2 = 4.02 s in two.
+  summary = run_json(capsys, "--lengths", two_lengths_file, *AUTO_FLAGS, *COST_FLAGS)
+  assert summary["auto_seconds_per_count"] == pytest.approx([5.0, 4.02])
+  assert summary["upper_bounds"] == [10, 1000]
+  # 1 epoch: 1.2 s in one bucket, 2.101 s in two.
+  summary = run_json(capsys, "--lengths", two_lengths_file, *AUTO_FLAGS, *COST_FLAGS, "--epochs", 1)
+  assert summary["auto_seconds_per_count"] == pytest.approx([1.2, 2.101])
+  assert summary["upper_bounds"] == [1000]

@@ -231,8 +231,20 @@ def test_cost_model_rejects_bad_figures(field, value):
     cost.CostModel(**{field: value})
 
 
-def test_auto_keeps_the_fewer_buckets_when_more_save_nothing():
-  free = cost.CostModel(alpha=0.0, beta=0.0, gamma=0.0, kappa=0.0)
-  choice = cost.choose_num_buckets(np.array([1, 5, 9, 13]), 4, cost_model=free, batch_size=2)
-  np.testing.assert_array_equal(choice.seconds_per_count, [0, 0, 0, 0])
+def test_auto_takes_the_fewest_buckets_when_more_are_no_faster(monkeypatch):
+  # One sequence a step and a cost per step only: 3 s an epoch whatever the bounds. Past the
+  # distinct-length limit each K's bounds are the padding optimum's, 1, 2 and 3 buckets alike.
+  monkeypatch.setattr(cost, "MAX_DISTINCT_LENGTHS_FOR_RUN_TIME", 0)
+  model = cost.CostModel(alpha=1.0, beta=0.0, gamma=0.0, kappa=0.0)
+  choice = cost.choose_num_buckets([10, 20, 30], 3, cost_model=model, batch_size=1)
+  np.testing.assert_allclose(choice.seconds_per_count, [3.0, 3.0, 3.0])
   assert choice.num_buckets == 1
+  np.testing.assert_array_equal(choice.upper_bounds, [30])
+
+
+def test_auto_weighs_run_time_bounds_up_to_its_distinct_length_limit(monkeypatch):
+  monkeypatch.setattr(cost, "MAX_DISTINCT_LENGTHS_FOR_RUN_TIME", 3)
+  at_limit = cost.choose_num_buckets([10, 20, 30, 30], 2, batch_size=2)
+  assert at_limit.bounds_minimise == "run time"
+  past_limit = cost.choose_num_buckets([10, 20, 30, 40], 2, batch_size=2)
+  assert past_limit.bounds_minimise == "padded timesteps"

@@ -171,27 +171,69 @@ def test_a_plan_whose_padded_timesteps_int64_cannot_count_is_refused():
   assert summary["padded_timesteps_with_filler"] == 2**30 * (3 * longest - 3)
 
 
-def test_report_figures_on_a_plan_worked_by_hand():
-  # Buckets {1, 1, 1} at batch 2 (2 steps, one filler row) and {10} at batch 1 (1 step).
-  plan = plan_lib.make_plan([1, 10, 1, 1], strategy="optimal", num_buckets=2, batch_size=2)
-  per_step = cost.CostModel(alpha=1.0, beta=0.0, gamma=0.0, kappa=5.0)
-  summary = plan.summary(per_step)
-  assert summary["upper_bounds"] == [1, 10] and summary["batch_sizes"] == [2, 1]
-  assert summary["real_timesteps"] == summary["padded_timesteps"] == 13
-  assert summary["padded_timesteps_with_filler"] == 14
-  assert summary["efficiency_with_filler"] == pytest.approx(13 / 14)
-  # One bucket: 2 steps of 2 rows padded to 10; 1 s a step, 2 steps against 3.
-  assert summary["ideal_speedup"] == pytest.approx(40 / 14)
-  assert summary["predicted_speedup"] == pytest.approx(2 / 3)
+def test_the_baseline_of_a_plan_that_drops_or_truncates_holds_the_same_sequences():
+  # Lengths 10, 50, 20, 70 in bounds 16, 32, batches of 2.
+  plan_with = functools.partial(
+    plan_lib.make_plan, [10, 50, 20, 70], strategy="fixed", upper_bounds=[16, 32], batch_size=2
+  )
+  # Dropped: 10 and 20 stay, one per bucket (16 + 32 padded); the baseline is 2 rows at 20.
+  assert plan_with(overflow="drop").summary()["ideal_speedup"] == pytest.approx(40 / 48)
+  # Truncated: 10 alone at 16, then 50, 20 and 70 in two batches of 2 at 32 (4 x 32); the
+  # baseline is 2 batches of 2 at 32, the longest truncated length, not 70.
+  assert plan_with(overflow="truncate").summary()["ideal_speedup"] == pytest.approx(128 / 144)
 
 
-def test_fixed_bounds_are_rounded_up_to_round_to_and_merged():
-  def bounds(upper_bounds):
-    lengths = [3, 5, 12]
-    plan = plan_lib.make_plan(
-      lengths, strategy="fixed", upper_bounds=upper_bounds, round_to=8, batch_size=2
-    )
-    return plan.upper_bounds.tolist()
+def test_efficiency_with_filler_counts_the_filler_rows():
+  # 3 + 4 + 4 = 11 real timesteps in one bucket at 4: 12 padded, 16 with the filler row of the
+  # second batch of 2.
+  summary = plan_lib.make_plan([3, 4, 4], strategy="none", batch_size=2).summary()
+  assert (summary["real_timesteps"], summary["padded_timesteps"]) == (11, 12)
+  assert summary["padded_timesteps_with_filler"] == 16
+  assert summary["efficiency"] == pytest.approx(11 / 12)
+  assert summary["efficiency_with_filler"] == pytest.approx(11 / 16)
 
-  assert bounds([5, 12]) == [8, 16]
-  assert bounds([3, 5, 12]) == [8, 16]
+
+def test_predicted_speedup_is_the_baseline_epoch_over_the_bucketed_epoch():
+  # A second per padded token: 4 x 10 + 4 x 100 = 440 s bucketed against 2 batches of 4 at 100,
+  # 800 s, in one bucket; compiles are no part of an epoch.
+  plan = plan_lib.make_plan([10] * 4 + [100] * 4, strategy="optimal", num_buckets=2, batch_size=4)
+  model = cost.CostModel(alpha=0.0, beta=1.0, gamma=0.0, kappa=5.0)
+  assert plan.summary(model)["predicted_speedup"] == pytest.approx(800 / 440)
+
+
+def test_a_bucket_exactly_at_the_token_budget_is_not_over_it():
+  # 1,600 tokens: 16 rows at 100 and 8 rows at 200 take the budget exactly.
+  plan = plan_lib.make_plan(
+    [100] * 20 + [200] * 20, strategy="optimal", num_buckets=2, max_tokens=1600, num_devices=8
+  )
+  summary = plan.summary()
+  assert summary["tokens_per_step"] == [1600, 1600] and summary["over_budget_buckets"] == []
+  assert "over max_tokens" not in format_report(summary)
+
+
+def test_an_empty_bucket_still_has_a_label_width_of_one():
+  plan = plan_lib.make_plan(
+    [5, 30], strategy="fixed", upper_bounds=[10, 20, 40], batch_size=2, label_lengths=[2, 3]
+  )
+  np.testing.assert_array_equal(plan.label_upper_bounds, [2, 1, 3])
+
+
+def test_fixed_bounds_are_rounded_up_to_round_to():
+  plan = plan_lib.make_plan(
+    [5, 12, 20], strategy="fixed", upper_bounds=[10, 20], batch_size=2, round_to=8
+  )
+  np.testing.assert_array_equal(plan.upper_bounds, [16, 24])
+  # Bounds that round to the same multiple are one bucket.
+  plan = plan_lib.make_plan(
+    [5, 12], strategy="fixed", upper_bounds=[10, 12], batch_size=2, round_to=8
+  )
+  np.testing.assert_array_equal(plan.upper_bounds, [16])
+
+
+def test_auto_bounds_are_multiples_of_round_to():
+  # Rounded up to 8 the lengths are 8, 8, 24 and 32: auto can only cut among those.
+  plan = plan_lib.make_plan(
+    [3, 5, 17, 30], strategy="auto", num_buckets=3, batch_size=2, round_to=8
+  )
+  assert np.all(plan.upper_bounds % 8 == 0) and plan.upper_bounds[-1] == 32
+  assert set(plan.upper_bounds.tolist()) <= {8, 24, 32}

@@ -93,10 +93,13 @@ def test_bad_positions_are_rejected():
     schedule.process_slice(np.arange(6), 0, 4)
 
 
-def test_a_buckets_batches_are_drawn_afresh_each_epoch():
-  plan = plan_lib.make_plan([5] * 8, strategy="none", batch_size=2)
-  batchings = {
-    frozenset(frozenset(rows.tolist()) for _, rows in schedule.epoch_batches(plan, 0, epoch))
+def test_each_epoch_batches_other_sequences_together_not_the_same_batches_reordered():
+  # One bucket of 8 sequences in batches of 4: without a shuffle inside the bucket every epoch
+  # would hold the same two batches, {0..3} and {4..7}, only in another order.
+  plan = plan_lib.make_plan([5] * 8, strategy="none", batch_size=4)
+  batches = {
+    frozenset(indices.tolist())
     for epoch in range(4)
+    for _, indices in schedule.epoch_batches(plan, seed=0, epoch=epoch)
   }
-  assert len(batchings) > 1  # not the same pairs in a new order
+  assert len(batches) > 2

@@ -113,19 +113,6 @@ def test_the_latest_state_of_another_schedule_is_a_mismatch_not_damage(tmp_path)
     checkpoints.restore_latest(small_state(0.0), plan_of(3))
 
 
-def test_a_resume_on_another_device_count_keeps_a_small_buckets_batches(tmp_path):
-  # 3 lines in one bucket: 8 devices pad its batch to 8 rows, 4 devices to 4; the same 3 lines.
-  def plan(devices):
-    return bucketing.make_plan([5, 9, 13], strategy="none", batch_size=8, num_devices=devices)
-
-  assert (plan(8).batch_sizes.tolist(), plan(4).batch_sizes.tolist()) == ([8], [4])
-  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
-    checkpoints.save_latest(small_state(2.0, step=1), Progress(step_in_epoch=1), plan(8))
-  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
-    restored, progress = checkpoints.restore_latest(small_state(0.0), plan(4))
-  assert int(restored.step) == 1 and progress.step_in_epoch == 1
-
-
 def test_the_checksum_covers_every_leaf():
   state = small_state(2.0)
   changed = state.replace(params=state.params | {"kernel": state.params["kernel"].at[2, 3].add(1)})
@@ -144,14 +131,89 @@ def test_the_newest_of_the_kept_best_checkpoints_is_restored(tmp_path):
   np.testing.assert_array_equal(restored["kernel"], np.ones((2, 2)))
 
 
-@pytest.mark.parametrize(("step_in_epoch", "saved"), [(0, [1]), (3, [])])
-def test_missing_best_parameters_are_saved_again_only_from_the_state_at_their_epochs_end(
-  tmp_path, step_in_epoch, saved
-):
-  # Killed between saving the state at epoch 1's end and saving epoch 1's best parameters: the
-  # state at that end holds them; a state 3 steps into epoch 2 no longer does.
-  progress = Progress(epoch=2, step_in_epoch=step_in_epoch, best_epoch=1)
+def saved_steps(workdir, plan=None, seed=None):
+  """Latest states of steps 1 and 2, at positions 1 and 2 of epoch 0, scaled 1 and 2."""
+  with contextlib.closing(Checkpoints(workdir, seed=seed)) as checkpoints:
+    for step in (1, 2):
+      progress = Progress(epoch=0, step_in_epoch=step)
+      checkpoints.save_latest(small_state(float(step), step=step), progress, plan or plan_of(2))
+
+
+def test_the_newest_of_several_latest_states_is_restored(tmp_path):
+  saved_steps(tmp_path)
   with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
-    checkpoints.align_best(progress, small_state(2.0).params)
-    checkpoints.best.wait_until_finished()
-    assert checkpoints.best.all_steps() == saved
+    restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
+  assert int(restored.step) == 2 and progress.step_in_epoch == 2
+  np.testing.assert_array_equal(restored.params["bias"], [2.0] * 4)
+
+
+def test_a_damaged_newest_state_falls_back_to_the_older_one_and_is_set_aside(tmp_path):
+  saved_steps(tmp_path)
+  damage(tmp_path / "checkpoints" / "train" / "2" / "state", "truncate")
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
+    assert checkpoints.latest.all_steps() == [1]
+  assert int(restored.step) == 1 and progress.step_in_epoch == 1
+  np.testing.assert_array_equal(restored.params["bias"], [1.0] * 4)
+  assert [p.name.split("-")[:2] for p in (tmp_path / "checkpoints" / "damaged").iterdir()] == [
+    ["train", "2"]
+  ]
+
+
+def test_the_latest_state_of_another_seed_is_a_mismatch(tmp_path):
+  saved_steps(tmp_path, seed=1)
+  with (
+    contextlib.closing(Checkpoints(tmp_path, seed=2)) as checkpoints,
+    pytest.raises(CheckpointMismatchError, match=r"config.seed=1, but this run has config.seed=2"),
+  ):
+    checkpoints.restore_latest(small_state(0.0), plan_of(2))
+
+
+def test_the_latest_state_of_other_bounds_with_the_same_batches_is_a_mismatch(tmp_path):
+  # Bounds 10 and 30, or 12 and 30: the same buckets of 2 and 4 lines, in batches of 2.
+  lengths = np.array([5, 9, 13, 17, 21, 25])
+  plan_with = lambda bounds: bucketing.make_plan(
+    lengths, strategy="fixed", upper_bounds=bounds, batch_size=2
+  )
+  saved_steps(tmp_path, plan_with([10, 30]))
+  with (
+    contextlib.closing(Checkpoints(tmp_path)) as checkpoints,
+    pytest.raises(
+      CheckpointMismatchError, match=r"bounds \[10, 30\], but this run plans \[12, 30\]"
+    ),
+  ):
+    checkpoints.restore_latest(small_state(0.0), plan_with([12, 30]))
+
+
+def test_a_resume_on_more_devices_with_the_same_batches_of_lines_is_no_mismatch(tmp_path):
+  # 6 lines in batches of 8: 6 rows on one device, 6 and 2 filler rows on 4; the same lines.
+  plan_on = lambda devices: bucketing.make_plan(
+    np.array([5, 9, 13, 17, 21, 25]), strategy="none", batch_size=8, num_devices=devices
+  )
+  assert (plan_on(1).batch_sizes.tolist(), plan_on(4).batch_sizes.tolist()) == ([6], [8])
+  saved_steps(tmp_path, plan_on(1))
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    restored, _ = checkpoints.restore_latest(small_state(0.0), plan_on(4))
+  assert int(restored.step) == 2
+
+
+def test_aligning_the_best_deletes_only_the_epochs_after_the_best(tmp_path):
+  params = {"bias": jnp.ones(4)}
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.save_best(1, params, "val_loss")
+    checkpoints.save_best(2, jax.tree.map(lambda leaf: leaf + 1, params), "val_loss")
+    checkpoints.align_best(Progress(epoch=2, step_in_epoch=5, best_epoch=1), params)
+    assert checkpoints.best.all_steps() == [1]
+    jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
+
+
+def test_aligning_saves_the_missing_best_only_from_the_state_at_its_epochs_end(tmp_path):
+  # Killed between `save_latest` at the end of epoch 1, its best, and `save_best`.
+  params = {"bias": jnp.full(4, 3.0)}
+  with contextlib.closing(Checkpoints(tmp_path / "mid")) as checkpoints:
+    checkpoints.align_best(Progress(epoch=2, step_in_epoch=3, best_epoch=1), params)
+    assert checkpoints.best.all_steps() == []  # mid-epoch 2: not epoch 1's parameters
+  with contextlib.closing(Checkpoints(tmp_path / "end")) as checkpoints:
+    checkpoints.align_best(Progress(epoch=2, step_in_epoch=0, best_epoch=1), params)
+    assert checkpoints.best.all_steps() == [1]
+    jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)

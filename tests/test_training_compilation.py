@@ -203,6 +203,17 @@ def test_compile_wall_time_is_first_start_to_last_end_not_the_sum_of_compiles():
   assert accounting["compile_wall_s"] < accounting["compile_seconds_sum"] - 0.4
 
 
-def test_a_steps_memory_counts_an_output_written_over_a_donated_argument_once():
-  memory = compilation.StepMemory(arguments=100, outputs=60, aliased=50, temporaries=7)
-  assert memory.total == 100 + 60 - 50 + 7
+def test_a_steps_memory_counts_donated_outputs_once():
+  # 100 bytes of arguments, 60 of outputs of which 50 written over donated arguments, 7 temporary.
+  assert compilation.StepMemory(100, 60, 50, 7).total == 100 + 10 + 7
+
+
+def test_cache_misses_are_the_step_compiles_requests_less_their_hits():
+  compilation.CompileEvents.install()
+  before = compilation.CompileEvents.cache_counts()
+  with compilation.CompileEvents.step_compile():
+    for event in [compilation.CACHE_REQUEST_EVENT] * 3 + [compilation.CACHE_HIT_EVENT]:
+      jax.monitoring.record_event(event)
+  jax.monitoring.record_event(compilation.CACHE_REQUEST_EVENT)  # no step's compile
+  after = compilation.CompileEvents.cache_counts()
+  assert np.subtract(after, before).tolist() == [1, 2]

@@ -44,3 +44,11 @@ def test_a_signal_asks_to_stop_and_the_same_signal_again_acts_as_before():
     assert signal.getsignal(signal.SIGINT) is sigint_before
   finally:
     signal.signal(signal.SIGTERM, previous)
+
+
+def test_the_first_signal_stays_the_reason_when_another_follows():
+  stop = StopRequest()
+  with stop.on_signals():
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGINT)  # still handled: only SIGTERM's own handler went back
+    assert stop.requested() and stop.reason == "SIGTERM" and stop.signalled() == "SIGTERM"
