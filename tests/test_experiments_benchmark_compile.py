@@ -1,5 +1,6 @@
 """The start-up benchmark: every compile mode runs, and the table is what the runs reported."""
 
+import pathlib
 import subprocess
 import sys
 
@@ -105,3 +106,28 @@ def test_a_runs_train_time_includes_its_waits_for_compiles(monkeypatch):
   summary = benchmark_compile.one_run(config, "overlap", "cache", None)
   assert summary["train_and_wait_s"] == 3.5
   assert trained == [("overlap", "cache")]
+
+
+def test_only_the_cache_runs_use_a_cache_a_fresh_one_each_repeat_filled_then_read(
+  tmp_path, monkeypatch
+):
+  calls = []
+
+  def one_run(config, mode, cache_dir, workdir):
+    calls.append((mode, cache_dir, bool(cache_dir) and pathlib.Path(cache_dir).exists()))
+    if cache_dir:  # what the persistent cache leaves behind
+      pathlib.Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    return summary(1, 2, 2, 3)
+
+  monkeypatch.setattr(benchmark_compile, "one_run", one_run)
+  benchmark_compile.main(["--repeats", "2", "--out", str(tmp_path / "compile.md")])
+  no_cache = [("sequential", "", False), ("parallel", "", False), ("overlap", "", False)]
+  assert len(calls) == 10
+  first, second = calls[:5], calls[5:]
+  for repeat in (first, second):
+    assert repeat[:3] == no_cache
+    (cold, cold_dir, cold_existed), (warm, warm_dir, warm_existed) = repeat[3:]
+    assert cold == warm == "overlap"
+    assert cold_dir and not cold_existed  # filled from empty
+    assert warm_dir == cold_dir and warm_existed  # read back
+  assert first[3][1] != second[3][1]

@@ -5,6 +5,7 @@ import pathlib
 import subprocess
 import sys
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -128,3 +129,36 @@ def test_the_speed_up_is_the_flax_step_over_the_fastest_of_ours(monkeypatch):
     "cudnn (ms)": "1.00",
     benchmark_lstm.SPEED_UP: "4.00x",  # 12 / 3: cuDNN is not ours
   }
+
+
+def test_a_step_is_compiled_and_run_once_before_it_is_timed_on_lengths_of_a_buckets_spread(
+  monkeypatch,
+):
+  seen_paddings, runs = [], []
+
+  class Linear(flax.linen.Module):
+    @flax.linen.compact
+    def __call__(self, inputs, paddings):
+      seen_paddings.append(np.asarray(paddings))
+      return flax.linen.Dense(2)(inputs)
+
+  class CountingJax:
+    """`jax`, with each call of a jitted function counted."""
+
+    def __getattr__(self, name):
+      return getattr(jax, name)
+
+    def jit(self, fun, **kwargs):
+      compiled = jax.jit(fun, **kwargs)
+      return lambda *args: runs.append(len(args)) or compiled(*args)
+
+  monkeypatch.setattr(benchmark_lstm, "jax", CountingJax())
+  step = benchmark_lstm.compiled_step(Linear(), time_steps=8)
+  assert len(runs) == 1  # the compiling warm-up, before any timing
+  step()
+  assert len(runs) == 2
+  lengths = (seen_paddings[0] == 0).sum(axis=1)
+  assert seen_paddings[0].shape == (benchmark_lstm.BATCH, 8)
+  assert lengths.min() >= 4 and lengths.max() <= 8 and len(set(lengths.tolist())) > 1
+  # Each row is its frames, then padding.
+  np.testing.assert_array_equal(seen_paddings[0], np.arange(8) >= lengths[:, None])

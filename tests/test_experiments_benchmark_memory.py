@@ -1,6 +1,8 @@
 """The memory benchmark: its figures are the compiled steps' own, the fit recovers a known model,
 and the tables say what bucketing does to a step's memory."""
 
+import types
+
 import numpy as np
 import pytest
 
@@ -136,4 +138,37 @@ def test_a_shape_row_gives_the_step_its_parts_and_the_fit_at_that_shape():
     "temporaries (MB)": "2.0",
     "step (MB)": "5.0",
     "fitted (MB)": "17.0",  # 1 + 20 x 0.1 + 140 x 0.1
+  }
+
+
+def test_the_fits_worst_residual_is_the_largest_miss_as_a_share_of_its_step():
+  # Rows [1, tokens, lattice cells] of [1, 1, 1], [1, 2, 2], [1, 1, 3], [1, 2, 6]: steps of
+  # 100 + 10 x tokens + 1 x cell (111, 122, 113, 126) off by +2, -1, -2, +1 bytes, which no
+  # coefficients can fit (that vector is orthogonal to every column), so the fit stays
+  # [100, 10, 1] and misses by those: 2 bytes of a 111-byte step is the worst share.
+  totals = {(1, 1, 0): 113, (2, 1, 0): 121, (1, 1, 1): 111, (2, 1, 1): 127}
+  shapes = [(*shape, StepMemory(total, 0, 0, 0)) for shape, total in totals.items()]
+  coefficients, worst = benchmark_memory.fit_memory(shapes)
+  np.testing.assert_allclose(coefficients, [100, 10, 1], rtol=1e-9)
+  assert worst == pytest.approx(2 / 111)
+
+
+def test_a_plan_row_gives_the_peak_of_the_buckets_an_epoch_uses_and_the_mean_over_its_steps():
+  # Bucket 1 (8 lines x 200) is the largest step; bucket 2 holds no line, so it has no step.
+  plan = types.SimpleNamespace(
+    num_buckets=3,
+    upper_bounds=np.array([100, 200, 300]),
+    batch_sizes=np.array([16, 8, 4]),
+    bucket_sizes=np.array([40, 12, 0]),
+    steps_per_epoch=np.array([3, 2, 0]),
+  )
+  memory = {0: StepMemory(10_000_000, 0, 0, 0), 1: StepMemory(30_000_000, 0, 0, 0)}
+  assert benchmark_memory.plan_row("optimal, 16 lines", plan, memory) == {
+    "plan": "optimal, 16 lines",
+    "K": "3",
+    "steps": "5",
+    "lines per step": "10.4",  # 52 lines in 5 steps
+    "largest step (batch x length)": "8 x 200",
+    "peak (MB)": "30.0",
+    "mean over steps (MB)": "18.0",  # (3 x 10 + 2 x 30) / 5
   }

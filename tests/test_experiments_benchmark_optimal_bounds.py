@@ -97,3 +97,28 @@ def test_saved_is_the_share_of_optimals_epoch_that_autos_bounds_save(monkeypatch
   cells = [(row["K"], row["optimal (s)"], row["auto (s)"], row["saved"]) for row in rows]
   assert cells == [("1", "18.00", "18.00", "0.0%"), ("2", "10.00", "8.00", "20.0%")] * 3
   assert rows[1]["auto's bounds"] == "400 900"
+
+
+def test_the_gpu_cost_model_is_fitted_in_seconds_to_the_scan_rows_alone(tmp_path, monkeypatch):
+  # Steps of 2 ms + 0.01 ms per timestep + 0.001 ms per token: 32 x 100 takes 2 + 1 + 3.2 ms.
+  # The kernel's row, far off that model, is another implementation's step.
+  anatomy = tmp_path / "benchmark_step_gpu.md"
+  anatomy.write_text(
+    "\n".join(
+      [
+        benchmark_optimal_bounds.STEP_ANATOMY_TABLE,
+        "",
+        "| B | T | implementation | step |",
+        "| --- | --- | --- | --- |",
+        "| 32 | 100 | scan unroll 8, optax CTC | 6.20 |",
+        "| 32 | 100 | pallas LSTM, pallas CTC | 100.00 |",
+        "| 32 | 400 | scan unroll 8, optax CTC | 18.80 |",
+        "| 128 | 100 | scan unroll 8, optax CTC | 15.80 |",
+        "",
+      ]
+    )
+  )
+  monkeypatch.setattr(benchmark_optimal_bounds, "STEP_ANATOMY", anatomy)
+  fitted, source = benchmark_optimal_bounds.step_cost_on_the_gpu()
+  assert fitted == pytest.approx({"alpha": 2e-3, "gamma": 1e-5, "beta": 1e-6}, rel=1e-6)
+  assert "B x T 32 x 100, 32 x 400, 128 x 100" in source

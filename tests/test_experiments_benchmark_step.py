@@ -4,9 +4,11 @@ import re
 from unittest import mock
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import cli_errors
+import train
 from experiments import benchmark_step
 from models.lstm_kernel import LAUNCH_FIELDS, KernelConfig
 from tests.test_experiments_benchmark import run_as_a_user, table_rows
@@ -383,3 +385,38 @@ def test_tuning_chooses_the_fastest_ctc_variant(monkeypatch):
   settings, rows = benchmark_step.tune_ctc(repeats=1, interpret=True)
   assert settings == {"ctc.batch_tile": 1, "ctc.num_warps": 4}
   assert [row["ms"] for row in rows] == ["5.00", "3.00", "1.00", "2.00"]
+
+
+def test_a_random_batch_is_bucket_shaped_with_real_characters_for_labels():
+  # T = 40: every line 20..40 frames, then padding; 1..2 (T / 20) labels, none the CTC blank.
+  batch = benchmark_step.random_batch(1024, 40)
+  assert batch["inputs"].shape == (1024, 40, benchmark_step.NUM_FEATURES)
+  paddings, label_paddings = np.asarray(batch["input_paddings"]), batch["label_paddings"]
+  lengths = (paddings == 0).sum(axis=1)
+  assert lengths.min() >= 20 and lengths.max() <= 40
+  np.testing.assert_array_equal(paddings, np.arange(40) >= lengths[:, None])
+  label_lengths = (np.asarray(label_paddings) == 0).sum(axis=1)
+  assert batch["labels"].shape == (1024, 2) and set(label_lengths.tolist()) == {1, 2}
+  np.testing.assert_array_equal(label_paddings, np.arange(2) >= label_lengths[:, None])
+  labels = np.asarray(batch["labels"])[np.asarray(label_paddings) == 0]
+  assert labels.min() >= 1 and labels.max() < train.ALPHABET.size
+  np.testing.assert_array_equal(batch["weights"], np.ones(1024))
+
+
+@pytest.mark.parametrize(("repeats", "epoch_repeats"), [(1, 2), (4, 2), (10, 2), (20, 4)])
+def test_the_epoch_is_timed_a_fifth_of_the_repeats_but_at_least_twice(
+  tmp_path, monkeypatch, repeats, epoch_repeats
+):
+  # A median needs timed epochs: --repeats 4 timed none (4 // 5 = 0).
+  timed = []
+
+  def epoch_rows(preset, data, settings, strategies, repeats, dtype_settings):
+    timed.append(repeats)
+    return [{"contender": "ours, optimal", "epoch (s)": "1.00"}], ""
+
+  monkeypatch.setattr(benchmark_step, "load_epoch_data", lambda preset, data_dir: [None] * 64)
+  monkeypatch.setattr(benchmark_step, "epoch_rows", epoch_rows)
+  argv = ["--preset", "tiny", "--no-anatomy", "--epoch", "--data-dir", str(tmp_path)]
+  argv += ["--repeats", str(repeats), "--out", str(tmp_path / "step.md")]
+  assert benchmark_step.main(argv) == tmp_path / "step.md"
+  assert timed == [epoch_repeats]

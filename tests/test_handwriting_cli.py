@@ -293,3 +293,26 @@ def test_stats_reports_feature_lengths_for_the_resample_spacing_asked(capsys):
   assert coarse["feature_config"]["resample_spacing"] == 0.5
   for split, info in coarse["splits"].items():
     assert info["features"]["max"] < raw["splits"][split]["features"]["max"], split
+
+
+def test_stats_lists_the_lines_the_build_left_out_before_those_it_skips(export_with_a_nan, capsys):
+  path, bad_id = export_with_a_nan
+  examples = {split: dataset.read_export(path, split) for split in SPLITS}
+  left_out = {"id": "z01-000z-01", "split": "test", "reason": "no transcription"}
+  dataset.write_export(path, examples, {"skipped": [left_out]})
+  assert main(["stats", "--dataset", str(path), "--bad_examples", "skip", "--json"]) == 0
+  skipped = json.loads(capsys.readouterr().out)["skipped"]
+  assert [(line["id"], line["split"]) for line in skipped] == [
+    ("z01-000z-01", "test"),
+    (bad_id, "train"),
+  ]
+  assert skipped[0] == left_out
+
+
+@pytest.mark.parametrize("line_id", ["syn-validation2-0000-01", "syn-test-0000-01"])
+def test_render_finds_a_line_of_any_split(tmp_path, monkeypatch, line_id):
+  drawn = []
+  monkeypatch.setattr(report, "render_example", lambda example, out: drawn.append(example["id"]))
+  small = ["--num_train", "2", "--num_eval", "1"]
+  assert main(["render", *small, "--id", line_id, "--out", str(tmp_path / "line.png")]) == 0
+  assert drawn == [line_id]

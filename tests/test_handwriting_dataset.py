@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import types
 
 import numpy as np
 import pytest
@@ -358,3 +359,64 @@ def test_an_empty_data_dir_setting_is_the_default_location(tmp_path, monkeypatch
   source = dataset.data_source("iam_ondb", data_dir="" if empty == "argument" else None)
   assert source.path == tmp_path / "tensorflow_datasets" / "iam_ondb.npz"
   assert source.default_location
+
+
+def test_a_limit_at_or_past_the_size_of_an_exports_split_reads_all_of_it(tmp_path):
+  examples = load_examples("synthetic", "train", limit=3)
+  ids = [example["id"] for example in examples]
+  path = tmp_path / "small.npz"
+  dataset.write_export(path, {"train": examples}, {})
+  for limit, expected in ((0, []), (1, ids[:1]), (3, ids), (10, ids), (None, ids)):
+    assert [e["id"] for e in load_examples(str(path), "train", limit=limit)] == expected, limit
+
+
+def test_the_synthetic_seed_chooses_the_lines():
+  first, again, other = (
+    load_examples("synthetic", "train", limit=2, seed=seed) for seed in (5, 5, 6)
+  )
+  assert [e["text"] for e in first] == [e["text"] for e in again]
+  np.testing.assert_array_equal(first[1]["points"], again[1]["points"])
+  assert any(
+    a["text"] != b["text"] or not np.array_equal(a["points"], b["points"])
+    for a, b in zip(first, other, strict=True)
+  )
+
+
+class FakeTfdsBuild:
+  """A built TFDS `iam_ondb` as `load_examples` sees it: three lines a split, named by split."""
+
+  data_dir = "/fake/iam_ondb/1.0.0"
+  info = types.SimpleNamespace(metadata={"manual_dir": "/download", "built_at": "2024"})
+
+  def is_prepared(self):
+    return True
+
+  def as_data_source(self, split):
+    return [
+      {
+        "id": f"{split}-{i:02d}".encode(),
+        "form_id": split.encode(),
+        "writer_id": b"w",
+        "text": b"ab",
+        "points": np.zeros((2, 3), np.float32),
+        "stroke_end": np.array([False, True]),
+      }
+      for i in range(3)
+    ]
+
+
+@pytest.mark.parametrize(("limit", "count"), [(None, 3), (2, 2), (3, 3), (5, 3)])
+def test_a_limit_takes_the_first_lines_of_the_tfds_split_asked(tmp_path, monkeypatch, limit, count):
+  monkeypatch.setattr(dataset, "iam_ondb_builder", lambda data_dir=None: FakeTfdsBuild())
+  for split in dataset.SPLITS:
+    examples = load_examples("iam_ondb", split, data_dir=tmp_path, limit=limit)
+    assert [e["id"] for e in examples] == [f"{split}-{i:02d}" for i in range(count)]
+    assert examples[0]["text"] == "ab" and examples[0]["form_id"] == split
+
+
+def test_one_bad_line_is_named_without_a_count_of_bad_lines():
+  examples = load_examples("synthetic", "validation", limit=3)
+  spoilt = [examples[0], examples[1] | {"text": ""}, examples[2]]
+  with pytest.raises(dataset.BadExampleError) as error:
+    dataset.validate_examples(spoilt, "validation", Alphabet(), source="here")
+  assert str(error.value) == f"split 'validation', line {examples[1]['id']}: empty text; data: here"

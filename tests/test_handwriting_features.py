@@ -186,3 +186,30 @@ def test_resample_spacing_is_in_height_units_when_normalised():
   up = [0, 0.25, 0]
   expected = [[0, 0, 0], up, up, up, [0, 0.25, 1], [0.5, -1, 0], up, up, up, [0, 0.25, 1]]
   np.testing.assert_allclose(features, expected, atol=1e-6)
+
+
+def test_time_deltas_stay_in_seconds_when_the_offsets_are_normalised():
+  # y is 0 or 10, so the writing is 10 high: offsets shrink tenfold, seconds stay seconds.
+  points = np.array([[0, 0, 0], [0, 10, 0.5], [5, 0, 0.75], [5, 10, 1.0]], np.float32)
+  stroke_end = np.array([False, True, False, True])
+  features = ink_to_features(points, stroke_end, FeatureConfig(time_deltas=True))
+  expected = [[0, 0, 0, 0], [0, 1, 1, 0.5], [0.5, -1, 0, 0.25], [0, 1, 1, 0.25]]
+  np.testing.assert_allclose(features, expected, atol=1e-6)
+
+
+def test_time_deltas_are_clipped_at_the_configured_maximum():
+  points = np.array([[0, 0, 0], [1, 0, 2.0], [2, 0, 6.0], [3, 0, 6.5]], np.float32)
+  stroke_end = np.array([False, False, False, True])
+  config = FeatureConfig(normalize=False, time_deltas=True, max_time_delta=3.0)
+  np.testing.assert_allclose(ink_to_features(points, stroke_end, config)[:, 3], [0, 2, 3, 0.5])
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_point_that_is_not_a_finite_number_is_rejected_naming_it(normalize, bad):
+  # Else it reaches the model as NaN features (with normalisation, every row of the line).
+  points = np.array([[0, 0, 0], [1, 2, 0.5], [2, 4, 1.0]], np.float32)
+  points[1, 1] = bad
+  message = rf"must be finite numbers; point 1 is \[1\.0, {bad}, 0\.5\]"
+  with pytest.raises(ValueError, match=message):
+    ink_to_features(points, np.array([False, False, True]), FeatureConfig(normalize=normalize))
