@@ -33,6 +33,8 @@ class FeatureConfig:
   def __post_init__(self):
     if self.resample_spacing is not None and not self.resample_spacing > 0:
       raise ValueError(f"resample_spacing must be positive or None, got {self.resample_spacing}")
+    if not self.max_time_delta > 0:  # NaN too: every dt would be clipped to it
+      raise ValueError(f"max_time_delta must be positive, got {self.max_time_delta}")
 
   @property
   def num_features(self) -> int:

@@ -166,6 +166,9 @@ def test_bad_shapes_are_rejected():
     ink_to_features(np.zeros((0, 3), np.float32), np.zeros(0, bool), FeatureConfig())
   with pytest.raises(ValueError, match="resample_spacing"):
     FeatureConfig(resample_spacing=0.0)
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match=f"max_time_delta must be positive, got {bad}"):
+      FeatureConfig(max_time_delta=bad)
 
 
 def test_a_flat_line_keeps_its_offsets_in_sensor_units():
