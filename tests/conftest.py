@@ -42,7 +42,7 @@ def iam_ondb_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def built_data_dir(iam_ondb_dir, tmp_path_factory, worker_id):
+def built_data_dir(iam_ondb_dir, tmp_path_factory):
   """A data dir holding the built TFDS `iam_ondb` and its .npz export.
 
   Built once per test session (~1 min on 2 cores) and shared by the pytest-xdist workers through a
@@ -51,7 +51,7 @@ def built_data_dir(iam_ondb_dir, tmp_path_factory, worker_id):
   from handwriting import dataset
 
   shared = tmp_path_factory.getbasetemp()
-  if worker_id != "master":
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # a worker's base temp dir is inside the session's
     shared = shared.parent
   data_dir = shared / "iam_ondb_data"
   with open(shared / "iam_ondb_data.lock", "w") as lock:
