@@ -181,3 +181,11 @@ def test_quantile_bucket_b_ends_at_the_ceil_of_b_plus_1_over_k_th_sequence():
 def test_optimal_ties_go_to_the_longer_last_bucket():
   # Both [1, 3] and [2, 3] pad one each of 1, 2, 3 to 7 timesteps; the leftmost start wins.
   np.testing.assert_array_equal(boundaries.optimal_bounds(np.array([1, 2, 3]), 2), [1, 3])
+
+
+def test_quantile_with_more_buckets_than_distinct_lengths_still_cuts_at_sequence_quantiles():
+  # 6 sequences in 5 buckets end at sequences ceil(6k/5) = 2, 3, 4, 5, 6 of 1, 1, 1, 1, 2, 3: at
+  # lengths 1, 1, 1, 2, 3, so 3 buckets. Taking K down to the 3 distinct lengths first would cut
+  # at sequences 2, 4, 6 instead, lengths 1, 1, 3, and merge 2 into the bucket of 3.
+  lengths = np.array([3, 1, 1, 2, 1, 1])
+  np.testing.assert_array_equal(boundaries.quantile_bounds(lengths, 5), [1, 2, 3])

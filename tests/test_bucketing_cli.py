@@ -307,3 +307,14 @@ def test_auto_plans_for_20_epochs_unless_told(two_lengths_file, capsys):
   summary = run_json(capsys, "--lengths", two_lengths_file, *AUTO_FLAGS, *COST_FLAGS, "--epochs", 1)
   assert summary["auto_seconds_per_count"] == pytest.approx([1.2, 2.101])
   assert summary["upper_bounds"] == [1000]
+
+
+def test_round_to_rounds_the_plans_bounds(tmp_path, capsys):
+  # Lengths 3, 5, 17 and 30, rounded up to 8: one bucket at 32, or fixed bounds 10, 20 at 16, 24.
+  path = tmp_path / "lengths.txt"
+  path.write_text("3\n5\n17\n30\n")
+  summary = run_json(capsys, "--lengths", path, "--strategy", "none", "--round-to", 8)
+  assert summary["upper_bounds"] == [32] and summary["padded_timesteps"] == 4 * 32
+  fixed = ["--strategy", "fixed", "--bounds", "10,20", "--overflow", "drop", "--round-to", 8]
+  summary = run_json(capsys, "--lengths", path, *fixed)
+  assert summary["upper_bounds"] == [16, 24] and summary["dropped"] == ["#3"]

@@ -237,3 +237,62 @@ def test_auto_bounds_are_multiples_of_round_to():
   )
   assert np.all(plan.upper_bounds % 8 == 0) and plan.upper_bounds[-1] == 32
   assert set(plan.upper_bounds.tolist()) <= {8, 24, 32}
+
+
+def test_a_dropped_sequences_label_widens_no_bucket():
+  # Length 50 is dropped (bounds 10 and 40): its label of 9 is in no batch, so no bucket needs it.
+  plan = plan_lib.make_plan(
+    [5, 30, 50],
+    strategy="fixed",
+    upper_bounds=[10, 40],
+    batch_size=2,
+    overflow="drop",
+    label_lengths=[2, 3, 9],
+  )
+  np.testing.assert_array_equal(plan.label_upper_bounds, [2, 3])
+
+
+def test_each_buckets_row_counts_its_own_real_padded_and_filler_figures():
+  # Bucket 0 (bound 4) holds 3, 4, 4 in batches of 2: 11 real, 3 x 4 = 12 padded timesteps and
+  # one filler row. Bucket 1 (bound 10) holds 9 alone, in a batch of 1: 9 real, 10 padded.
+  summary = plan_lib.make_plan(
+    [3, 4, 4, 9], strategy="fixed", upper_bounds=[4, 10], batch_size=2
+  ).summary()
+  assert summary["buckets"] == [
+    {
+      "upper_bound": 4,
+      "label_upper_bound": None,
+      "examples": 3,
+      "batch_size": 2,
+      "steps_per_epoch": 2,
+      "real_timesteps": 11,
+      "padded_timesteps": 12,
+      "filler_rows": 1,
+    },
+    {
+      "upper_bound": 10,
+      "label_upper_bound": None,
+      "examples": 1,
+      "batch_size": 1,
+      "steps_per_epoch": 1,
+      "real_timesteps": 9,
+      "padded_timesteps": 10,
+      "filler_rows": 0,
+    },
+  ]
+
+
+def test_the_report_states_steps_efficiencies_and_overflow_counts():
+  # 3, 4, 4 in batches of 2 at 4: 2 steps, 11 / 12 = 91.7% efficient, 11 / 16 = 68.8% with the
+  # filler row.
+  lines = format_report(plan_lib.make_plan([3, 4, 4], strategy="none", batch_size=2).summary())
+  assert "strategy none: 1 bucket(s), 3 sequences, 2 steps per epoch on 1 device(s)" in lines
+  assert "efficiency 91.7% (68.8% with filler)" in lines
+  # 50 and 70 are over the last bound, 32: dropped, or truncated, two of them either way.
+  plan_with = functools.partial(
+    plan_lib.make_plan, [10, 50, 20, 70], strategy="fixed", upper_bounds=[16, 32], batch_size=2
+  )
+  dropped = format_report(plan_with(overflow="drop").summary()).splitlines()
+  assert dropped[-1] == "dropped 2 sequence(s) over the largest bound"
+  truncated = format_report(plan_with(overflow="truncate").summary()).splitlines()
+  assert truncated[-1] == "truncated 2 sequence(s) to the largest bound"

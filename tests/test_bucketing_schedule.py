@@ -103,3 +103,27 @@ def test_each_epoch_batches_other_sequences_together_not_the_same_batches_reorde
     for _, indices in schedule.epoch_batches(plan, seed=0, epoch=epoch)
   }
   assert len(batches) > 2
+
+
+def batch_lists(batches):
+  return [(bucket, indices.tolist()) for bucket, indices in batches]
+
+
+def test_the_next_seed_is_not_the_same_schedule_an_epoch_later():
+  # Seeds 0 and 1 of a sweep must not train on each other's schedules, shifted by an epoch.
+  plan = plan_lib.make_plan([5] * 8 + [50] * 8, num_buckets=2, batch_size=2)
+  for seed, epoch in itertools.product(range(3), range(3)):
+    later = schedule.epoch_batches(plan, seed=seed, epoch=epoch + 1)
+    next_seed = schedule.epoch_batches(plan, seed=seed + 1, epoch=epoch)
+    assert batch_lists(later) != batch_lists(next_seed), (seed, epoch)
+
+
+def test_the_order_of_the_buckets_batches_is_reshuffled_every_epoch():
+  # 4 batches of bucket 0 and 4 of bucket 1 can come in 70 orders; one order for every epoch would
+  # put the same lengths at the same steps each epoch.
+  plan = plan_lib.make_plan([5] * 8 + [50] * 8, num_buckets=2, batch_size=2)
+  orders = {
+    tuple(bucket for bucket, _ in schedule.epoch_batches(plan, seed=0, epoch=epoch))
+    for epoch in range(4)
+  }
+  assert len(orders) > 1

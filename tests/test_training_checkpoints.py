@@ -217,3 +217,88 @@ def test_aligning_saves_the_missing_best_only_from_the_state_at_its_epochs_end(t
     checkpoints.align_best(Progress(epoch=2, step_in_epoch=0, best_epoch=1), params)
     assert checkpoints.best.all_steps() == [1]
     jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
+
+
+def test_aligning_saves_no_best_from_a_state_past_the_epoch_after_it_or_before_any_best(tmp_path):
+  # The state at the end of epoch 2 holds epoch 2's parameters, not those of epoch 1, the best.
+  params = {"bias": jnp.full(4, 3.0)}
+  with contextlib.closing(Checkpoints(tmp_path / "later")) as checkpoints:
+    checkpoints.align_best(Progress(epoch=3, step_in_epoch=0, best_epoch=1), params)
+    assert checkpoints.best.all_steps() == []
+  with contextlib.closing(Checkpoints(tmp_path / "fresh")) as checkpoints:
+    checkpoints.align_best(Progress(), params)  # no epoch trained: no best to save
+    assert checkpoints.best.all_steps() == []
+
+
+def fixed_plan(lengths) -> bucketing.BucketPlan:
+  return bucketing.make_plan(
+    np.array(lengths), strategy="fixed", upper_bounds=[10, 30], batch_size=2
+  )
+
+
+@pytest.mark.parametrize(
+  ("resumed_lengths", "message"),
+  [
+    # One length changed (features built another way), the bounds and batches alike.
+    ([6, 9, 13, 17, 21, 25], r"trained on other training lines than this run's \(as many: 6\)"),
+    # One line fewer, the bounds and batches alike.
+    ([5, 9, 13, 17, 21], r"trained on 6 training lines, but this run has 5"),
+  ],
+  ids=["a-length-changed", "a-line-fewer"],
+)
+def test_the_latest_state_of_other_training_lines_is_a_mismatch_naming_them(
+  tmp_path, resumed_lengths, message
+):
+  saved_steps(tmp_path, fixed_plan([5, 9, 13, 17, 21, 25]))
+  resumed = fixed_plan(resumed_lengths)
+  assert resumed.upper_bounds.tolist() == [10, 30] and resumed.batch_sizes.tolist() == [2, 2]
+  with (
+    contextlib.closing(Checkpoints(tmp_path)) as checkpoints,
+    pytest.raises(CheckpointMismatchError, match=message),
+  ):
+    checkpoints.restore_latest(small_state(0.0), resumed)
+
+
+def test_a_latest_state_holding_nan_is_damaged_and_the_older_one_restored(tmp_path):
+  # A run that diverged: the checksum matches its NaN values, which no resume can train on.
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.save_latest(small_state(1.0, step=1), Progress(step_in_epoch=1), plan_of(2))
+    checkpoints.save_latest(small_state(np.nan, step=2), Progress(step_in_epoch=2), plan_of(2))
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
+  assert int(restored.step) == 1 and progress.step_in_epoch == 1
+  np.testing.assert_array_equal(restored.params["bias"], [1.0] * 4)
+
+
+def test_the_newest_latest_parameters_are_read_with_their_step_and_epoch(tmp_path):
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.save_latest(
+      small_state(1.0, step=4), Progress(epoch=0, step_in_epoch=4), plan_of(2)
+    )
+    checkpoints.save_latest(
+      small_state(2.0, step=9), Progress(epoch=1, step_in_epoch=3), plan_of(2)
+    )
+  with contextlib.closing(Checkpoints(tmp_path, create=False)) as checkpoints:
+    params, origin = checkpoints.read_latest_params(small_state(0.0))
+  assert origin == {"global_step": 9, "epoch": 1}
+  np.testing.assert_array_equal(params["bias"], [2.0] * 4)
+
+
+def test_a_latest_state_of_another_model_names_only_the_config_fields_that_differ(tmp_path):
+  # The checkpoint predates `model.num_layers` among the shape fields: that one is not named.
+  with contextlib.closing(Checkpoints(tmp_path, shape_fields={"model.hidden_size": 4})) as saving:
+    saving.save_latest(small_state(1.0, step=1), Progress(), plan_of(2))
+  wider = TrainState.create(
+    apply_fn=None,
+    params={"kernel": jnp.zeros((3, 8)), "bias": jnp.zeros(8)},
+    tx=optax.adam(1e-3),
+  ).replace(step=jnp.asarray(0))
+  fields = {"model.hidden_size": 8, "model.num_layers": 1}
+  with (
+    contextlib.closing(Checkpoints(tmp_path, shape_fields=fields)) as checkpoints,
+    pytest.raises(
+      CheckpointMismatchError,
+      match=r"other shapes \(config\.model\.hidden_size=4 there, 8 here\); use the same config",
+    ),
+  ):
+    checkpoints.restore_latest(wider, plan_of(2))

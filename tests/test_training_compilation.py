@@ -217,3 +217,84 @@ def test_cache_misses_are_the_step_compiles_requests_less_their_hits():
   jax.monitoring.record_event(compilation.CACHE_REQUEST_EVENT)  # no step's compile
   after = compilation.CompileEvents.cache_counts()
   assert np.subtract(after, before).tolist() == [1, 2]
+
+
+class SlowLookups(dict):
+  """Executables whose every lookup waits `seconds` (a compile in flight) before it answers."""
+
+  def __init__(self, seconds: float):
+    super().__init__()
+    self.seconds = seconds
+
+  def __getitem__(self, bucket):
+    time.sleep(self.seconds)
+    return f"executable {bucket}"
+
+
+def test_compile_waits_are_timed_from_each_lookup_and_later_ones_add_up():
+  # Compiling started 100 s ago; the first step's lookup waits 0.1 s of it, two later ones 0.1 s
+  # each.
+  steps = compilation.CompiledSteps(
+    train_steps=SlowLookups(0.1),
+    eval_steps=SlowLookups(0.0),
+    pool=None,
+    workers=1,
+    started=time.perf_counter() - 100.0,
+    cache_counts_before=(0, 0),
+  )
+  assert steps.train_step(0) == "executable 0"
+  assert 0.1 <= steps.first_step_wait_s < 50.0 and steps.train_wait_s == 0.0
+  steps.train_step(1)
+  steps.train_step(0)
+  assert 0.2 <= steps.train_wait_s < 50.0 and steps.first_step_wait_s < 50.0
+
+
+def test_the_time_to_the_first_step_includes_its_wait_for_the_compile():
+  mesh = one_device_mesh()
+  steps = compilation.submit_compiles(
+    {("train", 0): (mesh, Slow(0.3), jax.ShapeDtypeStruct((3,), "f4"))}, "overlap"
+  )
+  steps.train_step(0)
+  steps.wait()
+  steps.close()
+  accounting = steps.accounting()
+  assert accounting["time_to_first_step_s"] >= 0.3
+  assert accounting["time_to_first_step_s"] >= steps.first_step_wait_s > 0.0
+
+
+def test_compiles_dropped_by_a_stop_are_counted_and_have_no_memory_plan():
+  # One compile thread, held on bucket 0; buckets 1 and 2 queue behind it and are dropped.
+  released = threading.Event()
+  mesh = one_device_mesh()
+  held = Held(jax.jit(lambda x: x * 2.0), released, "the held compile was never released")
+  jobs = {("train", 0): (mesh, held, jax.ShapeDtypeStruct((1,), jnp.float32))} | {
+    ("train", bucket): (mesh, jax.jit(lambda x: x * 2.0), jax.ShapeDtypeStruct((bucket + 1,), "f4"))
+    for bucket in (1, 2)
+  }
+  steps = compilation.submit_compiles(jobs, "overlap", threads=1)
+  try:
+    deadline = time.monotonic() + 60
+    while not steps.train_steps.futures[0].running() and time.monotonic() < deadline:
+      time.sleep(0.01)
+    steps.cancel_queued()
+  finally:
+    released.set()
+  steps.close()
+  memory = steps.train_memory()
+  assert memory[1] is None and memory[2] is None  # not compiled on the spot to be measured
+  accounting = steps.accounting()
+  assert (accounting["train_compiles"], accounting["compiles_dropped"]) == (1, 2)
+
+
+def test_compiles_outside_the_steps_count_cache_hits_and_the_thread_that_made_them():
+  compilation.CompileEvents.install()
+  me = threading.get_ident()
+  before, before_here = (compilation.CompileEvents.outside_steps(t) for t in (None, me))
+  jax.monitoring.record_event(compilation.CACHE_HIT_EVENT)  # a recompile served from the cache
+  elsewhere = threading.Thread(
+    target=jax.monitoring.record_event_duration_secs, args=(compilation.BACKEND_COMPILE_EVENT, 0.1)
+  )
+  elsewhere.start()
+  elsewhere.join()
+  assert compilation.CompileEvents.outside_steps() - before >= 2  # both threads'
+  assert compilation.CompileEvents.outside_steps(me) - before_here == 1  # not the other thread's

@@ -4,6 +4,10 @@ import os
 import signal
 import time
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from training.stop import StopRequest
 
 
@@ -52,3 +56,34 @@ def test_the_first_signal_stays_the_reason_when_another_follows():
     os.kill(os.getpid(), signal.SIGTERM)
     os.kill(os.getpid(), signal.SIGINT)  # still handled: only SIGTERM's own handler went back
     assert stop.requested() and stop.reason == "SIGTERM" and stop.signalled() == "SIGTERM"
+
+
+def test_a_signal_stays_the_reason_when_the_time_cap_passes_after_it():
+  stop = StopRequest(max_minutes=0.01 / 60)
+  with stop.on_signals():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # past the cap
+    assert stop.requested() and stop.reason == "SIGTERM"
+
+
+def on_two_processes(monkeypatch, other_stops: bool) -> None:
+  """This process and another, which has (`other_stops`) or has not a stop or signal of its own."""
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  gather = lambda mine: np.array([mine, np.int32(other_stops)])
+  monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+
+
+def test_with_several_processes_a_stop_on_any_one_stops_them_all(monkeypatch):
+  on_two_processes(monkeypatch, other_stops=True)
+  stop = StopRequest()
+  assert stop.requested() and stop.reason == "a stop on another process"
+  assert stop.signalled() == "a signal on another process"
+
+
+def test_with_several_processes_a_signal_here_keeps_its_name(monkeypatch):
+  on_two_processes(monkeypatch, other_stops=False)
+  stop = StopRequest()
+  assert not stop.requested() and stop.signalled() is None
+  with stop.on_signals():
+    os.kill(os.getpid(), signal.SIGINT)
+    assert stop.requested() and stop.reason == "SIGINT" and stop.signalled() == "SIGINT"
