@@ -1,7 +1,5 @@
 """Plans: strategies wired together, overflow policies, label widths and the report's arithmetic."""
 
-import functools
-
 import numpy as np
 import pytest
 
@@ -58,21 +56,26 @@ def test_overflow_error_names_the_example_and_its_length():
     )
 
 
-def test_overflow_drop_and_truncate_are_counted():
-  plan_with = functools.partial(
-    plan_lib.make_plan,
+def overflowing_plan(overflow: str, **options) -> plan_lib.BucketPlan:
+  """Lengths 10, 50, 20, 70 in bounds 16, 32 and batches of 2: 50 and 70 over the last bound."""
+  return plan_lib.make_plan(
     [10, 50, 20, 70],
     strategy="fixed",
     upper_bounds=[16, 32],
     batch_size=2,
-    example_ids=["a", "b", "c", "d"],
+    overflow=overflow,
+    **options,
   )
-  dropped = plan_with(overflow="drop")
+
+
+def test_overflow_drop_and_truncate_are_counted():
+  names = {"example_ids": ["a", "b", "c", "d"]}
+  dropped = overflowing_plan("drop", **names)
   assert dropped.summary()["dropped"] == ["b", "d"]
   assert dropped.summary()["num_examples"] == 2
   assert list(dropped.bucket_of_example) == [0, -1, 1, -1]
 
-  truncated = plan_with(overflow="truncate")
+  truncated = overflowing_plan("truncate", **names)
   summary = truncated.summary()
   assert summary["truncated"] == ["b", "d"]
   assert summary["real_timesteps"] == 10 + 32 + 20 + 32
@@ -172,15 +175,11 @@ def test_a_plan_whose_padded_timesteps_int64_cannot_count_is_refused():
 
 
 def test_the_baseline_of_a_plan_that_drops_or_truncates_holds_the_same_sequences():
-  # Lengths 10, 50, 20, 70 in bounds 16, 32, batches of 2.
-  plan_with = functools.partial(
-    plan_lib.make_plan, [10, 50, 20, 70], strategy="fixed", upper_bounds=[16, 32], batch_size=2
-  )
   # Dropped: 10 and 20 stay, one per bucket (16 + 32 padded); the baseline is 2 rows at 20.
-  assert plan_with(overflow="drop").summary()["ideal_speedup"] == pytest.approx(40 / 48)
+  assert overflowing_plan("drop").summary()["ideal_speedup"] == pytest.approx(40 / 48)
   # Truncated: 10 alone at 16, then 50, 20 and 70 in two batches of 2 at 32 (4 x 32); the
   # baseline is 2 batches of 2 at 32, the longest truncated length, not 70.
-  assert plan_with(overflow="truncate").summary()["ideal_speedup"] == pytest.approx(128 / 144)
+  assert overflowing_plan("truncate").summary()["ideal_speedup"] == pytest.approx(128 / 144)
 
 
 def test_efficiency_with_filler_counts_the_filler_rows():
@@ -288,11 +287,8 @@ def test_the_report_states_steps_efficiencies_and_overflow_counts():
   lines = format_report(plan_lib.make_plan([3, 4, 4], strategy="none", batch_size=2).summary())
   assert "strategy none: 1 bucket(s), 3 sequences, 2 steps per epoch on 1 device(s)" in lines
   assert "efficiency 91.7% (68.8% with filler)" in lines
-  # 50 and 70 are over the last bound, 32: dropped, or truncated, two of them either way.
-  plan_with = functools.partial(
-    plan_lib.make_plan, [10, 50, 20, 70], strategy="fixed", upper_bounds=[16, 32], batch_size=2
-  )
-  dropped = format_report(plan_with(overflow="drop").summary()).splitlines()
+  # 50 and 70 are over the last bound: dropped, or truncated, two of them either way.
+  dropped = format_report(overflowing_plan("drop").summary()).splitlines()
   assert dropped[-1] == "dropped 2 sequence(s) over the largest bound"
-  truncated = format_report(plan_with(overflow="truncate").summary()).splitlines()
+  truncated = format_report(overflowing_plan("truncate").summary()).splitlines()
   assert truncated[-1] == "truncated 2 sequence(s) to the largest bound"

@@ -171,18 +171,15 @@ def test_the_latest_state_of_another_seed_is_a_mismatch(tmp_path):
 
 def test_the_latest_state_of_other_bounds_with_the_same_batches_is_a_mismatch(tmp_path):
   # Bounds 10 and 30, or 12 and 30: the same buckets of 2 and 4 lines, in batches of 2.
-  lengths = np.array([5, 9, 13, 17, 21, 25])
-  plan_with = lambda bounds: bucketing.make_plan(
-    lengths, strategy="fixed", upper_bounds=bounds, batch_size=2
-  )
-  saved_steps(tmp_path, plan_with([10, 30]))
+  lengths = [5, 9, 13, 17, 21, 25]
+  saved_steps(tmp_path, fixed_plan(lengths, [10, 30]))
   with (
     contextlib.closing(Checkpoints(tmp_path)) as checkpoints,
     pytest.raises(
       CheckpointMismatchError, match=r"bounds \[10, 30\], but this run plans \[12, 30\]"
     ),
   ):
-    checkpoints.restore_latest(small_state(0.0), plan_with([12, 30]))
+    checkpoints.restore_latest(small_state(0.0), fixed_plan(lengths, [12, 30]))
 
 
 def test_a_resume_on_more_devices_with_the_same_batches_of_lines_is_no_mismatch(tmp_path):
@@ -207,32 +204,31 @@ def test_aligning_the_best_deletes_only_the_epochs_after_the_best(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
 
 
-def test_aligning_saves_the_missing_best_only_from_the_state_at_its_epochs_end(tmp_path):
-  # Killed between `save_latest` at the end of epoch 1, its best, and `save_best`.
+@pytest.mark.parametrize(
+  ("progress", "saved"),
+  [
+    # Killed between `save_latest` at the end of epoch 1, its best, and `save_best`.
+    (Progress(epoch=2, step_in_epoch=0, best_epoch=1), [1]),
+    (Progress(epoch=2, step_in_epoch=3, best_epoch=1), []),  # mid-epoch 2: not epoch 1's
+    (Progress(epoch=3, step_in_epoch=0, best_epoch=1), []),  # epoch 2's end: epoch 2's params
+    (Progress(), []),  # no epoch trained: no best to save
+  ],
+  ids=["at-its-end", "mid-next-epoch", "a-later-end", "no-best-yet"],
+)
+def test_aligning_saves_a_missing_best_only_from_the_state_at_its_epochs_end(
+  tmp_path, progress, saved
+):
   params = {"bias": jnp.full(4, 3.0)}
-  with contextlib.closing(Checkpoints(tmp_path / "mid")) as checkpoints:
-    checkpoints.align_best(Progress(epoch=2, step_in_epoch=3, best_epoch=1), params)
-    assert checkpoints.best.all_steps() == []  # mid-epoch 2: not epoch 1's parameters
-  with contextlib.closing(Checkpoints(tmp_path / "end")) as checkpoints:
-    checkpoints.align_best(Progress(epoch=2, step_in_epoch=0, best_epoch=1), params)
-    assert checkpoints.best.all_steps() == [1]
-    jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.align_best(progress, params)
+    assert checkpoints.best.all_steps() == saved
+    if saved:
+      jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
 
 
-def test_aligning_saves_no_best_from_a_state_past_the_epoch_after_it_or_before_any_best(tmp_path):
-  # The state at the end of epoch 2 holds epoch 2's parameters, not those of epoch 1, the best.
-  params = {"bias": jnp.full(4, 3.0)}
-  with contextlib.closing(Checkpoints(tmp_path / "later")) as checkpoints:
-    checkpoints.align_best(Progress(epoch=3, step_in_epoch=0, best_epoch=1), params)
-    assert checkpoints.best.all_steps() == []
-  with contextlib.closing(Checkpoints(tmp_path / "fresh")) as checkpoints:
-    checkpoints.align_best(Progress(), params)  # no epoch trained: no best to save
-    assert checkpoints.best.all_steps() == []
-
-
-def fixed_plan(lengths) -> bucketing.BucketPlan:
+def fixed_plan(lengths, upper_bounds=(10, 30)) -> bucketing.BucketPlan:
   return bucketing.make_plan(
-    np.array(lengths), strategy="fixed", upper_bounds=[10, 30], batch_size=2
+    np.array(lengths), strategy="fixed", upper_bounds=list(upper_bounds), batch_size=2
   )
 
 
