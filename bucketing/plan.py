@@ -95,9 +95,8 @@ class BucketPlan:
     without a `cost_model` it predicts no speed-up (`predicted_speedup` and `cost_model` None)."""
     kept = self.bucket_of_example >= 0
     effective = self.effective_lengths
-    real_per_bucket = np.bincount(
-      self.bucket_of_example[kept], weights=effective[kept], minlength=self.num_buckets
-    ).astype(np.int64)
+    real_per_bucket = np.zeros(self.num_buckets, np.int64)  # exact sums (bincount's are floats)
+    np.add.at(real_per_bucket, self.bucket_of_example[kept], effective[kept])
     padded_per_bucket = self.bucket_sizes * self.upper_bounds
     filler_per_bucket = self.filler_rows * self.upper_bounds
     real, padded = int(real_per_bucket.sum()), int(padded_per_bucket.sum())

@@ -174,6 +174,16 @@ def test_a_plan_whose_padded_timesteps_int64_cannot_count_is_refused():
   assert summary["padded_timesteps_with_filler"] == 2**30 * (3 * longest - 3)
 
 
+def test_real_timesteps_are_counted_exactly_past_float64s_integers():
+  # 2**22 + 2 sequences of the longest odd length hold more than 2**53 real timesteps, where a
+  # float64 sum rounds.
+  count, longest = 2**22 + 2, boundaries.MAX_LENGTH
+  plan = plan_lib.make_plan(np.full(count, longest), strategy="none", batch_size=2)
+  summary = plan.summary(cost_model=None)
+  assert summary["real_timesteps"] == count * longest == summary["padded_timesteps"]
+  assert summary["buckets"][0]["real_timesteps"] == count * longest
+
+
 def test_the_baseline_of_a_plan_that_drops_or_truncates_holds_the_same_sequences():
   # Dropped: 10 and 20 stay, one per bucket (16 + 32 padded); the baseline is 2 rows at 20.
   assert overflowing_plan("drop").summary()["ideal_speedup"] == pytest.approx(40 / 48)
