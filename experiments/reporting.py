@@ -17,8 +17,31 @@ def machine_description() -> str:
   devices = ", ".join(str(device.device_kind) for device in jax.devices())
   return (
     f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores "
-    f"({platform.processor() or 'unknown processor'}); JAX devices: {devices}"
+    f"({cpu_model()}); JAX devices: {devices}"
   )
+
+
+CPUINFO = pathlib.Path("/proc/cpuinfo")
+# The widest vector instructions first: XLA compiles CPU code for those the host has, and float32
+# results (summed in another order) differ between hosts that differ in them.
+VECTOR_FLAGS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"))
+
+
+def cpu_model(cpuinfo: pathlib.Path = CPUINFO) -> str:
+  """The CPU's model name and widest vector instructions ("AMD EPYC, AVX-512") from Linux's
+  `/proc/cpuinfo`; where there is none, what `platform` knows."""
+  try:
+    fields = dict(
+      (key.strip(), value.strip())
+      for key, _, value in (line.partition(":") for line in cpuinfo.read_text().splitlines())
+      if value
+    )
+  except OSError:
+    return platform.processor() or "unknown processor"
+  flags = set(fields.get("flags", "").split())
+  vector = next((name for flag, name in VECTOR_FLAGS if flag in flags), None)
+  model = fields.get("model name") or platform.processor() or "unknown processor"
+  return f"{model}, {vector}" if vector else model
 
 
 def versions() -> str:
