@@ -1,5 +1,6 @@
 """The benchmark driver: every contender has a row, the timestep counts match the plans."""
 
+import dataclasses
 import importlib
 import pathlib
 import re
@@ -55,7 +56,17 @@ def test_benchmark_writes_every_contender_and_the_cost_model(tmp_path):
     ("none", "1", True),
     ("optimal", "2", True),
   ]
-  assert any(row[0] == "ours, measured cost model" and row[1] == "auto" for row in rows)
+  (auto,) = [row for row in rows if row[0] == "ours, measured cost model"]
+  assert auto[1] == "auto"
+  # A plan auto shares with a measured one is measured once, and both rows show it.
+  twin = re.search(r"`auto` chose the plan of (\w+) K = (\d+) \(the same bounds", text)
+  if twin:
+    (same,) = [
+      row
+      for row in rows
+      if row[0] == "ours" and tuple(row[1:3]) == twin.groups() and row[3] == auto[3]
+    ]
+    assert auto[2:] == same[2:]
   torch_rows = [row for row in rows if row[0].startswith("PyTorch")]
   assert len(torch_rows) == 2 or "PyTorch nn.LSTM rows: skipped" in text
 
@@ -162,3 +173,28 @@ def test_a_row_gives_medians_of_the_timed_epochs_after_the_warm_up():
   assert row["padded/real"] == "1.500"
   assert (row["real timesteps"], row["padded timesteps"]) == ("3,000", "4,500")
   assert row["compile (s)"] == "-"
+
+
+def test_a_plan_measured_already_is_found_by_its_bounds_and_batch_sizes():
+  lengths = [10, 12, 30, 31, 60, 64]
+
+  def measured(plan):
+    fields = dict(contender="ours", strategy=plan.strategy, num_buckets=str(plan.num_buckets))
+    return benchmark.Measurement(
+      **fields, batch="", steps=1, real_timesteps=1, padded_timesteps=1, compile_seconds=None,
+      num_sequences=1, run_epoch=None, plan=plan,
+    )  # fmt: skip
+
+  two = bucketing.make_plan(lengths, strategy="optimal", num_buckets=2, batch_size=2)
+  ours = [
+    measured(bucketing.make_plan(lengths, strategy="none", batch_size=2)),
+    measured(two),
+    measured(bucketing.make_plan(lengths, strategy="optimal", num_buckets=2, batch_size=4)),
+  ]
+  torch = dataclasses.replace(ours[1], contender="PyTorch", plan=None)
+  same = bucketing.make_plan(lengths, strategy="fixed", upper_bounds=two.upper_bounds, batch_size=2)
+  assert benchmark.measured_twin(same, [torch, *ours]) is ours[1]
+  # Other bounds, or the same bounds at another batch size, were not measured.
+  three = bucketing.make_plan(lengths, strategy="optimal", num_buckets=3, batch_size=2)
+  assert benchmark.measured_twin(three, ours) is None
+  assert benchmark.measured_twin(ours[2].plan, ours[:2]) is None
