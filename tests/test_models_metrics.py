@@ -74,6 +74,11 @@ def test_word_counts_split_on_whitespace():
   assert char_error_counts("the cat", "the hat") == ErrorCounts(1, 7)
 
 
+def test_char_counts_are_against_the_references_length_not_the_hypothesis():
+  assert char_error_counts("abc", "abcde") == ErrorCounts(2, 3)
+  assert char_error_counts("abcde", "ab") == ErrorCounts(3, 5)
+
+
 def test_rates_are_corpus_level_not_a_mean_of_line_rates():
   """One wrong character in a 2-character line and none in an 8-character line: 1/10 = 0.1,
   where averaging the line rates would say 0.25."""
@@ -106,5 +111,8 @@ def test_error_counts_add_up_and_handle_empty_references():
 
 
 def test_mismatched_corpus_sizes_are_an_error():
-  with pytest.raises(ValueError):
+  with pytest.raises(ValueError, match="2 references but 1 hypotheses"):
     cer(["a", "b"], ["a"])
+  # More hypotheses than references too: the extra ones must not be dropped silently.
+  with pytest.raises(ValueError, match="1 references but 2 hypotheses"):
+    cer(["a"], ["a", "b"])
