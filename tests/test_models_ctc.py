@@ -94,6 +94,48 @@ def test_loss_is_weighted_mean_and_filler_rows_change_nothing():
   np.testing.assert_allclose(padded_loss, real_loss, rtol=1e-6)
   np.testing.assert_allclose(padded_grad[:2], real_grad, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(padded_grad[2:], 0.0)
+  _, padded_per_example = ctc_loss(
+    np.concatenate([real_logits, filler_logits]),
+    np.concatenate([real_paddings, paddings_for([1, 3], time)]),
+    np.concatenate([real_labels, filler_labels]),
+    np.concatenate([real_label_paddings, filler_label_paddings]),
+    jnp.array([1.0, 1.0, 0.0, 0.0]),
+  )
+  # The docstring's promise: filler rows get 0 (here one of them could not even be aligned).
+  np.testing.assert_allclose(padded_per_example[:2], per_example, rtol=1e-6)
+  np.testing.assert_array_equal(padded_per_example[2:], 0.0)
+
+
+def test_a_batch_of_filler_rows_only_has_zero_loss_and_gradient_not_nan():
+  """All weights 0 (a batch that is all filler): the weighted mean divides by no weight, and must
+  give 0, not 0 / 0."""
+  logits = np.random.default_rng(5).normal(size=(2, 4, NUM_CLASSES)).astype(np.float32)
+  labels, label_paddings = labels_batch([[], []], 1)
+
+  def loss_of(logits):
+    return ctc_loss(logits, paddings_for([1, 1], 4), labels, label_paddings, jnp.zeros(2))[0]
+
+  loss, grad = jax.value_and_grad(loss_of)(logits)
+  assert float(loss) == 0.0
+  np.testing.assert_array_equal(grad, 0.0)
+
+
+def test_bfloat16_logits_are_scored_in_float32():
+  """bfloat16 logits give the brute-force loss of those same values in float32: the recursion
+  over alignments does not run at bfloat16's 8-bit precision."""
+  frame_lengths = [5, 4]
+  label_lists = [[1, 2], [2, 2]]
+  logits = np.random.default_rng(6).normal(size=(2, 5, NUM_CLASSES)).astype(np.float32)
+  low_precision = jnp.asarray(logits, jnp.bfloat16)
+  labels, label_paddings = labels_batch(label_lists, 2)
+  _, per_example = ctc_loss(
+    low_precision, paddings_for(frame_lengths, 5), labels, label_paddings, jnp.ones(2)
+  )
+  assert per_example.dtype == jnp.float32
+  expected = brute_force_losses(
+    np.asarray(low_precision.astype(jnp.float32)), frame_lengths, label_lists
+  )
+  np.testing.assert_allclose(per_example, expected, rtol=1e-5)
 
 
 def test_padded_frames_and_labels_do_not_change_the_loss():
@@ -144,13 +186,21 @@ def test_greedy_decode_collapses_repeats_drops_blanks_and_ignores_padding(jit):
 
 @pytest.mark.parametrize(
   "impl, backend, expected",
-  [("auto", "gpu", "pallas"), ("auto", "cpu", "optax"), ("pallas", "cpu", "pallas")],
+  [
+    ("auto", "gpu", "pallas"),
+    ("auto", "cpu", "optax"),
+    ("auto", "tpu", "optax"),  # the kernel is Triton's: a GPU's only
+    ("pallas", "cpu", "pallas"),
+    ("pallas", "tpu", "pallas"),
+  ],
 )
 def test_make_ctc_loss_takes_the_kernel_on_a_gpu_only(impl, backend, expected):
-  loss_fn = make_ctc_loss(impl=impl, backend=backend)
+  loss_fn = make_ctc_loss(impl=impl, backend=backend, batch_tile=4, num_warps=8)
   assert loss_fn.keywords["implementation"] == expected
   if expected == "pallas":  # off the GPU only the Pallas interpreter can run it
     assert loss_fn.keywords["interpret"] == (backend != "gpu")
+    # the launch parameters asked for reach the kernel
+    assert (loss_fn.keywords["batch_tile"], loss_fn.keywords["num_warps"]) == (4, 8)
 
 
 @pytest.mark.parametrize("implementation", ["auto", "Pallas", "cudnn"])
