@@ -32,6 +32,7 @@ def test_builds_the_configured_model_with_the_right_logit_shape():
     ({"num_layers": 0}, "num_layers must be >= 1, got 0"),
     ({"hidden_size": 0}, "hidden_size must be >= 1, got 0"),
     ({"dropout_rate": 1.0}, r"dropout_rate must be in \[0, 1\), got 1.0"),
+    ({"dropout_rate": -0.1}, r"dropout_rate must be in \[0, 1\), got -0.1"),
     ({"input_projection_size": 0}, "input_projection_size must be None or >= 1, got 0"),
     ({"unroll": -1}, "unroll must be >= 1, or 0 for the backend's default, got -1"),
     ({"lstm_impl": "cudnn"}, "lstm_impl must be one of .*, got 'cudnn'"),
@@ -48,9 +49,28 @@ def test_out_of_range_values_are_refused(override, message):
 
 def test_the_kernel_runs_interpreted_off_the_gpu_unless_told_otherwise():
   assert make_model(**CONFIG, backend="cpu").kernel_config.interpret
+  assert make_model(**CONFIG, backend="tpu").kernel_config.interpret  # Triton is a GPU's only
   assert not make_model(**CONFIG, backend="gpu").kernel_config.interpret
   told = make_model(**CONFIG, backend="cpu", kernel={"interpret": False, "batch_tile": 32})
   assert not told.kernel_config.interpret and told.kernel_config.batch_tile == 32
+
+
+def test_every_argument_reaches_the_model():
+  """Values unlike every default, so that one dropped on the way shows as the default."""
+  model = make_model(
+    num_classes=7, num_layers=3, hidden_size=5, dropout_rate=0.25, input_projection_size=4
+  )
+  assert model.num_classes == 7
+  assert model.num_layers == 3
+  assert model.hidden_size == 5
+  assert model.dropout_rate == 0.25
+  assert model.input_projection_size == 4
+  inputs, paddings = jnp.ones((1, 3, 2)), jnp.zeros((1, 3))
+  params = model.init(jax.random.key(0), inputs, paddings)["params"]
+  assert set(params) == {"input_projection", "lstm_0", "lstm_1", "lstm_2", "output_projection"}
+  assert params["input_projection"]["kernel"].shape == (2, 4)
+  assert params["lstm_2"]["recurrent_kernel"].shape == (2, 5, 20)
+  assert params["output_projection"]["kernel"].shape == (10, 7)
 
 
 def test_unknown_keys_are_refused():
