@@ -60,10 +60,13 @@ def flax_cell_to_ours(cell_params_per_direction):
 
 
 def test_reverse_within_length_keeps_padding_in_place():
-  sequences = jnp.array([[1, 2, 3, 0], [4, 5, 6, 7], [8, 0, 0, 0]])
-  reversed_ = reverse_within_length(sequences, jnp.array([3, 4, 1]))
-  np.testing.assert_array_equal(reversed_, [[3, 2, 1, 0], [7, 6, 5, 4], [8, 0, 0, 0]])
-  np.testing.assert_array_equal(reverse_within_length(reversed_, jnp.array([3, 4, 1])), sequences)
+  # Padding that differs frame by frame, so that a padded frame moved anywhere shows.
+  sequences = jnp.array([[1, 2, 3, -1, -2], [4, 5, 6, 7, 8], [9, -3, -4, -5, -6]])
+  reversed_ = reverse_within_length(sequences, jnp.array([3, 5, 1]))
+  np.testing.assert_array_equal(
+    reversed_, [[3, 2, 1, -1, -2], [8, 7, 6, 5, 4], [9, -3, -4, -5, -6]]
+  )
+  np.testing.assert_array_equal(reverse_within_length(reversed_, jnp.array([3, 5, 1])), sequences)
 
 
 def test_an_unknown_implementation_is_an_error_not_the_scan():
@@ -311,6 +314,33 @@ def test_filler_rows_change_no_loss_logit_or_gradient(implementation):
   )
 
 
+@pytest.mark.parametrize("garbage", [np.nan, np.inf])
+def test_non_finite_padding_changes_no_loss_or_gradient(garbage):
+  """Padded frames holding NaN or inf (say, features of a frame that was never computed) change
+  nothing: the model zeroes them on entry, where a NaN that reached the recurrence would reach
+  every valid frame's gradient through the backward pass (0 * NaN is NaN)."""
+  sequences = random_sequences([6, 3], seed=7)
+  model = small_model()
+  clean_inputs, paddings = padded_batch(sequences, time=6)
+  clean_inputs = jnp.where(paddings[..., None] > 0, 0.0, clean_inputs)
+  dirty_inputs = jnp.where(paddings[..., None] > 0, garbage, clean_inputs)
+  labels, label_paddings = labels_batch([[1, 2], [3]], 2)
+  params = model.init(jax.random.key(0), clean_inputs, paddings)["params"]
+
+  def loss_fn(params, inputs):
+    logits = model.apply({"params": params}, inputs, paddings)
+    return ctc_loss(logits, paddings, labels, label_paddings, jnp.ones(2))[0]
+
+  grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+  clean_loss, clean_grads = grad_fn(params, clean_inputs)
+  dirty_loss, dirty_grads = grad_fn(params, dirty_inputs)
+  assert np.isfinite(clean_loss)
+  np.testing.assert_allclose(dirty_loss, clean_loss, rtol=1e-6)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), dirty_grads, clean_grads
+  )
+
+
 def test_one_gradient_step_changes_every_parameter():
   model = small_model(dropout_rate=0.1)
   inputs, paddings = padded_batch(random_sequences([8, 5]), time=8)
@@ -352,6 +382,53 @@ def test_bfloat16_computation_stays_close_to_float32():
   valid = paddings == 0
   scale = float(jnp.max(jnp.abs(expected[valid])))
   np.testing.assert_allclose(low_precision[valid], expected[valid], atol=2e-2 * scale)
+
+
+def test_a_bfloat16_model_computes_every_layer_in_bfloat16():
+  """Not only its logits' closeness to float32 (a layer left in float32 would be closer still):
+  each layer's activations come out in the model's dtype, the logits in float32."""
+  inputs, paddings = padded_batch(random_sequences([5, 3]), time=5)
+  model = small_model().clone(dtype=jnp.bfloat16)
+  variables = model.init(jax.random.key(0), inputs, paddings)
+  logits, state = model.apply(
+    variables, inputs, paddings, capture_intermediates=True, mutable=["intermediates"]
+  )
+  assert logits.dtype == jnp.float32
+  intermediates = state["intermediates"]
+  for name in ["input_projection", "lstm_0", "lstm_1", "output_projection"]:
+    (activations,) = intermediates[name]["__call__"]
+    assert activations.dtype == jnp.bfloat16, name
+
+
+def scan_loops(jaxpr) -> set[tuple[int, int]]:
+  """`(unroll, carried values)` of every `scan` in `jaxpr` and the jaxprs nested in it."""
+  loops = set()
+  for equation in jaxpr.eqns:
+    if equation.primitive.name == "scan":
+      loops.add((equation.params["unroll"], equation.params["num_carry"]))
+    for param in equation.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        loops |= scan_loops(inner)
+  return loops
+
+
+def test_the_models_scan_options_reach_every_layer():
+  """`unroll` and `scan_prefetch` change no value (see the tests above), only how the scan loops:
+  the model's loops are those of a layer given the same options, and not the default's."""
+  inputs, paddings = padded_batch(random_sequences([5, 3]), time=5)
+  model = small_model().clone(unroll=3, scan_prefetch=True)
+  variables = model.init(jax.random.key(0), inputs, paddings)
+  loops = scan_loops(jax.make_jaxpr(model.apply)(variables, inputs, paddings).jaxpr)
+
+  def layer_loops(**options):
+    layer = LstmLayer(HIDDEN, bidirectional=True, **options)
+    layer_inputs = jnp.zeros((2, 5, 4))  # after the input projection
+    layer_variables = layer.init(jax.random.key(0), layer_inputs, paddings)
+    return scan_loops(jax.make_jaxpr(layer.apply)(layer_variables, layer_inputs, paddings).jaxpr)
+
+  assert loops == layer_loops(unroll=3, prefetch=True)
+  assert loops != layer_loops()
 
 
 def rounded(array):
