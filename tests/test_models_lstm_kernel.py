@@ -229,6 +229,26 @@ def test_loads_sit_where_the_kernels_use_them_unless_prefetched():
   }
 
 
+@pytest.mark.parametrize(
+  "config, words",
+  [
+    (KernelConfig(), "tile 16, 8 warps, weights re-read, 1 stage(s)"),
+    (KernelConfig(prefetch=True), "tile 16, 8 warps, weights re-read, 1 stage(s), prefetch"),
+    (
+      KernelConfig(batch_tile=32, num_warps=4, weights_resident=True, num_stages=2),
+      "tile 32, 4 warps, weights resident, 2 stage(s)",
+    ),
+    (
+      KernelConfig(approx_activations=True),
+      "tile 16, 8 warps, weights re-read, 1 stage(s), approx. activations",
+    ),
+  ],
+)
+def test_describe_names_each_launch_parameter_from_its_own_field(config, words):
+  """Each switch on its own, so that one printed from another's field shows."""
+  assert config.describe() == words
+
+
 @pytest.mark.parametrize("hidden, padded", [(1, 16), (16, 16), (17, 32), (128, 128), (200, 256)])
 def test_padded_hidden_size(hidden, padded):
   assert padded_hidden_size(hidden) == padded
