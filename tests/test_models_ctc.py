@@ -165,13 +165,14 @@ def test_greedy_decode_collapses_repeats_drops_blanks_and_ignores_padding(jit):
     [0, 0, 0, 0, 0, 0, 0],  # nothing but blanks
     [3, 3, 0, 0, 2, 2, 1],  # the last three frames are padding
     [2, 1, 2, 1, 2, 1, 2],  # no repeats, no blanks: every frame is a label
+    [1, 2, 2, 2, 2, 0, 0],  # a run of 2s that goes on into the padding still counts once
   ]
-  paddings = paddings_for([6, 7, 4, 7], 7)
+  paddings = paddings_for([6, 7, 4, 7, 3], 7)
   decode = jax.jit(greedy_decode) if jit else greedy_decode
   ids, lengths = decode(logits_from_best_paths(best_paths), jnp.asarray(paddings))
   assert ids.dtype == jnp.int32
-  assert ids.shape == (4, 7)
-  np.testing.assert_array_equal(lengths, [3, 0, 1, 7])
+  assert ids.shape == (5, 7)
+  np.testing.assert_array_equal(lengths, [3, 0, 1, 7, 2])
   np.testing.assert_array_equal(
     ids,
     [
@@ -179,9 +180,10 @@ def test_greedy_decode_collapses_repeats_drops_blanks_and_ignores_padding(jit):
       [0, 0, 0, 0, 0, 0, 0],
       [3, 0, 0, 0, 0, 0, 0],
       [2, 1, 2, 1, 2, 1, 2],
+      [1, 2, 0, 0, 0, 0, 0],
     ],
   )
-  assert decoded_to_lists(ids, lengths) == [[1, 1, 2], [], [3], [2, 1, 2, 1, 2, 1, 2]]
+  assert decoded_to_lists(ids, lengths) == [[1, 1, 2], [], [3], [2, 1, 2, 1, 2, 1, 2], [1, 2]]
 
 
 @pytest.mark.parametrize(
@@ -201,6 +203,12 @@ def test_make_ctc_loss_takes_the_kernel_on_a_gpu_only(impl, backend, expected):
     assert loss_fn.keywords["interpret"] == (backend != "gpu")
     # the launch parameters asked for reach the kernel
     assert (loss_fn.keywords["batch_tile"], loss_fn.keywords["num_warps"]) == (4, 8)
+
+
+@pytest.mark.parametrize("impl", ["Pallas", "cudnn"])
+def test_make_ctc_loss_refuses_an_implementation_it_does_not_have(impl):
+  with pytest.raises(ValueError, match=f"ctc impl must be one of .*, got '{impl}'"):
+    make_ctc_loss(impl=impl, backend="cpu")
 
 
 @pytest.mark.parametrize("implementation", ["auto", "Pallas", "cudnn"])
