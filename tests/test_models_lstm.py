@@ -373,6 +373,35 @@ def test_dropout_is_active_only_in_training():
   assert not np.allclose(training, evaluation)
 
 
+def test_dropout_drops_at_the_configured_rate():
+  """Rate 0 changes nothing even in training; at rate 0.25 about a quarter of every LSTM layer's
+  outputs at valid frames are zeroed and the rest scaled by 1 / 0.75."""
+  inputs, paddings = padded_batch(random_sequences([20, 20]), time=20)
+  rngs = {"dropout": jax.random.key(1)}
+  variables = small_model().init(jax.random.key(0), inputs, paddings)
+  np.testing.assert_array_equal(
+    small_model(dropout_rate=0.0).apply(variables, inputs, paddings, train=True, rngs=rngs),
+    small_model().apply(variables, inputs, paddings),
+  )
+  _, state = small_model(dropout_rate=0.25).apply(
+    variables,
+    inputs,
+    paddings,
+    train=True,
+    rngs=rngs,
+    capture_intermediates=True,
+    mutable=["intermediates"],
+  )
+  intermediates = state["intermediates"]
+  for layer in range(2):
+    (before,) = intermediates[f"lstm_{layer}"]["__call__"]
+    (after,) = intermediates[f"Dropout_{layer}"]["__call__"]
+    before, after = np.asarray(before).ravel(), np.asarray(after).ravel()
+    dropped = after == 0
+    assert 0.2 < dropped.mean() < 0.3, dropped.mean()  # 480 values: 120 +- 9.5 expected
+    np.testing.assert_allclose(after[~dropped], before[~dropped] / 0.75, rtol=1e-6)
+
+
 def test_bfloat16_computation_stays_close_to_float32():
   inputs, paddings = padded_batch(random_sequences([12, 7]), time=12)
   variables = small_model().init(jax.random.key(0), inputs, paddings)
