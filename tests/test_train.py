@@ -676,14 +676,20 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"max_steps": -1}, r"config.max_steps must be >= 0, got -1"),
     ({"compile_threads": -1}, r"config.compile_threads must be >= 0 \(0: one per core\), got -1"),
     ({"data.train_limit": -1}, r"config.data.train_limit must be >= 0, got -1"),
+    ({"data.eval_limit": -1}, r"config.data.eval_limit must be >= 0, got -1"),
+    ({"num_epochs": 0}, r"config.num_epochs must be >= 1, got 0"),
+    ({"checkpoint_every_steps": 0}, r"config.checkpoint_every_steps must be >= 1, got 0"),
+    ({"bucketing.max_tokens": 4096}, r"set exactly one of config.bucketing.batch_size and .max_"),
     ({"bucketing.overflow": "ignore"}, "overflow"),
     ({"eval_batch_size": 4}, "eval_batch_size"),
+    ({"eval_batch_size": 0}, r"config.eval_batch_size=0 is not a positive multiple of the 8"),
     ({"ctc.impl": "cudnn"}, "ctc impl must be one of"),
     ({"model.lstm_impl": "cudnn"}, "lstm_impl must be one of"),
     ({"model.hidden_size": 0}, "hidden_size must be >= 1"),
     ({"selection_metric": "val_wer"}, "selection_metric='val_wer' is not one of"),
     ({"optimizer.learning_rate": -1e-3}, r"learning_rate must be finite and >= 0, got -0.001"),
     ({"optimizer.learning_rate": float("nan")}, r"learning_rate must be finite and >= 0, got nan"),
+    ({"optimizer.learning_rate": float("inf")}, r"learning_rate must be finite and >= 0, got inf"),
     ({"optimizer.grad_clip_norm": -1.0}, r"grad_clip_norm must be finite and > 0, got -1.0"),
     ({"optimizer.grad_clip_norm": 0.0}, r"grad_clip_norm must be finite and > 0, got 0.0"),
     ({"optimizer.warmup_steps": -5}, r"config.optimizer.warmup_steps must be >= 0, got -5"),
@@ -693,6 +699,7 @@ def test_a_step_fed_another_buckets_shape_fails_instead_of_compiling():
     ({"bucketing.round_to": 2**31}, r"config.bucketing.round_to must be <= 2147483647, got"),
     ({"seed": -1}, r"config.seed must be an integer in \[0, 2\*\*32\), got -1"),
     ({"seed": 2**70}, r"config.seed must be an integer in"),
+    ({"seed": 2**32}, r"config.seed must be an integer in \[0, 2\*\*32\), got 4294967296"),
     ({"data.synthetic.seed": -1}, r"config.data.synthetic.seed must be an integer in .* got -1"),
     ({"data.features.resample_spacing": 0.0}, r"config.data.features: resample_spacing"),
     ({"bucketing.alpha": -1.0}, r"config.bucketing: cost model alpha must be a finite number"),
@@ -707,6 +714,13 @@ def test_bad_configuration_fails_before_anything_runs(tmp_path, overrides, messa
   with pytest.raises(ValueError, match=message):
     train.train_and_evaluate(tiny_config(**overrides), tmp_path)
   assert not (tmp_path / "plan.json").exists()
+
+
+def test_the_largest_seeds_are_accepted():
+  """Seeds are 32 bits as JAX and numpy take them: 2**32 - 1 is one (2**32 is refused above)."""
+  config = tiny_config(seed=2**32 - 1, **{"data.synthetic.seed": 2**32 - 1})
+  train.validate_config(config, jax.device_count())
+  train.create_train_state(config, 3, 1)
 
 
 def test_a_config_from_python_refuses_a_misspelt_field_and_is_a_config_dict(tmp_path):
