@@ -144,6 +144,25 @@ def test_the_summary_gives_each_buckets_step_memory_its_peak_and_its_mean(uninte
   assert pairs >= 1
 
 
+def test_rows_and_summary_count_the_padding_of_filler_rows_too(uninterrupted):
+  """Every step runs a whole batch of its bucket's bound, filler rows included: the padded
+  timesteps an epoch computes, against which the efficiency is taken."""
+  workdir, summary = uninterrupted
+  plan = json.loads((workdir / "plan.json").read_text())
+  assert sum(plan["filler_rows"]) > 0  # else filler would make no difference here
+  computed = sum(
+    steps * batch * bound
+    for steps, batch, bound in zip(
+      plan["steps_per_epoch"], plan["batch_sizes"], plan["upper_bounds"], strict=True
+    )
+  )
+  real = int(train.load_split(tiny_config(), "train", 48).lengths.sum())
+  for row in read_rows(workdir):
+    assert (row["real_timesteps"], row["padded_timesteps"]) == (real, computed)
+    assert row["sequences_per_s"] * row["epoch_time_s"] == pytest.approx(48)
+  assert summary["efficiency"] == pytest.approx(real / computed)
+
+
 def test_step_memory_is_per_device_a_sharded_batch_takes_less_of_each(tmp_path):
   config = tiny_config()
   plan = train.single_shape_plan(16, 96, 6, num_devices=8)
@@ -177,6 +196,44 @@ def test_a_bucket_no_line_falls_in_compiles_no_train_step():
   megabytes, peak, mean = train.step_memory_mb(memory, plan)
   assert np.isnan(megabytes[1]) and peak == 2
   assert mean == pytest.approx((megabytes[0] + megabytes[2]) / 2)
+
+
+def test_eval_steps_compile_for_the_buckets_some_eval_split_uses_only():
+  config = tiny_config()
+
+  def lines(lengths):
+    return train.dataset_lib.SequenceSet(
+      ids=[str(length) for length in lengths],
+      texts=["a"] * len(lengths),
+      features=[np.zeros((length, 3), np.float32) for length in lengths],
+      labels=[np.ones(1, np.int32) for _ in lengths],
+      lengths=np.array(lengths, np.int32),
+      label_lengths=np.ones(len(lengths), np.int32),
+    )
+
+  # Nothing between 32 and 64; the first split uses the first bucket, the second the last.
+  splits = {"validation": lines([20, 24]), "test": lines([90, 96])}
+  plans = train.make_eval_plans(np.array([32, 64, 96]), splits, 8, 1, 8)
+  state = train.create_train_state(config, 3, 1)
+  jobs = train._eval_jobs(
+    state.apply_fn, state.ctc_loss_fn, state.params, plans, train.make_data_mesh(), 3
+  )
+  assert sorted(jobs) == [("eval", 0), ("eval", 2)]
+
+
+def test_an_eval_bucket_added_for_longer_eval_lines_is_rounded_as_the_bounds_are():
+  lengths = np.array([20, 45], np.int32)
+  lines = train.dataset_lib.SequenceSet(
+    ids=["a", "b"],
+    texts=["a", "b"],
+    features=[np.zeros((n, 3), np.float32) for n in lengths],
+    labels=[np.ones(1, np.int32)] * 2,
+    lengths=lengths,
+    label_lengths=np.ones(2, np.int32),
+  )
+  plan = train.make_eval_plans(np.array([32]), {"v": lines}, 8, 8, 8)["v"]
+  assert plan.upper_bounds.tolist() == [32, 48]  # 45 rounded up to a multiple of 8
+  assert plan.bucket_sizes.tolist() == [1, 1]
 
 
 def test_starting_a_finished_run_again_trains_no_further(uninterrupted, monkeypatch, caplog):
@@ -789,6 +846,21 @@ def test_a_run_stopped_before_its_first_epoch_ended_counts_the_steps_it_trained(
   assert summary["train_time_s"] > 0  # was 0: only ended epochs counted
 
 
+def test_max_steps_in_a_later_epoch_checkpoints_by_global_step_and_says_where(tmp_path, caplog):
+  """Checkpoints fall every checkpoint_every_steps global steps (and at an epoch's end); the stop
+  names the step of the epoch's schedule it stopped at."""
+  caplog.set_level(logging.INFO, logger=train.LOG.name)
+  summary = train.train_and_evaluate(tiny_config(max_steps=10), tmp_path)  # every 4 steps
+  steps_per_epoch = sum(json.loads((tmp_path / "plan.json").read_text())["steps_per_epoch"])
+  assert steps_per_epoch == 7 and summary["global_step"] == 10
+  # Saved at steps 4, 7 (epoch 0's end), 8 and 10 (the stop); the last two are kept.
+  assert sorted(int(path.name) for path in (tmp_path / "checkpoints" / "train").iterdir()) == [
+    8,
+    10,
+  ]
+  assert "stopped at config.max_steps=10 (epoch 1, step 3 of the schedule)" in caplog.text
+
+
 def test_a_fresh_start_beside_an_earlier_runs_best_parameters_is_refused(
   uninterrupted, tmp_path, caplog
 ):
@@ -1179,6 +1251,28 @@ def test_epoch_time_leaves_out_the_waits_for_compiles(tmp_path, monkeypatch):
   parts = ("epoch_time_s", "compile_wait_s", "eval_time_s")
   assert summary["time_to_first_step_s"] + sum(row[part] for part in parts) < wall
   assert summary["compile_wait_s"] == row["compile_wait_s"]
+
+
+def test_a_run_stopped_within_an_epoch_counts_its_waits_for_compiles(tmp_path, monkeypatch):
+  """The summary's compile_wait_s adds the waits of an epoch a stop cut short, as train_time_s
+  adds its time: here max_steps stops epoch 0 just after the first step of its second bucket,
+  which waited for that bucket's compile (one thread, each compile at least a second)."""
+  lower_and_compile = compilation._lower_and_compile
+
+  def slow(*args):
+    time.sleep(1.0)
+    return lower_and_compile(*args)
+
+  monkeypatch.setattr(compilation, "_lower_and_compile", slow)
+  config = tiny_config(compile_threads=1)
+  plan = train.make_train_plan(config, train.load_split(config, "train", 48), 8)
+  schedule = [bucket for bucket, _ in bucketing.epoch_batches(plan, config.seed, 0)]
+  second = next(step for step, bucket in enumerate(schedule) if bucket != schedule[0])
+  assert second + 1 < len(schedule)  # stopped within the epoch
+  config.max_steps = second + 1
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["epochs"] == 0 and summary["ended_by"] == "max_steps"
+  assert summary["compile_wait_s"] >= 0.5
 
 
 def test_buckets_compile_in_the_order_the_schedule_first_needs_them():
@@ -1628,7 +1722,7 @@ def test_a_bad_line_is_named_before_anything_trains(tmp_path, split, problem):
   assert not (tmp_path / "run").exists()
 
 
-def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path):
+def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path, caplog):
   bad = {"train": list(PROBLEMS), "validation": list(PROBLEMS)}
   examples = export_with_bad_lines(tmp_path / "data.npz", bad)
   config = tiny_config(**{"data.dataset": str(tmp_path / "data.npz"), "data.bad_examples": "skip"})
@@ -1640,7 +1734,15 @@ def test_bad_lines_are_skipped_and_counted_when_asked(tmp_path):
   assert all(np.isfinite(row["val_loss"]) for row in read_rows(tmp_path / "run"))
   assert summary["best_epoch"] >= 0
   # Scoring a split later counts what it leaves out the same way.
-  scores = train.evaluate_checkpoint(config, tmp_path / "run", "validation")
+  with caplog.at_level(logging.INFO, logger=train.LOG.name):
+    scores = train.evaluate_checkpoint(config, tmp_path / "run", "validation")
+  first = examples["validation"][0]["id"]
+  assert (
+    f"skipped 4 bad line(s) (config.data.bad_examples='skip'): validation 4; the first: {first}"
+    in (caplog.text)
+  )
+  # The 16 lines eval_limit took, 4 of them skipped: the split may have more than were scored.
+  assert "scoring the first 16 lines of 'validation' only (config.data.eval_limit" in caplog.text
   assert scores["examples"] == 16 - 4
   assert [line["id"] for line in scores["skipped_examples"]] == [
     examples["validation"][line]["id"] for line in range(4)
@@ -1664,6 +1766,9 @@ def test_lines_past_the_last_bound_are_counted_and_truncation_is_warned_of(tmp_p
     )
     summary = train.train_and_evaluate(config, tmp_path / overflow)
     assert summary[count] == longer
+    (row,) = read_rows(tmp_path / overflow)
+    trained = 48 - longer if overflow == "drop" else 48  # the lines an epoch trains on
+    assert row["sequences_per_s"] * row["epoch_time_s"] == pytest.approx(trained)
   assert f"{longer} training line(s) longer than the last bound, {bound} frames" in caplog.text
 
 

@@ -33,6 +33,7 @@ TINY = "--config=experiments/synthetic.py:tiny"
     ([TINY, "--workdir=README.md/run"], "(--workdir) README.md/run is inside README.md, a file"),
     ([TINY, "--mode=evaluate", "--split=testing"], "--split=testing: value should be one of"),
     ([TINY, "--split=validation"], "--split goes with --mode=evaluate"),
+    ([TINY, "--split=test", "--checkpoint=latest"], "--split and --checkpoint go with --mode=eval"),
     ([], "--config is required, e.g. --config=experiments/synthetic.py"),
     (["--mode=evaluate"], "--config is required"),
     (
