@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -344,6 +345,27 @@ def test_a_finished_run_started_again_with_a_test_split_scores_it_once(
   assert train.train_and_evaluate(config, copy) == scored
 
 
+def test_a_summary_a_finished_run_did_not_write_at_its_step_is_not_taken_for_its_own(tmp_path):
+  """A start with nothing to train returns the summary.json of the start that finished the run,
+  not one a stopped start wrote, nor one of an earlier step (a start killed before writing its
+  own): those make it go on, compile, and write the run's."""
+  earlier = train.train_and_evaluate(tiny_config(max_steps=3), tmp_path)
+  assert (earlier["global_step"], earlier["stopped_by"]) == (3, None)
+  earlier_text = (tmp_path / "summary.json").read_text()
+  stopped = train.train_and_evaluate(tiny_config(max_minutes=1e-9), tmp_path)  # one more step
+  assert (stopped["global_step"], stopped["stopped_by"]) == (4, "max_minutes")
+  for summary_text in ((tmp_path / "summary.json").read_text(), earlier_text):
+    (tmp_path / "summary.json").write_text(summary_text)
+    summary = train.train_and_evaluate(tiny_config(max_steps=4), tmp_path)
+    assert (summary["global_step"], summary["stopped_by"], summary["ended_by"]) == (
+      4,
+      None,
+      "max_steps",
+    )
+    assert summary["train_compiles"] > 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+
+
 def test_early_stopping_stops_after_patience_epochs_without_improvement(tmp_path, caplog):
   with caplog.at_level(logging.INFO, logger="train"):
     summary = train.train_and_evaluate(
@@ -532,6 +554,24 @@ def test_the_learning_rate_warms_up_linearly_then_decays_or_holds(schedule):
     assert float(rate(110)) == pytest.approx(0.0, abs=1e-9)
   else:
     assert float(rate(60)) == float(rate(110)) == pytest.approx(1e-2)
+
+
+def test_the_learning_rate_decays_over_all_the_runs_epochs(tmp_path, monkeypatch):
+  """The cosine reaches 0 at the run's last step, num_epochs epochs in, not after the first."""
+  schedules = []
+  schedule = train.learning_rate_schedule
+
+  def recorded(config, total_steps):
+    schedules.append((total_steps, schedule(config, total_steps)))
+    return schedules[-1][1]
+
+  monkeypatch.setattr(train, "learning_rate_schedule", recorded)
+  config = tiny_config(num_epochs=3, max_steps=1)
+  train.train_and_evaluate(config, tmp_path)
+  last_step = 3 * sum(json.loads((tmp_path / "plan.json").read_text())["steps_per_epoch"])
+  ((total_steps, rate),) = schedules
+  assert total_steps == last_step
+  assert float(rate(last_step - 1)) > 0 and float(rate(last_step)) == pytest.approx(0.0, abs=1e-9)
 
 
 def test_the_optimizer_clips_the_gradient_to_its_global_norm_before_adam():
@@ -872,8 +912,9 @@ def test_a_fresh_start_beside_an_earlier_runs_best_parameters_is_refused(
   with pytest.raises(ValueError, match=r"checkpoints/best holds an earlier run's best parameters"):
     train.train_and_evaluate(tiny_config(), workdir)
   shutil.rmtree(workdir / "checkpoints")  # nothing of the earlier run's parameters: it may start
-  train.train_and_evaluate(tiny_config(max_steps=1), workdir)
+  train.train_and_evaluate(tiny_config(max_steps=1, num_epochs=3), workdir)
   assert "starting afresh, replacing the 2 epoch(s) of" in caplog.text
+  assert "resuming with another config" not in caplog.text  # a new run, not a resume
 
 
 @pytest.mark.parametrize(
@@ -1287,6 +1328,28 @@ def test_buckets_compile_in_the_order_the_schedule_first_needs_them():
   )
 
 
+def test_a_resumed_run_compiles_first_the_buckets_its_remaining_steps_need_first(monkeypatch):
+  config = tiny_config(**{"bucketing.num_buckets": 4})
+  plan = train.make_train_plan(config, train.load_split(config, "train", 48), 8)
+  schedule = [int(bucket) for bucket, _ in bucketing.epoch_batches(plan, config.seed, 1)]
+  # A step of epoch 1 from which the buckets come in another order than from its start.
+  step = next(
+    step
+    for step in range(len(schedule))
+    if list(dict.fromkeys(schedule[step:])) != list(dict.fromkeys(schedule))
+  )
+  orders = []
+
+  def compile_nothing(*args, train_order, **kwargs):
+    orders.append(train_order)
+    return types.SimpleNamespace(train_steps={}, eval_steps={}, workers=1)
+
+  monkeypatch.setattr(train, "compile_steps", compile_nothing)
+  progress = train.Progress(epoch=1, step_in_epoch=step)
+  train.start_compiling(config, None, plan, {}, None, progress)
+  assert orders == [list(dict.fromkeys(schedule[step:]))]
+
+
 # ---------------------------------------------------------------------------------------------
 # What survives: corrupt checkpoints, signals, the time cap, restarts.
 
@@ -1354,6 +1417,32 @@ def test_a_resume_that_changes_what_the_run_computes_says_so(stopped_at_step_6, 
   caplog.clear()
   train.train_and_evaluate(tiny_config(num_epochs=3), workdir)
   assert "resuming with another config" not in caplog.text
+
+
+def test_a_resume_that_only_steers_the_run_differently_warns_of_nothing(tmp_path, caplog):
+  """Fields that choose how the run is controlled or computed, not what it computes: a resume
+  may change every one of them without a warning, and only the others are named."""
+  train.record_config(tiny_config(), tmp_path, resumed=False)
+  steered = {
+    "max_minutes": 5.0,
+    "max_steps": 10,
+    "progress_bar": True,
+    "compile_mode": "sequential",
+    "compile_threads": 2,
+    "compilation_cache_dir": "/elsewhere",
+    "checkpoint_every_steps": 3,
+    "eval_batch_size": 16,
+    "model.lstm_impl": "pallas",
+    "model.unroll": 2,
+    "ctc.impl": "pallas",
+    "data.data_dir": "/data",
+    "distributed.num_processes": 2,
+  }
+  with caplog.at_level(logging.WARNING, logger=train.LOG.name):
+    train.record_config(tiny_config(**steered), tmp_path, resumed=True)
+    assert "resuming with another config" not in caplog.text
+    train.record_config(tiny_config(num_epochs=3, **steered), tmp_path, resumed=True)
+  assert caplog.records[-1].message.endswith(": num_epochs 2 -> 3")
 
 
 def test_a_damaged_config_record_is_rewritten_on_resume(stopped_at_step_6, tmp_path, caplog):
