@@ -1952,11 +1952,24 @@ def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(
   assert not (tmp_path / "given" / train.COST_FILE).exists()
 
 
-def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+  "other",
+  [
+    {"ctc.impl": "optax"},
+    {"bucketing.batch_size": 16},
+    {"bucketing.batch_size": 0, "bucketing.max_tokens": 4096},
+    {"model.hidden_size": 32},
+    {"model.dtype": "bfloat16"},
+  ],
+  ids=["ctc", "batch size", "token budget", "model size", "dtype"],
+)
+def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, other):
+  """The figures hold for the model, the CTC loss, the batch rule and the devices they were
+  measured for (a step's time depends on each)."""
   measured = []
 
   def stand_in(config, *args):  # the decision is under test, not the timing
-    measured.append(config.ctc.impl)
+    measured.append(train.flat_config(config))
     fitted_to = train._cost_fingerprint(config)
     return train.MeasuredCost(
       bucketing.CostModel(alpha=1e-3, beta=1e-9, gamma=1e-6, kappa=1.0),
@@ -1969,13 +1982,75 @@ def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch):
   mesh = train.make_data_mesh()
   first = train.auto_cost_model(config, data, mesh, tmp_path)
   again = train.auto_cost_model(config, data, mesh, tmp_path)
-  assert measured == ["auto"]  # the same settings: the workdir's figures hold
+  assert measured == [train.flat_config(config)]  # the same settings: the workdir's figures hold
   assert (again.model, again.report, again.reused) == (first.model, first.report, True)
-  other = _auto_config(**{"ctc.impl": "optax"})
+  other = _auto_config(**other)
   assert not train.auto_cost_model(other, data, mesh, tmp_path).reused
-  assert measured == ["auto", "optax"]
+  assert measured == [train.flat_config(config), train.flat_config(other)]
   saved = json.loads((tmp_path / train.COST_FILE).read_text())
   assert saved["report"]["fitted_to"] == train._cost_fingerprint(other)
+
+
+def test_auto_measures_the_figures_its_config_leaves_unset_and_keeps_those_given():
+  assert train.measures_cost_model(_auto_config())
+  assert train.measures_cost_model(_auto_config(**{"bucketing.alpha": 1e-3}))  # one given
+  given = {f"bucketing.{field}": 0.0 for field in train.COST_FIELDS}
+  assert not train.measures_cost_model(_auto_config(**given))
+  assert not train.measures_cost_model(tiny_config())  # not auto: no plan depends on them
+  # A figure given as 0 is a figure: the measured one fills only those left unset.
+  measured = bucketing.CostModel(alpha=1e-3, beta=1e-9, gamma=1e-6, kappa=2.0)
+  config = _auto_config(**{"bucketing.beta": 0.0, "bucketing.kappa": 0.5})
+  assert train.cost_model(config, measured) == bucketing.CostModel(
+    alpha=1e-3, beta=0.0, gamma=1e-6, kappa=0.5
+  )
+
+
+def test_measuring_times_the_longest_and_the_next_padded_length_at_their_widest_labels(
+  monkeypatch,
+):
+  """Most lines here pad to the longest length, so the median line does too: the second step is
+  at the next padded length down instead (two steps of one length cannot tell a step's cost per
+  timestep). Each step's labels are as wide as the widest among the lines its length holds."""
+  timed = []
+
+  def stand_in(state, mesh, num_features, rows, length, label_width, repeats, rng):
+    timed.append((rows, length, label_width))
+    return state, 1e-3 + 1e-5 * length, 2.0  # seconds a step, seconds its compile
+
+  monkeypatch.setattr(train, "time_train_step", stand_in)
+  lengths = np.array([10, 60, 62, 64, 64], np.int32)  # rounded to 8: 16 and 64 (the median's)
+  label_lengths = np.array([2, 5, 4, 9, 3], np.int32)
+  lines = train.dataset_lib.SequenceSet(
+    ids=[str(i) for i in range(5)],
+    texts=[""] * 5,
+    features=[np.zeros((n, 3), np.float32) for n in lengths],
+    labels=[np.ones(n, np.int32) for n in label_lengths],
+    lengths=lengths,
+    label_lengths=label_lengths,
+  )
+  measured = train.measure_cost_model(tiny_config(), lines, train.make_data_mesh())
+  assert timed == [(8, 64, 9), (8, 16, 2)]
+  assert [(step["batch"], step["length"]) for step in measured.report["steps"]] == [
+    (8, 64),
+    (8, 16),
+  ]
+  model = measured.model
+  assert (model.alpha, model.gamma, model.beta, model.kappa) == pytest.approx((1e-3, 1e-5, 0, 2))
+
+
+def test_auto_measures_nothing_for_lines_of_one_padded_length(tmp_path):
+  """One padded length plans one bucket whatever the costs (and two are needed to fit them)."""
+  lengths = np.array([58, 60, 64], np.int32)  # all 64 once rounded to 8
+  lines = train.dataset_lib.SequenceSet(
+    ids=["a", "b", "c"],
+    texts=["a", "b", "c"],
+    features=[np.zeros((n, 3), np.float32) for n in lengths],
+    labels=[np.ones(1, np.int32)] * 3,
+    lengths=lengths,
+    label_lengths=np.ones(3, np.int32),
+  )
+  assert train.auto_cost_model(_auto_config(), lines, train.make_data_mesh(), tmp_path) is None
+  assert not (tmp_path / train.COST_FILE).exists()
 
 
 def _auto_config(**overrides):
