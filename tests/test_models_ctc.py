@@ -84,23 +84,18 @@ def test_loss_is_weighted_mean_and_filler_rows_change_nothing():
   )
   np.testing.assert_allclose(real_loss, np.mean(per_example), rtol=1e-6)
 
-  padded_loss, padded_grad = value_and_grad(
+  padded_batch = (
     np.concatenate([real_logits, filler_logits]),
     np.concatenate([real_paddings, paddings_for([1, 3], time)]),
     np.concatenate([real_labels, filler_labels]),
     np.concatenate([real_label_paddings, filler_label_paddings]),
     jnp.array([1.0, 1.0, 0.0, 0.0]),
   )
+  padded_loss, padded_grad = value_and_grad(*padded_batch)
   np.testing.assert_allclose(padded_loss, real_loss, rtol=1e-6)
   np.testing.assert_allclose(padded_grad[:2], real_grad, rtol=1e-5, atol=1e-7)
   np.testing.assert_array_equal(padded_grad[2:], 0.0)
-  _, padded_per_example = ctc_loss(
-    np.concatenate([real_logits, filler_logits]),
-    np.concatenate([real_paddings, paddings_for([1, 3], time)]),
-    np.concatenate([real_labels, filler_labels]),
-    np.concatenate([real_label_paddings, filler_label_paddings]),
-    jnp.array([1.0, 1.0, 0.0, 0.0]),
-  )
+  _, padded_per_example = ctc_loss(*padded_batch)
   # The docstring's promise: filler rows get 0 (here one of them could not even be aligned).
   np.testing.assert_allclose(padded_per_example[:2], per_example, rtol=1e-6)
   np.testing.assert_array_equal(padded_per_example[2:], 0.0)
