@@ -166,6 +166,8 @@ def test_a_data_dir_without_iam_ondb_is_an_error_not_the_synthetic_set(
     (["--epochs", "-1"], "--epochs: must be >= 0, got -1"),
     (["--min-epochs", "-2"], "--min-epochs: must be >= 0, got -2"),
     (["--min-epochs", "4"], "give --budget-minutes too"),  # else silently ignored
+    (["--estimates", "probe.json"], "give --budget-minutes too"),
+    (["--strategies", "none,optimal,bucketed"], r"unknown strategies \['bucketed'\]"),
   ],
 )
 def test_impossible_counts_are_refused_before_anything_runs(argv, message):
@@ -409,6 +411,7 @@ def test_budget_sweep_leaves_out_what_does_not_fit_and_runs_equal_epochs(tmp_pat
   assert [row["strategy"] for row in rows] == ["none", "optimal"]
   assert {row["epochs run"] for row in rows} == {"2"}
   assert "Left out by the plan" in text and "devices1/quantile_k2" in text
+  assert "estimated at 0.8 min" in text  # the 50 s of the two runs kept, not the 80 s of all
   assert not (tmp_path / "devices1/quantile_k2").exists()
 
 
@@ -497,6 +500,9 @@ def test_a_sweep_started_again_reuses_its_probe_only_under_the_same_settings(tmp
   (tmp_path / "probe" / "settings.json").unlink()
   with pytest.raises(cli_errors.UsageError, match=r"holds a probe .* with no record of its"):
     paper.main(argv)
+  # --estimates is the user's to vouch for: the workdir's own probe is then not checked.
+  with pytest.raises(cli_errors.UsageError, match="the baseline alone needs"):
+    paper.main([*argv, "--estimates", str(tmp_path / "probe.json")])
 
 
 def test_a_run_the_deadline_cut_short_is_not_taken_as_finished(tmp_path):
@@ -789,3 +795,378 @@ def test_a_row_reads_medians_the_baselines_loss_and_the_best_epoch_counted_from_
   row = paper.run_row(worse, baseline, devices=2, strategy="quantile")
   assert row["epochs to baseline loss"] == row["wall to baseline loss (s)"] == "-"
   assert row["speed-up"] == "4.000"
+
+
+# ---------------------------------------------------------------------------------------------
+# What a sweep runs, and on how many devices.
+
+
+def test_a_budget_or_a_fixed_epoch_preset_trains_every_epoch_and_every_run_compiles_cold():
+  full = paper.parse_args(["--dataset", "synthetic"])
+  budget = paper.parse_args(["--dataset", "synthetic", "--budget-minutes", "5"])
+  assert paper.args_config(full).patience == 3 < paper.args_config(full).num_epochs == 15
+  assert paper.args_config(budget).patience == paper.args_config(budget).num_epochs == 15
+  assert paper.make_config("tiny", "synthetic", epochs=10).patience == 10  # synthetic's is 3
+  assert paper.args_config(full).compilation_cache_dir == ""  # no steps of an earlier run
+
+
+def test_planned_runs_take_the_baseline_once_and_auto_at_the_largest_k_however_listed():
+  strategies = ["none", "quantile", "optimal", "auto"]
+  assert paper.planned_runs([1, 2, 4], strategies) == [
+    ("none", 1),
+    ("quantile", 2),
+    ("quantile", 4),
+    ("optimal", 2),
+    ("optimal", 4),
+    ("auto", 4),
+  ]
+  assert paper.planned_runs([4, 2], ["optimal", "auto"]) == [
+    ("none", 1),
+    ("optimal", 4),
+    ("optimal", 2),
+    ("auto", 4),
+  ]
+  # The probe times the baseline and the largest K, between which the others are interpolated.
+  for buckets in ([1, 2, 4], [4, 2]):
+    args = paper.parse_args(["--buckets", ",".join(map(str, buckets))])
+    assert paper.probe_runs(args) == [("none", 1), ("optimal", 4)]
+
+
+def test_budget_priority_keeps_every_run_of_fewer_devices_first():
+  runs = [(2, "none", 1), (1, "quantile", 2), (2, "optimal", 2), (1, "none", 1)]
+  assert paper.budget_priority(runs) == [
+    (1, "none", 1),
+    (1, "quantile", 2),
+    (2, "none", 1),
+    (2, "optimal", 2),
+  ]
+
+
+def test_a_budget_gives_each_device_count_its_own_runs():
+  args = paper.parse_args(["--tiny", "--buckets", "2"])
+  budget = {"runs": [(1, "none", 1), (1, "optimal", 2), (2, "none", 1)]}
+  assert paper.worker_runs(args, 1, budget) == [("none", 1), ("optimal", 2)]
+  assert paper.worker_runs(args, 2, budget) == [("none", 1)]
+  assert paper.worker_runs(args, 4, budget) == []
+
+
+def test_a_worker_sees_the_first_n_devices_and_only_them(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x --xla_force_host_platform_device_count=8")
+  monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5,7")
+  env = paper.worker_env(2)
+  assert env["CUDA_VISIBLE_DEVICES"] == "3,5"
+  assert env["XLA_FLAGS"].split() == [
+    "--xla_dump_to=/tmp/x",
+    "--xla_force_host_platform_device_count=2",
+  ]
+  monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+  assert paper.worker_env(2)["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_a_signal_stops_a_worker_with_128_plus_the_signal_and_the_deadline_does_not():
+  said = []
+  assert paper.signal_exit_code("run", {"stopped_by": "SIGTERM"}, said.append) == 143
+  assert paper.signal_exit_code("run", {"stopped_by": "SIGINT"}, said.append) == 130
+  assert said == ["run: stopped by SIGTERM", "run: stopped by SIGINT"]
+  assert paper.signal_exit_code("run", {"stopped_by": "max_minutes"}, said.append) is None
+  assert paper.signal_exit_code("run", {"stopped_by": None}, said.append) is None
+  assert len(said) == 2
+
+
+def test_a_budget_worker_stops_its_run_at_the_deadline_on_the_devices_it_was_started_for(
+  tmp_path, monkeypatch
+):
+  import jax
+
+  trained = []
+
+  def train_and_evaluate(config, run_dir):
+    trained.append((config.max_minutes, config.bucketing.strategy, run_dir))
+    summary = {"num_buckets": 2, "epochs": 2, "best_val_loss": 1.0, "train_time_s": 1.0}
+    return summary | {"compile_wall_s": 1.0, "stopped_by": None}
+
+  monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
+  monkeypatch.setattr(paper.time, "time", lambda: 1000.0)
+  (tmp_path / "budget.json").write_text(json.dumps({"deadline": 1090.0}))
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--budget-minutes", "3"]
+  args = paper.parse_args([*argv, "--worker-run", "optimal:2"])
+  devices = jax.device_count()
+  assert paper.run_worker(args, devices) == 0
+  assert trained == [(1.5, "optimal", tmp_path / f"devices{devices}" / "optimal_k2")]
+  with pytest.raises(RuntimeError, match=f"the worker for {devices + 1} devices sees {devices}"):
+    paper.run_worker(args, devices + 1)
+  assert len(trained) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Which runs are reused: only under the settings they were trained with.
+
+
+def test_run_settings_leave_out_what_does_not_change_results_and_the_cost_model_but_for_auto():
+  def settings(strategy, cost, data_dir=None, max_minutes=0.0):
+    args = paper.parse_args(["--tiny", "--dataset", "synthetic", "--cost", cost])
+    config = paper.run_config(args, strategy, 2)
+    config.data.data_dir, config.max_minutes = data_dir, max_minutes
+    return paper.run_settings(config)
+
+  # the data moved, a time cap: the same run
+  assert settings("optimal", "0.01,2e-7,5") == settings("optimal", "0.01,2e-7,5", "/data", 3.0)
+  assert settings("optimal", "0.01,2e-7,5") == settings("optimal", "0.02,2e-7,5")
+  assert settings("auto", "0.01,2e-7,5") != settings("auto", "0.02,2e-7,5")  # it plans with it
+  assert settings("auto", "0.01,2e-7,5") == settings("auto", "0.01,2e-7,5", "/data", 3.0)
+
+
+def test_a_run_is_refused_at_any_device_count_before_any_is_recorded(tmp_path):
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--strategies", "none"]
+  paper.check_run_settings(paper.parse_args(argv), [2], None)  # a sweep of 2 epochs on 2
+  more = paper.parse_args([*argv, "--epochs", "3"])
+  with pytest.raises(cli_errors.UsageError, match=r"devices2/none_k1 holds a run with other"):
+    paper.check_run_settings(more, [1, 2], None)
+  assert not (tmp_path / "devices1").exists()  # devices1/none_k1 is new, yet not recorded
+
+
+def test_a_run_from_before_settings_json_is_checked_against_the_trainers_config_json(tmp_path):
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--strategies", "none"]
+  args = paper.parse_args(argv)
+  run_dir = tmp_path / "devices1" / "none_k1"
+  write_finished_run(run_dir)
+  config_json = train.flat_config(paper.run_config(args, "none", 1))
+  (run_dir / "config.json").write_text(json.dumps(config_json))
+  with pytest.raises(cli_errors.UsageError, match=r"num_epochs 2 there, 3 here.*config\.json"):
+    paper.check_run_settings(paper.parse_args([*argv, "--epochs", "3"]), [1], None)
+  assert not (run_dir / "settings.json").exists()
+  paper.check_run_settings(args, [1], None)
+  assert (run_dir / "settings.json").is_file()
+
+
+def test_an_auto_run_whose_bounds_minimised_padding_is_not_reused(tmp_path):
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--strategies", "auto"]
+  args = paper.parse_args([*argv, "--buckets", "2"])
+  settings = paper.run_settings(paper.run_config(args, "auto", 2))
+  del settings["auto_bounds_minimise"]  # as auto recorded them before it minimised run time
+  path = tmp_path / "devices1" / "auto_k2" / "settings.json"
+  path.parent.mkdir(parents=True)
+  path.write_text(json.dumps(settings))
+  with pytest.raises(cli_errors.UsageError, match="auto_bounds_minimise None there, 'run time'"):
+    paper.check_run_settings(args, [1], None)
+
+
+def test_a_probe_is_reused_only_for_the_same_runs_and_autos_cost_model(tmp_path):
+  argv = ["--tiny", "--dataset", "synthetic", "--buckets", "2", "--cost", "0.01,2e-7,5"]
+  paper.check_probe_settings(paper.parse_args([*argv, "--strategies", "none,auto"]), 1, tmp_path)
+  # planned.json has no plan of quantile's runs, and auto's K came from its cost model
+  with pytest.raises(cli_errors.UsageError, match=r"other settings \(strategies"):
+    paper.check_probe_settings(
+      paper.parse_args([*argv, "--strategies", "none,auto,quantile"]), 1, tmp_path
+    )
+  with pytest.raises(cli_errors.UsageError, match=r"other settings \(buckets"):
+    paper.check_probe_settings(
+      paper.parse_args([*argv, "--strategies", "none,auto", "--buckets", "1,2"]), 1, tmp_path
+    )
+  with pytest.raises(cli_errors.UsageError, match=r"other settings \(config.bucketing.alpha"):
+    paper.check_probe_settings(
+      paper.parse_args([*argv, "--strategies", "none,auto", "--cost", "0.02,2e-7,5"]), 1, tmp_path
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The budget's estimates, plan and deadline.
+
+
+def test_autos_estimate_counts_its_measuring_and_is_named_by_the_k_it_was_asked_for():
+  probes = [
+    {"num_buckets": 1, "padded": 1000, "wall_s": 30.0, "compile_wall_s": 4.0, "epoch_s": 10.0},
+    {"num_buckets": 5, "padded": 600, "wall_s": 32.0, "compile_wall_s": 20.0, "epoch_s": 6.0},
+  ]
+  # auto asked for K = 8 planned 3 buckets, after measuring its cost model for 7 s
+  auto = {"strategy": "auto", "requested_buckets": 8, "num_buckets": 3, "padded": 800}
+  (estimate,) = paper.estimate_runs(probes, [auto | {"measure_s": 7.0}], devices=1)
+  assert (estimate.strategy, estimate.num_buckets) == ("auto", 8)  # its run is auto_k8
+  assert estimate.fixed_s == pytest.approx(6 + 7 + 12)  # set-up, measuring, compiling 3
+  assert estimate.epoch_s == pytest.approx(8.0)
+
+
+def test_a_budget_counts_worker_start_up_and_its_deadline_leaves_the_reserve(tmp_path, monkeypatch):
+  """With no --min-epochs, every run kept trains the preset's (here --epochs') epochs."""
+  train_at_once(monkeypatch)
+  monkeypatch.setattr(paper.time, "time", lambda: 1000.0)
+  # An earlier probe's, given as --estimates: measured elsewhere, so not "an earlier start".
+  probed = PROBED | {"worker_start_s": 5.0, "probe_s": 120.0}
+  (tmp_path / "estimates.json").write_text(json.dumps(probed))
+  # Set-up 10 s (as above) and 5 s to start each worker: none 25 s and optimal 35 s, plus 10 s
+  # per epoch each. 145 s less the 15 s reserve: 130 s, 3 epochs (120 s), not 4 (140 s).
+  argv = ["--tiny", "--dataset", "synthetic", "--devices", "1", "--epochs", "4"]
+  argv += ["--buckets", "2", "--strategies", "none,optimal", "--budget-minutes", str(145 / 60)]
+  argv += ["--estimates", str(tmp_path / "estimates.json")]
+  text = paper.main([*argv, "--workdir", str(tmp_path / "a"), "--min-epochs", "1"]).read_text()
+  budget = json.loads((tmp_path / "a" / "budget.json").read_text())
+  assert budget["epochs"] == 3
+  assert budget["estimates"] == pytest.approx(
+    {"devices1/none_k1": 25 + 30, "devices1/optimal_k2": 35 + 30}
+  )
+  assert budget["deadline"] == pytest.approx(1000 + 130, abs=1)  # less the time spent planning
+  assert f"Estimates from an earlier probe (`{tmp_path / 'estimates.json'}`)" in text
+  # At the 4 epochs of --epochs, the baseline alone fits (65 s).
+  paper.main([*argv, "--workdir", str(tmp_path / "b")])
+  budget = json.loads((tmp_path / "b" / "budget.json").read_text())
+  assert (budget["epochs"], budget["runs"]) == (4, [[1, "none", 1]])
+  assert budget["left_out"] == ["devices1/optimal_k2"]
+  # --min-epochs beyond the epochs there are is those epochs (was a ValueError's traceback)
+  paper.main([*argv, "--workdir", str(tmp_path / "c"), "--min-epochs", "9"])
+  assert json.loads((tmp_path / "c" / "budget.json").read_text())["runs"] == [[1, "none", 1]]
+
+
+def test_a_budget_that_keeps_no_run_at_a_device_count_reports_the_others(tmp_path, monkeypatch):
+  train_at_once(monkeypatch)
+  (tmp_path / "estimates.json").write_text(json.dumps(PROBED))
+  # At 2 epochs: none 40 s and optimal 50 s per device count; 110 s less the reserve: 95 s.
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1,2"]
+  argv += ["--buckets", "2", "--strategies", "none,optimal", "--budget-minutes", str(110 / 60)]
+  text = paper.main([*argv, "--estimates", str(tmp_path / "estimates.json")]).read_text()
+  assert "devices2/none_k1, devices2/optimal_k2" in text  # left out by the plan
+  with open(tmp_path / "paper_table.csv", newline="") as file:
+    assert [(row["devices"], row["strategy"]) for row in csv.DictReader(file)] == [
+      ("1", "none"),
+      ("1", "optimal"),
+    ]
+
+
+def test_a_run_its_estimate_would_end_past_the_deadline_is_left_out_and_named(
+  tmp_path, monkeypatch, capsys
+):
+  clock, started = [1000.0], []
+  monkeypatch.setattr(paper.time, "time", lambda: clock[0])
+
+  def worker(argv, devices):  # every run takes 40 s
+    strategy, k = paper.strategy_and_buckets(argv[argv.index("--worker-run") + 1])
+    started.append((strategy, k))
+    write_finished_run(tmp_path / paper.run_name(devices, strategy, k), num_buckets=k)
+    clock[0] += 40
+    return True
+
+  monkeypatch.setattr(paper, "run_worker_process", worker)
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1"]
+  args = paper.parse_args(argv)
+  paper.check_run_settings(args, [1], None)
+  runs = [(1, "none", 1), (1, "optimal", 2), (1, "quantile", 2)]
+  estimates = dict(zip((paper.run_name(*run) for run in runs), (30.0, 70.0, 10.0), strict=True))
+  budget = {"runs": runs, "estimates": estimates, "deadline": 1100.0}
+  # none ends at 1030, then optimal would at 1110, past the deadline; quantile at 1050 fits.
+  assert paper.train_runs(args, argv, [1], budget)
+  assert started == [("none", 1), ("quantile", 2)]
+  assert "devices1/optimal_k2: left out, out of time" in capsys.readouterr().out
+  rows, _, unfinished = paper.collect(args, [1], budget)
+  assert [row["strategy"] for row in rows] == ["none", "quantile"]
+  assert unfinished == ["devices1/optimal_k2"]
+  budget |= {"budget_minutes": 2, "probe_s": 30.0, "epochs": 2, "left_out": ["devices1/auto_k2"]}
+  (text,) = paper.budget_lines(budget, unfinished)[1:]
+  assert "Probing the baseline and the largest K for 2 epochs each took 0.5 min;" in text
+  assert text.endswith(
+    "`quantile` by K): devices1/auto_k2. Left out when the time ran short: devices1/optimal_k2."
+  )
+
+
+def test_a_report_needs_the_baseline_to_have_finished(tmp_path):
+  argv = finished_sweep(tmp_path)
+  summary = tmp_path / "devices1" / "none_k1" / "summary.json"
+  summary.write_text(json.dumps(FINISHED_SUMMARY | {"stopped_by": "max_minutes"}))
+  with pytest.raises(cli_errors.UsageError, match="the baseline devices1/none_k1 did not finish"):
+    paper.collect(paper.parse_args(argv), [1])  # every row compares with it
+
+
+def test_an_interrupted_sweep_reports_only_once_every_device_counts_baseline_finished(
+  tmp_path, monkeypatch
+):
+  reported = []
+  monkeypatch.setattr(paper, "run_worker_process", lambda argv, devices: False)  # Ctrl-C
+  monkeypatch.setattr(paper, "write_report", lambda *args: reported.append(args) or "report.md")
+  monkeypatch.setattr(paper, "finished_run", lambda run_dir: "devices1/none" in str(run_dir))
+  argv = ["--tiny", "--devices", "1,2", "--workdir", str(tmp_path / "sweep")]
+  with pytest.raises(cli_errors.Interrupted, match="before the baseline"):
+    paper.main(argv)
+  assert not reported
+
+
+def test_autos_cost_model_is_reported_with_each_figures_unit():
+  cost = {"alpha": 0.005, "beta": 5e-07, "kappa": 10.0, "gamma": 2e-05}
+  runs = {(1, "none", 1): {"plan": {}}, (1, "auto", 4): {"plan": {"cost_model": cost}}}
+  assert paper.auto_cost_text(runs) == (
+    " `auto` cost model (given by --cost): alpha 0.005 s per step, gamma 2e-05 s per padded "
+    "timestep, beta 5e-07 s per padded token, kappa 10 s per bucket."
+  )
+
+
+# ---------------------------------------------------------------------------------------------
+# The probe's worker, with a stand-in for the trainer.
+
+
+def test_a_probe_run_times_two_epochs_with_evaluation_and_the_last_plans_every_run(
+  tmp_path, monkeypatch
+):
+  clock, trained, plans = [0.0], [], []
+  monkeypatch.setattr(paper.time, "perf_counter", lambda: clock[0])
+
+  def train_and_evaluate(config, run_dir):  # 40 s; epochs of 5 + 1 s, then 3 + 1 s
+    trained.append((config.bucketing.strategy, config.num_epochs, config.patience))
+    write_finished_run(run_dir, epochs=config.num_epochs)
+    rows = [{"epoch": i, "epoch_time_s": 5.0 - 2 * i, "eval_time_s": 1.0} for i in range(2)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    plan = {"num_buckets": config.bucketing.num_buckets, "padded_timesteps_with_filler": 4800}
+    (run_dir / "plan.json").write_text(json.dumps(plan))
+    clock[0] += 40
+    return json.loads((run_dir / "summary.json").read_text())
+
+  class Plan:
+    def __init__(self, config, train_set, devices, cost_model):
+      plans.append((config.bucketing.strategy, devices, cost_model))
+      self.num_buckets = config.bucketing.num_buckets
+
+    def summary(self):
+      return {"padded_timesteps_with_filler": 1200 // self.num_buckets}
+
+  measured = type("Measured", (), {"model": "measured model", "report": {"measure_s": 7.0}})
+  monkeypatch.setattr(train, "train_and_evaluate", train_and_evaluate)
+  monkeypatch.setattr(train, "load_data", lambda config: ("train set", {}, []))
+  monkeypatch.setattr(train, "make_data_mesh", lambda: None)
+  monkeypatch.setattr(train, "auto_cost_model", lambda *args: measured)
+  monkeypatch.setattr(train, "make_train_plan", Plan)
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--buckets", "2"]
+  args = paper.parse_args([*argv, "--strategies", "none,optimal,auto", "--epochs", "5"])
+  assert paper.probe(args, 2, tmp_path, "none", 1) == 0
+  assert not (tmp_path / "probe" / "planned.json").exists()  # the last probe run plans
+  assert paper.probe(args, 2, tmp_path, "optimal", 2) == 0
+  assert trained == [("none", 2, 2), ("optimal", 2, 2)]  # PROBE_EPOCHS, whatever the preset
+  times = json.loads((tmp_path / "probe" / "none_k1.json").read_text())
+  assert (times["wall_s"], times["epoch_s"]) == (40.0, 4.0)  # the second epoch, evaluated
+  assert (times["num_buckets"], times["padded"], times["compile_wall_s"]) == (1, 4800, 3.0)
+  planned = json.loads((tmp_path / "probe" / "planned.json").read_text())["planned"]
+  assert planned == [
+    {"strategy": s, "requested_buckets": k, "num_buckets": k, "padded": 1200 // k, "measure_s": m}
+    for s, k, m in (("none", 1, 0.0), ("optimal", 2, 0.0), ("auto", 2, 7.0))
+  ]
+  # planned for the probe's device count, auto with the cost model its run will measure
+  assert plans == [("none", 2, None), ("optimal", 2, None), ("auto", 2, "measured model")]
+
+
+def test_each_device_counts_rows_compare_with_its_own_baseline(tmp_path):
+  argv = ["--tiny", "--dataset", "synthetic", "--workdir", str(tmp_path), "--devices", "1,2"]
+  args = paper.parse_args([*argv, "--buckets", "2", "--strategies", "none,optimal"])
+  for run in ("devices1/none_k1", "devices2/none_k1", "devices2/optimal_k2"):
+    write_finished_run(tmp_path / run)  # epochs of 1 s
+  rows = [{"epoch": i, "epoch_time_s": 3.0, "val_loss": 3.0 - i} for i in range(2)]
+  metrics = "".join(json.dumps(row) + "\n" for row in rows)
+  (tmp_path / "devices2/none_k1/metrics.jsonl").write_text(metrics)
+  rows, _, unfinished = paper.collect(args, [1, 2])
+  assert [(row["devices"], row["strategy"], row["speed-up"]) for row in rows] == [
+    ("1", "none", "1.000"),
+    ("2", "none", "1.000"),
+    ("2", "optimal", "3.000"),  # 3 s of the baseline on 2 devices over 1 s
+  ]
+  assert unfinished == ["devices1/optimal_k2"]
+
+
+def test_an_auto_run_without_its_cost_model_on_record_is_named(tmp_path):
+  write_finished_run(tmp_path)
+  with pytest.raises(ValueError, match=r"plan.json: no cost_model"):
+    paper.read_table_run(tmp_path, "auto")
+  paper.read_table_run(tmp_path, "optimal")
