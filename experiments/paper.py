@@ -428,7 +428,11 @@ def run_worker(args: argparse.Namespace, devices: int) -> int:
   if args.budget_minutes:
     # A run slower than its estimate stops at the deadline with a checkpoint (train.py's time
     # cap); the same command, given more time, continues it.
-    config.max_minutes = (read_budget(workdir)["deadline"] - time.time()) / 60
+    left_s = read_budget(workdir)["deadline"] - time.time()
+    if left_s <= 0:  # its start outlasted its estimate: 0 would be no cap, less than 0 an error
+      print(f"{name}: left out, out of time", flush=True)
+      return 0
+    config.max_minutes = left_s / 60
   summary = train.train_and_evaluate(config, workdir / name)
   if code := signal_exit_code(name, summary):  # checkpointed; the same command resumes
     return code

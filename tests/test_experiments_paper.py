@@ -874,7 +874,7 @@ def test_a_signal_stops_a_worker_with_128_plus_the_signal_and_the_deadline_does_
 
 
 def test_a_budget_worker_stops_its_run_at_the_deadline_on_the_devices_it_was_started_for(
-  tmp_path, monkeypatch
+  tmp_path, monkeypatch, capsys
 ):
   import jax
 
@@ -896,6 +896,13 @@ def test_a_budget_worker_stops_its_run_at_the_deadline_on_the_devices_it_was_sta
   with pytest.raises(RuntimeError, match=f"the worker for {devices + 1} devices sees {devices}"):
     paper.run_worker(args, devices + 1)
   assert len(trained) == 1
+  # Started past the deadline (its start took longer than estimated), it trains nothing: a cap of
+  # 0 minutes would be none, and a negative one failed the worker, and with it the sweep.
+  for now in (1090.0, 1100.0):
+    monkeypatch.setattr(paper.time, "time", lambda now=now: now)
+    assert paper.run_worker(args, devices) == 0
+  assert len(trained) == 1
+  assert capsys.readouterr().out.endswith(f"devices{devices}/optimal_k2: left out, out of time\n")
 
 
 # ---------------------------------------------------------------------------------------------
