@@ -253,6 +253,27 @@ def test_rows_compare_at_equal_wall_time_from_the_metrics(tmp_path):
     "1.0-2.5",
   )
   assert recipe.winner([slow, fast]) == "fast"
+  # The schedule's numbers in their own columns; validated epochs first, then the planned ones.
+  assert (fast["learning rate"], fast["sequences per step"], fast["epochs (planned)"]) == (
+    "0.003",
+    "8.0",
+    "2 (4)",
+  )
+
+
+def test_the_best_and_the_lowest_by_a_share_of_the_budget_need_not_be_the_last_epoch(tmp_path):
+  """A CER that rises after its lowest (the two runs above end on their lowest)."""
+  # Clock: 10 s to the first step, then 10 s per epoch: 20, 30, 40 s; budget 100 s.
+  write_run(
+    tmp_path / "rising",
+    [(8, 2, 50.0, 0.8), (8, 2, 45.0, 0.3), (8, 2, 40.0, 0.5)],
+    candidate={"changes": "none (the preset)"},
+    schedule={"learning_rate": 3e-3, "sequences_per_step": 8.0, "epoch_s": 10, "planned_epochs": 3},
+    result={"wall_s": 45.0, "ended_by": "epochs", "load": [1.0, 1.0]},
+  )
+  row = recipe.candidate_row(tmp_path / "rising", 100.0)
+  assert (row["val CER at 25%"], row["val CER at 50%"]) == ("0.8000", "0.3000")
+  assert (row["best val CER"], row["at (s)"], row["best val loss"]) == ("0.3000", "30", "40.000")
 
 
 def write_finished_candidate(candidate_dir) -> None:
