@@ -66,6 +66,54 @@ def test_candidates_change_exactly_their_fields(tmp_path):
   assert (hidden_32.model.hidden_size, hidden_32.model.dropout_rate) == (32, 0.0)
 
 
+def test_every_family_sets_its_field_and_a_batch_drops_the_token_budget(tmp_path):
+  args = tiny_args(tmp_path, "--base", "bucketing.max_tokens=2048")  # tiny: batch 8, lr 3e-3
+  base = recipe.base_config(args)
+  base_fields = flat(base)
+  expected = {
+    "resample_0.5": {"data.features.resample_spacing": 0.5},  # tiny: 0.2
+    "layers_3": {"model.num_layers": 3},
+    "dropout_0.25": {"model.dropout_rate": 0.25},
+    "lr_1e-3": {"optimizer.learning_rate": 1e-3},
+    "batch_16": {"bucketing.batch_size": 16, "bucketing.max_tokens": 0},
+  }
+  for name, changes in expected.items():
+    candidate = recipe.named_candidate(name)
+    fields = flat(recipe.candidate_config(base, candidate))
+    assert {f: v for f, v in fields.items() if v != base_fields[f]} == changes, name
+    assert candidate.scale_lr == (name == "batch_16"), name
+
+
+def test_the_base_ranks_by_cer_quick_takes_two_buckets_and_the_test_split_waits(tmp_path):
+  """The test split is scored after training, outside the budget: IAM-OnDB's preset has one."""
+  argv = ["--workdir", str(tmp_path), "--minutes-per-run", "1"]
+  iam_full = recipe.base_config(recipe.parse_args([*argv, "--dataset", "iam_ondb"]))
+  assert paper.make_config("full", "iam_ondb").data.test_split == "test"
+  assert iam_full.data.test_split is None and iam_full.selection_metric == "val_cer"
+  quick = recipe.base_config(
+    recipe.parse_args([*argv, "--preset", "quick", "--dataset", "synthetic"])
+  )
+  assert paper.make_config("quick", "synthetic").bucketing.num_buckets == 4
+  assert quick.bucketing.num_buckets == 2 and quick.selection_metric == "val_cer"
+
+
+@pytest.mark.parametrize(
+  ("extra", "message"),
+  [
+    (["--candidates", "base,hidden_32,base"], "candidate 'base' is given twice"),
+    (
+      ["--candidates", "base", "--set", "base_2:seed=2", "--set", "base_2:seed=3"],
+      "'base_2' is given",
+    ),
+    (["--set", "hidden_32:seed=1"], "--set hidden_32: the name of a built-in candidate"),
+  ],
+)
+def test_a_name_is_one_candidate(tmp_path, extra, message):
+  """Two candidates of one name would share a folder; a family's name is its candidate's."""
+  with pytest.raises(cli_errors.UsageError, match=message):
+    recipe.resolve_candidates(tiny_args(tmp_path, *extra))
+
+
 def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
   base = recipe.base_config(tiny_args(tmp_path))  # batch 8, lr 3e-3
   plan = {"num_examples": 96, "steps_per_epoch": [4, 2]}  # 16 sequences per step
