@@ -4,6 +4,8 @@ read from the runs' files, and a study started again reuses its runs."""
 import csv
 import json
 import math
+import pathlib
+import types
 
 import ml_collections
 import pytest
@@ -220,6 +222,110 @@ def test_a_worker_stopped_by_a_signal_exits_with_its_code(tmp_path, monkeypatch,
   (tmp_path / "base" / "schedule.json").write_text(json.dumps(schedule))
   assert recipe.run_worker(args, "train", "base") == code  # in its run
   assert not (tmp_path / "base" / "result.json").exists()
+
+
+class FakeTraining:
+  """`train.train_and_evaluate` on a fake clock: the probe takes `probe_s` (10 s of set-up, then
+  an epoch of 3 s training and 1 s validation), a run 50 s; each call's workdir and config are
+  kept. The plan: 96 lines in 6 steps, 16 per step."""
+
+  def __init__(self, monkeypatch, probe_s=14.0, run_stopped_by=None):
+    import train
+
+    self.now, self.probe_s, self.run_stopped_by, self.calls = 0.0, probe_s, run_stopped_by, []
+    monkeypatch.setattr(train, "train_and_evaluate", self)
+    monkeypatch.setattr(recipe, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+    loads = iter([(1.5, 0, 0), (2.5, 0, 0)])
+    monkeypatch.setattr(recipe.os, "getloadavg", lambda: next(loads))
+
+  def __call__(self, config, workdir):
+    workdir = pathlib.Path(workdir)
+    probe = workdir.name == "probe"
+    self.calls.append((workdir.name, workdir.exists(), config.copy_and_resolve_references()))
+    epochs = [(3.0, 1.0, 50.0, 0.8)] if probe else [(3.0, 1.0, 40.0, 0.6), (3.0, 1.0, 30.0, 0.5)]
+    workdir.mkdir(parents=True)
+    (workdir / "summary.json").write_text(json.dumps({"time_to_first_step_s": 2.0}))
+    (workdir / "plan.json").write_text(json.dumps({"num_examples": 96, "steps_per_epoch": [4, 2]}))
+    rows = [
+      {"epoch": i, "epoch_time_s": t, "eval_time_s": e, "val_loss": loss, "val_cer": cer}
+      for i, (t, e, loss, cer) in enumerate(epochs)
+    ]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    self.now += self.probe_s if probe else 50.0
+    stopped_by = None if probe else self.run_stopped_by
+    return {"stopped_by": stopped_by, "epochs": len(rows)}
+
+
+@pytest.mark.parametrize(
+  ("name", "learning_rate"),
+  [("tokens_4096", 3e-3 * math.sqrt(16 / 8)), ("base", 3e-3)],  # tiny: batch 8, lr 3e-3
+)
+def test_a_worker_plans_its_run_from_its_probe(tmp_path, monkeypatch, name, learning_rate):
+  """Budget 60 s: its 95% (57 s) less the probe's 10 s of set-up hold 11 epochs of 4 s (47 s).
+  Only a token or batch budget takes the square-root rule, from its plan's 16 lines per step."""
+  fake = FakeTraining(monkeypatch)
+  args = tiny_args(tmp_path, "--candidates", name, "--minutes-per-run", "1")
+  assert recipe.run_worker(args, "train", name) == 0
+  (probe_dir, probe_existed, probe), (run_dir, run_existed, run) = fake.calls
+  assert (probe_dir, run_dir) == ("probe", "train") and not probe_existed and not run_existed
+  # The probe: one epoch, every step compiled first, stopped by the budget if it is too slow.
+  assert (probe.num_epochs, probe.compile_mode, probe.max_minutes) == (1, "parallel", 1.0)
+  schedule = json.loads((tmp_path / name / "schedule.json").read_text())
+  assert (schedule["fixed_s"], schedule["epoch_s"], schedule["planned_epochs"]) == (10, 4, 11)
+  assert schedule["sequences_per_step"] == 16
+  assert schedule["learning_rate"] == pytest.approx(learning_rate)
+  # The run: the planned epochs (no early stop), the learning rate, the budget; its own compiling.
+  assert (run.num_epochs, run.patience, run.max_minutes) == (11, 11, 1.0)
+  assert run.optimizer.learning_rate == pytest.approx(learning_rate)
+  assert run.compile_mode == recipe.base_config(args).compile_mode != "parallel"
+  result = json.loads((tmp_path / name / "result.json").read_text())
+  assert result == {"wall_s": 50.0, "ended_by": "epochs", "load": [1.5, 2.5]}
+
+
+def test_a_run_cut_short_trains_again_from_its_start_without_a_new_probe(tmp_path, monkeypatch):
+  """Killed after its probe: the schedule stands, the unfinished run's files go (a budget cannot
+  be split across starts). Stopped by the budget this time, it says so."""
+  fake = FakeTraining(monkeypatch, run_stopped_by="max_minutes")
+  args = tiny_args(tmp_path, "--candidates", "base", "--minutes-per-run", "1")
+  schedule = {"planned_epochs": 7, "learning_rate": 1e-3, "sequences_per_step": 8, "epoch_s": 5}
+  (tmp_path / "base" / "train").mkdir(parents=True)
+  (tmp_path / "base" / "train" / "metrics.jsonl").write_text("")  # the killed run's
+  (tmp_path / "base" / "schedule.json").write_text(json.dumps(schedule))
+  assert recipe.run_worker(args, "train", "base") == 0
+  ((run_dir, run_existed, run),) = fake.calls
+  assert run_dir == "train" and not run_existed
+  assert (run.num_epochs, run.optimizer.learning_rate) == (7, 1e-3)
+  result = json.loads((tmp_path / "base" / "result.json").read_text())
+  assert (result["wall_s"], result["ended_by"]) == (50.0, "budget")
+
+
+def test_a_probe_whose_set_up_leaves_no_epoch_in_the_budget_is_one_line(tmp_path, monkeypatch):
+  """A 60 s probe: 56 s of set-up leave 1 s of the 57 s share, less than an epoch of 4 s."""
+  fake = FakeTraining(monkeypatch, probe_s=60.0)
+  args = tiny_args(tmp_path, "--candidates", "base", "--minutes-per-run", "1")
+  message = "base: set-up 56 s and one epoch 4 s do not fit in --minutes-per-run 1"
+  with pytest.raises(cli_errors.UsageError, match=message):
+    recipe.run_worker(args, "train", "base")
+  assert [call[0] for call in fake.calls] == ["probe"]
+  assert not (tmp_path / "base" / "schedule.json").exists()
+
+
+def test_the_test_worker_scores_the_best_checkpoint_on_the_whole_split(tmp_path, monkeypatch):
+  import train
+
+  scored = []
+
+  def evaluate_checkpoint(config, workdir, split, checkpoint="best"):
+    scored.append((config.data.eval_limit, config.selection_metric, workdir, split, checkpoint))
+    return {"cer": 0.25}
+
+  monkeypatch.setattr(train, "evaluate_checkpoint", evaluate_checkpoint)
+  args = tiny_args(tmp_path, "--candidates", "base")
+  assert recipe.base_config(args).data.eval_limit == 16  # tiny validates on 16 lines
+  (tmp_path / "base").mkdir()
+  assert recipe.run_worker(args, "test", "base") == 0
+  assert scored == [(0, "val_cer", tmp_path / "base" / "train", "test", "best")]
+  assert recipe.read_test_cer(tmp_path / "base" / "test.json") == 0.25
 
 
 def test_a_workers_error_names_its_candidate(tmp_path, capsys):
