@@ -485,6 +485,72 @@ def test_a_finished_candidates_files_make_the_report(tmp_path, capsys):
   assert (tmp_path / "recipe.md").is_file()
 
 
+def fake_workers(monkeypatch, workdir, cers: dict, interrupted=()) -> list:
+  """`run_worker_process` without processes: a train worker writes a finished run of 2 epochs
+  (clock 20 and 30 s) with the candidate's two validation CERs, or is interrupted; a test worker
+  writes a test CER. Returns the (phase, name) of every worker started."""
+  started = []
+
+  def run_worker_process(argv, phase, name):
+    started.append((phase, name))
+    if name in interrupted:
+      return False
+    if phase == "train":
+      first, last = cers[name]
+      write_run(
+        workdir / name,
+        [(8, 2, 50.0, first), (8, 2, 30.0, last)],
+        schedule={
+          "learning_rate": 3e-3,
+          "sequences_per_step": 8,
+          "epoch_s": 10,
+          "planned_epochs": 2,
+        },
+        result={"wall_s": 40.0, "ended_by": "epochs", "load": [1.0, 1.5]},
+      )
+    else:
+      (workdir / name / "test.json").write_text(json.dumps({"cer": 0.5}))
+    return True
+
+  monkeypatch.setattr(recipe, "run_worker_process", run_worker_process)
+  return started
+
+
+def test_only_the_winner_is_tested_and_every_finished_candidate_is_a_row(
+  tmp_path, capsys, monkeypatch
+):
+  started = fake_workers(monkeypatch, tmp_path, {"base": (0.8, 0.4), "hidden_32": (0.7, 0.3)})
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--minutes-per-run", "0.75", "--candidates", "base,hidden_32", "--json"]
+  assert recipe.main(argv) == tmp_path / "recipe.md"
+  assert started == [("train", "base"), ("train", "hidden_32"), ("test", "hidden_32")]
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["winner"] == "hidden_32"
+  rows = {row["candidate"]: row for row in printed["rows"]}
+  # Budget 45 s: nothing by 25% (11 s), the first epoch (20 s) by 50% (22.5 s).
+  assert [(r["val CER at 25%"], r["val CER at 50%"], r["test CER"]) for r in rows.values()] == [
+    ("-", "0.8000", "-"),
+    ("-", "0.7000", "0.5000"),
+  ]
+  with open(tmp_path / "recipe.csv", newline="") as file:
+    assert [row["candidate"] for row in csv.DictReader(file)] == ["base", "hidden_32"]
+
+
+def test_an_interrupted_study_reports_what_finished_tests_nothing_and_exits_130(
+  tmp_path, capsys, monkeypatch
+):
+  """hidden_32 is cut short (Ctrl-C): layers_2 never starts, base's test is not scored."""
+  cers = {"base": (0.8, 0.4), "layers_2": (0.7, 0.3)}
+  started = fake_workers(monkeypatch, tmp_path, cers, interrupted=("hidden_32",))
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--minutes-per-run", "0.75", "--candidates", "base,hidden_32,layers_2", "--json"]
+  assert recipe.main(argv) == 130
+  assert started == [("train", "base"), ("train", "hidden_32")]
+  printed = json.loads(capsys.readouterr().out)
+  assert printed["winner"] == "base" and [row["candidate"] for row in printed["rows"]] == ["base"]
+  assert printed["rows"][0]["test CER"] == "-"
+
+
 def test_a_refused_candidate_starts_over_with_a_larger_budget_and_a_finished_one_is_kept(
   tmp_path, capsys, monkeypatch
 ):
