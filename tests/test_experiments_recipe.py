@@ -123,6 +123,20 @@ def test_the_square_root_rule_scales_by_sequences_per_step(tmp_path):
   assert recipe.scaled_learning_rate(base, plan) == pytest.approx(3e-3 * math.sqrt(2))
 
 
+def test_changes_name_the_fields_and_the_learning_rate_rule(tmp_path):
+  assert recipe.named_candidate("base").changes() == "none (the preset)"
+  assert recipe.named_candidate("hidden_32").changes() == "model.hidden_size=32"
+  assert recipe.named_candidate("tokens_4096").changes() == (
+    "bucketing.max_tokens=4096, bucketing.batch_size=0; lr x sqrt(S / B)"
+  )
+  # A --set candidate's assignments as given, spaces around them dropped.
+  args = tiny_args(tmp_path, "--set", "mine: model.hidden_size = 24, model.num_layers=3")
+  (mine,) = recipe.resolve_candidates(args)
+  assert mine.changes() == "model.hidden_size=24, model.num_layers=3"
+  config = recipe.candidate_config(recipe.base_config(args), mine)
+  assert (config.model.hidden_size, config.model.num_layers) == (24, 3)
+
+
 def test_planned_epochs_fill_the_plan_share_of_the_budget_after_the_fixed_cost():
   # 95 s of a 100 s budget, 10 s fixed: 85 s hold 21 epochs of 4 s (all 100 s would hold 22).
   assert recipe.PLAN_SHARE == 0.95
@@ -150,6 +164,7 @@ def test_planned_epochs_fill_the_plan_share_of_the_budget_after_the_fixed_cost()
     (["--candidates", "lr_fast"], "candidate 'lr_fast': 'fast' is not a number"),
     (["--set", "base:seed=1"], "--set base: the name of a built-in"),
     (["--set", "nofields"], "--set 'nofields': expected NAME:field=value"),
+    (["--set", "nofield:=3"], "--set 'nofield:=3': '=3' is not field=value"),
     (
       [
         "--candidates",
@@ -430,6 +445,26 @@ def test_the_best_and_the_lowest_by_a_share_of_the_budget_need_not_be_the_last_e
   assert (row["best val CER"], row["at (s)"], row["best val loss"]) == ("0.3000", "30", "40.000")
 
 
+def test_a_run_without_a_validated_epoch_is_a_row_of_dashes_that_does_not_win(tmp_path):
+  """Its one epoch did not end within the budget (a run slower than its probe)."""
+  common = {
+    "candidate": {"changes": "none (the preset)"},
+    "schedule": {
+      "learning_rate": 3e-3,
+      "sequences_per_step": 8,
+      "epoch_s": 50,
+      "planned_epochs": 1,
+    },
+    "result": {"wall_s": 60.0, "ended_by": "budget", "load": [1.0, 1.0]},
+  }
+  write_run(tmp_path / "slow", [], **common)
+  write_run(tmp_path / "fast", [(8, 2, 50.0, 0.9)], **common)
+  slow, fast = (recipe.candidate_row(tmp_path / name, 60.0) for name in ("slow", "fast"))
+  assert [slow[column] for column in ("best val CER", "at (s)", "val CER at 50%")] == ["-"] * 3
+  assert slow["epochs (planned)"] == "0 (1)"
+  assert recipe.winner([slow, fast]) == "fast" and recipe.winner([slow]) is None
+
+
 def write_finished_candidate(candidate_dir) -> None:
   """A candidate whose run, schedule, result and test score are on file: the study reports it."""
   write_run(
@@ -534,6 +569,17 @@ def test_only_the_winner_is_tested_and_every_finished_candidate_is_a_row(
   ]
   with open(tmp_path / "recipe.csv", newline="") as file:
     assert [row["candidate"] for row in csv.DictReader(file)] == ["base", "hidden_32"]
+
+
+@pytest.mark.parametrize(
+  ("test", "tested"), [("all", ["base", "hidden_32"]), ("none", []), ("winner", ["hidden_32"])]
+)
+def test_test_says_whose_test_cer_is_scored(tmp_path, capsys, monkeypatch, test, tested):
+  started = fake_workers(monkeypatch, tmp_path, {"base": (0.8, 0.4), "hidden_32": (0.7, 0.3)})
+  argv = ["--preset", "tiny", "--dataset", "synthetic", "--workdir", str(tmp_path)]
+  argv += ["--minutes-per-run", "0.75", "--candidates", "base,hidden_32", "--test", test]
+  recipe.main(argv)
+  assert [name for phase, name in started if phase == "test"] == tested
 
 
 def test_an_interrupted_study_reports_what_finished_tests_nothing_and_exits_130(
