@@ -2,6 +2,7 @@
 
 import csv
 import re
+import types
 
 import numpy as np
 import pytest
@@ -67,6 +68,27 @@ def test_strong_scaling_splits_the_batch_weak_scaling_grows_it():
   assert weak["steps"] == 1 and weak["epoch_s"] == pytest.approx(0.033 + 1.0)
 
 
+def test_an_epoch_has_k_8_optimal_buckets_bounded_by_multiples_of_8():
+  # Lengths 5, 13, ..., 53 and 125 (rounded up: 8, 16, ..., 56 and 128, unevenly spaced), 32 k
+  # sequences of the k-th: 8 buckets without padding, k steps of 1 + 32 L_k / 8 ms each:
+  # sum over k <= 7 of k (1 + 32 k) = 28 + 32 * 140 ms, and 8 (1 + 4 * 128) ms.
+  k = np.arange(1, 9)
+  lengths = np.repeat(np.where(k < 8, 8 * k, 128) - 3, 32 * k)
+  model = projection.StepTimeModel(constant_ms=1.0, per_timestep_ms=0.0, per_token_ms=1.0 / 8)
+  epoch = projection.project_epoch(lengths, model, 1, 32, 0.0, 1e9)
+  assert epoch["steps"] == 36 and epoch["compute_s"] == pytest.approx(4.508 + 4.104)
+  # One bucket pads everything to 128: 36 steps of 1 + 32 * 128 / 8 = 513 ms.
+  one = projection.project_epoch(lengths, model, 1, 32, 0.0, 1e9, num_buckets=1)
+  assert one["steps"] == 36 and one["compute_s"] == pytest.approx(36 * 0.513)
+
+
+def test_a_partial_batch_is_padded_to_a_multiple_of_the_gpus():
+  """5 sequences on 4 GPUs: 8 rows (3 filler), 2 per GPU, as the trainer runs them."""
+  model = projection.StepTimeModel(constant_ms=1.0, per_timestep_ms=0.0, per_token_ms=1.0 / 8)
+  epoch = projection.project_epoch(np.full(5, 8), model, 4, 32, 0.0, 1e9)
+  assert epoch["steps"] == 1 and epoch["compute_s"] == pytest.approx(0.003)  # 1 + 2 * 8 / 8 ms
+
+
 def test_scaling_rows_report_speed_up_against_one_gpu():
   lengths = np.repeat(np.arange(8, 8 * 65, 8), 32)  # 8 buckets of 256 sequences
   model = projection.StepTimeModel(0.5, 0.01, 1e-4)
@@ -77,6 +99,7 @@ def test_scaling_rows_report_speed_up_against_one_gpu():
     ("weak", "1", "32"),
     ("weak", "2", "64"),
   ]
+  assert [row["per-GPU batch"] for row in rows] == ["32", "16", "32", "32"]
   assert rows[0]["speed-up"] == rows[2]["speed-up"] == "1.00"
   for row in rows[1], rows[3]:
     ratio = float(rows[0]["epoch (s)"]) / float(row["epoch (s)"])
@@ -123,6 +146,92 @@ def test_main_writes_a_table_labelled_a_projection(tmp_path):
     rows = list(csv.DictReader(file))
   assert len(rows) == 2 * len(projection.LINKS) * len(projection.DEVICE_COUNTS)
   assert (tmp_path / "projection.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def step_times_file(path, rows: list[tuple[int, int, float]], ours: str = "| ours, optimal | 4 |"):
+  """A results file of `experiments.benchmark_step` with these (B, T, ms) rows of implementation
+  `x` and our measured epoch of 0.5 s."""
+  text = [
+    projection.ANATOMY_HEADING,
+    "",
+    "| B | T | implementation | step |",
+    "| ---: | ---: | ---: | ---: |",
+    *(f"| {b} | {t} | x | {ms} |" for b, t, ms in rows),
+    "",
+    projection.EPOCH_HEADING,
+    "",
+    "| contender | K | epoch (s) |",
+    "| ---: | ---: | ---: |",
+    f"{ours} 0.50 |",
+    "",
+  ]
+  path.write_text("\n".join(text))
+  return path
+
+
+def test_the_fit_needs_three_step_times(tmp_path):
+  path = step_times_file(tmp_path / "steps.md", [(32, 152, 3.0), (32, 608, 9.0)])
+  with pytest.raises(ValueError, match="2 rows of implementation 'x', the fit needs 3"):
+    projection.read_step_times(path, "x")
+  step_times_file(path, [(32, 152, 3.0), (32, 608, 9.0), (128, 608, 15.0)])
+  assert len(projection.read_step_times(path, "x")) == 3
+  assert projection.read_measured_epoch(path) == (4, 0.5)
+
+
+@pytest.mark.parametrize("train_limit", [0, 640])
+def test_main_projects_with_the_fitted_step_model_and_the_links(tmp_path, monkeypatch, train_limit):
+  """Step times on c + a T + b B T (c = 1 ms, a = 10 us, b = 100 ns), which the bucketing cost
+  model (a = 0) does not fit; 640 IAM-OnDB lines of length 800; 2.88 GB of gradients."""
+  import train
+
+  def step(b, t):
+    return 1 + 0.01 * t + 1e-4 * b * t
+
+  shapes = [(32, 152), (32, 608), (32, 1544), (128, 608)]
+  steps = step_times_file(tmp_path / "steps.md", [(b, t, step(b, t)) for b, t in shapes])
+  loaded = []
+
+  def load_split(config, split, limit):
+    loaded.append((config.data.dataset, config.data.data_dir, split, limit))
+    return types.SimpleNamespace(lengths=np.full(640, 800))
+
+  monkeypatch.setattr(train, "load_split", load_split)
+  monkeypatch.setattr(projection, "gradient_bytes", lambda config: 2_880_000_000)
+  out = tmp_path / "projection"
+  argv = ["--dataset", "iam_ondb", "--data-dir", str(tmp_path / "data"), "--steps", str(steps)]
+  argv += ["--implementation", "x", "--train-limit", str(train_limit), "--out", str(out)]
+  text = projection.main(argv).read_text()
+  assert loaded == [("iam_ondb", str(tmp_path / "data"), "train", train_limit)]
+  assert "720,000,000 parameters, 2880.00 MB of float32" in text
+  assert "c = 1.000 ms, a = 10.000 us per timestep, b = 100.000 ns per token" in text
+  # One GPU, batch 32: 20 steps of 1 + 8 + 2.56 ms.
+  assert "projects a one-GPU epoch (K = 8, batch 32) of 0.23 s" in text
+  if train_limit:
+    assert "compares only with a projection of them (not `iam_ondb`'s 640 here)" in text
+  else:
+    assert "the same file measured 0.50 s for our trainer at K = 4." in text
+  with open(f"{out}.csv", newline="") as file:
+    rows = list(csv.DictReader(file))
+  per_step = {
+    (row["scaling"], row["link"], row["GPUs"]): (
+      row["compute/step (ms)"],
+      row["all-reduce/step (ms)"],
+    )
+    for row in rows
+  }
+  # Per GPU B = 32 / n on 2 GPUs: 1 + 8 + 1.28 ms; 2 * 1/2 * 2.88 GB at 450 and 64 GB/s.
+  assert per_step["strong", "NVLink 4", "1"] == ("11.56", "0.0000")
+  assert per_step["strong", "NVLink 4", "2"] == ("10.28", "6.4000")
+  assert per_step["strong", "PCIe Gen5 x16", "2"] == ("10.28", "45.0000")
+  assert per_step["weak", "PCIe Gen5 x16", "2"] == ("11.56", "45.0000")
+  # 1-8 GPUs; an epoch: its steps times compute and all-reduce, 20 steps of 32 lines, or of 64.
+  assert [row["GPUs"] for row in rows] == ["1", "2", "4", "8"] * 4
+  strong, weak = (
+    next(r for r in rows if (r["scaling"], r["link"], r["GPUs"]) == (scaling, "NVLink 4", "2"))
+    for scaling in ("strong", "weak")
+  )
+  assert (strong["steps/epoch"], strong["epoch (s)"]) == ("20", "0.334")  # 20 * (10.28 + 6.4) ms
+  assert (weak["steps/epoch"], weak["epoch (s)"]) == ("10", "0.180")  # 10 * (11.56 + 6.4) ms
 
 
 def spoilt_step_times(tmp_path, old: str, new: str) -> str:
