@@ -15,7 +15,6 @@ as train.py printed it, so that the README quotes a run, not a memory of one.
 """
 
 import importlib.metadata
-import json
 import os
 import pathlib
 import shlex
@@ -25,7 +24,7 @@ import sys
 import tempfile
 
 import cli_errors
-from experiments import reporting
+from experiments import paper, reporting
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -40,6 +39,16 @@ EPOCH_COLUMNS = {
   "waiting for compiles (s)": lambda row: f"{row.get('compile_wait_s', 0.0):.1f}",
   "sequences/s": lambda row: f"{row['sequences_per_s']:.1f}",
 }
+# What the record reads of the run's files (`paper.read_run` names a file that lacks one).
+EPOCH_NUMBERS = (
+  "epoch", "train_loss", "val_loss", "val_cer", "val_wer", "epoch_time_s", "sequences_per_s",
+)  # fmt: skip
+SUMMARY_KEYS = (
+  "strategy", "num_buckets", "upper_bounds", "efficiency", "train_compiles", "eval_compiles",
+  "compilation_cache_hits", "compilation_cache_misses", "time_to_first_step_s", "compile_wall_s",
+  "peak_step_memory_mb", "mean_step_memory_mb", "best_epoch", "best_val_loss", "best_val_cer",
+  "train_time_s", "ended_by",
+)  # fmt: skip
 
 
 def package_versions() -> str:
@@ -86,14 +95,6 @@ def default_out(config: str, backend: str) -> pathlib.Path:
   iam_tiny_cpu.md."""
   path, _, variant = config.partition(":")
   return RESULTS / ("_".join(filter(None, (pathlib.Path(path).stem, variant, backend))) + ".md")
-
-
-def read_metrics(workdir: pathlib.Path) -> list[dict]:
-  path = workdir / "metrics.jsonl"
-  try:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-  except (OSError, ValueError) as error:
-    raise ValueError(f"{path}: not the epoch log train.py writes ({error})") from None
 
 
 def report_lines(
@@ -172,10 +173,10 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   import jax
 
   out = reporting.results_path(args.out, default_out(args.config, jax.default_backend()))
-  summary = cli_errors.read_json_object(workdir / "summary.json", ("best_epoch", "upper_bounds"))
+  run = paper.read_run(workdir, SUMMARY_KEYS, epoch_numbers=EPOCH_NUMBERS)
   cache = "the one train.py finds" if args.warm_cache else "a fresh, empty one"
   header = [*record.header(), f"Persistent compilation cache: {cache}."]
-  lines = report_lines(summary, read_metrics(workdir), header, command, output)
+  lines = report_lines(run["summary"], run["history"], header, command, output)
   return reporting.write_report(out, lines)
 
 
