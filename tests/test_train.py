@@ -199,21 +199,25 @@ def test_a_bucket_no_line_falls_in_compiles_no_train_step():
   assert mean == pytest.approx((megabytes[0] + megabytes[2]) / 2)
 
 
+def blank_lines(lengths, label_lengths=None) -> train.dataset_lib.SequenceSet:
+  """Lines of zero features, 3 per frame, at `lengths`, labelled with `label_lengths` ones each
+  (one by default): what planning and measuring read of lines, no more."""
+  lengths = np.asarray(lengths, np.int32)
+  label_lengths = np.ones_like(lengths) if label_lengths is None else np.asarray(label_lengths)
+  return train.dataset_lib.SequenceSet(
+    ids=[str(line) for line in range(len(lengths))],
+    texts=[""] * len(lengths),
+    features=[np.zeros((n, 3), np.float32) for n in lengths],
+    labels=[np.ones(n, np.int32) for n in label_lengths],
+    lengths=lengths,
+    label_lengths=label_lengths.astype(np.int32),
+  )
+
+
 def test_eval_steps_compile_for_the_buckets_some_eval_split_uses_only():
   config = tiny_config()
-
-  def lines(lengths):
-    return train.dataset_lib.SequenceSet(
-      ids=[str(length) for length in lengths],
-      texts=["a"] * len(lengths),
-      features=[np.zeros((length, 3), np.float32) for length in lengths],
-      labels=[np.ones(1, np.int32) for _ in lengths],
-      lengths=np.array(lengths, np.int32),
-      label_lengths=np.ones(len(lengths), np.int32),
-    )
-
   # Nothing between 32 and 64; the first split uses the first bucket, the second the last.
-  splits = {"validation": lines([20, 24]), "test": lines([90, 96])}
+  splits = {"validation": blank_lines([20, 24]), "test": blank_lines([90, 96])}
   plans = train.make_eval_plans(np.array([32, 64, 96]), splits, 8, 1, 8)
   state = train.create_train_state(config, 3, 1)
   jobs = train._eval_jobs(
@@ -223,16 +227,7 @@ def test_eval_steps_compile_for_the_buckets_some_eval_split_uses_only():
 
 
 def test_an_eval_bucket_added_for_longer_eval_lines_is_rounded_as_the_bounds_are():
-  lengths = np.array([20, 45], np.int32)
-  lines = train.dataset_lib.SequenceSet(
-    ids=["a", "b"],
-    texts=["a", "b"],
-    features=[np.zeros((n, 3), np.float32) for n in lengths],
-    labels=[np.ones(1, np.int32)] * 2,
-    lengths=lengths,
-    label_lengths=np.ones(2, np.int32),
-  )
-  plan = train.make_eval_plans(np.array([32]), {"v": lines}, 8, 8, 8)["v"]
+  plan = train.make_eval_plans(np.array([32]), {"v": blank_lines([20, 45])}, 8, 8, 8)["v"]
   assert plan.upper_bounds.tolist() == [32, 48]  # 45 rounded up to a multiple of 8
   assert plan.bucket_sizes.tolist() == [1, 1]
 
@@ -2018,16 +2013,8 @@ def test_measuring_times_the_longest_and_the_next_padded_length_at_their_widest_
     return state, 1e-3 + 1e-5 * length, 2.0  # seconds a step, seconds its compile
 
   monkeypatch.setattr(train, "time_train_step", stand_in)
-  lengths = np.array([10, 60, 62, 64, 64], np.int32)  # rounded to 8: 16 and 64 (the median's)
-  label_lengths = np.array([2, 5, 4, 9, 3], np.int32)
-  lines = train.dataset_lib.SequenceSet(
-    ids=[str(i) for i in range(5)],
-    texts=[""] * 5,
-    features=[np.zeros((n, 3), np.float32) for n in lengths],
-    labels=[np.ones(n, np.int32) for n in label_lengths],
-    lengths=lengths,
-    label_lengths=label_lengths,
-  )
+  # Rounded to 8: 16 and 64 (the median's).
+  lines = blank_lines([10, 60, 62, 64, 64], label_lengths=[2, 5, 4, 9, 3])
   measured = train.measure_cost_model(tiny_config(), lines, train.make_data_mesh())
   assert timed == [(8, 64, 9), (8, 16, 2)]
   assert [(step["batch"], step["length"]) for step in measured.report["steps"]] == [
@@ -2040,15 +2027,7 @@ def test_measuring_times_the_longest_and_the_next_padded_length_at_their_widest_
 
 def test_auto_measures_nothing_for_lines_of_one_padded_length(tmp_path):
   """One padded length plans one bucket whatever the costs (and two are needed to fit them)."""
-  lengths = np.array([58, 60, 64], np.int32)  # all 64 once rounded to 8
-  lines = train.dataset_lib.SequenceSet(
-    ids=["a", "b", "c"],
-    texts=["a", "b", "c"],
-    features=[np.zeros((n, 3), np.float32) for n in lengths],
-    labels=[np.ones(1, np.int32)] * 3,
-    lengths=lengths,
-    label_lengths=np.ones(3, np.int32),
-  )
+  lines = blank_lines([58, 60, 64])  # all 64 once rounded to 8
   assert train.auto_cost_model(_auto_config(), lines, train.make_data_mesh(), tmp_path) is None
   assert not (tmp_path / train.COST_FILE).exists()
 
