@@ -935,6 +935,35 @@ def collect(
   return rows, runs, unfinished
 
 
+def speedup_curves(rows: list[dict]) -> list[dict]:
+  """The speed-up figure's lines, one per strategy and device count, from the table's rows.
+
+  `quantile` and `optimal` curves start at K = 1 with the `none` run of their device count,
+  which both strategies reduce to; `auto` chooses its own K and is one point.
+  """
+  groups = {}
+  for row in rows:
+    groups.setdefault((row["strategy"], row["devices"]), []).append(row)
+  baselines = {
+    devices: group[0] for (strategy, devices), group in groups.items() if strategy == "none"
+  }
+  curves = []
+  for (strategy, devices), group in groups.items():
+    if strategy in ("quantile", "optimal"):
+      group = [baselines[devices], *group]
+    curves.append(
+      {
+        "strategy": strategy,
+        "label": f"{strategy}, {devices} device(s)",
+        "buckets": [int(row["buckets"]) for row in group],
+        "epoch_times": [float(row["median epoch (s)"]) for row in group],
+        "speedups": [float(row["speed-up"]) for row in group],
+        "ideal_speedups": [float(row["ideal speed-up"]) for row in group],
+      }
+    )
+  return curves
+
+
 def plot(runs: dict, rows: list[dict], prefix: pathlib.Path) -> None:
   import matplotlib
 
@@ -957,29 +986,18 @@ def plot(runs: dict, rows: list[dict], prefix: pathlib.Path) -> None:
   plt.close(figure)
 
   figure, (time_axes, speed_axes) = plt.subplots(1, 2, figsize=(11, 4.5))
-  groups = {}
-  for row in rows:
-    groups.setdefault((row["strategy"], row["devices"]), []).append(row)
-  baselines = {
-    devices: group[0] for (strategy, devices), group in groups.items() if strategy == "none"
-  }
-  for (strategy, devices), group in groups.items():
-    if strategy in ("quantile", "optimal"):
-      group = [baselines[devices], *group]  # K = 1 is the baseline
-    buckets = [int(row["buckets"]) for row in group]
-    label = f"{strategy}, {devices} device(s)"
-    marker = "*" if strategy == "auto" else "o"
-    epoch_times = [float(row["median epoch (s)"]) for row in group]
-    time_axes.plot(buckets, epoch_times, marker=marker, label=label)
+  for curve in speedup_curves(rows):
+    marker = "*" if curve["strategy"] == "auto" else "o"
+    time_axes.plot(curve["buckets"], curve["epoch_times"], marker=marker, label=curve["label"])
     line = speed_axes.plot(
-      buckets, [float(row["speed-up"]) for row in group], marker=marker, label=label
+      curve["buckets"], curve["speedups"], marker=marker, label=curve["label"]
     )[0]
     speed_axes.plot(
-      buckets,
-      [float(row["ideal speed-up"]) for row in group],
+      curve["buckets"],
+      curve["ideal_speedups"],
       "--",
       color=line.get_color(),
-      label=f"ideal (padded timesteps), {label}",
+      label=f"ideal (padded timesteps), {curve['label']}",
     )
   time_axes.set_xlabel("buckets K")
   time_axes.set_ylabel("median epoch time (s)")

@@ -328,6 +328,47 @@ def test_estimates_interpolate_between_the_probes():
   assert (estimate.devices, estimate.num_buckets) == (2, 3)
 
 
+def test_speedup_curves_start_quantile_and_optimal_at_their_devices_baseline():
+  def row(devices, strategy, buckets, epoch, ideal):
+    # Speed-ups against the baseline's 12-second epoch, as run_row gives them.
+    return {
+      "devices": devices,
+      "strategy": strategy,
+      "buckets": str(buckets),
+      "median epoch (s)": f"{epoch:.2f}",
+      "speed-up": f"{12 / epoch:.3f}" if devices == "1" else f"{6 / epoch:.3f}",
+      "ideal speed-up": f"{ideal:.3f}",
+    }
+
+  rows = [
+    row("1", "none", 1, 12.0, 1.0),
+    row("1", "optimal", 2, 8.0, 1.6),
+    row("1", "optimal", 4, 6.0, 2.2),
+    row("1", "auto", 3, 6.5, 2.0),
+    row("2", "none", 1, 6.0, 1.0),
+    row("2", "quantile", 2, 5.0, 1.3),
+  ]
+  curves = {curve["label"]: curve for curve in paper.speedup_curves(rows)}
+  assert list(curves) == [
+    "none, 1 device(s)",
+    "optimal, 1 device(s)",
+    "auto, 1 device(s)",
+    "none, 2 device(s)",
+    "quantile, 2 device(s)",
+  ]
+  optimal = curves["optimal, 1 device(s)"]
+  assert optimal["buckets"] == [1, 2, 4]
+  assert optimal["epoch_times"] == [12.0, 8.0, 6.0]
+  assert optimal["speedups"] == [1.0, 1.5, 2.0]
+  assert optimal["ideal_speedups"] == [1.0, 1.6, 2.2]
+  # quantile on 2 devices starts at the 2-device baseline, not the 1-device one
+  assert curves["quantile, 2 device(s)"]["buckets"] == [1, 2]
+  assert curves["quantile, 2 device(s)"]["speedups"] == [1.0, 1.2]
+  # auto chose its own K: one point, no baseline in front
+  assert curves["auto, 1 device(s)"]["buckets"] == [3]
+  assert curves["none, 2 device(s)"]["epoch_times"] == [6.0]
+
+
 FINISHED_SUMMARY = {
   "best_epoch": 1,
   "best_val_loss": 2.0,
