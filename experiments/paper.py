@@ -70,7 +70,6 @@ epoch (8.46 s), but its loss lagged the other bucketed runs' (one seed).
 """
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import functools
@@ -1064,11 +1063,7 @@ def write_report(
     f"![epoch time and speed-up against K]({prefix.name}_speedup.png)",
     "",
   ]
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  with open(f"{prefix}.csv", "w", newline="") as file:
-    writer = csv.DictWriter(file, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
+  reporting.write_csv(f"{prefix}.csv", rows, COLUMNS)
   plot(runs, rows, prefix)
   path = pathlib.Path(f"{prefix}.md")
   path.write_text("\n".join(report))

@@ -36,7 +36,6 @@ Writes `.md` (the table, the fit and its errors, a check against the measured on
 `.csv` and `.png` (projected epoch time and speed-up against GPU count) next to `--out`.
 """
 
-import csv
 import dataclasses
 import datetime
 import functools
@@ -302,10 +301,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   num_bytes = gradient_bytes(config)
   rows = scaling_rows(lengths, step_model, num_bytes)
 
-  with open(f"{prefix}.csv", "w", newline="") as file:
-    writer = csv.DictWriter(file, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
+  reporting.write_csv(f"{prefix}.csv", rows, COLUMNS)
   plot(rows, f"{prefix}.png")
 
   def percent(errors):

@@ -76,7 +76,6 @@ split: about 8 minutes).
 
 import argparse
 import copy
-import csv
 import dataclasses
 import importlib.metadata
 import json
@@ -558,11 +557,7 @@ def write_report(
     f"![validation CER against wall time]({prefix.name}_val_cer.png)",
     "",
   ]
-  prefix.parent.mkdir(parents=True, exist_ok=True)
-  with open(f"{prefix}.csv", "w", newline="") as file:
-    writer = csv.DictWriter(file, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
+  reporting.write_csv(f"{prefix}.csv", rows, COLUMNS)
   plot(workdir, names, budget_s, f"{prefix}_val_cer.png")
   path = pathlib.Path(f"{prefix}.md")
   path.write_text("\n".join(report))

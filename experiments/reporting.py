@@ -1,5 +1,6 @@
 """What every results file shares: the machine it ran on and Markdown tables."""
 
+import csv
 import datetime
 import os
 import pathlib
@@ -66,6 +67,17 @@ def write_report(path: pathlib.Path, lines: list[str], echo: bool = False) -> pa
   path.write_text(text)
   print(f"wrote {path}", flush=True)
   return path
+
+
+def write_csv(path: pathlib.Path | str, rows: list[dict[str, str]], columns) -> None:
+  """Writes `rows` (dicts of formatted cells) as CSV under the header `columns`, creating the
+  file's folder."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "w", newline="") as file:
+    writer = csv.DictWriter(file, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
 
 
 def results_path(out: str | None, default: pathlib.Path) -> pathlib.Path:
