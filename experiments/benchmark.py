@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   backend = jax.default_backend()
   out = results_path(args.out, RESULTS / f"benchmark_{backend}.md")
 
-  record = RunRecord("experiments.benchmark", argv, versions())
+  record = RunRecord("experiments.benchmark", argv, versions(with_torch=True))
   data = train.load_split(config, config.data.train_split, limit)
   bench = Bench(config, data, repeats)
   epochs = args.planned_epochs

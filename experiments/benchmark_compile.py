@@ -27,7 +27,13 @@ import jax
 import cli_errors
 import train
 from experiments import cli
-from experiments.reporting import RunRecord, markdown_table, results_path, write_report
+from experiments.reporting import (
+  RunRecord,
+  markdown_table,
+  results_path,
+  versions,
+  write_report,
+)
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 RUNS = ("sequential", "parallel", "overlap", "overlap, cold cache", "overlap, warm cache")
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
     config.bucketing.num_buckets = 4
   out = results_path(args.out, RESULTS / f"benchmark_compile_{jax.default_backend()}.md")
 
-  record = RunRecord("experiments.benchmark_compile", argv, f"jax {jax.__version__}")
+  record = RunRecord("experiments.benchmark_compile", argv, versions())
   summaries = {run: [] for run in RUNS}
   with tempfile.TemporaryDirectory() as scratch:
     scratch = pathlib.Path(scratch)

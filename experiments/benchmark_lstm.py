@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Callable
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -214,8 +213,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   preset = args.preset or ("gpu" if backend == "gpu" else "cpu")
   out = reporting.results_path(args.out, RESULTS / f"benchmark_lstm_{backend}.md")
 
-  versions = f"jax {jax.__version__}, flax {flax.__version__}"
-  record = reporting.RunRecord("experiments.benchmark_lstm", argv, versions)
+  record = reporting.RunRecord("experiments.benchmark_lstm", argv, reporting.versions())
   columns = contenders(args.unroll)
   header = [*SHAPE_COLUMNS, *(f"{name} (ms)" for name in columns), SPEED_UP]
   print(" | ".join(header), flush=True)  # each row follows as it is timed

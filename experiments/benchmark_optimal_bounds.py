@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
   args = parser.parse_args(argv)
   out = reporting.results_path(args.out, RESULTS / "benchmark_optimal_bounds_cpu.md")
   record = reporting.RunRecord(
-    "experiments.benchmark_optimal_bounds", argv, f"numpy {np.__version__}"
+    "experiments.benchmark_optimal_bounds", argv, reporting.versions(("numpy",))
   )
   fitted, cost_source = step_cost_on_the_gpu()
   given = {name: getattr(args, name) for name in ("alpha", "gamma", "beta")}

@@ -599,7 +599,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path | int | None:
   preset_name = args.preset
   model = make_config(preset_name).model
   sections = []
-  record = RunRecord("experiments.benchmark_step", argv, versions())
+  record = RunRecord("experiments.benchmark_step", argv, versions(with_torch=True))
 
   def write_so_far(unfinished: list[str] = ()) -> None:
     """Writes what is measured so far, `unfinished` the section still measuring: a run cut short

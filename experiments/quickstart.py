@@ -14,7 +14,6 @@ plan and compile figures of `summary.json`, one row per epoch of `metrics.jsonl`
 as train.py printed it, so that the README quotes a run, not a memory of one.
 """
 
-import importlib.metadata
 import os
 import pathlib
 import shlex
@@ -28,7 +27,6 @@ from experiments import paper, reporting
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
-PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 EPOCH_COLUMNS = {
   "epoch": lambda row: str(row["epoch"]),
   "train loss": lambda row: f"{row['train_loss']:.3f}",
@@ -49,11 +47,6 @@ SUMMARY_KEYS = (
   "peak_step_memory_mb", "mean_step_memory_mb", "best_epoch", "best_val_loss", "best_val_cer",
   "train_time_s", "ended_by",
 )  # fmt: skip
-
-
-def package_versions() -> str:
-  """The versions of the packages the numbers depend on, as installed ("jax 0.10.2, ...")."""
-  return ", ".join(f"{name} {importlib.metadata.version(name)}" for name in PACKAGES)
 
 
 def train_command(config: str, workdir: pathlib.Path, overrides: list[str]) -> list[str]:
@@ -166,7 +159,7 @@ def main(argv: list[str] | None = None) -> pathlib.Path:
   if args.out:
     reporting.results_path(args.out, RESULTS)  # checked now, not after minutes of training
   command = train_command(args.config, workdir, overrides)
-  record = reporting.RunRecord("experiments.quickstart", argv, package_versions())
+  record = reporting.RunRecord("experiments.quickstart", argv, reporting.versions())
   with tempfile.TemporaryDirectory(prefix="quickstart-cache-") as fresh_cache:
     output = run_train(command, None if args.warm_cache else fresh_cache)
   # JAX starts here only once train.py has ended: on a GPU, train.py had the memory to itself.

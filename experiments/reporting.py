@@ -2,6 +2,7 @@
 
 import csv
 import datetime
+import importlib.metadata
 import os
 import pathlib
 import platform
@@ -45,11 +46,16 @@ def cpu_model(cpuinfo: pathlib.Path = CPUINFO) -> str:
   return f"{model}, {vector}" if vector else model
 
 
-def versions() -> str:
-  """jax's version, and torch's with its cuDNN where torch is installed (the PyTorch rows')."""
-  import jax
+# The packages whose versions a results file names: what its numbers depend on.
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "numpy")
 
-  text = f"jax {jax.__version__}"
+
+def versions(packages: tuple[str, ...] = PACKAGES, with_torch: bool = False) -> str:
+  """The installed versions of `packages` ("jax 0.10.2, jaxlib 0.10.2, ..."), and with
+  `with_torch` torch's and its cuDNN's where torch is installed (for tables with PyTorch rows)."""
+  text = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in packages)
+  if not with_torch:
+    return text
   try:
     import torch
   except ImportError:

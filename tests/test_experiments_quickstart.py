@@ -2,6 +2,8 @@
 
 import json
 import re
+import sys
+import types
 
 import pytest
 
@@ -101,3 +103,21 @@ def test_the_cpu_is_named_with_its_widest_vector_instructions(tmp_path, cpuinfo,
 def test_without_cpuinfo_the_cpu_is_what_platform_knows(tmp_path, monkeypatch):
   monkeypatch.setattr(reporting.platform, "processor", lambda: "arm")
   assert reporting.cpu_model(tmp_path / "missing") == "arm"
+
+
+def test_results_files_name_the_installed_versions_and_torch_only_when_asked(monkeypatch):
+  installed = {"jax": "1.2.3", "jaxlib": "1.2.4", "flax": "0.9", "optax": "0.3", "numpy": "2.0"}
+  monkeypatch.setattr(reporting.importlib.metadata, "version", installed.__getitem__)
+  torch = types.SimpleNamespace(
+    __version__="9.9",
+    backends=types.SimpleNamespace(cudnn=types.SimpleNamespace(version=lambda: 91)),
+  )
+  monkeypatch.setitem(sys.modules, "torch", torch)
+  everything = "jax 1.2.3, jaxlib 1.2.4, flax 0.9, optax 0.3, numpy 2.0"
+  assert reporting.versions() == everything
+  assert reporting.versions(("numpy",)) == "numpy 2.0"
+  assert reporting.versions(with_torch=True) == f"{everything}, torch 9.9 (cuDNN 91)"
+  torch.backends.cudnn.version = lambda: None  # a CPU build of torch
+  assert reporting.versions(with_torch=True) == f"{everything}, torch 9.9"
+  monkeypatch.setitem(sys.modules, "torch", None)  # not installed: import torch raises
+  assert reporting.versions(with_torch=True) == everything
