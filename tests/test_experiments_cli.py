@@ -1,6 +1,7 @@
 """Command-line mistakes with configs and experiment drivers end in one line, exit code 2."""
 
 import os
+import pathlib
 import re
 import subprocess
 import sys
@@ -33,6 +34,14 @@ from experiments import cli
       "--config.model.hidden_size=big: invalid literal for int() with base 10: 'big'",
     ),
     ([], "--config is required, e.g. --config=experiments/synthetic.py"),
+    (  # a field with no near miss, and one unset with None
+      ["--config=experiments/synthetic.py", "--config.model.zzz=3"],
+      "--config.model.zzz=3: no config field 'zzz'",
+    ),
+    (
+      ["--config=experiments/synthetic.py", "--config.model.zzz=None"],
+      "--config.model.zzz=None: no config field 'zzz'",
+    ),
   ],
 )
 def test_config_flag_mistakes_are_one_line_naming_the_flag(overrides, message):
@@ -52,6 +61,11 @@ def test_config_flag_mistakes_are_one_line_naming_the_flag(overrides, message):
       "import ml_collections as mlc\n\ndef get_config():\n  return mlc.ConfigDict({'seed': 0})\n",
       "get_config() lacks",
     ),
+    (
+      "from experiments import common\n\ndef get_config():\n  config = common.base_config()\n"
+      "  config.unlock()\n  del config.ctc, config.data.features\n  return config\n",
+      "get_config() lacks 6 of the trainer's fields (ctc.batch_tile, ctc.impl, ctc.num_warps, ...)",
+    ),
   ],
 )
 def test_a_config_file_without_a_config_dict_is_named(tmp_path, monkeypatch, source, message):
@@ -63,6 +77,16 @@ def test_a_config_file_without_a_config_dict_is_named(tmp_path, monkeypatch, sou
     with pytest.raises(cli_errors.UsageError) as error:
       cli.load_config(argv)
     assert str(error.value).startswith(f"--config={path}: {message}")
+
+
+def test_a_config_file_without_get_config_is_named_as_typed(tmp_path, monkeypatch):
+  monkeypatch.delitem(sys.modules, "config_config", raising=False)
+  path = tmp_path / "config.py"
+  path.write_text("seed = 0\n")
+  for flag in (f"-config={path}", f"--config={path}:tiny"):
+    with pytest.raises(cli_errors.UsageError) as error:
+      cli.load_config(["train.py", flag])
+    assert str(error.value) == f"{flag}: defines no get_config()"
 
 
 def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):
@@ -115,6 +139,27 @@ def test_none_unsets_an_optional_field_and_only_an_optional_one():
     cli.override(config, ["model.num_layers=None"], "--base")
 
 
+def test_a_workdir_of_other_settings_is_refused_naming_what_differs(tmp_path):
+  path, settings = tmp_path / "run" / "settings.json", {"a": 1, "b": 2, "c": 3, "d": {"e": 4}}
+  cli.record_settings(path, settings)
+  cli.check_settings(path, settings, "a run")  # the same settings: reused
+  with pytest.raises(cli_errors.UsageError) as error:
+    cli.check_settings(path, {"a": 0, "b": 0, "c": 0, "d": {"e": 0}, "f": 5}, "a run")
+  assert str(error.value) == (
+    f"{path.parent} holds a run with other settings (a 1 there, 0 here; b 2 there, 0 here; c 3 "
+    f"there, 0 here; and 2 more; compare {path}); use a new --workdir"
+  )
+  # A folder made for the run, still empty, holds nothing to check; one a run wrote to with no
+  # record of its settings is not reused unchecked.
+  (tmp_path / "made").mkdir()
+  cli.check_settings(tmp_path / "made" / "settings.json", settings, "a run", "config.json")
+  (tmp_path / "made" / "metrics.jsonl").write_text("")
+  with pytest.raises(cli_errors.UsageError, match=r"made holds a run with no record of its setti"):
+    cli.check_settings(
+      tmp_path / "made" / "settings.json", {"config": {"seed": 0}}, "a run", "config.json"
+    )
+
+
 def test_parse_flags_fills_absl_flags_and_keeps_the_rest():
   from absl import flags
   from ml_collections import config_flags
@@ -127,6 +172,8 @@ def test_parse_flags_fills_absl_flags_and_keeps_the_rest():
   assert flag_values.workdir == "/tmp/w" and config.value.data.dataset == "iam_ondb"
   with pytest.raises(cli_errors.UsageError, match=r"^Unknown command line flag 'mode'$"):
     cli.parse_flags(["train.py", "--mode=x"], flag_values)
+  with pytest.raises(cli_errors.UsageError, match=r"^Unknown command line flag 'mode.x'$"):
+    cli.parse_flags(["train.py", "--mode.x=None"], flag_values)  # None unsets config fields only
 
 
 @pytest.mark.parametrize(
@@ -171,7 +218,8 @@ def test_a_flag_argparse_refuses_is_one_line_too(command):
     env={key: value for key, value in os.environ.items() if key != cli_errors.DEBUG_ENV},
   )
   assert done.returncode == 2 and done.stdout == ""
-  assert re.fullmatch(r"error: .+: .+ \(see --help\)\n", done.stderr)
+  # Named as typed, "python -m bucketing plan", not "__main__.py" or "bucketing.__main__".
+  assert re.fullmatch(rf"error: python -m {command[1]}( \w+)?: .+ \(see --help\)\n", done.stderr)
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_code_130(capsys, monkeypatch):
@@ -182,6 +230,23 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_code_130(capsys, 
 
   assert cli_errors.run(measuring) == 130
   assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_the_runner_prints_one_line_for_an_error_and_none_for_one_already_reported(
+  capsys, monkeypatch
+):
+  monkeypatch.setenv(cli_errors.DEBUG_ENV, "0")  # 0 asks for no traceback either
+
+  def raising(error):
+    def main():
+      raise error
+
+    return main
+
+  assert cli_errors.run(raising(ValueError("bad line\n\n  in lengths.txt \n"))) == 2
+  assert cli_errors.run(raising(cli_errors.AlreadyReported("train.py refused the run"))) == 2
+  assert capsys.readouterr().err == "error: bad line; in lengths.txt\n"
+  assert cli_errors.run(lambda: pathlib.Path("report.md")) == 0  # main returned what it wrote
 
 
 def test_a_reader_that_goes_away_ends_the_command_quietly():

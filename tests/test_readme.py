@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import bucketing
+from experiments import common
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 
@@ -57,3 +58,29 @@ def test_data_snippet_gives_the_documented_features():
   assert train.features[0].shape == (train.lengths[0], 3)
   assert train.features[0].dtype == np.float32
   assert all(label.min() >= 1 and label.max() <= 81 for label in train.labels[:100])
+
+
+def test_the_config_table_gives_the_defaults_of_base_config():
+  config, checked = common.base_config(), []
+  table = README.read_text().split("| field | default | meaning |\n")[1].split("\n\n")[0]
+  for line in table.splitlines()[1:]:
+    names, default = [cell.strip() for cell in line.strip("|").split("|")[:2]]
+    fields = re.findall(r"`([\w.]+)`", names)  # `model.*` and the like are prose
+    defaults = re.split(r" / |, ", default.replace("`", ""))
+    if not fields or default == "per-user":
+      continue
+    parent = fields[0].rpartition(".")[0]  # `bucketing.batch_size` / `max_tokens`
+    defaults = defaults * len(fields) if len(defaults) == 1 else defaults
+    for field, text in zip(fields, defaults, strict=True):
+      value = config
+      for key in (field if "." in field or not parent else f"{parent}.{field}").split("."):
+        value = value[key]
+      assert value == (None if text == "None" else float(text) if text[0].isdigit() else text)
+      checked.append(field)
+  assert len(checked) == 20 and "num_buckets" in " ".join(checked)
+
+
+def test_tiny_is_the_readmes_48_lines_and_2_epochs():
+  tiny = common.tiny(common.base_config())
+  assert (tiny.data.train_limit, tiny.num_epochs) == (48, 2)
+  assert 0 < tiny.data.eval_limit <= 48  # 0 would evaluate the whole validation split
