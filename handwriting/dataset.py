@@ -305,7 +305,7 @@ class DataSource:
       "build": f"a fresh build of IAM-OnDB from the manual dir {self.path}",
       "generator": "the synthetic generator, in memory",
     }[self.kind]
-    default = " (the default data dir: nothing configured)" if self.default_location else ""
+    default = " (the default data dir: no data dir configured)" if self.default_location else ""
     return f"{where}{default}" + (f"; {self.detail}" if self.detail else "")
 
 

@@ -294,7 +294,9 @@ def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
   dataset.write_export(default_export, {"train": []}, {"manual_dir": "/old", "built_at": "2020"})
   source = dataset.data_source("iam_ondb", manual_dir="/somewhere/else")
   assert source.kind == "export" and source.default_location
-  assert "nothing configured" in str(source) and "built from /old at 2020" in str(source)
+  assert "(the default data dir: no data dir configured)" in str(
+    source
+  ) and "built from /old at 2020" in str(source)
 
   empty = tmp_path / "empty"
   source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir=tmp_path / "download")
@@ -346,7 +348,7 @@ def test_a_data_dir_from_the_environment_is_configured_not_the_default(tmp_path,
   dataset.write_export(export, {"train": []}, {})
   source = dataset.data_source("iam_ondb")
   assert (source.kind, source.path, source.default_location) == ("export", export, False)
-  assert "nothing configured" not in str(source)
+  assert "no data dir configured" not in str(source)
 
 
 @pytest.mark.parametrize("empty", ["environment", "argument"])

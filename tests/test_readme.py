@@ -53,7 +53,7 @@ def test_bucketing_snippet_batches_every_sequence_once(monkeypatch):
 @pytest.mark.slow
 def test_data_snippet_gives_the_documented_features():
   namespace = {}
-  exec(compile(snippet("load_examples("), str(README), "exec"), namespace)
+  exec(compile(snippet("featurize(load_examples("), str(README), "exec"), namespace)
   train = namespace["train"]
   assert train.features[0].shape == (train.lengths[0], 3)
   assert train.features[0].dtype == np.float32
