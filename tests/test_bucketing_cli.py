@@ -121,6 +121,8 @@ def test_table_and_plot(lengths_file, tmp_path, capsys):
     ("12\n", ["--strategy", "none", "--num-buckets", "4"], "not for --strategy none, which sets"),
     ("12\n", ["--strategy", "auto", "--epochs", "nan"], "--epochs: must be a finite number > 0"),
     ("12\n", ["--epochs", "-1"], "--epochs: must be a finite number > 0, got '-1'"),
+    ("12\n", ["--epochs", "0"], "--epochs: must be a finite number > 0, got '0'"),
+    ("12\n", ["--epochs", "inf"], "--epochs: must be a finite number > 0, got 'inf'"),
     ("12\n", ["--epochs", "x"], "--epochs: 'x' is not a number"),
     ("12\n", ["--alpha", "nan"], "--alpha: cost model alpha must be a finite number >= 0"),
     ("12\n", ["--kappa=-1"], "--kappa: cost model kappa must be a finite number >= 0, got -1"),
@@ -212,6 +214,16 @@ def test_a_plot_name_without_suffix_gets_png_and_says_so(lengths_file, tmp_path,
   captured = capsys.readouterr()
   assert json.loads(captured.out) and captured.err == f"wrote {tmp_path / 'p.png'}\n"
   assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_plot_under_home_or_with_a_capital_suffix_is_written_where_named(
+  lengths_file, tmp_path, capsys, monkeypatch
+):
+  monkeypatch.setenv("HOME", str(tmp_path))  # `--plot=~/p.png`: no shell expands `~` after `=`
+  for name, file in [("~/p.png", tmp_path / "p.png"), (f"{tmp_path}/P.PNG", tmp_path / "P.PNG")]:
+    assert cli.main(["plan", "--lengths", str(lengths_file), "--json", f"--plot={name}"]) == 0
+    assert capsys.readouterr().err == f"wrote {file}\n"
+    assert file.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_a_folder_of_lengths_is_not_called_missing(tmp_path, capsys, monkeypatch):

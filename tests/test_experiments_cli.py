@@ -89,6 +89,17 @@ def test_a_config_file_without_get_config_is_named_as_typed(tmp_path, monkeypatc
     assert str(error.value) == f"{flag}: defines no get_config()"
 
 
+def test_a_field_a_config_file_misspells_is_named_not_added(tmp_path, monkeypatch):
+  monkeypatch.delitem(sys.modules, "config_config", raising=False)
+  path = tmp_path / "config.py"
+  path.write_text(
+    "from experiments import common\n\ndef get_config():\n  config = common.base_config()\n"
+    "  config.num_epoch = 3\n  return config\n"
+  )
+  with pytest.raises(cli_errors.UsageError, match="'num_epoch'; did you mean 'num_epochs'"):
+    cli.load_config(["train.py", f"--config={path}"])
+
+
 def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):
   monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
   argv = ["train.py", "--config=experiments/synthetic.py:tiny"]
@@ -111,6 +122,7 @@ def test_override_parses_values_as_config_flags_do_and_leaves_its_input_alone():
   assert changed.model.input_projection_size == 32 and config.model.input_projection_size is None
   assert changed.model.num_layers == 1 and config.model.num_layers == 2
   assert isinstance(changed.model.dropout_rate, float)
+  assert isinstance(changed.model.input_projection_size, int)  # a layer's width: 32.0 fails
   with pytest.raises(AttributeError):
     changed.model.num_layer = 1  # locked, as train.py's config is
   for assignment, message in [
@@ -220,6 +232,17 @@ def test_a_flag_argparse_refuses_is_one_line_too(command):
   assert done.returncode == 2 and done.stdout == ""
   # Named as typed, "python -m bucketing plan", not "__main__.py" or "bucketing.__main__".
   assert re.fullmatch(rf"error: python -m {command[1]}( \w+)?: .+ \(see --help\)\n", done.stderr)
+
+
+def test_help_is_the_first_paragraph_of_the_drivers_docstring(capsys, monkeypatch):
+  from experiments import quickstart
+
+  monkeypatch.setenv("COLUMNS", "200")
+  with pytest.raises(SystemExit):
+    quickstart.main(["--help"])
+  text = " ".join(capsys.readouterr().out.split())
+  assert "The README's quickstart run, recorded: train.py as a user types it, and a" in text
+  assert "python -m experiments.quickstart #" not in text and "Runs `python train.py" not in text
 
 
 def test_ctrl_c_outside_the_training_loop_is_one_line_and_exit_code_130(capsys, monkeypatch):

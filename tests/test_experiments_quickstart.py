@@ -116,7 +116,8 @@ def test_a_failed_train_py_fails_the_record(code, raised):
     (["--out", "{empty}/"], "--out .*: names a folder"),
   ],
 )
-def test_bad_flags_end_in_one_line_before_training(tmp_path, capsys, argv, message):
+def test_bad_flags_end_in_one_line_before_training(tmp_path, capsys, monkeypatch, argv, message):
+  monkeypatch.setattr(quickstart, "run_train", lambda *args: pytest.fail("train.py was run"))
   (tmp_path / "full").mkdir()
   (tmp_path / "full" / "summary.json").write_text("{}")
   (tmp_path / "empty").mkdir()
@@ -201,6 +202,22 @@ def test_a_markdown_table_is_right_aligned_under_its_header():
   assert reporting.read_markdown_table("## T\n\n" + "\n".join(lines) + "\n\nrest", "## T") == rows
   with pytest.raises(ValueError, match="no table with rows under '## T'"):
     reporting.read_markdown_table("## T\n\n" + "\n".join(lines[:2]), "## T")
+
+
+def test_a_report_is_written_then_named_on_stdout_and_printed_only_when_asked(tmp_path, capsys):
+  path = tmp_path / "r.md"
+  assert reporting.write_report(path, ["# R", "", "a line"]) == path
+  assert path.read_text() == "# R\n\na line"
+  assert capsys.readouterr() == (f"wrote {path}\n", "")
+  reporting.write_report(path, ["# R"], echo=True)
+  assert capsys.readouterr() == (f"# R\nwrote {path}\n", "")
+
+
+def test_out_is_where_the_report_goes_and_its_new_folder_is_made_before_the_run(tmp_path):
+  default = tmp_path / "results" / "default.md"
+  assert reporting.results_path(f"{tmp_path}/new/r.md", default) == tmp_path / "new" / "r.md"
+  assert (tmp_path / "new").is_dir()
+  assert reporting.results_path(None, default) == default
 
 
 def test_the_header_names_the_load_before_and_after_and_the_minutes_taken(monkeypatch):
