@@ -35,12 +35,13 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 def _flag_of(argv: list[str], field: str) -> str:
-  """The `--config.a.b=v` argument of argv whose path holds `field` (else a generic name)."""
+  """The `--config.a.b=v` argument of argv whose path holds `field`; else the config file's flag,
+  since then its `get_config()` set the field."""
   for argument in argv:
     path = argument.lstrip("-").split("=", 1)[0]
     if field in path.split(".")[1:]:
       return argument
-  return f"--config.*.{field}"
+  return _config_file_flag(argv)
 
 
 def _config_file_flag(argv: list[str]) -> str:

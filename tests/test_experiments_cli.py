@@ -96,8 +96,12 @@ def test_a_field_a_config_file_misspells_is_named_not_added(tmp_path, monkeypatc
     "from experiments import common\n\ndef get_config():\n  config = common.base_config()\n"
     "  config.num_epoch = 3\n  return config\n"
   )
-  with pytest.raises(cli_errors.UsageError, match="'num_epoch'; did you mean 'num_epochs'"):
+  with pytest.raises(cli_errors.UsageError) as error:
     cli.load_config(["train.py", f"--config={path}"])
+  # Named by the file that set it: no --config.num_epoch was typed.
+  assert (
+    str(error.value) == f"--config={path}: no config field 'num_epoch'; did you mean 'num_epochs'?"
+  )
 
 
 def test_a_bad_config_value_is_one_line_through_the_runner(capsys, monkeypatch):
