@@ -5,7 +5,7 @@
         --xla-flags "loops in graphs=--xla_gpu_enable_command_buffer=+WHILE,+CONDITIONAL"
 
 The `experiments/iam.py` model (3 x BLSTM 128, CTC, Adam, gradient clipping) at fixed shapes,
-batch B x T frames (lengths uniform in [T/2, T], labels T/20 characters, IAM-OnDB's ratio of
+batch B x T frames (lengths uniform in [T/2, T], 1 to T/20 labels: T/20 is IAM-OnDB's ratio of
 characters to pen points). For every LSTM implementation, the median wall time of:
 
 - `step`: the trainer's whole jitted `train.train_step` (forward, CTC, backward, Adam);
@@ -164,7 +164,7 @@ def make_config(preset: str, *overrides: dict):
 
 
 def random_batch(batch: int, time_steps: int, seed: int = 0) -> dict[str, jax.Array]:
-  """A bucket-shaped batch: lengths uniform in [T/2, T], T/20 labels, every row real."""
+  """A bucket-shaped batch: lengths uniform in [T/2, T], 1 to T/20 labels, every row real."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(time_steps // 2, time_steps + 1, batch)
   label_time = max(2, time_steps // 20)
@@ -186,7 +186,7 @@ def anatomy(config, batch: dict[str, jax.Array], repeats: int) -> dict[str, floa
   forward = jax.jit(lambda params: apply({"params": params}, inputs, paddings))
   logits = forward(state.params)
   cotangent = jnp.asarray(np.random.default_rng(1).normal(size=logits.shape), jnp.float32)
-  residuals, backward = model_backward(forward, state.params)
+  pullback, backward = model_backward(forward, state.params)
   ctc_grad = jax.jit(
     jax.value_and_grad(
       lambda logits: state.ctc_loss_fn(
@@ -194,7 +194,7 @@ def anatomy(config, batch: dict[str, jax.Array], repeats: int) -> dict[str, floa
       )[0]
     )
   )
-  (grads,) = backward(residuals, cotangent)
+  (grads,) = backward(pullback, cotangent)
   update = jax.jit(lambda state, grads: state.apply_gradients(grads=grads))
   step = jax.jit(train.train_step, donate_argnums=0)
   carried = [jax.tree.map(jnp.copy, state)]  # the step donates its state
@@ -207,7 +207,7 @@ def anatomy(config, batch: dict[str, jax.Array], repeats: int) -> dict[str, floa
   timings = {
     "step": median_ms(run_step, repeats),
     "forward": median_ms(lambda: jax.block_until_ready(forward(state.params)), repeats),
-    "backward": median_ms(lambda: jax.block_until_ready(backward(residuals, cotangent)), repeats),
+    "backward": median_ms(lambda: jax.block_until_ready(backward(pullback, cotangent)), repeats),
     "ctc": median_ms(lambda: jax.block_until_ready(ctc_grad(logits)), repeats),
     "optimizer": median_ms(lambda: jax.block_until_ready(update(state, grads)), repeats),
   }
@@ -215,11 +215,11 @@ def anatomy(config, batch: dict[str, jax.Array], repeats: int) -> dict[str, floa
 
 
 def model_backward(forward, params):
-  """(residuals, backward): what `forward(params)` saves for its gradient, computed once, and a
-  jitted `backward(residuals, cotangent) -> (gradient w.r.t. params,)` that runs the backward
-  pass alone."""
-  residuals = jax.jit(lambda params: jax.vjp(forward, params)[1])(params)
-  return residuals, jax.jit(lambda residuals, cotangent: residuals(cotangent))
+  """(pullback, backward): `forward`'s vjp at `params`, computed once (its leaves are the
+  residuals the forward pass saved), and a jitted `backward(pullback, cotangent) -> (gradient
+  w.r.t. params,)` that runs the backward pass alone."""
+  pullback = jax.jit(lambda params: jax.vjp(forward, params)[1])(params)
+  return pullback, jax.jit(lambda pullback, cotangent: pullback(cotangent))
 
 
 def torch_step_ms(config, batch: int, time_steps: int, repeats: int) -> float | None:
@@ -249,6 +249,11 @@ def torch_step_ms(config, batch: int, time_steps: int, repeats: int) -> float | 
     torch.cuda.synchronize()
 
   return median_ms(run, repeats)
+
+
+def variant_name(variant: KernelConfig, weight_dtype) -> str:
+  """A launch variant's row name: its launch, and its recurrent weights' dtype unless float32."""
+  return variant.describe() + ("" if weight_dtype == jnp.float32 else ", bfloat16 weights")
 
 
 def tune_kernel(
@@ -295,7 +300,7 @@ def tune_kernel(
   timings = {}
 
   def measure(variant, dtype=jnp.float32):
-    name = variant.describe() + ("" if dtype == jnp.float32 else ", bfloat16 weights")
+    name = variant_name(variant, dtype)
     try:
       result, ms = timed(lambda p, k: lstm_recurrence_kernel(p, k, variant), dtype)
     except Exception as error:  # a variant Triton cannot compile is reported, not fatal
@@ -311,7 +316,9 @@ def tune_kernel(
   deadline = time.perf_counter() + TUNE_SECONDS
   for variant, dtype in TUNE_GRID:
     if time.perf_counter() > deadline:
-      rows.append({"variant": variant.describe(), "ms": "not run", "max relative error": "time"})
+      rows.append(
+        {"variant": variant_name(variant, dtype), "ms": "not run", "max relative error": "time"}
+      )
       continue
     measure(dataclasses.replace(variant, interpret=interpret), dtype)
   fastest = {}
@@ -322,7 +329,7 @@ def tune_kernel(
 
 def tune_ctc(repeats: int, interpret: bool) -> tuple[dict | None, list[dict[str, str]]]:
   """Times the CTC kernel's launch variants (loss and gradient w.r.t. the logits, B = 32,
-  T = 608, 30 labels, 82 classes), each run twice and checked against `optax.ctc_loss` at full
+  T = 608, up to 30 labels, 82 classes), each run twice and checked against `optax.ctc_loss` at full
   float32 matmul precision (a result that changes between runs would be a race); returns the
   fastest matching `(batch_tile, num_warps)` as config overrides (None if none) and the rows."""
   batch = random_batch(8, 24) if interpret else random_batch(32, 608)
@@ -454,7 +461,7 @@ def epoch_rows(
   strategies: list[str],
   repeats: int,
   dtype_settings: dict[str, dict] | None = None,
-) -> list[dict[str, str]]:
+) -> tuple[list[dict[str, str]], str]:
   """One IAM-OnDB training epoch of `data` (`load_epoch_data`): our trainer (`optimal` K = 8,
   `none`), for each model dtype in `dtype_settings` (dtype -> its config overrides; default:
   float32 alone) against PyTorch cuDNN (float32; the tiny preset: its model). Returns the rows,

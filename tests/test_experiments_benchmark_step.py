@@ -69,8 +69,8 @@ def test_the_backward_column_times_the_models_gradient_alone():
     return state.apply_fn({"params": params}, inputs, paddings)
 
   cotangent = jnp.asarray(np.random.default_rng(0).normal(size=forward(state.params).shape))
-  residuals, backward = benchmark_step.model_backward(forward, state.params)
-  (grads,) = backward(residuals, cotangent)
+  pullback, backward = benchmark_step.model_backward(forward, state.params)
+  (grads,) = backward(pullback, cotangent)
   expected = jax.grad(lambda params: jnp.sum(forward(params) * cotangent))(state.params)
   for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected), strict=True):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -372,6 +372,24 @@ def test_tuning_chooses_the_fastest_lstm_variant_that_matches_the_scan(monkeypat
   best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
   assert list(best) == ["float32"] and best["float32"].num_warps == 4
   assert [row["ms"] for row in rows[3:]] == ["3.00", "1.00", "0.50"]
+
+
+def test_variants_the_time_limit_left_out_are_named_with_their_weights_dtype(monkeypatch):
+  grid = [(KernelConfig(num_warps=8), jnp.float32), (KernelConfig(num_warps=4), jnp.bfloat16)]
+  monkeypatch.setattr(benchmark_step, "TUNE_GRID", grid)
+  monkeypatch.setattr(benchmark_step, "TUNE_SECONDS", -1.0)  # past before the first variant
+
+  def scan(projected, recurrent_kernel, unroll, prefetch=False):  # cheap to compile
+    return tuple(jnp.tanh(p) for p in projected)
+
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence", scan)
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 5.0, 5.0))
+  best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
+  assert best == {}
+  assert [(row["variant"], row["ms"]) for row in rows[3:]] == [
+    (KernelConfig(num_warps=8).describe(), "not run"),
+    (KernelConfig(num_warps=4).describe() + ", bfloat16 weights", "not run"),
+  ]
 
 
 def test_tuning_chooses_the_fastest_ctc_variant(monkeypatch):
