@@ -6,7 +6,8 @@ plain XLA does the cheap, parallel parts (log-softmax, the per-state emission ga
 transition tables) and autodiffs them; a `jax.custom_vjp` hands the recursion to two kernels:
 
 - `_alpha_kernel` runs the forward (alpha) recursion over every frame in one `fori_loop` and
-  writes alpha `[batch, time + 1, states + _SLACK]` and the log-likelihood `[batch]`;
+  writes alpha `[batch, time + 1, _SLACK + states]` (the slack first: alpha reads states s - 1
+  and s - 2) and the log-likelihood `[batch]`;
 - `_beta_kernel` runs the backward (beta) recursion from the last frame down and writes the
   gradient w.r.t. the emissions, `cotangent * exp(alpha + beta - loglik)`, as it goes.
 

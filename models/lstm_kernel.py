@@ -6,11 +6,12 @@ time is one kernel launch instead of a `lax.scan` whose every step is several sm
 the loop's own overhead (on an H200 that overhead, not arithmetic, is what a step costs: the
 persistent-RNN idea of Diamos et al., ICML 2016, and FlashRNN, Beck et al. 2024).
 
-- Forward: the grid is (direction, batch tile). A program loads its direction's four `[hidden,
-  hidden]` gate blocks of the recurrent kernel once, then loops over all frames holding `h` and
-  `c` on chip; per frame it reads the precomputed input projection, does four `[tile, hidden] @
-  [hidden, hidden]` dots and the gate nonlinearities, and writes the hidden state, the activated
-  gates and the previous cell (the residuals of the backward pass).
+- Forward: the grid is (direction, batch tile). A program loops over all frames holding `h` and
+  `c` on chip, with its direction's four `[hidden, hidden]` gate blocks of the recurrent kernel
+  loaded once before the loop (`weights_resident`) or read at every frame; per frame it reads the
+  precomputed input projection, does four `[tile, hidden] @ [hidden, hidden]` dots and the gate
+  nonlinearities, and writes the hidden state, the activated gates and the previous cell (the
+  residuals of the backward pass).
 - Backward: the same grid, frames in reverse; per frame the gate-preactivation cotangents and one
   `dz @ W^T` per gate. The recurrent kernel's gradient is one matmul over all frames afterwards, as
   in `lstm_recurrence`'s hand-written gradient.
@@ -89,13 +90,9 @@ LAUNCH_FIELDS = tuple(
 )
 
 
-def _next_power_of_two(value: int) -> int:
-  return 1 << max(value - 1, 0).bit_length()
-
-
 def padded_hidden_size(hidden_size: int) -> int:
   """The hidden size the kernels run at: a power of two, at least 16."""
-  return max(16, _next_power_of_two(hidden_size))
+  return max(16, pl.next_power_of_2(hidden_size))
 
 
 def _pad_gate_axis(array: jax.Array, hidden: int, padded: int) -> jax.Array:
