@@ -77,6 +77,12 @@ Batch = dict[str, jax.Array]
 LOG = logging.getLogger("train")
 ALPHABET = alphabet_lib.Alphabet()
 SELECTION_METRICS = ("val_loss", "val_cer")  # what picks the best epoch and drives patience
+# What a run writes in its workdir, beside checkpoints/, tensorboard/ and train.lock.
+CONFIG_FILE = "config.json"
+PLAN_FILE = "plan.json"
+COST_FILE = "cost_model.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 
 
 class LossNotFinite(FloatingPointError, ValueError):
@@ -362,7 +368,7 @@ def measure_cost_model(
   if config.bucketing.max_tokens:
     halves = [(rows // 2 // devices * devices, n) for rows, n in shapes if rows >= 2 * devices]
     shapes += halves[-1:]
-  nf = num_features(config)
+  num_features = feature_config(config).num_features
   state = replicated_state(config, mesh, total_steps=1)
   rng = np.random.default_rng(config.seed)
   steps = []
@@ -370,7 +376,7 @@ def measure_cost_model(
     for rows, length in shapes:
       width = widest_label_within(train, length)
       state, seconds, compile_s = time_train_step(
-        state, mesh, nf, rows, length, width, repeats, rng
+        state, mesh, num_features, rows, length, width, repeats, rng
       )
       steps.append([rows, length, seconds, compile_s])
   measured = np.array(steps, np.float64)
@@ -851,7 +857,7 @@ def metrics_line(row: dict) -> str:
   return json.dumps(_json_safe(row), allow_nan=False) + "\n"
 
 
-class Logger:
+class MetricsWriter:
   """metrics.jsonl and TensorBoard in the workdir, written by process 0 only."""
 
   def __init__(self, workdir: pathlib.Path, history: list):
@@ -944,7 +950,7 @@ class Run:
   eval_plans: dict[str, bucketing.BucketPlan]
   steps: compilation.CompiledSteps
   checkpoints: Checkpoints
-  logger: Logger
+  metrics_writer: MetricsWriter
   stop: StopRequest
   training_thread: int | None = None  # `threading.get_ident()` of the thread that trains
   compiles_expected: int = 0
@@ -1042,9 +1048,21 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
       _write_atomically(workdir / PLAN_FILE, json.dumps(plan_summary, indent=2))
       record_config(config, workdir, resumed=bool(global_step))
     steps = start_compiling(config, state, plan, eval_plans, mesh, progress)
-    with contextlib.closing(steps), contextlib.closing(Logger(workdir, progress.history)) as logger:
+    with (
+      contextlib.closing(steps),
+      contextlib.closing(MetricsWriter(workdir, progress.history)) as metrics_writer,
+    ):
       run = Run(
-        config, mesh, train_set, eval_sets, plan, eval_plans, steps, checkpoints, logger, stop
+        config,
+        mesh,
+        train_set,
+        eval_sets,
+        plan,
+        eval_plans,
+        steps,
+        checkpoints,
+        metrics_writer,
+        stop,
       )
       state, progress = train_epochs(run, state, progress)
       ending = how_training_ended(run, progress, int(jax.device_get(state.step)))
@@ -1154,8 +1172,8 @@ def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
   run's (saving a best epoch skips one that exists), so they are refused; its metrics are
   replaced, with a warning. Decided by process 0, which writes the metrics, for all."""
   best = checkpoints.best.latest_step() is not None
-  metrics = workdir / METRICS_FILE
-  epochs = len(metrics.read_text().splitlines()) if metrics.is_file() else 0
+  metrics_path = workdir / METRICS_FILE
+  epochs = len(metrics_path.read_text().splitlines()) if metrics_path.is_file() else 0
   if jax.process_count() > 1:
     best, epochs = (int(v) for v in multihost_utils.broadcast_one_to_all(np.array([best, epochs])))
   if best:
@@ -1169,7 +1187,7 @@ def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
       "no training checkpoint to resume in %s: starting afresh, replacing the %d epoch(s) of %s",
       workdir,
       epochs,
-      metrics,
+      metrics_path,
     )
 
 
@@ -1220,7 +1238,7 @@ def start_compiling(
     plan,
     eval_plans,
     mesh,
-    num_features(config),
+    feature_config(config).num_features,
     train_order=order,
     mode=config.compile_mode,
     threads=config.compile_threads,
@@ -1272,10 +1290,6 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
     )
     skipped += skipped_in_split
   return train_set, eval_sets, skipped
-
-
-COST_FILE = "cost_model.json"
-PLAN_FILE = "plan.json"
 
 
 def workdir_path(workdir: str | pathlib.Path) -> pathlib.Path:
@@ -1357,9 +1371,6 @@ def _write_atomically(path: pathlib.Path, text: str) -> None:
   temporary.replace(path)
 
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
-METRICS_FILE = "metrics.jsonl"
 # Fields that choose how, not what, the model computes: implementations, loop unrolling, kernel
 # launches, the evaluation's batch.
 HOW_NOT_WHAT_FIELDS = (
@@ -1468,14 +1479,14 @@ def repair_records(
     except ValueError as error:
       LOG.warning("%s; written again from this start", error)
       _write_atomically(path, json.dumps(record, indent=2))
-  metrics = workdir / METRICS_FILE
+  metrics_path = workdir / METRICS_FILE
   try:
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
   except (OSError, ValueError):  # missing, unreadable, a line cut short
     rows = None
   if rows is None or len(rows) != len(history):
-    LOG.warning("%s does not hold the run's %d epochs; written again", metrics, len(history))
-    _write_atomically(metrics, "".join(metrics_line(row) for row in history))
+    LOG.warning("%s does not hold the run's %d epochs; written again", metrics_path, len(history))
+    _write_atomically(metrics_path, "".join(metrics_line(row) for row in history))
 
 
 def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resumed: bool) -> None:
@@ -1560,13 +1571,9 @@ def log_skipped(skipped: list[dict]) -> None:
   )
 
 
-def num_features(config) -> int:
-  return feature_config(config).num_features
-
-
 def replicated_state(config, mesh: jax.sharding.Mesh, total_steps: int) -> TrainState:
   """A fresh train state (`create_train_state`) replicated over `mesh`."""
-  state = create_train_state(config, num_features(config), total_steps)
+  state = create_train_state(config, feature_config(config).num_features, total_steps)
   return jax.device_put(state, NamedSharding(mesh, P()))
 
 
@@ -1596,7 +1603,9 @@ def describe_implementations(config: ml_collections.ConfigDict) -> str:
 def finished(run: Run, progress: Progress, global_step: int) -> bool:
   """The run is over: its schedule is done (`schedule_done`) or a stop was asked for."""
   # The time cap is checked after steps only, so that every start takes at least one.
-  return schedule_done(run.config, progress, global_step) or run.stop.requested(False)
+  return schedule_done(run.config, progress, global_step) or run.stop.requested(
+    check_time_cap=False
+  )
 
 
 def schedule_done(config: ml_collections.ConfigDict, progress: Progress, global_step: int) -> bool:
@@ -1670,9 +1679,9 @@ def ended_by(config: ml_collections.ConfigDict, progress: Progress) -> str:
   return "patience" if stalled(config, progress) else "max_steps"
 
 
-def cut_short(run: Run, global_step: int, check_time_cap: bool = True) -> bool:
+def cut_short(run: Run, global_step: int) -> bool:
   """`max_steps` taken, or a stop requested (a signal, the time cap): checked at every step."""
-  return out_of_steps(run.config, global_step) or run.stop.requested(check_time_cap)
+  return out_of_steps(run.config, global_step) or run.stop.requested()
 
 
 def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainState:
@@ -1764,7 +1773,7 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     "compile_wait_s": progress.epoch_compile_wait_seconds,
     "eval_time_s": time.perf_counter() - eval_start,
     "real_timesteps": int(plan_summary["real_timesteps"]),
-    "padded_timesteps": int(plan_summary["padded_timesteps_with_filler"]),
+    "padded_timesteps_with_filler": int(plan_summary["padded_timesteps_with_filler"]),
     "sequences_per_s": plan_summary["num_examples"] / progress.epoch_seconds,
     "steps": int(jax.device_get(state.step)),
   }
@@ -1777,7 +1786,7 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
   if improved:
     progress.best_epoch = epoch
   progress.history.append(row | {"best_epoch": progress.best_epoch})
-  run.logger.write(progress.history[-1])
+  run.metrics_writer.write(progress.history[-1])
   if jax.process_index() == 0:
     LOG.info(
       "epoch %d: train loss %.3f, val loss %.3f, val CER %.3f, %.1f s",
@@ -2009,7 +2018,7 @@ def _load_params(config, workdir, sharding, checkpoint: str) -> tuple[Any, dict]
     raise ValueError(f"checkpoint={checkpoint!r} is not one of {CHECKPOINTS}")
   workdir = workdir_path(workdir)
   check_trained_with(config, workdir)
-  state = jax.eval_shape(lambda: create_train_state(config, num_features(config), 1))
+  state = jax.eval_shape(lambda: create_train_state(config, feature_config(config).num_features, 1))
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   with contextlib.closing(Checkpoints(workdir, create=False)) as checkpoints:
     if checkpoint == "latest":
@@ -2074,7 +2083,7 @@ def evaluate_checkpoint(
     params,
     {split: plan},
     mesh,
-    num_features(config),
+    feature_config(config).num_features,
   )
   scores = evaluate(params, data, plan, eval_steps, mesh)
   skips = {"num_skipped_examples": len(skipped), "skipped_examples": skipped}
@@ -2143,10 +2152,9 @@ if __name__ == "__main__":
     absl_logging.set_verbosity(absl_logging.WARNING)  # keep Orbax's INFO lines out of the way
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("train")
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
     if _MODE.value == "train":
       summary = train_and_evaluate(config, _WORKDIR.value)
     else:

@@ -65,7 +65,7 @@ class Compiler:
 
   def __init__(self, config):
     self.mesh = train.make_data_mesh(jax.devices()[:1])
-    self.num_features = train.num_features(config)
+    self.num_features = train.feature_config(config).num_features
     self.state = train.replicated_state(config, self.mesh, total_steps=1)
 
   def plan_memory(self, plan: bucketing.BucketPlan) -> dict[int, StepMemory]:

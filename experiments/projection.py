@@ -238,7 +238,7 @@ def gradient_bytes(config) -> int:
 
   import train
 
-  inputs = jnp.zeros((1, 8, train.num_features(config)), jnp.float32)
+  inputs = jnp.zeros((1, 8, train.feature_config(config).num_features), jnp.float32)
   init = functools.partial(train.build_model(config).init, train=False)
   shapes = jax.eval_shape(init, jax.random.PRNGKey(0), inputs, jnp.zeros((1, 8), jnp.float32))
   return 4 * sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(shapes["params"]))

@@ -49,7 +49,7 @@ def test_gradient_bytes_are_four_per_parameter():
   from experiments import iam
 
   config = iam.get_config("tiny")
-  state = train.create_train_state(config, train.num_features(config), 10)
+  state = train.create_train_state(config, train.feature_config(config).num_features, 10)
   parameters = sum(leaf.size for leaf in jax.tree.leaves(state.params))
   assert projection.gradient_bytes(config) == 4 * parameters
 

@@ -46,7 +46,7 @@ REQUIRED_ROW_KEYS = {
   "val_wer",
   "epoch_time_s",
   "real_timesteps",
-  "padded_timesteps",
+  "padded_timesteps_with_filler",
 }
 REQUIRED_SUMMARY_KEYS = {
   "num_buckets",
@@ -117,7 +117,7 @@ def test_tiny_run_writes_everything_a_user_reads(uninterrupted):
   for row in rows:
     assert set(row) >= REQUIRED_ROW_KEYS
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
-    assert row["padded_timesteps"] >= row["real_timesteps"] > 0
+    assert row["padded_timesteps_with_filler"] >= row["real_timesteps"] > 0
   assert summary["best_val_loss"] == min(row["val_loss"] for row in rows)
   assert rows[1]["train_loss"] < rows[0]["train_loss"]
   assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
@@ -159,7 +159,7 @@ def test_rows_and_summary_count_the_padding_of_filler_rows_too(uninterrupted):
   )
   real = int(train.load_split(tiny_config(), "train", 48).lengths.sum())
   for row in read_rows(workdir):
-    assert (row["real_timesteps"], row["padded_timesteps"]) == (real, computed)
+    assert (row["real_timesteps"], row["padded_timesteps_with_filler"]) == (real, computed)
     assert row["sequences_per_s"] * row["epoch_time_s"] == pytest.approx(48)
   assert summary["efficiency"] == pytest.approx(real / computed)
 
@@ -171,7 +171,7 @@ def test_step_memory_is_per_device_a_sharded_batch_takes_less_of_each(tmp_path):
   for devices in (1, 8):
     mesh = train.make_data_mesh(jax.devices()[:devices])
     state = train.replicated_state(config, mesh, total_steps=1)
-    steps = train.compile_steps(state, plan, {}, mesh, train.num_features(config))
+    steps = train.compile_steps(state, plan, {}, mesh, train.feature_config(config).num_features)
     temporaries.append(steps.train_memory()[0].temporaries)
   assert temporaries[1] < temporaries[0] / 4
 
@@ -190,7 +190,9 @@ def test_a_bucket_no_line_falls_in_compiles_no_train_step():
   assert plan.bucket_sizes.tolist() == [2, 0, 2]
   mesh = train.make_data_mesh()
   state = train.replicated_state(config, mesh, total_steps=1)
-  steps = train.compile_steps(state, plan, {}, mesh, train.num_features(config), mode="sequential")
+  steps = train.compile_steps(
+    state, plan, {}, mesh, train.feature_config(config).num_features, mode="sequential"
+  )
   assert steps.accounting()["train_compiles"] == 2
   memory = steps.train_memory()
   assert sorted(memory) == [0, 2]
@@ -1567,7 +1569,7 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(monkeypatch):
 
 
 def test_metrics_jsonl_stays_strict_json(tmp_path):
-  logger = train.Logger(tmp_path, [])
+  logger = train.MetricsWriter(tmp_path, [])
   logger.write({"epoch": 0, "train_loss": float("nan"), "val_loss": float("inf")})
   logger.close()
   strict = lambda name: pytest.fail(f"metrics.jsonl holds a bare {name}")
@@ -1634,10 +1636,10 @@ def test_the_time_cap_at_the_last_step_leaves_a_finished_run_that_scores_its_tes
   last_step = uninterrupted[1]["global_step"]
   cut_short = train.cut_short
 
-  def capped_at_the_last_step(run, global_step, check_time_cap=True):
+  def capped_at_the_last_step(run, global_step):
     if global_step == last_step:
       run.stop.deadline = 0.0  # passed
-    return cut_short(run, global_step, check_time_cap)
+    return cut_short(run, global_step)
 
   monkeypatch.setattr(train, "cut_short", capped_at_the_last_step)
   summary = train.train_and_evaluate(tiny_config(**{"data.test_split": "test"}), tmp_path)
@@ -1651,10 +1653,10 @@ def test_a_signal_at_the_last_of_max_steps_ends_the_run_cleanly(tmp_path, monkey
   # is done, must not then wait for them (it raised CancelledError).
   cut_short = train.cut_short
 
-  def signalled_at_the_last_step(run, global_step, check_time_cap=True):
+  def signalled_at_the_last_step(run, global_step):
     if global_step == 2:
       os.kill(os.getpid(), signal.SIGTERM)
-    return cut_short(run, global_step, check_time_cap)
+    return cut_short(run, global_step)
 
   monkeypatch.setattr(train, "cut_short", signalled_at_the_last_step)
   config = tiny_config(
