@@ -354,18 +354,20 @@ def scripted_ms(*milliseconds):
   return lambda run, repeats: next(times)
 
 
+def tanh_scan(projected, recurrent_kernel, unroll, prefetch=False):
+  """A stand-in for `lstm_recurrence` that is cheap to compile: tanh of each direction's input."""
+  return tuple(jnp.tanh(p) for p in projected)
+
+
 def test_tuning_chooses_the_fastest_lstm_variant_that_matches_the_scan(monkeypatch):
   grid = [KernelConfig(num_warps=n, weights_resident=False) for n in (8, 4, 2)]
   monkeypatch.setattr(benchmark_step, "TUNE_GRID", [(variant, jnp.float32) for variant in grid])
 
-  def scan(projected, recurrent_kernel, unroll, prefetch=False):  # cheap to compile
-    return tuple(jnp.tanh(p) for p in projected)
-
   def kernel(projected, recurrent_kernel, config):
-    outputs = scan(projected, recurrent_kernel, 8)
+    outputs = tanh_scan(projected, recurrent_kernel, 8)
     return tuple(h + 1 for h in outputs) if config.num_warps == 2 else outputs  # 2: wrong
 
-  monkeypatch.setattr(benchmark_step, "lstm_recurrence", scan)
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence", tanh_scan)
   monkeypatch.setattr(benchmark_step, "lstm_recurrence_kernel", kernel)
   # The three scans, then 8, 4 and 2 warps: the wrong one is the fastest.
   monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 5.0, 5.0, 3.0, 1.0, 0.5))
@@ -379,10 +381,7 @@ def test_variants_the_time_limit_left_out_are_named_with_their_weights_dtype(mon
   monkeypatch.setattr(benchmark_step, "TUNE_GRID", grid)
   monkeypatch.setattr(benchmark_step, "TUNE_SECONDS", -1.0)  # past before the first variant
 
-  def scan(projected, recurrent_kernel, unroll, prefetch=False):  # cheap to compile
-    return tuple(jnp.tanh(p) for p in projected)
-
-  monkeypatch.setattr(benchmark_step, "lstm_recurrence", scan)
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence", tanh_scan)
   monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 5.0, 5.0))
   best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
   assert best == {}
