@@ -18,7 +18,7 @@ import os
 import pathlib
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 DEBUG_ENV = "BUCKETED_RNN_DEBUG"
 USAGE_EXIT_CODE = 2
@@ -150,6 +150,21 @@ def flat_keys(nested: dict, prefix: str = "") -> dict:
     name = f"{prefix}{key}"
     flat |= flat_keys(value, f"{name}.") if isinstance(value, dict) else {name: value}
   return flat
+
+
+def differences(
+  before: dict, now: dict, fields: Iterable[str] | None = None, prefix: str = ""
+) -> list[str]:
+  """How a record an earlier command wrote (there) and this command's (here) differ, sorted, as
+  `"<prefix><field>=<before> there, <now> here"`: over `fields` (default: every field either
+  holds; a field one lacks is None there), those whose values differ. The words every error and
+  warning about a changed config or setting uses."""
+  fields = before.keys() | now.keys() if fields is None else fields
+  return [
+    f"{prefix}{field}={before.get(field)!r} there, {now.get(field)!r} here"
+    for field in sorted(fields)
+    if before.get(field) != now.get(field)
+  ]
 
 
 def positive_float(text: str) -> float:

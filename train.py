@@ -1433,13 +1433,13 @@ def check_trained_with(config: ml_collections.ConfigDict, workdir: pathlib.Path)
     )
     return
   trained, current = cli_errors.read_json_object(path), flat_config(config)
-  differ = [
-    f"config.{field}={current[field]!r} here, {trained[field]!r} there"
-    for field in sorted(trained.keys() & current.keys())
+  compared = [
+    field
+    for field in trained.keys() & current.keys()
     if field.startswith(("model.", "data.features."))
     and not field.startswith((*HOW_NOT_WHAT_FIELDS, "model.dropout_rate"))
-    and trained[field] != current[field]
   ]
+  differ = cli_errors.differences(trained, current, compared, prefix="config.")
   if differ:
     raise ValueError(
       f"the run in {workdir} was trained with another model or features ({path}): "
@@ -1456,13 +1456,13 @@ def schedule_changes(config: ml_collections.ConfigDict, workdir: pathlib.Path) -
   except ValueError:  # damaged: the error this clause ends says enough without it
     return ""
   current = flat_config(config)
-  changed = [
-    f"config.{field}={before.get(field)!r} there, {current.get(field)!r} here"
-    for field in sorted(before.keys() | current.keys())
+  compared = [
+    field
+    for field in before.keys() | current.keys()
     if field.startswith(("data.", "bucketing.", "seed"))
     and not field.startswith(RUN_CONTROL_FIELDS)
-    and before.get(field) != current.get(field)
   ]
+  changed = cli_errors.differences(before, current, compared, prefix="config.")
   return f"; its {path} differs in {'; '.join(changed)}" if changed else ""
 
 
@@ -1501,11 +1501,10 @@ def record_config(config: ml_collections.ConfigDict, workdir: pathlib.Path, resu
     except ValueError as error:  # a record, rewritten below: what it held is lost, not the run
       LOG.warning("%s; the resume cannot say which fields it changes, and rewrites it", error)
       before = current
-    changed = [
-      f"{field} {before.get(field)!r} -> {current.get(field)!r}"
-      for field in sorted(before.keys() | current.keys())
-      if before.get(field) != current.get(field) and not field.startswith(RUN_CONTROL_FIELDS)
+    compared = [
+      field for field in before.keys() | current.keys() if not field.startswith(RUN_CONTROL_FIELDS)
     ]
+    changed = cli_errors.differences(before, current, compared, prefix="config.")
     if changed:
       LOG.warning(
         "resuming with another config than the run's last start (%s): %s", path, "; ".join(changed)

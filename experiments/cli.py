@@ -20,7 +20,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from cli_errors import UsageError, flat_keys, one_line, read_json_object
+from cli_errors import UsageError, differences, flat_keys, one_line, read_json_object
 from experiments import common
 
 _HINT = re.compile(r'Did you mean "([^"]+)" instead of "([^"]+)"\?')
@@ -215,11 +215,7 @@ def check_settings(
     before = {key: recorded[key.removeprefix("config.")] for key in now}
   else:
     return
-  differ = [
-    f"{key} {before.get(key)!r} there, {now.get(key)!r} here"
-    for key in sorted(before.keys() | now.keys())
-    if before.get(key) != now.get(key)
-  ]
+  differ = differences(before, now)
   if differ:
     shown = "; ".join(differ[:3]) + (f"; and {len(differ) - 3} more" if len(differ) > 3 else "")
     raise UsageError(

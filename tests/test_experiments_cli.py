@@ -162,7 +162,7 @@ def test_a_workdir_of_other_settings_is_refused_naming_what_differs(tmp_path):
   with pytest.raises(cli_errors.UsageError) as error:
     cli.check_settings(path, {"a": 0, "b": 0, "c": 0, "d": {"e": 0}, "f": 5}, "a run")
   assert str(error.value) == (
-    f"{path.parent} holds a run with other settings (a 1 there, 0 here; b 2 there, 0 here; c 3 "
+    f"{path.parent} holds a run with other settings (a=1 there, 0 here; b=2 there, 0 here; c=3 "
     f"there, 0 here; and 2 more; compare {path}); use a new --workdir"
   )
   # A folder made for the run, still empty, holds nothing to check; one a run wrote to with no
@@ -174,6 +174,20 @@ def test_a_workdir_of_other_settings_is_refused_naming_what_differs(tmp_path):
     cli.check_settings(
       tmp_path / "made" / "settings.json", {"config": {"seed": 0}}, "a run", "config.json"
     )
+
+
+def test_differences_name_each_changed_field_sorted_with_both_values():
+  there, here = {"b": 2, "a": 1, "gone": 0, "same": 5}, {"a": 3, "b": 2, "new": [1], "same": 5}
+  assert cli_errors.differences(there, here) == [
+    "a=1 there, 3 here",
+    "gone=0 there, None here",
+    "new=None there, [1] here",
+  ]
+  # Only the fields asked about, named with the prefix; equal records differ in nothing.
+  assert cli_errors.differences(there, here, ["new", "same"], prefix="config.") == [
+    "config.new=None there, [1] here"
+  ]
+  assert cli_errors.differences(here, dict(here)) == []
 
 
 def test_parse_flags_fills_absl_flags_and_keeps_the_rest():

@@ -104,7 +104,7 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path, monke
   more = [*argv, "--strategies", "none,optimal,auto,quantile"]
   with pytest.raises(
     cli_errors.UsageError,
-    match=r"devices2/none_k1 holds a run with other settings \(config.num_epochs 2 there, 3 here",
+    match=r"devices2/none_k1 holds a run with other settings \(config.num_epochs=2 there, 3 here",
   ):
     paper.main([*more, "--epochs", "3"])
   assert not (tmp_path / "devices2/quantile_k2").exists()
@@ -115,7 +115,7 @@ def test_sweep_writes_a_complete_table_that_agrees_with_its_runs(tmp_path, monke
   # A run from before settings.json is checked against the trainer's config.json instead...
   settings_path = tmp_path / "devices2/none_k1/settings.json"
   settings_path.unlink()
-  changed = r"config.num_epochs 2 there, 3 here.*config.json"
+  changed = r"config.num_epochs=2 there, 3 here.*config.json"
   with pytest.raises(cli_errors.UsageError, match=changed):
     paper.main([*more, "--epochs", "3"])
   paper.main(argv)
@@ -532,7 +532,7 @@ def test_a_sweep_started_again_reuses_its_probe_only_under_the_same_settings(tmp
   with pytest.raises(cli_errors.UsageError, match="the baseline alone needs"):
     paper.main(argv)
   with pytest.raises(
-    cli_errors.UsageError, match=r"holds a probe with other settings \(config.num_epochs 2 there"
+    cli_errors.UsageError, match=r"holds a probe with other settings \(config.num_epochs=2 there"
   ):
     paper.main([*argv, "--epochs", "3"])
   with pytest.raises(cli_errors.UsageError, match=r"holds a probe with other settings \(devices"):
@@ -980,7 +980,7 @@ def test_a_run_from_before_settings_json_is_checked_against_the_trainers_config_
   write_finished_run(run_dir)
   config_json = train.flat_config(paper.run_config(args, "none", 1))
   (run_dir / "config.json").write_text(json.dumps(config_json))
-  with pytest.raises(cli_errors.UsageError, match=r"num_epochs 2 there, 3 here.*config\.json"):
+  with pytest.raises(cli_errors.UsageError, match=r"num_epochs=2 there, 3 here.*config\.json"):
     paper.check_run_settings(paper.parse_args([*argv, "--epochs", "3"]), [1], None)
   assert not (run_dir / "settings.json").exists()
   paper.check_run_settings(args, [1], None)
@@ -995,7 +995,7 @@ def test_an_auto_run_whose_bounds_minimised_padding_is_not_reused(tmp_path):
   path = tmp_path / "devices1" / "auto_k2" / "settings.json"
   path.parent.mkdir(parents=True)
   path.write_text(json.dumps(settings))
-  with pytest.raises(cli_errors.UsageError, match="auto_bounds_minimise None there, 'run time'"):
+  with pytest.raises(cli_errors.UsageError, match="auto_bounds_minimise=None there, 'run time'"):
     paper.check_run_settings(args, [1], None)
 
 

@@ -1064,7 +1064,7 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
     train.load_params(config, tmp_path, checkpoint="last")
   # Scored on other features, the numbers would be wrong, not an error; how it computes may change.
   changed = tiny_config(**{"data.features.resample_spacing": 0.5})
-  with pytest.raises(ValueError, match=r"features.resample_spacing=0.5 here, 0.2 there; use the"):
+  with pytest.raises(ValueError, match=r"features.resample_spacing=0.2 there, 0.5 here; use the"):
     train.evaluate_checkpoint(changed, tmp_path, "validation")
   train.load_params(tiny_config(**{"model.unroll": 2, "model.dropout_rate": 0.0}), tmp_path)
   # A field the run's config.json lacks (a run from before the field existed) is not compared.
@@ -1409,7 +1409,7 @@ def test_a_resume_that_changes_what_the_run_computes_says_so(stopped_at_step_6, 
   config = tiny_config(num_epochs=3, max_steps=8, **{"model.unroll": 2, "ctc.impl": "optax"})
   train.train_and_evaluate(config, workdir)
   (warning,) = [r.message for r in caplog.records if "resuming with another config" in r.message]
-  assert warning.endswith(": num_epochs 2 -> 3")
+  assert warning.endswith(": config.num_epochs=2 there, 3 here")
   assert json.loads((workdir / "config.json").read_text()) == train.flat_config(config)
   caplog.clear()
   train.train_and_evaluate(tiny_config(num_epochs=3), workdir)
@@ -1439,7 +1439,7 @@ def test_a_resume_that_only_steers_the_run_differently_warns_of_nothing(tmp_path
     train.record_config(tiny_config(**steered), tmp_path, resumed=True)
     assert "resuming with another config" not in caplog.text
     train.record_config(tiny_config(num_epochs=3, **steered), tmp_path, resumed=True)
-  assert caplog.records[-1].message.endswith(": num_epochs 2 -> 3")
+  assert caplog.records[-1].message.endswith(": config.num_epochs=2 there, 3 here")
 
 
 def test_a_damaged_config_record_is_rewritten_on_resume(stopped_at_step_6, tmp_path, caplog):

@@ -175,11 +175,8 @@ class Checkpoints:
     )
 
   def _shape_mismatch(self, saved: dict, wanted: dict, saved_fields: dict | None) -> str:
-    differing = [
-      f"config.{field}={saved_fields[field]!r} there, {value!r} here"
-      for field, value in (self.shape_fields or {}).items()
-      if saved_fields is not None and saved_fields.get(field, value) != value
-    ]
+    there, here = saved_fields or {}, self.shape_fields or {}
+    differing = cli_errors.differences(there, here, there.keys() & here.keys(), prefix="config.")
     leaf = _first_differing_leaf(saved, wanted)
     what = "; ".join(differing) or f"{leaf}: {saved.get(leaf)} there, {wanted.get(leaf)} here"
     return (
