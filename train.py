@@ -538,15 +538,7 @@ def make_eval_plans(
     num_devices=num_devices,
     label_lengths=label_lengths,
   )
-  plans = {}
-  for name, split in splits.items():
-    plans[name] = dataclasses.replace(
-      joint,
-      bucket_of_example=np.searchsorted(joint.upper_bounds, split.lengths, side="left"),
-      lengths=split.lengths,
-      example_ids=split.ids,
-    )
-  return plans
+  return {name: joint.for_sequences(split.lengths, split.ids) for name, split in splits.items()}
 
 
 def make_batch(

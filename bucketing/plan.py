@@ -90,6 +90,28 @@ class BucketPlan:
   def example_name(self, index: int) -> str:
     return str(self.example_ids[index]) if self.example_ids is not None else f"#{index}"
 
+  def for_sequences(
+    self, lengths: np.ndarray, example_ids: Sequence[str] | None = None
+  ) -> "BucketPlan":
+    """These buckets (bounds, batch sizes, label widths) for other sequences, each in the first
+    bucket that holds it: plans of one set of shapes, so of one set of compiled steps, for
+    several splits. Their labels must fit the label widths; a sequence longer than the last
+    bound is an error."""
+    lengths = np.asarray(lengths)
+    if lengths.size and lengths.max() > self.upper_bounds[-1]:
+      longest = int(np.argmax(lengths))
+      name = f"#{longest}" if example_ids is None else str(example_ids[longest])
+      raise ValueError(
+        f"sequence {name} of length {lengths[longest]} is longer than the last bound "
+        f"{self.upper_bounds[-1]}"
+      )
+    return dataclasses.replace(
+      self,
+      bucket_of_example=np.searchsorted(self.upper_bounds, lengths, side="left"),
+      lengths=lengths,
+      example_ids=example_ids,
+    )
+
   def summary(self, cost_model: cost.CostModel | None = cost.CostModel()) -> dict:
     """The plan report as plain Python values (what `python -m bucketing plan --json` prints);
     without a `cost_model` it predicts no speed-up (`predicted_speedup` and `cost_model` None)."""

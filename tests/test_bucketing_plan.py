@@ -93,6 +93,26 @@ def test_label_widths_are_the_longest_label_per_bucket():
   np.testing.assert_array_equal(plan.label_upper_bounds, [4, 9])
 
 
+def test_a_plan_for_other_sequences_keeps_its_shapes_and_buckets_them_alike():
+  plan = plan_lib.make_plan(
+    [5, 6, 30, 31],
+    strategy="fixed",
+    upper_bounds=[10, 40],
+    batch_size=2,
+    label_lengths=[2, 4, 9, 3],
+  )
+  other = plan.for_sequences(np.array([40, 10, 11, 1, 2]), ["a", "b", "c", "d", "e"])
+  # Each in the first bucket that holds it, a bound included, as make_plan would put it.
+  np.testing.assert_array_equal(other.bucket_of_example, [1, 0, 1, 0, 0])
+  np.testing.assert_array_equal(other.bucket_sizes, [3, 2])
+  np.testing.assert_array_equal(other.steps_per_epoch, [2, 1])
+  for shape in ("upper_bounds", "batch_sizes", "label_upper_bounds"):
+    np.testing.assert_array_equal(getattr(other, shape), getattr(plan, shape))
+  assert other.example_name(2) == "c" and plan.example_name(2) == "#2"
+  with pytest.raises(ValueError, match="sequence b of length 41 is longer than the last bound 40"):
+    plan.for_sequences(np.array([3, 41]), ["a", "b"])
+
+
 def test_round_to_gives_multiples_and_a_baseline_rounded_alike():
   plan = plan_lib.make_plan(LENGTHS, strategy="optimal", num_buckets=8, batch_size=32, round_to=8)
   assert np.all(plan.upper_bounds % 8 == 0)
