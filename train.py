@@ -793,9 +793,8 @@ def evaluate(
   eval_steps: collections.abc.Mapping[int, Any],
   mesh: jax.sharding.Mesh,
 ) -> dict[str, float]:
-  """Mean CTC loss, CER and WER of a split (every process returns the same numbers). A batch's
-  outputs are read once the next batch is dispatched, so that the host's work (reading, decoding,
-  making the next batch) overlaps the device's."""
+  """Mean CTC loss, CER and WER of a split (every process returns the same numbers); a batch's
+  outputs are read and decoded once the next batch is dispatched (`ReadOneLate`)."""
   batch_sharding = NamedSharding(mesh, P("data"))
   loss_sum = weight = 0.0
   references, hypotheses = [], []
@@ -812,15 +811,12 @@ def evaluate(
       references.append(split.texts[index])
       hypotheses.append(ALPHABET.decode(ids))
 
-  pending = None
+  late = ReadOneLate(read)
   for bucket, indices in bucketing.epoch_batches(plan, seed=0, epoch=0):
     local = bucketing.process_slice(indices, jax.process_index(), jax.process_count())
-    outputs = eval_steps[bucket](params, make_batch(split, plan, bucket, local, batch_sharding))
-    if pending is not None:
-      read(*pending)
-    pending = indices, outputs
-  if pending is not None:
-    read(*pending)
+    batch = make_batch(split, plan, bucket, local, batch_sharding)
+    late.push(indices, eval_steps[bucket](params, batch))
+  late.flush()
   return {
     "loss": loss_sum / weight,
     "cer": metrics.cer(references, hypotheses),
@@ -1697,28 +1693,24 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
   with progress_bar(
     plan.num_steps, progress.step_in_epoch, f"epoch {progress.epoch}", show_bar
   ) as bar:
-    pending = None  # the previous step's metrics, read one step late
+    late = ReadOneLate(lambda *step: _account(progress, step, plan, bar))
     for scheduled, batch in batches:
       state, step_metrics = run.steps.train_step(scheduled.bucket)(state, batch)
       run.check_no_recompile(
         lambda at=scheduled: f"at epoch {at.epoch}, step {at.step} (bucket {at.bucket})"
       )
-      if pending is not None:
-        _account(progress, pending, plan, bar)
-      pending = (scheduled, step_metrics)
+      late.push(scheduled, step_metrics)
       progress.step_in_epoch, global_step = scheduled.step + 1, global_step + 1
       if cut_short(run, global_step):
         break
       if (
         global_step % config.checkpoint_every_steps == 0 and progress.step_in_epoch < plan.num_steps
       ):
-        _account(progress, pending, plan, bar)
-        pending = None
+        late.flush()  # the checkpoint's progress counts every step it holds
         clock.stop()
         run.save_latest(state, progress)
         clock.start()
-    if pending is not None:
-      _account(progress, pending, plan, bar)
+    late.flush()
   jax.block_until_ready(state)
   clock.stop()
   return state
@@ -1856,9 +1848,27 @@ def log_compile_accounting(summary: dict) -> None:
     )
 
 
-def _account(progress: Progress, pending, plan: bucketing.BucketPlan, bar) -> None:
-  """Reads a finished step's metrics (one step late, so the host never waits on the device)."""
-  step_info, step_metrics = pending
+class ReadOneLate:
+  """Reads each step's outputs once the next step is dispatched. Reading waits for the step to
+  end: read right after its dispatch, the device would sit idle while the host reads, decodes and
+  makes the next batch. `push` a step's outputs after dispatching it; `flush` reads the last."""
+
+  def __init__(self, read: Callable[..., None]):
+    self._read, self._pending = read, None
+
+  def push(self, *outputs) -> None:
+    self.flush()
+    self._pending = outputs
+
+  def flush(self) -> None:
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      self._read(*pending)
+
+
+def _account(progress: Progress, step: tuple, plan: bucketing.BucketPlan, bar) -> None:
+  """Adds a finished step's loss to the epoch's (`ReadOneLate`), and fails on a NaN or inf one."""
+  step_info, step_metrics = step
   values = jax.device_get(step_metrics)
   if not np.isfinite(values["loss"]):
     raise LossNotFinite(

@@ -961,6 +961,24 @@ def test_a_line_ctc_cannot_align_is_refused_or_skipped_at_load(monkeypatch):
   assert skipped[0]["id"] not in data.ids
 
 
+def test_read_one_late_reads_each_step_once_the_next_is_dispatched():
+  events = []
+  late = train.ReadOneLate(lambda step, outputs: events.append(f"read {step} {outputs}"))
+  for step in range(3):
+    events.append(f"dispatch {step}")
+    late.push(step, step * 10)
+  late.flush()
+  late.flush()  # nothing left to read
+  assert events == [
+    "dispatch 0",
+    "dispatch 1",
+    "read 0 0",
+    "dispatch 2",
+    "read 1 10",
+    "read 2 20",
+  ]
+
+
 def compiling(function):
   """`function` that first compiles something new (a shape no run has used)."""
   shapes = iter(range(1000, 2000))
