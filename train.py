@@ -77,6 +77,7 @@ Batch = dict[str, jax.Array]
 LOG = logging.getLogger("train")
 ALPHABET = alphabet_lib.Alphabet()
 SELECTION_METRICS = ("val_loss", "val_cer")  # what picks the best epoch and drives patience
+LEARNING_RATE_SCHEDULES = ("cosine", "constant")  # after the warm-up (`learning_rate_schedule`)
 # What a run writes in its workdir, beside checkpoints/, tensorboard/ and train.lock.
 CONFIG_FILE = "config.json"
 PLAN_FILE = "plan.json"
@@ -113,11 +114,22 @@ def check_is_config(config: Any) -> None:
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Fails before any data is read or anything compiled, naming the field that is wrong."""
+  choices = {
+    "bucketing.strategy": bucketing.STRATEGIES,
+    "bucketing.overflow": bucketing.OVERFLOW_POLICIES,
+    "compile_mode": compilation.COMPILE_MODES,
+    "data.train_split": dataset_lib.SPLITS,
+    "data.eval_split": dataset_lib.SPLITS,
+    "data.test_split": (None, "", *dataset_lib.SPLITS),  # None or "": none
+    "data.bad_examples": dataset_lib.BAD_EXAMPLE_POLICIES,
+    "selection_metric": SELECTION_METRICS,
+    "optimizer.schedule": LEARNING_RATE_SCHEDULES,
+  }
+  for field, allowed in choices.items():
+    value = functools.reduce(getattr, field.split("."), config)
+    if value not in allowed:
+      raise ValueError(f"config.{field}={value!r} is not one of {allowed}")
   bucket_config = config.bucketing
-  if bucket_config.strategy not in bucketing.STRATEGIES:
-    raise ValueError(
-      f"config.bucketing.strategy={bucket_config.strategy!r} is not one of {bucketing.STRATEGIES}"
-    )
   bucketing.check_upper_bounds(
     bucket_config.strategy,
     bucket_config.upper_bounds,
@@ -164,36 +176,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int) -> None
     cost_model(config)
   except ValueError as error:
     raise ValueError(f"config.bucketing: {error}") from None
-  if bucket_config.overflow not in bucketing.OVERFLOW_POLICIES:
-    raise ValueError(
-      f"config.bucketing.overflow={bucket_config.overflow!r} is not one of "
-      f"{bucketing.OVERFLOW_POLICIES}"
-    )
-  if config.compile_mode not in compilation.COMPILE_MODES:
-    raise ValueError(
-      f"config.compile_mode={config.compile_mode!r} is not one of {compilation.COMPILE_MODES}"
-    )
   if config.compile_threads < 0:
     raise ValueError(
       f"config.compile_threads must be >= 0 (0: one per core), got {config.compile_threads}"
     )
-  for field in ("train_split", "eval_split", "test_split"):
-    split = config.data[field]
-    if split not in dataset_lib.SPLITS and not (field == "test_split" and not split):  # none
-      raise ValueError(f"config.data.{field}={split!r} is not one of {dataset_lib.SPLITS}")
-  if config.data.bad_examples not in dataset_lib.BAD_EXAMPLE_POLICIES:
-    raise ValueError(
-      f"config.data.bad_examples={config.data.bad_examples!r} is not one of "
-      f"{dataset_lib.BAD_EXAMPLE_POLICIES}"
-    )
   if not config.max_minutes >= 0:  # NaN too
     raise ValueError(f"config.max_minutes must be >= 0 (0: no cap), got {config.max_minutes}")
-  if config.selection_metric not in SELECTION_METRICS:
-    raise ValueError(
-      f"config.selection_metric={config.selection_metric!r} is not one of {SELECTION_METRICS}"
-    )
-  if config.optimizer.schedule not in ("cosine", "constant"):
-    raise ValueError(f"config.optimizer.schedule={config.optimizer.schedule!r}: cosine|constant")
   # Finite and not negative: a negative rate or clipping norm would ascend the loss, NaN poison
   # it. A rate of 0 trains nothing, which tests and measurements use; a norm of 0 zeroes updates.
   rate, norm = config.optimizer.learning_rate, config.optimizer.grad_clip_norm
@@ -293,11 +281,14 @@ def cost_model(
   )
 
 
+def gives_cost_model(config: ml_collections.ConfigDict) -> bool:
+  """The config sets every figure of the cost model (none is None)."""
+  return all(config.bucketing[field] is not None for field in COST_FIELDS)
+
+
 def measures_cost_model(config: ml_collections.ConfigDict) -> bool:
   """`auto` measures its cost model unless the config gives all of it."""
-  return config.bucketing.strategy == "auto" and any(
-    config.bucketing[field] is None for field in COST_FIELDS
-  )
+  return config.bucketing.strategy == "auto" and not gives_cost_model(config)
 
 
 @contextlib.contextmanager
@@ -1521,8 +1512,8 @@ def plan_buckets(
   plan_summary = None
   if jax.process_index() == 0:
     # The cost model's prediction only where there is one: measured, or given in full.
-    given = all(config.bucketing[field] is not None for field in COST_FIELDS)
-    plan_summary = plan.summary(cost_model(config, measured_model) if measured or given else None)
+    predicts = measured or gives_cost_model(config)
+    plan_summary = plan.summary(cost_model(config, measured_model) if predicts else None)
     if measured:
       plan_summary["measured_cost"] = {
         "cost_model": dataclasses.asdict(measured.model),
