@@ -75,6 +75,8 @@ from training.stop import StopRequest
 
 Batch = dict[str, jax.Array]
 LOG = logging.getLogger("train")
+# A run of several processes logs once, from process 0: the others' records are dropped here.
+LOG.addFilter(lambda record: jax.process_index() == 0)
 ALPHABET = alphabet_lib.Alphabet()
 SELECTION_METRICS = ("val_loss", "val_cer")  # what picks the best epoch and drives patience
 LEARNING_RATE_SCHEDULES = ("cosine", "constant")  # after the warm-up (`learning_rate_schedule`)
@@ -1161,7 +1163,7 @@ def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
       "training checkpoint to resume that run from: a new run would be scored with them; use a "
       f"new workdir, or remove {checkpoints.best.directory}"
     )
-  if epochs and jax.process_index() == 0:
+  if epochs:
     LOG.warning(
       "no training checkpoint to resume in %s: starting afresh, replacing the %d epoch(s) of %s",
       workdir,
@@ -1197,7 +1199,7 @@ def restore(
     )
   else:
     checkpoints.align_best(progress, state.params)
-  if global_step and jax.process_index() == 0:
+  if global_step:
     LOG.info(
       "resumed from checkpoint at global step %d: epoch %d, step %d of the schedule",
       global_step,
@@ -1222,15 +1224,14 @@ def start_compiling(
     mode=config.compile_mode,
     threads=config.compile_threads,
   )
-  if jax.process_index() == 0:
-    LOG.info(
-      "compiling %d train and %d eval steps on %d thread(s), %s; persistent cache: %s",
-      len(steps.train_steps),
-      len(steps.eval_steps),
-      steps.workers,
-      config.compile_mode,
-      jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else "off",
-    )
+  LOG.info(
+    "compiling %d train and %d eval steps on %d thread(s), %s; persistent cache: %s",
+    len(steps.train_steps),
+    len(steps.eval_steps),
+    steps.workers,
+    config.compile_mode,
+    jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache else "off",
+  )
   return steps
 
 
@@ -1255,8 +1256,7 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
   """The training set, the evaluation sets by split name (validation, then test if set) and the
   lines skipped as bad (`config.data.bad_examples`), after saying where the data comes from."""
   source = data_source(config)
-  if jax.process_index() == 0:
-    LOG.info("data: %s", source)
+  LOG.info("data: %s", source)
   train_set, skipped = _load_checked(
     config, config.data.train_split, config.data.train_limit, str(source)
   )
@@ -1309,14 +1309,13 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
     try:
       saved = _read_cost_file(workdir / PLAN_FILE, within="measured_cost")
     except ValueError as error:  # missing, damaged, or planned without a measured cost model
-      if jax.process_index() == 0:
-        LOG.warning(
-          "%s is missing, and its copy in %s cannot be used (%s): measuring the cost model "
-          "again; figures that plan other buckets than the run's will have the resume refused",
-          path,
-          PLAN_FILE,
-          error,
-        )
+      LOG.warning(
+        "%s is missing, and its copy in %s cannot be used (%s): measuring the cost model "
+        "again; figures that plan other buckets than the run's will have the resume refused",
+        path,
+        PLAN_FILE,
+        error,
+      )
     else:
       if jax.process_index() == 0:
         LOG.warning("%s is missing: the resumed run plans with the copy in %s", path, PLAN_FILE)
@@ -1327,7 +1326,7 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
     reuse = bool(multihost_utils.broadcast_one_to_all(np.array(reuse)))
   if reuse:
     measured = MeasuredCost(bucketing.CostModel(**saved["cost_model"]), saved["report"], True)
-    if not same and jax.process_index() == 0:
+    if not same:
       LOG.warning(
         "%s was measured for other settings than this run's; the resumed run keeps it, to plan "
         "the buckets it started with",
@@ -1338,8 +1337,7 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
     if jax.process_index() == 0:
       cost = {"cost_model": dataclasses.asdict(measured.model), "report": measured.report}
       _write_atomically(path, json.dumps(cost, indent=2))
-  if jax.process_index() == 0:
-    LOG.info("%s", describe_cost_model(measured))
+  LOG.info("%s", describe_cost_model(measured))
   return measured
 
 
@@ -1557,8 +1555,7 @@ def replicated_state(config, mesh: jax.sharding.Mesh, total_steps: int) -> Train
 
 def initial_state(config, plan: bucketing.BucketPlan, mesh) -> TrainState:
   state = replicated_state(config, mesh, plan.num_steps * config.num_epochs)
-  if jax.process_index() == 0:
-    LOG.info("%s", describe_implementations(config))
+  LOG.info("%s", describe_implementations(config))
   return state
 
 
@@ -1761,15 +1758,14 @@ def end_epoch(run: Run, state: TrainState, progress: Progress) -> Progress:
     progress.best_epoch = epoch
   progress.history.append(row | {"best_epoch": progress.best_epoch})
   run.metrics_writer.write(progress.history[-1])
-  if jax.process_index() == 0:
-    LOG.info(
-      "epoch %d: train loss %.3f, val loss %.3f, val CER %.3f, %.1f s",
-      epoch,
-      row["train_loss"],
-      row["val_loss"],
-      row["val_cer"],
-      row["epoch_time_s"],
-    )
+  LOG.info(
+    "epoch %d: train loss %.3f, val loss %.3f, val CER %.3f, %.1f s",
+    epoch,
+    row["train_loss"],
+    row["val_loss"],
+    row["val_cer"],
+    row["epoch_time_s"],
+  )
   progress = dataclasses.replace(
     progress,
     epoch=epoch + 1,
@@ -1793,12 +1789,11 @@ def evaluate_test_split(run: Run, params: Any) -> dict[str, float]:
     return {}
   best_params = run.checkpoints.restore_best(params)
   if best_params is None:  # no epoch ended, or its checkpoint was removed
-    if jax.process_index() == 0:
-      LOG.warning(
-        "the test split %r is not scored: no best checkpoint in %s",
-        split,
-        run.checkpoints.best.directory,
-      )
+    LOG.warning(
+      "the test split %r is not scored: no best checkpoint in %s",
+      split,
+      run.checkpoints.best.directory,
+    )
     return {}
   test = evaluate(
     best_params, run.eval_sets[split], run.eval_plans[split], run.steps.eval_steps, run.mesh
@@ -2026,8 +2021,7 @@ def _load_params(config, workdir, sharding, checkpoint: str) -> tuple[Any, dict]
       origin = {"epoch": int(checkpoints.best.latest_step())}
       origin["selected_by"] = checkpoints.best_selected_by
       where = f"epoch {origin['epoch']}, the best by {origin['selected_by']}"
-  if jax.process_index() == 0:
-    LOG.info("loaded the %s parameters: %s, in %s", checkpoint, where, checkpoints.directory)
+  LOG.info("loaded the %s parameters: %s, in %s", checkpoint, where, checkpoints.directory)
   return params, {"checkpoint": checkpoint, **origin}
 
 
@@ -2061,14 +2055,14 @@ def evaluate_checkpoint(
     jax.device_count(),
   )[split]
   params, origin = _load_params(config, workdir, NamedSharding(mesh, P()), checkpoint)
-  if jax.process_index() == 0:  # after the parameters: a damaged checkpoint is a one-line error
-    LOG.info("data: %s", source)
-    log_skipped(skipped)
-    limit = config.data.eval_limit
-    if limit and len(data) + len(skipped) == limit:  # perhaps the split has more
-      LOG.warning(
-        "scoring the first %d lines of %r only (config.data.eval_limit; 0: all)", limit, split
-      )
+  # Said after the parameters load: a damaged checkpoint is an error of one line.
+  LOG.info("data: %s", source)
+  log_skipped(skipped)
+  limit = config.data.eval_limit
+  if limit and len(data) + len(skipped) == limit:  # perhaps the split has more
+    LOG.warning(
+      "scoring the first %d lines of %r only (config.data.eval_limit; 0: all)", limit, split
+    )
   eval_steps = compile_eval_steps(
     build_model(config).apply,
     build_ctc_loss(config),

@@ -17,11 +17,16 @@ from tests.test_train import latest_params, read_rows, tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = """
-import os, sys
+import logging, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, {root!r})
 import train
 from tests.test_train import tiny_config
+
+handler = logging.StreamHandler(sys.stdout)
+handler.setFormatter(logging.Formatter("train log: %(message)s"))
+train.LOG.addHandler(handler)
+train.LOG.setLevel(logging.INFO)
 
 config = tiny_config(num_epochs=1, **{overrides!r})
 config.distributed.initialize = True
@@ -64,7 +69,12 @@ def run_two_processes(workdir: pathlib.Path, **overrides) -> list[str]:
 @pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   two_dir, one_dir = tmp_path / "two", tmp_path / "one"
-  run_two_processes(two_dir)
+  outputs = run_two_processes(two_dir)
+  # The run's log is process 0's alone.
+  logged = [
+    [line for line in out.splitlines() if line.startswith("train log: ")] for out in outputs
+  ]
+  assert any("epoch 0: train loss" in line for line in logged[0]) and logged[1] == [], logged
 
   summary = train.train_and_evaluate(tiny_config(num_epochs=1), one_dir)
   two_summary = json.loads((two_dir / "summary.json").read_text())
