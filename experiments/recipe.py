@@ -548,7 +548,8 @@ def write_report(
     "at x%: the lowest by x% of the budget ('-': no epoch had ended). Test CER: greedy, no "
     f"language model, on all of `{TEST_SPLIT}`, of the parameters with the best "
     f"`{config.selection_metric}` "
-    f"(scored for: {', '.join(tested) or 'none'}, `--test {args.test}`).",
+    f"(scored for: {', '.join(tested) or 'none'}; by this command, `--test {args.test}`, or an "
+    "earlier one in the same workdir).",
     "",
     *reporting.markdown_table(rows, COLUMNS),
     "",

@@ -580,6 +580,15 @@ def test_test_says_whose_test_cer_is_scored(tmp_path, capsys, monkeypatch, test,
   argv += ["--minutes-per-run", "0.75", "--candidates", "base,hidden_32", "--test", test]
   recipe.main(argv)
   assert [name for phase, name in started if phase == "test"] == tested
+  # Started again scoring none, the report keeps the scores already in the workdir, and says so.
+  started.clear()
+  recipe.main([*argv, "--test", "none"])
+  assert started == []
+  report = (tmp_path / "recipe.md").read_text()
+  assert (
+    f"(scored for: {', '.join(tested) or 'none'}; by this command, `--test none`, or an earlier one"
+    in report
+  )
 
 
 def test_an_interrupted_study_reports_what_finished_tests_nothing_and_exits_130(
