@@ -6,13 +6,19 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import bucketing
 import cli_errors
 import train
 from experiments import benchmark, paper, reporting
+from handwriting import dataset as dataset_lib
 
 
 def run_as_a_user(module: str, argv: list[str]) -> None:
@@ -198,3 +204,183 @@ def test_a_plan_measured_already_is_found_by_its_bounds_and_batch_sizes():
   three = bucketing.make_plan(lengths, strategy="optimal", num_buckets=3, batch_size=2)
   assert benchmark.measured_twin(three, ours) is None
   assert benchmark.measured_twin(ours[2].plan, ours[:2]) is None
+
+
+def a_measurement(**fields) -> benchmark.Measurement:
+  """A measurement with placeholder fields, `fields` replacing them."""
+  defaults = dict(
+    contender="ours", strategy="optimal", num_buckets="1", batch="8 sequences", steps=1,
+    real_timesteps=1, padded_timesteps=1, compile_seconds=None, num_sequences=1, run_epoch=None,
+  )  # fmt: skip
+  return benchmark.Measurement(**{**defaults, **fields})
+
+
+def numbered_lines(lengths) -> dataset_lib.SequenceSet:
+  """Sequences of `lengths` whose every feature is the sequence's number (1, 2, ...), so a batch
+  tells which sequences it holds; each has a one-character label."""
+  lengths = np.asarray(lengths, np.int32)
+  return dataset_lib.SequenceSet(
+    ids=[str(i) for i in range(len(lengths))],
+    texts=["a"] * len(lengths),
+    features=[np.full((length, 2), i + 1, np.float32) for i, length in enumerate(lengths)],
+    labels=[np.ones(1, np.int32) for _ in lengths],
+    lengths=lengths,
+    label_lengths=np.ones(len(lengths), np.int32),
+  )
+
+
+def bench_over(data: dataset_lib.SequenceSet, batch_size: int) -> benchmark.Bench:
+  """A `Bench` of the tiny preset over `data` on every device, without its model: enough to plan
+  and to time steps that are given."""
+  config = paper.make_config("tiny", "synthetic")
+  config.bucketing.batch_size = batch_size
+  bench = object.__new__(benchmark.Bench)
+  bench.config, bench.data, bench.repeats = config, data, 1
+  bench.batch_sharding = NamedSharding(train.make_data_mesh(), P("data"))
+  return bench
+
+
+def test_the_contenders_take_turns_within_each_repeat():
+  calls = []
+
+  def timed(name):
+    def run_epoch(repeat):
+      calls.append((name, repeat))
+      return 0.001, 1.0
+
+    return run_epoch
+
+  measurements = [a_measurement(contender=name, run_epoch=timed(name)) for name in ("a", "b")]
+  benchmark.take_turns(measurements, repeats=2)
+  assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("a", 2), ("b", 2)]
+
+
+def test_a_plan_with_other_bounds_at_the_same_batch_sizes_was_not_measured():
+  lengths = [10, 12, 30, 31, 60, 64]
+  two = bucketing.make_plan(lengths, strategy="optimal", num_buckets=2, batch_size=2)
+  # 40 is no bound `optimal` picks: 32 holds the same sequences with less padding.
+  other = bucketing.make_plan(lengths, strategy="fixed", upper_bounds=[40, 64], batch_size=2)
+  assert list(other.batch_sizes) == list(two.batch_sizes)
+  assert benchmark.measured_twin(other, [a_measurement(plan=two)]) is None
+
+
+def test_kappa_is_the_slope_of_compile_time_over_k_and_never_negative():
+  # Walls of 3 s + 0.5 s per bucket, given out of order: the slope is 0.5, the intercept 3.
+  rising = {k: a_measurement(compile_seconds=3 + 0.5 * k) for k in (4, 1, 2)}
+  assert benchmark.compile_cost_per_bucket(rising) == pytest.approx(0.5)
+  # Compiles that got faster with more buckets (noise): no bucket saves compile time.
+  falling = {k: a_measurement(compile_seconds=5.0 - k) for k in (1, 2, 4)}
+  assert benchmark.compile_cost_per_bucket(falling) == 0.0
+
+
+def test_the_step_cost_is_fitted_to_one_timed_step_per_grid_point(monkeypatch):
+  alpha, gamma, beta = 2e-3, 1e-5, 1e-6
+  calls = []
+
+  def time_train_step(state, mesh, num_features, rows, length, label_width, repeats, rng):
+    calls.append((rows, length, label_width, repeats))
+    return state, alpha + gamma * length + beta * rows * length, rows / 10
+
+  monkeypatch.setattr(benchmark.train, "time_train_step", time_train_step)
+  bench = types.SimpleNamespace(fresh_state=lambda: None, mesh=None, num_features=2, repeats=4)
+  fitted, rows = benchmark.fit_step_cost(bench, (8, 16), (8, 40))
+  # Labels a tenth of the length, at least one; each point timed over the bench's repeats.
+  assert calls == [(8, 8, 1, 4), (8, 40, 4, 4), (16, 8, 1, 4), (16, 40, 4, 4)]
+  assert fitted == pytest.approx((alpha, gamma, beta))
+  # ms/step: 2 + 0.01 L + 0.001 B L, which the fit reproduces at every point.
+  assert rows == [
+    {"batch": b, "length": length, "tokens": tokens, "measured ms/step": ms,
+     "fitted ms/step": ms, "compile (s)": compile_seconds}
+    for b, length, tokens, ms, compile_seconds in [
+      ("8", "8", "64", "2.14", "0.80"),
+      ("8", "40", "320", "2.72", "0.80"),
+      ("16", "8", "128", "2.21", "1.60"),
+      ("16", "40", "640", "3.04", "1.60"),
+    ]
+  ]  # fmt: skip
+
+
+def test_buckets_that_include_k_1_beside_others_are_accepted(monkeypatch):
+  # K = 1 is the baseline, measured anyway; only a list of nothing else is refused.
+  class Started(Exception):
+    pass
+
+  def started(*args, **kwargs):
+    raise Started
+
+  monkeypatch.setattr(benchmark.paper, "make_config", started)
+  with pytest.raises(Started):
+    benchmark.main(["--tiny", "--buckets", "1,2"])
+
+
+def test_our_plans_are_made_for_every_device():
+  assert jax.device_count() == 8
+  plan = bench_over(numbered_lines([8] * 20), batch_size=4).plan("none", 1)
+  assert plan.num_devices == 8 and all(size % 8 == 0 for size in plan.batch_sizes)
+
+
+def test_auto_plans_for_the_planned_epochs():
+  # 8 lines of 8 and 8 of 64 at batch 8, a second per padded token: one bucket pads the short
+  # lines to 64, 1,024 s an epoch; two take 8 * 8 + 8 * 64 = 576 s, 448 s less. Each bucket
+  # compiles in 10,000 s: two buckets pay off over 1,000 epochs, not over the preset's 2.
+  bench = bench_over(numbered_lines([8] * 8 + [64] * 8), batch_size=8)
+  assert bench.config.num_epochs == 2
+  cost = (0.0, 0.0, 1.0, 10_000.0)
+  assert bench.plan("auto", 2, cost=cost, epochs=1000).num_buckets == 2
+  assert bench.plan("auto", 2, cost=cost, epochs=2).num_buckets == 1
+
+
+def test_our_row_counts_filler_rows_and_each_timed_epoch_is_reshuffled(monkeypatch):
+  # 20 lines of 8 at batch 8: 3 steps, the last with 4 filler rows, 24 rows of 8 padded.
+  bench = bench_over(numbered_lines([8] * 20), batch_size=8)
+  plan = bench.plan("none", 1)
+  seen = []
+
+  def step(state, batch):
+    weights, inputs = np.asarray(batch["weights"]), np.asarray(batch["inputs"])
+    seen[-1].extend(inputs[weights > 0, 0, 0].astype(int).tolist())
+    return state + 1, None
+
+  measurement = bench.contender("ours", plan, other=({0: step}, np.zeros(())))
+  assert (measurement.steps, measurement.num_sequences) == (3, 20)
+  assert (measurement.real_timesteps, measurement.padded_timesteps) == (160, 192)
+  # A clock that moves 6 s at every reading: 6 s assembling 3 batches, 6 s running them.
+  clock = iter(range(0, 1000, 6))
+  monkeypatch.setattr(benchmark, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+  for repeat in (1, 2):
+    seen.append([])
+    assert measurement.run_epoch(repeat) == (2.0, 6.0)
+  assert sorted(seen[0]) == sorted(seen[1]) == list(range(1, 21))
+  assert seen[0] != seen[1]
+
+
+def fake_torch(monkeypatch):
+  """Stand-ins for the torch modules `torch_contenders` imports (torch is not installed with the
+  tests), on a machine without CUDA; its train steps are not built."""
+  torch = types.ModuleType("torch")
+  torch.cuda = types.SimpleNamespace(is_available=lambda: False)
+  torch.nn = types.ModuleType("torch.nn")
+  torch.nn.utils = types.ModuleType("torch.nn.utils")
+  torch.nn.utils.rnn = types.ModuleType("torch.nn.utils.rnn")
+  for module in (torch, torch.nn, torch.nn.utils, torch.nn.utils.rnn):
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+  monkeypatch.setattr(benchmark, "torch_train_step", lambda *args: None)
+
+
+@pytest.mark.parametrize(
+  "lengths, batch_size, steps, padded",
+  # 3 lines at batch 2 take 2 steps; lines of 8 and 64 in one batch pad to 2 x 64.
+  [([16, 16, 16], 2, 2, 48), ([8, 64], 2, 1, 128)],
+)
+def test_torch_rows_count_their_steps_and_padding(monkeypatch, lengths, batch_size, steps, padded):
+  fake_torch(monkeypatch)
+  config = paper.make_config("tiny", "synthetic")
+  config.bucketing.batch_size = batch_size
+  padded_row, packed_row = benchmark.torch_contenders(config, numbered_lines(lengths), 2)
+  assert (padded_row.strategy, packed_row.strategy) == (
+    "random batches, padded per batch",
+    "random batches, packed",
+  )
+  assert padded_row.steps == packed_row.steps == steps
+  assert padded_row.real_timesteps == packed_row.real_timesteps == sum(lengths)
+  assert (padded_row.padded_timesteps, packed_row.padded_timesteps) == (padded, sum(lengths))
