@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend import core as jax_core
-from jax.sharding import NamedSharding
+from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import train
@@ -115,3 +115,45 @@ def test_a_replicated_operands_gradient_sums_every_devices_rows():
   assert "shard_map" in str(jaxpr)
   np.testing.assert_allclose(weights_gradient, rows.sum(axis=0))
   np.testing.assert_allclose(rows_gradient, np.broadcast_to(weights, rows.shape))
+
+
+def shapes_per_device(jaxpr) -> list[int]:
+  """The shape of each operand inside the one `shard_map` of `jaxpr`: what one device gets."""
+  (shard_map,) = [
+    equation for equation in jaxpr.jaxpr.eqns if equation.primitive.name == "shard_map"
+  ]
+  return [variable.aval.shape for variable in shard_map.params["jaxpr"].invars]
+
+
+def test_rows_split_over_every_axis_of_a_two_axis_mesh():
+  """On a 4 x 2 mesh the rows split 8 ways: 16 rows are 2 a device, 12 do not split evenly
+  (though they would over the first axis alone)."""
+  mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+  rows = jnp.arange(48.0).reshape(16, 3)
+  weights = jnp.asarray([1.0, -2.0, 0.5])
+  with jax.set_mesh(mesh):
+    assert over_rows(12) is row_products
+    jaxpr = jax.make_jaxpr(over_rows(16))(rows, weights)
+    products = jax.jit(over_rows(16))(rows, weights)
+  assert shapes_per_device(jaxpr) == [(2, 3), (3,)]
+  np.testing.assert_allclose(products, rows @ weights)
+
+
+def test_operands_split_along_the_batch_dimension_they_name():
+  """Time-major operands [time, batch, features] split along dim 1, 2 of 16 rows a device, and a
+  result marked `None` comes back whole."""
+
+  def scaled(sequences, scale):
+    return sequences * scale, scale * 2
+
+  sequences = jnp.arange(5 * 16 * 3, dtype=jnp.float32).reshape(5, 16, 3)
+  scale = jnp.asarray([1.0, -2.0, 0.5])
+  with jax.set_mesh(data_mesh(8)):
+    function = over_batch_shards(
+      scaled, batch_size=16, in_batch_dims=(1, None), out_batch_dims=(1, None)
+    )
+    jaxpr = jax.make_jaxpr(function)(sequences, scale)
+    products, doubled = jax.jit(function)(sequences, scale)
+  assert shapes_per_device(jaxpr) == [(5, 2, 3), (3,)]
+  np.testing.assert_allclose(products, sequences * scale)
+  np.testing.assert_allclose(doubled, scale * 2)
