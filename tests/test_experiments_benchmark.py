@@ -384,3 +384,61 @@ def test_torch_rows_count_their_steps_and_padding(monkeypatch, lengths, batch_si
   assert padded_row.steps == packed_row.steps == steps
   assert padded_row.real_timesteps == packed_row.real_timesteps == sum(lengths)
   assert (padded_row.padded_timesteps, packed_row.padded_timesteps) == (padded, sum(lengths))
+
+
+def test_the_report_weighs_auto_against_each_measured_k_over_the_planned_epochs(
+  monkeypatch, tmp_path
+):
+  """The whole driver over stand-in steps: 8 lines of 8 and 8 of 24 at batch 8. An epoch takes
+  4 s at K = 1 and 3 s at K = 2 (0.5 s less under the token budget); compiling K buckets takes
+  1 + 2 K s, so kappa = 2. The cost model charges 0.01 s per padded token: 3.84 s an epoch at
+  K = 1 (16 x 24 tokens), 2.56 s at K = 2 (8 x 8 + 8 x 24)."""
+  planned, repeats_given = [], []
+
+  class StandInBench(benchmark.Bench):
+    def __init__(self, config, data, repeats):
+      self.config, self.data, self.repeats = config, data, repeats
+      repeats_given.append(repeats)
+
+    def plan(self, strategy, num_buckets, max_tokens=0, cost=None, epochs=0):
+      planned.append((strategy, num_buckets, max_tokens))
+      return super().plan(strategy, num_buckets, max_tokens, cost, epochs)
+
+    def contender(self, name, plan, other=None):
+      epoch = {1: 4.0, 2: 3.0}[plan.num_buckets] - (0.5 if plan.max_tokens else 0.0)
+      return a_measurement(
+        contender=name, strategy=plan.strategy, num_buckets=str(plan.num_buckets),
+        compile_seconds=1.0 + 2 * plan.num_buckets, run_epoch=lambda repeat: (0.001, epoch),
+        plan=plan,
+      )  # fmt: skip
+
+  rows = [{"batch": "8", "length": "8"}]
+  monkeypatch.setattr(benchmark, "Bench", StandInBench)
+  monkeypatch.setattr(benchmark, "fit_step_cost", lambda *args: ((0.0, 0.0, 0.01), rows))
+  monkeypatch.setattr(
+    benchmark.train, "load_split", lambda *args: numbered_lines([8] * 8 + [24] * 8)
+  )
+  monkeypatch.setitem(sys.modules, "torch", None)
+  out = tmp_path / "benchmark.md"
+  benchmark.main(["--tiny", "--buckets", "1,2", "--planned-epochs", "10", "--out", str(out)])
+  text = out.read_text()
+
+  assert repeats_given == [3]  # the tiny preset's
+  assert "Times are medians of 3 epochs" in text
+  # K = 1 is measured once, as `none`; the token budget is batch 8 x mean length 16.
+  assert planned == [
+    ("none", 1, 0), ("uniform", 2, 0), ("quantile", 2, 0), ("optimal", 2, 0),
+    ("none", 1, 128), ("optimal", 2, 128), ("auto", 2, 0),
+  ]  # fmt: skip
+  assert "Token budget: 128 padded tokens per step" in text
+  table = [row[:3] for row in table_rows(text, "contender")]
+  assert table[-1] == ["ours, measured cost model", "auto", "2"]
+  # 10 epochs plus compile: K = 1 takes 40 + 3 s, K = 2 30 + 5 s; the model predicts
+  # 38.4 + 2 x 1 and 25.6 + 2 x 2. Auto picks K = 2, the plan measured as uniform K = 2.
+  assert table_rows(text, "K") == [
+    ["1", "4.000", "3.0", "43.0", "40.4"],
+    ["2", "3.000", "5.0", "35.0", "29.6"],
+  ]
+  assert "kappa = 2 s" in text
+  assert "it chose K = 2; measured, that plan costs 35.0 s for 10 epochs" in text
+  assert "is K = 2 at 35.0 s" in text
