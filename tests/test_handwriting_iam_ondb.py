@@ -12,7 +12,9 @@ import zlib
 import numpy as np
 import pytest
 
+import cli_errors
 from handwriting import iam_ondb
+from handwriting.alphabet import IAM_ONDB_T1, Alphabet
 from handwriting.iam_ondb import IamOnDbError, UnusableLineError
 
 FORMS = {  # form id -> split, transcription lines (one per line file)
@@ -181,7 +183,11 @@ def test_character_outside_alphabet_skips_the_line(tmp_path):
 
 def test_a_split_with_every_line_skipped_fails_naming_it(tmp_path):
   forms = dict(FORMS, **{"b02-010": ("validation", ["price: 5 @ 3"])})
-  with pytest.raises(IamOnDbError, match=r"every line of split validation \(testset_v\.txt\) is "):
+  with pytest.raises(
+    IamOnDbError,
+    match=r"every line of split validation \(testset_v\.txt\) is unusable; the first, b02-010-01: "
+    r"character '@'",
+  ):
     iam_ondb.read_iam_ondb(write_download(tmp_path, forms), progress=False)
 
 
@@ -301,3 +307,127 @@ def test_real_quirky_forms(iam_ondb_dir):
   z01 = _real_transcription(iam_ondb_dir, "z01-000z")
   with pytest.raises(UnusableLineError, match="1 CSR transcription lines for 8 line files"):
     iam_ondb.align_transcription("z01-000z", iam_ondb.parse_transcription(z01, "z01"), 8)
+
+
+def test_a_line_file_without_a_stroke_set_fails_naming_the_file(tmp_path):
+  root = write_download(tmp_path)
+  line_path(root, "b02-010-01").write_text("<WhiteboardCaptureSession></WhiteboardCaptureSession>")
+  with pytest.raises(IamOnDbError, match=r"b02-010-01\.xml: no <StrokeSet> element"):
+    iam_ondb.read_iam_ondb(root, progress=False)
+
+
+def test_a_point_without_its_time_fails_naming_file_and_point(tmp_path):
+  root = write_download(tmp_path)
+  xml = line_xml([[(1, 2, 3.0), (4, 5, 3.02)]])
+  line_path(root, "c03-020x-01").write_text(xml.replace(' time="3.02"', ""))
+  with pytest.raises(IamOnDbError, match=r"c03-020x-01\.xml: point 1 of stroke 0 has a missing"):
+    iam_ondb.read_iam_ondb(root, progress=False)
+
+
+def test_the_largest_float32_coordinate_is_accepted():
+  largest = float(np.finfo(np.float32).max)  # finite as float32: the bound itself is allowed
+  points, _ = iam_ondb.parse_line_strokes(line_xml([[(1, largest, 0.0)]]).encode(), "x.xml")
+  assert points[0, 1] == np.float32(largest)
+
+
+def test_times_late_in_a_session_keep_their_hundredths():
+  """Absolute times reach 1.7e7 s, where float32 steps by 2 s: the start is taken off first."""
+  stroke = [(1, 2, 17_000_000.0 + 0.01 * k) for k in range(4)]
+  points, _ = iam_ondb.parse_line_strokes(line_xml([stroke]).encode(), "x.xml")
+  np.testing.assert_allclose(points[:, 2], [0.0, 0.01, 0.02, 0.03], atol=1e-4)
+
+
+def test_a_percent_mark_at_a_line_end_adds_no_empty_line():
+  # The mark after "second" breaks the line before nothing: three texts, not four.
+  assert iam_ondb.align_transcription("f", ["first %%% second %%%", "third"], 3) == [
+    "first",
+    "second",
+    "third",
+  ]
+  with pytest.raises(UnusableLineError, match="2 CSR transcription lines for 3 line files"):
+    iam_ondb.align_transcription("f", ["first %%%", "second"], 3)
+
+
+def test_percent_marks_that_give_more_lines_than_line_files_are_not_split():
+  with pytest.raises(UnusableLineError, match="1 CSR transcription lines for 2 line files"):
+    iam_ondb.align_transcription("f", ["one %% two %% three"], 2)
+
+
+def test_more_transcription_lines_than_line_files_skips_the_form(tmp_path):
+  root = write_download(tmp_path, dict(FORMS, **{"e05-040": ("test", ["another form"])}))
+  (root / "ascii/d04/d04-030/d04-030z.txt").write_text("CSR:\n\none\ntwo\nthree\n")
+  parsed = iam_ondb.read_iam_ondb(root, progress=False)
+  assert [example["id"] for example in parsed.examples["test"]] == ["e05-040-01"]
+  assert [s["id"] for s in parsed.skipped] == ["d04-030z-01", "d04-030z-02"]
+  assert "3 CSR transcription lines for 2 line files" in parsed.skipped[0]["reason"]
+
+
+def test_an_empty_split_file_fails_naming_it(tmp_path):
+  root = write_download(tmp_path)
+  (root / "testset_t.txt").write_text(" \n")
+  with pytest.raises(IamOnDbError, match=r"testset_t\.txt: split file lists no forms"):
+    iam_ondb.read_iam_ondb(root, progress=False)
+
+
+def test_missing_transcriptions_name_the_first_file_and_count_them_all(tmp_path):
+  root = write_download(tmp_path, dict(FORMS, **{"e05-040": ("test", ["another form"])}))
+  (root / "ascii/d04/d04-030/d04-030z.txt").unlink()
+  (root / "ascii/c03/c03-020/c03-020x.txt").unlink()
+  # The folder is the form id without its suffix letter, the file name the whole form id.
+  with pytest.raises(
+    IamOnDbError,
+    match=r"ascii/c03/c03-020/c03-020x\.txt not found \(2 forms of the splits lack one\)",
+  ):
+    iam_ondb.read_iam_ondb(root, progress=False)
+
+
+def test_line_files_of_forms_in_no_split_are_not_read(tmp_path):
+  root = write_download(tmp_path)
+  unlisted = line_path(root, "z01-000z-01")  # a form of the download that no t1 split lists
+  unlisted.parent.mkdir(parents=True)
+  unlisted.write_bytes(b"<WhiteboardCaptureSession><Stroke")
+  parsed = iam_ondb.read_iam_ondb(root, progress=False)
+  assert sum(len(examples) for examples in parsed.examples.values()) == 6
+
+
+def test_an_archive_in_any_member_order_gives_each_line_its_own_text(tmp_path):
+  root = write_download(tmp_path, archives=True)
+  archive = root / iam_ondb.STROKES_ARCHIVE
+  with tarfile.open(archive) as tar:
+    members = [(member, tar.extractfile(member).read()) for member in tar.getmembers()]
+  with tarfile.open(archive, "w:gz") as tar:
+    for member, data in reversed(members):
+      tar.addfile(member, io.BytesIO(data))
+  parsed = iam_ondb.read_iam_ondb(root, progress=False)
+  train = [(example["id"], example["text"]) for example in parsed.examples["train"]]
+  assert train == [
+    ("a01-000u-01", FORMS["a01-000u"][1][0]),
+    ("a01-000u-02", FORMS["a01-000u"][1][1]),
+  ]
+
+
+def test_lines_are_checked_against_the_alphabet_given(tmp_path):
+  no_capital_g = Alphabet(IAM_ONDB_T1.replace("G", ""))
+  parsed = iam_ondb.read_iam_ondb(write_download(tmp_path), no_capital_g, progress=False)
+  assert [example["id"] for example in parsed.examples["train"]] == ["a01-000u-02"]
+  assert [s["id"] for s in parsed.skipped] == ["a01-000u-01"]  # "... Mr . Gaitskell"
+  assert "'G'" in parsed.skipped[0]["reason"]
+
+
+def test_progress_false_draws_no_bar_even_on_a_terminal(tmp_path, capfd, monkeypatch):
+  monkeypatch.setattr(cli_errors, "shows_progress_bars", lambda: True)
+  root = write_download(tmp_path)
+  iam_ondb.read_iam_ondb(root, progress=True)
+  assert "Parsing IAM-OnDB" in capfd.readouterr().err  # the terminal, as the bar sees it
+  iam_ondb.read_iam_ondb(root, progress=False)
+  assert "Parsing IAM-OnDB" not in capfd.readouterr().err
+
+
+def test_check_manual_dir_names_missing_ink_before_anything_is_parsed(tmp_path):
+  root = write_download(tmp_path, archives=True)
+  assert iam_ondb.check_manual_dir(root) == root
+  (root / iam_ondb.STROKES_ARCHIVE).unlink()
+  with pytest.raises(
+    IamOnDbError, match=r"neither lineStrokes-all\.tar\.gz nor an extracted lineStrokes/ folder"
+  ):
+    iam_ondb.check_manual_dir(root)
