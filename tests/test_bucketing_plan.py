@@ -82,25 +82,23 @@ def test_overflow_drop_and_truncate_are_counted():
   assert list(truncated.effective_lengths) == [10, 32, 20, 32]
 
 
-def test_label_widths_are_the_longest_label_per_bucket():
-  plan = plan_lib.make_plan(
+def two_bucket_plan() -> plan_lib.BucketPlan:
+  """Lengths 5, 6 | 30, 31 at bounds 10 | 40, batch 2, labels 2, 4 | 9, 3 long."""
+  return plan_lib.make_plan(
     [5, 6, 30, 31],
     strategy="fixed",
     upper_bounds=[10, 40],
     batch_size=2,
     label_lengths=[2, 4, 9, 3],
   )
-  np.testing.assert_array_equal(plan.label_upper_bounds, [4, 9])
+
+
+def test_label_widths_are_the_longest_label_per_bucket():
+  np.testing.assert_array_equal(two_bucket_plan().label_upper_bounds, [4, 9])
 
 
 def test_a_plan_for_other_sequences_keeps_its_shapes_and_buckets_them_alike():
-  plan = plan_lib.make_plan(
-    [5, 6, 30, 31],
-    strategy="fixed",
-    upper_bounds=[10, 40],
-    batch_size=2,
-    label_lengths=[2, 4, 9, 3],
-  )
+  plan = two_bucket_plan()
   other = plan.for_sequences(np.array([40, 10, 11, 1, 2]), ["a", "b", "c", "d", "e"])
   # Each in the first bucket that holds it, a bound included, as make_plan would put it.
   np.testing.assert_array_equal(other.bucket_of_example, [1, 0, 1, 0, 0])
