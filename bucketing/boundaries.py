@@ -84,7 +84,8 @@ def uniform_bounds(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
 
 
 def quantile_bounds(lengths: np.ndarray, num_buckets: int) -> np.ndarray:
-  """Equal-count ranges: bucket b ends at the length of the (b+1)/K-th quantile sequence.
+  """Equal-count ranges: bucket b (from 0) ends at the length of the ceil((b + 1) N / K)-th
+  shortest of the N sequences, so the last ends at the longest.
 
   Ties at a quantile keep equal lengths together, so counts are equal up to ties.
   """

@@ -26,7 +26,7 @@ class BucketPlan:
     bucket_of_example: [num_examples] bucket index of each sequence; -1 for a dropped one.
     lengths: [num_examples] the sequences' own lengths, before any truncation.
     label_upper_bounds: [num_buckets] static label width of each bucket, when label lengths were
-      given (the longest label in the bucket), else None.
+      given (the longest label in the bucket; 1 in a bucket that holds none), else None.
     num_devices: the global device count batch sizes are divisible by.
     batch_size, max_tokens: the batch-size rule (one of them is set), see `cost.batch_sizes`.
     round_to: bounds are multiples of this; the `none` baseline of the report is rounded alike.

@@ -19,8 +19,8 @@ LOG = logging.getLogger("train.stop")
 class StopRequest:
   """Asks training to stop at the next step boundary and checkpoint: on SIGINT (Ctrl-C) or
   SIGTERM (what schedulers send before a kill), or once `max_minutes` of wall time have passed
-  since it was made (0: no cap). The same signal again acts as it would have without this
-  (Ctrl-C twice quits at once)."""
+  since it was made (0: no cap). The first of these stays the `reason`, whatever comes after.
+  The same signal again acts as it would have without this (Ctrl-C twice quits at once)."""
 
   SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
