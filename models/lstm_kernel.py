@@ -306,9 +306,9 @@ def _pad_operands(projected, recurrent_kernel, config: KernelConfig):
   extra_rows = -batch % config.batch_tile
   stacked = _pad_gate_axis(jnp.stack(projected), hidden, padded)
   stacked = jnp.pad(stacked, ((0, 0), (0, 0), (0, extra_rows), (0, 0)))
-  kernel = _pad_gate_axis(recurrent_kernel, hidden, padded)
-  kernel = jnp.pad(kernel, ((0, 0), (0, padded - hidden), (0, 0)))
-  return stacked, kernel
+  padded_kernel = _pad_gate_axis(recurrent_kernel, hidden, padded)
+  padded_kernel = jnp.pad(padded_kernel, ((0, 0), (0, padded - hidden), (0, 0)))
+  return stacked, padded_kernel
 
 
 def lstm_recurrence_kernel(
