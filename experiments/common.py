@@ -14,6 +14,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.manual_dir = ml_collections.FieldReference(None, field_type=str)
   config.data.train_split = "train"
   config.data.eval_split = "validation"  # early stopping watches this split (selection_metric)
+  # Scored once training ends, with the best epoch's parameters; None: no test split.
   config.data.test_split = ml_collections.FieldReference(None, field_type=str)
   # Per-split example caps (0 = all): tiny variants and quick sweeps take a prefix.
   config.data.train_limit = 0
