@@ -1261,9 +1261,8 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
     config, config.data.train_split, config.data.train_limit, str(source)
   )
   eval_sets = {}
-  for split in [config.data.eval_split] + (
-    [config.data.test_split] if config.data.test_split else []
-  ):
+  # A test split that is the validation split is loaded, and its bad lines counted, once.
+  for split in dict.fromkeys(filter(None, (config.data.eval_split, config.data.test_split))):
     eval_sets[split], skipped_in_split = _load_checked(
       config, split, config.data.eval_limit, str(source)
     )

@@ -2104,3 +2104,18 @@ def test_a_full_disk_ends_the_run_with_its_own_error_and_a_restart_continues(tmp
   monkeypatch.undo()
   summary = train.train_and_evaluate(config, tmp_path)
   assert summary["epochs"] == config.num_epochs and summary["stopped_by"] is None
+
+
+def test_a_test_split_that_is_the_validation_split_is_loaded_and_its_skips_counted_once(tmp_path):
+  bad = {"validation": list(PROBLEMS)}
+  export_with_bad_lines(tmp_path / "data.npz", bad)
+  config = tiny_config(
+    **{
+      "data.dataset": str(tmp_path / "data.npz"),
+      "data.bad_examples": "skip",
+      "data.test_split": "validation",
+    }
+  )
+  _, eval_sets, skipped = train.load_data(config)
+  assert list(eval_sets) == ["validation"]
+  assert [line["split"] for line in skipped] == ["validation"] * len(PROBLEMS)
