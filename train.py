@@ -1872,19 +1872,22 @@ def _account(progress: Progress, step: tuple, plan: bucketing.BucketPlan, bar) -
 
 
 def _prefetch(iterator: Iterator, depth: int = 2) -> Iterator:
-  """Assembles the next batches on a host thread while the device runs the current step."""
-  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    queue = []
+  """Assembles the next batches on a host thread while the device runs the current step. A
+  consumer that stops early (a stop, an error) waits for the batch being assembled only: those
+  queued behind it are dropped."""
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+  try:
     sentinel = object()
     next_item = lambda: next(iterator, sentinel)
-    for _ in range(depth):
-      queue.append(pool.submit(next_item))
+    queue = [pool.submit(next_item) for _ in range(depth)]
     while True:
       item = queue.pop(0).result()
       if item is sentinel:
         return
       queue.append(pool.submit(next_item))
       yield item
+  finally:
+    pool.shutdown(cancel_futures=True)
 
 
 def step_memory_mb(

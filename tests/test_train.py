@@ -2119,3 +2119,24 @@ def test_a_test_split_that_is_the_validation_split_is_loaded_and_its_skips_count
   _, eval_sets, skipped = train.load_data(config)
   assert list(eval_sets) == ["validation"]
   assert [line["split"] for line in skipped] == ["validation"] * len(PROBLEMS)
+
+
+def test_prefetch_closed_early_waits_for_the_batch_being_assembled_and_drops_those_queued():
+  pulled, assembling, release = [], threading.Event(), threading.Event()
+
+  def batches():
+    for item in range(5):
+      if item == 1:  # being assembled when the consumer stops, with item 2 queued behind it
+        assembling.set()
+        release.wait(10)
+      pulled.append(item)
+      yield item
+
+  prefetched = train._prefetch(batches(), depth=2)
+  assert next(prefetched) == 0
+  assert assembling.wait(10)
+  timer = threading.Timer(0.2, release.set)
+  timer.start()
+  prefetched.close()
+  timer.join()
+  assert pulled == [0, 1]
