@@ -1680,7 +1680,8 @@ def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainSta
   with progress_bar(
     plan.num_steps, progress.step_in_epoch, f"epoch {progress.epoch}", show_bar
   ) as bar:
-    late = ReadOneLate(lambda *step: _account(progress, step, plan, bar))
+    counted = progress.epoch_train_weight  # a resumed epoch's lines before this start
+    late = ReadOneLate(lambda *step: _account(progress, step, plan, bar, counted))
     for scheduled, batch in batches:
       state, step_metrics = run.steps.train_step(scheduled.bucket)(state, batch)
       run.check_no_recompile(
@@ -1851,8 +1852,12 @@ class ReadOneLate:
       self._read(*pending)
 
 
-def _account(progress: Progress, step: tuple, plan: bucketing.BucketPlan, bar) -> None:
-  """Adds a finished step's loss to the epoch's (`ReadOneLate`), and fails on a NaN or inf one."""
+def _account(
+  progress: Progress, step: tuple, plan: bucketing.BucketPlan, bar, counted_before: float = 0.0
+) -> None:
+  """Adds a finished step's loss to the epoch's (`ReadOneLate`), and fails on a NaN or inf one;
+  the progress bar's rate counts the lines since `counted_before`, the epoch's when its clock
+  started."""
   step_info, step_metrics = step
   values = jax.device_get(step_metrics)
   if not np.isfinite(values["loss"]):
@@ -1867,7 +1872,7 @@ def _account(progress: Progress, step: tuple, plan: bucketing.BucketPlan, bar) -
   if bar is not None:
     bar.update(step_info.step + 1 - bar.n)
     seconds = bar.format_dict["elapsed"]
-    sequences = progress.epoch_train_weight
+    sequences = progress.epoch_train_weight - counted_before
     bar.set_postfix(loss=f"{values['loss']:.3f}", seq_per_s=f"{sequences / max(seconds, 1e-9):.1f}")
 
 

@@ -2140,3 +2140,25 @@ def test_prefetch_closed_early_waits_for_the_batch_being_assembled_and_drops_tho
   prefetched.close()
   timer.join()
   assert pulled == [0, 1]
+
+
+def test_the_progress_bar_rate_of_a_resumed_epoch_counts_only_this_starts_lines(
+  stopped_at_step_6, tmp_path, monkeypatch
+):
+  class Bar:  # a second on its clock at every step
+    n, format_dict, rates = 0, {"elapsed": 1.0}, []
+
+    def update(self, steps):
+      self.n += steps
+
+    def set_postfix(self, loss, seq_per_s):
+      self.rates.append(float(seq_per_s))
+
+  bar = Bar()
+  monkeypatch.setattr(train, "progress_bar", lambda *args: contextlib.nullcontext(bar))
+  workdir = tmp_path / "run"
+  shutil.copytree(stopped_at_step_6, workdir)
+  train.train_and_evaluate(tiny_config(max_steps=7, progress_bar=True), workdir)
+  batch = tiny_config().bucketing.batch_size
+  assert bar.n == 7 and len(bar.rates) == 1  # the bar starts at step 6, then one step
+  assert 0 < bar.rates[0] <= batch  # one step's lines, not the 6 before as well
