@@ -1047,8 +1047,10 @@ def _train_in(workdir, config, stop, mesh, train_set, eval_sets, skipped) -> dic
       )
       state, progress = train_epochs(run, state, progress)
       ending = how_training_ended(run, progress, int(jax.device_get(state.step)))
-      if stop.reason:  # a signal or the time cap: only the compiles already running (a step
-        steps.close()  # the test split needs compiles when it is looked up)
+      # After a signal or the time cap only the compiles already running finish; an eval step
+      # the test split still needs compiles when it is looked up.
+      if stop.reason:
+        steps.close()
       else:
         steps.wait()
     test_scores = {} if ending.stopped_by else evaluate_test_split(run, state.params)
@@ -1553,6 +1555,8 @@ def replicated_state(config, mesh: jax.sharding.Mesh, total_steps: int) -> Train
 
 
 def initial_state(config, plan: bucketing.BucketPlan, mesh) -> TrainState:
+  """The fresh replicated state a run starts from, its learning rate scheduled over all of the
+  plan's epochs; logs the LSTM and CTC implementations `auto` chose."""
   state = replicated_state(config, mesh, plan.num_steps * config.num_epochs)
   LOG.info("%s", describe_implementations(config))
   return state
@@ -1601,9 +1605,10 @@ def finished_earlier(
 ) -> dict | None:
   """The `summary.json` of a run that an earlier start finished, when this start has nothing to
   do: its schedule is done and process 0 holds the summary written at this global step by a
-  start that was not stopped, with scores of this config's test split if it has one. Else (no
-  such summary, a stopped start's, or a test split it did not score) this start goes on: it
-  compiles, and scores the test split. None otherwise."""
+  start that was not stopped, with scores of this config's test split if it has one. None when
+  this start goes on (no such summary, a stopped start's, or a test split it did not score): it
+  compiles, and scores the test split. Processes other than 0, which read no file, get a stand-in
+  holding the global step and `ended_by: "finished earlier"`."""
   if not schedule_done(config, progress, global_step):
     return None
   summary = None
@@ -1807,6 +1812,8 @@ def evaluate_test_split(run: Run, params: Any) -> dict[str, float]:
 
 
 def log_compile_accounting(summary: dict) -> None:
+  """Logs what the run compiled and how long it took (`CompiledSteps.accounting`), and XLA's
+  planned memory of the train steps when the backend gives it (`_step_memory`)."""
   first = summary["time_to_first_step_s"]
   dropped = summary["compiles_dropped"]
   LOG.info(
