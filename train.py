@@ -1658,9 +1658,19 @@ def ended_by(config: ml_collections.ConfigDict, progress: Progress) -> str:
   return "patience" if stalled(config, progress) else "max_steps"
 
 
+# With several processes, agreeing on a stop is a collective that waits for the step just
+# dispatched, so the host would stall at every step: they agree every this many global steps.
+STOP_AGREED_EVERY = 8
+
+
 def cut_short(run: Run, global_step: int) -> bool:
-  """`max_steps` taken, or a stop requested (a signal, the time cap): checked at every step."""
-  return out_of_steps(run.config, global_step) or run.stop.requested()
+  """`max_steps` taken, or a stop requested (a signal, the time cap): checked at every step, and
+  with several processes at every `STOP_AGREED_EVERY`-th global step (the same on all)."""
+  if out_of_steps(run.config, global_step):
+    return True
+  if jax.process_count() > 1 and global_step % STOP_AGREED_EVERY:
+    return False
+  return run.stop.requested()
 
 
 def train_one_epoch(run: Run, state: TrainState, progress: Progress) -> TrainState:

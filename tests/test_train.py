@@ -965,6 +965,31 @@ def test_a_line_ctc_cannot_align_is_refused_or_skipped_at_load(monkeypatch):
   assert skipped[0]["id"] not in data.ids
 
 
+@pytest.mark.parametrize(("processes", "agreed_at"), [(1, [1, 2, 3, 8, 9, 16]), (2, [8, 16])])
+def test_several_processes_agree_on_a_stop_every_few_steps_not_at_every_one(
+  monkeypatch, processes, agreed_at
+):
+  """The agreement is a collective that waits for the step just dispatched: with several
+  processes it comes at the same global steps on all, every `STOP_AGREED_EVERY`-th."""
+  asked = []
+
+  def requested():
+    asked.append(step)
+    return step == 16
+
+  monkeypatch.setattr(jax, "process_count", lambda: processes)
+  run = types.SimpleNamespace(config=tiny_config(), stop=types.SimpleNamespace(requested=requested))
+  assert train.STOP_AGREED_EVERY == 8
+  stopped = []
+  for step in (1, 2, 3, 8, 9, 16):
+    if train.cut_short(run, step):
+      stopped.append(step)
+  assert asked == agreed_at and stopped == [16]
+  # max_steps needs no agreement: every process counts the same steps.
+  run.config = tiny_config(max_steps=3)
+  assert train.cut_short(run, 3)
+
+
 def test_read_one_late_reads_each_step_once_the_next_is_dispatched():
   events = []
   late = train.ReadOneLate(lambda step, outputs: events.append(f"read {step} {outputs}"))
