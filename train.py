@@ -1201,7 +1201,6 @@ def restore(
     )
   else:
     checkpoints.align_best(progress, state.params)
-  if global_step:
     LOG.info(
       "resumed from checkpoint at global step %d: epoch %d, step %d of the schedule",
       global_step,
