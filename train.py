@@ -2065,9 +2065,12 @@ def evaluate_checkpoint(
   plan_path = workdir / PLAN_FILE
   if not plan_path.exists():
     raise FileNotFoundError(f"{plan_path} is missing: is {workdir} a training workdir?")
-  train_bounds = np.array(cli_errors.read_json_object(plan_path, ("upper_bounds",))["upper_bounds"])
-  if train_bounds.ndim != 1 or not train_bounds.size:
-    raise ValueError(f"{plan_path}: upper_bounds {train_bounds.tolist()} are no bucket bounds")
+  saved_bounds = cli_errors.read_json_object(plan_path, ("upper_bounds",))["upper_bounds"]
+  try:
+    train_bounds = bucketing.boundaries.fixed_bounds(saved_bounds)
+  except ValueError as error:
+    message = f"{plan_path}: upper_bounds {saved_bounds!r} are no bucket bounds ({error})"
+    raise ValueError(message) from None
   source = data_source(config)
   data, skipped = _load_checked(config, split, config.data.eval_limit, str(source))
   plan = make_eval_plans(

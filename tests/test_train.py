@@ -1123,7 +1123,9 @@ def test_evaluate_the_best_or_the_latest_checkpoint(tmp_path, monkeypatch):
   for text, message in (
     ("[]", "not a JSON object"),
     ("{}", "no upper_bounds"),
-    ('{"upper_bounds": []}', "upper_bounds [] are no bucket bounds"),
+    ('{"upper_bounds": []}', "upper_bounds [] are no bucket bounds (fixed bounds need"),
+    ('{"upper_bounds": ["64"]}', "upper_bounds ['64'] are no bucket bounds (fixed bounds must be"),
+    ('{"upper_bounds": [64, 32]}', "upper_bounds [64, 32] are no bucket bounds (fixed bounds mu"),
     (plan.read_text()[:-20], "not valid JSON"),
   ):
     plan.write_text(text)
