@@ -649,10 +649,9 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, j
       train=True,
       rngs={"dropout": dropout_key},
     )
-    loss, per_example = state.ctc_loss_fn(
+    return state.ctc_loss_fn(  # the mean loss, and each line's for the metrics
       logits, batch["input_paddings"], batch["labels"], batch["label_paddings"], batch["weights"]
     )
-    return loss, per_example
 
   (loss, per_example), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics_out = {
@@ -1938,7 +1937,7 @@ def _step_memory(run: Run) -> dict:
       for bucket in range(run.plan.num_buckets)
     ]
     return {
-      "train_step_memory_mb": None if known.count(None) == len(known) else known,
+      "train_step_memory_mb": None if all(mb is None for mb in known) else known,
       **dict.fromkeys(("peak_step_memory_mb", "peak_step_bucket", "mean_step_memory_mb")),
     }
   megabytes, peak, mean = step_memory_mb(memory, run.plan)
@@ -2114,7 +2113,7 @@ def inference_length(length: int, round_to: int) -> int:
   quarter more timesteps than `round_to` alone pads to, in shapes as many as the log of the
   length."""
   multiples = -(-length // round_to)
-  step = max(1, 2 ** (multiples.bit_length() - 3))  # 4 steps from 2**k to 2**(k+1) multiples
+  step = 1 << max(0, multiples.bit_length() - 3)  # 4 steps from 2**k to 2**(k+1) multiples
   return -(-multiples // step) * step * round_to
 
 
