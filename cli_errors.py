@@ -157,8 +157,8 @@ def differences(
 ) -> list[str]:
   """How a record an earlier command wrote (there) and this command's (here) differ, sorted, as
   `"<prefix><field>=<before> there, <now> here"`: over `fields` (default: every field either
-  holds; a field one lacks is None there), those whose values differ. The words every error and
-  warning about a changed config or setting uses."""
+  holds; a field a record lacks shows as None in it), those whose values differ. The words every
+  error and warning about a changed config or setting uses."""
   fields = before.keys() | now.keys() if fields is None else fields
   return [
     f"{prefix}{field}={before.get(field)!r} there, {now.get(field)!r} here"
