@@ -2170,7 +2170,8 @@ if __name__ == "__main__":
       summary = train_and_evaluate(config, _WORKDIR.value)
     else:
       summary = evaluate_checkpoint(config, _WORKDIR.value, _SPLIT.value, _CHECKPOINT.value)
-    print(json.dumps(_json_safe(summary), indent=2))
+    if jax.process_index() == 0:  # one summary for the run, as it has one log
+      print(json.dumps(_json_safe(summary), indent=2))
     # Stopped by a signal: the shell's code for death by it, so a scheduler sees an unfinished job.
     stopped_by = summary.get("stopped_by")
     return 128 + signal.Signals[stopped_by] if stopped_by in ("SIGINT", "SIGTERM") else 0

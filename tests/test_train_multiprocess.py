@@ -105,3 +105,41 @@ def test_two_processes_plan_auto_alike(tmp_path):
   plan = json.loads((tmp_path / "plan.json").read_text())
   measured = plan["measured_cost"]["cost_model"]
   assert plan["cost_model"] == {**measured, "kappa": 0.0}
+
+
+@pytest.mark.slow
+def test_the_command_line_prints_the_summary_from_process_0_only(tmp_path):
+  port = free_port()
+  environment = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+  workers = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "train.py",
+        "--config=experiments/synthetic.py:tiny",
+        f"--workdir={tmp_path}",
+        "--config.num_epochs=1",
+        "--config.compilation_cache_dir=",
+        "--config.distributed.initialize=True",
+        f"--config.distributed.coordinator_address=localhost:{port}",
+        "--config.distributed.num_processes=2",
+        f"--config.distributed.process_id={index}",
+      ],
+      env=environment,
+      cwd=ROOT,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for index in range(2)
+  ]
+  outputs = [worker.communicate(timeout=600) for worker in workers]
+  for worker, (_, stderr) in zip(workers, outputs, strict=True):
+    assert worker.returncode == 0, stderr[-3000:]
+  # Less the collectives' own lines, which gloo prints to stdout on every process.
+  (first_out, first_err), (second_out, second_err) = [
+    ("".join(line for line in out.splitlines(True) if not line.startswith("[Gloo]")), err)
+    for out, err in outputs
+  ]
+  assert json.loads(first_out)["num_processes"] == 2 and second_out == ""
+  assert "epoch 0: train loss" in first_err and "epoch 0" not in second_err
