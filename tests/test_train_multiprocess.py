@@ -45,25 +45,32 @@ def free_port() -> int:
     return probe.getsockname()[1]
 
 
-def run_two_processes(workdir: pathlib.Path, **overrides) -> list[str]:
-  """Runs the worker as processes 0 and 1 of one run; their outputs."""
-  code = WORKER.format(root=str(ROOT), port=free_port(), workdir=str(workdir), overrides=overrides)
-  environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def run_together(commands: list[list[str]], environment: dict) -> list[tuple[str, str]]:
+  """Runs the commands at once (the processes of one run), each to success; their stdout and
+  stderr."""
   workers = [
     subprocess.Popen(
-      [sys.executable, "-c", code, str(index)],
+      command,
       env=environment,
       cwd=ROOT,
       stdout=subprocess.PIPE,
-      stderr=subprocess.STDOUT,
+      stderr=subprocess.PIPE,
       text=True,
     )
-    for index in range(2)
+    for command in commands
   ]
-  outputs = [worker.communicate(timeout=600)[0] for worker in workers]
-  for worker, output in zip(workers, outputs, strict=True):
-    assert worker.returncode == 0, output[-3000:]
+  outputs = [worker.communicate(timeout=600) for worker in workers]
+  for worker, (stdout, stderr) in zip(workers, outputs, strict=True):
+    assert worker.returncode == 0, (stdout + stderr)[-3000:]
   return outputs
+
+
+def run_two_processes(workdir: pathlib.Path, **overrides) -> list[str]:
+  """Runs the worker as processes 0 and 1 of one run; what they printed."""
+  code = WORKER.format(root=str(ROOT), port=free_port(), workdir=str(workdir), overrides=overrides)
+  environment = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  commands = [[sys.executable, "-c", code, str(index)] for index in range(2)]
+  return [stdout for stdout, _ in run_together(commands, environment)]
 
 
 @pytest.mark.slow
@@ -111,35 +118,22 @@ def test_two_processes_plan_auto_alike(tmp_path):
 def test_the_command_line_prints_the_summary_from_process_0_only(tmp_path):
   port = free_port()
   environment = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-  workers = [
-    subprocess.Popen(
-      [
-        sys.executable,
-        "train.py",
-        "--config=experiments/synthetic.py:tiny",
-        f"--workdir={tmp_path}",
-        "--config.num_epochs=1",
-        "--config.compilation_cache_dir=",
-        "--config.distributed.initialize=True",
-        f"--config.distributed.coordinator_address=localhost:{port}",
-        "--config.distributed.num_processes=2",
-        f"--config.distributed.process_id={index}",
-      ],
-      env=environment,
-      cwd=ROOT,
-      stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE,
-      text=True,
-    )
-    for index in range(2)
+  command = [
+    sys.executable,
+    "train.py",
+    "--config=experiments/synthetic.py:tiny",
+    f"--workdir={tmp_path}",
+    "--config.num_epochs=1",
+    "--config.compilation_cache_dir=",
+    "--config.distributed.initialize=True",
+    f"--config.distributed.coordinator_address=localhost:{port}",
+    "--config.distributed.num_processes=2",
   ]
-  outputs = [worker.communicate(timeout=600) for worker in workers]
-  for worker, (_, stderr) in zip(workers, outputs, strict=True):
-    assert worker.returncode == 0, stderr[-3000:]
-  # Less the collectives' own lines, which gloo prints to stdout on every process.
-  (first_out, first_err), (second_out, second_err) = [
-    ("".join(line for line in out.splitlines(True) if not line.startswith("[Gloo]")), err)
-    for out, err in outputs
-  ]
-  assert json.loads(first_out)["num_processes"] == 2 and second_out == ""
+  commands = [[*command, f"--config.distributed.process_id={index}"] for index in range(2)]
+  outputs = run_together(commands, environment)
+  # Gloo prints to stdout on every process as its collectives connect, from several threads (so
+  # its lines can come broken), and never a brace: the summary is the JSON object after them.
+  (first_out, first_err), (second_out, second_err) = outputs
+  assert json.loads(first_out[first_out.index("{\n") :])["num_processes"] == 2
+  assert "{" not in second_out
   assert "epoch 0: train loss" in first_err and "epoch 0" not in second_err
