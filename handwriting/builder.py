@@ -27,6 +27,19 @@ _CITATION = """\
 """
 
 
+class _LocalDatasetInfo(tfds.core.DatasetInfo):
+  """`DatasetInfo` that never looks for pre-computed info in TFDS's GCS bucket.
+
+  TFDS 4.9.10 does that at every builder made for a folder that holds no build yet, and first makes
+  a temporary folder for the files it would copy; with the bucket out of reach (our case: this
+  dataset is not there) it returns and leaves the empty `/tmp/tmp...tfds` folder behind, one per
+  `handwriting build` or data-source lookup.
+  """
+
+  def initialize_from_bucket(self) -> None:
+    pass
+
+
 class IamOndb(tfds.core.GeneratorBasedBuilder):
   """IAM-OnDB text lines (pen points + transcription) in the IAM-OnDB-t1 splits."""
 
@@ -58,7 +71,7 @@ class IamOndb(tfds.core.GeneratorBasedBuilder):
     super().__init__(file_format=file_format, **kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
+    return _LocalDatasetInfo(
       builder=self,
       description=(
         "Online handwriting: pen trajectories of English text lines written on a whiteboard. "

@@ -2,6 +2,7 @@
 
 import pathlib
 import re
+import tempfile
 import types
 
 import numpy as np
@@ -309,6 +310,16 @@ def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
   source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir="~/download")
   assert source.path == tmp_path / "home" / "download"
   assert dataset.export_path("iam_ondb", "") == default_export  # "" is unset, not the cwd
+
+
+def test_looking_for_a_build_leaves_no_temporary_folder(tmp_path, monkeypatch):
+  temp = tmp_path / "temp"
+  temp.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temp))
+  empty = tmp_path / "empty"
+  source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir=tmp_path / "download")
+  assert source.kind == "build"
+  assert list(temp.iterdir()) == [] and not empty.exists()
 
 
 def test_ctc_needs_a_frame_per_character_and_a_blank_between_equal_neighbours():
