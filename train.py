@@ -1257,17 +1257,23 @@ def load_data(config) -> tuple[dataset_lib.SequenceSet, dict[str, dataset_lib.Se
   lines skipped as bad (`config.data.bad_examples`), after saying where the data comes from."""
   source = data_source(config)
   LOG.info("data: %s", source)
-  train_set, skipped = _load_checked(
-    config, config.data.train_split, config.data.train_limit, str(source)
-  )
-  eval_sets = {}
-  # A test split that is the validation split is loaded, and its bad lines counted, once.
-  for split in dict.fromkeys(filter(None, (config.data.eval_split, config.data.test_split))):
-    eval_sets[split], skipped_in_split = _load_checked(
-      config, split, config.data.eval_limit, str(source)
-    )
-    skipped += skipped_in_split
-  return train_set, eval_sets, skipped
+  loads = {}  # (split, limit): (sequences, skipped lines); a split and limit asked twice load once
+
+  def load(split: str, limit: int) -> dataset_lib.SequenceSet:
+    if (split, limit) not in loads:
+      loads[split, limit] = _load_checked(config, split, limit, str(source))
+    return loads[split, limit][0]
+
+  train_set = load(config.data.train_split, config.data.train_limit)
+  splits = dict.fromkeys(filter(None, (config.data.eval_split, config.data.test_split)))
+  eval_sets = {split: load(split, config.data.eval_limit) for split in splits}
+  # A split loaded under two limits (evaluating on the training split) lists its skipped lines
+  # once: the wider load's, which hold the other's, since a limit takes a split's first lines.
+  widest = {}
+  for (split, limit), (_, skipped) in loads.items():
+    if split not in widest or (limit or math.inf) > (widest[split][0] or math.inf):
+      widest[split] = (limit, skipped)
+  return train_set, eval_sets, [line for _, skipped in widest.values() for line in skipped]
 
 
 def workdir_path(workdir: str | pathlib.Path) -> pathlib.Path:

@@ -2148,6 +2148,35 @@ def test_a_test_split_that_is_the_validation_split_is_loaded_and_its_skips_count
   assert [line["split"] for line in skipped] == ["validation"] * len(PROBLEMS)
 
 
+@pytest.mark.parametrize("eval_limit, kept", [(0, 12), (6, 2), (16, 12)])
+def test_training_on_the_validation_split_counts_its_skipped_lines_once(
+  tmp_path, monkeypatch, eval_limit, kept
+):
+  examples = export_with_bad_lines(tmp_path / "data.npz", {"validation": list(PROBLEMS)})
+  limits = []
+  load_checked = train._load_checked
+
+  def counted(config, split, limit, source):
+    limits.append(limit)
+    return load_checked(config, split, limit, source)
+
+  monkeypatch.setattr(train, "_load_checked", counted)
+  config = tiny_config(
+    **{
+      "data.dataset": str(tmp_path / "data.npz"),
+      "data.bad_examples": "skip",
+      "data.train_split": "validation",
+      "data.train_limit": 0,
+      "data.eval_limit": eval_limit,
+    }
+  )
+  train_set, eval_sets, skipped = train.load_data(config)
+  # The export's 16 validation lines, the first four of them bad.
+  assert len(train_set.ids) == 12 and len(eval_sets["validation"].ids) == kept
+  assert [line["id"] for line in skipped] == [line["id"] for line in examples["validation"][:4]]
+  assert limits == ([0] if eval_limit == 0 else [0, eval_limit])  # one load per split and limit
+
+
 def test_prefetch_closed_early_waits_for_the_batch_being_assembled_and_drops_those_queued():
   pulled, assembling, release = [], threading.Event(), threading.Event()
 
