@@ -372,9 +372,7 @@ def measure_cost_model(
         state, mesh, num_features, rows, length, width, repeats, rng
       )
       steps.append([rows, length, seconds, compile_s])
-  measured = np.array(steps, np.float64)
-  if jax.process_count() > 1:
-    measured = np.asarray(multihost_utils.broadcast_one_to_all(measured))
+  measured = np.array(from_process_0(steps), np.float64)
   rows, lengths, seconds, compiles = measured.T
   alpha, gamma, beta = bucketing.fit_step_model(rows, lengths, seconds)
   model = bucketing.CostModel(alpha=alpha, beta=beta, gamma=gamma, kappa=float(np.median(compiles)))
@@ -1156,8 +1154,7 @@ def check_fresh_start(checkpoints: Checkpoints, workdir: pathlib.Path) -> None:
   best = checkpoints.best.latest_step() is not None
   metrics_path = workdir / METRICS_FILE
   epochs = len(metrics_path.read_text().splitlines()) if metrics_path.is_file() else 0
-  if jax.process_count() > 1:
-    best, epochs = (int(v) for v in multihost_utils.broadcast_one_to_all(np.array([best, epochs])))
+  best, epochs = from_process_0([best, epochs])
   if best:
     raise ValueError(
       f"{checkpoints.best.directory} holds an earlier run's best parameters, and there is no "
@@ -1327,8 +1324,7 @@ def auto_cost_model(config, train_set, mesh, workdir: pathlib.Path) -> MeasuredC
         _write_atomically(path, json.dumps(saved, indent=2))
   same = saved is not None and saved["report"]["fitted_to"] == _cost_fingerprint(config)
   reuse = saved is not None and (resuming or same)
-  if jax.process_count() > 1:  # one decision for all: the measuring steps are collective
-    reuse = bool(multihost_utils.broadcast_one_to_all(np.array(reuse)))
+  reuse = from_process_0(reuse)  # one decision for all: the measuring steps are collective
   if reuse:
     measured = MeasuredCost(bucketing.CostModel(**saved["cost_model"]), saved["report"], True)
     if not same:
@@ -1611,8 +1607,7 @@ def finished_earlier(
   do: its schedule is done and process 0 holds the summary written at this global step by a
   start that was not stopped, with scores of this config's test split if it has one. None when
   this start goes on (no such summary, a stopped start's, or a test split it did not score): it
-  compiles, and scores the test split. Processes other than 0, which read no file, get a stand-in
-  holding the global step and `ended_by: "finished earlier"`."""
+  compiles, and scores the test split. Every process gets process 0's decision and summary."""
   if not schedule_done(config, progress, global_step):
     return None
   summary = None
@@ -1631,12 +1626,8 @@ def finished_earlier(
       and (not split or summary.get("test_split") == split)
     ):
       summary = None
-  found = summary is not None
-  if jax.process_count() > 1:  # every process takes process 0's decision
-    found = bool(multihost_utils.broadcast_one_to_all(np.int32(found)))
-  if not found:
-    return None
-  if jax.process_index() == 0:
+  summary = from_process_0(summary)
+  if summary is not None:
     LOG.info(
       "this run already ended (%s) at global step %d after %d epoch(s): nothing to train; %s "
       "stands (--mode=evaluate scores a checkpoint)",
@@ -1645,8 +1636,18 @@ def finished_earlier(
       progress.epoch,
       workdir / SUMMARY_FILE,
     )
-    return summary
-  return {"global_step": global_step, "ended_by": "finished earlier"}
+  return summary
+
+
+def from_process_0(value: Any) -> Any:
+  """`value`, anything JSON can hold, as process 0 has it, on every process."""
+  if jax.process_count() == 1:
+    return value
+  text = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  size = int(multihost_utils.broadcast_one_to_all(np.int32(text.size)))
+  if jax.process_index() != 0:
+    text = np.zeros(size, np.uint8)
+  return json.loads(np.asarray(multihost_utils.broadcast_one_to_all(text)).tobytes())
 
 
 def stalled(config: ml_collections.ConfigDict, progress: Progress) -> bool:

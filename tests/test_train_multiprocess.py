@@ -17,7 +17,7 @@ from tests.test_train import latest_params, read_rows, tiny_config
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 WORKER = """
-import logging, os, sys
+import json, logging, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 sys.path.insert(0, {root!r})
 import train
@@ -36,6 +36,7 @@ config.distributed.process_id = int(sys.argv[1])
 summary = train.train_and_evaluate(config, {workdir!r})
 print("upper bounds", summary["upper_bounds"])
 print("measured cost model", summary["measured_cost_model"])
+print("summary", json.dumps(summary))
 """
 
 
@@ -96,6 +97,18 @@ def test_two_processes_train_like_one(tmp_path):
     latest_params(tiny_config(), two_dir),
     latest_params(tiny_config(), one_dir),
   )
+
+  # Started again, the finished run trains nothing, and every process returns its summary.
+  again = run_two_processes(two_dir)
+  returned = [
+    [
+      json.loads(line.removeprefix("summary "))
+      for line in out.splitlines()
+      if line.startswith("summary ")
+    ]
+    for out in again
+  ]
+  assert returned == [[two_summary], [two_summary]]
 
 
 @pytest.mark.slow
