@@ -30,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from models.lstm_cell import cell_backward, cell_forward
 from models.lstm_kernel import KernelConfig, lstm_recurrence_kernel
 
 Initializer = Callable[[jax.Array, tuple[int, ...], jnp.dtype], jax.Array]
@@ -80,17 +81,8 @@ def _lstm_step(
     recurrent_kernel,
     preferred_element_type=jnp.float32,
   )
-  input_gate, forget_gate, cell_input, output_gate = jnp.split(pre_activations, 4, axis=-1)
-  input_gate, forget_gate, output_gate = (
-    jax.nn.sigmoid(input_gate),
-    jax.nn.sigmoid(forget_gate),
-    jax.nn.sigmoid(output_gate),
-  )
-  cell_input = jnp.tanh(cell_input)
-  cell = forget_gate * cell + input_gate * cell_input
-  hidden = output_gate * jnp.tanh(cell)
-  gates = jnp.concatenate([input_gate, forget_gate, cell_input, output_gate], axis=-1)
-  return cell, hidden, gates
+  gates, cell, hidden = cell_forward(tuple(jnp.split(pre_activations, 4, axis=-1)), cell)
+  return cell, hidden, jnp.concatenate(gates, axis=-1)
 
 
 def _initial_state(projected: tuple[jax.Array, ...]) -> jax.Array:
@@ -170,26 +162,18 @@ def _lstm_recurrence_backward(unroll, prefetch, residuals, hidden_cotangents):
   def step(carry, inputs):
     hidden_cotangent, cell_cotangent = carry
     output_cotangent, step_gates, previous_cell = inputs
-    input_gate, forget_gate, cell_input, output_gate = jnp.split(step_gates, 4, axis=-1)
-    tanh_cell = jnp.tanh(forget_gate * previous_cell + input_gate * cell_input)
     hidden_cotangent = hidden_cotangent + jnp.stack(output_cotangent).astype(jnp.float32)
-    cell_cotangent = cell_cotangent + hidden_cotangent * output_gate * (1 - tanh_cell**2)
-    pre_activation_cotangents = jnp.concatenate(
-      [
-        cell_cotangent * cell_input * input_gate * (1 - input_gate),
-        cell_cotangent * previous_cell * forget_gate * (1 - forget_gate),
-        cell_cotangent * input_gate * (1 - cell_input**2),
-        hidden_cotangent * tanh_cell * output_gate * (1 - output_gate),
-      ],
-      axis=-1,
+    gate_cotangents, previous_cell_cotangent = cell_backward(
+      tuple(jnp.split(step_gates, 4, axis=-1)), previous_cell, hidden_cotangent, cell_cotangent
     )
+    pre_activation_cotangents = jnp.concatenate(gate_cotangents, axis=-1)
     previous_hidden_cotangent = jnp.einsum(
       "dbg,dgh->dbh",
       pre_activation_cotangents.astype(recurrent_kernel.dtype),
       transposed_kernel,
       preferred_element_type=jnp.float32,
     )
-    carry = (previous_hidden_cotangent, cell_cotangent * forget_gate)
+    carry = (previous_hidden_cotangent, previous_cell_cotangent)
     return carry, tuple(pre_activation_cotangents)
 
   zeros = jnp.zeros_like(previous_cells[0])

@@ -36,6 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from models.batch_sharding import over_batch_shards
+from models.lstm_cell import cell_backward, cell_forward
 
 NUM_GATES = 4
 
@@ -192,15 +193,10 @@ def _forward_kernel(
     pre_activations = [
       projection(gate) + plgpu.dot(recurrent_input, weights[gate]) for gate in range(NUM_GATES)
     ]
-    input_gate = sigmoid(pre_activations[0])
-    forget_gate = sigmoid(pre_activations[1])
-    cell_input = tanh(pre_activations[2])
-    output_gate = sigmoid(pre_activations[3])
     previous_cell_ref[t] = cell
-    cell = forget_gate * cell + input_gate * cell_input
-    hidden_state = output_gate * tanh(cell)
+    gates, cell, hidden_state = cell_forward(pre_activations, cell, sigmoid, tanh)
     hidden_ref[t] = hidden_state.astype(hidden_ref.dtype)
-    for gate, value in enumerate((input_gate, forget_gate, cell_input, output_gate)):
+    for gate, value in enumerate(gates):
       gates_ref[t, :, gate * hidden : (gate + 1) * hidden] = value
     return cell, hidden_state
 
@@ -230,16 +226,11 @@ def _backward_kernel(
   def step(t, load, carry):
     hidden_cotangent, cell_cotangent = carry
     weights = resident if config.weights_resident else _gate_weights(kernel_ref, hidden)
-    input_gate, forget_gate, cell_input, output_gate = (load(gate) for gate in range(NUM_GATES))
+    gates = tuple(load(gate) for gate in range(NUM_GATES))
     previous_cell = load(NUM_GATES)
-    tanh_cell = tanh(forget_gate * previous_cell + input_gate * cell_input)  # as forward's
     hidden_cotangent = hidden_cotangent + load(NUM_GATES + 1).astype(jnp.float32)
-    cell_cotangent = cell_cotangent + hidden_cotangent * output_gate * (1 - tanh_cell * tanh_cell)
-    pre_activation_cotangents = (
-      cell_cotangent * cell_input * input_gate * (1 - input_gate),
-      cell_cotangent * previous_cell * forget_gate * (1 - forget_gate),
-      cell_cotangent * input_gate * (1 - cell_input * cell_input),
-      hidden_cotangent * tanh_cell * output_gate * (1 - output_gate),
+    pre_activation_cotangents, previous_cell_cotangent = cell_backward(
+      gates, previous_cell, hidden_cotangent, cell_cotangent, tanh
     )
     previous_hidden_cotangent = jnp.zeros((tile, hidden), jnp.float32)
     for gate, value in enumerate(pre_activation_cotangents):
@@ -247,7 +238,7 @@ def _backward_kernel(
       previous_hidden_cotangent += plgpu.dot(
         value.astype(kernel_ref.dtype), weights[gate], trans_b=True
       )
-    return previous_hidden_cotangent, cell_cotangent * forget_gate
+    return previous_hidden_cotangent, previous_cell_cotangent
 
   zeros = jnp.zeros((tile, hidden), jnp.float32)
   _time_loop(time, read, step, (zeros, zeros), reverse=True, prefetch=config.prefetch)
