@@ -173,23 +173,40 @@ def _tile_specs(tile: int, *trailing_shapes: tuple[int, ...]) -> list[pl.BlockSp
   return [spec(shape) for shape in trailing_shapes]
 
 
-def _compiler_params(num_warps: int):
-  return plgpu.CompilerParams(num_warps=num_warps, num_stages=1)
+class _Launch(NamedTuple):
+  """How the kernels launch: `ctc_loss_kernel`'s keywords of these names (hashable, so static)."""
+
+  batch_tile: int
+  num_warps: int
+  interpret: bool
+
+  def pallas_call(self, kernel, *, num_rows: int, in_specs, out_specs, out_shape, name: str):
+    """`pl.pallas_call` over a grid of `num_rows / batch_tile` programs, one batch tile each. On a
+    GPU the kernels synchronise the block between storing a row and loading it shifted; the
+    interpreter runs a program's steps in order and has no barrier."""
+    return pl.pallas_call(
+      functools.partial(kernel, synchronise=not self.interpret),
+      grid=(num_rows // self.batch_tile,),
+      in_specs=_tile_specs(self.batch_tile, *in_specs),
+      out_specs=_tile_specs(self.batch_tile, *out_specs),
+      out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=self.num_warps, num_stages=1),
+      interpret=self.interpret,
+      name=name,
+    )
 
 
-def _alpha_call(emissions, frame_paddings, tables, *, batch_tile, num_warps, interpret):
+def _alpha_call(emissions, frame_paddings, tables, launch: _Launch):
   batch, time, states = emissions.shape
-  return pl.pallas_call(
-    functools.partial(_alpha_kernel, synchronise=not interpret),
-    grid=(batch // batch_tile,),
-    in_specs=_tile_specs(batch_tile, (time, states), (time,), *[(states,)] * 4),
-    out_specs=_tile_specs(batch_tile, (), (time + 1, _SLACK + states)),
+  return launch.pallas_call(
+    _alpha_kernel,
+    num_rows=batch,
+    in_specs=[(time, states), (time,), *[(states,)] * 4],
+    out_specs=[(), (time + 1, _SLACK + states)],
     out_shape=[
       jax.ShapeDtypeStruct((batch,), jnp.float32),
       jax.ShapeDtypeStruct((batch, time + 1, _SLACK + states), jnp.float32),
     ],
-    compiler_params=_compiler_params(num_warps),
-    interpret=interpret,
     name="ctc_alpha",
   )(
     emissions,
@@ -201,29 +218,17 @@ def _alpha_call(emissions, frame_paddings, tables, *, batch_tile, num_warps, int
   )
 
 
-def _beta_call(
-  emissions, frame_paddings, alpha, tables, loglik, cotangent, *, batch_tile, num_warps, interpret
-):
+def _beta_call(emissions, frame_paddings, alpha, tables, loglik, cotangent, launch: _Launch):
   batch, time, states = emissions.shape
-  emissions_grad, _ = pl.pallas_call(
-    functools.partial(_beta_kernel, synchronise=not interpret),
-    grid=(batch // batch_tile,),
-    in_specs=_tile_specs(
-      batch_tile,
-      (time, states),
-      (time,),
-      (time + 1, _SLACK + states),
-      *[(states,)] * 3,
-      (),
-      (),
-    ),
-    out_specs=_tile_specs(batch_tile, (time, states), (2, states + _SLACK)),
+  emissions_grad, _ = launch.pallas_call(
+    _beta_kernel,
+    num_rows=batch,
+    in_specs=[(time, states), (time,), (time + 1, _SLACK + states), *[(states,)] * 3, (), ()],
+    out_specs=[(time, states), (2, states + _SLACK)],
     out_shape=[
       jax.ShapeDtypeStruct((batch, time, states), jnp.float32),
       jax.ShapeDtypeStruct((batch, 2, states + _SLACK), jnp.float32),
     ],
-    compiler_params=_compiler_params(num_warps),
-    interpret=interpret,
     name="ctc_beta",
   )(
     emissions,
@@ -238,37 +243,20 @@ def _beta_call(
   return emissions_grad
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _loglik(emissions, frame_paddings, tables, batch_tile, num_warps, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _loglik(emissions, frame_paddings, tables, launch: _Launch):
   """`log p(labels)` per row, `[batch]`, from `emissions [batch, time, states]`."""
-  return _loglik_fwd(emissions, frame_paddings, tables, batch_tile, num_warps, interpret)[0]
+  return _loglik_fwd(emissions, frame_paddings, tables, launch)[0]
 
 
-def _loglik_fwd(emissions, frame_paddings, tables, batch_tile, num_warps, interpret):
-  loglik, alpha = _alpha_call(
-    emissions,
-    frame_paddings,
-    tables,
-    batch_tile=batch_tile,
-    num_warps=num_warps,
-    interpret=interpret,
-  )
+def _loglik_fwd(emissions, frame_paddings, tables, launch):
+  loglik, alpha = _alpha_call(emissions, frame_paddings, tables, launch)
   return loglik, (emissions, frame_paddings, tables, alpha, loglik)
 
 
-def _loglik_bwd(batch_tile, num_warps, interpret, residuals, cotangent):
+def _loglik_bwd(launch, residuals, cotangent):
   emissions, frame_paddings, tables, alpha, loglik = residuals
-  emissions_grad = _beta_call(
-    emissions,
-    frame_paddings,
-    alpha,
-    tables,
-    loglik,
-    cotangent,
-    batch_tile=batch_tile,
-    num_warps=num_warps,
-    interpret=interpret,
-  )
+  emissions_grad = _beta_call(emissions, frame_paddings, alpha, tables, loglik, cotangent, launch)
   return emissions_grad, None, None
 
 
@@ -358,9 +346,7 @@ def ctc_loss_kernel(
       _ctc_loss_kernel,
       blank_id=blank_id,
       log_epsilon=log_epsilon,
-      batch_tile=batch_tile,
-      num_warps=num_warps,
-      interpret=interpret,
+      launch=_Launch(batch_tile, num_warps, interpret),
     ),
     batch_size=logits.shape[0],
     in_batch_dims=(0, 0, 0, 0),
@@ -377,14 +363,12 @@ def _ctc_loss_kernel(
   *,
   blank_id,
   log_epsilon,
-  batch_tile,
-  num_warps,
-  interpret,
+  launch: _Launch,
 ):
   """`ctc_loss_kernel` on the rows it is given."""
   batch, _, _ = logits.shape
   label_time = labels.shape[1]
-  filler = -batch % batch_tile
+  filler = -batch % launch.batch_tile
   if filler:
     # Filler rows: every frame padded and no labels, so loglik 0 and no gradient.
     logits = jnp.pad(logits, ((0, filler), (0, 0), (0, 0)))
@@ -399,12 +383,5 @@ def _ctc_loss_kernel(
   # HIGHEST keeps the selected log-probabilities exact (no TF32 rounding on GPUs).
   emissions = jnp.einsum("btk,bsk->bts", log_probs, state_one_hot, precision=lax.Precision.HIGHEST)
   tables = _transition_tables(labels, label_paddings, states, log_epsilon)
-  loglik = _loglik(
-    emissions,
-    logit_paddings.astype(jnp.float32),
-    tables,
-    batch_tile,
-    num_warps,
-    interpret,
-  )
+  loglik = _loglik(emissions, logit_paddings.astype(jnp.float32), tables, launch)
   return -loglik[:batch]
