@@ -142,6 +142,12 @@ def test_fixed_bounds_are_validated():
       boundaries.fixed_bounds(bad)
 
 
+def test_a_fixed_bound_at_the_longest_allowed_length_is_taken():
+  # A corpus may hold a sequence of MAX_LENGTH, so a bound of MAX_LENGTH must cover it.
+  longest = boundaries.MAX_LENGTH
+  np.testing.assert_array_equal(boundaries.fixed_bounds([8, longest]), [8, longest])
+
+
 @pytest.mark.parametrize(
   ("lengths", "message"),
   [
