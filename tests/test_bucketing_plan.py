@@ -56,6 +56,17 @@ def test_overflow_error_names_the_example_and_its_length():
     )
 
 
+@pytest.mark.parametrize(
+  ("num_over", "end"), [(5, "#5 (length 10); use"), (6, "#5 (length 10) and 1 more; use")]
+)
+def test_overflow_error_names_the_first_five_and_counts_the_rest(num_over, end):
+  with pytest.raises(ValueError) as error:
+    plan_lib.make_plan([1] + [10] * num_over, strategy="fixed", upper_bounds=[5], batch_size=2)
+  message = str(error.value)
+  assert message.startswith(f"{num_over} sequence(s) longer than the largest bucket bound 5: #1 (")
+  assert f"{end} overflow='drop'" in message and "#6" not in message
+
+
 def overflowing_plan(overflow: str, **options) -> plan_lib.BucketPlan:
   """Lengths 10, 50, 20, 70 in bounds 16, 32 and batches of 2: 50 and 70 over the last bound."""
   return plan_lib.make_plan(
@@ -170,11 +181,13 @@ def test_a_cost_model_that_costs_nothing_per_step_predicts_nothing():
     ({"strategy": "optimal", "num_buckets": 2.0}, r"num_buckets must be an integer >= 1, got 2.0"),
     ({"strategy": "auto", "num_epochs": float("nan")}, r"num_epochs must be .* > 0, got nan"),
     ({"strategy": "auto", "num_epochs": -1}, r"num_epochs must be .* > 0, got -1"),
+    ({"strategy": "auto", "num_epochs": 0}, r"num_epochs must be .* > 0, got 0"),
     ({"strategy": "fixed"}, "upper_bounds"),
     ({"strategy": "optimal", "upper_bounds": [5]}, "upper_bounds"),
     ({"strategy": "optimal", "overflow": "ignore"}, "overflow"),
     ({"strategy": "optimal", "num_devices": 0}, "num_devices"),
     ({"strategy": "optimal", "example_ids": ["x"]}, "example ids"),
+    ({"strategy": "optimal", "label_lengths": [1, 2]}, r"^2 label lengths for 3 lengths$"),
   ],
 )
 def test_bad_plans_are_rejected(kwargs, message):
@@ -190,6 +203,14 @@ def test_a_plan_whose_padded_timesteps_int64_cannot_count_is_refused():
   # Half the devices: just countable, and counted exactly.
   summary = plan_lib.make_plan(lengths, num_buckets=3, batch_size=8, num_devices=2**30).summary()
   assert summary["padded_timesteps_with_filler"] == 2**30 * (3 * longest - 3)
+
+
+def test_a_plan_of_exactly_2_to_the_63_padded_timesteps_is_refused():
+  # 2**31 rows in each of 3 buckets at 3, 2**31 - 2 and 2**31 - 1: 2**31 x 2**32 = 2**63
+  # timesteps, one past int64's largest.
+  lengths = [3, 2**31 - 2, 2**31 - 1]
+  with pytest.raises(ValueError, match="more than int64 counts"):
+    plan_lib.make_plan(lengths, num_buckets=3, batch_size=8, num_devices=2**31)
 
 
 def test_real_timesteps_are_counted_exactly_past_float64s_integers():
@@ -226,6 +247,16 @@ def test_predicted_speedup_is_the_baseline_epoch_over_the_bucketed_epoch():
   plan = plan_lib.make_plan([10] * 4 + [100] * 4, strategy="optimal", num_buckets=2, batch_size=4)
   model = cost.CostModel(alpha=0.0, beta=1.0, gamma=0.0, kappa=5.0)
   assert plan.summary(model)["predicted_speedup"] == pytest.approx(800 / 440)
+
+
+def test_the_report_states_the_predicted_speedup_only_with_a_cost_model():
+  # The plan of the test above: 800 / 440 = 1.82x predicted, and 800 / 440 padded timesteps too.
+  plan = plan_lib.make_plan([10] * 4 + [100] * 4, strategy="optimal", num_buckets=2, batch_size=4)
+  model = cost.CostModel(alpha=0.0, beta=1.0, gamma=0.0, kappa=5.0)
+  lines = format_report(plan.summary(model)).splitlines()
+  speedup = "speed-up against one bucket: ideal (padded timesteps) 1.82x"
+  assert f"{speedup}, predicted by the cost model 1.82x" in lines
+  assert speedup in format_report(plan.summary(cost_model=None)).splitlines()
 
 
 def test_a_bucket_exactly_at_the_token_budget_is_not_over_it():
