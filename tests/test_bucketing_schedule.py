@@ -71,6 +71,13 @@ def test_resume_yields_exactly_the_uninterrupted_tail(start_epoch, start_step):
     np.testing.assert_array_equal(expected.indices, got.indices)
 
 
+@pytest.mark.parametrize("num_epochs", [1, 2])
+def test_num_epochs_epochs_are_yielded_and_no_more(num_epochs):
+  steps = list(schedule.iterate(PLAN, seed=0, num_epochs=num_epochs))
+  assert len(steps) == num_epochs * PLAN.num_steps
+  assert [step.epoch for step in steps[:: PLAN.num_steps]] == list(range(num_epochs))
+
+
 @pytest.mark.parametrize("process_count", [1, 2, 4])
 def test_process_slices_tile_the_global_batch(process_count):
   global_steps = list(schedule.iterate(PLAN, seed=5, num_epochs=1))
@@ -87,6 +94,8 @@ def test_process_slices_tile_the_global_batch(process_count):
 def test_bad_positions_are_rejected():
   with pytest.raises(ValueError, match="start_step"):
     next(schedule.iterate(PLAN, 0, start_step=PLAN.num_steps + 1))
+  with pytest.raises(ValueError, match="start_step -1 is outside"):
+    next(schedule.iterate(PLAN, 0, start_step=-1))
   with pytest.raises(ValueError, match="process_index"):
     schedule.process_slice(np.arange(8), 2, 2)
   with pytest.raises(ValueError, match="does not split"):
