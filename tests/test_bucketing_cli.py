@@ -196,6 +196,22 @@ def test_npy_lengths_past_the_longest_allowed_are_refused(
   assert err.endswith(" at index 1\n")
 
 
+def test_npy_lengths_of_a_float_dtype_are_refused(tmp_path, capsys, monkeypatch):
+  # Whole numbers or not: a float array is not a file of lengths, as "12.0" in a text file is not.
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  path = tmp_path / "lengths.npy"
+  np.save(path, np.array([12.0, 30.0]))
+  assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path)])) == 2
+  assert capsys.readouterr().err == f"error: {path}: expected integer lengths, got dtype float64\n"
+
+
+def test_a_round_to_of_the_longest_allowed_length_is_taken(tmp_path, capsys):
+  path = tmp_path / "lengths.txt"
+  path.write_text("12\n")
+  summary = run_json(capsys, "--lengths", path, "--round-to", boundaries.MAX_LENGTH)
+  assert summary["upper_bounds"] == [boundaries.MAX_LENGTH]
+
+
 def test_the_longest_allowed_length_plans_with_exact_sums(tmp_path, capsys):
   longest = boundaries.MAX_LENGTH
   path = tmp_path / "lengths.npy"
