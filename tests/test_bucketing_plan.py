@@ -79,6 +79,13 @@ def overflowing_plan(overflow: str, **options) -> plan_lib.BucketPlan:
   )
 
 
+def test_a_plan_that_drops_every_sequence_is_refused():
+  with pytest.raises(ValueError, match="every sequence was dropped"):
+    plan_lib.make_plan(
+      [50, 70], strategy="fixed", upper_bounds=[16, 32], batch_size=2, overflow="drop"
+    )
+
+
 def test_overflow_drop_and_truncate_are_counted():
   names = {"example_ids": ["a", "b", "c", "d"]}
   dropped = overflowing_plan("drop", **names)
@@ -106,6 +113,12 @@ def two_bucket_plan() -> plan_lib.BucketPlan:
 
 def test_label_widths_are_the_longest_label_per_bucket():
   np.testing.assert_array_equal(two_bucket_plan().label_upper_bounds, [4, 9])
+
+
+def test_the_summary_reports_the_label_widths():
+  summary = two_bucket_plan().summary()
+  assert summary["label_upper_bounds"] == [4, 9]
+  assert [bucket["label_upper_bound"] for bucket in summary["buckets"]] == [4, 9]
 
 
 def test_a_plan_for_other_sequences_keeps_its_shapes_and_buckets_them_alike():
@@ -337,6 +350,19 @@ def test_each_buckets_row_counts_its_own_real_padded_and_filler_figures():
       "padded_timesteps": 10,
       "filler_rows": 0,
     },
+  ]
+
+
+def test_the_reports_table_right_aligns_each_column_under_its_heading():
+  # The plan of the test above: 3, 4, 4 at bound 4 and 9 at bound 10, in batches of 2.
+  summary = plan_lib.make_plan(
+    [3, 4, 4, 9], strategy="fixed", upper_bounds=[4, 10], batch_size=2
+  ).summary()
+  assert format_report(summary).splitlines()[:4] == [
+    "bucket  bound  examples  batch  steps  real steps  padded  filler rows",
+    "------  -----  --------  -----  -----  ----------  ------  -----------",
+    "     0      4         3      2      2          11      12            1",
+    "     1     10         1      1      1           9      10            0",
   ]
 
 
