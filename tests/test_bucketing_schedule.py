@@ -30,6 +30,13 @@ def test_batches_have_their_buckets_static_shape_and_members():
     assert np.all(PLAN.bucket_of_example[real] == bucket)
 
 
+def test_each_buckets_batches_take_its_own_batch_size():
+  # A budget of 400 tokens: 8 rows at 10 (the bucket holds 8, under 400 // 10 = 40), 4 at 100.
+  plan = plan_lib.make_plan([10] * 8 + [100] * 8, num_buckets=2, max_tokens=400)
+  shapes = sorted((b, i.shape) for b, i in schedule.epoch_batches(plan, seed=0, epoch=0))
+  assert shapes == [(0, (8,)), (1, (4,)), (1, (4,))]
+
+
 def test_filler_rows_complete_only_the_last_batch_of_a_bucket():
   batches = schedule.epoch_batches(PLAN, seed=0, epoch=0)
   for bucket in range(PLAN.num_buckets):
