@@ -42,6 +42,7 @@ def test_json_holds_the_promised_fields(lengths_file, capsys):
   assert summary["upper_bounds"] == boundaries.optimal_bounds(LENGTHS, 4).tolist()
   assert summary["real_timesteps"] == LENGTHS.sum()
   assert all(size % 8 == 0 for size in summary["batch_sizes"])
+  assert summary["num_devices"] == 8
 
 
 def test_npy_input_gives_the_same_plan(lengths_file, tmp_path, capsys):
