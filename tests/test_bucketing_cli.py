@@ -197,13 +197,23 @@ def test_npy_lengths_past_the_longest_allowed_are_refused(
   assert err.endswith(" at index 1\n")
 
 
-def test_npy_lengths_of_a_float_dtype_are_refused(tmp_path, capsys, monkeypatch):
-  # Whole numbers or not: a float array is not a file of lengths, as "12.0" in a text file is not.
+@pytest.mark.parametrize(
+  ("lengths", "message"),
+  [
+    # Whole numbers or not: a float array is not lengths, as "12.0" in a text file is not.
+    (np.array([12.0, 30.0]), "expected integer lengths, got dtype float64"),
+    # numpy's empty array is float64: it is said to be empty, not to be of the wrong dtype.
+    (np.array([]), "holds no lengths"),
+  ],
+)
+def test_float_npy_lengths_are_refused_for_what_is_wrong(
+  tmp_path, capsys, monkeypatch, lengths, message
+):
   monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
   path = tmp_path / "lengths.npy"
-  np.save(path, np.array([12.0, 30.0]))
+  np.save(path, lengths)
   assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path)])) == 2
-  assert capsys.readouterr().err == f"error: {path}: expected integer lengths, got dtype float64\n"
+  assert capsys.readouterr().err == f"error: {path}: {message}\n"
 
 
 def test_a_round_to_of_the_longest_allowed_length_is_taken(tmp_path, capsys):
