@@ -180,6 +180,16 @@ def test_a_lengths_file_that_is_not_text_is_named(tmp_path, capsys, monkeypatch)
   assert err.endswith("; a numpy array file needs the .npy suffix\n") and err.count("\n") == 1
 
 
+def plan_npy_error(tmp_path, capsys, monkeypatch, lengths):
+  """`plan --lengths` of `lengths` saved as a .npy file, which must fail with exit code 2: the
+  file's path and what the command line printed to stderr."""
+  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
+  path = tmp_path / "lengths.npy"
+  np.save(path, lengths)
+  assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path)])) == 2
+  return path, capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
   ("lengths", "shown"),
   [(np.array([1, 2**62]), "4611686018427387904"), (np.array([1, 2**63 + 5], np.uint64), "92233")],
@@ -188,11 +198,7 @@ def test_npy_lengths_past_the_longest_allowed_are_refused(
   tmp_path, capsys, monkeypatch, lengths, shown
 ):
   # [1, 2**62] once planned as padded timesteps -2**63 and efficiency -50%; uint64 wrapped.
-  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
-  path = tmp_path / "lengths.npy"
-  np.save(path, lengths)
-  assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path)])) == 2
-  err = capsys.readouterr().err
+  path, err = plan_npy_error(tmp_path, capsys, monkeypatch, lengths)
   assert err.startswith(f"error: {path}: lengths must be at most 2,147,483,647, got {shown}")
   assert err.endswith(" at index 1\n")
 
@@ -209,11 +215,8 @@ def test_npy_lengths_past_the_longest_allowed_are_refused(
 def test_float_npy_lengths_are_refused_for_what_is_wrong(
   tmp_path, capsys, monkeypatch, lengths, message
 ):
-  monkeypatch.delenv(cli_errors.DEBUG_ENV, raising=False)
-  path = tmp_path / "lengths.npy"
-  np.save(path, lengths)
-  assert cli_errors.run(lambda: cli.main(["plan", "--lengths", str(path)])) == 2
-  assert capsys.readouterr().err == f"error: {path}: {message}\n"
+  path, err = plan_npy_error(tmp_path, capsys, monkeypatch, lengths)
+  assert err == f"error: {path}: {message}\n"
 
 
 def test_a_round_to_of_the_longest_allowed_length_is_taken(tmp_path, capsys):
