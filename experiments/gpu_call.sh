@@ -15,7 +15,9 @@
 # deadline keeps a call inside its limit whatever they turn out to be.
 #
 # DATA_DIR holds the IAM-OnDB export `iam_ondb.npz` (`python -m handwriting build ...`, README
-# "On a GPU machine without TFDS or network"). Each stage writes its results under
+# "On a GPU machine without TFDS or network"). The export alone is read: copy that one file (49 MB)
+# to the GPU machine, not the folder the build wrote it to, which also holds the TFDS build (65 MB
+# more). Each stage writes its results under
 # $RESULTS_DIR (default experiments/results/ on a GPU machine; elsewhere it must be set, so that
 # a dry run leaves the committed GPU results alone) with the device named, then copies them to
 # $OUT when that is set:
