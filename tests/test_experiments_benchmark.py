@@ -386,13 +386,30 @@ def test_torch_rows_count_their_steps_and_padding(monkeypatch, lengths, batch_si
   assert (padded_row.padded_timesteps, packed_row.padded_timesteps) == (padded, sum(lengths))
 
 
-def test_the_report_weighs_auto_against_each_measured_k_over_the_planned_epochs(
-  monkeypatch, tmp_path
-):
-  """The whole driver over stand-in steps: 8 lines of 8 and 8 of 24 at batch 8. An epoch takes
-  4 s at K = 1 and 3 s at K = 2 (0.5 s less under the token budget); compiling K buckets takes
-  1 + 2 K s, so kappa = 2. The cost model charges 0.01 s per padded token: 3.84 s an epoch at
-  K = 1 (16 x 24 tokens), 2.56 s at K = 2 (8 x 8 + 8 x 24)."""
+def test_torch_rows_count_the_padding_of_the_timed_epochs_not_the_warm_up(monkeypatch):
+  # Two lines of 8 and two of 64 at batch 2: an epoch pads to 2 x 64 + 2 x 8 when its random
+  # batches pair the short lines, to 4 x 64 otherwise. Epoch r shuffles with seed [seed, r].
+  fake_torch(monkeypatch)
+  config = paper.make_config("tiny", "synthetic")
+  config.bucketing.batch_size = 2
+  lengths = np.array([8, 8, 64, 64])
+
+  def padded(repeat):
+    order = np.random.default_rng([config.seed, repeat]).permutation(4)
+    return sum(2 * lengths[order[first : first + 2]].max() for first in (0, 2))
+
+  # Enough repeats that the last timed epoch pads otherwise than the warm-up, epoch 0: counting
+  # epochs 0 to repeats - 1 would give another mean.
+  repeats = next(r for r in range(1, 20) if padded(r) != padded(0))
+  padded_row, _ = benchmark.torch_contenders(config, numbered_lines(lengths), repeats)
+  assert padded_row.padded_timesteps == round(np.mean([padded(r) for r in range(1, repeats + 1)]))
+
+
+def stand_in_benchmark(monkeypatch, lengths) -> tuple[list, list]:
+  """`benchmark.main` over stand-in steps and lines of `lengths` at batch 8: an epoch takes 5 - K
+  s (0.5 s less under the token budget), compiling K buckets 1 + 2 K s, and the cost model
+  charges 0.01 s per padded token. Returns the lists that collect each plan's (strategy, K,
+  token budget) and the repeats the bench was given."""
   planned, repeats_given = [], []
 
   class StandInBench(benchmark.Bench):
@@ -405,7 +422,7 @@ def test_the_report_weighs_auto_against_each_measured_k_over_the_planned_epochs(
       return super().plan(strategy, num_buckets, max_tokens, cost, epochs)
 
     def contender(self, name, plan, other=None):
-      epoch = {1: 4.0, 2: 3.0}[plan.num_buckets] - (0.5 if plan.max_tokens else 0.0)
+      epoch = 5.0 - plan.num_buckets - (0.5 if plan.max_tokens else 0.0)
       return a_measurement(
         contender=name, strategy=plan.strategy, num_buckets=str(plan.num_buckets),
         compile_seconds=1.0 + 2 * plan.num_buckets, run_epoch=lambda repeat: (0.001, epoch),
@@ -415,10 +432,19 @@ def test_the_report_weighs_auto_against_each_measured_k_over_the_planned_epochs(
   rows = [{"batch": "8", "length": "8"}]
   monkeypatch.setattr(benchmark, "Bench", StandInBench)
   monkeypatch.setattr(benchmark, "fit_step_cost", lambda *args: ((0.0, 0.0, 0.01), rows))
-  monkeypatch.setattr(
-    benchmark.train, "load_split", lambda *args: numbered_lines([8] * 8 + [24] * 8)
-  )
+  monkeypatch.setattr(benchmark.train, "load_split", lambda *args: numbered_lines(lengths))
   monkeypatch.setitem(sys.modules, "torch", None)
+  return planned, repeats_given
+
+
+def test_the_report_weighs_auto_against_each_measured_k_over_the_planned_epochs(
+  monkeypatch, tmp_path
+):
+  """The whole driver over stand-in steps: 8 lines of 8 and 8 of 24 at batch 8. An epoch takes
+  4 s at K = 1 and 3 s at K = 2 (0.5 s less under the token budget); compiling K buckets takes
+  1 + 2 K s, so kappa = 2. The cost model charges 0.01 s per padded token: 3.84 s an epoch at
+  K = 1 (16 x 24 tokens), 2.56 s at K = 2 (8 x 8 + 8 x 24)."""
+  planned, repeats_given = stand_in_benchmark(monkeypatch, [8] * 8 + [24] * 8)
   out = tmp_path / "benchmark.md"
   benchmark.main(["--tiny", "--buckets", "1,2", "--planned-epochs", "10", "--out", str(out)])
   text = out.read_text()
@@ -442,3 +468,16 @@ def test_the_report_weighs_auto_against_each_measured_k_over_the_planned_epochs(
   assert "kappa = 2 s" in text
   assert "it chose K = 2; measured, that plan costs 35.0 s for 10 epochs" in text
   assert "is K = 2 at 35.0 s" in text
+
+
+def test_auto_may_choose_up_to_the_largest_k_given(monkeypatch, tmp_path):
+  planned, _ = stand_in_benchmark(monkeypatch, [8] * 8 + [16] * 8 + [24] * 8)
+  out = tmp_path / "benchmark.md"
+  benchmark.main(["--tiny", "--buckets", "3,2", "--planned-epochs", "10", "--out", str(out)])
+  text = out.read_text()
+
+  assert planned[-1] == ("auto", 3, 0)
+  assert "Fed to `auto` (K <= 3, 10 planned epochs)" in text
+  # The cost model's prediction covers every measured K, the largest too.
+  assert [row[0] for row in table_rows(text, "K")] == ["1", "2", "3"]
+  assert all(row[-1] != "-" for row in table_rows(text, "K"))
