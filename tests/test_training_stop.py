@@ -2,6 +2,7 @@
 
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -87,3 +88,20 @@ def test_with_several_processes_a_signal_here_keeps_its_name(monkeypatch):
   with stop.on_signals():
     os.kill(os.getpid(), signal.SIGINT)
     assert stop.requested() and stop.reason == "SIGINT" and stop.signalled() == "SIGINT"
+
+
+def test_outside_the_main_thread_the_block_runs_and_leaves_the_signals_alone():
+  # A run trained on a notebook's background thread: Python allows no handler there.
+  sigint_before, inside, errors = signal.getsignal(signal.SIGINT), [], []
+
+  def train():
+    try:
+      with StopRequest().on_signals():
+        inside.append(signal.getsignal(signal.SIGINT))
+    except Exception as error:
+      errors.append(error)
+
+  thread = threading.Thread(target=train)
+  thread.start()
+  thread.join()
+  assert errors == [] and inside == [sigint_before]
