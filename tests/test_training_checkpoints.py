@@ -60,7 +60,7 @@ def test_a_best_checkpoint_of_another_model_names_the_shapes_not_damage(tmp_path
     restored_best(tmp_path, other)
 
 
-@pytest.mark.parametrize("how", ["truncate", "zero", "delete", "other values"])
+@pytest.mark.parametrize("how", ["truncate", "zero", "delete", "other values", "no checksum"])
 def test_a_damaged_best_checkpoint_is_an_error_naming_it_not_wrong_parameters(tmp_path, how):
   params = {"dense": {"kernel": jnp.arange(4096.0).reshape(64, 64), "bias": jnp.ones(64)}}
   best = saved_best(tmp_path / "run", params)
@@ -69,6 +69,8 @@ def test_a_damaged_best_checkpoint_is_an_error_naming_it_not_wrong_parameters(tm
     other = saved_best(tmp_path / "other", jax.tree.map(lambda leaf: leaf + 1, params))
     shutil.rmtree(best / "params")
     shutil.copytree(other / "params", best / "params")
+  elif how == "no checksum":  # the record of its SHA-256 and shapes is lost
+    damage(best / "integrity", "delete")
   else:
     damage(best / "params", how)
   with pytest.raises(ValueError, match=rf"the best checkpoint {re.escape(str(best))} is damaged"):
@@ -79,6 +81,14 @@ def small_state(scale: float, step: int = 0) -> TrainState:
   params = {"kernel": scale * jnp.arange(12.0).reshape(3, 4), "bias": jnp.full(4, scale)}
   state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3))
   return state.replace(step=jnp.asarray(step))
+
+
+def wider_state() -> TrainState:
+  """`small_state`'s model with 8 units instead of 4."""
+  params = {"kernel": jnp.zeros((3, 8)), "bias": jnp.zeros(8)}
+  return TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3)).replace(
+    step=jnp.asarray(0)
+  )
 
 
 def plan_of(batch_size: int) -> bucketing.BucketPlan:
@@ -256,10 +266,12 @@ def test_the_latest_state_of_other_training_lines_is_a_mismatch_naming_them(
 
 
 def test_a_latest_state_holding_nan_is_damaged_and_the_older_one_restored(tmp_path):
-  # A run that diverged: the checksum matches its NaN values, which no resume can train on.
+  # A run that diverged: the checksum matches its NaN value, which no resume can train on.
+  diverged = small_state(2.0, step=2)
+  diverged = diverged.replace(params=diverged.params | {"bias": jnp.array([2.0, np.nan, 2.0, 2.0])})
   with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
     checkpoints.save_latest(small_state(1.0, step=1), Progress(step_in_epoch=1), plan_of(2))
-    checkpoints.save_latest(small_state(np.nan, step=2), Progress(step_in_epoch=2), plan_of(2))
+    checkpoints.save_latest(diverged, Progress(step_in_epoch=2), plan_of(2))
   with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
     restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
   assert int(restored.step) == 1 and progress.step_in_epoch == 1
@@ -284,11 +296,6 @@ def test_a_latest_state_of_another_model_names_only_the_config_fields_that_diffe
   # The checkpoint predates `model.num_layers` among the shape fields: that one is not named.
   with contextlib.closing(Checkpoints(tmp_path, shape_fields={"model.hidden_size": 4})) as saving:
     saving.save_latest(small_state(1.0, step=1), Progress(), plan_of(2))
-  wider = TrainState.create(
-    apply_fn=None,
-    params={"kernel": jnp.zeros((3, 8)), "bias": jnp.zeros(8)},
-    tx=optax.adam(1e-3),
-  ).replace(step=jnp.asarray(0))
   fields = {"model.hidden_size": 8, "model.num_layers": 1}
   with (
     contextlib.closing(Checkpoints(tmp_path, shape_fields=fields)) as checkpoints,
@@ -297,4 +304,40 @@ def test_a_latest_state_of_another_model_names_only_the_config_fields_that_diffe
       match=r"other shapes \(config\.model\.hidden_size=4 there, 8 here\); use the same config",
     ),
   ):
-    checkpoints.restore_latest(wider, plan_of(2))
+    checkpoints.restore_latest(wider_state(), plan_of(2))
+
+
+def test_no_best_checkpoint_restores_as_none(tmp_path):
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    assert checkpoints.restore_best({"bias": jnp.ones(4)}) is None
+
+
+def test_reading_the_latest_parameters_of_no_run_says_there_are_none(tmp_path):
+  with (
+    contextlib.closing(Checkpoints(tmp_path, create=False)) as checkpoints,
+    pytest.raises(FileNotFoundError, match=r"no latest checkpoint under .*checkpoints/train"),
+  ):
+    checkpoints.read_latest_params(small_state(0.0))
+
+
+def test_reading_the_latest_parameters_of_another_model_is_a_mismatch_not_damage(tmp_path):
+  saved_steps(tmp_path)
+  with (
+    contextlib.closing(Checkpoints(tmp_path, create=False)) as checkpoints,
+    pytest.raises(CheckpointMismatchError, match=r"other shapes \(\.params\['bias'\]: \[4\] there"),
+  ):
+    checkpoints.read_latest_params(wider_state())
+
+
+def test_a_latest_state_that_recorded_only_its_bounds_resumes_when_they_match(
+  tmp_path, monkeypatch
+):
+  # Checkpoints from before the schedule's other fields were recorded: what is there is checked.
+  with monkeypatch.context() as older:
+    older.setattr(
+      checkpoints_lib, "_schedule", lambda plan, seed: {"upper_bounds": plan.upper_bounds.tolist()}
+    )
+    saved_steps(tmp_path)
+  with contextlib.closing(Checkpoints(tmp_path, seed=0)) as checkpoints:
+    restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
+  assert int(restored.step) == 2 and progress.step_in_epoch == 2
