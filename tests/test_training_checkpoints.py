@@ -218,7 +218,7 @@ def test_aligning_the_best_deletes_only_the_epochs_after_the_best(tmp_path):
   ("progress", "saved"),
   [
     # Killed between `save_latest` at the end of epoch 1, its best, and `save_best`.
-    (Progress(epoch=2, step_in_epoch=0, best_epoch=1), [1]),
+    (Progress(epoch=2, step_in_epoch=0, best_epoch=1, selection_metric="val_cer"), [1]),
     (Progress(epoch=2, step_in_epoch=3, best_epoch=1), []),  # mid-epoch 2: not epoch 1's
     (Progress(epoch=3, step_in_epoch=0, best_epoch=1), []),  # epoch 2's end: epoch 2's params
     (Progress(), []),  # no epoch trained: no best to save
@@ -234,6 +234,7 @@ def test_aligning_saves_a_missing_best_only_from_the_state_at_its_epochs_end(
     assert checkpoints.best.all_steps() == saved
     if saved:
       jax.tree.map(np.testing.assert_array_equal, checkpoints.restore_best(params), params)
+      assert checkpoints.best_selected_by == progress.selection_metric
 
 
 def fixed_plan(lengths, upper_bounds=(10, 30)) -> bucketing.BucketPlan:
