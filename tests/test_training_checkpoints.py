@@ -2,8 +2,10 @@
 checkpoint of another model or another schedule as a mismatch naming what differs."""
 
 import contextlib
+import logging
 import re
 import shutil
+import types
 
 import jax
 import jax.numpy as jnp
@@ -330,6 +332,23 @@ def test_reading_the_latest_parameters_of_another_model_is_a_mismatch_not_damage
     checkpoints.read_latest_params(wider_state())
 
 
+def test_only_the_errors_of_orbaxs_leftover_reads_are_dropped():
+  reported = []
+  hook = checkpoints_lib.unless_orbax_read_noise(reported.append)
+  leftover_read = types.SimpleNamespace(
+    exc_value=OSError("short read"), object="<function _read_array_index_and_device_put>"
+  )
+  closed_loop = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"), object=None)
+  ours = types.SimpleNamespace(exc_value=ValueError("a bug of ours"), object="<function step>")
+  for unraisable in (leftover_read, closed_loop, ours):
+    hook(unraisable)
+  assert reported == [ours]
+  log = lambda message: logging.LogRecord("asyncio", logging.ERROR, __file__, 1, message, (), None)
+  orbax_task = log("Task exception was never retrieved: <Task orbax/checkpoint/serialization.py>")
+  assert not checkpoints_lib.not_orbax_read_noise(orbax_task)
+  assert checkpoints_lib.not_orbax_read_noise(log("Task exception was never retrieved: <Task x>"))
+
+
 def test_a_latest_state_that_recorded_only_its_bounds_resumes_when_they_match(
   tmp_path, monkeypatch
 ):
@@ -342,3 +361,14 @@ def test_a_latest_state_that_recorded_only_its_bounds_resumes_when_they_match(
   with contextlib.closing(Checkpoints(tmp_path, seed=0)) as checkpoints:
     restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
   assert int(restored.step) == 2 and progress.step_in_epoch == 2
+
+
+def test_a_damaged_checkpoints_reason_is_the_innermost_error_naming_the_file():
+  try:
+    try:
+      raise OSError("checkpoints/train/2/state/d/1f2e: short read\nat offset 512")
+    except OSError as cause:
+      raise ValueError("error reading array index 3") from cause
+  except ValueError as error:
+    reason = checkpoints_lib._reason(error)
+  assert reason == "checkpoints/train/2/state/d/1f2e: short read; at offset 512"
