@@ -332,6 +332,13 @@ def test_reading_the_latest_parameters_of_another_model_is_a_mismatch_not_damage
     checkpoints.read_latest_params(wider_state())
 
 
+def test_a_restore_target_is_placed_on_the_sharding_asked_for():
+  mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  abstract = checkpoints_lib.abstract_on({"bias": jnp.ones(4)}, sharding)
+  assert abstract["bias"].sharding == sharding and abstract["bias"].shape == (4,)
+
+
 def test_only_the_errors_of_orbaxs_leftover_reads_are_dropped():
   reported = []
   hook = checkpoints_lib.unless_orbax_read_noise(reported.append)
