@@ -124,13 +124,16 @@ def test_the_first_compile_holds_the_others_back_even_when_compiled_inline(monke
   steps.wait()
 
 
+class Broken:
+  """A step that does not compile."""
+
+  def trace(self, *abstract_args):
+    raise ValueError("this step does not compile")
+
+
 def test_an_inline_compile_error_is_what_wait_raises(monkeypatch):
   pool = DeferredPool()
   monkeypatch.setattr(concurrent.futures, "ThreadPoolExecutor", lambda *a, **k: pool)
-
-  class Broken:
-    def trace(self, *abstract_args):
-      raise ValueError("this step does not compile")
 
   spec = jax.ShapeDtypeStruct((3,), jnp.float32)
   steps = compilation.submit_compiles(
@@ -298,3 +301,47 @@ def test_compiles_outside_the_steps_count_cache_hits_and_the_thread_that_made_th
   elsewhere.join()
   assert compilation.CompileEvents.outside_steps() - before >= 2  # both threads'
   assert compilation.CompileEvents.outside_steps(me) - before_here == 1  # not the other thread's
+
+
+def test_a_step_is_traced_with_its_mesh_on_the_compiling_thread():
+  # The Pallas kernels shard by the mesh in context, which each compile thread must enter.
+  meshes = []
+
+  def step(x):
+    meshes.append((threading.current_thread().name, jax.sharding.get_abstract_mesh().axis_names))
+    return x + 1.0
+
+  spec = jax.ShapeDtypeStruct((3,), jnp.float32)
+  compilation.submit_compiles({("train", 0): (one_device_mesh(), jax.jit(step), spec)}, "parallel")
+  [(thread, axis_names)] = meshes
+  assert thread.startswith(compilation.COMPILE_THREAD_PREFIX) and axis_names == ("data",)
+
+
+def test_an_unknown_compile_mode_is_refused_naming_the_modes():
+  with pytest.raises(ValueError, match=r"compile mode 'eager' is not one of \('overlap'"):
+    compilation.submit_compiles({}, "eager")
+
+
+def test_parallel_compiles_are_done_when_submit_returns_and_the_pool_is_shut_down():
+  mesh = one_device_mesh()
+  jobs = {
+    ("train", bucket): (mesh, Slow(0.2), jax.ShapeDtypeStruct((3,), "f4")) for bucket in range(2)
+  }
+  steps = compilation.submit_compiles(jobs, "parallel", threads=2)
+  assert all(future.done() for future in steps._futures())
+  with pytest.raises(RuntimeError, match="shutdown"):
+    steps.pool.submit(print)
+
+
+def test_a_failed_first_compile_still_lets_the_others_compile():
+  # In overlap mode the others wait for the first: its error must release them, not hang them.
+  mesh = one_device_mesh()
+  jobs = {
+    ("train", 0): (mesh, Broken(), jax.ShapeDtypeStruct((3,), "f4")),
+    ("train", 1): (mesh, jax.jit(lambda x: x + 1.0), jax.ShapeDtypeStruct((5,), "f4")),
+  }
+  steps = compilation.submit_compiles(jobs, "overlap", threads=2)
+  steps.train_steps.futures[1].result(timeout=60)  # a hung compile: TimeoutError, not a hang
+  with pytest.raises(ValueError, match="does not compile"):
+    steps.wait()
+  steps.close()
