@@ -5,6 +5,7 @@ import concurrent.futures
 import os
 import threading
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -362,3 +363,17 @@ def test_the_accounting_counts_only_the_cache_hits_and_misses_of_its_own_compile
   assert [accounting["compilation_cache_hits"], accounting["compilation_cache_misses"]] == (
     np.subtract(after, before).tolist()
   )
+
+
+def test_a_steps_memory_is_read_from_xla_s_analysis_when_the_backend_gives_one():
+  # 100 bytes of arguments, 60 of outputs of which 50 written over donated arguments, 7 temporary.
+  stats = types.SimpleNamespace(
+    argument_size_in_bytes=100,
+    output_size_in_bytes=60,
+    alias_size_in_bytes=50,
+    temp_size_in_bytes=7,
+  )
+  with_analysis = types.SimpleNamespace(memory_analysis=lambda: stats)
+  without = types.SimpleNamespace(memory_analysis=lambda: None)
+  assert compilation.StepMemory.of(with_analysis) == compilation.StepMemory(100, 60, 50, 7)
+  assert compilation.StepMemory.of(without) is None
