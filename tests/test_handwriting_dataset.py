@@ -24,6 +24,8 @@ def test_a_limit_generates_a_prefix_of_the_synthetic_split():
   # A limit takes a prefix of the same split, so small runs see the same first lines.
   prefix = load_examples("synthetic", "train", limit=5)
   np.testing.assert_array_equal(prefix[4]["points"], examples[4]["points"])
+  # A limit past the split's size is the whole split, not more lines.
+  assert len(load_examples("synthetic", "train", num_train=3, limit=10)) == 3
 
 
 def test_featurize_gives_model_inputs():
@@ -114,6 +116,10 @@ def shift(key, by):
   return lambda arrays: arrays.__setitem__(key, arrays[key] + np.array(by))
 
 
+def transform(key, function):
+  return lambda arrays: arrays.__setitem__(key, function(arrays[key]))
+
+
 def read_train(path):
   return load_examples(str(path), "train")
 
@@ -130,6 +136,12 @@ def read_train(path):
     # The last line's end short of the points, the first line's start after 0: lines cut short.
     (shift("train/offsets", [0, 0, 0, -1]), read_train, r"offsets must be non-decr"),
     (shift("train/offsets", [1, 0, 0, 0]), read_train, r"offsets must be non-decr"),
+    # From 0 to the end, but a line starting after the next one ends: it would be read as empty.
+    (transform("train/offsets", lambda o: o[[0, 2, 1, 3]]), read_train, r"offsets must be non-d"),
+    (transform("train/offsets", lambda o: o.astype(float)), read_train, r"offsets must be non-d"),
+    (transform("train/offsets", lambda o: o[:, None]), read_train, r"offsets must be non-decr"),
+    (replace("train/offsets", np.zeros(0, np.int64)), read_train, r"offsets must be non-decr"),
+    (transform("train/points", lambda p: p[:, :2]), read_train, r"points must be \[num_points, 3"),
     (replace("train/stroke_end", np.zeros(2, bool)), read_train, r"stroke_end has shape \(2,\)"),
     (replace("train/text", np.array(["a", "b"])), read_train, r"text has shape \(2,\), expected"),
   ],
@@ -182,6 +194,12 @@ def test_unknown_dataset_and_split_are_rejected():
     ({"stroke_end": np.zeros(3, np.bool_)}, "ending in True"),
     ({"text": ""}, "empty text"),
     ({"points": np.array([[0, 0, 1.0]] * 3, np.float32)}, "start at 0"),
+    ({"stroke_end": np.array([0, 0, 1])}, "stroke_end must be bool"),
+    ({"stroke_end": np.array([False, True])}, "stroke_end must be bool"),  # 2 for 3 points
+    (
+      {"points": np.array([[0, 0, 0], [np.nan, 1, 0.02], [2, np.inf, 0.04]], np.float32)},
+      r"2 of 3 points are not finite \(NaN or inf\), the first at point 1",
+    ),
   ],
 )
 def test_check_example_rejects_broken_examples(change, message):
@@ -282,6 +300,8 @@ def test_data_source_says_where_the_data_comes_from(tmp_path, monkeypatch):
     ValueError, match=r"num_train and num_eval must be >= 1, got .*'num_train': -5"
   ):
     load_examples("synthetic", "train", num_train=-5)
+  with pytest.raises(ValueError, match=r"num_train and num_eval must be >= 1, got .*'num_eval': 0"):
+    load_examples("synthetic", "validation", num_eval=0)
 
   export = dataset.export_path("iam_ondb", tmp_path)
   dataset.write_export(export, {"train": load_examples("synthetic", "train", limit=2)}, {})
@@ -351,6 +371,8 @@ def test_a_line_ctc_cannot_align_is_named_or_skipped_and_reported():
   assert [(item["id"], item["split"]) for item in skipped] == [("a", "train")]
   kept, skipped = dataset.validate_alignable(kept, "train")
   assert len(kept) == 3 and skipped == []
+  with pytest.raises(ValueError, match="unknown bad-example policy 'drop'"):
+    dataset.validate_alignable(sequences, "train", policy="drop")
 
 
 def test_a_data_dir_from_the_environment_is_configured_not_the_default(tmp_path, monkeypatch):
@@ -433,3 +455,58 @@ def test_one_bad_line_is_named_without_a_count_of_bad_lines():
   with pytest.raises(dataset.BadExampleError) as error:
     dataset.validate_examples(spoilt, "validation", Alphabet(), source="here")
   assert str(error.value) == f"split 'validation', line {examples[1]['id']}: empty text; data: here"
+
+
+def test_a_missing_export_file_stays_file_not_found(tmp_path):
+  # Callers tell "not there yet" from "there but broken"; only the second is a ValueError.
+  with pytest.raises(FileNotFoundError):
+    dataset.read_export(tmp_path / "none.npz", "train")
+
+
+def test_a_data_source_says_how_its_export_was_made(tmp_path):
+  for metadata, origin in (
+    ({"generator": {"seed": 1}}, "generated with {'seed': 1}"),
+    ({"manual_dir": "/download"}, "built from /download at an unknown time"),
+  ):
+    path = tmp_path / "data.npz"
+    dataset.write_export(path, {"train": []}, metadata)
+    assert str(dataset.data_source(str(path))) == f"the numpy export {path}; {origin}"
+
+
+def test_check_example_names_missing_fields_and_fields_that_are_not_text():
+  example = load_examples("synthetic", "train", limit=1)[0]
+  without_text = {field: value for field, value in example.items() if field != "text"}
+  with pytest.raises(ValueError, match=r"missing fields \['text'\]"):
+    dataset.check_example(without_text, Alphabet())
+  with pytest.raises(ValueError, match="writer_id and text must be str"):
+    dataset.check_example(example | {"writer_id": None}, Alphabet())
+
+
+class DamagedTfdsBuild(FakeTfdsBuild):
+  """A build whose record files ArrayRecord cannot read."""
+
+  def as_data_source(self, split):
+    raise RuntimeError("corrupted record")
+
+
+def test_a_tfds_split_that_cannot_be_read_is_an_error_naming_the_build(tmp_path, monkeypatch):
+  monkeypatch.setattr(dataset, "iam_ondb_builder", lambda data_dir=None: DamagedTfdsBuild())
+  with pytest.raises(ValueError, match=r"^/fake/iam_ondb/1\.0\.0: the train split .*corrupted"):
+    load_examples("iam_ondb", "train", data_dir=tmp_path)
+
+
+def test_an_unknown_split_of_a_tfds_build_is_rejected_not_read(tmp_path, monkeypatch):
+  monkeypatch.setattr(dataset, "iam_ondb_builder", lambda data_dir=None: FakeTfdsBuild())
+  with pytest.raises(ValueError, match="unknown split 'dev'"):
+    load_examples("iam_ondb", "dev", data_dir=tmp_path)
+
+
+def test_the_lines_left_out_are_those_of_the_build_read(tmp_path, monkeypatch):
+  left_out = {"id": "z01-000z-01", "split": "test", "reason": "no transcription"}
+  build = FakeTfdsBuild()
+  build.info = types.SimpleNamespace(metadata={"skipped": [left_out]})
+  monkeypatch.setattr(dataset, "iam_ondb_builder", lambda data_dir=None: build)
+  assert dataset.skipped_examples("iam_ondb", tmp_path) == [left_out]  # no export: the build's
+  # The synthetic set is generated in memory: an export lying in the data dir is not what is read.
+  dataset.write_export(dataset.export_path("synthetic", tmp_path), {}, {"skipped": [left_out]})
+  assert dataset.skipped_examples("synthetic", tmp_path) == []
