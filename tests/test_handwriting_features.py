@@ -164,8 +164,15 @@ def test_time_deltas_are_clipped():
 def test_bad_shapes_are_rejected():
   with pytest.raises(ValueError, match="expected points"):
     ink_to_features(np.zeros((0, 3), np.float32), np.zeros(0, bool), FeatureConfig())
-  with pytest.raises(ValueError, match="resample_spacing"):
-    FeatureConfig(resample_spacing=0.0)
+  for points, stroke_end in (
+    (np.zeros((3, 2), np.float32), np.zeros(3, bool)),  # no time column
+    (np.zeros((3, 3), np.float32), np.zeros(2, bool)),  # a pen-up bit short
+  ):
+    with pytest.raises(ValueError, match="expected points"):
+      ink_to_features(points, stroke_end, FeatureConfig())
+  for bad in (0.0, -1.0, float("nan")):
+    with pytest.raises(ValueError, match=f"resample_spacing must be positive or None, got {bad}"):
+      FeatureConfig(resample_spacing=bad)
   for bad in (0.0, -1.0, float("nan")):
     with pytest.raises(ValueError, match=f"max_time_delta must be positive, got {bad}"):
       FeatureConfig(max_time_delta=bad)
@@ -216,3 +223,9 @@ def test_a_point_that_is_not_a_finite_number_is_rejected_naming_it(normalize, ba
   message = rf"must be finite numbers; point 1 is \[1\.0, {bad}, 0\.5\]"
   with pytest.raises(ValueError, match=message):
     ink_to_features(points, np.array([False, False, True]), FeatureConfig(normalize=normalize))
+
+
+def test_the_first_point_that_is_not_a_finite_number_is_named():
+  points = np.array([[0, 0, 0], [np.nan, 2, 0.5], [2, np.inf, 1.0]], np.float32)
+  with pytest.raises(ValueError, match=r"point 1 is \[nan, 2\.0, 0\.5\]"):
+    ink_to_features(points, np.array([False, False, True]), FeatureConfig())
