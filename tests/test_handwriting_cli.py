@@ -173,7 +173,7 @@ def test_stats_names_a_line_with_a_nan_point_or_skips_it(export_with_a_nan, caps
   path, bad_id = export_with_a_nan
   err = one_line_error(["stats", "--dataset", str(path)], capsys, monkeypatch)
   assert f"split 'train', line {bad_id}: 1 of" in err and "not finite" in err
-  assert "--bad_examples skip" in err
+  assert "--bad_examples skip" in err and f"data: the numpy export {path}" in err
   assert main(["stats", "--dataset", str(path), "--bad_examples", "skip", "--json"]) == 0
   stats = json.loads(capsys.readouterr().out)
   assert stats["splits"]["train"]["examples"] == 5
@@ -218,6 +218,16 @@ def test_a_bad_figure_path_is_named_with_its_flag_before_any_work(
   assert message.format(tmp=tmp_path) in err
 
 
+def test_a_plot_that_fails_to_write_is_named_with_its_flag(tmp_path, capsys, monkeypatch):
+  def refuse(*args):
+    raise PermissionError(13, "Permission denied")
+
+  monkeypatch.setattr(report, "plot_lengths", refuse)
+  argv = ["stats", "--num_train", "2", "--num_eval", "1", "--plot", str(tmp_path / "b.png")]
+  err = one_line_error(argv, capsys, monkeypatch)
+  assert err == f"error: --plot {tmp_path / 'b.png'}: cannot write it (Permission denied)\n"
+
+
 def test_a_write_that_fails_anyway_is_named_with_its_flag(tmp_path, capsys, monkeypatch):
   def refuse(*args):
     raise PermissionError(13, "Permission denied")
@@ -245,6 +255,7 @@ def test_a_write_that_fails_anyway_is_named_with_its_flag(tmp_path, capsys, monk
     # Flags the dataset would not read: the default synthetic set reported for IAM-OnDB's folder.
     (["stats", "--data_dir", "{tmp}"], "--data_dir with --dataset synthetic: the synthetic set is"),
     (["build", "--manual_dir", "{tmp}"], "--manual_dir with --dataset synthetic: the synthetic"),
+    (["stats", "--manual_dir", "{tmp}"], "--manual_dir with --dataset synthetic: the synthetic"),
     (
       ["stats", "--dataset", "{tmp}/file.npz", "--seed", "3", "--num_eval", "9"],
       "--seed and --num_eval with --dataset {tmp}/file.npz: only the synthetic set's generator",
@@ -316,3 +327,16 @@ def test_render_finds_a_line_of_any_split(tmp_path, monkeypatch, line_id):
   small = ["--num_train", "2", "--num_eval", "1"]
   assert main(["render", *small, "--id", line_id, "--out", str(tmp_path / "line.png")]) == 0
   assert drawn == [line_id]
+
+
+def test_build_synthetic_generates_from_the_seed_given_and_prints_its_export(tmp_path, capsys):
+  argv = ["build", "--dataset", "synthetic", "--data_dir", str(tmp_path), "--seed", "7",
+          "--num_train", "2", "--num_eval", "1"]  # fmt: skip
+  assert main(argv) == 0
+  path = tmp_path / "synthetic.npz"
+  assert capsys.readouterr().out.endswith(f"; export: {path}\n")
+  assert dataset.read_export_metadata(path)["generator"]["seed"] == 7
+  expected = dataset.load_examples("synthetic", "train", seed=7, num_train=2)
+  for built, generated in zip(dataset.read_export(path, "train"), expected, strict=True):
+    assert built["text"] == generated["text"]
+    np.testing.assert_array_equal(built["points"], generated["points"])
