@@ -1,5 +1,6 @@
 """Tests for handwriting.dataset: the loading API the trainer imports, and the .npz export."""
 
+import logging
 import pathlib
 import re
 import tempfile
@@ -340,6 +341,14 @@ def test_looking_for_a_build_leaves_no_temporary_folder(tmp_path, monkeypatch):
   source = dataset.data_source("iam_ondb", data_dir=empty, manual_dir=tmp_path / "download")
   assert source.kind == "build"
   assert list(temp.iterdir()) == [] and not empty.exists()
+
+
+def test_looking_for_a_build_logs_no_warning_above_the_callers_own_words(tmp_path, caplog):
+  # TFDS warns "Variant folder ... has no dataset_info.json"; the CLI's one-line error says more.
+  with caplog.at_level(logging.INFO):
+    source = dataset.data_source("iam_ondb", data_dir=tmp_path, manual_dir=tmp_path / "download")
+  assert source.kind == "build"
+  assert "has no dataset_info.json" not in caplog.text
 
 
 def test_ctc_needs_a_frame_per_character_and_a_blank_between_equal_neighbours():
