@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from flax.training.train_state import TrainState
 
@@ -379,3 +380,40 @@ def test_a_damaged_checkpoints_reason_is_the_innermost_error_naming_the_file():
   except ValueError as error:
     reason = checkpoints_lib._reason(error)
   assert reason == "checkpoints/train/2/state/d/1f2e: short read; at offset 512"
+
+
+def test_a_latest_state_in_the_first_format_still_resumes(tmp_path):
+  # The first checkpoints (95fc13e) recorded the best validation loss, and of the schedule only
+  # its bounds; no selection metric, compile waits, shapes or checksum.
+  meta = {"epoch": 1, "step_in_epoch": 2, "history": [{"val_loss": 9.5}], "best_val_loss": 9.5}
+  meta |= {"best_epoch": 0, "epoch_train_loss_sum": 3.0, "epoch_train_weight": 2.0}
+  meta |= {"epoch_seconds": 1.5, "upper_bounds": plan_of(2).upper_bounds.tolist()}
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.latest.save(
+      4,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(small_state(1.0, step=4)), progress=ocp.args.JsonSave(meta)
+      ),
+    )
+  with contextlib.closing(Checkpoints(tmp_path, seed=0)) as checkpoints:
+    restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
+  jax.tree.map(np.testing.assert_array_equal, restored.params, small_state(1.0).params)
+  assert progress == Progress(
+    epoch=1,
+    step_in_epoch=2,
+    history=[{"val_loss": 9.5}],
+    best_epoch=0,
+    epoch_train_loss_sum=3.0,
+    epoch_train_weight=2.0,
+    epoch_seconds=1.5,
+  )
+
+
+def test_a_best_checkpoint_written_before_its_checksum_loads_as_chosen_by_the_loss(tmp_path):
+  params = {"kernel": jnp.arange(12.0).reshape(3, 4), "bias": jnp.ones(4)}
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    checkpoints.best.save(2, args=ocp.args.StandardSave(params))  # the parameters alone
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    restored = checkpoints.restore_best(jax.tree.map(jnp.zeros_like, params))
+    assert checkpoints.best_selected_by == "val_loss"
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
