@@ -87,7 +87,7 @@ def test_a_variant_that_fails_is_reported_and_the_others_still_chosen(monkeypatc
 
   def kernel(projected, recurrent_kernel, config):
     if config.num_warps == 3:
-      raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded")
+      raise RuntimeError("RESOURCE_EXHAUSTED: Shared memory size limit exceeded\n  at lowering")
     return real_kernel(projected, recurrent_kernel, config)
 
   monkeypatch.setattr(benchmark_step, "lstm_recurrence_kernel", kernel)
@@ -437,3 +437,118 @@ def test_the_epoch_is_timed_a_fifth_of_the_repeats_but_at_least_twice(
   argv += ["--repeats", str(repeats), "--out", str(tmp_path / "step.md")]
   assert benchmark_step.main(argv) == tmp_path / "step.md"
   assert timed == [epoch_repeats]
+
+
+def test_tuning_launches_each_variant_with_its_weights_dtype(monkeypatch):
+  # A bfloat16 variant timed with float32 weights (or chosen for float32 models) would mislead
+  # the GPU session's pick of each dtype's launch.
+  f32 = KernelConfig(num_warps=8, weights_resident=False)
+  slow_bf16, fast_bf16 = KernelConfig(num_warps=8), KernelConfig(num_warps=16)
+  grid = [(f32, jnp.float32), (slow_bf16, jnp.bfloat16), (fast_bf16, jnp.bfloat16)]
+  monkeypatch.setattr(benchmark_step, "TUNE_GRID", grid)
+  scans, kernels = [], []
+
+  def scan(projected, recurrent_kernel, unroll, prefetch=False):
+    scans.append((recurrent_kernel.dtype, prefetch))
+    return tanh_scan(projected, recurrent_kernel, unroll)
+
+  def kernel(projected, recurrent_kernel, config):
+    kernels.append((config.num_warps, recurrent_kernel.dtype))
+    return tanh_scan(projected, recurrent_kernel, 8)
+
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence", scan)
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence_kernel", kernel)
+  # The three scans, then float32 (the slowest), then the two bfloat16 variants.
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 5.0, 5.0, 3.0, 2.0, 1.0))
+  best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
+  assert scans == [(jnp.float32, False), (jnp.bfloat16, False), (jnp.float32, True)]
+  assert kernels == [(8, jnp.float32), (8, jnp.bfloat16), (16, jnp.bfloat16)]
+  assert {dtype: variant.num_warps for dtype, variant in best.items()} == {
+    "float32": 8,
+    "bfloat16": 16,
+  }
+  assert best["float32"].weights_resident is False
+  assert [row["variant"] for row in rows[3:]] == [benchmark_step.variant_name(*v) for v in grid]
+
+
+def test_a_variants_error_is_relative_to_the_scans_magnitude(monkeypatch):
+  monkeypatch.setattr(benchmark_step, "TUNE_GRID", [(KernelConfig(num_warps=8), jnp.float32)])
+  monkeypatch.setattr(benchmark_step, "lstm_recurrence", tanh_scan)
+  monkeypatch.setattr(
+    benchmark_step,
+    "lstm_recurrence_kernel",
+    lambda projected, recurrent_kernel, config: tuple(jnp.zeros_like(p) for p in projected),
+  )
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 5.0, 5.0, 1.0))
+  best, rows = benchmark_step.tune_kernel(repeats=1, interpret=True)
+  # All zeros is 100% off the scan (relative to the kernel's own zeros it would be 1e30).
+  assert best == {} and rows[3]["max relative error"] == "1.0e+00"
+  assert rows[2]["max relative error"] == "0.0e+00"  # the prefetching scan computes the same
+
+
+def ctc_stand_in(wrong: dict):
+  """A CTC loss cheap to compile, launch (batch_tile, num_warps) -> "loss", "gradient" or
+  "repeat" (a result that changes between runs) naming what a variant gets wrong."""
+  import jax
+  from jax.experimental import io_callback
+
+  runs = iter(range(1, 1000))
+
+  def loss(logits, paddings, labels, label_paddings, batch_tile=None, num_warps=None, **kwargs):
+    per_line = jnp.sum(logits**2, axis=(1, 2))
+    fault = wrong.get((batch_tile, num_warps))
+    if fault == "loss":
+      return per_line * (1 + 1e-3)  # the gradient is 1e-3 off too, under the 1e-2 allowed
+    if fault == "gradient":  # the same loss, a gradient up to 5e-2 off
+      offset = jnp.sin(logits) - jax.lax.stop_gradient(jnp.sin(logits))
+      return per_line + 0.05 * jnp.sum(offset, axis=(1, 2))
+    if fault == "repeat":
+      run = io_callback(lambda: np.float32(next(runs)), jax.ShapeDtypeStruct((), jnp.float32))
+      return per_line + 0.01 * run
+    return per_line
+
+  return loss
+
+
+def test_ctc_tuning_keeps_only_variants_that_match_optax_and_repeat_themselves(monkeypatch):
+  grid = [(1, 2), (1, 4), (2, 4), (4, 4)]
+  monkeypatch.setattr(benchmark_step, "CTC_TUNE_GRID", grid)
+  faults = {(1, 2): "loss", (1, 4): "gradient", (2, 4): "repeat"}
+  monkeypatch.setattr(benchmark_step, "optax", mock.Mock(ctc_loss=ctc_stand_in({})))
+  monkeypatch.setattr(benchmark_step, "ctc_loss_kernel", ctc_stand_in(faults))
+  # optax, then the three faulty variants (the fastest), then the right one.
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 1.0, 1.0, 1.0, 4.0))
+  settings, rows = benchmark_step.tune_ctc(repeats=1, interpret=True)
+  assert settings == {"ctc.batch_tile": 4, "ctc.num_warps": 4}
+  verdicts = [row["deviation from optax"] for row in rows[1:]]
+  assert [verdict.endswith("NOT repeatable between two runs") for verdict in verdicts] == [
+    False,
+    False,
+    True,
+    False,
+  ]
+  assert verdicts[0].startswith("loss 1.0e-03 relative")
+  assert verdicts[1].endswith(", gradient 5.0e-02 absolute")
+  assert verdicts[3] == "loss 0.0e+00 relative, gradient 0.0e+00 absolute"
+
+  # None of them right: no settings, and the driver leaves the CTC kernel out.
+  monkeypatch.setattr(benchmark_step, "CTC_TUNE_GRID", grid[:3])
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0, 1.0, 1.0, 1.0))
+  settings, rows = benchmark_step.tune_ctc(repeats=1, interpret=True)
+  assert settings is None and len(rows) == 4
+
+
+def test_the_ctc_reference_is_optax_at_full_float32_precision(monkeypatch):
+  import jax
+
+  precisions = []
+
+  def loss(logits, *args, **kwargs):
+    precisions.append(jax.config.jax_default_matmul_precision)
+    return jnp.sum(logits**2, axis=(1, 2))
+
+  monkeypatch.setattr(benchmark_step, "CTC_TUNE_GRID", [])
+  monkeypatch.setattr(benchmark_step, "optax", mock.Mock(ctc_loss=loss))
+  monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0))
+  assert benchmark_step.tune_ctc(repeats=1, interpret=True)[0] is None
+  assert precisions == ["highest"]
