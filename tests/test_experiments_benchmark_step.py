@@ -410,7 +410,7 @@ def test_a_random_batch_is_bucket_shaped_with_real_characters_for_labels():
   assert batch["inputs"].shape == (1024, 40, benchmark_step.NUM_FEATURES)
   paddings, label_paddings = np.asarray(batch["input_paddings"]), batch["label_paddings"]
   lengths = (paddings == 0).sum(axis=1)
-  assert lengths.min() >= 20 and lengths.max() <= 40
+  assert lengths.min() == 20 and lengths.max() == 40  # both ends reached
   np.testing.assert_array_equal(paddings, np.arange(40) >= lengths[:, None])
   label_lengths = (np.asarray(label_paddings) == 0).sum(axis=1)
   assert batch["labels"].shape == (1024, 2) and set(label_lengths.tolist()) == {1, 2}
@@ -552,3 +552,90 @@ def test_the_ctc_reference_is_optax_at_full_float32_precision(monkeypatch):
   monkeypatch.setattr(benchmark_step, "median_ms", scripted_ms(5.0))
   assert benchmark_step.tune_ctc(repeats=1, interpret=True)[0] is None
   assert precisions == ["highest"]
+
+
+def test_the_gpu_presets_time_the_full_size_model():
+  # Only the tiny preset may shrink the model: the others are what the GPU tables report.
+  assert benchmark_step.make_config("quick").model.hidden_size == 128
+  assert benchmark_step.make_config("tiny").model.hidden_size == 16
+
+
+def test_each_anatomy_column_times_its_own_part(monkeypatch):
+  """A stand-in `median_ms` runs each part once and names it by what it returned."""
+
+  def part(result) -> str:
+    if hasattr(result, "apply_gradients"):
+      return "optimizer"
+    if isinstance(result, dict):
+      return "step"  # its metrics
+    if isinstance(result, tuple):
+      return {1: "backward", 2: "ctc"}[len(result)]  # (grads,) and (loss, grad)
+    return "forward"  # the logits
+
+  codes = {"step": 1.0, "forward": 2.0, "backward": 3.0, "ctc": 4.0, "optimizer": 5.0}
+  monkeypatch.setattr(benchmark_step, "median_ms", lambda run, repeats: codes[part(run())])
+  config = benchmark_step.make_config("tiny")
+  timings = benchmark_step.anatomy(config, benchmark_step.random_batch(2, 12), repeats=1)
+  assert timings == codes
+
+
+def test_the_pytorch_column_is_cudnns_step_at_the_rows_shape(tmp_path, monkeypatch):
+  shapes = []
+
+  def torch_step_ms(config, batch, time_steps, repeats):
+    shapes.append((batch, time_steps))
+    return 7.0 if batch == 8 else None
+
+  def anatomy(config, batch, repeats):
+    return {"step": 5.0, "forward": 1.0, "backward": 2.0, "ctc": 0.5, "optimizer": 0.25}
+
+  monkeypatch.setattr(benchmark_step, "torch_step_ms", torch_step_ms)
+  monkeypatch.setattr(benchmark_step, "anatomy", anatomy)
+  name = "scan unroll 1, optax CTC"
+  monkeypatch.setitem(benchmark_step.PRESETS, "tiny", {(8, 24): (name,), (4, 16): (name,)})
+  out = tmp_path / "step.md"
+  benchmark_step.main(["--preset", "tiny", "--out", str(out)])
+  assert shapes == [(8, 24), (4, 16)]
+  rows = table_rows(out.read_text(), "B")
+  assert [[row[0], row[1], row[-1]] for row in rows] == [["8", "24", "7.00"], ["4", "16", "-"]]
+
+
+class FakeTensor(np.ndarray):
+  def cuda(self):
+    return self
+
+
+def test_pytorchs_step_gets_the_batchs_real_lengths_and_labels(monkeypatch):
+  import sys
+  import types
+
+  gpu = {"available": True}
+  torch = types.SimpleNamespace(
+    cuda=types.SimpleNamespace(is_available=lambda: gpu["available"], synchronize=lambda: None),
+    tensor=lambda array: np.array(array).view(FakeTensor),
+    from_numpy=lambda array: array.view(FakeTensor),
+  )
+  monkeypatch.setitem(sys.modules, "torch", torch)
+  calls = []
+  launches = []
+
+  def torch_train_step(config, num_features, device, packed):
+    launches.append((num_features, device, packed))
+    return lambda *arguments: calls.append(arguments)
+
+  monkeypatch.setattr(benchmark_step.benchmark, "torch_train_step", torch_train_step)
+  config = benchmark_step.make_config("tiny")
+  assert isinstance(benchmark_step.torch_step_ms(config, 8, 40, repeats=2), float)
+  assert launches == [(benchmark_step.NUM_FEATURES, "cuda", False)]
+  assert len(calls) == 3  # a warm-up, then the repeats
+  inputs, lengths, labels, label_lengths = calls[0]
+  batch = benchmark_step.random_batch(8, 40)
+  np.testing.assert_array_equal(inputs, batch["inputs"])
+  np.testing.assert_array_equal(lengths, (np.asarray(batch["input_paddings"]) == 0).sum(1))
+  real_labels = np.asarray(batch["label_paddings"]) == 0
+  np.testing.assert_array_equal(label_lengths, real_labels.sum(1))
+  np.testing.assert_array_equal(labels, np.asarray(batch["labels"])[real_labels])
+
+  gpu["available"] = False
+  assert benchmark_step.torch_step_ms(config, 8, 40, repeats=2) is None
+  assert len(launches) == 1
