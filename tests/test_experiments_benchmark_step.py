@@ -639,3 +639,182 @@ def test_pytorchs_step_gets_the_batchs_real_lengths_and_labels(monkeypatch):
   gpu["available"] = False
   assert benchmark_step.torch_step_ms(config, 8, 40, repeats=2) is None
   assert len(launches) == 1
+
+
+def test_each_flags_child_gets_the_tuned_launches_and_keeps_the_inherited_flags(monkeypatch):
+  import json
+  import subprocess
+
+  children = []
+
+  def run(child, capture_output, text, env, check):
+    children.append((child, env["XLA_FLAGS"]))
+    if "--bad" in env["XLA_FLAGS"]:
+      return subprocess.CompletedProcess(child, 1, "", "a warning\nFatal: --bad is unknown\n")
+    return subprocess.CompletedProcess(child, 0, json.dumps({"scan": 1.5}), "")
+
+  monkeypatch.setenv("XLA_FLAGS", "--inherited=1")
+  monkeypatch.setattr(benchmark_step.subprocess, "run", run)
+  settings, dtype_settings = {"ctc.batch_tile": 2}, {"bfloat16": {"model.kernel.num_warps": 16}}
+  rows = benchmark_step.flag_variants(["bad=--bad=1"], "tiny", settings, dtype_settings, 3)
+  assert [flags for _, flags in children] == ["--inherited=1", "--inherited=1 --bad=1"]
+  for child, _ in children:
+    assert json.loads(child[child.index("--settings") + 1]) == settings
+    assert json.loads(child[child.index("--dtype-settings") + 1]) == dtype_settings
+  assert rows == [
+    {"XLA_FLAGS": benchmark_step.NO_EXTRA_FLAGS, "result": "scan 1.50 ms"},
+    {"XLA_FLAGS": "bad: `--bad=1`", "result": "failed: Fatal: --bad is unknown"},
+  ]
+
+
+def test_the_step_only_child_launches_the_kernels_it_was_given_at_the_first_shape(monkeypatch):
+  configs, shapes = [], []
+
+  def create_train_state(config, num_features, steps):
+    configs.append(config)
+    return {"step": jnp.zeros(())}
+
+  def train_step(state, batch):
+    shapes.append(batch["inputs"].shape)
+    return state, {"loss": jnp.zeros(())}
+
+  monkeypatch.setattr(benchmark_step.train, "create_train_state", create_train_state)
+  monkeypatch.setattr(benchmark_step.train, "train_step", train_step)
+  monkeypatch.setattr(benchmark_step, "median_ms", lambda run, repeats: (run(), 1.5)[1])
+  name = "pallas LSTM, pallas CTC"
+  monkeypatch.setitem(benchmark_step.PRESETS, "tiny", {(8, 24): (name,), (4, 16): (name,)})
+  timings = benchmark_step.step_only(
+    "tiny", {"ctc.batch_tile": 2}, {"float32": {"model.kernel.num_warps": 16}}, repeats=1
+  )
+  assert timings == {name: 1.5}
+  (config,) = configs
+  assert config.ctc.batch_tile == 2 and config.model.kernel.num_warps == 16
+  assert shapes == [(8, 24, benchmark_step.NUM_FEATURES)]
+
+
+@pytest.mark.parametrize(
+  ("argv", "message"),
+  [
+    (["--epoch"], "--epoch needs --data-dir"),
+    (["--xla-flags", "no flags"], "is not NAME=FLAGS"),
+    (["--xla-flags", "=--xla_dump_to=/tmp"], "is not NAME=FLAGS"),
+  ],
+)
+def test_flags_that_cannot_run_are_refused_before_anything_is_timed(monkeypatch, argv, message):
+  for measurement in ("torch_step_ms", "anatomy", "flag_variants", "load_epoch_data"):
+    monkeypatch.setattr(benchmark_step, measurement, never_time)
+  with pytest.raises(cli_errors.UsageError, match=message):
+    benchmark_step.main(["--preset", "tiny", *argv])
+
+
+def test_a_failing_flags_child_is_a_failed_measurement(tmp_path, monkeypatch, capsys):
+  # --no-anatomy with --xla-flags alone still has something to measure.
+  monkeypatch.setattr(benchmark_step, "anatomy", never_time)
+  rows = [
+    {"XLA_FLAGS": benchmark_step.NO_EXTRA_FLAGS, "result": "scan 1.50 ms"},
+    {"XLA_FLAGS": "bad: `--bad`", "result": "failed: Fatal: --bad is unknown"},
+  ]
+  monkeypatch.setattr(benchmark_step, "flag_variants", lambda *args: rows)
+  out = tmp_path / "step.md"
+  argv = ["--preset", "tiny", "--no-anatomy", "--xla-flags", "bad=--bad", "--out", str(out)]
+  assert cli_errors.run(lambda: benchmark_step.main(argv)) == benchmark_step.MEASUREMENT_FAILED
+  (line,) = capsys.readouterr().err.splitlines()
+  assert line.startswith("error: 1 measurement(s) failed") and "bad: `--bad`" in line
+  text = out.read_text()
+  assert "## XLA flags (B = 8, T = 24, the whole step" in text
+  assert table_rows(text, "XLA_FLAGS") == [list(row.values()) for row in rows]
+
+
+def epoch_measurement(contender: str, strategy: str, num_buckets: str = "-"):
+  measurement = mock.Mock(contender=contender, strategy=strategy, epoch_seconds=2.5)
+  measurement.epochs_seconds = [2.0, 2.5, 3.0]
+  measurement.row.return_value = {
+    "contender": contender,
+    "strategy": strategy,
+    "K": num_buckets,
+    "compile (s)": "1.0",
+    "padded/real": "1.100",
+  }
+  return measurement
+
+
+def test_the_epoch_table_times_ours_with_the_tuned_launch_and_cudnn_padded_per_batch(monkeypatch):
+  launches = []
+
+  class Bench:
+    def __init__(self, config, data, repeats):
+      launches.append((config.model.dtype, config.model.kernel.num_warps, config.ctc.batch_tile))
+
+    def plan(self, strategy, num_buckets):
+      return (strategy, num_buckets)
+
+    def contender(self, name, plan):
+      return epoch_measurement(name, plan[0], str(plan[1]))
+
+  torch_rows = [
+    epoch_measurement(f"PyTorch nn.LSTM{device}", f"random batches, {layout}")
+    for device in ("", " (cuDNN)")
+    for layout in ("padded per batch", "packed")
+  ]
+  timed = []
+  monkeypatch.setattr(benchmark_step.benchmark, "Bench", Bench)
+  monkeypatch.setattr(benchmark_step.benchmark, "torch_contenders", lambda *args: torch_rows)
+  monkeypatch.setattr(
+    benchmark_step.benchmark,
+    "take_turns",
+    lambda measurements, repeats: timed.append((measurements, repeats)),
+  )
+  rows, no_torch = benchmark_step.epoch_rows(
+    "tiny",
+    [None] * 8,
+    {"ctc.batch_tile": 2},
+    ["optimal", "none"],
+    3,
+    {"float32": {"model.kernel.num_warps": 16}},
+  )
+  assert launches == [("float32", 16, 2)]
+  assert no_torch == ""
+  assert [row["contender"] for row in rows] == [
+    "ours, optimal",
+    "ours, none",
+    "PyTorch nn.LSTM (cuDNN), random batches, padded per batch",
+  ]
+  assert [row["K"] for row in rows[:2]] == ["8", "1"]
+  assert rows[0]["epoch (s)"] == "2.50" and rows[0]["epochs (s)"] == "2.00, 2.50, 3.00"
+  ((measurements, repeats),) = timed  # all the table's contenders, taking turns
+  assert repeats == 3
+  assert [m.contender for m in measurements] == [row["contender"].split(",")[0] for row in rows]
+
+  # PyTorch without a GPU has no cuDNN row, and the table says why.
+  monkeypatch.setattr(benchmark_step.benchmark, "torch_contenders", lambda *args: torch_rows[:2])
+  rows, no_torch = benchmark_step.epoch_rows("tiny", [None] * 8, {}, ["optimal"], 2)
+  assert [row["contender"] for row in rows] == ["ours, optimal"]
+  assert no_torch == "torch sees no GPU, so no cuDNN"
+
+
+def test_the_epoch_runs_the_tuned_launches_and_the_fallback_of_a_kernel_left_out(
+  tmp_path, monkeypatch
+):
+  bfloat16 = KernelConfig(num_warps=16, weights_resident=True, prefetch=True)
+  rows = [{"variant": "tile 16", "ms": "1.00", "max relative error": "0"}]
+  monkeypatch.setattr(
+    benchmark_step, "tune_kernel", lambda *args, **kwargs: ({"bfloat16": bfloat16}, rows)
+  )
+  monkeypatch.setattr(benchmark_step, "tune_ctc", lambda *args, **kwargs: (None, rows))
+  epochs = []
+
+  def epoch_rows(preset, data, settings, strategies, repeats, dtype_settings):
+    epochs.append((settings, dtype_settings))
+    return [{"contender": "ours, optimal", "epoch (s)": "1.00"}], ""
+
+  monkeypatch.setattr(benchmark_step, "load_epoch_data", lambda preset, data_dir: [None] * 64)
+  monkeypatch.setattr(benchmark_step, "epoch_rows", epoch_rows)
+  argv = ["--preset", "tiny", "--no-anatomy", "--tune", "--epoch", "--data-dir", str(tmp_path)]
+  argv += ["--epoch-dtypes", "float32,bfloat16", "--out", str(tmp_path / "step.md")]
+  assert benchmark_step.main(argv) == benchmark_step.MEASUREMENT_FAILED  # the CTC kernel's tuning
+  launch = {f"model.kernel.{field}": getattr(bfloat16, field) for field in LAUNCH_FIELDS}
+  assert epochs == [({"ctc.impl": "optax"}, {"float32": {}, "bfloat16": launch})]
+
+
+def test_an_epoch_dtype_named_twice_is_timed_once():
+  assert benchmark_step.epoch_dtypes("bfloat16,float32,bfloat16") == ["bfloat16", "float32"]
