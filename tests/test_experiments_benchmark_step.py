@@ -1,15 +1,21 @@
 """The step-anatomy driver: the sections and rows it promises, kernels checked on the way."""
 
+import json
 import re
+import subprocess
+import sys
+import types
 from unittest import mock
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.experimental import io_callback
 
 import cli_errors
 import train
-from experiments import benchmark_step
+from experiments import benchmark_step, synthetic
 from models.lstm_kernel import LAUNCH_FIELDS, KernelConfig
 from tests.test_experiments_benchmark import run_as_a_user, table_rows
 
@@ -54,12 +60,6 @@ def test_tiny_run_writes_tuning_and_anatomy_tables(tmp_path):
 def test_the_backward_column_times_the_models_gradient_alone():
   """The backward pass from saved residuals is the model's gradient, so the column times the real
   thing (it was forward + backward less forward, which noise could make negative)."""
-  import jax
-  import numpy as np
-
-  import train
-  from experiments import synthetic
-
   config = synthetic.get_config("tiny")
   state = train.create_train_state(config, benchmark_step.NUM_FEATURES, 10)
   batch = benchmark_step.random_batch(2, 12)
@@ -489,9 +489,6 @@ def test_a_variants_error_is_relative_to_the_scans_magnitude(monkeypatch):
 def ctc_stand_in(wrong: dict):
   """A CTC loss cheap to compile, launch (batch_tile, num_warps) -> "loss", "gradient" or
   "repeat" (a result that changes between runs) naming what a variant gets wrong."""
-  import jax
-  from jax.experimental import io_callback
-
   runs = iter(range(1, 1000))
 
   def loss(logits, paddings, labels, label_paddings, batch_tile=None, num_warps=None, **kwargs):
@@ -539,8 +536,6 @@ def test_ctc_tuning_keeps_only_variants_that_match_optax_and_repeat_themselves(m
 
 
 def test_the_ctc_reference_is_optax_at_full_float32_precision(monkeypatch):
-  import jax
-
   precisions = []
 
   def loss(logits, *args, **kwargs):
@@ -606,9 +601,6 @@ class FakeTensor(np.ndarray):
 
 
 def test_pytorchs_step_gets_the_batchs_real_lengths_and_labels(monkeypatch):
-  import sys
-  import types
-
   gpu = {"available": True}
   torch = types.SimpleNamespace(
     cuda=types.SimpleNamespace(is_available=lambda: gpu["available"], synchronize=lambda: None),
@@ -642,9 +634,6 @@ def test_pytorchs_step_gets_the_batchs_real_lengths_and_labels(monkeypatch):
 
 
 def test_each_flags_child_gets_the_tuned_launches_and_keeps_the_inherited_flags(monkeypatch):
-  import json
-  import subprocess
-
   children = []
 
   def run(child, capture_output, text, env, check):
