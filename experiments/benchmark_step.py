@@ -164,7 +164,8 @@ def make_config(preset: str, *overrides: dict):
 
 
 def random_batch(batch: int, time_steps: int, seed: int = 0) -> dict[str, jax.Array]:
-  """A bucket-shaped batch: lengths uniform in [T/2, T], 1 to T/20 labels, every row real."""
+  """A bucket-shaped batch: lengths uniform in [T/2, T], 1 to max(2, T/20) labels, every
+  row real."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(time_steps // 2, time_steps + 1, batch)
   label_time = max(2, time_steps // 20)
