@@ -113,12 +113,12 @@ def replace(key, value):
   return lambda arrays: arrays.__setitem__(key, value)
 
 
-def shift(key, by):
-  return lambda arrays: arrays.__setitem__(key, arrays[key] + np.array(by))
-
-
 def transform(key, function):
   return lambda arrays: arrays.__setitem__(key, function(arrays[key]))
+
+
+def shift(key, by):
+  return transform(key, lambda values: values + np.array(by))
 
 
 def read_train(path):

@@ -80,18 +80,14 @@ def test_a_damaged_best_checkpoint_is_an_error_naming_it_not_wrong_parameters(tm
     restored_best(tmp_path / "run", params)
 
 
-def small_state(scale: float, step: int = 0) -> TrainState:
-  params = {"kernel": scale * jnp.arange(12.0).reshape(3, 4), "bias": jnp.full(4, scale)}
+def small_state(scale: float, step: int = 0, units: int = 4) -> TrainState:
+  """A one-layer model of `units` units, its parameters scaled by `scale`."""
+  params = {
+    "kernel": scale * jnp.arange(3.0 * units).reshape(3, units),
+    "bias": jnp.full(units, scale),
+  }
   state = TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3))
   return state.replace(step=jnp.asarray(step))
-
-
-def wider_state() -> TrainState:
-  """`small_state`'s model with 8 units instead of 4."""
-  params = {"kernel": jnp.zeros((3, 8)), "bias": jnp.zeros(8)}
-  return TrainState.create(apply_fn=None, params=params, tx=optax.adam(1e-3)).replace(
-    step=jnp.asarray(0)
-  )
 
 
 def plan_of(batch_size: int) -> bucketing.BucketPlan:
@@ -308,7 +304,7 @@ def test_a_latest_state_of_another_model_names_only_the_config_fields_that_diffe
       match=r"other shapes \(config\.model\.hidden_size=4 there, 8 here\); use the same config",
     ),
   ):
-    checkpoints.restore_latest(wider_state(), plan_of(2))
+    checkpoints.restore_latest(small_state(0.0, units=8), plan_of(2))
 
 
 def test_no_best_checkpoint_restores_as_none(tmp_path):
@@ -330,7 +326,7 @@ def test_reading_the_latest_parameters_of_another_model_is_a_mismatch_not_damage
     contextlib.closing(Checkpoints(tmp_path, create=False)) as checkpoints,
     pytest.raises(CheckpointMismatchError, match=r"other shapes \(\.params\['bias'\]: \[4\] there"),
   ):
-    checkpoints.read_latest_params(wider_state())
+    checkpoints.read_latest_params(small_state(0.0, units=8))
 
 
 def test_a_restore_target_is_placed_on_the_sharding_asked_for():
