@@ -218,25 +218,25 @@ def test_a_bad_figure_path_is_named_with_its_flag_before_any_work(
   assert message.format(tmp=tmp_path) in err
 
 
-def test_a_plot_that_fails_to_write_is_named_with_its_flag(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+  ("writer", "argv", "flag"),
+  [
+    ("plot_lengths", ["stats", "--plot"], "--plot"),
+    ("render_example", ["render", "--id", "syn-train-0000-01", "--out"], "--out"),
+  ],
+)
+def test_a_write_that_fails_anyway_is_named_with_its_flag(
+  tmp_path, capsys, monkeypatch, writer, argv, flag
+):
   def refuse(*args):
     raise PermissionError(13, "Permission denied")
 
-  monkeypatch.setattr(report, "plot_lengths", refuse)
-  argv = ["stats", "--num_train", "2", "--num_eval", "1", "--plot", str(tmp_path / "b.png")]
-  err = one_line_error(argv, capsys, monkeypatch)
-  assert err == f"error: --plot {tmp_path / 'b.png'}: cannot write it (Permission denied)\n"
-
-
-def test_a_write_that_fails_anyway_is_named_with_its_flag(tmp_path, capsys, monkeypatch):
-  def refuse(*args):
-    raise PermissionError(13, "Permission denied")
-
-  monkeypatch.setattr(report, "render_example", refuse)
-  argv = ["render", "--num_train", "2", "--num_eval", "1", "--id", "syn-train-0000-01", "--out",
-          str(tmp_path / "a.png")]  # fmt: skip
-  err = one_line_error(argv, capsys, monkeypatch)
-  assert err == f"error: --out {tmp_path / 'a.png'}: cannot write it (Permission denied)\n"
+  monkeypatch.setattr(report, writer, refuse)
+  path = tmp_path / "a.png"
+  err = one_line_error(
+    [*argv, str(path), "--num_train", "2", "--num_eval", "1"], capsys, monkeypatch
+  )
+  assert err == f"error: {flag} {path}: cannot write it (Permission denied)\n"
 
 
 @pytest.mark.parametrize(
