@@ -353,20 +353,6 @@ def test_only_the_errors_of_orbaxs_leftover_reads_are_dropped():
   assert checkpoints_lib.not_orbax_read_noise(log("Task exception was never retrieved: <Task x>"))
 
 
-def test_a_latest_state_that_recorded_only_its_bounds_resumes_when_they_match(
-  tmp_path, monkeypatch
-):
-  # Checkpoints from before the schedule's other fields were recorded: what is there is checked.
-  with monkeypatch.context() as older:
-    older.setattr(
-      checkpoints_lib, "_schedule", lambda plan, seed: {"upper_bounds": plan.upper_bounds.tolist()}
-    )
-    saved_steps(tmp_path)
-  with contextlib.closing(Checkpoints(tmp_path, seed=0)) as checkpoints:
-    restored, progress = checkpoints.restore_latest(small_state(0.0), plan_of(2))
-  assert int(restored.step) == 2 and progress.step_in_epoch == 2
-
-
 def test_a_damaged_checkpoints_reason_is_the_innermost_error_naming_the_file():
   try:
     try:
