@@ -867,6 +867,31 @@ def test_a_compilation_cache_dir_that_cannot_be_made_is_named(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+def test_the_compilation_cache_is_on_by_default_where_asked_and_keeps_every_compile(
+  tmp_path, monkeypatch
+):
+  """A run started again loads its steps from the cache: at $JAX_COMPILATION_CACHE_DIR unless the
+  config names a folder ("~" is the home folder, "" turns it off), and a step that compiles in
+  under JAX's default second is kept too."""
+  monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "default"))
+  monkeypatch.setenv("HOME", str(tmp_path / "home"))
+  monkeypatch.chdir(tmp_path)
+  min_compile_s = jax.config.jax_persistent_cache_min_compile_time_secs
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+  try:
+    train.setup_runtime(tiny_config())
+    assert jax.config.jax_enable_compilation_cache
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "default")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    train.setup_runtime(tiny_config(compilation_cache_dir="~/cache"))
+    assert jax.config.jax_compilation_cache_dir == str(tmp_path / "home" / "cache")
+    assert (tmp_path / "home" / "cache").is_dir() and not (tmp_path / "~").exists()
+    train.setup_runtime(tiny_config(compilation_cache_dir=""))
+    assert not jax.config.jax_enable_compilation_cache
+  finally:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
+
+
 def test_a_second_trainer_in_the_same_workdir_is_refused(tmp_path):
   with open(tmp_path / "train.lock", "a") as held:  # as the first trainer holds it
     fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
