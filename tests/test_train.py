@@ -1640,8 +1640,8 @@ def test_the_progress_bar_is_drawn_on_a_terminal_only(monkeypatch):
   monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
   assert isinstance(train.progress_bar(4, 0, "epoch 0", True), contextlib.nullcontext)
   monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
-  with train.progress_bar(4, 0, "epoch 0", True) as bar:
-    assert bar.total == 4
+  with train.progress_bar(4, 1, "epoch 0", True) as bar:  # a resumed epoch starts at its step
+    assert (bar.total, bar.n) == (4, 1)
   assert isinstance(train.progress_bar(4, 0, "epoch 0", False), contextlib.nullcontext)
 
 
