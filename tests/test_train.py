@@ -1654,6 +1654,25 @@ def test_metrics_jsonl_stays_strict_json(tmp_path):
   assert row["train_loss"] is None and row["val_loss"] is None
 
 
+def test_a_resumed_runs_records_are_rewritten_from_its_history_each_epoch_once(tmp_path):
+  """metrics.jsonl and TensorBoard start again from the checkpoint's history: one event stream
+  (an earlier start's file is removed, or TensorBoard would plot its epochs twice), each epoch's
+  scalars under that epoch (the epoch is no plot of its own)."""
+  stale = tmp_path / "tensorboard" / "events.out.tfevents.1.an-earlier-start"
+  stale.parent.mkdir()
+  stale.write_bytes(b"")
+  (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n{"epoch": 1}\n')  # past the checkpoint
+  history = [{"epoch": 0, "train_loss": 2.0, "val_loss": 1.5}]
+  writer = train.MetricsWriter(tmp_path, history)
+  row = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.5}
+  writer.write(row)
+  writer.close()
+  scalars, num_files = tensorboard_scalars(tmp_path)
+  assert num_files == 1 and not stale.exists()
+  assert sorted(scalars) == [("train_loss", 0), ("train_loss", 1), ("val_loss", 0), ("val_loss", 1)]
+  assert read_rows(tmp_path) == [*history, row]
+
+
 def test_the_time_cap_stops_with_a_checkpoint_and_the_same_command_continues(
   uninterrupted, tmp_path, caplog
 ):
