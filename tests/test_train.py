@@ -2045,18 +2045,23 @@ def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(
   assert not (tmp_path / "given" / train.COST_FILE).exists()
 
 
+def token_budget(max_tokens):
+  return {"bucketing.batch_size": 0, "bucketing.max_tokens": max_tokens}
+
+
 @pytest.mark.parametrize(
-  "other",
+  ("base", "other"),
   [
-    {"ctc.impl": "optax"},
-    {"bucketing.batch_size": 16},
-    {"bucketing.batch_size": 0, "bucketing.max_tokens": 4096},
-    {"model.hidden_size": 32},
-    {"model.dtype": "bfloat16"},
+    ({}, {"ctc.impl": "optax"}),
+    ({}, {"bucketing.batch_size": 16}),
+    ({}, token_budget(4096)),
+    (token_budget(4096), token_budget(8192)),
+    ({}, {"model.hidden_size": 32}),
+    ({}, {"model.dtype": "bfloat16"}),
   ],
-  ids=["ctc", "batch size", "token budget", "model size", "dtype"],
+  ids=["ctc", "batch size", "token budget", "another token budget", "model size", "dtype"],
 )
-def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, other):
+def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, base, other):
   """The figures hold for the model, the CTC loss, the batch rule and the devices they were
   measured for (a step's time depends on each)."""
   measured = []
@@ -2070,7 +2075,7 @@ def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, ot
     )
 
   monkeypatch.setattr(train, "measure_cost_model", stand_in)
-  config = _auto_config()
+  config = _auto_config(**base)
   data = train.load_split(config, "train", 48)
   mesh = train.make_data_mesh()
   first = train.auto_cost_model(config, data, mesh, tmp_path)
