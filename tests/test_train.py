@@ -2113,7 +2113,7 @@ def test_measuring_times_the_longest_and_the_next_padded_length_at_their_widest_
 
   def stand_in(state, mesh, num_features, rows, length, label_width, repeats, rng):
     timed.append((rows, length, label_width))
-    return state, 1e-3 + 1e-5 * length, 2.0  # seconds a step, seconds its compile
+    return state, 1e-3 + 1e-5 * length, 1.0 + length / 16  # seconds a step, its compile's
 
   monkeypatch.setattr(train, "time_train_step", stand_in)
   # Rounded to 8: 16 and 64 (the median's).
@@ -2125,7 +2125,26 @@ def test_measuring_times_the_longest_and_the_next_padded_length_at_their_widest_
     (8, 16),
   ]
   model = measured.model
-  assert (model.alpha, model.gamma, model.beta, model.kappa) == pytest.approx((1e-3, 1e-5, 0, 2))
+  # kappa: the median compile (5 s and 2 s here).
+  assert (model.alpha, model.gamma, model.beta, model.kappa) == pytest.approx((1e-3, 1e-5, 0, 3.5))
+  # A token budget adds a step at half a batch down to one row per device: 16 rows fit the
+  # budget at 16 frames, so 8 (64 frames get the floor of a row per device, past the budget).
+  timed.clear()
+  train.measure_cost_model(tiny_config(**token_budget(256)), lines, train.make_data_mesh())
+  assert timed == [(8, 64, 9), (16, 16, 2), (8, 16, 2)]
+
+
+def test_auto_plans_for_all_the_runs_epochs_and_pays_its_compiles_once():
+  """A long run buys more buckets than one epoch would: each saves time every epoch, while its
+  compile is paid once."""
+  data = train.load_split(tiny_config(), "train", 48)
+  given = dict(zip(train.COST_FIELDS, (1e-3, 1e-5, 1e-7, 0.02), strict=True))
+  given = {f"bucketing.{field}": value for field, value in given.items()}
+  buckets = [
+    train.make_train_plan(_auto_config(num_epochs=epochs, **given), data, 8).num_buckets
+    for epochs in (1, 100)
+  ]
+  assert buckets[0] < buckets[1]
 
 
 def test_auto_measures_nothing_for_lines_of_one_padded_length(tmp_path):
@@ -2133,6 +2152,10 @@ def test_auto_measures_nothing_for_lines_of_one_padded_length(tmp_path):
   lines = blank_lines([58, 60, 64])  # all 64 once rounded to 8
   assert train.auto_cost_model(_auto_config(), lines, train.make_data_mesh(), tmp_path) is None
   assert not (tmp_path / train.COST_FILE).exists()
+  with pytest.raises(
+    ValueError, match=r"measuring a cost model needs two padded lengths, got \[64\]"
+  ):
+    train.measure_cost_model(_auto_config(), lines, train.make_data_mesh())
 
 
 def _auto_config(**overrides):
