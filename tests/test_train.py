@@ -2082,6 +2082,9 @@ def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, ba
   again = train.auto_cost_model(config, data, mesh, tmp_path)
   assert measured == [train.flat_config(config)]  # the same settings: the workdir's figures hold
   assert (again.model, again.report, again.reused) == (first.model, first.report, True)
+  # The log line says which: figures read back are not this start's measurements.
+  assert "auto's cost model, measured (0.5 s on 8 " in train.describe_cost_model(first)
+  assert "auto's cost model, read back from the workdir (0.5 s" in train.describe_cost_model(again)
   other = _auto_config(**other)
   assert not train.auto_cost_model(other, data, mesh, tmp_path).reused
   assert measured == [train.flat_config(config), train.flat_config(other)]
