@@ -915,6 +915,16 @@ def test_a_run_stopped_before_its_first_epoch_ended_counts_the_steps_it_trained(
   assert summary["train_time_s"] > 0  # was 0: only ended epochs counted
 
 
+def test_a_run_ended_by_max_steps_still_compiles_every_step(tmp_path):
+  """max_steps is no stop: the steps its schedule had not reached yet (one compile thread, four
+  buckets, one step taken) are compiled, not dropped as a signal or the time cap drops them."""
+  config = tiny_config(max_steps=1, compile_threads=1, **{"bucketing.num_buckets": 4})
+  summary = train.train_and_evaluate(config, tmp_path)
+  assert summary["ended_by"] == "max_steps" and summary["stopped_by"] is None
+  assert summary["compiles_dropped"] == 0
+  assert summary["train_compiles"] == 4 and summary["eval_compiles"] > 0
+
+
 def test_max_steps_in_a_later_epoch_checkpoints_by_global_step_and_says_where(tmp_path, caplog):
   """Checkpoints fall every checkpoint_every_steps global steps (and at an epoch's end); the stop
   names the step of the epoch's schedule it stopped at."""
@@ -1790,6 +1800,13 @@ def test_a_stop_compiles_nothing_more(tmp_path, monkeypatch):
     return compile_step(*job)
 
   monkeypatch.setattr(compilation, "_lower_and_compile", slow)
+  save_latest = train.Run.save_latest
+
+  def slow_save(run, *args):  # time for the compile running at the stop to end, another to start
+    time.sleep(2.0)
+    return save_latest(run, *args)
+
+  monkeypatch.setattr(train.Run, "save_latest", slow_save)
   config = tiny_config(max_minutes=1e-9, **{"bucketing.num_buckets": 4})
   summary = train.train_and_evaluate(config, tmp_path)
   assert summary["stopped_by"] == "max_minutes"
