@@ -114,6 +114,9 @@ def test_tiny_run_writes_everything_a_user_reads(uninterrupted):
   assert summary["global_step"] == summary["epochs"] * steps_per_epoch
   rows = read_rows(workdir)
   assert [row["epoch"] for row in rows] == [0, 1]
+  # Each row: the global step at its epoch's end, and the epoch's time, which the total sums.
+  assert [row["steps"] for row in rows] == [steps_per_epoch, 2 * steps_per_epoch]
+  assert summary["train_time_s"] == pytest.approx(sum(row["epoch_time_s"] for row in rows))
   for row in rows:
     assert set(row) >= REQUIRED_ROW_KEYS
     assert np.isfinite(row["train_loss"]) and np.isfinite(row["val_loss"])
@@ -1368,14 +1371,37 @@ def test_epoch_time_leaves_out_the_waits_for_compiles(tmp_path, monkeypatch):
 
   monkeypatch.setattr(compilation, "_lower_and_compile", slow)
   start = time.perf_counter()
-  summary = train.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
+  summary = train.train_and_evaluate(tiny_config(num_epochs=2), tmp_path)
   wall = time.perf_counter() - start
-  (row,) = read_rows(tmp_path)
+  row, second = read_rows(tmp_path)
   assert summary["time_to_first_step_s"] >= 2.0 and row["compile_wait_s"] >= 2.0
+  # The first epoch compiled every bucket: the second waits for none, and its time is its own.
+  assert second["compile_wait_s"] < 1.0 and second["epoch_time_s"] > 0
   # Each second is counted once: the parts add up to no more than the run's wall time.
   parts = ("epoch_time_s", "compile_wait_s", "eval_time_s")
-  assert summary["time_to_first_step_s"] + sum(row[part] for part in parts) < wall
-  assert summary["compile_wait_s"] == row["compile_wait_s"]
+  assert (
+    summary["time_to_first_step_s"] + sum(r[part] for r in (row, second) for part in parts) < wall
+  )
+  assert summary["compile_wait_s"] == row["compile_wait_s"] + second["compile_wait_s"]
+
+
+def test_the_epochs_time_leaves_out_its_mid_epoch_checkpoints(tmp_path, monkeypatch):
+  """The trainer's clock jumps 1000 s while each checkpoint saves: the epoch, checkpointed at its
+  step 4 of 7 (every 4 steps) and at its end, counts none of it."""
+  jumped = [0.0]
+  clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + jumped[0])
+  save_latest = train.Run.save_latest
+
+  def slow_save(run, *args):
+    jumped[0] += 1000.0
+    return save_latest(run, *args)
+
+  monkeypatch.setattr(train, "time", clock)
+  monkeypatch.setattr(train.Run, "save_latest", slow_save)
+  summary = train.train_and_evaluate(tiny_config(num_epochs=1), tmp_path)
+  assert jumped[0] == 2000.0
+  (row,) = read_rows(tmp_path)
+  assert 0 < row["epoch_time_s"] < 1000 and summary["train_time_s"] == row["epoch_time_s"]
 
 
 def test_a_run_stopped_within_an_epoch_counts_its_waits_for_compiles(tmp_path, monkeypatch):
