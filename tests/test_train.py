@@ -397,6 +397,9 @@ def test_the_selection_metric_picks_the_best_epoch_and_drives_patience(
   summary = train.train_and_evaluate(config, tmp_path)
   assert (summary["best_epoch"], summary["epochs"]) == (best_epoch, epochs)
   assert summary["selection_metric"] == metric
+  # Each row names the best epoch so far.
+  rows = read_rows(tmp_path)
+  assert [row["best_epoch"] for row in rows] == [min(epoch, best_epoch) for epoch in range(epochs)]
   assert (summary["best_val_loss"], summary["best_val_cer"]) == (
     losses[best_epoch],
     cers[best_epoch],
@@ -941,6 +944,21 @@ def test_max_steps_in_a_later_epoch_checkpoints_by_global_step_and_says_where(tm
     10,
   ]
   assert "stopped at config.max_steps=10 (epoch 1, step 3 of the schedule)" in caplog.text
+
+
+def test_a_checkpoint_due_at_an_epochs_last_step_is_the_one_its_end_saves(tmp_path):
+  """Every 7 steps, an epoch's: the checkpoint of its last step holds the ended epoch. One saved
+  before its validation would stand instead (a step is saved once), and a start again would
+  evaluate that epoch again."""
+  config = tiny_config(checkpoint_every_steps=7, num_epochs=1)
+  assert train.train_and_evaluate(config, tmp_path)["global_step"] == 7
+  target = abstract_on(
+    jax.eval_shape(lambda: train.create_train_state(config, 3, 1)),
+    jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+  )
+  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
+    _, progress = checkpoints.restore_latest(target)
+  assert (progress.epoch, progress.step_in_epoch, len(progress.history)) == (1, 0, 1)
 
 
 def test_a_fresh_start_beside_an_earlier_runs_best_parameters_is_refused(
@@ -1813,6 +1831,10 @@ def test_a_signal_before_the_first_step_says_there_is_nothing_to_resume(
   assert summary["stopped_by"] == "SIGTERM" and summary["global_step"] == 0
   assert "stopped by SIGTERM before the first train step: nothing to checkpoint" in caplog.text
   assert "checkpointed in" not in caplog.text
+  # The next start, with another config, starts the run: it resumes nothing, so warns of nothing.
+  monkeypatch.undo()
+  train.train_and_evaluate(tiny_config(num_epochs=3, max_steps=1), tmp_path)
+  assert "resuming with another config" not in caplog.text
 
 
 def test_a_stop_compiles_nothing_more(tmp_path, monkeypatch):
