@@ -848,7 +848,12 @@ def test_a_config_from_python_refuses_a_misspelt_field_and_is_a_config_dict(tmp_
 
 
 @pytest.mark.parametrize(
-  ("workdir", "message"), [("", r"the workdir \(--workdir\) is empty"), ("file", "is a file, not")]
+  ("workdir", "message"),
+  [
+    ("", r"the workdir \(--workdir\) is empty"),
+    ("file", "is a file, not"),
+    ("file/run", "is inside file, a file"),
+  ],
 )
 def test_a_workdir_that_is_no_folder_is_refused_before_anything_loads(
   tmp_path, monkeypatch, workdir, message
@@ -1047,6 +1052,14 @@ def test_several_processes_agree_on_a_stop_every_few_steps_not_at_every_one(
   # max_steps needs no agreement: every process counts the same steps.
   run.config = tiny_config(max_steps=3)
   assert train.cut_short(run, 3)
+
+
+def test_an_infinite_loss_stops_the_run_as_a_nan_one_does():
+  step = types.SimpleNamespace(epoch=1, step=2, bucket=0)
+  plan = types.SimpleNamespace(upper_bounds=np.array([40]))
+  metrics = {"loss": np.inf, "loss_sum": np.inf, "weight": 8.0}
+  with pytest.raises(train.LossNotFinite, match=r"loss is inf at epoch 1, step 2 \(bucket 0,"):
+    train._account(train.Progress(), (step, metrics), plan, None)
 
 
 def test_read_one_late_reads_each_step_once_the_next_is_dispatched():
@@ -1941,7 +1954,8 @@ def spoil(example, problem):
 
 
 def export_with_bad_lines(path, bad):
-  """A tiny synthetic .npz export whose `bad` {split: [problem, ...]} spoil lines 0, 1, ..."""
+  """A tiny synthetic .npz export whose `bad` {split: [problem, ...]} spoil lines 0, 1, ... (a
+  None problem leaves its line sound)."""
   sizes = {"train": 48, "validation": 16}
   examples = {
     split: train.dataset_lib.load_examples("synthetic", split, limit=size)
@@ -1949,7 +1963,8 @@ def export_with_bad_lines(path, bad):
   }
   for split, problems in bad.items():
     for line, problem in enumerate(problems):
-      examples[split][line] = spoil(examples[split][line], problem)
+      if problem is not None:
+        examples[split][line] = spoil(examples[split][line], problem)
   train.dataset_lib.write_export(path, examples, {})
   return examples
 
@@ -2291,11 +2306,13 @@ def test_a_test_split_that_is_the_validation_split_is_loaded_and_its_skips_count
   assert [line["split"] for line in skipped] == ["validation"] * len(PROBLEMS)
 
 
-@pytest.mark.parametrize("eval_limit, kept", [(0, 12), (6, 2), (16, 12)])
+@pytest.mark.parametrize("eval_limit, kept", [(0, 12), (6, 4), (16, 12)])
 def test_training_on_the_validation_split_counts_its_skipped_lines_once(
   tmp_path, monkeypatch, eval_limit, kept
 ):
-  examples = export_with_bad_lines(tmp_path / "data.npz", {"validation": list(PROBLEMS)})
+  # Lines 4 to 7 are bad: a limit of 6 loads two of them, the training split's load all four.
+  bad = [None] * 4 + list(PROBLEMS)
+  examples = export_with_bad_lines(tmp_path / "data.npz", {"validation": bad})
   limits = []
   load_checked = train._load_checked
 
@@ -2314,9 +2331,8 @@ def test_training_on_the_validation_split_counts_its_skipped_lines_once(
     }
   )
   train_set, eval_sets, skipped = train.load_data(config)
-  # The export's 16 validation lines, the first four of them bad.
   assert len(train_set.ids) == 12 and len(eval_sets["validation"].ids) == kept
-  assert [line["id"] for line in skipped] == [line["id"] for line in examples["validation"][:4]]
+  assert [line["id"] for line in skipped] == [line["id"] for line in examples["validation"][4:8]]
   assert limits == ([0] if eval_limit == 0 else [0, eval_limit])  # one load per split and limit
 
 
