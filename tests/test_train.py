@@ -2141,7 +2141,7 @@ def token_budget(max_tokens):
   ],
   ids=["ctc", "batch size", "token budget", "another token budget", "model size", "dtype"],
 )
-def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, base, other):
+def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, caplog, base, other):
   """The figures hold for the model, the CTC loss, the batch rule and the devices they were
   measured for (a step's time depends on each)."""
   measured = []
@@ -2159,6 +2159,8 @@ def test_a_fresh_run_measures_again_for_other_settings(tmp_path, monkeypatch, ba
   data = train.load_split(config, "train", 48)
   mesh = train.make_data_mesh()
   first = train.auto_cost_model(config, data, mesh, tmp_path)
+  # A fresh workdir: no resumed run's copy in plan.json to miss, nothing to warn of.
+  assert "is missing" not in caplog.text
   again = train.auto_cost_model(config, data, mesh, tmp_path)
   assert measured == [train.flat_config(config)]  # the same settings: the workdir's figures hold
   assert (again.model, again.report, again.reused) == (first.model, first.report, True)
