@@ -2256,6 +2256,10 @@ def test_an_old_export_in_the_default_data_dir_is_not_used_unasked(tmp_path, mon
   with pytest.raises(ValueError, match=r"--config\.data\.data_dir=.*tensorflow_datasets"):
     train.train_and_evaluate(config, tmp_path / "run")
   assert not (tmp_path / "run").exists()
+  # Pointed at the IAM-OnDB download, the user asks for IAM-OnDB: the export found in the
+  # default data dir is then taken, not refused.
+  config.data.manual_dir = str(tmp_path / "download")
+  assert train.data_source(config).path == tmp_path / "tensorflow_datasets" / "iam_ondb.npz"
 
 
 def test_the_run_says_which_implementations_auto_chose():
