@@ -1524,12 +1524,14 @@ def test_resuming_with_another_schedule_is_refused(stopped_at_step_6, tmp_path, 
   # Each would continue epoch 0 at step 6 of another order of batches.
   workdir = tmp_path / "run"
   shutil.copytree(stopped_at_step_6, workdir)
+  # The data also moved: a data dir says where the data is, not what it is, and goes unnamed.
+  moved = {"data.data_dir": str(tmp_path / "moved")}
   with pytest.raises(CheckpointMismatchError, match=message) as error:
-    train.train_and_evaluate(tiny_config(**override), workdir)
+    train.train_and_evaluate(tiny_config(**override, **moved), workdir)
   # The field that changed, from the run's config.json: the checkpoint only knows the effect.
   (field, value), *_ = override.items()
   assert f"config.json differs in config.{field}=" in str(error.value)
-  assert f"there, {value!r} here" in str(error.value)
+  assert f"there, {value!r} here" in str(error.value) and "data_dir" not in str(error.value)
   # The run's plan.json still describes its checkpoints.
   assert (workdir / "plan.json").read_text() == (stopped_at_step_6 / "plan.json").read_text()
 
