@@ -76,12 +76,22 @@ def tiny_config(**overrides):
   return config
 
 
-def latest_params(config, workdir):
+def token_budget(max_tokens):
+  return {"bucketing.batch_size": 0, "bucketing.max_tokens": max_tokens}
+
+
+def latest_checkpoint(config, workdir):
+  """The run's latest state, on the first device, and its progress."""
   target = abstract_on(
     jax.eval_shape(lambda: train.create_train_state(config, 3, 1)),
     jax.sharding.SingleDeviceSharding(jax.devices()[0]),
   )
-  state, _ = Checkpoints(workdir).restore_latest(target)
+  with contextlib.closing(Checkpoints(workdir)) as checkpoints:
+    return checkpoints.restore_latest(target)
+
+
+def latest_params(config, workdir):
+  state, _ = latest_checkpoint(config, workdir)
   return jax.device_get(state.params)
 
 
@@ -957,12 +967,7 @@ def test_a_checkpoint_due_at_an_epochs_last_step_is_the_one_its_end_saves(tmp_pa
   evaluate that epoch again."""
   config = tiny_config(checkpoint_every_steps=7, num_epochs=1)
   assert train.train_and_evaluate(config, tmp_path)["global_step"] == 7
-  target = abstract_on(
-    jax.eval_shape(lambda: train.create_train_state(config, 3, 1)),
-    jax.sharding.SingleDeviceSharding(jax.devices()[0]),
-  )
-  with contextlib.closing(Checkpoints(tmp_path)) as checkpoints:
-    _, progress = checkpoints.restore_latest(target)
+  _, progress = latest_checkpoint(config, tmp_path)
   assert (progress.epoch, progress.step_in_epoch, len(progress.history)) == (1, 0, 1)
 
 
@@ -2055,7 +2060,7 @@ def test_the_plan_predicts_by_the_configured_cost_model_or_not_at_all(tmp_path):
     ({}, [(8, "longest"), (8, "median")]),
     # A token budget: those at their budget's batch, and half of the median's batch.
     (
-      {"bucketing.batch_size": 0, "bucketing.max_tokens": 32 * 600},
+      token_budget(32 * 600),
       [(32, "longest"), (56, "median"), (24, "median")],
     ),
   ],
@@ -2125,10 +2130,6 @@ def test_auto_measures_its_cost_model_once_and_a_resumed_run_keeps_it(
   summary = train.train_and_evaluate(_auto_config(**given), tmp_path / "given")
   assert summary["cost_model_measure_s"] == 0.0
   assert not (tmp_path / "given" / train.COST_FILE).exists()
-
-
-def token_budget(max_tokens):
-  return {"bucketing.batch_size": 0, "bucketing.max_tokens": max_tokens}
 
 
 @pytest.mark.parametrize(
